@@ -1,0 +1,138 @@
+"""What a backend is: a head computation on labelled tokens, and a declaration of what it supports.
+
+The core (`align_losses.core`) validates the user's inputs, drops ignored tokens and hands every
+backend the same normalised problem: ``hidden [M, D]`` holding only labelled tokens, ``labels [M]``
+(global vocabulary ids, all valid), the head's ``weight [V_local, D]`` and ``bias [V_local]``, the logit
+transform, the set of per-token outputs wanted and, for a vocabulary-parallel head, the shard.
+A backend returns one float32 ``[M]`` tensor per requested output, differentiable where
+`DIFFERENTIABLE_OUTPUTS` says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+#: Per-token outputs a backend can be asked for. ``logprobs`` is always computed.
+#: ``entropy``, ``mean_logit`` and ``logsumexp`` carry gradients; the others are detached.
+OUTPUTS = ("logprobs", "entropy", "mean_logit", "logsumexp", "argmax_hit", "log_sum_p2")
+DIFFERENTIABLE_OUTPUTS = frozenset({"logprobs", "entropy", "mean_logit", "logsumexp"})
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """The map from the head's raw output ``a = hidden @ weight.T + bias`` to the logits ``z``.
+
+    ``z = softcap * tanh(a * logit_scale / softcap) / temperature`` (without the tanh when
+    ``softcap`` is None). The identity is ``LogitTransform()``.
+    """
+
+    logit_scale: float = 1.0
+    softcap: Optional[float] = None
+    temperature: float = 1.0
+
+    @property
+    def is_identity(self) -> bool:
+        return self.logit_scale == 1.0 and self.softcap is None and self.temperature == 1.0
+
+    @property
+    def is_linear(self) -> bool:
+        """True when ``z`` is a scalar multiple of ``a`` (no soft-cap)."""
+        return self.softcap is None
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank's slice of a vocabulary split across a process group.
+
+    The rank holds rows ``[start, start + weight.shape[0])`` of the full ``[size, D]`` head.
+    Per-token statistics are combined across ``group`` (a max and a few sums per token).
+    """
+
+    start: int
+    size: int
+    group: object  # torch.distributed.ProcessGroup; typed loosely so this module imports without c10d
+
+
+@dataclass(frozen=True)
+class HeadProblem:
+    """One call of the head, as the core hands it to a backend.
+
+    Shapes: ``hidden [M, D]`` (only labelled tokens), ``weight [V_local, D]``, ``bias [V_local]``
+    or None, ``labels [M]`` int64 global ids. ``outputs`` always contains ``"logprobs"``.
+    ``compute_dtype`` is the dtype the GEMM operands have (fixed here, so backward under a
+    different autocast state reuses it).
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    labels: torch.Tensor
+    transform: LogitTransform
+    outputs: frozenset
+    shard: Optional[VocabShard] = None
+    options: dict = field(default_factory=dict)
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the full vocabulary (all shards)."""
+        return self.shard.size if self.shard is not None else self.weight.shape[0]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do. The core checks a problem against this before any work."""
+
+    devices: frozenset  # device types, e.g. {"cpu", "cuda"}; {"*"} for any
+    dtypes: frozenset  # input dtypes of hidden/weight
+    bias: bool
+    softcap: bool
+    logit_scale: bool
+    temperature: bool
+    outputs: frozenset  # subset of OUTPUTS
+    vocab_parallel: bool = False
+    options: frozenset = frozenset()  # backend-specific keyword options it accepts
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A registered implementation of the head.
+
+    ``run(problem) -> dict[str, Tensor[M] float32]`` holds the computation; ``available()``
+    returns None when the backend can run in this environment, or a sentence saying why not
+    (a missing package, no GPU).
+    """
+
+    name: str
+    capabilities: Capabilities
+    run: Callable[[HeadProblem], dict]
+    available: Callable[[], Optional[str]] = lambda: None
+    description: str = ""
+
+    def unsupported(self, problem: HeadProblem) -> list[str]:
+        """The features of ``problem`` this backend cannot provide (empty when it can run it)."""
+        caps = self.capabilities
+        device = problem.hidden.device.type
+        missing = []
+        if "*" not in caps.devices and device not in caps.devices:
+            missing.append(f"device {device!r}")
+        if problem.hidden.dtype not in caps.dtypes:
+            missing.append(f"dtype {problem.hidden.dtype}")
+        if problem.bias is not None and not caps.bias:
+            missing.append("bias")
+        t = problem.transform
+        if t.softcap is not None and not caps.softcap:
+            missing.append("softcap")
+        if t.logit_scale != 1.0 and not caps.logit_scale:
+            missing.append("logit_scale")
+        if t.temperature != 1.0 and not caps.temperature:
+            missing.append("temperature")
+        for name in sorted(problem.outputs - caps.outputs):
+            missing.append(f"output {name!r}")
+        if problem.shard is not None and not caps.vocab_parallel:
+            missing.append("vocabulary-parallel weight shard")
+        for key in sorted(set(problem.options) - caps.options):
+            missing.append(f"option {key!r}")
+        return missing

@@ -1,0 +1,194 @@
+"""The public entry points of the core: per-token log-probs and statistics of a linear head.
+
+Both take ``hidden [..., D]``, ``weight [V, D]`` and integer ``labels`` shaped ``hidden.shape[:-1]``
+and compute ``softmax(z)`` with ``z = transform(hidden @ weight.T + bias)`` for the labelled tokens
+only, without building the ``[tokens, V]`` logits. Ignored tokens come back as 0 with zero gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence
+
+import torch
+
+from . import backends
+from .backends.base import DIFFERENTIABLE_OUTPUTS, OUTPUTS, HeadProblem, LogitTransform, VocabShard
+
+STATS = tuple(n for n in OUTPUTS if n != "logprobs")
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """Per-token outputs of `linear_token_stats`, each float32 shaped like ``labels`` (0 where ignored).
+
+    ``logprobs``, ``entropy``, ``mean_logit`` and ``logsumexp`` are differentiable;
+    ``argmax_hit`` (1.0 where the label is the first maximum of the logits) and ``log_sum_p2``
+    (``log sum_v p_v^2``) are not. Fields that were not requested are None.
+    """
+
+    logprobs: torch.Tensor
+    entropy: Optional[torch.Tensor] = None
+    mean_logit: Optional[torch.Tensor] = None
+    logsumexp: Optional[torch.Tensor] = None
+    argmax_hit: Optional[torch.Tensor] = None
+    log_sum_p2: Optional[torch.Tensor] = None
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    shift: bool = False,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    impl: str = "auto",
+    process_group=None,
+    backend_options: Optional[Mapping] = None,
+) -> torch.Tensor:
+    """Log-probability of each label under ``softmax(z)``, float32 shaped like ``labels``.
+
+    Args:
+        hidden: ``[..., D]`` final hidden states (fp32, bf16 or fp16).
+        weight: ``[V, D]`` output embedding, or with ``process_group`` this rank's contiguous
+            shard ``[V_local, D]`` of it (ranks in order of the vocabulary).
+        labels: integer ``hidden.shape[:-1]``; ``ignore_index`` or a vocabulary id (global ids
+            when sharded).
+        bias: ``[V]`` (or ``[V_local]``) head bias.
+        shift: score ``labels[..., t + 1]`` at position ``t``; the last position gives 0. Packed
+            rows mark each segment's first label with ``ignore_index``.
+        temperature, softcap, logit_scale: ``z = softcap * tanh(a * logit_scale / softcap) / temperature``
+            with ``a = hidden @ weight.T + bias`` (no tanh when ``softcap`` is None).
+        impl: ``"auto"`` or a backend name (``backends.names()``).
+        process_group: for a vocabulary-parallel head, the group whose ranks hold the shards.
+        backend_options: backend-specific settings, e.g. ``{"memory_budget": bytes}`` for ``"torch"``.
+    """
+    return linear_token_stats(
+        hidden, weight, labels, outputs=(), bias=bias, ignore_index=ignore_index, shift=shift,
+        temperature=temperature, softcap=softcap, logit_scale=logit_scale, impl=impl,
+        process_group=process_group, backend_options=backend_options,
+    ).logprobs
+
+
+def linear_token_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    outputs: Sequence[str] = ("entropy",),
+    bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    shift: bool = False,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    impl: str = "auto",
+    process_group=None,
+    backend_options: Optional[Mapping] = None,
+) -> TokenStats:
+    """`linear_logprobs` plus the statistics named in ``outputs``, from the same pass.
+
+    ``outputs`` is any subset of ``("entropy", "mean_logit", "logsumexp", "argmax_hit", "log_sum_p2")``;
+    the mean logit is over the full vocabulary and, like the entropy, of the transformed logits ``z``.
+    Returns a `TokenStats`; see `linear_logprobs` for the other arguments.
+    """
+    unknown = set(outputs) - set(STATS)
+    if unknown:
+        raise ValueError(f"unknown outputs {sorted(unknown)}: expected a subset of {list(STATS)}")
+    transform = LogitTransform(logit_scale=float(logit_scale), softcap=softcap, temperature=float(temperature))
+    _check_inputs(hidden, weight, labels, bias, transform, process_group)
+    shard = _vocab_shard(weight, process_group)
+    targets = _shift(labels, ignore_index) if shift else labels
+    _check_label_range(targets, ignore_index, shard.size if shard else weight.shape[0])
+
+    flat_targets = targets.reshape(-1)
+    kept = torch.nonzero(flat_targets != ignore_index).squeeze(1)
+    hidden_kept, weight, bias = _compute_dtype(hidden.reshape(-1, hidden.shape[-1]).index_select(0, kept), weight, bias)
+    problem = HeadProblem(
+        hidden=hidden_kept,
+        weight=weight,
+        bias=bias,
+        labels=flat_targets.index_select(0, kept).long(),
+        transform=transform,
+        outputs=frozenset(("logprobs", *outputs)),
+        shard=shard,
+        options=dict(backend_options or {}),
+    )
+    backend = backends.resolve(impl, problem)
+    with torch.autocast(hidden.device.type, enabled=False):
+        per_token = backend.run(problem)
+    scattered = {n: _scatter(v, kept, labels.shape, n in DIFFERENTIABLE_OUTPUTS) for n, v in per_token.items()}
+    return TokenStats(**scattered)
+
+
+def _scatter(values: torch.Tensor, kept: torch.Tensor, shape: torch.Size, differentiable: bool) -> torch.Tensor:
+    out = values.new_zeros(shape.numel()).index_copy(0, kept, values)
+    if not differentiable:
+        out = out.detach()
+    return out.view(shape)
+
+
+def _shift(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """``out[..., t] = labels[..., t + 1]``, and ``ignore_index`` at the last position."""
+    pad = torch.full_like(labels[..., :1], ignore_index)
+    return torch.cat([labels[..., 1:], pad], dim=-1)
+
+
+def _compute_dtype(hidden, weight, bias):
+    """Cast to autocast's dtype when autocast is on, once, here: backward reuses these tensors."""
+    device = hidden.device.type
+    if not torch.is_autocast_enabled(device):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device)
+    cast = (lambda t: t if t is None or t.dtype == dtype else t.to(dtype))
+    return cast(hidden), cast(weight), cast(bias)
+
+
+def _vocab_shard(weight: torch.Tensor, process_group) -> Optional[VocabShard]:
+    if process_group is None:
+        return None
+    import torch.distributed as dist
+
+    sizes = torch.zeros(dist.get_world_size(process_group), dtype=torch.int64, device=weight.device)
+    sizes[dist.get_rank(process_group)] = weight.shape[0]
+    dist.all_reduce(sizes, group=process_group)
+    rank = dist.get_rank(process_group)
+    return VocabShard(start=int(sizes[:rank].sum()), size=int(sizes.sum()), group=process_group)
+
+
+def _check_inputs(hidden, weight, labels, bias, transform: LogitTransform, process_group) -> None:
+    if hidden.dim() < 1 or weight.dim() != 2:
+        raise ValueError(f"expected hidden [..., D] and weight [V, D]; got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden size mismatch: hidden is [..., {hidden.shape[-1]}] but weight is "
+            f"[{weight.shape[0]}, {weight.shape[1]}] (expected [V, {hidden.shape[-1]}])"
+        )
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}; got {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor; got {labels.dtype}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape [V] = ({weight.shape[0]},); got {tuple(bias.shape)}")
+    if not hidden.dtype.is_floating_point or hidden.dtype != weight.dtype:
+        if not (torch.is_autocast_enabled(hidden.device.type) and hidden.dtype.is_floating_point and weight.dtype.is_floating_point):
+            raise ValueError(f"hidden and weight must share a floating dtype outside autocast; got {hidden.dtype} and {weight.dtype}")
+    if hidden.device != weight.device or hidden.device != labels.device:
+        raise ValueError(f"hidden, weight and labels must be on one device; got {hidden.device}, {weight.device}, {labels.device}")
+    if not transform.temperature > 0:
+        raise ValueError(f"temperature must be > 0; got {transform.temperature}")
+    if transform.softcap is not None and not transform.softcap > 0:
+        raise ValueError(f"softcap must be None or > 0; got {transform.softcap}")
+    if weight.shape[0] == 0 and process_group is None:
+        raise ValueError("weight has an empty vocabulary (V = 0)")
+
+
+def _check_label_range(targets: torch.Tensor, ignore_index: int, vocab: int) -> None:
+    real = targets[targets != ignore_index]
+    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= vocab):
+        bad = real[(real < 0) | (real >= vocab)][:5].tolist()
+        raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {bad}")

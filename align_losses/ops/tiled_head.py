@@ -1,0 +1,336 @@
+"""Pure-PyTorch head op: per-token log-probs and statistics without ever holding ``[M, V]``.
+
+The forward walks the vocabulary in blocks (outer loop) and the tokens in blocks (inner loop),
+keeps per-token running statistics in fp32 (an online logsumexp) and saves only those. The
+backward recomputes each ``[tokens, vocab]`` tile, turns it into the gradient of the logits for the
+upstream gradients it received, and multiplies it out: the hidden-state gradient is accumulated in
+an fp32 ``[M, D]`` buffer, and each vocabulary block's weight gradient is accumulated over token
+blocks in an fp32 ``[V_block, D]`` buffer and written once, so no fp32 ``[V, D]`` buffer exists.
+
+Tiles hold at most ``memory_budget`` bytes of fp32 temporaries. Logits are never rounded to the
+input dtype: GEMMs on CUDA take bf16/fp16 operands with fp32 outputs, elsewhere they run in fp32.
+For a vocabulary-parallel head each rank walks its own shard; the per-token statistics are merged
+across ranks with one max and one sum all-reduce, the hidden-state gradient with one sum.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..backends.base import HeadProblem, LogitTransform, VocabShard
+
+# Bytes of fp32 temporaries per tile element: logits, probabilities, their gradient, a cast copy.
+_BYTES_PER_TILE_ELEMENT = 16
+_MIN_VOCAB_BLOCK = 256
+
+
+def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with an fp32 result and fp32 accumulation, whatever the operands' dtype.
+
+    On CUDA, half-precision operands go to tensor cores with an fp32 output (no rounding of the
+    product to bf16). Elsewhere the operands are upcast, which is exact and the only way CPUs offer.
+    """
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Block sizes of the tile walk: ``tokens x vocab`` elements per tile."""
+
+    token_block: int
+    vocab_block: int
+
+    @staticmethod
+    def plan(num_tokens: int, vocab: int, memory_budget: int, token_block: Optional[int] = None) -> "Tiling":
+        """Largest tiles under ``memory_budget`` bytes, preferring all tokens in one block.
+
+        With every token in one block, each weight-gradient block comes from one GEMM over all
+        tokens; tokens are split only when a vocabulary block would otherwise fall under
+        ``_MIN_VOCAB_BLOCK`` (or when ``token_block`` is given).
+        """
+        elements = max(memory_budget // _BYTES_PER_TILE_ELEMENT, 1)
+        num_tokens = max(num_tokens, 1)
+        if token_block is None:
+            token_block = min(num_tokens, max(elements // min(vocab, _MIN_VOCAB_BLOCK), 1))
+        token_block = max(min(token_block, num_tokens), 1)
+        vocab_block = max(min(vocab, elements // token_block), 1)
+        return Tiling(token_block, vocab_block)
+
+
+def _logits(a: torch.Tensor, t: LogitTransform) -> torch.Tensor:
+    """Transformed logits ``z`` from the raw head output ``a`` (fp32, in place where possible)."""
+    if t.logit_scale != 1.0:
+        a = a.mul_(t.logit_scale)
+    if t.softcap is not None:
+        a = a.div_(t.softcap).tanh_().mul_(t.softcap)
+    if t.temperature != 1.0:
+        a = a.div_(t.temperature)
+    return a
+
+
+def _dz_da_(grad_z: torch.Tensor, z: torch.Tensor, t: LogitTransform) -> torch.Tensor:
+    """Chain ``dL/dz`` to ``dL/da`` in place: ``dz/da = s/T * (1 - tanh^2)`` with ``tanh = z T / c``."""
+    factor = t.logit_scale / t.temperature
+    if t.softcap is not None:
+        tanh = z * (t.temperature / t.softcap)
+        grad_z.mul_(1.0 - tanh * tanh)
+    if factor != 1.0:
+        grad_z.mul_(factor)
+    return grad_z
+
+
+def _raw_tile(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    a = matmul_fp32(hidden, weight.t())
+    if bias is not None:
+        a += bias.float()
+    return a
+
+
+@dataclass
+class _Stats:
+    """Per-token running statistics over the vocabulary seen so far (fp32 ``[M]`` each).
+
+    ``sum_exp`` and the other sums are taken relative to ``max``: ``sum_exp = sum exp(z - max)``.
+    """
+
+    max: torch.Tensor
+    sum_exp: torch.Tensor
+    label_logit: torch.Tensor
+    sum_exp_z: Optional[torch.Tensor]  # sum exp(z - max) * z, for the entropy
+    sum_z: Optional[torch.Tensor]  # for the mean logit
+    sum_exp2: Optional[torch.Tensor]  # sum exp(2 (z - max)), for log sum p^2
+    argmax: Optional[torch.Tensor]  # int64 global vocabulary index of the first maximum
+
+    @staticmethod
+    def empty(m: int, device: torch.device, outputs: frozenset) -> "_Stats":
+        def zeros():
+            return torch.zeros(m, dtype=torch.float32, device=device)
+
+        need_entropy = "entropy" in outputs
+        return _Stats(
+            max=torch.full((m,), -math.inf, dtype=torch.float32, device=device),
+            sum_exp=zeros(),
+            label_logit=zeros(),
+            sum_exp_z=zeros() if need_entropy else None,
+            sum_z=zeros() if "mean_logit" in outputs else None,
+            sum_exp2=zeros() if "log_sum_p2" in outputs else None,
+            argmax=torch.zeros(m, dtype=torch.int64, device=device) if "argmax_hit" in outputs else None,
+        )
+
+    def update(self, rows: slice, z: torch.Tensor, vocab_offset: int, labels: torch.Tensor) -> None:
+        """Fold the tile ``z [rows, block]`` (vocabulary ids from ``vocab_offset``) into the stats."""
+        block_max, block_arg = z.max(dim=1)
+        old_max = self.max[rows]
+        new_max = torch.maximum(old_max, block_max)
+        rescale = torch.exp(old_max - new_max)
+        p = torch.exp(z - new_max[:, None])
+        self.sum_exp[rows] = self.sum_exp[rows] * rescale + p.sum(dim=1)
+        if self.sum_exp_z is not None:
+            self.sum_exp_z[rows] = self.sum_exp_z[rows] * rescale + (p * z).sum(dim=1)
+        if self.sum_exp2 is not None:
+            self.sum_exp2[rows] = self.sum_exp2[rows] * rescale * rescale + (p * p).sum(dim=1)
+        if self.sum_z is not None:
+            self.sum_z[rows] += z.sum(dim=1)
+        if self.argmax is not None:
+            # Blocks arrive in increasing vocabulary order: only a strictly larger maximum moves
+            # the argmax, so ties keep the first index.
+            moved = block_max > old_max
+            self.argmax[rows] = torch.where(moved, block_arg + vocab_offset, self.argmax[rows])
+        local = labels - vocab_offset
+        inside = (local >= 0) & (local < z.shape[1])
+        picked = z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
+        self.label_logit[rows] += torch.where(inside, picked, torch.zeros_like(picked))
+        self.max[rows] = new_max
+
+    def all_reduce(self, group) -> None:
+        """Merge the statistics of every rank's vocabulary shard (for a vocabulary-parallel head)."""
+        import torch.distributed as dist
+
+        global_max = self.max.clone()
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+        rescale = torch.exp(self.max - global_max)
+        rescale = torch.nan_to_num(rescale, nan=0.0)  # an empty shard has max -inf
+        sums = [self.sum_exp * rescale, self.label_logit]
+        if self.sum_exp_z is not None:
+            sums.append(self.sum_exp_z * rescale)
+        if self.sum_z is not None:
+            sums.append(self.sum_z)
+        if self.sum_exp2 is not None:
+            sums.append(self.sum_exp2 * rescale * rescale)
+        stacked = torch.stack(sums)
+        dist.all_reduce(stacked, group=group)
+        merged = iter(stacked.unbind(0))
+        self.sum_exp = next(merged)
+        self.label_logit = next(merged)
+        if self.sum_exp_z is not None:
+            self.sum_exp_z = next(merged)
+        if self.sum_z is not None:
+            self.sum_z = next(merged)
+        if self.sum_exp2 is not None:
+            self.sum_exp2 = next(merged)
+        if self.argmax is not None:
+            # The first maximum overall: the smallest index among ranks that hold the global max.
+            big = torch.iinfo(torch.int64).max
+            candidate = torch.where(self.max == global_max, self.argmax, torch.full_like(self.argmax, big))
+            dist.all_reduce(candidate, op=dist.ReduceOp.MIN, group=group)
+            self.argmax = candidate
+        self.max = global_max
+
+
+def _forward_stats(problem: HeadProblem, tiling: Tiling) -> _Stats:
+    hidden, weight, bias, labels = problem.hidden, problem.weight, problem.bias, problem.labels
+    offset = problem.shard.start if problem.shard is not None else 0
+    stats = _Stats.empty(hidden.shape[0], hidden.device, problem.outputs)
+    for v0 in range(0, weight.shape[0], tiling.vocab_block):
+        w = weight[v0 : v0 + tiling.vocab_block]
+        b = bias[v0 : v0 + tiling.vocab_block] if bias is not None else None
+        for t0 in range(0, hidden.shape[0], tiling.token_block):
+            rows = slice(t0, t0 + tiling.token_block)
+            z = _logits(_raw_tile(hidden[rows], w, b), problem.transform)
+            stats.update(rows, z, offset + v0, labels[rows])
+    if problem.shard is not None:
+        stats.all_reduce(problem.shard.group)
+    return stats
+
+
+def _finish(stats: _Stats, outputs: frozenset, vocab: int, labels: torch.Tensor) -> dict:
+    """Per-token outputs from the merged statistics."""
+    lse = stats.max + torch.log(stats.sum_exp)
+    result = {"logprobs": stats.label_logit - lse}
+    if "logsumexp" in outputs:
+        result["logsumexp"] = lse
+    if "entropy" in outputs:
+        result["entropy"] = lse - stats.sum_exp_z / stats.sum_exp
+    if "mean_logit" in outputs:
+        result["mean_logit"] = stats.sum_z / vocab
+    if "log_sum_p2" in outputs:
+        result["log_sum_p2"] = torch.log(stats.sum_exp2) - 2.0 * torch.log(stats.sum_exp)
+    if "argmax_hit" in outputs:
+        result["argmax_hit"] = (stats.argmax == labels).float()
+    return result
+
+
+class TiledHeadFunction(torch.autograd.Function):
+    """Autograd function behind the ``"torch"`` backend.
+
+    ``forward(hidden [M, D], weight [V_local, D], bias [V_local] | None, problem, tiling)`` returns
+    the differentiable outputs in the order of ``names`` (each fp32 ``[M]``) followed by the
+    detached ones. Saved for backward: the inputs, the labels, ``logsumexp [M]`` and, when the
+    entropy is requested, ``E_p[z] [M]``.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, problem: HeadProblem, tiling: Tiling, names: tuple):
+        problem = HeadProblem(hidden, weight, bias, problem.labels, problem.transform, problem.outputs, problem.shard)
+        stats = _forward_stats(problem, tiling)
+        result = _finish(stats, problem.outputs, problem.vocab_size, problem.labels)
+        lse = stats.max + torch.log(stats.sum_exp)
+        expected_z = stats.sum_exp_z / stats.sum_exp if stats.sum_exp_z is not None else None
+        ctx.save_for_backward(hidden, weight, bias, problem.labels, lse, expected_z)
+        ctx.problem_meta = (problem.transform, problem.shard, problem.vocab_size)
+        ctx.tiling = tiling
+        ctx.names = names
+        outs = tuple(result[n] for n in names)
+        ctx.mark_non_differentiable(*[o for n, o in zip(names, outs) if n in ("argmax_hit", "log_sum_p2")])
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        hidden, weight, bias, labels, lse, expected_z = ctx.saved_tensors
+        transform, shard, vocab = ctx.problem_meta
+        upstream = {n: g for n, g in zip(ctx.names, grads) if g is not None}
+        grad_hidden, grad_weight, grad_bias = _backward(
+            hidden, weight, bias, labels, lse, expected_z, upstream, transform, shard, vocab, ctx.tiling,
+            need=ctx.needs_input_grad[:3],
+        )
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _logit_grad(z, lse_rows, expected_z_rows, up: dict, rows: slice, vocab: int) -> torch.Tensor:
+    """``dL/dz`` for one tile, before the label term (added by the caller).
+
+    ``dL/dz_v = p_v (g_lse - g_logp - g_ent (z_v - E[z])) + g_mean / V`` (+ ``g_logp`` at the label).
+    """
+    grad = torch.exp(z - lse_rows[:, None])
+    coef = torch.zeros_like(lse_rows)
+    if "logsumexp" in up:
+        coef += up["logsumexp"][rows]
+    if "logprobs" in up:
+        coef -= up["logprobs"][rows]
+    if "entropy" in up:
+        centred = z - expected_z_rows[:, None]
+        grad.mul_(centred.mul_(-up["entropy"][rows][:, None]).add_(coef[:, None]))
+        del centred
+    else:
+        grad.mul_(coef[:, None])
+    if "mean_logit" in up:
+        grad += (up["mean_logit"][rows] / vocab)[:, None]
+    return grad
+
+
+def _backward(hidden, weight, bias, labels, lse, expected_z, up, transform, shard, vocab, tiling, need):
+    need_h, need_w, need_b = need
+    up = {n: g.float() for n, g in up.items() if n in ("logprobs", "entropy", "mean_logit", "logsumexp")}
+    offset = shard.start if shard is not None else 0
+    m = hidden.shape[0]
+    grad_hidden = torch.zeros(m, hidden.shape[1], dtype=torch.float32, device=hidden.device) if need_h else None
+    grad_weight = torch.empty_like(weight) if need_w else None
+    grad_bias = torch.empty_like(bias) if (need_b and bias is not None) else None
+    for v0 in range(0, weight.shape[0], tiling.vocab_block):
+        w = weight[v0 : v0 + tiling.vocab_block]
+        b = bias[v0 : v0 + tiling.vocab_block] if bias is not None else None
+        gw_block = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        gb_block = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if grad_bias is not None else None
+        for t0 in range(0, m, tiling.token_block):
+            rows = slice(t0, t0 + tiling.token_block)
+            h = hidden[rows]
+            z = _logits(_raw_tile(h, w, b), transform)
+            ez = expected_z[rows] if expected_z is not None else None
+            grad = _logit_grad(z, lse[rows], ez, up, rows, vocab)
+            if "logprobs" in up:
+                local = labels[rows] - offset - v0
+                inside = (local >= 0) & (local < w.shape[0])
+                idx = torch.nonzero(inside).squeeze(1)
+                grad[idx, local[idx]] += up["logprobs"][rows][idx]
+            grad = _dz_da_(grad, z, transform)
+            del z
+            # The tile gradient is rounded to the operand dtype only as a GEMM input; sums stay fp32.
+            grad_op = grad.to(hidden.dtype) if hidden.is_cuda else grad
+            if need_h:
+                grad_hidden[rows] += matmul_fp32(grad_op, w)
+            if need_w:
+                gw_block += matmul_fp32(grad_op.t(), h)
+            if gb_block is not None:
+                gb_block += grad.sum(dim=0)
+        if need_w:
+            grad_weight[v0 : v0 + tiling.vocab_block] = gw_block
+        if gb_block is not None:
+            grad_bias[v0 : v0 + tiling.vocab_block] = gb_block
+    if need_h and shard is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(grad_hidden, group=shard.group)
+    if need_h:
+        grad_hidden = grad_hidden.to(hidden.dtype)
+    return grad_hidden, grad_weight, grad_bias
+
+
+def tiled_head(problem: HeadProblem, memory_budget: int, token_block: Optional[int] = None) -> dict:
+    """Run the op on a normalised problem; returns ``{output name: fp32 [M]}``."""
+    tiling = Tiling.plan(problem.hidden.shape[0], problem.weight.shape[0], memory_budget, token_block)
+    inputs = (problem.hidden, problem.weight, problem.bias)
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs):
+        # Reference passes: statistics only, nothing kept for a backward that will not come.
+        stats = _forward_stats(problem, tiling)
+        return _finish(stats, problem.outputs, problem.vocab_size, problem.labels)
+    names = tuple(n for n in ("logprobs", "entropy", "mean_logit", "logsumexp", "argmax_hit", "log_sum_p2") if n in problem.outputs)
+    outs = TiledHeadFunction.apply(problem.hidden, problem.weight, problem.bias, problem, tiling, names)
+    return dict(zip(names, outs))

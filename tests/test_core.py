@@ -1,0 +1,208 @@
+"""The core against float64 full-logits math: values and gradients, every option, odd sizes."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+import align_losses
+from align_losses.core import STATS
+from reference import full_logits, rel, token_stats
+
+DIFFERENTIABLE = ("logprobs", "entropy", "mean_logit", "logsumexp")
+
+# Tiles small enough that N and V split into several blocks that do not divide them.
+SMALL_TILES = {"memory_budget": 16 * 7 * 19, "token_chunk": 7}
+
+OPTION_CASES = {
+    "plain": {},
+    "bias": {"bias": True},
+    "softcap": {"softcap": 2.5},
+    "temperature": {"temperature": 0.7},
+    "logit_scale": {"logit_scale": 1.7},
+    "all": {"bias": True, "softcap": 3.0, "temperature": 1.3, "logit_scale": 0.6},
+}
+
+
+def _inputs(shape, d, v, *, bias, seed, dtype=torch.float32, ignore_frac=0.3):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*shape, d, generator=g, dtype=dtype)
+    weight = (torch.randn(v, d, generator=g, dtype=dtype) / d**0.5 * 2.0)
+    b = torch.randn(v, generator=g, dtype=dtype) if bias else None
+    labels = torch.randint(0, v, shape, generator=g)
+    labels[torch.rand(shape, generator=g) < ignore_frac] = -100
+    return hidden, weight, b, labels
+
+
+def _upstream(shape, seed):
+    g = torch.Generator().manual_seed(seed + 1000)
+    return {name: torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5 for name in DIFFERENTIABLE}
+
+
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+@pytest.mark.parametrize("shift", [False, True])
+def test_values_and_gradients_match_float64(case, shift):
+    opts = dict(OPTION_CASES[case])
+    use_bias = opts.pop("bias", False)
+    shape, d, v = (3, 13), 24, 101
+    hidden, weight, bias, labels = _inputs(shape, d, v, bias=use_bias, seed=zlib.crc32(f"{case}{shift}".encode()) % 1000)
+    leaves = [t.requires_grad_() for t in (hidden, weight, bias) if t is not None]
+
+    stats = align_losses.linear_token_stats(
+        hidden, weight, labels, outputs=STATS, bias=bias, shift=shift, backend_options=SMALL_TILES, **opts
+    )
+    ref = token_stats(full_logits(hidden, weight, bias, **opts), labels, shift=shift)
+    for name in STATS + ("logprobs",):
+        got = getattr(stats, name)
+        assert got.dtype == torch.float32 and got.shape == labels.shape
+        assert rel(got, ref[name]) < 1e-5, name
+
+    up = _upstream(shape, 7)
+    ours = torch.autograd.grad(sum((getattr(stats, n).double() * up[n]).sum() for n in DIFFERENTIABLE), leaves)
+    theirs = torch.autograd.grad(sum((ref[n] * up[n]).sum() for n in DIFFERENTIABLE), leaves)
+    for got, want in zip(ours, theirs):
+        assert rel(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("output", DIFFERENTIABLE)
+def test_each_output_gradient_alone(output):
+    """Each differentiable output's gradient on its own (the others' terms must not leak in)."""
+    hidden, weight, bias, labels = _inputs((29,), 16, 67, bias=True, seed=3)
+    leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
+    outputs = tuple(n for n in (output,) if n != "logprobs")
+    stats = align_losses.linear_token_stats(hidden, weight, labels, outputs=outputs, bias=bias, softcap=4.0, backend_options=SMALL_TILES)
+    ref = token_stats(full_logits(hidden, weight, bias, softcap=4.0), labels)
+    up = _upstream((29,), 11)[output]
+    ours = torch.autograd.grad((getattr(stats, output).double() * up).sum(), leaves)
+    theirs = torch.autograd.grad((ref[output] * up).sum(), leaves)
+    for got, want in zip(ours, theirs):
+        assert rel(got, want) < 1e-4
+
+
+def test_tile_sizes_do_not_change_the_result():
+    hidden, weight, _, labels = _inputs((53,), 32, 211, bias=False, seed=5)
+    outs = [
+        align_losses.linear_token_stats(hidden, weight, labels, outputs=STATS, backend_options=opts)
+        for opts in ({}, SMALL_TILES, {"memory_budget": 16 * 211}, {"token_chunk": 1})
+    ]
+    for other in outs[1:]:
+        for name in STATS + ("logprobs",):
+            torch.testing.assert_close(getattr(other, name), getattr(outs[0], name), rtol=1e-5, atol=1e-6)
+
+
+def test_argmax_first_maximum_on_ties():
+    weight = torch.zeros(10, 4)
+    weight[3, 0] = weight[7, 0] = 1.0  # logits of ids 3 and 7 tie for the maximum
+    hidden = torch.tensor([[2.0, 0, 0, 0]] * 3)
+    labels = torch.tensor([3, 7, 0])
+    stats = align_losses.linear_token_stats(hidden, weight, labels, outputs=("argmax_hit",), backend_options={"memory_budget": 16 * 5})
+    assert stats.argmax_hit.tolist() == [1.0, 0.0, 0.0]
+
+
+def test_packed_rows_score_nothing_across_a_boundary():
+    """Two sequences in one row: the first label of the second is ignored, so its shifted score is 0."""
+    hidden, weight, _, _ = _inputs((1, 9), 8, 31, bias=False, seed=9)
+    labels = torch.randint(0, 31, (1, 9))
+    labels[0, 5] = -100  # first token of the second segment
+    out = align_losses.linear_logprobs(hidden, weight, labels, shift=True)
+    assert out[0, 4] == 0 and out[0, 8] == 0
+    ref = token_stats(full_logits(hidden, weight), labels, shift=True)["logprobs"]
+    assert rel(out, ref) < 1e-5
+
+
+def test_all_ignored_gives_zeros_and_zero_gradients():
+    hidden, weight, bias, labels = _inputs((2, 5), 8, 17, bias=True, seed=1)
+    labels.fill_(-100)
+    leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
+    out = align_losses.linear_logprobs(hidden, weight, labels, bias=bias)
+    assert torch.equal(out, torch.zeros(2, 5))
+    grads = torch.autograd.grad(out.sum(), leaves)
+    for g in grads:
+        assert g is not None and torch.count_nonzero(g) == 0 and torch.isfinite(g).all()
+
+
+def test_frozen_weight_gets_no_gradient_work(monkeypatch):
+    """With the head frozen (or LoRA-adapted) the backward does only the hidden-state GEMMs."""
+    from align_losses.ops import tiled_head
+
+    hidden, weight, _, labels = _inputs((40,), 16, 90, bias=False, seed=2, ignore_frac=0.0)
+    calls = []
+    real = tiled_head.matmul_fp32
+    monkeypatch.setattr(tiled_head, "matmul_fp32", lambda a, b: calls.append(1) or real(a, b))
+
+    def backward_gemms(weight_requires_grad):
+        h = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_(weight_requires_grad)
+        out = align_losses.linear_logprobs(h, w, labels, backend_options={"memory_budget": 16 * 40 * 30})
+        calls.clear()
+        out.sum().backward()
+        return len(calls), w.grad
+
+    with_weight, w_grad = backward_gemms(True)
+    frozen, frozen_grad = backward_gemms(False)
+    assert w_grad is not None and frozen_grad is None
+    # Per tile: one recompute GEMM, one for grad_hidden and, when wanted, one for grad_weight.
+    assert frozen * 3 == with_weight * 2
+
+
+def test_reference_pass_saves_nothing_for_backward():
+    hidden, weight, _, labels = _inputs((30,), 16, 50, bias=False, seed=4)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        with torch.no_grad():
+            out = align_losses.linear_logprobs(hidden, weight, labels)
+    assert out.grad_fn is None and packed == []
+
+
+def test_autocast_fixes_the_compute_dtype_for_backward():
+    hidden, weight, _, labels = _inputs((21,), 16, 40, bias=False, seed=6, ignore_frac=0.0)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = align_losses.linear_logprobs(hidden, weight, labels)
+    out.sum().backward()  # backward outside autocast reuses the bf16 operands
+    assert out.dtype == torch.float32 and hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
+    ref = token_stats(full_logits(hidden.detach().bfloat16(), weight.detach().bfloat16()), labels)["logprobs"]
+    assert rel(out, ref) < 1e-5  # the bf16 operands, multiplied with fp32 accumulation
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype):
+    hidden, weight, bias, labels = _inputs((2, 17), 32, 123, bias=True, seed=8, dtype=dtype)
+    leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
+    out = align_losses.linear_logprobs(hidden, weight, labels, bias=bias, backend_options=SMALL_TILES)
+    ref = token_stats(full_logits(hidden, weight, bias), labels)["logprobs"]
+    assert out.dtype == torch.float32 and rel(out, ref) < 1e-5
+    up = _upstream((2, 17), 3)["logprobs"]
+    ours = torch.autograd.grad((out.double() * up).sum(), leaves)
+    theirs = torch.autograd.grad((ref * up).sum(), leaves)
+    for got, want, leaf in zip(ours, theirs, leaves):
+        assert got.dtype == dtype and rel(got, want) < 1e-2  # one rounding of the result to the input dtype
+
+
+def test_impl_pytorch_is_an_alias_and_env_var_overrides(monkeypatch, caplog):
+    hidden, weight, _, labels = _inputs((11,), 8, 20, bias=False, seed=1)
+    a = align_losses.linear_logprobs(hidden, weight, labels, impl="pytorch")
+    monkeypatch.setenv("ALIGN_LOSSES_IMPL", "torch")
+    b = align_losses.linear_logprobs(hidden, weight, labels)
+    torch.testing.assert_close(a, b)
+    monkeypatch.setenv("ALIGN_LOSSES_IMPL", "nope")
+    with pytest.raises(ValueError, match="unknown impl 'nope'"):
+        align_losses.linear_logprobs(hidden, weight, labels)
+
+
+def test_auto_logs_its_choice_once(caplog, monkeypatch):
+    from align_losses import backends
+
+    monkeypatch.delenv("ALIGN_LOSSES_IMPL", raising=False)
+    monkeypatch.setattr(backends, "_logged_choices", set())
+    hidden, weight, _, labels = _inputs((11,), 8, 20, bias=False, seed=1)
+    with caplog.at_level("INFO", logger="align_losses"):
+        align_losses.linear_logprobs(hidden, weight, labels)
+        align_losses.linear_logprobs(hidden, weight, labels)
+    chosen = [r for r in caplog.records if "chose backend" in r.getMessage()]
+    assert len(chosen) == 1 and "'torch'" in chosen[0].getMessage()

@@ -1,0 +1,54 @@
+"""Bad input is refused before any work, with a message that names what was expected."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import align_losses
+
+
+def _ok():
+    return torch.randn(2, 5, 8), torch.randn(30, 8), torch.randint(0, 30, (2, 5))
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda h, w, y: (h, torch.randn(30, 7), y), r"hidden size mismatch.*expected \[V, 8\]"),
+        (lambda h, w, y: (h, w, y[:, :4]), r"labels must have shape hidden.shape\[:-1\] = \(2, 5\)"),
+        (lambda h, w, y: (h, w, y.float()), "labels must be an integer tensor"),
+        (lambda h, w, y: (h, w, torch.where(y == y[0, 0], 30, y)), r"labels must be in \[0, 30\).*\[30"),
+        (lambda h, w, y: (h, w, torch.where(y == y[0, 0], -1, y)), r"labels must be in \[0, 30\) or equal ignore_index=-100"),
+        (lambda h, w, y: (h, w.double(), y), "share a floating dtype"),
+        (lambda h, w, y: (h, w[0], y), r"expected hidden \[..., D\] and weight \[V, D\]"),
+    ],
+)
+def test_bad_inputs(mutate, message):
+    h, w, y = mutate(*_ok())
+    with pytest.raises(ValueError, match=message):
+        align_losses.linear_logprobs(h, w, y)
+
+
+def test_bad_options():
+    h, w, y = _ok()
+    with pytest.raises(ValueError, match="unknown impl 'fast'.*'torch'"):
+        align_losses.linear_logprobs(h, w, y, impl="fast")
+    with pytest.raises(ValueError, match=r"bias must have shape \[V\] = \(30,\)"):
+        align_losses.linear_logprobs(h, w, y, bias=torch.zeros(29))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        align_losses.linear_logprobs(h, w, y, temperature=0.0)
+    with pytest.raises(ValueError, match="softcap must be None or > 0"):
+        align_losses.linear_logprobs(h, w, y, softcap=-1.0)
+    with pytest.raises(ValueError, match=r"unknown outputs \['entropie'\]"):
+        align_losses.linear_token_stats(h, w, y, outputs=("entropie",))
+    with pytest.raises(ValueError, match="impl 'torch' does not support option 'chunk'"):
+        align_losses.linear_logprobs(h, w, y, impl="torch", backend_options={"chunk": 3})
+
+
+def test_labels_beyond_the_vocabulary_are_checked_after_the_shift():
+    h, w, y = _ok()
+    y[:, 0] = 99  # dropped by the shift: position t scores labels[t + 1]
+    align_losses.linear_logprobs(h, w, y, shift=True)
+    with pytest.raises(ValueError, match="labels must be in"):
+        align_losses.linear_logprobs(h, w, y)
