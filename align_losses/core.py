@@ -100,6 +100,7 @@ def linear_token_stats(
     if unknown:
         raise ValueError(f"unknown outputs {sorted(unknown)}: expected a subset of {list(STATS)}")
     transform = LogitTransform(logit_scale=float(logit_scale), softcap=softcap, temperature=float(temperature))
+    weight, bias, process_group = _local_head(weight, bias, process_group)
     _check_inputs(hidden, weight, labels, bias, transform, process_group)
     shard = _vocab_shard(weight, process_group)
     targets = _shift(labels, ignore_index) if shift else labels
@@ -146,6 +147,23 @@ def _compute_dtype(hidden, weight, bias):
     dtype = torch.get_autocast_dtype(device)
     cast = (lambda t: t if t is None or t.dtype == dtype else t.to(dtype))
     return cast(hidden), cast(weight), cast(bias)
+
+
+def _local_head(weight: torch.Tensor, bias: Optional[torch.Tensor], process_group):
+    """Plain tensors for a DTensor head (FSDP2, tensor parallel).
+
+    A head sharded by rows over a 1-D mesh is used shard by shard, as a vocabulary-parallel head
+    over the mesh's group (gradients flow back into the local shards); any other layout is gathered.
+    """
+    if type(weight).__name__ != "DTensor":
+        return weight, bias, process_group
+    from torch.distributed.tensor import Shard
+
+    if weight.device_mesh.ndim == 1 and tuple(weight.placements) == (Shard(0),) and process_group is None:
+        local_bias = bias.to_local() if bias is not None else None
+        return weight.to_local(), local_bias, weight.device_mesh.get_group()
+    full_bias = bias.full_tensor() if bias is not None else None
+    return weight.full_tensor(), full_bias, process_group
 
 
 def _vocab_shard(weight: torch.Tensor, process_group) -> Optional[VocabShard]:

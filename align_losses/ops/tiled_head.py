@@ -57,7 +57,7 @@ class Tiling:
         ``_MIN_VOCAB_BLOCK`` (or when ``token_block`` is given).
         """
         elements = max(memory_budget // _BYTES_PER_TILE_ELEMENT, 1)
-        num_tokens = max(num_tokens, 1)
+        num_tokens, vocab = max(num_tokens, 1), max(vocab, 1)  # an empty shard or batch still plans
         if token_block is None:
             token_block = min(num_tokens, max(elements // min(vocab, _MIN_VOCAB_BLOCK), 1))
         token_block = max(min(token_block, num_tokens), 1)

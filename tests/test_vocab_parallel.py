@@ -1,0 +1,72 @@
+"""The vocabulary-parallel core on 2, 3 and 4 gloo ranks (uneven shards) against one process."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import align_losses
+from align_losses.core import STATS
+from reference import rel
+
+DIFFERENTIABLE = ("logprobs", "entropy", "mean_logit", "logsumexp")
+N, D, V = 23, 12, 61
+SHARDS = {2: [40, 21], 3: [1, 35, 25], 4: [17, 0, 30, 14]}  # uneven, one rank even empty
+OPTIONS = [
+    {},
+    {"softcap": 2.0, "temperature": 0.8, "logit_scale": 1.4},
+]
+
+
+def _problem(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, D, generator=g)
+    weight = torch.randn(V, D, generator=g) * 0.6
+    bias = torch.randn(V, generator=g)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[::4] = -100
+    weight[5] = weight[44]  # a tie for the maximum across shards on some tokens
+    bias[5] = bias[44]
+    upstream = {n: torch.randn(N, generator=g) for n in DIFFERENTIABLE}
+    return hidden, weight, bias, labels, upstream
+
+
+def _run(hidden, weight, bias, labels, upstream, options, group=None):
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    stats = align_losses.linear_token_stats(
+        leaves[0], leaves[1], labels, outputs=STATS, bias=leaves[2], process_group=group,
+        backend_options={"memory_budget": 16 * 5 * 7}, **options,
+    )
+    loss = sum((getattr(stats, n) * upstream[n]).sum() for n in DIFFERENTIABLE)
+    grads = torch.autograd.grad(loss, leaves)
+    return stats, grads
+
+
+def _worker(rank: int, world: int, init_file: str, results: dict):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        sizes = SHARDS[world]
+        start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        for i, options in enumerate(OPTIONS):
+            hidden, weight, bias, labels, upstream = _problem(seed=i)
+            full_stats, full_grads = _run(hidden, weight, bias, labels, upstream, options)
+            stats, grads = _run(hidden, weight[start:stop], bias[start:stop], labels, upstream, options, dist.group.WORLD)
+            for name in STATS + ("logprobs",):
+                assert rel(getattr(stats, name), getattr(full_stats, name)) < 1e-5, (name, options)
+            assert rel(grads[0], full_grads[0]) < 1e-5, ("grad hidden", options)
+            assert rel(grads[1], full_grads[1][start:stop]) < 1e-5 or stop == start, ("grad weight", options)
+            assert rel(grads[2], full_grads[2][start:stop]) < 1e-5 or stop == start, ("grad bias", options)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", sorted(SHARDS))
+def test_sharded_vocabulary_matches_one_process(world):
+    assert sum(SHARDS[world]) == V
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), {}), nprocs=world, join=True)
