@@ -72,9 +72,6 @@ def resolve(impl: Optional[str], problem: HeadProblem) -> Backend:
     else:
         name = impl
     backend = get(name)
-    reason = backend.available()
-    if reason is not None:
-        raise ValueError(f"impl {backend.name!r} cannot run here: {reason}")
     missing = backend.unsupported(problem)
     if missing:
         able = [n for n in _MODULES if n != backend.name and _can_run(n, problem)]
@@ -82,6 +79,9 @@ def resolve(impl: Optional[str], problem: HeadProblem) -> Backend:
             f"impl {backend.name!r} does not support {', '.join(missing)}; "
             f"backends that can run this call: {able or 'none'}"
         )
+    reason = backend.available()
+    if reason is not None:
+        raise ValueError(f"impl {backend.name!r} cannot run here: {reason}")
     return backend
 
 

@@ -62,8 +62,8 @@ class HeadProblem:
 
     Shapes: ``hidden [M, D]`` (only labelled tokens), ``weight [V_local, D]``, ``bias [V_local]``
     or None, ``labels [M]`` int64 global ids. ``outputs`` always contains ``"logprobs"``.
-    ``compute_dtype`` is the dtype the GEMM operands have (fixed here, so backward under a
-    different autocast state reuses it).
+    ``hidden`` and ``weight`` already have the compute dtype (the core casts them under autocast,
+    once, so a backward under another autocast state reuses it).
     """
 
     hidden: torch.Tensor
@@ -110,6 +110,9 @@ class Backend:
     run: Callable[[HeadProblem], dict]
     available: Callable[[], Optional[str]] = lambda: None
     description: str = ""
+    #: A finer check than `capabilities` (feature combinations, option-dependent limits):
+    #: ``problem -> [missing features]``.
+    extra_check: Optional[Callable[[HeadProblem], list]] = None
 
     def unsupported(self, problem: HeadProblem) -> list[str]:
         """The features of ``problem`` this backend cannot provide (empty when it can run it)."""
@@ -135,4 +138,6 @@ class Backend:
             missing.append("vocabulary-parallel weight shard")
         for key in sorted(set(problem.options) - caps.options):
             missing.append(f"option {key!r}")
+        if not missing and self.extra_check is not None:
+            missing.extend(self.extra_check(problem))
         return missing
