@@ -6,5 +6,39 @@ per-sequence log-probs) and `fused` (from hidden states to a loss in one call).
 """
 
 from .core import TokenStats, linear_logprobs, linear_token_stats
+from .losses import (
+    CPO_LOSS_TYPES,
+    DPO_LOSS_TYPES,
+    F_DIVERGENCE_TYPES,
+    KTO_LOSS_TYPES,
+    SFT_LOSS_TYPES,
+    cpo_loss,
+    dpo_loss,
+    kto_loss,
+    ld_sequence_logps,
+    orpo_loss,
+    sequence_logps,
+    sft_loss,
+    simpo_loss,
+    wpo_weights,
+)
 
-__all__ = ["TokenStats", "linear_logprobs", "linear_token_stats"]
+__all__ = [
+    "CPO_LOSS_TYPES",
+    "DPO_LOSS_TYPES",
+    "F_DIVERGENCE_TYPES",
+    "KTO_LOSS_TYPES",
+    "SFT_LOSS_TYPES",
+    "TokenStats",
+    "cpo_loss",
+    "dpo_loss",
+    "kto_loss",
+    "ld_sequence_logps",
+    "linear_logprobs",
+    "linear_token_stats",
+    "orpo_loss",
+    "sequence_logps",
+    "sft_loss",
+    "simpo_loss",
+    "wpo_weights",
+]

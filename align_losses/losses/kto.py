@@ -1,0 +1,94 @@
+"""KTO and unpaired APO-zero on per-sequence log-probs of unpaired, labelled completions, as TRL's KTOTrainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
+@dataclass(frozen=True)
+class KTOOutput:
+    """Result of `kto_loss`.
+
+    Attributes:
+        loss: ``[]`` scalar to back-propagate.
+        chosen_rewards: ``[N_desirable]`` ``beta * log-ratio`` of the desirable examples, in batch order, detached.
+        rejected_rewards: ``[N_undesirable]`` same for the undesirable ones. TRL logs each one's mean
+            (``rewards/chosen``, ``rewards/rejected``) and their difference (``rewards/margins``).
+        kl: ``[]`` the KL reference point used: detached, clamped at 0; 0 for "apo_zero_unpaired".
+    """
+
+    loss: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+    kl: Tensor
+
+
+def kto_loss(
+    logps: Tensor,
+    ref_logps: Tensor | None,
+    labels: Tensor,
+    kl: Tensor | None = None,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "kto",
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> KTOOutput:
+    """KTO loss (KTO paper, eq. 7) or its unpaired APO-zero variant, with TRL 1.16 semantics.
+
+    With ``r = beta * (logps - ref_logps)`` and ``z = beta * kl``, per example:
+    "kto": desirable ``1 - sigmoid(r - z)``, undesirable ``1 - sigmoid(z - r)``;
+    "apo_zero_unpaired": desirable ``1 - sigmoid(r)``, undesirable ``sigmoid(r)``.
+    Each is multiplied by ``desirable_weight`` or ``undesirable_weight`` and the loss is their mean over
+    the whole batch (NaN-ignoring, as TRL).
+
+    Args:
+        logps: ``[B]`` float summed policy log-probs of the completions.
+        ref_logps: ``[B]`` reference log-probs, or None for reference-free use (reference taken as 0).
+        labels: ``[B]`` bool (or 0/1): True for desirable completions.
+        kl: ``[]`` KL estimate for "kto": the mean over the global batch of ``policy - reference``
+            summed log-probs of the mismatched (KL) completions. It is detached and clamped at 0
+            here, as TRL does after gathering it across ranks. Must be None for "apo_zero_unpaired".
+        beta: temperature.
+        loss_type: one of `KTO_LOSS_TYPES`.
+        desirable_weight, undesirable_weight: per-class loss weights.
+
+    Returns:
+        `KTOOutput`.
+    """
+    kl = _kl_reference_point(kl, loss_type, logps)
+    desirable = labels != 0
+    rewards = beta * (logps if ref_logps is None else logps - ref_logps)
+    # 1 - sigmoid(x) is written sigmoid(-x), which keeps its precision when small.
+    if loss_type == "kto":
+        desirable_loss, undesirable_loss = torch.sigmoid(beta * kl - rewards), torch.sigmoid(rewards - beta * kl)
+    else:
+        desirable_loss, undesirable_loss = torch.sigmoid(-rewards), torch.sigmoid(rewards)
+    losses = torch.where(desirable, desirable_weight * desirable_loss, undesirable_weight * undesirable_loss)
+    detached = rewards.detach()
+    return KTOOutput(
+        loss=losses.nanmean(),
+        chosen_rewards=detached[desirable],
+        rejected_rewards=detached[~desirable],
+        kl=kl,
+    )
+
+
+def _kl_reference_point(kl: Tensor | None, loss_type: str, like: Tensor) -> Tensor:
+    if loss_type not in KTO_LOSS_TYPES:
+        raise ValueError(f"Unknown KTO loss_type {loss_type!r}; expected one of {KTO_LOSS_TYPES}.")
+    if loss_type == "apo_zero_unpaired":
+        if kl is not None:
+            raise ValueError("loss_type 'apo_zero_unpaired' does not use a KL estimate; pass kl=None.")
+        return torch.zeros((), dtype=like.dtype, device=like.device)
+    if kl is None or kl.numel() != 1:
+        raise ValueError(
+            "loss_type 'kto' needs `kl`: a one-element tensor, the batch mean of policy minus reference "
+            "log-probs of the KL (mismatched) completions."
+        )
+    return kl.detach().reshape(()).clamp(min=0)

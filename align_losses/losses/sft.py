@@ -1,0 +1,116 @@
+"""Supervised fine-tuning loss on per-token log-probs: NLL or DFT, label smoothing, z-loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+SFT_LOSS_TYPES = ("nll", "dft")
+
+
+@dataclass(frozen=True)
+class SFTOutput:
+    """Result of `sft_loss`.
+
+    Attributes:
+        loss: ``[]`` scalar to back-propagate.
+        nll_loss: ``[]`` plain NLL with the same normalisation, detached (for logging).
+        num_items: ``[]`` the denominator used (token count or ``num_items_in_batch``, at least 1).
+    """
+
+    loss: Tensor
+    nll_loss: Tensor
+    num_items: Tensor
+
+
+def sft_loss(
+    token_logps: Tensor,
+    mask: Tensor,
+    *,
+    loss_type: Literal["nll", "dft"] = "nll",
+    num_items_in_batch: int | Tensor | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    mean_logit: Tensor | None = None,
+    logsumexp: Tensor | None = None,
+) -> SFTOutput:
+    """Token-level SFT loss, as TRL's SFTTrainer (``loss_type`` "nll" or "dft", ``label_smoothing_factor``).
+
+    Per token: ``nll = -log p(y)``; DFT multiplies it by the detached ``p(y)``. Label smoothing
+    mixes in the cross-entropy against the uniform distribution over the V classes,
+    ``-(1/V) sum_v log p_v = logsumexp - mean_logit``, giving exactly ``F.cross_entropy(...,
+    label_smoothing=eps)`` and transformers' ``LabelSmoother`` per token. z-loss adds
+    ``z_loss * logsumexp**2``. The per-token losses are summed and divided by the number of
+    masked tokens, or by ``num_items_in_batch`` when given (the token count of the whole
+    accumulated batch, which makes gradient accumulation exact); the divisor is clamped to 1.
+
+    Args:
+        token_logps: ``[...]`` float per-token log-probs of the labels.
+        mask: ``[...]`` same shape; tokens where it is nonzero count.
+        loss_type: "nll" or "dft".
+        num_items_in_batch: optional divisor (int or ``[]`` tensor).
+        label_smoothing: eps in ``[0, 1]``; needs ``mean_logit`` and ``logsumexp``. Not defined for DFT.
+        z_loss: coefficient of ``logsumexp**2``; needs ``logsumexp``.
+        mean_logit: ``[...]`` float mean over the vocabulary of each token's logits.
+        logsumexp: ``[...]`` float logsumexp of each token's logits.
+
+    Returns:
+        `SFTOutput`, scalars in the dtype of ``token_logps``.
+    """
+    _check_sft_args(loss_type, label_smoothing, z_loss, mean_logit, logsumexp)
+    keep = mask != 0
+    nll = -token_logps
+    per_token = nll * token_logps.detach().exp() if loss_type == "dft" else nll
+    if label_smoothing > 0:
+        uniform_ce = logsumexp - mean_logit
+        per_token = (1 - label_smoothing) * per_token + label_smoothing * uniform_ce
+    if z_loss > 0:
+        per_token = per_token + z_loss * logsumexp.square()
+    count = keep.sum() if num_items_in_batch is None else num_items_in_batch
+    num_items = torch.as_tensor(count, device=token_logps.device).clamp(min=1)
+    return SFTOutput(
+        loss=torch.where(keep, per_token, 0).sum() / num_items,
+        nll_loss=torch.where(keep, nll, 0).sum().detach() / num_items,
+        num_items=num_items,
+    )
+
+
+def _check_sft_args(
+    loss_type: str, label_smoothing: float, z_loss: float, mean_logit: Tensor | None, logsumexp: Tensor | None
+) -> None:
+    if loss_type not in SFT_LOSS_TYPES:
+        raise ValueError(f"Unknown SFT loss_type {loss_type!r}; expected one of {SFT_LOSS_TYPES}.")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1]; got {label_smoothing}.")
+    if label_smoothing > 0 and loss_type == "dft":
+        # TRL's SFTTrainer silently drops label smoothing under DFT; refuse rather than ignore it.
+        raise ValueError("label_smoothing is only defined for loss_type='nll', not 'dft'.")
+    if label_smoothing > 0 and (mean_logit is None or logsumexp is None):
+        raise ValueError("label_smoothing > 0 needs the per-token `mean_logit` and `logsumexp`.")
+    if z_loss < 0:
+        raise ValueError(f"z_loss must be >= 0; got {z_loss}.")
+    if z_loss > 0 and logsumexp is None:
+        raise ValueError("z_loss > 0 needs the per-token `logsumexp`.")
+
+
+def chosen_nll(
+    nll_loss: Tensor | None, chosen_token_logps: Tensor | None, chosen_token_mask: Tensor | None, *, needed_by: str
+) -> Tensor:
+    """The NLL term of ORPO/CPO: ``nll_loss`` as given, or the token mean of ``-chosen_token_logps``.
+
+    Exactly one of ``nll_loss`` (``[]``) and ``chosen_token_logps`` (``[B, T]``, with
+    ``chosen_token_mask``) must be given; passing a precomputed NLL lets a caller reuse one it
+    already has (e.g. from a fused head) or normalise it differently.
+    """
+    if (nll_loss is None) == (chosen_token_logps is None):
+        raise ValueError(
+            f"{needed_by} needs exactly one of `nll_loss` or `chosen_token_logps` (with `chosen_token_mask`)."
+        )
+    if nll_loss is not None:
+        return nll_loss
+    if chosen_token_mask is None:
+        raise ValueError(f"{needed_by}: `chosen_token_logps` needs `chosen_token_mask`.")
+    return sft_loss(chosen_token_logps, chosen_token_mask).loss
