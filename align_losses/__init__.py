@@ -22,8 +22,28 @@ from .losses import (
     simpo_loss,
     wpo_weights,
 )
+from .fused import (
+    FusedCPOLoss,
+    FusedDPOLoss,
+    FusedKTOLoss,
+    FusedORPOLoss,
+    FusedOutput,
+    FusedSFTLoss,
+    FusedSimPOLoss,
+    fused_sequence_logps,
+)
+from .modules import LinearCrossEntropyLoss
 
 __all__ = [
+    "FusedCPOLoss",
+    "FusedDPOLoss",
+    "FusedKTOLoss",
+    "FusedORPOLoss",
+    "FusedOutput",
+    "FusedSFTLoss",
+    "FusedSimPOLoss",
+    "LinearCrossEntropyLoss",
+    "fused_sequence_logps",
     "CPO_LOSS_TYPES",
     "DPO_LOSS_TYPES",
     "F_DIVERGENCE_TYPES",

@@ -1,0 +1,150 @@
+"""`FusedDPOLoss`: hidden states of chosen and rejected sequences -> TRL 1.16 DPO loss and metrics."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from torch import Tensor
+
+from ..losses import DPO_LOSS_TYPES, dpo_loss, ld_sequence_logps, sequence_logps, wpo_weights
+from .common import (
+    FusedLoss,
+    FusedOutput,
+    TokenBatch,
+    logits_metrics,
+    per_sequence_input,
+    preference_metrics,
+    require_reference,
+    split_pairs,
+    token_mean,
+)
+
+
+class FusedDPOLoss(FusedLoss):
+    """DPO from the policy's final hidden states in one fused head pass (no ``[tokens, V]`` logits).
+
+    Built as: `head_pass` -> `split_pairs` -> per-sequence sums (`sequence_logps`, or
+    `ld_sequence_logps` with ``ld_alpha``; `wpo_weights` with ``use_weighting``) -> `dpo_loss`.
+
+    Args:
+        beta, loss_type, loss_weights, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
+            discopop_tau: as `align_losses.losses.dpo_loss` (``loss_type`` may be a list, weighted
+            by ``loss_weights``).
+        ld_alpha: LD-DPO weight of the tokens beyond the shorter completion of each pair (None: plain
+            sums). The reference log-probs must then be LD-reduced the same way
+            (`fused_sequence_logps(..., ld_alpha=...)`).
+        use_weighting: WPO pair weights (asks the core for ``log_sum_p2``).
+        reference_free: no reference model (reference log-probs taken as 0); by default the
+            reference log-probs are required.
+        compute_metrics: also ask the core for ``entropy``, ``mean_logit`` and ``argmax_hit`` and
+            log ``entropy``, ``logits/*`` and ``mean_token_accuracy``. ``rewards/*`` and
+            ``logps/*`` cost nothing and are always there.
+        **head: `HeadOptions` (``impl``, ``ignore_index``, ``shift=True``, ``temperature``,
+            ``softcap``, ``logit_scale``, ``backend_options``, ``process_group``).
+
+    Call ``(hidden, weight, labels, *, bias=None, ref_chosen_logps=None, ref_rejected_logps=None,
+    cu_seqlens=None)``:
+        hidden: ``[2B, T, D]`` padded rows, chosen rows first then rejected (TRL's
+            ``DataCollatorForPreference``), or ``[1, T_total, D]`` packed with ``cu_seqlens``.
+        weight: ``[V, D]``; bias: ``[V]`` or None.
+        labels: int ``[2B, T]`` / ``[1, T_total]``: the input ids with ``ignore_index`` on the prompt
+            and the padding (TRL: ``input_ids.masked_fill(completion_mask == 0, -100)``), unshifted.
+        ref_chosen_logps, ref_rejected_logps: ``[B]`` reference sequence log-probs (sums over the same tokens).
+        cu_seqlens: int ``[2B + 1]`` packed sequence boundaries; sequences ``0..B-1`` are chosen,
+            ``B..2B-1`` rejected. Padded and packed forms of one batch give the same loss.
+
+    Returns `FusedOutput`; ``metrics`` as TRL's DPOTrainer: ``rewards/chosen``, ``rewards/rejected``,
+    ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected`` (means over
+    the B pairs; logps are the (LD-)summed sequence log-probs), and with ``compute_metrics``
+    ``logits/chosen``, ``logits/rejected`` (mean over completion tokens of the vocabulary-mean
+    logit), ``entropy`` (mean over all completion tokens) and ``mean_token_accuracy`` (chosen
+    completion tokens whose label is the argmax).
+
+    Completion lengths for "ipo"/"sigmoid_norm" are the counts of scored tokens (TRL counts the
+    unshifted completion mask; the two differ only when a completion starts at position 0).
+    """
+
+    metric_outputs = ("entropy", "mean_logit", "argmax_hit")
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        loss_type: str | Sequence[str] = "sigmoid",
+        loss_weights: Optional[Sequence[float]] = None,
+        label_smoothing: float = 0.0,
+        f_divergence_type: str = "reverse_kl",
+        f_alpha_divergence_coef: float = 0.5,
+        discopop_tau: float = 0.05,
+        ld_alpha: Optional[float] = None,
+        use_weighting: bool = False,
+        reference_free: bool = False,
+        compute_metrics: bool = True,
+        **head,
+    ):
+        super().__init__(compute_metrics=compute_metrics, **head)
+        names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+        unknown = [n for n in names if n not in DPO_LOSS_TYPES]
+        if unknown or not names:
+            raise ValueError(f"Unknown DPO loss_type {unknown or names}; expected one or more of {DPO_LOSS_TYPES}.")
+        self.beta, self.loss_type, self.loss_weights = beta, loss_type, loss_weights
+        self.label_smoothing, self.f_divergence_type = label_smoothing, f_divergence_type
+        self.f_alpha_divergence_coef, self.discopop_tau = f_alpha_divergence_coef, discopop_tau
+        self.ld_alpha, self.use_weighting, self.reference_free = ld_alpha, use_weighting, reference_free
+
+    def loss_outputs(self) -> tuple[str, ...]:
+        return ("log_sum_p2",) if self.use_weighting else ()
+
+    def sequence_logps(self, chosen: TokenBatch, rejected: TokenBatch) -> tuple[Tensor, Tensor]:
+        """``([B], [B])`` policy sequence log-probs: completion sums, LD-weighted with ``ld_alpha``."""
+        if self.ld_alpha is None:
+            return sequence_logps(chosen.logps, chosen.completion), sequence_logps(rejected.logps, rejected.completion)
+        return ld_sequence_logps(
+            chosen.logps, chosen.completion, rejected.logps, rejected.completion, ld_alpha=self.ld_alpha
+        )
+
+    def forward(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        *,
+        bias: Optional[Tensor] = None,
+        ref_chosen_logps: Optional[Tensor] = None,
+        ref_rejected_logps: Optional[Tensor] = None,
+        cu_seqlens: Optional[Tensor] = None,
+    ) -> FusedOutput:
+        require_reference(ref_chosen_logps, ref_rejected_logps, self.reference_free, "FusedDPOLoss")
+        tokens = self.head_pass(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens)
+        chosen, rejected = split_pairs(tokens)
+        chosen_logps, rejected_logps = self.sequence_logps(chosen, rejected)
+        pairs = chosen.num_sequences
+        weights = None
+        if self.use_weighting:
+            weights = wpo_weights(
+                chosen.logps, chosen.log_sum_p2, chosen.completion,
+                rejected.logps, rejected.log_sum_p2, rejected.completion,
+            )
+        result = dpo_loss(
+            chosen_logps,
+            rejected_logps,
+            per_sequence_input(ref_chosen_logps, "ref_chosen_logps", pairs, chosen_logps),
+            per_sequence_input(ref_rejected_logps, "ref_rejected_logps", pairs, chosen_logps),
+            beta=self.beta,
+            loss_type=self.loss_type,
+            loss_weights=self.loss_weights,
+            label_smoothing=self.label_smoothing,
+            f_divergence_type=self.f_divergence_type,
+            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+            discopop_tau=self.discopop_tau,
+            chosen_lengths=chosen.lengths,
+            rejected_lengths=rejected.lengths,
+            chosen_token_logps=chosen.logps,
+            chosen_token_mask=chosen.completion,
+            wpo_weights=weights,
+        )
+        metrics = preference_metrics(result, chosen_logps, rejected_logps)
+        if self.compute_metrics:
+            metrics.update(logits_metrics(chosen, rejected))
+            metrics["entropy"] = token_mean(tokens.entropy, tokens.completion)
+            metrics["mean_token_accuracy"] = token_mean(chosen.argmax_hit, chosen.completion)
+        return FusedOutput(loss=result.loss, metrics=metrics, result=result)

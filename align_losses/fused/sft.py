@@ -1,0 +1,81 @@
+"""`FusedSFTLoss`: hidden states -> TRL 1.16 SFT loss (NLL or DFT, label smoothing, z-loss) and metrics."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from ..losses import SFT_LOSS_TYPES, sft_loss
+from .common import FusedLoss, FusedOutput, token_mean
+
+
+class FusedSFTLoss(FusedLoss):
+    """SFT from hidden states in one fused head pass: `head_pass` -> `sft_loss` over the scored tokens.
+
+    Args:
+        loss_type: "nll" or "dft".
+        label_smoothing: eps of the uniform-target mixture (asks the core for ``mean_logit`` and
+            ``logsumexp``); exactly ``F.cross_entropy(label_smoothing=eps)``.
+        z_loss: coefficient of ``logsumexp**2`` per token (asks the core for ``logsumexp``).
+        compute_metrics: also ask the core for ``entropy`` and ``argmax_hit``.
+        **head: `HeadOptions` (``shift=True``: labels are TRL's unshifted ``labels`` column).
+
+    Call ``(hidden, weight, labels, *, bias=None, num_items_in_batch=None, cu_seqlens=None)``:
+        hidden: ``[B, T, D]`` padded or ``[1, T_total, D]`` padding-free; labels: int, same leading shape.
+        num_items_in_batch: token count of the whole accumulated batch (int or ``[]`` tensor), the
+            divisor of the summed per-token losses instead of this batch's token count (TRL/transformers).
+        cu_seqlens: optional ``[N + 1]`` boundaries of packed sequences: each sequence's first label
+            is then not scored from the previous sequence's last position (TRL's padding-free
+            collator already sets it to -100; this makes it unnecessary).
+
+    Returns `FusedOutput`; ``result`` is the `SFTOutput`; metrics as TRL's SFTTrainer with
+    ``compute_metrics``: ``entropy`` and ``mean_token_accuracy``, over all scored tokens.
+    """
+
+    metric_outputs = ("entropy", "argmax_hit")
+
+    def __init__(
+        self,
+        loss_type: str = "nll",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        compute_metrics: bool = True,
+        **head,
+    ):
+        super().__init__(compute_metrics=compute_metrics, **head)
+        if loss_type not in SFT_LOSS_TYPES:
+            raise ValueError(f"Unknown SFT loss_type {loss_type!r}; expected one of {SFT_LOSS_TYPES}.")
+        self.loss_type, self.label_smoothing, self.z_loss = loss_type, label_smoothing, z_loss
+
+    def loss_outputs(self) -> tuple[str, ...]:
+        return (("mean_logit", "logsumexp") if self.label_smoothing > 0 else ()) + (
+            ("logsumexp",) if self.z_loss > 0 else ()
+        )
+
+    def forward(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        *,
+        bias: Optional[Tensor] = None,
+        num_items_in_batch: Optional[int | Tensor] = None,
+        cu_seqlens: Optional[Tensor] = None,
+    ) -> FusedOutput:
+        tokens = self.head_pass(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens)
+        result = sft_loss(
+            tokens.logps,
+            tokens.mask,
+            loss_type=self.loss_type,
+            num_items_in_batch=num_items_in_batch,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            mean_logit=tokens.mean_logit,
+            logsumexp=tokens.logsumexp,
+        )
+        metrics = {}
+        if self.compute_metrics:
+            metrics["entropy"] = token_mean(tokens.entropy, tokens.mask)
+            metrics["mean_token_accuracy"] = token_mean(tokens.argmax_hit, tokens.mask)
+        return FusedOutput(loss=result.loss, metrics=metrics, result=result)
