@@ -1,17 +1,20 @@
 """The backend registry and the ``impl="auto"`` rule.
 
 Decision table for ``impl="auto"`` (overridable per call, or for the whole process with the
-environment variable ``ALIGN_LOSSES_IMPL``):
+environment variable ``ALIGN_LOSSES_IMPL``), from the head benchmark on an H200
+(benchmarks/results/head-latest.md):
 
-=================  =========  ==============================================================
-inputs on          chosen     why
-=================  =========  ==============================================================
-not CUDA           ``torch``  the only backend that runs off CUDA
-CUDA               ``torch``  on an H200 (../shared/TARGETS.md) the tiled path is exact and
-                              faster than ``cce`` (3.97x the GEMM floor, 10x less exact on
-                              flat logits) and ``liger`` (4.24x); those two run only when
-                              asked for by name
-=================  =========  ==============================================================
+==================  ==========  =============================================================
+inputs on           chosen      why
+==================  ==========  =============================================================
+CUDA, Triton found  ``triton``  exact, 1.6-1.7x the three-GEMM floor with the memory of CCE;
+                                ``torch`` runs at 2.3-3.5x, ``cce`` at 4x (and 10x less exact
+                                on flat logits), ``liger`` at 4.2x
+CUDA, no Triton     ``torch``   the tiled pure-PyTorch path
+not CUDA            ``torch``   the only backend that runs off CUDA
+==================  ==========  =============================================================
+
+``cce`` and ``liger`` run only when asked for by name.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ logger = logging.getLogger("align_losses")
 #: that importing ``align_losses`` never imports Triton, CCE or Liger).
 _MODULES = {
     "torch": "align_losses.backends.torch_tiled",
+    "triton": "align_losses.backends.triton",
     "cce": "align_losses.backends.cce",
     "liger": "align_losses.backends.liger",
 }
@@ -52,6 +56,10 @@ def get(name: str) -> Backend:
 
 
 def _auto_choice(problem: HeadProblem) -> str:
+    if problem.hidden.device.type == "cuda":
+        triton_backend = get("triton")
+        if triton_backend.available() is None and not triton_backend.unsupported(problem):
+            return "triton"
     return "torch"
 
 

@@ -1,0 +1,555 @@
+"""Triton head op (the ``"triton"`` backend): fused logits GEMM + online softmax statistics.
+
+Forward: one Triton GEMM over ``[tokens, vocab]`` tiles (grouped tile order, fp32 accumulation)
+whose epilogue applies bias and logit transform and reduces each tile row to partial statistics
+(max, sum exp, and what the requested outputs need); no logits reach memory. A second small Triton
+kernel merges the ``[vocab blocks, M]`` partials per token. For a vocabulary-parallel head the
+per-rank statistics are merged with `tiled_head._Stats.all_reduce`.
+
+Backward, per vocabulary chunk of ``Vc`` columns (``Vc`` from a memory budget): a Triton GEMM
+recomputes the logits tile and writes ``dL/da`` (operand dtype) for the chunk over all tokens into
+one ``[M, Vc]`` buffer; then two cuBLAS GEMMs: ``grad_hidden += dA @ W_chunk`` into an fp32
+``[M, D]`` accumulator and ``grad_weight[chunk] = dA^T @ hidden`` written once. The bias gradient
+is summed in the Triton epilogue (fp32 atomics).
+
+All index arithmetic on rows is 64-bit, so ``M x V`` and ``M x D`` past 2^31 elements work.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends.base import HeadProblem, LogitTransform, VocabShard
+from .tiled_head import _finish, _Stats
+
+_NAMES = ("logprobs", "entropy", "mean_logit", "logsumexp", "argmax_hit", "log_sum_p2")
+_GRAD_NAMES = ("logprobs", "entropy", "mean_logit", "logsumexp")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile shape and launch parameters of one GEMM kernel."""
+
+    BM: int = 128
+    BN: int = 256
+    BK: int = 64
+    GROUP_M: int = 8
+    num_warps: int = 8
+    num_stages: int = 3
+
+    def launch(self) -> dict:
+        return dict(BM=self.BM, BN=self.BN, BK=self.BK, GROUP_M=self.GROUP_M,
+                    num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+#: Defaults per operand dtype (Hopper); fp32 uses IEEE dots (exact mode) and smaller tiles.
+#: 16-bit configs measured on an H200 (benchmarks/NOTES-triton.md): with TMA operands,
+#: 128x256x64, GROUP_M 16, 8 warps, 3 stages was the fastest of six for both kernels.
+FWD_CONFIGS = {
+    torch.bfloat16: KernelConfig(128, 256, 64, 16, 8, 3),
+    torch.float16: KernelConfig(128, 256, 64, 16, 8, 3),
+    torch.float32: KernelConfig(64, 128, 32, 8, 4, 3),
+}
+BWD_CONFIGS = {
+    torch.bfloat16: KernelConfig(128, 256, 64, 16, 8, 3),
+    torch.float16: KernelConfig(128, 256, 64, 16, 8, 3),
+    torch.float32: KernelConfig(64, 128, 32, 8, 4, 3),
+}
+
+#: Bytes of the backward's ``dL/da`` chunk buffer on top of ``M x D`` operand-dtype elements
+#: (the hidden-state gradient in the operand dtype is only allocated after the chunk loop, so
+#: the buffer may use that room too).
+EXTRA_BUFFER_BYTES = 96 * 2**20
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_coords(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped tile order: GROUP_M token blocks walk the vocabulary blocks together (L2 reuse)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    in_group = GROUP_M * num_n
+    group = pid // in_group
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % in_group) % size_m)
+    pid_n = (pid % in_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _logits_tile(H, W, rm_c, rn_c, D, stride_h, stride_w,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``H[rm_c] @ W[rn_c]^T`` as an fp32 ``[BM, BN]`` tile (row indices already clamped, int64)."""
+    rk = tl.arange(0, BK)
+    h_ptrs = H + (rm_c * stride_h)[:, None] + rk[None, :]
+    w_ptrs = W + (rn_c * stride_w)[None, :] + rk[:, None]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, tl.cdiv(D, BK)):
+        if EVEN_K:
+            a = tl.load(h_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            k_ok = (k * BK + rk) < D
+            a = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        if DOT_PREC == "interp":  # the CPU interpreter mis-multiplies 16-bit operands
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+        h_ptrs += BK
+        w_ptrs += BK
+    return acc
+
+
+@triton.jit
+def _logits_tile_tma(HD, WD, off_m, off_n, D, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     DOT_PREC: tl.constexpr):
+    """Same tile through tensor-memory-accelerator descriptors (out-of-range rows/columns read 0)."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, tl.cdiv(D, BK)):
+        a = HD.load([off_m, k * BK])
+        b = WD.load([off_n, k * BK])
+        if DOT_PREC == "interp":
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32).T, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b.T, acc)
+    return acc
+
+
+@triton.jit
+def _transform(a, scale, softcap, inv_temp, SOFTCAP: tl.constexpr):
+    """``z = softcap * tanh(a * scale / softcap) / T`` (no tanh without soft-cap)."""
+    z = a * scale
+    if SOFTCAP:
+        x = z / softcap
+        t = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+        z = t * softcap
+    return z * inv_temp
+
+
+@triton.jit
+def _fwd_kernel(H, W, HD, WD, Bias, Lbl, PMax, PSum, PSez, PSz, PSe2, PArg, LabelLogit,
+                M, V, D, stride_h, stride_w, label_offset,
+                scale, softcap, inv_temp,
+                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+                NEED_EZ: tl.constexpr, NEED_SZ: tl.constexpr, NEED_SE2: tl.constexpr, NEED_ARG: tl.constexpr,
+                EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile_coords(M, V, BM, BN, GROUP_M)
+    rm = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+    cols = tl.arange(0, BN)
+    rn = pid_n.to(tl.int64) * BN + cols
+    row_ok = rm < M
+    col_ok = rn < V
+    rm_c = rm % M
+    rn_c = rn % V
+    if USE_TMA:
+        acc = _logits_tile_tma(HD, WD, pid_m * BM, pid_n * BN, D, BM, BN, BK, DOT_PREC)
+    else:
+        acc = _logits_tile(H, W, rm_c, rn_c, D, stride_h, stride_w, BM, BN, BK, EVEN_K, DOT_PREC)
+    if HAS_BIAS:
+        acc += tl.load(Bias + rn_c).to(tl.float32)[None, :]
+    z = _transform(acc, scale, softcap, inv_temp, SOFTCAP)
+    zm = tl.where(col_ok[None, :], z, float("-inf"))
+    mx = tl.max(zm, 1)
+    e = tl.exp(zm - mx[:, None])
+    pofs = pid_n.to(tl.int64) * M + rm
+    tl.store(PMax + pofs, mx, mask=row_ok)
+    tl.store(PSum + pofs, tl.sum(e, 1), mask=row_ok)
+    if NEED_EZ or NEED_SZ:
+        z0 = tl.where(col_ok[None, :], z, 0.0)
+        if NEED_EZ:
+            tl.store(PSez + pofs, tl.sum(e * z0, 1), mask=row_ok)
+        if NEED_SZ:
+            tl.store(PSz + pofs, tl.sum(z0, 1), mask=row_ok)
+    if NEED_SE2:
+        tl.store(PSe2 + pofs, tl.sum(e * e, 1), mask=row_ok)
+    if NEED_ARG:
+        idx = tl.argmax(zm, 1, tie_break_left=True)
+        tl.store(PArg + pofs, idx.to(tl.int32) + pid_n * BN, mask=row_ok)
+    lbl = tl.load(Lbl + rm_c) - label_offset
+    local = lbl - pid_n.to(tl.int64) * BN
+    hit = (local >= 0) & (local < BN) & (lbl < V) & row_ok
+    picked = tl.sum(tl.where(cols[None, :] == local[:, None], z, 0.0), 1)
+    tl.store(LabelLogit + rm, picked, mask=hit)
+
+
+@triton.jit
+def _combine_kernel(PMax, PSum, PSez, PSz, PSe2, PArg, Max, Sum, Sez, Sz, Se2, Arg, M, NB,
+                    NEED_EZ: tl.constexpr, NEED_SZ: tl.constexpr, NEED_SE2: tl.constexpr, NEED_ARG: tl.constexpr,
+                    BR: tl.constexpr, BB: tl.constexpr):
+    """Merge the ``[NB, M]`` per-block partial statistics into per-token ones (blocks in order)."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BR + tl.arange(0, BR)
+    ok = rows < M
+    bb = tl.arange(0, BB)
+    m = tl.full((BR,), float("-inf"), tl.float32)
+    s = tl.zeros((BR,), tl.float32)
+    sez = tl.zeros((BR,), tl.float32)
+    sz = tl.zeros((BR,), tl.float32)
+    se2 = tl.zeros((BR,), tl.float32)
+    arg = tl.zeros((BR,), tl.int32)
+    for b0 in range(0, NB, BB):
+        blk = b0 + bb
+        msk = (blk < NB)[:, None] & ok[None, :]
+        o = blk.to(tl.int64)[:, None] * M + rows[None, :]
+        pm = tl.load(PMax + o, mask=msk, other=float("-inf"))
+        cm = tl.max(pm, 0)
+        new_m = tl.maximum(m, cm)
+        c = tl.exp(pm - new_m[None, :])
+        a = tl.exp(m - new_m)
+        s = s * a + tl.sum(tl.load(PSum + o, mask=msk, other=0.0) * c, 0)
+        if NEED_EZ:
+            sez = sez * a + tl.sum(tl.load(PSez + o, mask=msk, other=0.0) * c, 0)
+        if NEED_SZ:
+            sz += tl.sum(tl.load(PSz + o, mask=msk, other=0.0), 0)
+        if NEED_SE2:
+            se2 = se2 * a * a + tl.sum(tl.load(PSe2 + o, mask=msk, other=0.0) * c * c, 0)
+        if NEED_ARG:
+            cand = tl.where(pm == cm[None, :], blk[:, None], NB + BB)
+            first = tl.min(cand, 0)
+            pa = tl.load(PArg + o, mask=msk, other=0)
+            chunk_arg = tl.sum(tl.where(blk[:, None] == first[None, :], pa, 0), 0)
+            arg = tl.where(cm > m, chunk_arg, arg)
+        m = new_m
+    tl.store(Max + rows, m, mask=ok)
+    tl.store(Sum + rows, s, mask=ok)
+    if NEED_EZ:
+        tl.store(Sez + rows, sez, mask=ok)
+    if NEED_SZ:
+        tl.store(Sz + rows, sz, mask=ok)
+    if NEED_SE2:
+        tl.store(Se2 + rows, se2, mask=ok)
+    if NEED_ARG:
+        tl.store(Arg + rows, arg, mask=ok)
+
+
+@triton.jit
+def _bwd_kernel(H, W, HD, WD, DAD, Bias, Lbl, Lse, Ez, Coef, GEnt, GMean, GLogp, DA, GBias,
+                M, Vc, D, stride_h, stride_w, stride_da, label_offset,
+                scale, softcap, inv_temp, dz_factor, t_over_c,
+                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr,
+                HAS_MEAN: tl.constexpr, HAS_LOGP: tl.constexpr, NEED_GB: tl.constexpr,
+                EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """``dL/da`` for one vocabulary chunk ``[M, Vc]`` (W, Bias, DA, GBias point at the chunk)."""
+    pid_m, pid_n = _tile_coords(M, Vc, BM, BN, GROUP_M)
+    rm = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+    cols = tl.arange(0, BN)
+    rn = pid_n.to(tl.int64) * BN + cols
+    row_ok = rm < M
+    col_ok = rn < Vc
+    rm_c = rm % M
+    rn_c = rn % Vc
+    if USE_TMA:
+        acc = _logits_tile_tma(HD, WD, pid_m * BM, pid_n * BN, D, BM, BN, BK, DOT_PREC)
+    else:
+        acc = _logits_tile(H, W, rm_c, rn_c, D, stride_h, stride_w, BM, BN, BK, EVEN_K, DOT_PREC)
+    if HAS_BIAS:
+        acc += tl.load(Bias + rn_c).to(tl.float32)[None, :]
+    z = _transform(acc, scale, softcap, inv_temp, SOFTCAP)
+    lse = tl.load(Lse + rm_c)
+    p = tl.exp(z - lse[:, None])
+    coef = tl.load(Coef + rm_c)
+    if HAS_ENT:
+        ez = tl.load(Ez + rm_c)
+        gent = tl.load(GEnt + rm_c)
+        g = p * (coef[:, None] - gent[:, None] * (z - ez[:, None]))
+    else:
+        g = p * coef[:, None]
+    if HAS_MEAN:
+        g += tl.load(GMean + rm_c)[:, None]
+    if HAS_LOGP:
+        local = tl.load(Lbl + rm_c) - label_offset - pid_n.to(tl.int64) * BN
+        glogp = tl.load(GLogp + rm_c)
+        g += tl.where(cols[None, :] == local[:, None], glogp[:, None], 0.0)
+    if SOFTCAP:
+        t = z * t_over_c
+        g = g * (1.0 - t * t)
+    g = g * dz_factor
+    mask = row_ok[:, None] & col_ok[None, :]
+    if USE_TMA:
+        DAD.store([pid_m * BM, pid_n * BN], g.to(DAD.dtype))
+    else:
+        tl.store(DA + (rm * stride_da)[:, None] + rn[None, :], g.to(DA.dtype.element_ty), mask=mask)
+    if NEED_GB:
+        gs = tl.sum(tl.where(mask, g, 0.0), 0)
+        tl.atomic_add(GBias + rn, gs, mask=col_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------
+
+
+def _dot_prec(dtype: torch.dtype) -> str:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "interp"
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "ieee"  # ignored for 16-bit operands
+
+
+#: Use tensor-memory-accelerator (TMA) descriptors for the GEMM operands on Hopper and later
+#: when the layout allows it (16-bit operands, 16-byte aligned rows).
+USE_TMA = True
+
+
+def _tma_ok(*tensors) -> bool:
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    if not USE_TMA or (interp and os.environ.get("ALIGN_LOSSES_TMA_INTERP") != "1"):
+        return False
+    t0 = tensors[0]
+    if not interp and (not t0.is_cuda or torch.cuda.get_device_capability(t0.device)[0] < 9):
+        return False
+    return all(
+        t.dtype in (torch.bfloat16, torch.float16) and t.stride(-1) == 1
+        and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+        for t in tensors
+    )
+
+
+def _desc(t: torch.Tensor, block):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block))
+
+
+def _descs(hidden, weight, cfg: "KernelConfig"):
+    return _desc(hidden, [cfg.BM, cfg.BK]), _desc(weight, [cfg.BN, cfg.BK])
+
+
+def _rowmajor(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _forward_stats(hidden, weight, bias, labels, transform: LogitTransform, outputs: frozenset,
+                   shard: Optional[VocabShard], cfg: KernelConfig) -> _Stats:
+    m, d = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    offset = shard.start if shard is not None else 0
+    need_ez = "entropy" in outputs
+    need_sz = "mean_logit" in outputs
+    need_se2 = "log_sum_p2" in outputs
+    need_arg = "argmax_hit" in outputs
+    f32 = dict(dtype=torch.float32, device=dev)
+    label_logit = torch.zeros(m, **f32)
+    nb = triton.cdiv(v, cfg.BN) if v > 0 else 0
+    if m == 0 or nb == 0:
+        stats = _Stats.empty(m, dev, outputs)
+        stats.label_logit = label_logit
+        if stats.argmax is not None:
+            stats.argmax.fill_(offset)
+        return stats
+    pmax = torch.empty((nb, m), **f32)
+    psum = torch.empty((nb, m), **f32)
+    psez = torch.empty((nb, m), **f32) if need_ez else pmax
+    psz = torch.empty((nb, m), **f32) if need_sz else pmax
+    pse2 = torch.empty((nb, m), **f32) if need_se2 else pmax
+    parg = torch.empty((nb, m), dtype=torch.int32, device=dev) if need_arg else pmax
+    t = transform
+    grid = (triton.cdiv(m, cfg.BM) * nb,)
+    use_tma = _tma_ok(hidden, weight)
+    hd, wd = _descs(hidden, weight, cfg) if use_tma else (None, None)
+    _fwd_kernel[grid](
+        hidden, weight, hd, wd, bias if bias is not None else hidden, labels,
+        pmax, psum, psez, psz, pse2, parg, label_logit,
+        m, v, d, hidden.stride(0), weight.stride(0), offset,
+        float(t.logit_scale), float(t.softcap or 1.0), 1.0 / float(t.temperature),
+        HAS_BIAS=bias is not None, SOFTCAP=t.softcap is not None,
+        NEED_EZ=need_ez, NEED_SZ=need_sz, NEED_SE2=need_se2, NEED_ARG=need_arg,
+        EVEN_K=(d % cfg.BK == 0), DOT_PREC=_dot_prec(hidden.dtype), USE_TMA=use_tma, **cfg.launch(),
+    )
+    mx = torch.empty(m, **f32)
+    se = torch.empty(m, **f32)
+    sez = torch.empty(m, **f32) if need_ez else None
+    sz = torch.empty(m, **f32) if need_sz else None
+    se2 = torch.empty(m, **f32) if need_se2 else None
+    arg = torch.empty(m, dtype=torch.int32, device=dev) if need_arg else None
+    br, bb = 32, 16
+    _combine_kernel[(triton.cdiv(m, br),)](
+        pmax, psum, psez, psz, pse2, parg,
+        mx, se, sez if need_ez else mx, sz if need_sz else mx, se2 if need_se2 else mx,
+        arg if need_arg else mx, m, nb,
+        NEED_EZ=need_ez, NEED_SZ=need_sz, NEED_SE2=need_se2, NEED_ARG=need_arg, BR=br, BB=bb, num_warps=4,
+    )
+    del pmax, psum, psez, psz, pse2, parg
+    return _Stats(
+        max=mx, sum_exp=se, label_logit=label_logit, sum_exp_z=sez, sum_z=sz, sum_exp2=se2,
+        argmax=(arg.long() + offset) if need_arg else None,
+    )
+
+
+def _stats(problem_parts, cfg) -> _Stats:
+    hidden, weight, bias, labels, transform, outputs, shard = problem_parts
+    stats = _forward_stats(hidden, weight, bias, labels, transform, outputs, shard, cfg)
+    if shard is not None:
+        stats.all_reduce(shard.group)
+    return stats
+
+
+def _mm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """``acc (fp32) = acc + a @ b`` (``acc = a @ b`` when ``first``), fp32 accumulation."""
+    if a.dtype == torch.float32:
+        if first:
+            torch.mm(a, b, out=acc)
+        else:
+            acc.addmm_(a, b)
+    elif a.is_cuda:
+        if first:
+            torch.mm(a, b, out_dtype=torch.float32, out=acc)
+        else:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:  # CPU (the Triton interpreter in tests): upcast, exact
+        if first:
+            torch.mm(a.float(), b.float(), out=acc)
+        else:
+            acc.addmm_(a.float(), b.float())
+
+
+def vocab_chunk(m: int, d: int, v: int, elem: int, block: int, memory_budget: Optional[int]) -> int:
+    """Columns of the backward's ``[M, Vc]`` ``dL/da`` buffer: a multiple of ``block``, at most ``V``."""
+    budget = memory_budget if memory_budget else m * d * elem + EXTRA_BUFFER_BYTES
+    vc = budget // max(m * elem, 1)
+    vc = max(block, (vc // block) * block)
+    return max(1, min(vc, v))
+
+
+def _backward(hidden, weight, bias, labels, lse, expected_z, up: dict, transform: LogitTransform,
+              shard: Optional[VocabShard], vocab: int, cfg: KernelConfig, memory_budget, need):
+    need_h, need_w, need_b = need
+    need_b = need_b and bias is not None
+    m, d = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    offset = shard.start if shard is not None else 0
+    grad_hidden = None
+    grad_weight = torch.empty_like(weight) if need_w else None
+    grad_bias32 = torch.zeros(v, **f32) if need_b else None
+    up = {n: g.float().contiguous() for n, g in up.items() if n in _GRAD_NAMES}
+    acc = None
+    if need_h and (v == 0 or m == 0):
+        acc = torch.zeros(m, d, **f32)
+    if m > 0 and v > 0 and (need_h or need_w or need_b):
+        zero = torch.zeros(m, **f32)
+        coef = zero.clone()
+        if "logsumexp" in up:
+            coef += up["logsumexp"]
+        if "logprobs" in up:
+            coef -= up["logprobs"]
+        has_ent = "entropy" in up and expected_z is not None
+        has_mean = "mean_logit" in up
+        has_logp = "logprobs" in up
+        gent = up["entropy"] if has_ent else zero
+        gmean = up["mean_logit"] / vocab if has_mean else zero
+        glogp = up["logprobs"] if has_logp else zero
+        ez = expected_z if has_ent else zero
+        t = transform
+        vc = vocab_chunk(m, d, v, hidden.element_size(), cfg.BN, memory_budget)
+        buf = torch.empty(m * vc, dtype=hidden.dtype, device=dev)
+        first = True
+        for v0 in range(0, v, vc):
+            cv = min(vc, v - v0)
+            # Row stride a multiple of 64 elements: aligned rows for TMA and cuBLAS's fast kernels.
+            ld = min(vc, -(-cv // 64) * 64)
+            da = buf[: m * ld].view(m, ld)[:, :cv]
+            w = weight[v0 : v0 + cv]
+            grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(cv, cfg.BN),)
+            use_tma = _tma_ok(hidden, w, da)
+            hd, wd = _descs(hidden, w, cfg) if use_tma else (None, None)
+            dad = _desc(da, [cfg.BM, cfg.BN]) if use_tma else None
+            _bwd_kernel[grid](
+                hidden, w, hd, wd, dad, bias[v0 : v0 + cv] if bias is not None else hidden, labels, lse, ez,
+                coef, gent, gmean, glogp, da, grad_bias32[v0 : v0 + cv] if need_b else lse,
+                m, cv, d, hidden.stride(0), weight.stride(0), da.stride(0), offset + v0,
+                float(t.logit_scale), float(t.softcap or 1.0), 1.0 / float(t.temperature),
+                float(t.logit_scale) / float(t.temperature),
+                (float(t.temperature) / float(t.softcap)) if t.softcap is not None else 1.0,
+                HAS_BIAS=bias is not None, SOFTCAP=t.softcap is not None, HAS_ENT=has_ent,
+                HAS_MEAN=has_mean, HAS_LOGP=has_logp, NEED_GB=need_b,
+                EVEN_K=(d % cfg.BK == 0), DOT_PREC=_dot_prec(hidden.dtype), USE_TMA=use_tma, **cfg.launch(),
+            )
+            if need_h:
+                if acc is None:
+                    acc = torch.empty(m, d, **f32)
+                _mm_into(acc, da, w, first)
+                first = False
+            if need_w:
+                torch.mm(da.t(), hidden, out=grad_weight[v0 : v0 + cv])
+        # Free the chunk buffer before the hidden-state gradient is cast: the views and the TMA
+        # descriptors (which hold their tensor) all keep it alive.
+        del buf, da, dad, hd, wd, w
+    if need_h:
+        if shard is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(acc, group=shard.group)
+        grad_hidden = acc.to(hidden.dtype)
+        del acc
+    if need_w and m == 0:
+        grad_weight.zero_()
+    grad_bias = grad_bias32.to(bias.dtype) if need_b else None
+    return grad_hidden, grad_weight, grad_bias
+
+
+class TritonHeadFunction(torch.autograd.Function):
+    """Autograd function behind the ``"triton"`` backend (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, transform, outputs, shard, names, cfgs, memory_budget):
+        fwd_cfg, bwd_cfg = cfgs
+        stats = _stats((hidden, weight, bias, labels, transform, outputs, shard), fwd_cfg)
+        vocab = shard.size if shard is not None else weight.shape[0]
+        result = _finish(stats, outputs, vocab, labels)
+        lse = stats.max + torch.log(stats.sum_exp)
+        expected_z = stats.sum_exp_z / stats.sum_exp if stats.sum_exp_z is not None else None
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, expected_z)
+        ctx.meta = (transform, shard, vocab, bwd_cfg, memory_budget)
+        ctx.names = names
+        outs = tuple(result[n] for n in names)
+        ctx.mark_non_differentiable(*[o for n, o in zip(names, outs) if n not in _GRAD_NAMES])
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        hidden, weight, bias, labels, lse, expected_z = ctx.saved_tensors
+        transform, shard, vocab, bwd_cfg, memory_budget = ctx.meta
+        upstream = {n: g for n, g in zip(ctx.names, grads) if g is not None and n in _GRAD_NAMES}
+        gh, gw, gb = _backward(hidden, weight, bias, labels, lse, expected_z, upstream, transform, shard,
+                               vocab, bwd_cfg, memory_budget, need=ctx.needs_input_grad[:3])
+        return gh, gw, gb, None, None, None, None, None, None, None
+
+
+def triton_head(problem: HeadProblem, memory_budget: Optional[int] = None,
+                fwd_config: Optional[KernelConfig] = None, bwd_config: Optional[KernelConfig] = None) -> dict:
+    """Run the op on a normalised problem; returns ``{output name: fp32 [M]}``."""
+    hidden = _rowmajor(problem.hidden)
+    weight = _rowmajor(problem.weight)
+    bias = problem.bias.contiguous() if problem.bias is not None else None
+    labels = problem.labels.contiguous()
+    dtype = hidden.dtype
+    fwd_cfg = fwd_config or FWD_CONFIGS[dtype]
+    bwd_cfg = bwd_config or BWD_CONFIGS[dtype]
+    inputs = (hidden, weight, bias)
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs):
+        stats = _stats((hidden, weight, bias, labels, problem.transform, problem.outputs, problem.shard), fwd_cfg)
+        return _finish(stats, problem.outputs, problem.vocab_size, labels)
+    names = tuple(n for n in _NAMES if n in problem.outputs)
+    outs = TritonHeadFunction.apply(hidden, weight, bias, labels, problem.transform, problem.outputs,
+                                    problem.shard, names, (fwd_cfg, bwd_cfg), memory_budget)
+    return dict(zip(names, outs))

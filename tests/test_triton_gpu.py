@@ -1,0 +1,347 @@
+"""The ``"triton"`` backend against float64 full-logits references.
+
+GPU tests are marked ``gpu`` and skipped without CUDA. The same checks run on the CPU in the
+Triton interpreter (small sizes, small tiles) when the environment sets ``TRITON_INTERPRET=1``
+and Triton is installed: ``TRITON_INTERPRET=1 pytest tests/test_triton_gpu.py -k interp``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+from align_losses.backends.base import HeadProblem, LogitTransform
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERP = os.environ.get("TRITON_INTERPRET") == "1" and HAS_TRITON
+
+gpu = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
+interp = pytest.mark.skipif(not INTERP, reason="set TRITON_INTERPRET=1 (and install triton) to run on the CPU")
+
+DIFF = ("logprobs", "entropy", "mean_logit", "logsumexp")
+ALL = ("logprobs", "entropy", "mean_logit", "logsumexp", "argmax_hit", "log_sum_p2")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def reference(hidden, weight, bias, labels, transform: LogitTransform):
+    """All outputs in float64 from full logits (differentiable through the float64 copies)."""
+    a = hidden @ weight.t()
+    if bias is not None:
+        a = a + bias
+    z = a * transform.logit_scale
+    if transform.softcap is not None:
+        z = transform.softcap * torch.tanh(z / transform.softcap)
+    z = z / transform.temperature
+    logp_all = torch.log_softmax(z, dim=-1)
+    p = logp_all.exp()
+    return {
+        "logprobs": logp_all.gather(1, labels[:, None]).squeeze(1),
+        "entropy": -(p * logp_all).sum(1),
+        "mean_logit": z.mean(1),
+        "logsumexp": torch.logsumexp(z, 1),
+        "argmax_hit": (z.argmax(1) == labels).double(),
+        "log_sum_p2": torch.log((p * p).sum(1)),
+        "_z": z,
+    }
+
+
+def make(m, d, v, dtype, device, std=2.0, with_bias=False, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(m, d, generator=g, device=device)
+    weight = torch.randn(v, d, generator=g, device=device) * (std / math.sqrt(d))
+    bias = torch.randn(v, generator=g, device=device) * 0.5 if with_bias else None
+    labels = torch.randint(0, v, (m,), generator=g, device=device)
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype).requires_grad_(True)
+    return cast(hidden), cast(weight), cast(bias), labels.to(device)
+
+
+def run_triton(hidden, weight, bias, labels, transform, outputs, small_tiles=False, memory_budget=None, shard=None):
+    from align_losses.ops import triton_head as th
+
+    problem = HeadProblem(hidden=hidden, weight=weight, bias=bias, labels=labels, transform=transform,
+                          outputs=frozenset(("logprobs", *outputs)), shard=shard)
+    kw = {}
+    if small_tiles:
+        kw = dict(fwd_config=th.KernelConfig(16, 32, 16, 2, 4, 2), bwd_config=th.KernelConfig(16, 32, 16, 2, 4, 2))
+    return th.triton_head(problem, memory_budget=memory_budget, **kw)
+
+
+def check(m, d, v, dtype, device, transform=LogitTransform(), with_bias=False, outputs=ALL, std=2.0,
+          small_tiles=False, memory_budget=None, seed=0, tol=None):
+    hidden, weight, bias, labels = make(m, d, v, dtype, device, std, with_bias, seed)
+    got = run_triton(hidden, weight, bias, labels, transform, outputs, small_tiles, memory_budget)
+    leaves = [t for t in (hidden, weight, bias) if t is not None]
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    rh, rw = ref_leaves[0], ref_leaves[1]
+    rb = ref_leaves[2] if with_bias else None
+    ref = reference(rh, rw, rb, labels, transform)
+    g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    ups = {n: torch.randn(m, generator=g).to(device) * (1 + torch.rand(m, generator=g).to(device) * 3) for n in DIFF}
+    val_tol = 1e-5 if dtype == torch.float32 else 1e-5
+    grad_tol = tol or (1e-4 if dtype == torch.float32 else 3e-3)
+    errs = {}
+    for n in ("logprobs", *outputs):
+        assert got[n].dtype == torch.float32 and got[n].shape == (m,)
+        assert torch.isfinite(got[n]).all(), n
+        if n == "argmax_hit":  # compared where the top two logits are apart by more than rounding
+            top2 = ref["_z"].detach().topk(2, dim=1).values
+            clear = (top2[:, 0] - top2[:, 1]) > 1e-3 * top2[:, 0].abs().clamp_min(1.0)
+            assert torch.equal(got[n].double()[clear], ref[n][clear]), "argmax_hit"
+            continue
+        errs[n] = rel(got[n], ref[n])
+        assert errs[n] < (val_tol if n != "log_sum_p2" else 1e-4), (n, errs[n])
+    loss = sum((got[n] * ups[n]).sum() for n in DIFF if n in got)
+    ref_loss = sum((ref[n] * ups[n].double()).sum() for n in DIFF if n in got)
+    grads = torch.autograd.grad(loss, leaves)
+    ref_grads = torch.autograd.grad(ref_loss, ref_leaves)
+    for name, gg, rg in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        assert gg.dtype == dtype and gg.shape == rg.shape
+        errs["grad_" + name] = rel(gg, rg)
+        assert errs["grad_" + name] < grad_tol, (name, errs["grad_" + name])
+    return errs
+
+
+# ------------------------------------------------------------------------------ interpreter (CPU)
+
+TRANSFORMS = [
+    LogitTransform(),
+    LogitTransform(softcap=3.0),
+    LogitTransform(logit_scale=0.7, temperature=1.3),
+    LogitTransform(logit_scale=1.5, softcap=5.0, temperature=0.8),
+]
+
+
+@interp
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_interp_fp32_all_outputs(transform, with_bias):
+    check(37, 40, 150, torch.float32, "cpu", transform, with_bias, small_tiles=True, memory_budget=37 * 64 * 4)
+
+
+@interp
+@pytest.mark.parametrize("outputs", [(), ("entropy",), ("mean_logit",), ("logsumexp",), ("entropy", "logsumexp")])
+def test_interp_output_subsets(outputs):
+    check(21, 33, 97, torch.float32, "cpu", LogitTransform(softcap=4.0), True, outputs=outputs, small_tiles=True)
+
+
+@interp
+def test_interp_bf16():
+    # The interpreter truncates fp32 -> bf16 (the GPU rounds to nearest), doubling the error of
+    # the dL/da tiles: hence the looser bound here.
+    check(40, 48, 130, torch.bfloat16, "cpu", LogitTransform(softcap=6.0), True, small_tiles=True,
+          memory_budget=40 * 64 * 2, tol=6e-3)
+
+
+@interp
+def test_interp_argmax_ties():
+    argmax_ties("cpu", small_tiles=True)
+
+
+@interp
+def test_interp_empty_tokens():
+    empty_tokens("cpu", small_tiles=True)
+
+
+def argmax_ties(device, small_tiles=False, dtype=torch.float32, m=24, d=32, v=150):
+    hidden, weight, bias, labels = make(m, d, v, dtype, device, with_bias=True)
+    with torch.no_grad():
+        dup = (7, 70, 149) if v > 149 else (7, v - 1)
+        for j in dup[1:]:
+            weight[j] = weight[dup[0]]
+        bias[list(dup)] = 40.0
+    labels = labels.clone()
+    labels[: m // 3] = dup[0]
+    labels[m // 3 : 2 * m // 3] = dup[1]
+    got = run_triton(hidden, weight, bias, labels, LogitTransform(), ("argmax_hit",), small_tiles)
+    want = torch.zeros(m, device=device)
+    want[: m // 3] = 1.0
+    assert torch.equal(got["argmax_hit"], want)
+
+
+def empty_tokens(device, small_tiles=False):
+    hidden, weight, bias, _ = make(0, 16, 50, torch.float32, device, with_bias=True)
+    labels = torch.zeros(0, dtype=torch.long, device=device)
+    got = run_triton(hidden, weight, bias, labels, LogitTransform(), ALL, small_tiles)
+    for n in ALL:
+        assert got[n].shape == (0,) and got[n].dtype == torch.float32
+    loss = got["logprobs"].sum() + got["entropy"].sum()
+    gh, gw, gb = torch.autograd.grad(loss, (hidden, weight, bias))
+    assert gh.shape == (0, 16) and torch.count_nonzero(gw) == 0 and torch.count_nonzero(gb) == 0
+
+
+# ------------------------------------------------------------------------------ GPU
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gpu_fp32_all_outputs(transform, with_bias):
+    # odd sizes: no dimension a multiple of any block; several backward vocabulary chunks
+    check(301, 200, 1234, torch.float32, "cuda", transform, with_bias, memory_budget=301 * 512 * 4)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("std", [2.0, 8.0])
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_gpu_bf16(std, transform):
+    check(517, 264, 3001, torch.bfloat16, "cuda", transform, True, std=std, memory_budget=517 * 1024 * 2)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_fp16():
+    check(300, 128, 2000, torch.float16, "cuda", LogitTransform(softcap=10.0), True)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("outputs", [(), ("entropy",), ("mean_logit", "logsumexp")])
+def test_gpu_output_subsets(outputs):
+    check(257, 96, 1500, torch.bfloat16, "cuda", LogitTransform(), False, outputs=outputs)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_argmax_ties(dtype):
+    argmax_ties("cuda", dtype=dtype, m=300, d=64, v=1000)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_empty_tokens():
+    empty_tokens("cuda")
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_through_core():
+    """End to end through `linear_token_stats` (ignore_index, shift), when "triton" is registered."""
+    from align_losses import backends, linear_token_stats
+
+    if "triton" not in backends.names():
+        pytest.skip("backend 'triton' not registered")
+    hidden, weight, bias, labels = make(2 * 50, 64, 777, torch.bfloat16, "cuda", with_bias=True)
+    labels = labels.view(2, 50).clone()
+    labels[:, :10] = -100
+    h = hidden.view(2, 50, 64)
+    kw = dict(outputs=("entropy", "mean_logit", "logsumexp"), bias=bias, shift=True, softcap=8.0)
+    a = linear_token_stats(h, weight, labels, impl="triton", **kw)
+    b = linear_token_stats(h, weight, labels, impl="torch", **kw)
+    for n in ("logprobs", "entropy", "mean_logit", "logsumexp"):
+        assert rel(getattr(a, n), getattr(b, n)) < 1e-5, n
+    la = sum(getattr(a, n).sum() for n in ("logprobs", "entropy"))
+    lb = sum(getattr(b, n).sum() for n in ("logprobs", "entropy"))
+    ga = torch.autograd.grad(la, (hidden, weight, bias))
+    gb = torch.autograd.grad(lb, (hidden, weight, bias))
+    for x, y in zip(ga, gb):
+        assert rel(x, y) < 5e-3
+
+
+def _chunked_reference(hidden, weight, labels, ups, chunk=4096):
+    """fp32 per-token logprobs/lse and grads, chunked over tokens (for sizes past 2^31 elements)."""
+    m = hidden.shape[0]
+    lp = torch.empty(m, device=hidden.device)
+    gh = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
+    gw = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device)
+    w = weight.float()
+    for t0 in range(0, m, chunk):
+        h = hidden[t0 : t0 + chunk].float()
+        z = h @ w.t()
+        lse = torch.logsumexp(z, 1)
+        lp[t0 : t0 + chunk] = z.gather(1, labels[t0 : t0 + chunk, None]).squeeze(1) - lse
+        gz = torch.softmax(z, 1).mul_(-ups[t0 : t0 + chunk, None])
+        gz[torch.arange(h.shape[0], device=h.device), labels[t0 : t0 + chunk]] += ups[t0 : t0 + chunk]
+        gh[t0 : t0 + chunk] = gz @ w
+        gw += gz.t() @ h
+        del z, gz
+    return lp, gh, gw
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("shape", [(16384, 64, 140_000), (2_200_000, 1024, 320)])
+def test_gpu_past_int32(shape):
+    """M x V (first) and M x D (second) past 2^31 elements."""
+    m, d, v = shape
+    hidden, weight, _, labels = make(m, d, v, torch.bfloat16, "cuda", std=4.0)
+    ups = torch.randn(m, device="cuda")
+    got = run_triton(hidden, weight, None, labels, LogitTransform(), ())
+    gh, gw = torch.autograd.grad((got["logprobs"] * ups).sum(), (hidden, weight))
+    lp, rgh, rgw = _chunked_reference(hidden.detach(), weight.detach(), labels, ups)
+    assert rel(got["logprobs"], lp) < 1e-5
+    assert rel(gh, rgh) < 3e-3
+    assert rel(gw, rgw) < 3e-3
+
+
+def _sharded_worker(rank, world, init_file, device, dtype, small_tiles, result_file):
+    import torch.distributed as dist
+
+    from align_losses.backends.base import VocabShard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        m, d, v = 45, 40, 170
+        transform = LogitTransform(softcap=5.0, temperature=1.2)
+        hidden, weight, bias, labels = make(m, d, v, dtype, device, std=3.0, with_bias=True)
+        with torch.no_grad():  # a tie across the shard boundary: the first max is on rank 0
+            weight[150] = weight[20]
+            bias[[20, 150]] = 30.0
+            labels[:10] = 20
+            labels[10:20] = 150
+        bounds = [0, 100, v] if world == 2 else [0, v]
+        lo, hi = bounds[rank], bounds[rank + 1]
+        w_local = weight.detach()[lo:hi].clone().requires_grad_(True)
+        b_local = bias.detach()[lo:hi].clone().requires_grad_(True)
+        h = hidden.detach().clone().requires_grad_(True)
+        got = run_triton(h, w_local, b_local, labels, transform, ALL, small_tiles,
+                         shard=VocabShard(start=lo, size=v, group=dist.group.WORLD))
+        rh, rw, rb = (t.detach().double().requires_grad_(True) for t in (hidden, weight, bias))
+        ref = reference(rh, rw, rb, labels, transform)
+        ups = {n: torch.linspace(-2, 3, m, device=device) * (i + 1) for i, n in enumerate(DIFF)}
+        loss = sum((got[n] * ups[n]).sum() for n in DIFF)
+        gh, gw, gb = torch.autograd.grad(loss, (h, w_local, b_local))
+        rgh, rgw, rgb = torch.autograd.grad(sum((ref[n] * ups[n].double()).sum() for n in DIFF), (rh, rw, rb))
+        errs = {n: rel(got[n], ref[n]) for n in ("logprobs", "entropy", "mean_logit", "logsumexp", "log_sum_p2")}
+        errs["argmax_hit"] = float((got["argmax_hit"].double() != ref["argmax_hit"]).sum())
+        errs["grad_hidden"] = rel(gh, rgh)
+        errs["grad_weight"] = rel(gw, rgw[lo:hi])
+        errs["grad_bias"] = rel(gb, rgb[lo:hi])
+        torch.save(errs, f"{result_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def sharded(device, dtype, small_tiles, tmp_path, world=2):
+    import torch.multiprocessing as mp
+
+    init_file, result = tmp_path / "init", tmp_path / "result"
+    mp.spawn(_sharded_worker, args=(world, str(init_file), device, dtype, small_tiles, str(result)), nprocs=world)
+    for r in range(world):
+        errs = torch.load(f"{result}.{r}")
+        assert errs.pop("argmax_hit") == 0
+        for name, e in errs.items():
+            assert e < (1e-5 if not name.startswith("grad") else 1e-4), (r, name, e)
+
+
+@interp
+def test_interp_vocab_parallel(tmp_path):
+    sharded("cpu", torch.float32, True, tmp_path)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_vocab_parallel(tmp_path):
+    """Two ranks (gloo) on one GPU, each with a shard of the vocabulary."""
+    sharded("cuda", torch.float32, False, tmp_path)
