@@ -150,10 +150,13 @@ def _compute_dtype(hidden, weight, bias):
 
 
 def _local_head(weight: torch.Tensor, bias: Optional[torch.Tensor], process_group):
-    """Plain tensors for a DTensor head (FSDP2, tensor parallel).
+    """Plain tensors for a DTensor head.
 
-    A head sharded by rows over a 1-D mesh is used shard by shard, as a vocabulary-parallel head
-    over the mesh's group (gradients flow back into the local shards); any other layout is gathered.
+    A head sharded by rows over a 1-D mesh is taken to be tensor parallel (every rank of the mesh
+    holds the same tokens) and used shard by shard, as a vocabulary-parallel head over the mesh's
+    group; gradients flow back into the local shards. Any other layout is gathered. Under FSDP2,
+    where ranks hold different tokens, the head must reach the core unsharded by FSDP itself (run
+    the call inside the head module's forward, as `trainers.fused_forward` does), never as a shard.
     """
     if type(weight).__name__ != "DTensor":
         return weight, bias, process_group

@@ -1,0 +1,448 @@
+"""The ``align-losses`` console script, and helpers shared by the example scripts (``examples/train_*.py``).
+
+    align-losses logps --model ./policy --data prefs.jsonl --out scored.parquet --ref-model ./ref --beta 0.1
+    python -m trainers.cli logps ...          # the same, without installing the script
+
+``logps`` adds per-sequence log-probs (and reference log-probs, implicit rewards and margins) to a
+JSON-lines or Parquet file through `trainers.extract.extract_logps`; ``align-losses logps --help``
+documents it. Errors a user can fix (a missing file or model, missing columns, an unknown format or
+backend) end the command with exit status 1 and one line on stderr, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = ROOT / "examples"
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TOKENIZER_DIR = HERE / "tokenizer"
+DATA_DIR = HERE / "data"
+
+
+def common_parser(description: str, default_data: Path) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", help="local Hugging Face causal LM directory (default: a tiny Qwen3-shaped model "
+                        "built from a config, random weights)")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model's, else examples/tokenizer)")
+    parser.add_argument("--data", default=str(default_data), help="JSON, JSON-lines or Parquet file (default: %(default)s)")
+    parser.add_argument("--output-dir", default=None, help="where checkpoints would go (default: a temporary directory)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=None, help="per-device batch size")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate")
+    parser.add_argument("--impl", default="auto", help="align-losses backend (lce_impl), default %(default)s")
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="a few steps only (for CI)")
+    return parser
+
+
+def load_tokenizer(args):
+    from transformers import AutoTokenizer
+
+    path = args.tokenizer
+    if path is None and args.model and (Path(args.model) / "tokenizer_config.json").exists():
+        path = args.model
+    return AutoTokenizer.from_pretrained(path or TOKENIZER_DIR)
+
+
+def tiny_qwen3(vocab_size: int, seed: int):
+    """A Qwen3-shaped model with 2 layers of width 64, random weights, fp32."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        vocab_size=vocab_size,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(config)
+
+
+def load_model(args, tokenizer):
+    """``(model, ref_model or None)``: a local model (TRL builds its reference) or the tiny one (and a copy)."""
+    if args.model:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(args.model, dtype="float32"), None
+    model = tiny_qwen3(len(tokenizer), args.seed)
+    return model, copy.deepcopy(model)
+
+
+def load_data(path: str):
+    from datasets import Dataset
+
+    p = Path(path)
+    if not p.exists():
+        raise SystemExit(f"data file {path} does not exist")
+    if p.suffix == ".parquet":
+        return Dataset.from_parquet(str(p))
+    if p.suffix in (".json", ".jsonl"):
+        return Dataset.from_json(str(p))
+    raise SystemExit(f"unsupported data file {path}: expected .json, .jsonl or .parquet")
+
+
+def mean_of(logs: list[dict], key: str, first: bool, n: int) -> float:
+    values = [float(log[key]) for log in logs if key in log]
+    if not values:
+        return float("nan")
+    part = values[:n] if first else values[-n:]
+    return sum(part) / len(part)
+
+
+def train_logs(trainer) -> list[dict]:
+    return [log for log in trainer.state.log_history if "loss" in log and "train_loss" not in log]
+
+
+# =====================================================================================================================
+# The console script: `align-losses logps ...`
+
+
+PROG = "align-losses"
+FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+
+LOGPS_DESCRIPTION = """\
+Add per-sequence log-probs of a model (and of a reference model, with implicit rewards) to a dataset,
+computed the way TRL's trainers compute them, through the fused linear + cross-entropy head (no
+[tokens, vocab] logits, so memory does not grow with the vocabulary).
+
+Input columns (plain text, or conversational lists of {"role", "content"} messages rendered with the
+tokenizer's chat template), and the trainer whose tokenisation and truncation are followed:
+  prompt, chosen, rejected        preference (DPOTrainer; "prompt" may be left out, as TRL allows)
+  prompt, completion, label       unpaired (KTOTrainer)
+  prompt, completion              completion-only language modelling (SFTTrainer)
+(or the tokenised columns prompt_ids + chosen_ids + rejected_ids / prompt_ids + completion_ids).
+
+Output: every input row, in order, with new columns:
+  preference  chosen_logps, rejected_logps, chosen_tokens, rejected_tokens
+              + ref_chosen_logps, ref_rejected_logps            with --ref-model
+              + chosen_reward, rejected_reward, margin          with --ref-model and --beta
+  otherwise   logps, tokens (+ ref_logps with --ref-model, + reward with --beta)
+A log-prob is the sum over the completion tokens (EOS appended to plain-text completions, as the
+trainers do); "tokens" counts the tokens in that sum. Sequences longer than --max-length are
+truncated as the trainer truncates them (they are counted in the summary); rows the trainer would
+drop (a prompt alone filling --max-length) keep null values.
+
+Files: .jsonl and .json are JSON Lines (a .json input may also hold one JSON array of rows), .parquet
+is Parquet. A closing summary gives rows, tokens, tokens/s, truncated rows, and with --ref-model the
+reward accuracy and mean margin. Exit status 1 with a one-line message on a usage error."""
+
+EPILOG = """\
+examples:
+  align-losses logps --model ./ckpt --data prefs.jsonl --out scored.jsonl
+  align-losses logps --model ./ckpt --ref-model ./base --beta 0.1 --data prefs.parquet --out scored.parquet
+  python -m trainers.cli logps --model ./ckpt --data sft.jsonl --out sft_logps.parquet --device cuda"""
+
+
+class CLIError(Exception):
+    """A problem the user can fix: printed as one line, exit status 1."""
+
+
+def _max_length(text: str):
+    if text.lower() in ("none", "0", "off"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'none', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'none', got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Tools of align-losses, alignment losses on a fused linear + cross-entropy head.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser(
+        "logps",
+        help="add per-sequence log-probs, reference log-probs and implicit rewards to a dataset",
+        description=LOGPS_DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, metavar="PATH",
+                   help="local directory of a Hugging Face causal LM (save_pretrained); its tokenizer is used unless "
+                   "--tokenizer is given")
+    p.add_argument("--data", required=True, metavar="FILE", help="input rows: .jsonl, .json or .parquet")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="output file: .jsonl, .json (both JSON Lines) or .parquet; replaced if it exists")
+    p.add_argument("--ref-model", metavar="PATH", help="local directory of a reference model: adds ref_*logps columns")
+    p.add_argument("--beta", type=float, metavar="B",
+                   help="with --ref-model: add implicit rewards beta * (logps - ref_logps) and the margin")
+    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
+                   help="rows per forward pass (a preference row is two sequences); default %(default)s")
+    p.add_argument("--max-length", type=_max_length, default=None, metavar="L",
+                   help="truncate sequences to L tokens as the trainer does; 'none' for no truncation; default: the "
+                   "TRL config's default (1024)")
+    p.add_argument("--truncation-mode", choices=("keep_start", "keep_end"), default="keep_start",
+                   help="which end of a too-long sequence to keep (preference and prompt/completion data; unpaired "
+                   "data always keeps the start); default %(default)s")
+    p.add_argument("--impl", default="auto", metavar="NAME",
+                   help="align-losses backend of the fused head: auto, torch, cce, liger (cce and liger need CUDA); "
+                   "default %(default)s")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run; default %(default)s")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="weights dtype when loading the model(s); 'auto' keeps the checkpoint's; default %(default)s")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer directory (default: the --model directory)")
+    p.add_argument("--kind", choices=("preference", "unpaired", "completion"),
+                   help="force the data kind instead of detecting it from the columns")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
+    return parser
+
+
+def _format_of(path: str, what: str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        got = suffix or "no extension"
+        raise CLIError(f"unknown format of {what} {path!r}: expected a .jsonl, .json or .parquet file (got {got!r})")
+    return FORMATS[suffix]
+
+
+def _check_model_dir(path: str, flag: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise CLIError(f"{flag} {path}: no such directory")
+    if not p.is_dir() or not (p / "config.json").is_file():
+        raise CLIError(f"{flag} {path}: not a model directory (no config.json; save one with save_pretrained)")
+
+
+def read_rows(path: str):
+    """A `datasets.Dataset` of the rows of a .jsonl/.json/.parquet file."""
+    from datasets import Dataset
+
+    fmt = _format_of(path, "--data")
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"--data {path}: no such file")
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+            from datasets.table import InMemoryTable
+
+            return Dataset(InMemoryTable(pq.read_table(p)))
+        text = p.read_text(encoding="utf-8")
+        rows = None
+        if p.suffix.lower() == ".json":  # one JSON document (rows, or columns), else JSON Lines
+            try:
+                document = json.loads(text)
+            except json.JSONDecodeError:
+                document = None
+            if isinstance(document, list):
+                rows = document
+            elif isinstance(document, dict):
+                columns = list(document.values())
+                if columns and all(isinstance(c, list) for c in columns) and len({len(c) for c in columns}) == 1:
+                    return Dataset.from_dict(document)
+                rows = [document]
+        if rows is None:
+            rows = []
+            for number, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise CLIError(f"--data {path}: line {number} is not valid JSON ({e.msg})") from None
+        if not all(isinstance(r, dict) for r in rows):
+            raise CLIError(f"--data {path}: every row must be a JSON object")
+        return Dataset.from_list(rows)
+    except CLIError:
+        raise
+    except Exception as e:  # pyarrow / datasets errors: one line
+        raise CLIError(f"--data {path}: cannot read it ({type(e).__name__}: {_one_line(e)})") from None
+
+
+def write_rows(dataset, path: str) -> None:
+    """Write ``dataset`` to ``path`` (format by extension), through a temporary file."""
+    fmt = _format_of(path, "--out")
+    target = Path(path)
+    tmp = target.with_name(target.name + ".tmp")
+    if fmt == "parquet":
+        dataset.to_parquet(str(tmp))
+    else:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in dataset:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, target)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _load_model(path: str, flag: str, dtype: str, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as e:
+        raise CLIError(f"{flag} {path}: cannot load a causal LM ({type(e).__name__}: {_one_line(e)})") from None
+    return model.to(device)
+
+
+def _load_tokenizer(path: str, flag: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise CLIError(
+            f"{flag} {path}: cannot load a tokenizer ({type(e).__name__}: {_one_line(e)}); pass --tokenizer PATH"
+        ) from None
+
+
+def run_logps(args) -> int:
+    # Cheap checks first, before any model is loaded.
+    _format_of(args.data, "--data")
+    _format_of(args.out, "--out")
+    if not Path(args.data).is_file():
+        raise CLIError(f"--data {args.data}: no such file")
+    out_dir = Path(args.out).resolve().parent
+    if not out_dir.is_dir():
+        raise CLIError(f"--out {args.out}: directory {out_dir} does not exist")
+    _check_model_dir(args.model, "--model")
+    if args.ref_model:
+        _check_model_dir(args.ref_model, "--ref-model")
+    if args.tokenizer and not Path(args.tokenizer).is_dir():
+        raise CLIError(f"--tokenizer {args.tokenizer}: no such directory")
+    if args.beta is not None and not args.ref_model:
+        raise CLIError("--beta needs --ref-model (the reward is beta * (logps - ref_logps))")
+
+    from align_losses import backends
+
+    if args.impl not in backends.names():
+        raise CLIError(f"--impl {args.impl}: unknown backend; expected one of {', '.join(backends.names())}")
+    if args.impl != "auto":
+        reason = backends.get(args.impl).available()
+        if reason is not None:
+            raise CLIError(f"--impl {args.impl}: cannot run here ({_one_line(reason)})")
+
+    from .extract import KIND_COLUMNS, _wanted, detect_kind
+
+    dataset = read_rows(args.data)
+    if len(dataset) == 0:
+        raise CLIError(f"--data {args.data}: no rows")
+    try:
+        kind = args.kind or detect_kind(dataset.column_names)
+    except ValueError as e:
+        raise CLIError(f"--data {args.data}: {e}") from None
+    if not any(set(option) <= set(dataset.column_names) for option in KIND_COLUMNS[kind]):
+        raise CLIError(f"--data {args.data}: missing columns for --kind {kind}: has {sorted(dataset.column_names)}, "
+                       f"needs {_wanted(kind)}")
+
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA device is available")
+
+    from .extract import extract_logps
+
+    tokenizer = _load_tokenizer(args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model")
+    model = _load_model(args.model, "--model", args.dtype, args.device)
+    ref_model = _load_model(args.ref_model, "--ref-model", args.dtype, args.device) if args.ref_model else None
+    extra = {} if args.max_length is None else {"max_length": args.max_length}
+    try:
+        scored, summary = extract_logps(
+            model, dataset, tokenizer, ref_model=ref_model, beta=args.beta, batch_size=args.batch_size,
+            lce_impl=args.impl, truncation_mode=args.truncation_mode, kind=kind,
+            progress=False if args.no_progress else True, return_summary=True, **extra,
+        )
+    except (ValueError, TypeError) as e:
+        raise CLIError(_one_line(e)) from None
+    write_rows(scored, args.out)
+    print(f"{PROG} logps: wrote {len(scored)} rows to {args.out}")
+    for line in summary.lines():
+        print(f"  {line}")
+    return 0
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the current ``sys.stderr`` (which a test harness may have replaced since)."""
+
+    def emit(self, record):
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def _log_to_stderr() -> None:
+    """Warnings of this package (truncated rows) as ``align-losses: warning: ...`` lines, once per process."""
+    log = logging.getLogger("trainers")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter(f"{PROG}: warning: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        log.addHandler(handler)
+    if log.level == logging.NOTSET or log.level > logging.WARNING:
+        log.setLevel(logging.WARNING)
+
+
+def _quiet_libraries() -> None:
+    """Only our progress bar: none for loading weights or writing Parquet."""
+    try:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # a missing optional piece must not stop the command
+        pass
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``align-losses`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    _log_to_stderr()
+    _quiet_libraries()
+    try:
+        return run_logps(args)
+    except CLIError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # an unexpected failure: one line unless --debug
+        if getattr(args, "debug", False):
+            raise
+        print(f"{PROG}: error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,520 @@
+"""The model-side half of the fused trainers: a forward that returns per-token statistics, not logits.
+
+`install_fused_head(model, settings)` replaces ``model.forward`` (on the instance, as TRL's own
+``add_fused_lm_head`` does) with a forward that, when called with ``fused_lm_head=True``, runs the
+model's backbone and hands its last hidden states and the LM head's parameters to
+`align_losses.linear_token_stats`. Every other call goes to the forward it replaced, so generation
+and ``model(**inputs).logits`` are unchanged. Because the patch sits on the transformers model itself,
+every call still goes through the wrappers around it: DDP/FSDP hooks, PEFT's ``PeftModel.forward``
+and its adapter layers, accelerate's autocast.
+
+The fused call returns a `FusedHeadOutput` carrying the fields TRL's trainers read from its own
+fused head (``log_probs``, ``entropy``, ``log_sum_sq_probs``, ``mean_logits``, ``is_top1``,
+``label_mask``, ``loss``, ``aux_loss``), shaped ``[B, T - 1]`` (next-token labels; ``[B, T]`` with
+``shift_labels``), zero where the label is -100, plus:
+
+* ``logsumexp`` (differentiable) for z-loss and label smoothing;
+* ``mean_logits_all`` ``[B, T]``: the mean logit over the vocabulary at *every* input position
+  (prompt and padding included, unshifted), which ORPO/CPO log as ``logits/chosen``. Without a
+  soft-cap it costs no projection: ``mean_v(h . W_v + b_v) = h . mean_v(W) + mean_v(b)``, scaled by
+  ``logit_scale / temperature``. With a soft-cap (Gemma-2) that identity fails, because
+  ``mean(tanh(.)) != tanh(mean(.))``; the labelled positions then take the exact mean from the main
+  pass, and the other positions (prompt, padding) are run through the core once more, without
+  gradient, asking only for ``mean_logit``: exact, tiled, a second GEMM over those positions but
+  still no ``[tokens, V]`` buffer.
+
+Model quirks are read from the (text) config once, at install time: Gemma-2's
+``final_logit_softcapping``; a logit multiplier (Cohere's ``logit_scale``, ``output_multiplier``,
+``lm_head_multiplier``, Granite's divisor ``logits_scaling``); the LM-head bias and tied embeddings
+need nothing special, since the head's own ``weight`` and ``bias`` are read on every call.
+
+LoRA on the LM head (PEFT ``target_modules`` including ``lm_head``): the adapter adds
+``s * (h A^T) B^T`` to ``h W^T + b``. The fused forward feeds the core the augmented pair
+
+    hidden' = [h, s * A(dropout(h))]   [N, D + r]        weight' = [W, B]   [V, D + r]
+
+so that ``hidden' @ weight'^T = h W^T + s (h A^T) B^T`` exactly (the adapter's own ``lora_A`` and
+``lora_dropout`` modules run on ``h``; a ``lora_B`` bias adds ``s * b_B`` to the head bias). The
+only extra memory is the concatenated weight, ``V x (D + r)`` in the weight dtype, plus its
+gradient buffer in backward (the core's weight gradient is split back onto ``W``, frozen, and
+``B``); a merged weight ``W + s B A`` would cost the same ``V x D`` but round the product into the
+weight's dtype. Several active adapters add one block of ``r`` columns each. LoRA variants (DoRA
+and others) are refused. A core that accepted a low-rank term natively could avoid the copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+from transformers.utils import ModelOutput
+
+import align_losses
+from align_losses import backends
+from align_losses.backends.base import HeadProblem, LogitTransform
+
+#: TRL's fused-head field names, and the core statistic behind each.
+FIELD_TO_STAT = {
+    "entropy": "entropy",
+    "mean_logits": "mean_logit",
+    "is_top1": "argmax_hit",
+    "log_sum_sq_probs": "log_sum_p2",
+    "logsumexp": "logsumexp",
+}
+FIELDS = ("log_probs", *FIELD_TO_STAT)
+
+_MARKER = "_align_losses_head"
+
+
+@dataclass
+class FusedHeadOutput(ModelOutput):
+    """Output of a model called with ``fused_lm_head=True`` after `install_fused_head`.
+
+    Per-token fields are ``[B, T - 1]`` (``[B, T]`` with ``shift_labels``), float32, zero where the
+    label is -100; those not requested are None. ``log_probs``, ``entropy``, ``mean_logits`` and
+    ``logsumexp`` carry gradients (TRL's ``mean_logits`` does not; label smoothing needs it);
+    ``log_sum_sq_probs`` and ``is_top1`` (bool) do not.
+
+    Attributes:
+        loss: NLL summed over labelled tokens, divided by ``num_items_in_batch`` (or their count),
+            plus the MoE load-balancing loss times ``router_aux_loss_coef`` when router logits are on.
+        log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1, logsumexp: per-token statistics.
+        label_mask: bool, where the label is not -100.
+        aux_loss: MoE load-balancing loss, when router logits were requested.
+        mean_logits_all: ``[B, T]`` mean logit at every input position (see the module docstring),
+            when called with ``mean_logits_all=True``; detached.
+    """
+
+    loss: Optional[torch.Tensor] = None
+    log_probs: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
+    log_sum_sq_probs: Optional[torch.Tensor] = None
+    mean_logits: Optional[torch.Tensor] = None
+    is_top1: Optional[torch.Tensor] = None
+    label_mask: Optional[torch.Tensor] = None
+    aux_loss: Optional[torch.Tensor] = None
+    logsumexp: Optional[torch.Tensor] = None
+    mean_logits_all: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class HeadQuirks:
+    """How the model turns its head output ``a = h W^T + b`` into logits, read from its config."""
+
+    softcap: Optional[float] = None
+    logit_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class FusedHeadSettings:
+    """What the fused forward computes and with which backend.
+
+    Attributes:
+        outputs: default per-token fields (beyond ``log_probs``), names from `FIELDS`.
+        impl: ``"auto"`` or a backend name of `align_losses.backends`.
+        memory_budget: bytes of tile temporaries for the ``torch`` backend (None: its default).
+        token_chunk: tokens per tile for the ``torch`` backend (None: its choice).
+        temperature: logits are divided by it (1.0 for the trainers here).
+    """
+
+    outputs: tuple = ()
+    impl: str = "auto"
+    memory_budget: Optional[int] = None
+    token_chunk: Optional[int] = None
+    temperature: float = 1.0
+    quirks: HeadQuirks = field(default_factory=HeadQuirks)
+
+    @property
+    def backend_options(self) -> dict:
+        options = {}
+        if self.memory_budget is not None:
+            options["memory_budget"] = int(self.memory_budget)
+        if self.token_chunk is not None:
+            options["token_chunk"] = int(self.token_chunk)
+        return options
+
+    @property
+    def transform(self) -> LogitTransform:
+        return LogitTransform(
+            logit_scale=float(self.quirks.logit_scale), softcap=self.quirks.softcap, temperature=float(self.temperature)
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config quirks and the head's operands
+
+
+def read_head_quirks(config) -> HeadQuirks:
+    """Soft-cap and logit multiplier of a (possibly multimodal) model config."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text, "final_logit_softcapping", None)
+    scale = None
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        value = getattr(text, name, None)
+        if value is not None:
+            scale = value
+            break
+    if scale is None and getattr(text, "logits_scaling", None) is not None:
+        # Granite / MiniCPM3 divide by it; HyperCLOVA X multiplies.
+        scale = text.logits_scaling if getattr(text, "model_type", None) == "hyperclovax" else 1.0 / text.logits_scaling
+    return HeadQuirks(softcap=None if softcap is None else float(softcap), logit_scale=1.0 if scale is None else float(scale))
+
+
+def _tuner_layer_type():
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # peft not installed
+        return None
+    return BaseTunerLayer
+
+
+def is_adapter_layer(module) -> bool:
+    tuner = _tuner_layer_type()
+    return tuner is not None and isinstance(module, tuner)
+
+
+def head_operands(head: torch.nn.Module, hidden: torch.Tensor):
+    """``(hidden', weight', bias)`` with ``hidden' @ weight'^T + bias`` equal to ``head(hidden)``.
+
+    A plain linear head gives its own parameters. A PEFT LoRA layer gives the augmented pair of the
+    module docstring (or its base layer's parameters when its adapters are disabled or merged).
+    """
+    if not is_adapter_layer(head):
+        return hidden, head.weight, getattr(head, "bias", None)
+    base = head.get_base_layer()
+    weight, bias = base.weight, base.bias
+    if head.disable_adapters or head.merged:
+        return hidden, weight, bias
+    lora_a = getattr(head, "lora_A", None)
+    if lora_a is None:
+        raise ValueError(f"the LM head is wrapped by {type(head).__name__}, which the fused head cannot read; only LoRA is supported")
+    hidden_parts, weight_parts = [hidden], [weight]
+    for name in head.active_adapters:
+        if name not in lora_a:
+            continue
+        if name in getattr(head, "lora_variant", {}):
+            raise ValueError(
+                f"LoRA variant {type(head.lora_variant[name]).__name__} (e.g. DoRA) on the LM head is not supported by the "
+                "fused head; use plain LoRA on `lm_head` or remove it from `target_modules`."
+            )
+        a, b = head.lora_A[name], head.lora_B[name]
+        scaling = head.scaling[name]
+        low = a(head.lora_dropout[name](hidden.to(a.weight.dtype))) * scaling
+        hidden_parts.append(low.to(hidden.dtype))
+        weight_parts.append(b.weight.to(weight.dtype))
+        if b.bias is not None:
+            extra = (b.bias * scaling).to(weight.dtype)
+            bias = extra if bias is None else bias + extra
+    if len(hidden_parts) == 1:
+        return hidden, weight, bias
+    return torch.cat(hidden_parts, dim=-1), torch.cat(weight_parts, dim=1), bias
+
+
+def output_head(model) -> torch.nn.Module:
+    """The LM head of ``model``, or a ValueError saying why the fused head cannot use it."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        raise ValueError(
+            f"{type(model).__name__} has no output embeddings (`get_output_embeddings()` returned None): the fused "
+            "trainers need a causal LM with a linear LM head, e.g. an `AutoModelForCausalLM` model, not a bare backbone "
+            "(`AutoModel`) or a classification model."
+        )
+    base = head.get_base_layer() if is_adapter_layer(head) else head
+    weight = getattr(base, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(
+            f"the output embeddings of {type(model).__name__} ({type(base).__name__}) have no 2-D `weight`; the fused "
+            "head needs a linear LM head [vocab, hidden]."
+        )
+    return head
+
+
+def check_impl(impl: str, model=None, settings: Optional[FusedHeadSettings] = None) -> str:
+    """Raise a ValueError unless backend ``impl`` exists, runs here, and supports this model's head.
+
+    Returns the backend name that ``impl`` resolves to for the model's device and dtype.
+    """
+    impl = impl or "auto"
+    if impl != "auto":
+        backend = backends.get(impl)  # ValueError for an unknown name
+        reason = backend.available()
+        if reason is not None:
+            raise ValueError(f"lce_impl={impl!r} cannot run here: {reason}")
+    if model is None:
+        return impl
+    head = output_head(model)
+    base = head.get_base_layer() if is_adapter_layer(head) else head
+    weight = base.weight
+    settings = settings or FusedHeadSettings(impl=impl)
+    outputs = frozenset(("logprobs", *(FIELD_TO_STAT[f] for f in settings.outputs if f in FIELD_TO_STAT)))
+    problem = HeadProblem(
+        hidden=weight.new_empty((0, weight.shape[1])),
+        weight=weight,
+        bias=getattr(base, "bias", None),
+        labels=torch.empty(0, dtype=torch.long, device=weight.device),
+        transform=settings.transform,
+        outputs=outputs,
+        options=settings.backend_options,
+    )
+    return backends.resolve(impl, problem).name
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The patched forward
+
+
+def install_fused_head(model, settings: FusedHeadSettings) -> None:
+    """Patch ``model.forward`` (a transformers causal LM, not a PEFT or DDP wrapper) with the fused forward.
+
+    Installing again replaces the settings and keeps the forward it first wrapped.
+    """
+    output_head(model)
+    settings = dataclasses.replace(settings, quirks=read_head_quirks(model.config))
+    previous = getattr(model, _MARKER, None)
+    if previous is not None:
+        setattr(model, _MARKER, (previous[0], settings))
+        return
+    wrapped = model.forward  # TRL's patched forward (which itself falls back to the original) or the original
+    setattr(model, _MARKER, (wrapped, settings))
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+    @functools.wraps(type(model).forward)
+    def forward(
+        self,
+        *args,
+        fused_lm_head: bool = False,
+        labels=None,
+        shift_labels=None,
+        num_items_in_batch=None,
+        fused_outputs: Optional[Sequence[str]] = None,
+        mean_logits_all: bool = False,
+        **kwargs,
+    ):
+        original, current = getattr(self, _MARKER)
+        if not fused_lm_head:
+            for key, value in (("labels", labels), ("shift_labels", shift_labels), ("num_items_in_batch", num_items_in_batch)):
+                if value is not None:
+                    kwargs[key] = value
+            return original(*args, **kwargs)
+        return _fused_call(
+            self, text_config, current, args, kwargs, labels, shift_labels, num_items_in_batch, fused_outputs, mean_logits_all
+        )
+
+    model.forward = types.MethodType(forward, model)
+
+
+def fused_settings(model) -> Optional[FusedHeadSettings]:
+    """The settings of an installed fused head, or None."""
+    entry = getattr(model, _MARKER, None)
+    return None if entry is None else entry[1]
+
+
+def _fused_call(self, text_config, settings, args, kwargs, labels, shift_labels, num_items_in_batch, fields, want_all):
+    if labels is None and shift_labels is None:
+        raise ValueError("a fused_lm_head=True call needs `labels` (or `shift_labels`)")
+    fields = tuple(settings.outputs if fields is None else fields)
+    unknown = set(fields) - set(FIELDS)
+    if unknown:
+        raise ValueError(f"unknown fused outputs {sorted(unknown)}; expected a subset of {list(FIELDS)}")
+    kwargs["use_cache"] = False
+    if getattr(text_config, "output_router_logits", False):
+        kwargs.setdefault("output_router_logits", True)
+    backbone_out = self.base_model(*args, **kwargs)
+    hidden = backbone_out.last_hidden_state
+    head = self.get_output_embeddings()
+    device = (head.get_base_layer() if is_adapter_layer(head) else head).weight.device
+    hidden = hidden.to(device)
+    if shift_labels is None:
+        targets, shift = labels.to(device), True
+    else:
+        targets, shift = shift_labels.to(device), False
+
+    stats = tuple(FIELD_TO_STAT[f] for f in fields if f in FIELD_TO_STAT)
+
+    def head_stats(hidden):
+        h, weight, bias = head_operands(head, hidden)
+        weight, bias = _full_tensor(weight), _full_tensor(bias)
+        with _gathered(weight, bias):
+            result = align_losses.linear_token_stats(
+                h,
+                weight,
+                targets,
+                outputs=stats,
+                bias=bias,
+                shift=shift,
+                temperature=settings.temperature,
+                softcap=settings.quirks.softcap,
+                logit_scale=settings.quirks.logit_scale,
+                impl=settings.impl,
+                backend_options=settings.backend_options,
+            )
+            all_means = _mean_logits_all(h, weight, bias, settings, result, targets, shift) if want_all else None
+        return result, all_means
+
+    result, all_means = _run_in_fsdp_unit(head, head_stats, hidden)
+
+    def cut(x):
+        return None if x is None else (x[:, :-1] if shift else x)
+
+    per_token = {
+        "log_probs": cut(result.logprobs),
+        "entropy": cut(result.entropy),
+        "mean_logits": cut(result.mean_logit),
+        "is_top1": cut(None if result.argmax_hit is None else result.argmax_hit.bool()),
+        "log_sum_sq_probs": cut(result.log_sum_p2),
+        "logsumexp": cut(result.logsumexp),
+    }
+    label_mask = (targets[:, 1:] if shift else targets) != -100
+    count = label_mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    loss = -per_token["log_probs"].sum() / count
+
+    aux_loss = None
+    if kwargs.get("output_router_logits") and getattr(backbone_out, "router_logits", None) is not None:
+        aux_loss = _load_balancing_loss(backbone_out.router_logits, text_config, kwargs.get("attention_mask"))
+        loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
+
+    return FusedHeadOutput(
+        loss=loss, label_mask=label_mask, aux_loss=aux_loss, mean_logits_all=all_means, **per_token
+    )
+
+
+def _run_in_fsdp_unit(head, fn, hidden):
+    """``fn(hidden)``, run as the forward of ``head`` when ``head`` is its own FSDP2 unit (``fully_shard(lm_head)``).
+
+    The fused head reads the head's parameters without calling the head, so the hooks that FSDP2 puts
+    on the head's ``__call__`` would not fire: the gradient reduce-scatter of the head's unit is not
+    scheduled by them and the head's gradient comes out wrong (0.99 relative error on 2 ranks). Run as
+    the head's forward, the core call fires them: pre-forward all-gathers the head (the core sees a
+    plain tensor), post-forward reshards and registers the re-gather for backward, post-backward
+    reduce-scatters the gradient. accelerate's FSDP2 puts the head in one unit with the final norm,
+    whose forward has already unsharded it; calling the head then changes nothing (tested exact). A
+    head that is not FSDP-wrapped is used directly.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return fn(hidden)
+    if not isinstance(head, FSDPModule):
+        return fn(hidden)
+    kept = {}
+
+    def forward(h):
+        result, all_means = fn(h)
+        kept["type"], kept["names"] = type(result), [f.name for f in dataclasses.fields(result)]
+        return tuple(getattr(result, n) for n in kept["names"]) + (all_means,)  # tensors: FSDP hooks them
+
+    head.forward = forward
+    try:
+        values = head(hidden)
+    finally:
+        del head.forward
+    return kept["type"](**dict(zip(kept["names"], values[:-1]))), values[-1]
+
+
+def _full_tensor(t):
+    """FSDP2 shards parameters as DTensors; the core takes the whole (gathered, differentiable) head."""
+    if t is None:
+        return None
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed
+        return t
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def _mean_logits_all(h, weight, bias, settings: FusedHeadSettings, result, targets, shift) -> torch.Tensor:
+    """``[B, T]`` mean over the vocabulary of the logits at every position (module docstring)."""
+    t = settings.transform
+    if t.is_linear:
+        w_mean = weight.mean(dim=0, dtype=torch.float32)  # no fp32 copy of the [V, D] weight
+        mean = h.float() @ w_mean
+        if bias is not None:
+            mean = mean + bias.mean(dtype=torch.float32)
+        return mean * (t.logit_scale / t.temperature)
+    # Soft-capped: the labelled positions have it already; project the others once, without gradient.
+    labelled = targets[:, 1:] if shift else targets
+    known = result.mean_logit
+    pos_known = torch.zeros(targets.shape, dtype=torch.bool, device=targets.device)
+    if known is not None:  # else the main pass did not compute it: project every position
+        if shift:
+            pos_known[:, :-1] = labelled != -100
+        else:
+            pos_known = labelled != -100
+    dummy = torch.where(pos_known, -100, 0)
+    rest = align_losses.linear_token_stats(
+        h.detach(), weight.detach(), dummy, outputs=("mean_logit",), bias=None if bias is None else bias.detach(),
+        temperature=t.temperature, softcap=t.softcap, logit_scale=t.logit_scale, impl=settings.impl,
+        backend_options=settings.backend_options,
+    ).mean_logit
+    if known is None:
+        return rest
+    return torch.where(pos_known, known.detach(), rest)
+
+
+@contextmanager
+def _gathered(weight, bias):
+    """Gather a DeepSpeed ZeRO-3 partitioned head for the duration of the call (no-op otherwise)."""
+    params = [p for p in (weight, bias) if p is not None and hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed  # only reachable under ZeRO-3
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def _load_balancing_loss(router_logits, text_config, attention_mask):
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    return load_balancing_loss_func(
+        router_logits, text_config.num_experts, text_config.num_experts_per_tok, attention_mask
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Letting TRL's __init__ accept a LoRA adapter on the LM head
+
+
+@contextmanager
+def allow_lm_head_adapter(model):
+    """While active, ``get_output_embeddings()`` of ``model`` answers the base layer of a PEFT-wrapped head.
+
+    TRL's DPO/KTO/SFT ``__init__`` refuse a LoRA adapter on ``lm_head`` (their fused head reads
+    ``lm_head.weight`` directly and would ignore it); ours reads the adapter, so the trainers here
+    enter this context around ``super().__init__()``. ``model`` is the transformers model (the one
+    PEFT wraps, or the one a ``peft_config`` will be applied to); the override is an instance
+    attribute, removed on exit.
+    """
+    if model is None or isinstance(model, str):
+        yield
+        return
+    inner = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+    cls_get = type(inner).get_output_embeddings
+
+    def get_output_embeddings(self):
+        head = cls_get(self)
+        return head.get_base_layer() if is_adapter_layer(head) else head
+
+    had = "get_output_embeddings" in inner.__dict__
+    if not had:
+        inner.get_output_embeddings = types.MethodType(get_output_embeddings, inner)
+    try:
+        yield
+    finally:
+        if not had:
+            inner.__dict__.pop("get_output_embeddings", None)
+
+
+def unwrap_transformers_model(model):
+    """The transformers model under PEFT (``get_base_model``) or the model itself."""
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model

@@ -1,0 +1,251 @@
+"""`FusedKTOTrainer`: TRL's `KTOTrainer` with log-probs and metrics from one fused pass of `align_losses`.
+
+Changes against `trl.KTOTrainer` (data preparation, KL completions, reference handling and logging
+stay TRL's): every forward (policy, KL completions, reference) runs through
+`trainers.fused_forward`; the loss is `align_losses.losses.kto_loss`, in overridable steps
+(`_policy_pass`, `_kl_logps`, `_reference_logps`, `_kto_loss`, `_log_metrics`); a LoRA adapter on
+``lm_head`` is trained; bad input fails before TRL's ``__init__``.
+
+Metrics, under TRL's names: ``kl``, ``entropy``, ``num_tokens``, ``logits/chosen``,
+``logits/rejected``, ``rewards/chosen``, ``logps/chosen``, ``rewards/rejected``, ``logps/rejected``,
+``rewards/margins`` (and ``aux_loss`` for MoE).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import trl
+
+from align_losses.losses import kto_loss, sequence_logps
+
+from ._common import (
+    FusedTrainerMixin,
+    check_columns,
+    check_impl_name,
+    check_model,
+    lm_head_adapter_allowed,
+    reference_adapter_context,
+)
+
+_NON_MODEL_KEYS = frozenset({
+    "completion_mask", "KL_input_ids", "KL_attention_mask", "KL_completion_mask", "KL_token_type_ids",
+    "KL_mm_token_type_ids", "label", "ref_logps", "ref_KL_logps",
+})
+
+UNPAIRED_COLUMNS = (
+    ("prompt", "completion", "label"),
+    ("chosen", "rejected"),  # paired data, unpaired by TRL
+    ("prompt_ids", "completion_ids", "label"),
+)
+
+
+@dataclass
+class KTOPolicyPass:
+    outputs: Any
+    token_logps: torch.Tensor  # [B, T - 1], with gradient
+    shift_mask: torch.Tensor  # [B, T - 1]
+    model_kwargs: dict
+    labels: torch.Tensor
+
+
+class FusedKTOTrainer(FusedTrainerMixin, trl.KTOTrainer):
+    """`trl.KTOTrainer` whose log-probs, loss and metrics come from one fused pass (see the module docstring).
+
+    Takes the same arguments as `trl.KTOTrainer`; ``args`` may be a `FusedKTOConfig` or a plain `trl.KTOConfig`.
+    """
+
+    _tag_names = ["trl", "kto", "align-losses"]
+    _fused_outputs = ("entropy", "mean_logits")
+
+    def __init__(self, model, ref_model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, compute_metrics=None, callbacks=None, optimizers=(None, None),
+                 quantization_config=None, peft_config=None):
+        if args is not None:
+            check_impl_name(args)
+        check_model(model)
+        check_model(ref_model)
+        check_columns(train_dataset, UNPAIRED_COLUMNS, type(self).__name__)
+        check_columns(eval_dataset, UNPAIRED_COLUMNS, type(self).__name__, "eval")
+        with lm_head_adapter_allowed(model, peft_config):
+            super().__init__(
+                model, ref_model=ref_model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
+                callbacks=callbacks, optimizers=optimizers, quantization_config=quantization_config,
+                peft_config=peft_config,
+            )
+        self._install_fused_heads()
+
+    # ------------------------------------------------------------------------------------------------ forwards
+    @staticmethod
+    def _token_logps(model, input_ids, attention_mask, completion_mask, extra=None, **fused):
+        """``([B, T - 1] per-token log-probs, fused output)`` of the completion tokens."""
+        labels = input_ids.masked_fill(completion_mask == 0, -100)
+        kwargs = dict(extra or {})
+        kwargs.update(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        out = model(**kwargs, labels=labels, fused_lm_head=True, **fused)
+        # Prompt-learning PEFT prepends virtual tokens; keep the real positions
+        return out.log_probs[:, -(input_ids.size(1) - 1):], out
+
+    def _kl_logps(self, model, batch) -> Optional[torch.Tensor]:
+        """``[B]`` log-probs of the mismatched (KL) completions under ``model``, without gradient."""
+        if not self.calculate_KL:
+            return None
+        extra = {k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS and k not in ("input_ids", "attention_mask")}
+        for key in ("token_type_ids", "mm_token_type_ids"):
+            if f"KL_{key}" in batch:
+                extra[key] = batch[f"KL_{key}"]
+        with torch.no_grad():
+            token_logps, _ = self._token_logps(
+                model, batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"], extra,
+                fused_outputs=(),
+            )
+        return token_logps.sum(-1)
+
+    # TRL's name for the same step (its `_compute_loss` and precompute call it)
+    def _compute_kl_logps(self, model, batch):
+        return self._kl_logps(model, batch)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        self._install_fused_heads()  # TRL precomputes inside its __init__, before ours returns
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference ``(completion [B], KL [B] or None)`` log-probs of one batch (precompute path)."""
+        from trl.models.utils import disable_gradient_checkpointing
+
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            reference_adapter_context(self),
+            self.accelerator.autocast(),
+        ):
+            token_logps, _ = self._token_logps(
+                model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"], fused_outputs=()
+            )
+            kl = self._kl_logps(model, inputs)
+        return token_logps.sum(-1), kl
+
+    def _policy_pass(self, model, batch) -> KTOPolicyPass:
+        model_kwargs = {k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        if self.aux_loss_enabled:
+            model_kwargs["output_router_logits"] = True
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        out = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        seq_len = batch["input_ids"].size(1) - 1
+        return KTOPolicyPass(
+            outputs=out,
+            token_logps=out.log_probs[:, -seq_len:],
+            shift_mask=batch["completion_mask"][:, 1:],
+            model_kwargs=model_kwargs,
+            labels=labels,
+        )
+
+    def _reference_logps(self, batch, policy: KTOPolicyPass):
+        """``(ref completion log-probs [B], ref KL log-probs [B] or None)``."""
+        if self.precompute_ref_logps:
+            return batch["ref_logps"], (batch["ref_KL_logps"] if self.calculate_KL else None)
+        from trl.models.utils import disable_gradient_checkpointing
+
+        kwargs = {k: v for k, v in policy.model_kwargs.items() if k != "output_router_logits"}
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if self.ref_model is None:
+                with reference_adapter_context(self):
+                    ref_kl = self._kl_logps(self.model, batch)
+                    out = self.model(**kwargs, labels=policy.labels, fused_lm_head=True, fused_outputs=())
+            else:
+                ref_kl = self._kl_logps(self.ref_model, batch)
+                out = self.ref_model(**kwargs, labels=policy.labels, fused_lm_head=True, fused_outputs=())
+        ref_tokens = out.log_probs[:, -policy.token_logps.size(1):]
+        return ref_tokens.sum(-1), ref_kl
+
+    # ------------------------------------------------------------------------------------------------ loss
+    def _kl_estimate(self, kl_logps, ref_kl_logps) -> Optional[torch.Tensor]:
+        """The KL reference point: the global-batch mean of policy minus reference KL log-probs."""
+        if not self.calculate_KL:
+            return None
+        kl = (kl_logps - ref_kl_logps).mean().detach()
+        return self.accelerator.gather_for_metrics(kl).mean()
+
+    def _kto_loss(self, logps, ref_logps, labels, kl):
+        return kto_loss(
+            logps,
+            ref_logps,
+            labels,
+            kl if self.loss_type == "kto" else None,
+            beta=self.beta,
+            loss_type=self.loss_type,
+            desirable_weight=self.desirable_weight,
+            undesirable_weight=self.undesirable_weight,
+        )
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        device = self.accelerator.device
+        batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+        kl_logps = self._kl_logps(model, batch)
+        policy = self._policy_pass(model, batch)
+        logps = sequence_logps(policy.token_logps, policy.shift_mask)
+        if logps.shape[0] != len(batch["label"]):
+            raise ValueError("the batch has a different number of examples than of predicted sequences")
+        ref_logps, ref_kl_logps = self._reference_logps(batch, policy)
+        labels = torch.as_tensor(batch["label"], dtype=torch.bool, device=logps.device)
+        kl = self._kl_estimate(kl_logps, ref_kl_logps)
+        result = self._kto_loss(logps, ref_logps.to(logps.device), labels, kl)
+        loss = result.loss
+        if self.aux_loss_enabled:
+            aux = policy.outputs.aux_loss
+            loss = loss + self.router_aux_loss_coef * aux
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux).mean().item())
+        self._log_metrics(mode, batch, policy, result, logps, labels, kl)
+        if return_outputs:
+            warnings.warn(
+                "`return_outputs=True` needs the logits, which the fused head never builds: they are recomputed with "
+                "an extra forward pass.",
+                stacklevel=2,
+            )
+            with torch.no_grad():
+                kwargs = {k: v for k, v in policy.model_kwargs.items() if k != "output_router_logits"}
+                return loss, model(**kwargs)
+        return loss
+
+    # ------------------------------------------------------------------------------------------------ metrics
+    def _log_metrics(self, mode, batch, policy: KTOPolicyPass, result, logps, labels, kl) -> None:
+        acc = self.accelerator
+        metrics = self._metrics[mode]
+        metrics["kl"].append(kl.clamp(min=0).item() if kl is not None else 0.0)
+
+        out = policy.outputs
+        seq_len = policy.token_logps.size(1)
+        mask = policy.shift_mask
+        tokens = acc.gather_for_metrics(mask.sum()).sum()
+        entropy_sum = acc.gather_for_metrics((out.entropy[:, -seq_len:].detach() * mask).sum()).sum()
+        metrics["entropy"].append((entropy_sum / tokens).item() if tokens > 0 else 0.0)
+
+        if mode == "train":
+            self._total_train_tokens += acc.gather_for_metrics(batch["attention_mask"].sum()).sum().item() // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+
+        mean_logits = out.mean_logits[:, -seq_len:].detach()
+        for side, rows in (("chosen", labels), ("rejected", ~labels)):
+            side_mask = mask[rows].bool()
+            total = acc.gather_for_metrics(mean_logits[rows][side_mask].sum()).sum().item()
+            count = acc.gather_for_metrics(side_mask.sum()).sum().item()
+            if count > 0:
+                metrics[f"logits/{side}"].append(total / count)
+
+        num_chosen = acc.gather_for_metrics(labels.sum()).sum().item()
+        num_rejected = acc.gather_for_metrics((~labels).sum()).sum().item()
+        detached = logps.detach()
+        if num_chosen > 0:
+            metrics["rewards/chosen"].append(acc.gather_for_metrics(result.chosen_rewards.nansum()).nansum().item() / num_chosen)
+            metrics["logps/chosen"].append(acc.gather_for_metrics(detached[labels].nansum()).nansum().item() / num_chosen)
+        if num_rejected > 0:
+            metrics["rewards/rejected"].append(acc.gather_for_metrics(result.rejected_rewards.nansum()).nansum().item() / num_rejected)
+            metrics["logps/rejected"].append(acc.gather_for_metrics(detached[~labels].nansum()).nansum().item() / num_rejected)
+        if num_chosen > 0 and num_rejected > 0:
+            metrics["rewards/margins"].append(metrics["rewards/chosen"][-1] - metrics["rewards/rejected"][-1])
