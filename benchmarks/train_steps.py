@@ -281,8 +281,14 @@ def make_timer(device: str):
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.times, self.peaks = [], []
+            self.times, self.peaks, self.fwd_bwd_peaks = [], [], []
             self._t0 = None
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            # The AdamW step's own temporaries can top every head: record forward + backward apart.
+            if cuda:
+                torch.cuda.synchronize()
+                self.fwd_bwd_peaks.append(torch.cuda.max_memory_allocated() / GiB)
 
         def on_step_begin(self, args, state, control, **kwargs):
             if cuda:
@@ -407,6 +413,7 @@ def run_config(name: str, P: int, C: int, args, tok, words, model_kwargs, refs: 
         row["tokens_per_s"] = total / statistics.median(timed)
         if cuda:
             row["step_peak_gib"] = timer.peaks
+            row["fwd_bwd_peak_gib"] = max(timer.fwd_bwd_peaks) if timer.fwd_bwd_peaks else None
             row["peak_gib"] = max([pre_peak] + [x for x in timer.peaks if x is not None])
             row["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GiB
         logs = [e for e in trainer.state.log_history if "loss" in e and "train_runtime" not in e]
@@ -464,12 +471,13 @@ def render_markdown(rows: list, meta: dict) -> str:
         f"- {meta['setup']}",
         "",
         "Peak = `max_memory_allocated` from model creation to the end of training (model and reference copy "
-        "included, as TARGETS.md); base = allocated after the model (and reference copy) is built. "
+        "included, as TARGETS.md); fwd+bwd = the same peak read before each optimizer step (AdamW's own "
+        "temporaries can exceed the head's); base = allocated after the model (and reference copy) is built. "
         "Step = median of the timed steps (forward + backward + AdamW step, `cuda.synchronize` at both ends). "
         "tokens/s = 2 x (prompt + completion) / step. TARGETS.md = the reference figures of TARGETS.md's table.",
         "",
-        "| trainer | prompt+completion | peak | base | step | tokens/s | TARGETS.md (peak / step / tokens/s) | losses | error |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| trainer | prompt+completion | peak | fwd+bwd | base | step | tokens/s | TARGETS.md (peak / step / tokens/s) | losses | error |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         tgt = TARGETS.get((r["trainer"], r["P"], r["C"]))
@@ -481,6 +489,7 @@ def render_markdown(rows: list, meta: dict) -> str:
         err = (r.get("error") or "").replace("|", "\\|").replace("\n", " ")[:160]
         lines.append(
             f"| {LABELS.get(r['trainer'], r['trainer'])} | {length} | {_fmt(r.get('peak_gib'), '.1f', ' GiB')} | "
+            f"{_fmt(r.get('fwd_bwd_peak_gib'), '.2f', ' GiB')} | "
             f"{_fmt(r.get('base_gib'), '.1f', ' GiB')} | {_fmt(r.get('step_ms'), '.0f', ' ms')} | "
             f"{_tok(r.get('tokens_per_s'))} | {tgt_s} | {losses} | {err} |"
         )

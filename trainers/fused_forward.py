@@ -227,7 +227,9 @@ def output_head(model) -> torch.nn.Module:
         )
     base = head.get_base_layer() if is_adapter_layer(head) else head
     weight = getattr(base, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+    # ZeRO-3 leaves an empty placeholder between gathers; `ds_shape` keeps the real shape.
+    shape = getattr(weight, "ds_shape", None) or getattr(weight, "shape", ())
+    if not isinstance(weight, torch.Tensor) or len(shape) != 2:
         raise ValueError(
             f"the output embeddings of {type(model).__name__} ({type(base).__name__}) have no 2-D `weight`; the fused "
             "head needs a linear LM head [vocab, hidden]."
@@ -254,7 +256,7 @@ def check_impl(impl: str, model=None, settings: Optional[FusedHeadSettings] = No
     settings = settings or FusedHeadSettings(impl=impl)
     outputs = frozenset(("logprobs", *(FIELD_TO_STAT[f] for f in settings.outputs if f in FIELD_TO_STAT)))
     problem = HeadProblem(
-        hidden=weight.new_empty((0, weight.shape[1])),
+        hidden=weight.new_empty((0, 0)),  # a probe of device, dtype and features: shapes do not matter
         weight=weight,
         bias=getattr(base, "bias", None),
         labels=torch.empty(0, dtype=torch.long, device=weight.device),
