@@ -19,9 +19,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py (it puts the checkout on sys.path)
 
-from trainers.cli import DATA_DIR, common_parser, load_data, load_model, load_tokenizer, mean_of, train_logs  # noqa: E402
+from _common import DATA_DIR, common_parser, train  # noqa: E402
+
+
+# (summary key, logged metric, label): the summary reports each metric's mean at the start and at the end
+REPORT = [("nll_loss", "nll_loss", "NLL (chosen)"),
+          ("rewards/accuracies", "rewards/accuracies", "reward accuracy"),
+          ("rewards/margins", "rewards/margins", "reward margin"),
+          ("log_odds_chosen", "log_odds_chosen", "log odds ratio")]
 
 
 def main(argv=None) -> dict:
@@ -29,59 +36,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--beta", type=float, default=0.1, help="weight of the odds-ratio term (the paper's lambda)")
     args = parser.parse_args(argv)
 
-    import datasets
-    import transformers
-
     from trainers.orpo import FusedORPOConfig, FusedORPOTrainer
 
-    datasets.disable_progress_bars()
-    transformers.logging.set_verbosity_error()
-
-    tokenizer = load_tokenizer(args)
-    model, _ = load_model(args, tokenizer)  # ORPO is reference-free: the copy made for DPO is not used
-    dataset = load_data(args.data)
-    steps = args.steps or (4 if args.smoke else 60)
-    config = FusedORPOConfig(
-        output_dir=args.output_dir or "/tmp/align-losses-orpo",
-        max_steps=steps,
-        per_device_train_batch_size=args.batch_size or 16,
-        learning_rate=args.lr or 2e-3,
-        lr_scheduler_type="constant_with_warmup",
-        warmup_steps=min(5, steps // 4),
-        beta=args.beta,
-        max_length=args.max_length,
-        logging_steps=1 if args.smoke else 3,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=not _cuda(),
-        bf16=False,
-        gradient_checkpointing=False,
-        seed=args.seed,
-        disable_tqdm=True,
-        lce_impl=args.impl,
-    )
-    trainer = FusedORPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
-    trainer.train()
-
-    logs = train_logs(trainer)
-    n = max(1, min(3, len(logs) // 3))
-    summary = {"backend": trainer.lce_backend, "steps": trainer.state.global_step}
-    for key in ("nll_loss", "rewards/accuracies", "rewards/margins", "log_odds_chosen"):
-        summary[f"{key}_start"] = mean_of(logs, key, True, n)
-        summary[f"{key}_end"] = mean_of(logs, key, False, n)
-    print()
-    print(f"Summary ({summary['steps']} steps, align-losses backend {summary['backend']!r}; "
-          f"start/end = mean of the first/last {n} logged steps):")
-    for key, label in (("nll_loss", "NLL (chosen)"), ("rewards/accuracies", "reward accuracy"),
-                       ("rewards/margins", "reward margin"), ("log_odds_chosen", "log odds ratio")):
-        print(f"  {label:<16} {summary[key + '_start']:.3f} -> {summary[key + '_end']:.3f}")
-    return summary
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    return train(args, "orpo", FusedORPOConfig, FusedORPOTrainer, REPORT, beta=args.beta)  # reference-free
 
 
 if __name__ == "__main__":

@@ -17,9 +17,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py (it puts the checkout on sys.path)
 
-from trainers.cli import DATA_DIR, common_parser, load_data, load_model, load_tokenizer, mean_of, train_logs  # noqa: E402
+from _common import DATA_DIR, common_parser, train  # noqa: E402
+
+
+# (summary key, logged metric, label): the summary reports each metric's mean at the start and at the end
+REPORT = [("loss", "loss", "loss"), ("token_accuracy", "mean_token_accuracy", "token accuracy")]
 
 
 def main(argv=None) -> dict:
@@ -29,59 +33,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--packing", action="store_true", help="pack sequences (BFD, padding-free)")
     args = parser.parse_args(argv)
 
-    import datasets
-    import torch
-    import transformers
-
     from trainers import FusedSFTConfig, FusedSFTTrainer
 
-    datasets.disable_progress_bars()
-    transformers.logging.set_verbosity_error()
-
-    tokenizer = load_tokenizer(args)
-    model, _ = load_model(args, tokenizer)
-    dataset = load_data(args.data)
-    steps = args.steps or (4 if args.smoke else 60)
-    config = FusedSFTConfig(
-        output_dir=args.output_dir or "/tmp/align-losses-sft",
-        max_steps=steps,
-        per_device_train_batch_size=args.batch_size or 16,
-        learning_rate=args.lr or 3e-3,
-        lr_scheduler_type="constant_with_warmup",
-        warmup_steps=min(5, steps // 4),
-        max_length=args.max_length,
-        packing=args.packing,
-        label_smoothing_factor=args.label_smoothing,
-        lce_z_loss=args.z_loss,
-        logging_steps=1 if args.smoke else 3,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=not torch.cuda.is_available(),
-        bf16=False,
-        gradient_checkpointing=False,
-        seed=args.seed,
-        disable_tqdm=True,
-        lce_impl=args.impl,
-    )
-    trainer = FusedSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
-    trainer.train()
-
-    logs = train_logs(trainer)
-    n = max(1, min(3, len(logs) // 3))
-    summary = {
-        "backend": trainer.lce_backend,
-        "steps": trainer.state.global_step,
-        "loss_start": mean_of(logs, "loss", True, n),
-        "loss_end": mean_of(logs, "loss", False, n),
-        "token_accuracy_start": mean_of(logs, "mean_token_accuracy", True, n),
-        "token_accuracy_end": mean_of(logs, "mean_token_accuracy", False, n),
-    }
-    print()
-    print(f"Summary ({summary['steps']} steps, align-losses backend {summary['backend']!r}; "
-          f"start/end = mean of the first/last {n} logged steps):")
-    print(f"  loss            {summary['loss_start']:.3f} -> {summary['loss_end']:.3f}")
-    print(f"  token accuracy  {summary['token_accuracy_start']:.3f} -> {summary['token_accuracy_end']:.3f}")
-    return summary
+    return train(args, "sft", FusedSFTConfig, FusedSFTTrainer, REPORT, lr=3e-3,
+                 packing=args.packing, label_smoothing_factor=args.label_smoothing, lce_z_loss=args.z_loss)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""What the fused trainers share: checks before TRL's ``__init__`` runs, and installing the fused heads."""
+"""What the fused trainers share: checks before TRL's ``__init__`` runs, installing the fused heads, the
+reference model (DPO, KTO) and the fused pass over a concatenated chosen + rejected batch (ORPO, CPO)."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Optional, Sequence
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal, Optional, Sequence
 
 import torch
 from accelerate.utils import is_peft_model
@@ -20,6 +23,13 @@ from .fused_forward import (
     output_head,
     unwrap_transformers_model,
 )
+
+#: Datasets TRL's ORPO/CPO tokenisation accepts (the prompt may be implicit, as the common prefix).
+PAIRED_COLUMNS = (("prompt", "chosen", "rejected"), ("chosen", "rejected"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checks before TRL's __init__
 
 
 def check_impl_name(args) -> None:
@@ -75,10 +85,51 @@ def check_columns(dataset, alternatives: Sequence[Iterable[str]], trainer: str, 
     )
 
 
+def check_before_init(
+    trainer: str,
+    args,
+    models: Sequence[Any],
+    columns: Optional[Sequence[Iterable[str]]],
+    train_dataset,
+    eval_dataset,
+    *,
+    decoder_only: bool = False,
+) -> None:
+    """The checks every fused trainer runs before TRL's ``__init__``, in this order: ``args.lce_impl``
+    (`check_impl_name`), each model's LM head (`check_model`), with ``decoder_only`` the first model's
+    architecture, then the datasets' columns (`check_columns`; ``columns=None`` skips them)."""
+    if args is not None:
+        check_impl_name(args)
+    for model in models:
+        check_model(model)
+    model = models[0] if models else None
+    if decoder_only and model is not None and not isinstance(model, str):
+        if getattr(model.config, "is_encoder_decoder", False):
+            raise ValueError(f"{trainer} supports decoder-only models only: the fused head has no encoder-decoder path.")
+    if columns is not None:
+        check_columns(train_dataset, columns, trainer)
+        check_columns(eval_dataset, columns, trainer, "eval")
+
+
+@contextlib.contextmanager
+def lm_head_adapter_allowed(model, peft_config):
+    """Around TRL's ``__init__``: let a LoRA adapter on ``lm_head`` through its refusal (we train it)."""
+    if model is None or isinstance(model, str):
+        yield
+        return
+    with allow_lm_head_adapter(model):
+        yield
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Every trainer: the fused heads, and what `compute_loss(..., return_outputs=True)` returns
+
+
 class FusedTrainerMixin:
     """Installs the fused head on the policy (under PEFT, on its transformers model) and the reference model.
 
     Subclasses set ``_fused_outputs``: the per-token fields their loss and metrics read from the policy.
+    The head's options come from ``self.args``, a Fused*Config or a plain TRL config (`lce_options`).
     """
 
     _fused_outputs: tuple = ()
@@ -93,6 +144,7 @@ class FusedTrainerMixin:
         )
 
     def _install_fused_heads(self) -> None:
+        """Installs the fused heads; called right after TRL's ``__init__`` (and wherever TRL uses a model before)."""
         policy = unwrap_transformers_model(self.accelerator.unwrap_model(self.model))
         settings = self._head_settings(self._fused_outputs)
         if fused_settings(policy) is None or fused_settings(policy).outputs != settings.outputs:
@@ -112,14 +164,21 @@ class FusedTrainerMixin:
         return check_impl(lce_options(self.args)["impl"], policy, fused_settings(policy))
 
 
-@contextlib.contextmanager
-def lm_head_adapter_allowed(model, peft_config):
-    """Around TRL's ``__init__``: let a LoRA adapter on ``lm_head`` through its refusal (we train it)."""
-    if model is None or isinstance(model, str):
-        yield
-        return
-    with allow_lm_head_adapter(model):
-        yield
+def outputs_with_logits(model, inputs: dict, drop: Iterable[str] = ("output_router_logits",)):
+    """What ``compute_loss(..., return_outputs=True)`` returns: ``model``'s ordinary outputs, logits included, from
+    an extra forward without gradient on ``inputs`` less the keys in ``drop`` (with a warning: that is the cost)."""
+    warnings.warn(
+        "`return_outputs=True` needs the logits, which the fused head never builds: they are recomputed with "
+        "an extra forward pass.",
+        stacklevel=3,
+    )
+    drop = frozenset(drop)
+    with torch.no_grad():
+        return model(**{k: v for k, v in inputs.items() if k not in drop})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DPO and KTO: a policy and a reference
 
 
 def reference_adapter_context(trainer):
@@ -132,5 +191,259 @@ def reference_adapter_context(trainer):
     return contextlib.nullcontext()
 
 
-def gather_mean(accelerator, values: torch.Tensor) -> float:
-    return accelerator.gather(values).mean().item()
+class ReferenceTrainerMixin(FusedTrainerMixin):
+    """What `FusedDPOTrainer` and `FusedKTOTrainer` share: TRL's ``__init__`` (model, ``ref_model``, ...) behind the
+    checks and followed by the fused heads, the reference forwards and the MoE/entropy/token-count bookkeeping.
+
+    Subclasses set ``_dataset_columns`` (the column sets their datasets may have) and may override
+    `_around_trl_init`.
+    """
+
+    _dataset_columns: Sequence[Iterable[str]] = ()
+
+    def __init__(self, model, ref_model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, compute_metrics=None, callbacks=None, optimizers=(None, None),
+                 quantization_config=None, peft_config=None):
+        check_before_init(type(self).__name__, args, (model, ref_model), self._dataset_columns, train_dataset,
+                          eval_dataset)
+        with self._around_trl_init(args, data_collator), lm_head_adapter_allowed(model, peft_config):
+            super().__init__(
+                model, ref_model=ref_model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
+                callbacks=callbacks, optimizers=optimizers, quantization_config=quantization_config,
+                peft_config=peft_config,
+            )
+        self._install_fused_heads()
+
+    def _around_trl_init(self, args, data_collator):
+        """Hook: a context manager around TRL's ``__init__`` (the checks have passed, the heads are not installed)."""
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _precompute_context(self):
+        """Around the reference forward of a batch whose log-probs TRL precomputes (``compute_ref_log_probs``)."""
+        from trl.models.utils import disable_gradient_checkpointing
+
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            reference_adapter_context(self),
+            self.accelerator.autocast(),
+        ):
+            yield
+
+    @contextlib.contextmanager
+    def _reference_model(self):
+        """Yields the model that scores as the reference, without gradient or gradient checkpointing: ``ref_model``,
+        or (no ``ref_model``) the policy, with its adapter disabled under PEFT."""
+        from trl.models.utils import disable_gradient_checkpointing
+
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if self.ref_model is None:
+                with reference_adapter_context(self):
+                    yield self.model
+            else:
+                yield self.ref_model
+
+    def _add_aux_loss(self, loss, outputs, mode):
+        """``loss`` plus the MoE router loss (``router_aux_loss_coef * aux_loss``), logged as ``aux_loss``, when enabled."""
+        if not self.aux_loss_enabled:
+            return loss
+        aux = outputs.aux_loss
+        self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux).mean().item())
+        return loss + self.router_aux_loss_coef * aux
+
+    def _log_entropy_and_tokens(self, mode, entropy, mask, num_tokens) -> None:
+        """TRL's ``entropy`` (mean over the ``mask`` tokens) and ``num_tokens`` (``num_tokens`` added in training)."""
+        acc = self.accelerator
+        metrics = self._metrics[mode]
+        tokens = acc.gather_for_metrics(mask.sum()).sum()
+        entropy_sum = acc.gather_for_metrics((entropy.detach() * mask).sum()).sum()
+        metrics["entropy"].append((entropy_sum / tokens).item() if tokens > 0 else 0.0)
+        if mode == "train":
+            self._total_train_tokens += acc.gather_for_metrics(num_tokens).sum().item() // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+
+
+def without_router_logits(model_kwargs: dict) -> dict:
+    """``model_kwargs`` less ``output_router_logits`` (the reference forwards need no MoE router loss)."""
+    return {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ORPO and CPO: one fused forward over a concatenated chosen + rejected batch
+
+
+@dataclass
+class PairedPass:
+    """One fused forward over the concatenated batch ``[chosen rows; rejected rows]`` (``2B`` rows, width ``T``).
+
+    Attributes:
+        outputs: the raw `trainers.fused_forward.FusedHeadOutput` (``aux_loss`` for MoE).
+        token_logps: ``[2B, T - 1]`` next-token log-probs, with gradient, 0 where not labelled.
+        completion_mask: ``[2B, T - 1]`` bool, the completion tokens (TRL's ``concatenated_labels``, shifted).
+        nll_mask: ``[B, T - 1]`` bool, the chosen tokens of the NLL term.
+        mean_logits_all: ``[2B, T]`` detached mean logit over the vocabulary at every input position.
+        batch_size: ``B``.
+    """
+
+    outputs: Any
+    token_logps: torch.Tensor
+    completion_mask: torch.Tensor
+    nll_mask: torch.Tensor
+    mean_logits_all: torch.Tensor
+    batch_size: int
+
+    def halves(self, x: torch.Tensor):
+        """``(chosen rows, rejected rows)`` of a ``[2B, ...]`` tensor."""
+        return x[: self.batch_size], x[self.batch_size :]
+
+
+def fused_paired_pass(trainer, model, batch, *, padding_value: int, nll_over: Literal["sequence", "completion"]) -> PairedPass:
+    """The policy's fused forward on a TRL ORPO/CPO batch (``chosen_*``/``rejected_*`` keys).
+
+    ``nll_over="sequence"`` labels every attended token of the chosen rows (ORPO's NLL: prompt and
+    completion); ``"completion"`` labels only completion tokens (CPO's NLL). Rejected rows always
+    carry their completion labels only.
+    """
+    if trainer.is_encoder_decoder:
+        raise ValueError(
+            f"{type(trainer).__name__} supports decoder-only models only: the fused head has no encoder-decoder path."
+        )
+    cat = trainer.concatenated_inputs(
+        batch, is_encoder_decoder=False, padding_value=padding_value, device=trainer.accelerator.device
+    )
+    num = batch["chosen_labels"].shape[0]
+    input_ids = cat["concatenated_input_ids"]
+    attention_mask = cat["concatenated_attention_mask"]
+    completion_labels = cat["concatenated_labels"]
+    if nll_over == "sequence":
+        chosen_labels = input_ids[:num].masked_fill(attention_mask[:num] != 1, -100)
+        labels = torch.cat([chosen_labels, completion_labels[num:]], dim=0)
+    elif nll_over == "completion":
+        labels = completion_labels
+    else:
+        raise ValueError(f"nll_over must be 'sequence' or 'completion'; got {nll_over!r}")
+    kwargs = {"output_router_logits": True} if trainer.aux_loss_enabled else {}
+    settings = fused_settings(unwrap_transformers_model(trainer.accelerator.unwrap_model(trainer.model)))
+    # With a soft-cap, `mean_logits_all` takes the labelled positions' exact mean from the main pass, which must
+    # then compute it (without it those positions would read 0); without one it is the free linear identity.
+    fields = ("mean_logits",) if settings is not None and settings.quirks.softcap is not None else ()
+    outputs = model(
+        input_ids,
+        attention_mask=attention_mask,
+        use_cache=False,
+        labels=labels,
+        fused_lm_head=True,
+        fused_outputs=fields,
+        mean_logits_all=True,
+        **kwargs,
+    )
+    width = input_ids.shape[1]
+    # Prompt-learning PEFT prepends virtual tokens: keep the real positions.
+    token_logps = outputs.log_probs[:, -(width - 1) :]
+    mean_all = outputs.mean_logits_all[:, -width:]
+    shifted = labels[:, 1:] != -100
+    return PairedPass(
+        outputs=outputs,
+        token_logps=token_logps,
+        completion_mask=completion_labels[:, 1:] != -100,
+        nll_mask=shifted[:num],
+        mean_logits_all=mean_all,
+        batch_size=num,
+    )
+
+
+class PairedTrainerMixin(FusedTrainerMixin):
+    """What `FusedORPOTrainer` and `FusedCPOTrainer` share: TRL's ``__init__`` behind the checks and followed by the
+    fused heads, and ``concatenated_forward``/``get_batch_loss_metrics`` on one `fused_paired_pass`.
+
+    Subclasses set ``_default_config`` (the config class when ``args`` is None) and implement `_fused_pass`,
+    `_paired_loss` and `_mean_logit_halves`; they may add metrics (`_extra_metrics`) and refuse configs (`_check_args`).
+    """
+
+    _fused_outputs: tuple = ()
+    _default_config: type = None
+
+    def __init__(self, model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, model_init=None, callbacks=None, optimizers=(None, None),
+                 preprocess_logits_for_metrics=None, peft_config=None, compute_metrics=None):
+        if args is None:
+            args = self._default_config()
+        self._check_args(args)
+        check_before_init(type(self).__name__, args, (model,), PAIRED_COLUMNS, train_dataset, eval_dataset,
+                          decoder_only=True)
+        super().__init__(
+            model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, processing_class=processing_class, model_init=model_init, callbacks=callbacks,
+            optimizers=optimizers, preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            peft_config=peft_config, compute_metrics=compute_metrics,
+        )
+        self._install_fused_heads()
+
+    def _check_args(self, args) -> None:
+        """Hook for subclasses: refuse configs before TRL's ``__init__`` runs."""
+
+    def call_model_init(self, trial=None):
+        # With `model_init`, Trainer builds a fresh model at `train()`: give it the fused head too.
+        model = super().call_model_init(trial)
+        inner = unwrap_transformers_model(model)
+        if fused_settings(inner) is None:
+            install_fused_head(inner, self._head_settings(self._fused_outputs))
+        return model
+
+    def _metric(self, value: torch.Tensor) -> float:
+        """TRL's ``gather_for_metrics(x).mean().item()``."""
+        return self.accelerator.gather_for_metrics(value.detach()).mean().item()
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    def _fused_pass(self, model, batch) -> PairedPass:
+        """`fused_paired_pass` with this trainer's padding value and NLL labels."""
+        raise NotImplementedError
+
+    def _paired_loss(self, fused: PairedPass):
+        """``(chosen logps [B], rejected logps [B], loss output)`` of a fused pass, the log-probs as TRL logs them."""
+        raise NotImplementedError
+
+    def _mean_logit_halves(self, fused: PairedPass):
+        """``(chosen, rejected)`` vocabulary-mean logits over the positions TRL's ``logits/*`` metrics average."""
+        raise NotImplementedError
+
+    def _extra_metrics(self, result, prefix: str) -> dict:
+        """Metrics logged after the common ones (none by default)."""
+        return {}
+
+    # ------------------------------------------------------------------------------------------------ TRL's steps
+    def concatenated_forward(self, model, batch):
+        """TRL's tuple ``(chosen_logps, rejected_logps, chosen_logits, rejected_logits, nll_loss[, aux_loss])``
+        from the fused pass; the "logits" are vocabulary-mean logits (`_mean_logit_halves`), without the vocabulary."""
+        fused = self._fused_pass(model, batch)
+        chosen_logps, rejected_logps, result = self._paired_loss(fused)
+        chosen_ml, rejected_ml = self._mean_logit_halves(fused)
+        out = (chosen_logps, rejected_logps, chosen_ml, rejected_ml, result.nll_loss)
+        return out + (fused.outputs.aux_loss,) if self.aux_loss_enabled else out
+
+    def get_batch_loss_metrics(self, model, batch, train_eval: Literal["train", "eval"] = "train"):
+        """The loss and TRL's metrics of a batch, from one fused pass."""
+        fused = self._fused_pass(model, batch)
+        chosen_logps, rejected_logps, result = self._paired_loss(fused)
+        chosen_ml, rejected_ml = self._mean_logit_halves(fused)
+        prefix = "eval_" if train_eval == "eval" else ""
+        m = self._metric
+        metrics = {
+            f"{prefix}rewards/chosen": m(result.chosen_rewards),
+            f"{prefix}rewards/rejected": m(result.rejected_rewards),
+            f"{prefix}rewards/accuracies": m(result.reward_accuracies),
+            f"{prefix}rewards/margins": m(result.reward_margins),
+            f"{prefix}logps/rejected": m(rejected_logps),
+            f"{prefix}logps/chosen": m(chosen_logps),
+            # TRL: gather the per-rank mean of the [B, T(-1), V] logits, then average.
+            f"{prefix}logits/rejected": m(rejected_ml.mean()),
+            f"{prefix}logits/chosen": m(chosen_ml.mean()),
+            f"{prefix}nll_loss": m(result.nll_loss),
+        }
+        metrics.update(self._extra_metrics(result, prefix))
+        loss = result.loss
+        if self.aux_loss_enabled:
+            loss = loss + self.aux_loss_coef * fused.outputs.aux_loss
+        return loss, metrics

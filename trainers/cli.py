@@ -1,4 +1,4 @@
-"""The ``align-losses`` console script, and helpers shared by the example scripts (``examples/train_*.py``).
+"""The ``align-losses`` console script.
 
     align-losses logps --model ./policy --data prefs.jsonl --out scored.parquet --ref-model ./ref --beta 0.1
     python -m trainers.cli logps ...          # the same, without installing the script
@@ -12,106 +12,13 @@ backend) end the command with exit status 1 and one line on stderr, no traceback
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-HERE = ROOT / "examples"
-
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-TOKENIZER_DIR = HERE / "tokenizer"
-DATA_DIR = HERE / "data"
-
-
-def common_parser(description: str, default_data: Path) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--model", help="local Hugging Face causal LM directory (default: a tiny Qwen3-shaped model "
-                        "built from a config, random weights)")
-    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model's, else examples/tokenizer)")
-    parser.add_argument("--data", default=str(default_data), help="JSON, JSON-lines or Parquet file (default: %(default)s)")
-    parser.add_argument("--output-dir", default=None, help="where checkpoints would go (default: a temporary directory)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=None, help="per-device batch size")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate")
-    parser.add_argument("--impl", default="auto", help="align-losses backend (lce_impl), default %(default)s")
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--smoke", action="store_true", help="a few steps only (for CI)")
-    return parser
-
-
-def load_tokenizer(args):
-    from transformers import AutoTokenizer
-
-    path = args.tokenizer
-    if path is None and args.model and (Path(args.model) / "tokenizer_config.json").exists():
-        path = args.model
-    return AutoTokenizer.from_pretrained(path or TOKENIZER_DIR)
-
-
-def tiny_qwen3(vocab_size: int, seed: int):
-    """A Qwen3-shaped model with 2 layers of width 64, random weights, fp32."""
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    config = Qwen3Config(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        intermediate_size=128,
-        vocab_size=vocab_size,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    return Qwen3ForCausalLM(config)
-
-
-def load_model(args, tokenizer):
-    """``(model, ref_model or None)``: a local model (TRL builds its reference) or the tiny one (and a copy)."""
-    if args.model:
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(args.model, dtype="float32"), None
-    model = tiny_qwen3(len(tokenizer), args.seed)
-    return model, copy.deepcopy(model)
-
-
-def load_data(path: str):
-    from datasets import Dataset
-
-    p = Path(path)
-    if not p.exists():
-        raise SystemExit(f"data file {path} does not exist")
-    if p.suffix == ".parquet":
-        return Dataset.from_parquet(str(p))
-    if p.suffix in (".json", ".jsonl"):
-        return Dataset.from_json(str(p))
-    raise SystemExit(f"unsupported data file {path}: expected .json, .jsonl or .parquet")
-
-
-def mean_of(logs: list[dict], key: str, first: bool, n: int) -> float:
-    values = [float(log[key]) for log in logs if key in log]
-    if not values:
-        return float("nan")
-    part = values[:n] if first else values[-n:]
-    return sum(part) / len(part)
-
-
-def train_logs(trainer) -> list[dict]:
-    return [log for log in trainer.state.log_history if "loss" in log and "train_loss" not in log]
-
-
-# =====================================================================================================================
-# The console script: `align-losses logps ...`
-
 
 PROG = "align-losses"
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}

@@ -2,6 +2,10 @@
 
 Every trainer here also accepts the plain TRL config (``trl.DPOConfig`` and so on); the options below
 then take their defaults. ``lce`` stands for "linear + cross-entropy", the fused head.
+
+The options live in one mixin, `LCEOptionsMixin`, that each ``Fused*Config`` lists before the TRL
+config it extends (``class FusedDPOConfig(LCEOptionsMixin, trl.DPOConfig)``): its fields then follow
+TRL's (all of which have defaults), and its ``__post_init__`` validates them after TRL's own.
 """
 
 from __future__ import annotations
@@ -12,8 +16,19 @@ from typing import Optional
 import trl
 
 
-def _impl_field():
-    return field(
+@dataclass
+class LCEOptionsMixin:
+    """The fused head's options, shared by every ``Fused*Config``.
+
+    Parameters:
+        lce_impl (`str`, defaults to `"auto"`): backend of the fused head.
+        lce_memory_budget (`int`, *optional*): bytes of tile temporaries of the `"torch"` backend.
+        lce_token_chunk (`int`, *optional*): tokens per tile of the `"torch"` backend.
+
+    Put it first among the bases, before the TRL config: ``class FusedXConfig(LCEOptionsMixin, XConfig)``.
+    """
+
+    lce_impl: str = field(
         default="auto",
         metadata={
             "help": "Backend of the fused linear + cross-entropy head, from `align_losses.backends.names()`: `'auto'` "
@@ -22,26 +37,24 @@ def _impl_field():
             "`ALIGN_LOSSES_IMPL` overrides `'auto'`."
         },
     )
-
-
-def _memory_budget_field():
-    return field(
+    lce_memory_budget: Optional[int] = field(
         default=None,
         metadata={
             "help": "Bytes of fp32 tile temporaries the `'torch'` backend may hold at once (vocabulary x token tiles). "
             "`None` uses the backend's default (512 MiB). Smaller values lower peak memory at some speed cost."
         },
     )
-
-
-def _token_chunk_field():
-    return field(
+    lce_token_chunk: Optional[int] = field(
         default=None,
         metadata={
             "help": "Tokens per tile for the `'torch'` backend. `None` lets it choose (all tokens in one block when "
             "the memory budget allows)."
         },
     )
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_lce_numbers(self)
 
 
 def lce_options(args) -> dict:
@@ -53,7 +66,8 @@ def lce_options(args) -> dict:
     }
 
 
-def _check_lce_numbers(args) -> None:
+def check_lce_numbers(args) -> None:
+    """Fail on a non-positive ``lce_memory_budget``/``lce_token_chunk`` or a negative ``lce_z_loss``."""
     budget = getattr(args, "lce_memory_budget", None)
     if budget is not None and int(budget) <= 0:
         raise ValueError(f"`lce_memory_budget` must be a positive number of bytes or None; got {budget}.")
@@ -66,53 +80,30 @@ def _check_lce_numbers(args) -> None:
 
 
 @dataclass
-class FusedDPOConfig(trl.DPOConfig):
-    """`trl.DPOConfig` plus the fused head's options.
-
-    Parameters beyond `trl.DPOConfig`:
-        lce_impl (`str`, defaults to `"auto"`): backend of the fused head.
-        lce_memory_budget (`int`, *optional*): bytes of tile temporaries of the `"torch"` backend.
-        lce_token_chunk (`int`, *optional*): tokens per tile of the `"torch"` backend.
+class FusedDPOConfig(LCEOptionsMixin, trl.DPOConfig):
+    """`trl.DPOConfig` plus the fused head's options (`LCEOptionsMixin`: ``lce_impl``, ``lce_memory_budget``,
+    ``lce_token_chunk``).
 
     `padding_free=True`, which TRL 1.16 ignores (it warns and pads), is honoured: each batch's chosen and
     rejected sequences are packed into one row with `position_ids` and no attention mask.
     """
 
-    lce_impl: str = _impl_field()
-    lce_memory_budget: Optional[int] = _memory_budget_field()
-    lce_token_chunk: Optional[int] = _token_chunk_field()
 
-    def __post_init__(self):
-        super().__post_init__()
-        _check_lce_numbers(self)
+@dataclass
+class FusedKTOConfig(LCEOptionsMixin, trl.KTOConfig):
+    """`trl.KTOConfig` plus the fused head's options (see `LCEOptionsMixin`)."""
 
 
 @dataclass
-class FusedKTOConfig(trl.KTOConfig):
-    """`trl.KTOConfig` plus the fused head's options (see `FusedDPOConfig`)."""
+class FusedSFTConfig(LCEOptionsMixin, trl.SFTConfig):
+    """`trl.SFTConfig` plus the fused head's options (see `LCEOptionsMixin`) and a z-loss.
 
-    lce_impl: str = _impl_field()
-    lce_memory_budget: Optional[int] = _memory_budget_field()
-    lce_token_chunk: Optional[int] = _token_chunk_field()
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_lce_numbers(self)
-
-
-@dataclass
-class FusedSFTConfig(trl.SFTConfig):
-    """`trl.SFTConfig` plus the fused head's options (see `FusedDPOConfig`) and a z-loss.
-
-    Parameters beyond `trl.SFTConfig`:
+    Parameters beyond `trl.SFTConfig` and `LCEOptionsMixin`:
         lce_z_loss (`float`, defaults to `0.0`): coefficient of the z-loss `logsumexp(z)**2` per token.
 
     `label_smoothing_factor` runs through the fused head as well (TRL 1.16 runs an extra full-logits pass).
     """
 
-    lce_impl: str = _impl_field()
-    lce_memory_budget: Optional[int] = _memory_budget_field()
-    lce_token_chunk: Optional[int] = _token_chunk_field()
     lce_z_loss: float = field(
         default=0.0,
         metadata={
@@ -120,7 +111,3 @@ class FusedSFTConfig(trl.SFTConfig):
             "normalised like the NLL (PaLM uses 1e-4). Computed by the fused head, without the logits. `0.0` disables it."
         },
     )
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_lce_numbers(self)

@@ -27,36 +27,22 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal, Optional
 
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 
 from align_losses.losses import cpo_loss, sequence_logps, simpo_loss
 
-from .configs import _check_lce_numbers, _impl_field, _memory_budget_field, _token_chunk_field
-from .orpo import PairedPass, _check_before_init, _PairedFusedMixin, fused_paired_pass
+from ._common import PairedPass, PairedTrainerMixin, fused_paired_pass
+from .configs import LCEOptionsMixin
 
 #: CPO loss types that TRL feeds per-token average log-probs (the others get sums).
 _AVERAGED = frozenset({"ipo", "simpo"})
 
 
 @dataclass
-class FusedCPOConfig(CPOConfig):
-    """`trl.experimental.cpo.CPOConfig` plus the fused head's options.
-
-    Parameters beyond `CPOConfig` (as `trainers.configs.FusedDPOConfig`):
-        lce_impl (`str`, defaults to `"auto"`): backend of the fused head.
-        lce_memory_budget (`int`, *optional*): bytes of tile temporaries of the `"torch"` backend.
-        lce_token_chunk (`int`, *optional*): tokens per tile of the `"torch"` backend.
-    """
-
-    lce_impl: str = _impl_field()
-    lce_memory_budget: Optional[int] = _memory_budget_field()
-    lce_token_chunk: Optional[int] = _token_chunk_field()
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_lce_numbers(self)
+class FusedCPOConfig(LCEOptionsMixin, CPOConfig):
+    """`trl.experimental.cpo.CPOConfig` plus the fused head's options (`trainers.configs.LCEOptionsMixin`:
+    ``lce_impl``, ``lce_memory_budget``, ``lce_token_chunk``)."""
 
 
 @dataclass
@@ -79,7 +65,7 @@ class FusedSimPOConfig(FusedCPOConfig):
     )
 
 
-class FusedCPOTrainer(_PairedFusedMixin, CPOTrainer):
+class FusedCPOTrainer(PairedTrainerMixin, CPOTrainer):
     """`trl.experimental.cpo.CPOTrainer` on the fused head (see the module docstring).
 
     Takes the same arguments as `CPOTrainer`; ``args`` may be a `FusedCPOConfig` or a plain `CPOConfig`.
@@ -88,29 +74,11 @@ class FusedCPOTrainer(_PairedFusedMixin, CPOTrainer):
     _tag_names = ["trl", "cpo", "align-losses"]
     _default_config = FusedCPOConfig
 
-    def __init__(self, model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, model_init=None, callbacks=None, optimizers=(None, None),
-                 preprocess_logits_for_metrics=None, peft_config=None, compute_metrics=None):
-        if args is None:
-            args = self._default_config()
-        self._check_args(args)
-        _check_before_init(type(self).__name__, model, args, train_dataset, eval_dataset)
-        super().__init__(
-            model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-            eval_dataset=eval_dataset, processing_class=processing_class, model_init=model_init, callbacks=callbacks,
-            optimizers=optimizers, preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-            peft_config=peft_config, compute_metrics=compute_metrics,
-        )
-        self._install_fused_heads()
-
-    def _check_args(self, args) -> None:
-        """Hook for subclasses: refuse configs before TRL's ``__init__`` runs."""
-
     # ------------------------------------------------------------------------------------------------ forward
     def _fused_pass(self, model, batch) -> PairedPass:
         return fused_paired_pass(self, model, batch, padding_value=self.pad_token_id, nll_over="completion")
 
-    def _cpo(self, fused: PairedPass):
+    def _paired_loss(self, fused: PairedPass):
         """``(chosen logps [B], rejected logps [B], CPOOutput)``; the log-probs are TRL's (averaged for ipo/simpo)."""
         sums = sequence_logps(fused.token_logps, fused.completion_mask)
         counts = fused.completion_mask.sum(dim=1)
@@ -143,37 +111,9 @@ class FusedCPOTrainer(_PairedFusedMixin, CPOTrainer):
             chosen_token_mask=nll_mask if self.cpo_alpha != 0 else None,
         )
 
-    def concatenated_forward(self, model, batch):
-        """TRL's tuple ``(chosen_logps, rejected_logps, chosen_logits, rejected_logits, nll_loss[, aux_loss])``
-        from the fused pass; the "logits" are the ``[B, T]`` vocabulary-mean logits, not ``[B, T, V]``."""
-        fused = self._fused_pass(model, batch)
-        chosen_logps, rejected_logps, result = self._cpo(fused)
-        chosen_ml, rejected_ml = fused.halves(fused.mean_logits_all)
-        out = (chosen_logps, rejected_logps, chosen_ml, rejected_ml, result.nll_loss)
-        return out + (fused.outputs.aux_loss,) if self.aux_loss_enabled else out
-
-    def get_batch_loss_metrics(self, model, batch, train_eval: Literal["train", "eval"] = "train"):
-        """The CPO loss and TRL's metrics of a batch, from one fused pass."""
-        fused = self._fused_pass(model, batch)
-        chosen_logps, rejected_logps, result = self._cpo(fused)
-        chosen_ml, rejected_ml = fused.halves(fused.mean_logits_all)
-        prefix = "eval_" if train_eval == "eval" else ""
-        m = self._metric
-        metrics = {
-            f"{prefix}rewards/chosen": m(result.chosen_rewards),
-            f"{prefix}rewards/rejected": m(result.rejected_rewards),
-            f"{prefix}rewards/accuracies": m(result.reward_accuracies),
-            f"{prefix}rewards/margins": m(result.reward_margins),
-            f"{prefix}logps/rejected": m(rejected_logps),
-            f"{prefix}logps/chosen": m(chosen_logps),
-            f"{prefix}logits/rejected": m(rejected_ml.mean()),
-            f"{prefix}logits/chosen": m(chosen_ml.mean()),
-            f"{prefix}nll_loss": m(result.nll_loss),
-        }
-        loss = result.loss
-        if self.aux_loss_enabled:
-            loss = loss + self.aux_loss_coef * fused.outputs.aux_loss
-        return loss, metrics
+    def _mean_logit_halves(self, fused: PairedPass):
+        """TRL's CPO averages the logits of every position, the last included: ``[B, T]`` each."""
+        return fused.halves(fused.mean_logits_all)
 
 
 class FusedSimPOTrainer(FusedCPOTrainer):

@@ -22,7 +22,7 @@ fused pass: entropy, mean logit and top-1 hit come from the core's per-token sta
 
 from __future__ import annotations
 
-import warnings
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -32,14 +32,7 @@ from transformers.data.data_collator import DataCollatorMixin
 
 from align_losses.losses import dpo_loss, ld_sequence_logps, sequence_logps, wpo_weights
 
-from ._common import (
-    FusedTrainerMixin,
-    check_columns,
-    check_impl_name,
-    check_model,
-    lm_head_adapter_allowed,
-    reference_adapter_context,
-)
+from ._common import ReferenceTrainerMixin, outputs_with_logits, without_router_logits
 
 #: Batch keys that are not model inputs.
 _NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "sequence_lengths"})
@@ -154,41 +147,31 @@ class PolicyPass:
         return x.chunk(2, dim=0)
 
 
-class FusedDPOTrainer(FusedTrainerMixin, trl.DPOTrainer):
+class FusedDPOTrainer(ReferenceTrainerMixin, trl.DPOTrainer):
     """`trl.DPOTrainer` whose log-probs, loss and metrics come from one fused pass (see the module docstring).
 
     Takes the same arguments as `trl.DPOTrainer`; ``args`` may be a `FusedDPOConfig` or a plain `trl.DPOConfig`.
     """
 
     _tag_names = ["trl", "dpo", "align-losses"]
+    _dataset_columns = PREFERENCE_COLUMNS
 
-    def __init__(self, model, ref_model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, compute_metrics=None, callbacks=None, optimizers=(None, None),
-                 quantization_config=None, peft_config=None):
-        if args is not None:
-            check_impl_name(args)
-        check_model(model)
-        check_model(ref_model)
-        check_columns(train_dataset, PREFERENCE_COLUMNS, type(self).__name__)
-        check_columns(eval_dataset, PREFERENCE_COLUMNS, type(self).__name__, "eval")
+    @contextlib.contextmanager
+    def _around_trl_init(self, args, data_collator):
+        """Picks the policy's fused outputs before TRL's ``__init__`` (which may precompute reference log-probs), and
+        hides ``padding_free=True`` from it (TRL would warn that it ignores the flag): we honour it afterwards, with
+        `DataCollatorForPackedPreference` unless a collator is given."""
         packed = bool(args is not None and args.padding_free)
         self._fused_outputs = ("entropy", "mean_logits", "is_top1")
         if args is not None and args.use_weighting:
             self._fused_outputs += ("log_sum_sq_probs",)
         if packed:
-            args.padding_free = False  # TRL would warn that it ignores the flag; we honour it below
+            args.padding_free = False
         try:
-            with lm_head_adapter_allowed(model, peft_config):
-                super().__init__(
-                    model, ref_model=ref_model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                    eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
-                    callbacks=callbacks, optimizers=optimizers, quantization_config=quantization_config,
-                    peft_config=peft_config,
-                )
+            yield
         finally:
             if packed:
                 args.padding_free = True
-        self._install_fused_heads()
         self.padding_free = packed
         if packed and data_collator is None:
             self.data_collator = DataCollatorForPackedPreference(
@@ -206,14 +189,7 @@ class FusedDPOTrainer(FusedTrainerMixin, trl.DPOTrainer):
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference sequence log-probs ``(chosen [B], rejected [B])`` of one padded batch (precompute path)."""
-        from trl.models.utils import disable_gradient_checkpointing
-
-        with (
-            torch.no_grad(),
-            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-            reference_adapter_context(self),
-            self.accelerator.autocast(),
-        ):
+        with self._precompute_context():
             token_logps, shift_mask = self._reference_token_logps(model, inputs)
         return self._sequence_logps(token_logps, shift_mask)
 
@@ -227,15 +203,9 @@ class FusedDPOTrainer(FusedTrainerMixin, trl.DPOTrainer):
         """Reference ``(chosen [B], rejected [B])``: precomputed columns, the ref model, or the adapter-free policy."""
         if self.precompute_ref_logps:
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-        from trl.models.utils import disable_gradient_checkpointing
-
-        kwargs = {k: v for k, v in policy.model_kwargs.items() if k != "output_router_logits"}
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            if self.ref_model is None:
-                with reference_adapter_context(self):
-                    out = self.model(**kwargs, labels=policy.labels, fused_lm_head=True, fused_outputs=())
-            else:
-                out = self.ref_model(**kwargs, labels=policy.labels, fused_lm_head=True, fused_outputs=())
+        kwargs = without_router_logits(policy.model_kwargs)
+        with self._reference_model() as ref:
+            out = ref(**kwargs, labels=policy.labels, fused_lm_head=True, fused_outputs=())
         token_logps, shift_mask = self._to_padded(out.log_probs, inputs, inputs.get("sequence_lengths"))
         return self._sequence_logps(token_logps, shift_mask)
 
@@ -334,23 +304,10 @@ class FusedDPOTrainer(FusedTrainerMixin, trl.DPOTrainer):
         chosen_logps, rejected_logps = self._sequence_logps(policy.token_logps, policy.shift_mask)
         ref_chosen, ref_rejected = self._reference_logps(inputs, policy)
         result = self._preference_loss(policy, chosen_logps, rejected_logps, ref_chosen, ref_rejected)
-        loss = result.loss
-        if self.aux_loss_enabled:
-            aux = policy.outputs.aux_loss
-            loss = loss + self.router_aux_loss_coef * aux
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux).mean().item())
+        loss = self._add_aux_loss(result.loss, policy.outputs, mode)
         self._log_metrics(mode, policy, result, chosen_logps, rejected_logps)
         if return_outputs:
-            warnings.warn(
-                "`return_outputs=True` needs the logits, which the fused head never builds: they are recomputed with "
-                "an extra forward pass.",
-                stacklevel=2,
-            )
-            with torch.no_grad():
-                kwargs = dict(policy.model_kwargs)
-                kwargs.pop("output_router_logits", None)
-                outputs = model(**kwargs)
-            return loss, outputs
+            return loss, outputs_with_logits(model, policy.model_kwargs)
         return loss
 
     # ------------------------------------------------------------------------------------------------ metrics
@@ -359,13 +316,7 @@ class FusedDPOTrainer(FusedTrainerMixin, trl.DPOTrainer):
         acc = self.accelerator
         metrics = self._metrics[mode]
         mask = policy.shift_mask
-        tokens = acc.gather_for_metrics(mask.sum()).sum()
-        entropy_sum = acc.gather_for_metrics((policy.entropy.detach() * mask).sum()).sum()
-        metrics["entropy"].append((entropy_sum / tokens).item() if tokens > 0 else 0.0)
-
-        if mode == "train":
-            self._total_train_tokens += acc.gather_for_metrics(policy.num_tokens).sum().item() // self._tp_size
-        metrics["num_tokens"] = [self._total_train_tokens]
+        self._log_entropy_and_tokens(mode, policy.entropy, mask, policy.num_tokens)
 
         chosen_mask, rejected_mask = (m.bool() for m in policy.chosen_rejected(mask))
         chosen_ml, rejected_ml = policy.chosen_rejected(policy.mean_logits.detach())

@@ -13,7 +13,6 @@ Metrics, under TRL's names: ``kl``, ``entropy``, ``num_tokens``, ``logits/chosen
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -22,14 +21,7 @@ import trl
 
 from align_losses.losses import kto_loss, sequence_logps
 
-from ._common import (
-    FusedTrainerMixin,
-    check_columns,
-    check_impl_name,
-    check_model,
-    lm_head_adapter_allowed,
-    reference_adapter_context,
-)
+from ._common import ReferenceTrainerMixin, outputs_with_logits, without_router_logits
 
 _NON_MODEL_KEYS = frozenset({
     "completion_mask", "KL_input_ids", "KL_attention_mask", "KL_completion_mask", "KL_token_type_ids",
@@ -52,7 +44,7 @@ class KTOPolicyPass:
     labels: torch.Tensor
 
 
-class FusedKTOTrainer(FusedTrainerMixin, trl.KTOTrainer):
+class FusedKTOTrainer(ReferenceTrainerMixin, trl.KTOTrainer):
     """`trl.KTOTrainer` whose log-probs, loss and metrics come from one fused pass (see the module docstring).
 
     Takes the same arguments as `trl.KTOTrainer`; ``args`` may be a `FusedKTOConfig` or a plain `trl.KTOConfig`.
@@ -60,24 +52,7 @@ class FusedKTOTrainer(FusedTrainerMixin, trl.KTOTrainer):
 
     _tag_names = ["trl", "kto", "align-losses"]
     _fused_outputs = ("entropy", "mean_logits")
-
-    def __init__(self, model, ref_model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, compute_metrics=None, callbacks=None, optimizers=(None, None),
-                 quantization_config=None, peft_config=None):
-        if args is not None:
-            check_impl_name(args)
-        check_model(model)
-        check_model(ref_model)
-        check_columns(train_dataset, UNPAIRED_COLUMNS, type(self).__name__)
-        check_columns(eval_dataset, UNPAIRED_COLUMNS, type(self).__name__, "eval")
-        with lm_head_adapter_allowed(model, peft_config):
-            super().__init__(
-                model, ref_model=ref_model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
-                callbacks=callbacks, optimizers=optimizers, quantization_config=quantization_config,
-                peft_config=peft_config,
-            )
-        self._install_fused_heads()
+    _dataset_columns = UNPAIRED_COLUMNS
 
     # ------------------------------------------------------------------------------------------------ forwards
     @staticmethod
@@ -115,14 +90,7 @@ class FusedKTOTrainer(FusedTrainerMixin, trl.KTOTrainer):
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference ``(completion [B], KL [B] or None)`` log-probs of one batch (precompute path)."""
-        from trl.models.utils import disable_gradient_checkpointing
-
-        with (
-            torch.no_grad(),
-            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-            reference_adapter_context(self),
-            self.accelerator.autocast(),
-        ):
+        with self._precompute_context():
             token_logps, _ = self._token_logps(
                 model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"], fused_outputs=()
             )
@@ -149,17 +117,10 @@ class FusedKTOTrainer(FusedTrainerMixin, trl.KTOTrainer):
         """``(ref completion log-probs [B], ref KL log-probs [B] or None)``."""
         if self.precompute_ref_logps:
             return batch["ref_logps"], (batch["ref_KL_logps"] if self.calculate_KL else None)
-        from trl.models.utils import disable_gradient_checkpointing
-
-        kwargs = {k: v for k, v in policy.model_kwargs.items() if k != "output_router_logits"}
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            if self.ref_model is None:
-                with reference_adapter_context(self):
-                    ref_kl = self._kl_logps(self.model, batch)
-                    out = self.model(**kwargs, labels=policy.labels, fused_lm_head=True, fused_outputs=())
-            else:
-                ref_kl = self._kl_logps(self.ref_model, batch)
-                out = self.ref_model(**kwargs, labels=policy.labels, fused_lm_head=True, fused_outputs=())
+        kwargs = without_router_logits(policy.model_kwargs)
+        with self._reference_model() as ref:
+            ref_kl = self._kl_logps(ref, batch)
+            out = ref(**kwargs, labels=policy.labels, fused_lm_head=True, fused_outputs=())
         ref_tokens = out.log_probs[:, -policy.token_logps.size(1):]
         return ref_tokens.sum(-1), ref_kl
 
@@ -196,21 +157,10 @@ class FusedKTOTrainer(FusedTrainerMixin, trl.KTOTrainer):
         labels = torch.as_tensor(batch["label"], dtype=torch.bool, device=logps.device)
         kl = self._kl_estimate(kl_logps, ref_kl_logps)
         result = self._kto_loss(logps, ref_logps.to(logps.device), labels, kl)
-        loss = result.loss
-        if self.aux_loss_enabled:
-            aux = policy.outputs.aux_loss
-            loss = loss + self.router_aux_loss_coef * aux
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux).mean().item())
+        loss = self._add_aux_loss(result.loss, policy.outputs, mode)
         self._log_metrics(mode, batch, policy, result, logps, labels, kl)
         if return_outputs:
-            warnings.warn(
-                "`return_outputs=True` needs the logits, which the fused head never builds: they are recomputed with "
-                "an extra forward pass.",
-                stacklevel=2,
-            )
-            with torch.no_grad():
-                kwargs = {k: v for k, v in policy.model_kwargs.items() if k != "output_router_logits"}
-                return loss, model(**kwargs)
+            return loss, outputs_with_logits(model, policy.model_kwargs)
         return loss
 
     # ------------------------------------------------------------------------------------------------ metrics
@@ -222,13 +172,7 @@ class FusedKTOTrainer(FusedTrainerMixin, trl.KTOTrainer):
         out = policy.outputs
         seq_len = policy.token_logps.size(1)
         mask = policy.shift_mask
-        tokens = acc.gather_for_metrics(mask.sum()).sum()
-        entropy_sum = acc.gather_for_metrics((out.entropy[:, -seq_len:].detach() * mask).sum()).sum()
-        metrics["entropy"].append((entropy_sum / tokens).item() if tokens > 0 else 0.0)
-
-        if mode == "train":
-            self._total_train_tokens += acc.gather_for_metrics(batch["attention_mask"].sum()).sum().item() // self._tp_size
-        metrics["num_tokens"] = [self._total_train_tokens]
+        self._log_entropy_and_tokens(mode, out.entropy[:, -seq_len:], mask, batch["attention_mask"].sum())
 
         mean_logits = out.mean_logits[:, -seq_len:].detach()
         for side, rows in (("chosen", labels), ("rejected", ~labels)):

@@ -21,7 +21,7 @@ from packaging.version import Version
 
 from align_losses.losses import sft_loss
 
-from ._common import FusedTrainerMixin, check_columns, check_impl_name, check_model, lm_head_adapter_allowed
+from ._common import FusedTrainerMixin, check_before_init, lm_head_adapter_allowed, outputs_with_logits
 
 
 def _sft_columns(args):
@@ -41,13 +41,9 @@ class FusedSFTTrainer(FusedTrainerMixin, trl.SFTTrainer):
                  processing_class=None, compute_loss_func=None, compute_metrics=None, callbacks=None,
                  optimizers=(None, None), optimizer_cls_and_kwargs=None, preprocess_logits_for_metrics=None,
                  quantization_config=None, peft_config=None, formatting_func=None):
-        if args is not None:
-            check_impl_name(args)
-        check_model(model)
         skip_prepare = args is not None and (getattr(args, "dataset_kwargs", None) or {}).get("skip_prepare_dataset")
-        if formatting_func is None and not skip_prepare:
-            check_columns(train_dataset, _sft_columns(args), type(self).__name__)
-            check_columns(eval_dataset, _sft_columns(args), type(self).__name__, "eval")
+        columns = _sft_columns(args) if formatting_func is None and not skip_prepare else None
+        check_before_init(type(self).__name__, args, (model,), columns, train_dataset, eval_dataset)
         with lm_head_adapter_allowed(model, peft_config), warnings.catch_warnings():
             # TRL warns that label smoothing costs an extra full-logits forward; here it does not.
             warnings.filterwarnings("ignore", message=".*label_smoothing_factor.*")
@@ -122,14 +118,7 @@ class FusedSFTTrainer(FusedTrainerMixin, trl.SFTTrainer):
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
         self._log_metrics(mode, inputs, outputs)
         if return_outputs:
-            warnings.warn(
-                "`return_outputs=True` needs the logits, which the fused head never builds: they are recomputed with "
-                "an extra forward pass.",
-                stacklevel=2,
-            )
-            with torch.no_grad():
-                logits_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "output_router_logits")}
-                return loss, model(**logits_inputs)
+            return loss, outputs_with_logits(model, inputs, drop=("labels", "output_router_logits"))
         return loss
 
     # ------------------------------------------------------------------------------------------------ metrics
