@@ -15,7 +15,7 @@ import torch
 from . import backends
 from .backends.base import DIFFERENTIABLE_OUTPUTS, OUTPUTS, HeadProblem, LogitTransform, VocabShard
 
-STATS = tuple(n for n in OUTPUTS if n != "logprobs")
+STATS = tuple(n for n in OUTPUTS if n != "logprobs")  # what `outputs=` may name
 
 
 @dataclass(frozen=True)
@@ -100,12 +100,15 @@ def linear_token_stats(
     if unknown:
         raise ValueError(f"unknown outputs {sorted(unknown)}: expected a subset of {list(STATS)}")
     transform = LogitTransform(logit_scale=float(logit_scale), softcap=softcap, temperature=float(temperature))
-    weight, bias, process_group = _local_head(weight, bias, process_group)
+    wanted = frozenset(("logprobs", *outputs))
+    options = dict(backend_options or {})
     _check_inputs(hidden, weight, labels, bias, transform, process_group)
+    backend = backends.resolve(impl, _probe(hidden, weight, bias, transform, wanted, process_group, options))
+
+    weight, bias, process_group = _local_head(weight, bias, process_group)
     shard = _vocab_shard(weight, process_group)
     targets = _shift(labels, ignore_index) if shift else labels
     _check_label_range(targets, ignore_index, shard.size if shard else weight.shape[0])
-
     flat_targets = targets.reshape(-1)
     kept = torch.nonzero(flat_targets != ignore_index).squeeze(1)
     hidden_kept, weight, bias = _compute_dtype(hidden.reshape(-1, hidden.shape[-1]).index_select(0, kept), weight, bias)
@@ -115,15 +118,31 @@ def linear_token_stats(
         bias=bias,
         labels=flat_targets.index_select(0, kept).long(),
         transform=transform,
-        outputs=frozenset(("logprobs", *outputs)),
+        outputs=wanted,
         shard=shard,
-        options=dict(backend_options or {}),
+        options=options,
     )
-    backend = backends.resolve(impl, problem)
     with torch.autocast(hidden.device.type, enabled=False):
         per_token = backend.run(problem)
     scattered = {n: _scatter(v, kept, labels.shape, n in DIFFERENTIABLE_OUTPUTS) for n, v in per_token.items()}
     return TokenStats(**scattered)
+
+
+def _probe(hidden, weight, bias, transform, outputs, process_group, options) -> HeadProblem:
+    """A zero-token stand-in for the call: what the backend check reads, known before any work."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    sharded = process_group is not None or _row_sharded(weight)
+    return HeadProblem(
+        hidden=hidden.new_empty((0, hidden.shape[-1]), dtype=dtype),
+        weight=weight,
+        bias=bias,
+        labels=torch.empty(0, dtype=torch.long, device=hidden.device),
+        transform=transform,
+        outputs=outputs,
+        shard=VocabShard(start=0, size=0, group=process_group) if sharded else None,
+        options=options,
+    )
 
 
 def _scatter(values: torch.Tensor, kept: torch.Tensor, shape: torch.Size, differentiable: bool) -> torch.Tensor:
@@ -160,13 +179,20 @@ def _local_head(weight: torch.Tensor, bias: Optional[torch.Tensor], process_grou
     """
     if type(weight).__name__ != "DTensor":
         return weight, bias, process_group
-    from torch.distributed.tensor import Shard
-
-    if weight.device_mesh.ndim == 1 and tuple(weight.placements) == (Shard(0),) and process_group is None:
+    if _row_sharded(weight):
         local_bias = bias.to_local() if bias is not None else None
         return weight.to_local(), local_bias, weight.device_mesh.get_group()
     full_bias = bias.full_tensor() if bias is not None else None
     return weight.full_tensor(), full_bias, process_group
+
+
+def _row_sharded(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is a DTensor split by rows (the vocabulary) over a 1-D mesh."""
+    if type(weight).__name__ != "DTensor":
+        return False
+    from torch.distributed.tensor import Shard
+
+    return weight.device_mesh.ndim == 1 and tuple(weight.placements) == (Shard(0),)
 
 
 def _vocab_shard(weight: torch.Tensor, process_group) -> Optional[VocabShard]:
@@ -206,6 +232,11 @@ def _check_inputs(hidden, weight, labels, bias, transform: LogitTransform, proce
         raise ValueError(f"softcap must be None or > 0; got {transform.softcap}")
     if weight.shape[0] == 0 and process_group is None:
         raise ValueError("weight has an empty vocabulary (V = 0)")
+    if process_group is not None and type(weight).__name__ == "DTensor":
+        raise ValueError(
+            "pass either a DTensor weight (its mesh says how it is split) or a plain local shard with "
+            "process_group, not both"
+        )
 
 
 def _check_label_range(targets: torch.Tensor, ignore_index: int, vocab: int) -> None:

@@ -52,3 +52,21 @@ def test_labels_beyond_the_vocabulary_are_checked_after_the_shift():
     align_losses.linear_logprobs(h, w, y, shift=True)
     with pytest.raises(ValueError, match="labels must be in"):
         align_losses.linear_logprobs(h, w, y)
+
+
+def test_backend_is_checked_before_any_work(monkeypatch):
+    """An unknown or unable backend fails before labels are checked, tokens gathered or heads gathered."""
+    from align_losses import core
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the backend was checked")
+
+    monkeypatch.setattr(core, "_local_head", no_work)
+    monkeypatch.setattr(core, "_check_label_range", no_work)
+    h, w, y = _ok()
+    with pytest.raises(ValueError, match="unknown impl 'fast'"):
+        align_losses.linear_logprobs(h, w, y, impl="fast")
+    with pytest.raises(ValueError, match="impl 'cce' does not support device 'cpu'"):
+        align_losses.linear_logprobs(h, w, y, impl="cce")
+    with pytest.raises(ValueError, match="does not support option 'chunk'"):
+        align_losses.linear_logprobs(h, w, y, backend_options={"chunk": 3})

@@ -34,10 +34,6 @@ class LogitTransform:
     temperature: float = 1.0
 
     @property
-    def is_identity(self) -> bool:
-        return self.logit_scale == 1.0 and self.softcap is None and self.temperature == 1.0
-
-    @property
     def is_linear(self) -> bool:
         """True when ``z`` is a scalar multiple of ``a`` (no soft-cap)."""
         return self.softcap is None
@@ -100,7 +96,8 @@ class Capabilities:
 class Backend:
     """A registered implementation of the head.
 
-    ``run(problem) -> dict[str, Tensor[M] float32]`` holds the computation; ``available()``
+    ``run(problem) -> dict[str, Tensor[M] float32]`` holds the computation (the module defining the
+    backend says how); ``available()``
     returns None when the backend can run in this environment, or a sentence saying why not
     (a missing package, no GPU).
     """
@@ -109,7 +106,6 @@ class Backend:
     capabilities: Capabilities
     run: Callable[[HeadProblem], dict]
     available: Callable[[], Optional[str]] = lambda: None
-    description: str = ""
     #: A finer check than `capabilities` (feature combinations, option-dependent limits):
     #: ``problem -> [missing features]``.
     extra_check: Optional[Callable[[HeadProblem], list]] = None

@@ -127,8 +127,4 @@ BACKEND = Backend(
     ),
     run=_run,
     available=_available,
-    description=(
-        "Cut Cross-Entropy (Triton, CUDA, bf16/fp16): log-probs only, soft-cap supported; "
-        "no gradient filtering unless backend_options={'filter_eps': ...}"
-    ),
 )

@@ -235,7 +235,7 @@ BACKEND = Backend(
         devices=frozenset({"cuda"}),
         dtypes=frozenset({torch.float32, torch.bfloat16, torch.float16}),
         # Union of the two entry points: 'flce' has bias/softcap, 'scaled' has temperature,
-        # logit_scale and the entropy; combinations of the two groups are refused by `choose_entry`.
+        # logit_scale and the entropy; combinations of the two groups are refused by `_combination_gaps` (the registry's extra check).
         bias=True,
         softcap=True,
         logit_scale=True,
@@ -247,8 +247,4 @@ BACKEND = Backend(
     run=_run,
     available=_available,
     extra_check=_combination_gaps,
-    description=(
-        "Liger-Kernel on CUDA: entry 'flce' (fused linear CE, bias/soft-cap, log-probs) or 'scaled' "
-        "(fused scaled CE: log-probs and entropy, temperature); exact per-token upstream gradients"
-    ),
 )

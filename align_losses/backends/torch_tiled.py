@@ -31,5 +31,4 @@ BACKEND = Backend(
         options=frozenset({"memory_budget", "token_chunk"}),
     ),
     run=_run,
-    description="pure PyTorch, tiled over vocabulary and tokens; runs on any torch device",
 )

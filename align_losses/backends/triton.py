@@ -41,9 +41,4 @@ BACKEND = Backend(
     ),
     run=_run,
     available=_available,
-    description=(
-        "CUDA: Triton logits GEMM with the logsumexp fused in its epilogue (no logits in memory); "
-        "backward recomputes tiles in a Triton GEMM writing dL/da per vocabulary chunk, then cuBLAS "
-        "GEMMs for the hidden (fp32 accumulator) and weight gradients"
-    ),
 )

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from ..backends.base import HeadProblem, LogitTransform, VocabShard
+from ..backends.base import DIFFERENTIABLE_OUTPUTS, OUTPUTS, HeadProblem, LogitTransform, VocabShard
 
 # Bytes of fp32 temporaries per tile element: logits, probabilities, their gradient, a cast copy.
 _BYTES_PER_TILE_ELEMENT = 16
@@ -80,8 +80,9 @@ def _dz_da_(grad_z: torch.Tensor, z: torch.Tensor, t: LogitTransform) -> torch.T
     """Chain ``dL/dz`` to ``dL/da`` in place: ``dz/da = s/T * (1 - tanh^2)`` with ``tanh = z T / c``."""
     factor = t.logit_scale / t.temperature
     if t.softcap is not None:
-        tanh = z * (t.temperature / t.softcap)
-        grad_z.mul_(1.0 - tanh * tanh)
+        one_minus_tanh2 = z.mul(t.temperature / t.softcap).square_().neg_().add_(1.0)  # one tile, in place
+        grad_z.mul_(one_minus_tanh2)
+        del one_minus_tanh2
     if factor != 1.0:
         grad_z.mul_(factor)
     return grad_z
@@ -133,10 +134,11 @@ class _Stats:
         rescale = torch.exp(old_max - new_max)
         p = torch.exp(z - new_max[:, None])
         self.sum_exp[rows] = self.sum_exp[rows] * rescale + p.sum(dim=1)
+        # Row-wise dot products: no [rows, block] product tile beyond p itself.
         if self.sum_exp_z is not None:
-            self.sum_exp_z[rows] = self.sum_exp_z[rows] * rescale + (p * z).sum(dim=1)
+            self.sum_exp_z[rows] = self.sum_exp_z[rows] * rescale + torch.einsum("ij,ij->i", p, z)
         if self.sum_exp2 is not None:
-            self.sum_exp2[rows] = self.sum_exp2[rows] * rescale * rescale + (p * p).sum(dim=1)
+            self.sum_exp2[rows] = self.sum_exp2[rows] * rescale * rescale + torch.einsum("ij,ij->i", p, p)
         if self.sum_z is not None:
             self.sum_z[rows] += z.sum(dim=1)
         if self.argmax is not None:
@@ -221,9 +223,9 @@ def _finish(stats: _Stats, outputs: frozenset, vocab: int, labels: torch.Tensor)
 class TiledHeadFunction(torch.autograd.Function):
     """Autograd function behind the ``"torch"`` backend.
 
-    ``forward(hidden [M, D], weight [V_local, D], bias [V_local] | None, problem, tiling)`` returns
-    the differentiable outputs in the order of ``names`` (each fp32 ``[M]``) followed by the
-    detached ones. Saved for backward: the inputs, the labels, ``logsumexp [M]`` and, when the
+    ``forward(hidden [M, D], weight [V_local, D], bias [V_local] | None, problem, tiling, names)``
+    returns one fp32 ``[M]`` tensor per name in ``names`` (a subset of `OUTPUTS`, in its order);
+    ``argmax_hit`` and ``log_sum_p2`` are marked non-differentiable. Saved for backward: the inputs, the labels, ``logsumexp [M]`` and, when the
     entropy is requested, ``E_p[z] [M]``.
     """
 
@@ -278,7 +280,7 @@ def _logit_grad(z, lse_rows, expected_z_rows, up: dict, rows: slice, vocab: int)
 
 def _backward(hidden, weight, bias, labels, lse, expected_z, up, transform, shard, vocab, tiling, need):
     need_h, need_w, need_b = need
-    up = {n: g.float() for n, g in up.items() if n in ("logprobs", "entropy", "mean_logit", "logsumexp")}
+    up = {n: g.float() for n, g in up.items() if n in DIFFERENTIABLE_OUTPUTS}
     offset = shard.start if shard is not None else 0
     m = hidden.shape[0]
     grad_hidden = torch.zeros(m, hidden.shape[1], dtype=torch.float32, device=hidden.device) if need_h else None
@@ -331,6 +333,6 @@ def tiled_head(problem: HeadProblem, memory_budget: int, token_block: Optional[i
         # Reference passes: statistics only, nothing kept for a backward that will not come.
         stats = _forward_stats(problem, tiling)
         return _finish(stats, problem.outputs, problem.vocab_size, problem.labels)
-    names = tuple(n for n in ("logprobs", "entropy", "mean_logit", "logsumexp", "argmax_hit", "log_sum_p2") if n in problem.outputs)
+    names = tuple(n for n in OUTPUTS if n in problem.outputs)
     outs = TiledHeadFunction.apply(problem.hidden, problem.weight, problem.bias, problem, tiling, names)
     return dict(zip(names, outs))
