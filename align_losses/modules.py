@@ -8,8 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .core import linear_token_stats
-from .fused.common import shift_left
-from .losses import sft_loss
+from .losses import check_sft_args, sft_outputs, sft_token_losses
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -27,9 +26,12 @@ class LinearCrossEntropyLoss(nn.Module):
 
     Args:
         output_embeddings: the model's output embedding module (``model.get_output_embeddings()``).
-        impl: core backend: ``"auto"``, ``"torch"`` (alias ``"pytorch"``), ``"cce"``, ``"liger"``.
+        impl: core backend: ``"auto"``, ``"triton"`` (the CUDA default), ``"torch"`` (alias
+            ``"pytorch"``), ``"cce"``, ``"liger"``. ``"auto"`` runs ``"triton"`` on CUDA when it
+            supports the call and ``"torch"`` otherwise.
         chunk_size: tokens per chunk of the ``"torch"`` backend (``backend_options["token_chunk"]``);
-            other backends reject it with a ValueError.
+            a torch-only option: ``"auto"`` then runs ``"torch"``, and any other backend named
+            explicitly rejects it with a ValueError.
         ignore_index: label value of tokens that are not scored.
         shift: position ``t`` scores ``labels[..., t + 1]`` (labels are the input ids); the last
             position scores nothing.
@@ -42,7 +44,7 @@ class LinearCrossEntropyLoss(nn.Module):
     Forward ``(hidden_states [..., D], labels [...] int, *, num_items_in_batch=None)``; with
     "mean", ``num_items_in_batch`` (int or ``[]`` tensor) replaces the token count as the divisor.
     Returns a float32 ``[]`` loss (``[...]`` for "none"). The per-token smoothing / z-loss math is
-    `align_losses.losses.sft_loss`'s.
+    `align_losses.losses.sft_token_losses`'s.
     """
 
     def __init__(
@@ -64,10 +66,7 @@ class LinearCrossEntropyLoss(nn.Module):
         super().__init__()
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
-        if not 0.0 <= label_smoothing <= 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1]; got {label_smoothing}")
-        if z_loss < 0:
-            raise ValueError(f"z_loss must be >= 0; got {z_loss}")
+        check_sft_args("nll", label_smoothing, z_loss)
         options = dict(backend_options or {})
         if chunk_size is not None:
             if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -96,33 +95,26 @@ class LinearCrossEntropyLoss(nn.Module):
         if num_items_in_batch is not None and self.reduction != "mean":
             raise ValueError(f"num_items_in_batch is the divisor of reduction='mean'; not used by {self.reduction!r}")
         weight, bias = self._head()
-        targets = shift_left(labels, self.ignore_index) if self.shift else labels
-        outputs = (("mean_logit", "logsumexp") if self.label_smoothing > 0 else ()) + (
-            ("logsumexp",) if self.z_loss > 0 and self.label_smoothing == 0 else ()
-        )
         stats = linear_token_stats(
-            hidden_states, weight, targets, outputs=outputs, bias=bias, ignore_index=self.ignore_index,
-            temperature=self.temperature, softcap=self.softcap, logit_scale=self.logit_scale, impl=self.impl,
-            backend_options=self.backend_options,
+            hidden_states, weight, labels, outputs=sft_outputs(self.label_smoothing, self.z_loss), bias=bias,
+            ignore_index=self.ignore_index, shift=self.shift, temperature=self.temperature, softcap=self.softcap,
+            logit_scale=self.logit_scale, impl=self.impl, backend_options=self.backend_options,
         )
-        mask = targets != self.ignore_index
-        per_token = (stats.logprobs, stats.mean_logit, stats.logsumexp)
+        # The core gives 0 (and no gradient) at the tokens it does not score, so these are 0 there too.
+        losses = sft_token_losses(
+            stats.logprobs, label_smoothing=self.label_smoothing, z_loss=self.z_loss,
+            mean_logit=stats.mean_logit, logsumexp=stats.logsumexp,
+        )
         if self.reduction == "none":
-            flat = [None if t is None else t.reshape(-1) for t in (*per_token, mask)]
-            in_dims = tuple(None if t is None else 0 for t in flat)
-            return torch.vmap(self._token_loss, in_dims=in_dims)(*flat).view(labels.shape)
-        divisor = num_items_in_batch if self.reduction == "mean" else 1
-        return self._sft(*per_token, mask, divisor)
-
-    def _sft(self, logps, mean_logit, logsumexp, mask, divisor) -> Tensor:
-        return sft_loss(
-            logps, mask, num_items_in_batch=divisor, label_smoothing=self.label_smoothing, z_loss=self.z_loss,
-            mean_logit=mean_logit, logsumexp=logsumexp,
-        ).loss
-
-    def _token_loss(self, logps, mean_logit, logsumexp, mask) -> Tensor:
-        """One token's loss: `sft_loss` of that token alone, summed (vmapped over tokens for "none")."""
-        return self._sft(logps, mean_logit, logsumexp, mask, 1)
+            return losses
+        total = losses.sum()
+        if self.reduction == "sum":
+            return total
+        if num_items_in_batch is None:
+            # the scored labels: with shift, position t scores labels[..., t + 1], so the first is never scored
+            scored = labels[..., 1:] if self.shift else labels
+            num_items_in_batch = (scored != self.ignore_index).sum()
+        return total / torch.as_tensor(num_items_in_batch, device=total.device).clamp(min=1)
 
     def extra_repr(self) -> str:
         return (

@@ -24,6 +24,7 @@ from align_losses.fused import (
     FusedSimPOLoss,
     fused_sequence_logps,
 )
+from align_losses.fused.common import SequenceLayout
 from align_losses.losses import cpo_loss, dpo_loss, kto_loss, ld_sequence_logps, orpo_loss, sequence_logps, wpo_weights
 from reference import full_logits, rel, token_stats
 
@@ -272,6 +273,94 @@ def test_cu_seqlens_errors():
         fused(hidden, batch.weight, labels, cu_seqlens=torch.cat([cu[:2], cu[3:]]))
     with pytest.raises(ValueError, match=r"\[N, T\]"):
         fused(batch.hidden[0], batch.weight, batch.labels[0])
+
+
+class HeadPassRan(Exception):
+    """Raised by the stand-in core: the head pass was reached."""
+
+
+@pytest.fixture
+def no_head_pass(monkeypatch):
+    """Replace the core entry that `head_pass` calls; a call that reaches it raises `HeadPassRan`."""
+
+    def core(*args, **kwargs):
+        raise HeadPassRan
+
+    monkeypatch.setattr("align_losses.fused.common.linear_token_stats", core)
+
+
+def test_configuration_errors_raise_at_construction():
+    cases = [
+        (lambda: FusedDPOLoss(loss_type="exo_pair"), "needs label_smoothing > 0"),
+        (lambda: FusedDPOLoss(loss_type=["sigmoid", "hinge"], loss_weights=[1.0]), "one weight per loss type"),
+        (lambda: FusedDPOLoss(loss_type="aot", use_weighting=True), "sort the pairs"),
+        (lambda: FusedDPOLoss(f_divergence_type="chi2"), "Unknown f_divergence_type"),
+        (lambda: FusedDPOLoss(loss_type="bco_pair", f_divergence_type="js_divergence"), "only supported"),
+        (lambda: FusedSFTLoss(label_smoothing=1.5), r"must lie in \[0, 1\]"),
+        (lambda: FusedSFTLoss(loss_type="dft", label_smoothing=0.1), "only defined for loss_type='nll'"),
+        (lambda: FusedSFTLoss(z_loss=-1.0), "z_loss must be >= 0"),
+        (lambda: FusedSFTLoss(loss_type="ce"), "Unknown SFT loss_type"),
+        (lambda: FusedKTOLoss(loss_type="nope"), "Unknown KTO loss_type"),
+        (lambda: FusedCPOLoss(loss_type="nope"), "Unknown CPO loss_type"),
+    ]
+    for build, match in cases:
+        with pytest.raises(ValueError, match=match):
+            build()
+
+
+def test_bad_inputs_are_refused_before_the_head_pass(no_head_pass):
+    batch = make_batch(seed=12)
+    ref_c, ref_r = ref_logps(4)
+    refs = dict(ref_chosen_logps=ref_c, ref_rejected_logps=ref_r)
+    hidden, labels = pack(batch.hidden, batch.lengths), pack(batch.labels, batch.lengths)
+    cu = cu_seqlens(batch.lengths)
+    five = torch.cat([cu[:2], cu[3:]])  # 5 packed sequences
+    dpo, free = FusedDPOLoss(), FusedDPOLoss(reference_free=True)
+    kto, ref_kto = FusedKTOLoss(), ref_c.repeat(2)
+    cases = [
+        (lambda: dpo(batch.hidden[:5], batch.weight, batch.labels[:5], **refs), "2B sequences"),
+        (lambda: free(hidden, batch.weight, labels, cu_seqlens=five), "2B sequences"),
+        (lambda: dpo(batch.hidden, batch.weight, batch.labels, ref_chosen_logps=ref_c[:2], ref_rejected_logps=ref_r), r"shape \[3\]"),
+        (lambda: dpo(hidden, batch.weight, labels, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r[:2], cu_seqlens=cu), r"shape \[3\]"),
+        (lambda: dpo(batch.hidden, batch.weight, batch.labels, ref_chosen_logps=ref_c), "reference log-probs"),
+        (lambda: free(batch.hidden, batch.weight, batch.labels, **refs), "reference_free=True"),
+        (lambda: free(batch.hidden, batch.weight, batch.labels, cu_seqlens=cu), r"labels \[1, T_total\]"),
+        (lambda: free(hidden, batch.weight, labels, cu_seqlens=cu.float()), "integer"),
+        (lambda: FusedORPOLoss()(batch.hidden[:3], batch.weight, batch.labels[:3]), "2B sequences"),
+        (lambda: FusedCPOLoss()(hidden, batch.weight, labels, cu_seqlens=five), "2B sequences"),
+        (lambda: FusedSimPOLoss()(batch.hidden[:5], batch.weight, batch.labels[:5]), "2B sequences"),
+        (lambda: fused_sequence_logps(batch.hidden, batch.weight, batch.labels, ld_alpha=0.5, average=True), "average=True"),
+        (lambda: fused_sequence_logps(batch.hidden[:5], batch.weight, batch.labels[:5], ld_alpha=0.5), "2B sequences"),
+        (lambda: kto(batch.hidden, batch.weight, batch.labels, torch.ones(5), ref_logps=ref_kto), r"`desirable` must be a \[6\]"),
+        (lambda: kto(hidden, batch.weight, labels, torch.ones(6, 1), ref_logps=ref_kto, cu_seqlens=cu), r"`desirable` must be a \[6\]"),
+        (lambda: kto(batch.hidden, batch.weight, batch.labels, torch.ones(6), ref_logps=ref_c), r"`ref_logps` must be a tensor of shape \[6\]"),
+        (lambda: kto(batch.hidden, batch.weight, batch.labels, torch.ones(6)), "reference log-probs"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
+    # the stand-in is in place: valid calls do reach it
+    with pytest.raises(HeadPassRan):
+        dpo(hidden, batch.weight, labels, cu_seqlens=cu, **refs)
+    with pytest.raises(HeadPassRan):
+        kto(batch.hidden, batch.weight, batch.labels, torch.ones(6), ref_logps=ref_kto)
+
+
+def test_packed_layout_reads_the_boundaries_once(monkeypatch):
+    """The longest sequence and the sequence starts come from the host-side bounds (no further sync)."""
+    labels = torch.arange(7)[None]
+    cu = torch.tensor([0, 3, 3, 6, 7, 7])  # empty sequences in the middle and at the end
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or tolist(self))
+    for name in ("item", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, **k: pytest.fail("device sync"))
+    layout = SequenceLayout.of(labels, cu)
+    monkeypatch.undo()
+    assert reads == [1]
+    assert (layout.num_sequences, layout.length) == (5, 3)
+    assert layout.without_sequence_starts(labels, -1).tolist() == [[-1, 1, 2, -1, 4, 5, -1]]
+    assert layout.arrange(labels).tolist() == [[0, 1, 2], [0, 0, 0], [3, 4, 5], [6, 0, 0], [0, 0, 0]]
 
 
 # ----------------------------------------------------------------------------------------------- ORPO / CPO / SimPO

@@ -108,6 +108,32 @@ def test_pytorch_alias_chunk_size_and_num_items():
     assert rel(loss(hidden, labels, num_items_in_batch=40), total / 40) < 1e-5
 
 
+def test_shift_and_outputs_are_passed_to_the_core(monkeypatch):
+    """The core shifts the labels (``shift=True``) and computes only the outputs the settings need."""
+    import align_losses.modules as modules
+
+    calls = []
+    core = modules.linear_token_stats
+
+    def recording(hidden, weight, labels, **kwargs):
+        calls.append((labels, kwargs))
+        return core(hidden, weight, labels, **kwargs)
+
+    monkeypatch.setattr(modules, "linear_token_stats", recording)
+    lin, hidden, labels = setup(seed=6)
+    LinearCrossEntropyLoss(lin, shift=True, z_loss=0.1)(hidden, labels)
+    LinearCrossEntropyLoss(lin, label_smoothing=0.1, z_loss=0.1)(hidden, labels)
+    (first, first_kwargs), (second, second_kwargs) = calls
+    assert first is labels and first_kwargs["shift"] is True and first_kwargs["outputs"] == ("logsumexp",)
+    assert second_kwargs["shift"] is False and second_kwargs["outputs"] == ("mean_logit", "logsumexp")
+
+
+def test_none_is_zero_where_not_scored():
+    lin, hidden, labels = setup(seed=7)
+    out = LinearCrossEntropyLoss(lin, shift=True, reduction="none", label_smoothing=0.2, z_loss=0.1)(hidden, labels)
+    assert (out[..., -1] == 0).all() and (out[..., :-1][labels[..., 1:] == -100] == 0).all()
+
+
 def test_all_ignored_gives_zero():
     lin, hidden, labels = setup(seed=4)
     labels = torch.full_like(labels, -100)

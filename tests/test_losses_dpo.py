@@ -14,6 +14,7 @@ import torch
 from align_losses.losses import (
     DPO_LOSS_TYPES,
     F_DIVERGENCE_LOSS_TYPES,
+    check_dpo_args,
     dpo_loss,
     ld_sequence_logps,
     sequence_logps,
@@ -284,6 +285,17 @@ def test_dpo_errors(kwargs, message):
     logps = -torch.rand(3, generator=torch.Generator().manual_seed(0)) * 10
     with pytest.raises(ValueError, match=message):
         dpo_loss(logps, logps - 1, logps + 1, logps, **kwargs)
+
+
+def test_check_dpo_args_alone():
+    assert check_dpo_args(["sigmoid", "sft"]) == (["sigmoid", "sft"], [1.0, 1.0])
+    assert check_dpo_args("ipo", [0.5]) == (["ipo"], [0.5])
+    with pytest.raises(ValueError, match="label_smoothing > 0"):
+        check_dpo_args("exo_pair")
+    with pytest.raises(ValueError, match="cannot be used with 'aot'"):
+        check_dpo_args(["sigmoid", "aot"], use_weighting=True)
+    with pytest.warns(UserWarning, match="'robust'"):
+        check_dpo_args("robust", label_smoothing=0.6)
 
 
 def test_dpo_needs_both_or_neither_reference():

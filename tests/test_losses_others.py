@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from align_losses.losses import cpo_loss, kto_loss, orpo_loss, sft_loss, simpo_loss
+from align_losses.losses import check_cpo_args, check_kto_args, check_sft_args, cpo_loss, kto_loss, orpo_loss
+from align_losses.losses import sft_loss, sft_outputs, sft_token_losses, simpo_loss
 
 DTYPES = [torch.float64, torch.float32]
 TOL = {torch.float64: dict(rtol=1e-6, atol=1e-7), torch.float32: dict(rtol=1e-5, atol=1e-7)}
@@ -140,6 +141,11 @@ def test_cpo_each_type(loss_type, alpha, dtype):
     close(out.loss, sum(losses) / 6 + (0.0 if loss_type == "alphapo" else 0.7) * nll, dtype)
     close(out.chosen_rewards, [CPO_BETA * v for v in rc], dtype)
     close(out.rejected_rewards, [CPO_BETA * v for v in rr], dtype)
+    # the log-probs the loss read: averaged for ipo/simpo/alphapo, before the AlphaPO shaping
+    averaged = loss_type in ("ipo", "simpo", "alphapo")
+    close(out.chosen_logps, chosen / lc if averaged else chosen, dtype)
+    close(out.rejected_logps, rejected / lr if averaged else rejected, dtype)
+    assert not out.chosen_logps.requires_grad
 
 
 def test_simpo_by_hand():
@@ -185,6 +191,16 @@ def test_alphapo_reward_stays_finite_on_long_sums():
 def test_cpo_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         cpo_loss(torch.tensor([-1.0, -2.0]), torch.tensor([-2.0, -1.0]), **kwargs)
+
+
+def test_check_args_alone():
+    check_cpo_args("alphapo")
+    check_kto_args("apo_zero_unpaired")
+    check_sft_args("dft", 0.0, 0.5)
+    for check, match in ((lambda: check_cpo_args("dpo"), "Unknown CPO"), (lambda: check_kto_args("dpo"), "Unknown KTO"),
+                         (lambda: check_sft_args("nll", -0.1), r"\[0, 1\]"), (lambda: check_sft_args("dft", 0.1), "only defined")):
+        with pytest.raises(ValueError, match=match):
+            check()
 
 
 def test_cpo_label_smoothing_ignored_with_warning_for_hinge():
@@ -313,6 +329,20 @@ def test_num_items_in_batch_makes_accumulation_exact():
     n = mask.sum()
     parts = sum(sft_loss(logps[i : i + 2], mask[i : i + 2], num_items_in_batch=n).loss for i in (0, 2, 4))
     close(parts, whole, torch.float64)
+
+
+def test_sft_outputs_and_token_losses():
+    assert sft_outputs() == ()
+    assert sft_outputs(z_loss=0.1) == ("logsumexp",)
+    assert sft_outputs(label_smoothing=0.1) == sft_outputs(0.1, 0.1) == ("mean_logit", "logsumexp")
+    logits, labels, mask, token_logps = logits_batch(torch.float64, seed=18)
+    stats = dict(mean_logit=logits.mean(-1), logsumexp=logits.logsumexp(-1))
+    per_token = sft_token_losses(token_logps, label_smoothing=0.3, z_loss=1e-2, **stats)
+    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), label_smoothing=0.3, reduction="none").view(labels.shape)
+    close(torch.where(mask, per_token, 0), ce + 1e-2 * stats["logsumexp"].square() * mask, torch.float64)
+    whole = sft_loss(token_logps, mask, label_smoothing=0.3, z_loss=1e-2, **stats)
+    close(whole.loss, torch.where(mask, per_token, 0).sum() / mask.sum(), torch.float64)
+    assert whole.num_items.dtype == torch.int64
 
 
 def test_empty_mask_gives_zero():

@@ -17,7 +17,8 @@ loss               functional loss      core outputs for the loss               
 `FusedCPOLoss`     `cpo_loss`           -                                           mean_logit
 `FusedSimPOLoss`   `cpo_loss` (simpo)   -                                           mean_logit
 `FusedKTOLoss`     `kto_loss`           -                                           entropy, mean_logit
-`FusedSFTLoss`     `sft_loss`           logsumexp; +mean_logit for smoothing        entropy, argmax_hit
+`FusedSFTLoss`     `sft_loss`           logsumexp (smoothing or z-loss);            entropy, argmax_hit
+                                        +mean_logit (smoothing)
 =================  ===================  ==========================================  ===============================
 
 Batch layouts (all losses): padded ``hidden [N, T, D]``, ``labels [N, T]`` (the input ids, with
@@ -35,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ..losses import ld_sequence_logps, sequence_logps
-from .common import FusedLoss, FusedOutput, HeadOptions, TokenBatch, head_pass, split_pairs
+from .common import FusedLoss, FusedOutput, HeadOptions, TokenBatch, head_pass, pair_count, split_pairs
 from .dpo import FusedDPOLoss
 from .kto import FusedKTOLoss
 from .paired import FusedCPOLoss, FusedORPOLoss, FusedSimPOLoss
@@ -64,11 +65,13 @@ def fused_sequence_logps(
     Returns:
         ``[N]`` float32, differentiable (wrap in ``torch.no_grad()`` for a reference).
     """
+    if ld_alpha is not None:
+        if average:
+            raise ValueError("ld_alpha weights summed log-probs; it cannot be combined with average=True")
+        pair_count(labels, cu_seqlens)
     tokens = head_pass(hidden, weight, labels, head=HeadOptions(**head), bias=bias, cu_seqlens=cu_seqlens)
     if ld_alpha is None:
         return sequence_logps(tokens.logps, tokens.completion, average=average)
-    if average:
-        raise ValueError("ld_alpha weights summed log-probs; it cannot be combined with average=True")
     chosen, rejected = split_pairs(tokens)
     ld = ld_sequence_logps(chosen.logps, chosen.completion, rejected.logps, rejected.completion, ld_alpha=ld_alpha)
     return torch.cat(ld)

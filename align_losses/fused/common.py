@@ -39,7 +39,11 @@ class HeadOptions:
     `align_losses.linear_token_stats` for the transform.
 
     Attributes:
-        impl: ``"auto"`` or a backend name (``"torch"``/``"pytorch"``, ``"cce"``, ``"liger"``).
+        impl: ``"auto"`` or a backend name: ``"triton"`` (the CUDA default), ``"torch"`` (alias
+            ``"pytorch"``), ``"cce"``, ``"liger"``. ``"auto"`` runs ``"triton"`` on CUDA when it
+            supports the call and ``"torch"`` otherwise (e.g. with ``backend_options["token_chunk"]``,
+            a torch-only option); a backend named explicitly that does not support an option
+            raises ValueError.
         ignore_index: label value of tokens that are not scored (prompt, padding).
         shift: labels are the input ids (next-token alignment is done here: position ``t`` scores
             ``labels[t + 1]``), as in TRL's batches. ``False``: labels are already aligned.
@@ -71,33 +75,32 @@ class SequenceLayout:
     `arrange` returns its input unchanged. Packed rows (labels ``[1, T_total]``): sequence ``s``
     is ``positions cu_seqlens[s] : cu_seqlens[s + 1]``, ``L`` is the longest sequence, and
     `arrange` scatters each position to ``(s, position - cu_seqlens[s])`` (zeros fill the gaps).
-    Building a packed layout reads ``cu_seqlens`` on the host (one device sync per call).
+    Building a packed layout reads ``cu_seqlens`` on the host once (one device sync per call when
+    it lives on the GPU); everything else is derived from those host-side bounds.
     """
 
     num_sequences: int
     length: int
-    starts: Optional[Tensor] = None  # packed: [K] int64 first position of each non-empty sequence
+    start_mask: Optional[Tensor] = None  # packed: [T_total] bool, True at each non-empty sequence's first position
     destination: Optional[Tensor] = None  # packed: [T_total] int64 flat index into the [N * L] grid
 
     @staticmethod
     def of(labels: Tensor, cu_seqlens: Optional[Tensor]) -> "SequenceLayout":
         """The layout of ``labels`` (``[N, T]``, or ``[1, T_total]`` with ``cu_seqlens [N + 1]``)."""
-        if labels.dim() != 2:
-            raise ValueError(
-                "labels must be [N, T] (padded rows) or [1, T_total] with cu_seqlens (packed rows); "
-                f"got shape {tuple(labels.shape)}"
-            )
+        num = sequence_count(labels, cu_seqlens)
         if cu_seqlens is None:
-            return SequenceLayout(num_sequences=labels.shape[0], length=labels.shape[1])
-        total = _check_cu_seqlens(cu_seqlens, labels)
+            return SequenceLayout(num_sequences=num, length=labels.shape[1])
+        bounds = _host_bounds(cu_seqlens, labels.shape[1])
+        total = bounds[-1]
+        longest = max(b - a for a, b in zip(bounds, bounds[1:]))
         cu = cu_seqlens.to(device=labels.device, dtype=torch.int64)
-        lengths = cu[1:] - cu[:-1]
-        num, longest = lengths.numel(), int(lengths.max())
         positions = torch.arange(total, device=labels.device)
         # sequence of each position: how many boundaries cu[1:] lie at or before it (skips empty ones)
         sequence = torch.searchsorted(cu[1:], positions, right=True)
         destination = sequence * longest + (positions - cu[sequence])
-        return SequenceLayout(num, longest, starts=cu[:-1][lengths > 0], destination=destination)
+        # an empty sequence starts where the next one does, or at T_total (dropped by the slice)
+        start_mask = positions.new_zeros(total + 1, dtype=torch.bool).index_fill_(0, cu[:-1], True)[:total]
+        return SequenceLayout(num, longest, start_mask=start_mask, destination=destination)
 
     @property
     def packed(self) -> bool:
@@ -118,13 +121,26 @@ class SequenceLayout:
         token of the next one; a padded row's first label is never scored, so this makes packed
         and padded batches give the same result (TRL's padding-free collator does the same).
         """
-        if not self.packed or self.starts.numel() == 0:
+        if not self.packed:
             return labels
-        return labels.index_fill(1, self.starts, ignore_index)
+        return labels.masked_fill(self.start_mask, ignore_index)
 
 
-def _check_cu_seqlens(cu_seqlens: Tensor, labels: Tensor) -> int:
-    total = labels.shape[1]
+def sequence_count(labels: Tensor, cu_seqlens: Optional[Tensor] = None) -> int:
+    """The number of sequences ``N`` of a batch, from shapes alone (no device sync).
+
+    Checks the shapes (``labels [N, T]``, or ``[1, T_total]`` with a 1-D integer ``cu_seqlens
+    [N + 1]``) so that a fused loss can check its per-sequence inputs before the head pass;
+    `head_pass` checks the boundaries themselves.
+    """
+    if not isinstance(labels, Tensor) or labels.dim() != 2:
+        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(
+            "labels must be [N, T] (padded rows) or [1, T_total] with cu_seqlens (packed rows); "
+            f"got shape {shape}"
+        )
+    if cu_seqlens is None:
+        return labels.shape[0]
     if labels.shape[0] != 1:
         raise ValueError(
             f"packed rows (cu_seqlens given) need hidden [1, T_total, D] and labels [1, T_total]; "
@@ -134,6 +150,25 @@ def _check_cu_seqlens(cu_seqlens: Tensor, labels: Tensor) -> int:
         raise ValueError("cu_seqlens must be a 1-D integer tensor [N + 1] of sequence boundaries")
     if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex or cu_seqlens.dtype == torch.bool:
         raise ValueError(f"cu_seqlens must be an integer tensor; got {cu_seqlens.dtype}")
+    return cu_seqlens.numel() - 1
+
+
+def pair_count(labels: Tensor, cu_seqlens: Optional[Tensor] = None) -> int:
+    """``B`` of a paired batch of ``2B`` sequences (chosen first), from shapes alone (as `sequence_count`)."""
+    return _pairs_of(sequence_count(labels, cu_seqlens))
+
+
+def _pairs_of(num_sequences: int) -> int:
+    if num_sequences == 0 or num_sequences % 2:
+        raise ValueError(
+            "paired losses need 2B sequences, the B chosen ones first and then the B rejected ones "
+            f"(padded [2B, T] rows or cu_seqlens [2B + 1]); got {num_sequences} sequences"
+        )
+    return num_sequences // 2
+
+
+def _host_bounds(cu_seqlens: Tensor, total: int) -> list[int]:
+    """``cu_seqlens`` read on the host (the layout's one device sync), checked against ``T_total``."""
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != total:
         raise ValueError(
@@ -142,7 +177,7 @@ def _check_cu_seqlens(cu_seqlens: Tensor, labels: Tensor) -> int:
         )
     if any(b < a for a, b in zip(bounds, bounds[1:])):
         raise ValueError(f"cu_seqlens must be non-decreasing; got {bounds}")
-    return total
+    return bounds
 
 
 @dataclass(frozen=True)
@@ -236,29 +271,29 @@ def head_pass(
 def split_pairs(tokens: TokenBatch) -> tuple[TokenBatch, TokenBatch]:
     """``(chosen, rejected)``: the first and the second half of the sequences (``B`` each)."""
     n = tokens.num_sequences
-    if n == 0 or n % 2:
-        raise ValueError(
-            "paired losses need 2B sequences, the B chosen ones first and then the B rejected ones "
-            f"(padded [2B, T] rows or cu_seqlens [2B + 1]); got {n} sequences"
-        )
-    return tokens.rows(slice(0, n // 2)), tokens.rows(slice(n // 2, n))
+    half = _pairs_of(n)
+    return tokens.rows(slice(0, half)), tokens.rows(slice(half, n))
 
 
-def per_sequence_input(value: Optional[Tensor], name: str, count: int, like: Tensor) -> Optional[Tensor]:
-    """Check a caller's ``[count]`` per-sequence tensor (e.g. reference log-probs); cast it to ``like``'s dtype."""
+def per_sequence_input(value: Optional[Tensor], name: str, count: int, device: torch.device) -> Optional[Tensor]:
+    """Check a caller's ``[count]`` per-sequence tensor (e.g. reference log-probs); cast it to float32 on ``device``.
+
+    Float32 is the dtype of the head pass's sequence log-probs; called before the head pass.
+    """
     if value is None:
         return None
     if not isinstance(value, Tensor) or tuple(value.shape) != (count,):
         shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
         raise ValueError(f"`{name}` must be a tensor of shape [{count}] (one value per sequence); got {shape}")
-    return value.to(device=like.device, dtype=like.dtype)
+    return value.to(device=device, dtype=torch.float32)
 
 
-def require_reference(
-    ref_chosen: Optional[Tensor], ref_rejected: Optional[Tensor], reference_free: bool, loss: str
-) -> None:
-    """Reference log-probs must be given (both) unless the loss was built ``reference_free=True`` (then neither)."""
-    given = (ref_chosen is not None, ref_rejected is not None)
+def require_reference(*references: Optional[Tensor], reference_free: bool, loss: str) -> None:
+    """Reference log-probs must all be given unless the loss was built ``reference_free=True`` (then none).
+
+    ``references``: the reference tensors of one call, e.g. ``(ref_chosen, ref_rejected)`` or ``(ref_logps,)``.
+    """
+    given = [ref is not None for ref in references]
     if reference_free and any(given):
         raise ValueError(f"{loss} was built with reference_free=True; do not pass reference log-probs")
     if not reference_free and not all(given):

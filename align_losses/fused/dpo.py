@@ -6,12 +6,13 @@ from typing import Optional, Sequence
 
 from torch import Tensor
 
-from ..losses import DPO_LOSS_TYPES, dpo_loss, ld_sequence_logps, sequence_logps, wpo_weights
+from ..losses import check_dpo_args, dpo_loss, ld_sequence_logps, sequence_logps, wpo_weights
 from .common import (
     FusedLoss,
     FusedOutput,
     TokenBatch,
     logits_metrics,
+    pair_count,
     per_sequence_input,
     preference_metrics,
     require_reference,
@@ -82,10 +83,10 @@ class FusedDPOLoss(FusedLoss):
         **head,
     ):
         super().__init__(compute_metrics=compute_metrics, **head)
-        names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-        unknown = [n for n in names if n not in DPO_LOSS_TYPES]
-        if unknown or not names:
-            raise ValueError(f"Unknown DPO loss_type {unknown or names}; expected one or more of {DPO_LOSS_TYPES}.")
+        check_dpo_args(
+            loss_type, loss_weights, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
+            use_weighting=use_weighting,
+        )
         self.beta, self.loss_type, self.loss_weights = beta, loss_type, loss_weights
         self.label_smoothing, self.f_divergence_type = label_smoothing, f_divergence_type
         self.f_alpha_divergence_coef, self.discopop_tau = f_alpha_divergence_coef, discopop_tau
@@ -113,11 +114,15 @@ class FusedDPOLoss(FusedLoss):
         ref_rejected_logps: Optional[Tensor] = None,
         cu_seqlens: Optional[Tensor] = None,
     ) -> FusedOutput:
-        require_reference(ref_chosen_logps, ref_rejected_logps, self.reference_free, "FusedDPOLoss")
+        require_reference(
+            ref_chosen_logps, ref_rejected_logps, reference_free=self.reference_free, loss="FusedDPOLoss"
+        )
+        pairs = pair_count(labels, cu_seqlens)
+        ref_chosen_logps = per_sequence_input(ref_chosen_logps, "ref_chosen_logps", pairs, hidden.device)
+        ref_rejected_logps = per_sequence_input(ref_rejected_logps, "ref_rejected_logps", pairs, hidden.device)
         tokens = self.head_pass(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens)
         chosen, rejected = split_pairs(tokens)
         chosen_logps, rejected_logps = self.sequence_logps(chosen, rejected)
-        pairs = chosen.num_sequences
         weights = None
         if self.use_weighting:
             weights = wpo_weights(
@@ -127,8 +132,8 @@ class FusedDPOLoss(FusedLoss):
         result = dpo_loss(
             chosen_logps,
             rejected_logps,
-            per_sequence_input(ref_chosen_logps, "ref_chosen_logps", pairs, chosen_logps),
-            per_sequence_input(ref_rejected_logps, "ref_rejected_logps", pairs, chosen_logps),
+            ref_chosen_logps,
+            ref_rejected_logps,
             beta=self.beta,
             loss_type=self.loss_type,
             loss_weights=self.loss_weights,

@@ -7,8 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..losses import KTO_LOSS_TYPES, kto_loss, sequence_logps
-from .common import FusedLoss, FusedOutput, mean, per_sequence_input, require_reference, token_mean
+from ..losses import check_kto_args, kto_loss, sequence_logps
+from .common import FusedLoss, FusedOutput, mean, per_sequence_input, require_reference, sequence_count, token_mean
 
 
 class FusedKTOLoss(FusedLoss):
@@ -55,8 +55,7 @@ class FusedKTOLoss(FusedLoss):
         **head,
     ):
         super().__init__(compute_metrics=compute_metrics, **head)
-        if loss_type not in KTO_LOSS_TYPES:
-            raise ValueError(f"Unknown KTO loss_type {loss_type!r}; expected one of {KTO_LOSS_TYPES}.")
+        check_kto_args(loss_type)
         self.beta, self.loss_type = beta, loss_type
         self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
         self.reference_free = reference_free
@@ -73,17 +72,18 @@ class FusedKTOLoss(FusedLoss):
         kl: Optional[Tensor] = None,
         cu_seqlens: Optional[Tensor] = None,
     ) -> FusedOutput:
-        require_reference(ref_logps, ref_logps, self.reference_free, "FusedKTOLoss")
-        tokens = self.head_pass(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens)
-        logps = sequence_logps(tokens.logps, tokens.completion)
-        n = tokens.num_sequences
+        require_reference(ref_logps, reference_free=self.reference_free, loss="FusedKTOLoss")
+        n = sequence_count(labels, cu_seqlens)
         if not isinstance(desirable, Tensor) or tuple(desirable.shape) != (n,):
             shape = tuple(desirable.shape) if isinstance(desirable, Tensor) else type(desirable).__name__
             raise ValueError(f"`desirable` must be a [{n}] tensor, one flag per sequence; got {shape}")
-        good = desirable.to(device=logps.device) != 0
+        ref_logps = per_sequence_input(ref_logps, "ref_logps", n, hidden.device)
+        good = desirable.to(device=hidden.device) != 0
+        tokens = self.head_pass(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens)
+        logps = sequence_logps(tokens.logps, tokens.completion)
         result = kto_loss(
             logps,
-            per_sequence_input(ref_logps, "ref_logps", n, logps),
+            ref_logps,
             good,
             kl,
             beta=self.beta,

@@ -11,9 +11,8 @@ from typing import Optional
 
 from torch import Tensor
 
-from ..losses import CPO_LOSS_TYPES, cpo_loss, orpo_loss, sequence_logps
-from ..losses.cpo import _AVERAGING_LOSS_TYPES
-from .common import FusedLoss, FusedOutput, logits_metrics, mean, preference_metrics, split_pairs
+from ..losses import check_cpo_args, cpo_loss, orpo_loss, sequence_logps
+from .common import FusedLoss, FusedOutput, logits_metrics, mean, pair_count, preference_metrics, split_pairs
 
 
 class FusedORPOLoss(FusedLoss):
@@ -64,6 +63,7 @@ class FusedORPOLoss(FusedLoss):
         completion_mask: Optional[Tensor] = None,
         cu_seqlens: Optional[Tensor] = None,
     ) -> FusedOutput:
+        pair_count(labels, cu_seqlens)
         tokens = self.head_pass(
             hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, completion_mask=completion_mask
         )
@@ -118,15 +118,9 @@ class FusedCPOLoss(FusedLoss):
         **head,
     ):
         super().__init__(compute_metrics=compute_metrics, **head)
-        if loss_type not in CPO_LOSS_TYPES:
-            raise ValueError(f"Unknown CPO loss_type {loss_type!r}; expected one of {CPO_LOSS_TYPES}.")
+        check_cpo_args(loss_type)
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.cpo_alpha, self.simpo_gamma, self.alpha = cpo_alpha, simpo_gamma, alpha
-
-    @property
-    def averages_logps(self) -> bool:
-        """Whether the loss reads per-token average log-probs (TRL's ``average_log_prob``)."""
-        return self.loss_type in _AVERAGING_LOSS_TYPES or self.loss_type == "alphapo"
 
     def forward(
         self,
@@ -137,6 +131,7 @@ class FusedCPOLoss(FusedLoss):
         bias: Optional[Tensor] = None,
         cu_seqlens: Optional[Tensor] = None,
     ) -> FusedOutput:
+        pair_count(labels, cu_seqlens)
         tokens = self.head_pass(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens)
         chosen, rejected = split_pairs(tokens)
         chosen_sums = sequence_logps(chosen.logps, chosen.completion)
@@ -155,10 +150,7 @@ class FusedCPOLoss(FusedLoss):
             chosen_token_logps=chosen.logps,
             chosen_token_mask=chosen.mask,
         )
-        if self.averages_logps:
-            chosen_sums = sequence_logps(chosen.logps, chosen.completion, average=True)
-            rejected_sums = sequence_logps(rejected.logps, rejected.completion, average=True)
-        metrics = preference_metrics(result, chosen_sums, rejected_sums)
+        metrics = preference_metrics(result, result.chosen_logps, result.rejected_logps)
         metrics["nll_loss"] = result.nll_loss.detach()
         if self.compute_metrics:
             metrics.update(logits_metrics(chosen, rejected))

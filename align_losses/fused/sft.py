@@ -6,7 +6,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from ..losses import SFT_LOSS_TYPES, sft_loss
+from ..losses import check_sft_args, sft_loss, sft_outputs
 from .common import FusedLoss, FusedOutput, token_mean
 
 
@@ -44,14 +44,11 @@ class FusedSFTLoss(FusedLoss):
         **head,
     ):
         super().__init__(compute_metrics=compute_metrics, **head)
-        if loss_type not in SFT_LOSS_TYPES:
-            raise ValueError(f"Unknown SFT loss_type {loss_type!r}; expected one of {SFT_LOSS_TYPES}.")
+        check_sft_args(loss_type, label_smoothing, z_loss)
         self.loss_type, self.label_smoothing, self.z_loss = loss_type, label_smoothing, z_loss
 
     def loss_outputs(self) -> tuple[str, ...]:
-        return (("mean_logit", "logsumexp") if self.label_smoothing > 0 else ()) + (
-            ("logsumexp",) if self.z_loss > 0 else ()
-        )
+        return sft_outputs(self.label_smoothing, self.z_loss)
 
     def forward(
         self,

@@ -1,4 +1,4 @@
-"""Pieces shared by the preference losses: the output record and two small numeric helpers."""
+"""Pieces shared by the preference losses: the output record and three small numeric helpers."""
 
 from __future__ import annotations
 

@@ -23,9 +23,14 @@ class CPOOutput(PreferenceOutput):
     Attributes (beyond `PreferenceOutput`, whose rewards are ``beta * r`` with ``r`` the (possibly
     averaged, possibly AlphaPO-shaped) policy log-prob):
         nll_loss: ``[]`` the NLL term (0 when ``cpo_alpha == 0``; TRL then skips it and logs 0).
+        chosen_logps, rejected_logps: ``[B]`` the per-sequence policy log-probs the loss read, before
+            AlphaPO shaping, detached: per-token averages for "ipo"/"simpo"/"alphapo", the given sums
+            otherwise (TRL logs their means as ``logps/chosen`` and ``logps/rejected``).
     """
 
     nll_loss: Tensor
+    chosen_logps: Tensor
+    rejected_logps: Tensor
 
 
 def alphapo_reward(logps: Tensor, alpha: float) -> Tensor:
@@ -38,6 +43,12 @@ def alphapo_reward(logps: Tensor, alpha: float) -> Tensor:
     if alpha == 0.0:
         return logps
     return -torch.expm1(-alpha * logps) / alpha
+
+
+def check_cpo_args(loss_type: str) -> None:
+    """Raise ValueError unless ``loss_type`` is one of `CPO_LOSS_TYPES`."""
+    if loss_type not in CPO_LOSS_TYPES:
+        raise ValueError(f"Unknown CPO loss_type {loss_type!r}; expected one of {CPO_LOSS_TYPES}.")
 
 
 def cpo_loss(
@@ -79,12 +90,11 @@ def cpo_loss(
         chosen_token_logps, chosen_token_mask: ``[B, T]`` to compute it (needed when ``cpo_alpha != 0``).
 
     Returns:
-        `CPOOutput`.
+        `CPOOutput`, with the (possibly averaged) log-probs it used.
     """
+    check_cpo_args(loss_type)
     if loss_type == "alphapo":
         loss_type, cpo_alpha = "simpo", 0.0
-    if loss_type not in CPO_LOSS_TYPES:
-        raise ValueError(f"Unknown CPO loss_type {loss_type!r}; expected one of {CPO_LOSS_TYPES}.")
     if label_smoothing > 0 and loss_type in ("hinge", "ipo"):
         warnings.warn(f"label_smoothing is ignored by CPO loss_type {loss_type!r}.", stacklevel=2)
     if loss_type in _AVERAGING_LOSS_TYPES:
@@ -111,6 +121,8 @@ def cpo_loss(
         chosen_rewards=beta * chosen_rewards.detach(),
         rejected_rewards=beta * rejected_rewards.detach(),
         nll_loss=nll,
+        chosen_logps=chosen_logps.detach(),
+        rejected_logps=rejected_logps.detach(),
     )
 
 

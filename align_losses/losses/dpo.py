@@ -236,9 +236,11 @@ def dpo_loss(
     Returns:
         `PreferenceOutput`: the scalar loss and ``beta * log-ratio`` rewards, ``[B]``, detached.
     """
-    loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    weights = [1.0] * len(loss_types) if loss_weights is None else list(loss_weights)
-    _check_dpo_args(loss_types, weights, label_smoothing, f_divergence_type, wpo_weights, chosen_logps)
+    loss_types, weights = check_dpo_args(
+        loss_type, loss_weights, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
+        use_weighting=wpo_weights is not None,
+    )
+    _check_wpo_weights(wpo_weights, chosen_logps)
     ref_chosen_logps, ref_rejected_logps = _reference(ref_chosen_logps, ref_rejected_logps, chosen_logps)
     chosen_logratios = chosen_logps - ref_chosen_logps
     rejected_logratios = rejected_logps - ref_rejected_logps
@@ -301,21 +303,32 @@ def _sft_nll(token_logps: Tensor | None, token_mask: Tensor | None, loss_types: 
     return sft_loss(token_logps, token_mask).loss
 
 
-def _check_dpo_args(
-    loss_types: list[str],
-    loss_weights: list[float],
-    label_smoothing: float,
-    f_divergence_type: str,
-    wpo_weights: Tensor | None,
-    like: Tensor,
-) -> None:
+def check_dpo_args(
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
+    *,
+    label_smoothing: float = 0.0,
+    f_divergence_type: str = "reverse_kl",
+    use_weighting: bool = False,
+) -> tuple[list[str], list[float]]:
+    """Validate a DPO configuration as `dpo_loss` does; return ``(loss_types, loss_weights)`` as lists.
+
+    Raises ValueError for unknown loss or f-divergence types, a wrong number of ``loss_weights``,
+    a divergence other than reverse KL with loss types that do not take one, "exo_pair" without
+    ``label_smoothing``, and WPO weights (``use_weighting``) with the sorting "aot" types; warns
+    when "robust" gets ``label_smoothing`` outside ``[0, 0.5)``.
+    """
+    loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = [1.0] * len(loss_types) if loss_weights is None else list(loss_weights)
     unknown = [name for name in loss_types if name not in _LOSSES]
     if unknown or not loss_types:
         raise ValueError(f"Unknown DPO loss_type {unknown or loss_types}; expected one or more of {DPO_LOSS_TYPES}.")
-    if len(loss_weights) != len(loss_types):
+    if len(weights) != len(loss_types):
         raise ValueError(
-            f"loss_weights must have one weight per loss type: got {len(loss_weights)} weights for {loss_types}."
+            f"loss_weights must have one weight per loss type: got {len(weights)} weights for {loss_types}."
         )
+    if f_divergence_type not in F_DIVERGENCE_TYPES:
+        raise ValueError(f"Unknown f_divergence_type {f_divergence_type!r}; expected one of {F_DIVERGENCE_TYPES}.")
     if f_divergence_type != "reverse_kl" and not F_DIVERGENCE_LOSS_TYPES.issuperset(loss_types):
         raise ValueError(
             f"f_divergence_type={f_divergence_type!r} is only supported for the loss types "
@@ -326,7 +339,11 @@ def _check_dpo_args(
     if "robust" in loss_types and not 0.0 <= label_smoothing < 0.5:
         # TRL only warns here; 0.5 itself divides by zero.
         warnings.warn(f"label_smoothing should lie in [0, 0.5) for 'robust'; got {label_smoothing}.", stacklevel=3)
-    if wpo_weights is not None and _SORTING_LOSS_TYPES.intersection(loss_types):
+    if use_weighting and _SORTING_LOSS_TYPES.intersection(loss_types):
         raise ValueError("wpo_weights cannot be used with 'aot' or 'aot_unpaired': they sort the pairs.")
+    return loss_types, weights
+
+
+def _check_wpo_weights(wpo_weights: Tensor | None, like: Tensor) -> None:
     if wpo_weights is not None and wpo_weights.shape != like.shape:
         raise ValueError(f"wpo_weights must have shape {tuple(like.shape)}; got {tuple(wpo_weights.shape)}.")

@@ -28,6 +28,12 @@ class KTOOutput:
     kl: Tensor
 
 
+def check_kto_args(loss_type: str) -> None:
+    """Raise ValueError unless ``loss_type`` is one of `KTO_LOSS_TYPES`."""
+    if loss_type not in KTO_LOSS_TYPES:
+        raise ValueError(f"Unknown KTO loss_type {loss_type!r}; expected one of {KTO_LOSS_TYPES}.")
+
+
 def kto_loss(
     logps: Tensor,
     ref_logps: Tensor | None,
@@ -80,8 +86,7 @@ def kto_loss(
 
 
 def _kl_reference_point(kl: Tensor | None, loss_type: str, like: Tensor) -> Tensor:
-    if loss_type not in KTO_LOSS_TYPES:
-        raise ValueError(f"Unknown KTO loss_type {loss_type!r}; expected one of {KTO_LOSS_TYPES}.")
+    check_kto_args(loss_type)
     if loss_type == "apo_zero_unpaired":
         if kl is not None:
             raise ValueError("loss_type 'apo_zero_unpaired' does not use a KL estimate; pass kl=None.")

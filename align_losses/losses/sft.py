@@ -18,12 +18,69 @@ class SFTOutput:
     Attributes:
         loss: ``[]`` scalar to back-propagate.
         nll_loss: ``[]`` plain NLL with the same normalisation, detached (for logging).
-        num_items: ``[]`` the denominator used (token count or ``num_items_in_batch``, at least 1).
+        num_items: ``[]`` the denominator used (token count or ``num_items_in_batch``, at least 1), an
+            integer tensor for a token count or an int ``num_items_in_batch``.
     """
 
     loss: Tensor
     nll_loss: Tensor
     num_items: Tensor
+
+
+def sft_outputs(label_smoothing: float = 0.0, z_loss: float = 0.0) -> tuple[str, ...]:
+    """The per-token core outputs (beyond log-probs) that `sft_token_losses` reads for these settings.
+
+    ``("mean_logit", "logsumexp")`` with label smoothing, ``("logsumexp",)`` with z-loss alone, else ``()``.
+    """
+    if label_smoothing > 0:
+        return ("mean_logit", "logsumexp")
+    return ("logsumexp",) if z_loss > 0 else ()
+
+
+def check_sft_args(loss_type: str = "nll", label_smoothing: float = 0.0, z_loss: float = 0.0) -> None:
+    """Raise ValueError for an SFT configuration `sft_loss` refuses (unknown type, eps outside [0, 1], ...)."""
+    if loss_type not in SFT_LOSS_TYPES:
+        raise ValueError(f"Unknown SFT loss_type {loss_type!r}; expected one of {SFT_LOSS_TYPES}.")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1]; got {label_smoothing}.")
+    if label_smoothing > 0 and loss_type == "dft":
+        # TRL's SFTTrainer silently drops label smoothing under DFT; refuse rather than ignore it.
+        raise ValueError("label_smoothing is only defined for loss_type='nll', not 'dft'.")
+    if z_loss < 0:
+        raise ValueError(f"z_loss must be >= 0; got {z_loss}.")
+
+
+def sft_token_losses(
+    token_logps: Tensor,
+    *,
+    loss_type: Literal["nll", "dft"] = "nll",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    mean_logit: Tensor | None = None,
+    logsumexp: Tensor | None = None,
+) -> Tensor:
+    """Per-token SFT losses (the terms `sft_loss` sums), shaped and typed like ``token_logps``.
+
+    ``nll = -log p(y)``; DFT multiplies it by the detached ``p(y)``; label smoothing mixes in
+    ``logsumexp - mean_logit`` (the cross-entropy against the uniform distribution) with weight eps;
+    z-loss adds ``z_loss * logsumexp**2``. No mask is applied: where the core ignored a token, its
+    log-prob, ``mean_logit`` and ``logsumexp`` are 0 and so is the loss. Arguments as `sft_loss`;
+    the outputs needed are `sft_outputs`.
+    """
+    check_sft_args(loss_type, label_smoothing, z_loss)
+    missing = [name for name, value in (("mean_logit", mean_logit), ("logsumexp", logsumexp)) if value is None]
+    if label_smoothing > 0 and missing:
+        raise ValueError("label_smoothing > 0 needs the per-token `mean_logit` and `logsumexp`.")
+    if z_loss > 0 and logsumexp is None:
+        raise ValueError("z_loss > 0 needs the per-token `logsumexp`.")
+    nll = -token_logps
+    per_token = nll * token_logps.detach().exp() if loss_type == "dft" else nll
+    if label_smoothing > 0:
+        uniform_ce = logsumexp - mean_logit
+        per_token = (1 - label_smoothing) * per_token + label_smoothing * uniform_ce
+    if z_loss > 0:
+        per_token = per_token + z_loss * logsumexp.square()
+    return per_token
 
 
 def sft_loss(
@@ -39,8 +96,8 @@ def sft_loss(
 ) -> SFTOutput:
     """Token-level SFT loss, as TRL's SFTTrainer (``loss_type`` "nll" or "dft", ``label_smoothing_factor``).
 
-    Per token: ``nll = -log p(y)``; DFT multiplies it by the detached ``p(y)``. Label smoothing
-    mixes in the cross-entropy against the uniform distribution over the V classes,
+    Per token (`sft_token_losses`): ``nll = -log p(y)``; DFT multiplies it by the detached ``p(y)``.
+    Label smoothing mixes in the cross-entropy against the uniform distribution over the V classes,
     ``-(1/V) sum_v log p_v = logsumexp - mean_logit``, giving exactly ``F.cross_entropy(...,
     label_smoothing=eps)`` and transformers' ``LabelSmoother`` per token. z-loss adds
     ``z_loss * logsumexp**2``. The per-token losses are summed and divided by the number of
@@ -58,42 +115,22 @@ def sft_loss(
         logsumexp: ``[...]`` float logsumexp of each token's logits.
 
     Returns:
-        `SFTOutput`, scalars in the dtype of ``token_logps``.
+        `SFTOutput`: ``loss`` and ``nll_loss`` scalars in the dtype of ``token_logps``; ``num_items``
+        a ``[]`` tensor (int64 for the token count or an int ``num_items_in_batch``; a tensor
+        ``num_items_in_batch`` keeps its dtype).
     """
-    _check_sft_args(loss_type, label_smoothing, z_loss, mean_logit, logsumexp)
+    per_token = sft_token_losses(
+        token_logps, loss_type=loss_type, label_smoothing=label_smoothing, z_loss=z_loss,
+        mean_logit=mean_logit, logsumexp=logsumexp,
+    )
     keep = mask != 0
-    nll = -token_logps
-    per_token = nll * token_logps.detach().exp() if loss_type == "dft" else nll
-    if label_smoothing > 0:
-        uniform_ce = logsumexp - mean_logit
-        per_token = (1 - label_smoothing) * per_token + label_smoothing * uniform_ce
-    if z_loss > 0:
-        per_token = per_token + z_loss * logsumexp.square()
     count = keep.sum() if num_items_in_batch is None else num_items_in_batch
     num_items = torch.as_tensor(count, device=token_logps.device).clamp(min=1)
     return SFTOutput(
         loss=torch.where(keep, per_token, 0).sum() / num_items,
-        nll_loss=torch.where(keep, nll, 0).sum().detach() / num_items,
+        nll_loss=torch.where(keep, -token_logps, 0).sum().detach() / num_items,
         num_items=num_items,
     )
-
-
-def _check_sft_args(
-    loss_type: str, label_smoothing: float, z_loss: float, mean_logit: Tensor | None, logsumexp: Tensor | None
-) -> None:
-    if loss_type not in SFT_LOSS_TYPES:
-        raise ValueError(f"Unknown SFT loss_type {loss_type!r}; expected one of {SFT_LOSS_TYPES}.")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1]; got {label_smoothing}.")
-    if label_smoothing > 0 and loss_type == "dft":
-        # TRL's SFTTrainer silently drops label smoothing under DFT; refuse rather than ignore it.
-        raise ValueError("label_smoothing is only defined for loss_type='nll', not 'dft'.")
-    if label_smoothing > 0 and (mean_logit is None or logsumexp is None):
-        raise ValueError("label_smoothing > 0 needs the per-token `mean_logit` and `logsumexp`.")
-    if z_loss < 0:
-        raise ValueError(f"z_loss must be >= 0; got {z_loss}.")
-    if z_loss > 0 and logsumexp is None:
-        raise ValueError("z_loss > 0 needs the per-token `logsumexp`.")
 
 
 def chosen_nll(
