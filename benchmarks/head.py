@@ -33,25 +33,22 @@ See benchmarks/README.md for the wheels to carry to the GPU machine (TRL, Liger,
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py, however this is run
+import _common  # noqa: E402 - puts the checkout on sys.path too
+from _common import GiB, git_commit, md_escape as _md_escape, meta_lines  # noqa: E402
 
-GiB = float(2**30)
 BETA = 0.1
 PROMPT_FRACTION = 0.25
 IGNORE = -100
@@ -242,11 +239,7 @@ def render_markdown(rows: list, meta: dict) -> str:
     out = [
         "# Loss head of one DPO step: our backends and the anchors",
         "",
-        f"- date: {meta.get('date')}",
-        f"- commit: {meta.get('commit')}",
-        f"- device: {meta.get('device')}",
-        f"- versions: {', '.join(f'{k} {v}' for k, v in sorted((meta.get('versions') or {}).items()))}",
-        f"- command: `{meta.get('command', '')}`",
+        *meta_lines(meta),
         "",
         "bf16 inputs; hidden -> per-token log-probs -> DPO sigmoid loss (beta 0.1, no reference), forward + backward;",
         "the first quarter of every sequence is prompt (label -100); every impl starts from all N hidden states.",
@@ -317,31 +310,16 @@ def render_markdown(rows: list, meta: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def _md_escape(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _common.doc_parser(__doc__, epilog=False)
     p.add_argument("--shapes", help=f"comma-separated subset of {list(SHAPES)} (with --quick: {list(QUICK_SHAPES)})")
     p.add_argument("--impls", help=f"comma-separated subset of {list(IMPLS)}")
     p.add_argument("--logits", help=f"comma-separated subset of {list(LOGITS)}")
     p.add_argument("--reps", type=int, help="timed repetitions per impl (default 10; the long shape takes half; at least 3)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per impl before measuring (default 2)")
-    p.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder (default benchmarks/results)")
-    p.add_argument("--name", default="head-latest", help="output file stem (default head-latest)")
+    _common.add_output_args(p, "output file stem (default head-latest)", "head-latest")
     p.add_argument("--quick", action="store_true", help="small shapes, 3 repetitions: a smoke test")
-    p.add_argument("--commit", default=os.environ.get("ALIGN_LOSSES_COMMIT"),
-                   help="git commit to record (default $ALIGN_LOSSES_COMMIT, else git rev-parse)")
+    _common.add_commit_arg(p)
     p.add_argument("--triton-filter", metavar="KEY=VALUE",
                    help="backend_options that put the triton backend in its filtering mode (default: detected "
                         "from its declared options: the first with 'filter' in its name)")
@@ -658,11 +636,7 @@ def _short_error(exc: BaseException) -> str:
 
 
 def _cleanup(device: str):
-    torch = _torch()
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+    _common.free_memory(device)
 
 
 def run_config(config: str, shape: Shape, regime: str, impl_names: list, reps: int, args, builders: dict, meta: dict,
@@ -809,14 +783,8 @@ def run_config(config: str, shape: Shape, regime: str, impl_names: list, reps: i
 
 
 def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for dist in ("torch", "triton", "trl", "liger-kernel", "cut-cross-entropy", "nvidia-cutlass-dsl", "transformers"):
-        try:
-            out[dist] = md.version(dist)
-        except Exception:  # noqa: BLE001
-            pass
+    out = _common.versions(
+        ("torch", "triton", "trl", "liger-kernel", "cut-cross-entropy", "nvidia-cutlass-dsl", "transformers"), cuda=False)
     if "nvidia-cutlass-dsl" not in out:
         try:
             import cutlass  # noqa: F401 - from an unpacked tree (PYTHONPATH), no dist-info
@@ -829,27 +797,12 @@ def versions() -> dict:
     return out
 
 
-def device_name(device: str) -> str:
-    torch = _torch()
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        return f"{props.name} ({props.total_memory / GiB:.0f} GiB, sm_{props.major}{props.minor})"
-    import platform
-
-    return f"CPU {platform.processor() or platform.machine()}"
-
-
 def write_outputs(rows: list, meta: dict, args) -> dict:
-    os.makedirs(args.out, exist_ok=True)
-    paths = {k: os.path.join(args.out, f"{args.name}.{k}") for k in ("json", "md", "png")}
-    with open(paths["json"], "w") as f:
-        json.dump(rows, f, indent=1, default=str)
-    with open(paths["md"], "w") as f:
-        f.write(render_markdown(rows, meta))
+    paths = _common.write_outputs(rows, meta, args, render_markdown)
     if not args.no_plot:
+        paths["png"] = os.path.join(args.out, f"{args.name}.png")
         try:
-            sys.path.insert(0, HERE)
-            from plot_head import plot
+            from plot_head import plot  # benchmarks/ is on sys.path (above)
 
             if plot(rows, paths["png"]) is None:
                 paths.pop("png")
@@ -880,13 +833,8 @@ def main(argv=None) -> int:
         print(f"[{time.time() - t_start:6.1f}s] {msg}", flush=True)
 
     print_plan(plan, args)
-    meta = {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": args.commit or git_commit(),
-        "device": device_name(args.device),
-        "versions": versions(),
-        "command": "python benchmarks/head.py " + " ".join(sys.argv[1:] if argv is None else argv),
-    }
+    meta = _common.run_meta(args.commit, _common.device_name(args.device, cores=False), versions(),
+                            "python benchmarks/head.py " + " ".join(sys.argv[1:] if argv is None else argv))
     log(f"device {meta['device']}; versions {meta['versions']}")
 
     # CCE's torch_compile impl: compile each shape statically (no automatic dynamic shapes after the
@@ -918,7 +866,7 @@ def main(argv=None) -> int:
             log(f"{name}: unavailable: {_short_error(exc)[:300]}")
 
     rows = []
-    row_meta = {k: meta[k] for k in ("date", "commit", "device")}
+    row_meta = _common.row_meta(meta)
     for config, shape in plan["shapes"].items():
         for regime in plan["logits"]:
             log(f"{config} / {regime}: N {shape.tokens_total} ({shape.tokens} labelled), D {shape.hidden}, "

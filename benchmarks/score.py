@@ -32,114 +32,23 @@ attempt, with ``date``/``commit``/``device`` and the run's setup) and ``score-la
 from __future__ import annotations
 
 import argparse
-import datetime
-import gc
-import json
-import math
-import os
-import platform
-import subprocess
 import sys
 import time
 import traceback
-import warnings
+from pathlib import Path
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-sys.path.insert(0, REPO)  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py, however this is run
+import _common  # noqa: E402 - puts the checkout on sys.path too
+from _common import GiB, QUICK_MODEL, QWEN3_1_7B, build_model, load_tokenizer, log, meta_lines  # noqa: E402
+from _common import fmt as _fmt, is_oom as _is_oom, md_escape, sync as _sync  # noqa: E402
 
-GiB = 1024**3
-TOKENIZER_DIR = os.path.join(REPO, "examples", "tokenizer")
-#: Qwen3-1.7B (config.json of Qwen/Qwen3-1.7B)
-QWEN3_1_7B = dict(
-    hidden_size=2048,
-    intermediate_size=6144,
-    num_hidden_layers=28,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=128,
-    vocab_size=151936,
-    max_position_embeddings=40960,
-    rope_theta=1000000.0,
-    rms_norm_eps=1e-6,
-    hidden_act="silu",
-    attention_bias=False,
-    attention_dropout=0.0,
-    tie_word_embeddings=True,
-)
-QUICK_MODEL = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    vocab_size=4096,
-    max_position_embeddings=2048,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=True,
-)
 DEFAULTS = dict(pairs=1024, baseline_pairs=256, prompt=1024, completion=3072, batch_size=8)
 QUICK = dict(pairs=24, baseline_pairs=12, prompt=32, completion=96, batch_size=4)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
-
-
-def device_name(device: str) -> str:
-    import torch
-
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        return f"{props.name} ({props.total_memory / GiB:.0f} GiB, sm_{props.major}{props.minor})"
-    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("torch", "transformers", "trl", "datasets", "triton"):
-        try:
-            out[name] = md.version(name)
-        except Exception:
-            pass
-    try:
-        import torch
-
-        if torch.version.cuda:
-            out["cuda"] = torch.version.cuda
-    except Exception:
-        pass
-    return out
+VERSIONS = ("torch", "transformers", "trl", "datasets", "triton")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Model and data
-
-
-def build_model(model_kwargs: dict, device: str, dtype, seed: int, attn: str):
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    config = Qwen3Config(**model_kwargs, use_cache=False)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = Qwen3ForCausalLM._from_config(config, dtype=dtype, attn_implementation=attn)
-    model.to(device)
-    model.eval()
-    model.requires_grad_(False)
-    return model
 
 
 def make_dataset(pairs: int, P: int, C: int, vocab: int, seed: int, avoid: set):
@@ -165,23 +74,8 @@ def make_dataset(pairs: int, P: int, C: int, vocab: int, seed: int, avoid: set):
     return Dataset(table)
 
 
-def load_tokenizer():
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    tok.model_max_length = 10**9
-    return tok
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Scorers
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def _collator(pad_id: int):
@@ -212,14 +106,15 @@ def baseline_logps(model, batch: dict, device: str):
     return (token * mask).sum(-1)
 
 
-def run_baseline(model, dataset, n: int, batch_size: int, device: str, pad_id: int) -> tuple[dict, list]:
-    """``(row, [(chosen, rejected)] of the first n pairs)``; raises on error (OOM included)."""
+def _score_loop(logps, dataset, n: int, batch_size: int, device: str, pad_id: int) -> tuple[dict, list]:
+    """``logps(batch) -> [2B]`` over the first n pairs, after one untimed warm-up batch:
+    ``(row, [(chosen, rejected)] of the first n pairs)``; raises on error (OOM included)."""
     import torch
 
     collate = _collator(pad_id)
     with torch.no_grad():
         _, warm = next(_batches(dataset, min(n, batch_size), batch_size, collate))
-        baseline_logps(model, warm, device)  # warm-up, untimed
+        logps(warm)  # warm-up, untimed
         del warm
         _sync(device)
         if device == "cuda":
@@ -228,7 +123,7 @@ def run_baseline(model, dataset, n: int, batch_size: int, device: str, pad_id: i
         out = []
         start = time.perf_counter()
         for _, batch in _batches(dataset, n, batch_size, collate):
-            values = baseline_logps(model, batch, device).float().cpu()
+            values = logps(batch).float().cpu()
             half = values.numel() // 2
             out.extend(zip(values[:half].tolist(), values[half:].tolist()))
         _sync(device)
@@ -237,6 +132,11 @@ def run_baseline(model, dataset, n: int, batch_size: int, device: str, pad_id: i
     if device == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
     return row, out
+
+
+def run_baseline(model, dataset, n: int, batch_size: int, device: str, pad_id: int) -> tuple[dict, list]:
+    """``(row, [(chosen, rejected)] of the first n pairs)``; raises on error (OOM included)."""
+    return _score_loop(lambda batch: baseline_logps(model, batch, device), dataset, n, batch_size, device, pad_id)
 
 
 def run_ours_extract(model, dataset, tok, n: int, batch_size: int, device: str, impl: str) -> tuple[dict, list]:
@@ -274,11 +174,9 @@ def run_ours_extract(model, dataset, tok, n: int, batch_size: int, device: str, 
 
 def run_ours_forward(model, dataset, n: int, batch_size: int, device: str, impl: str, pad_id: int) -> tuple[dict, list]:
     """The fallback: a local loop over the fused forward (``model(..., fused_lm_head=True)``)."""
-    import torch
     from trainers.fused_forward import FusedHeadSettings, install_fused_head
 
     install_fused_head(model, FusedHeadSettings(impl=impl))
-    collate = _collator(pad_id)
 
     def logps(batch):
         input_ids = batch["input_ids"].to(device)
@@ -288,61 +186,18 @@ def run_ours_forward(model, dataset, n: int, batch_size: int, device: str, impl:
                   use_cache=False, fused_lm_head=True, fused_outputs=())
         return o.log_probs.sum(-1)
 
-    with torch.no_grad():
-        _, warm = next(_batches(dataset, min(n, batch_size), batch_size, collate))
-        logps(warm)
-        del warm
-        _sync(device)
-        if device == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        out = []
-        start = time.perf_counter()
-        for _, batch in _batches(dataset, n, batch_size, collate):
-            values = logps(batch).float().cpu()
-            half = values.numel() // 2
-            out.extend(zip(values[:half].tolist(), values[half:].tolist()))
-        _sync(device)
-        seconds = time.perf_counter() - start
-    row = {"pairs": n, "seconds": seconds}
-    if device == "cuda":
-        row["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
-    return row, out
-
-
-def free(device: str) -> None:
-    import torch
-
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+    return _score_loop(logps, dataset, n, batch_size, device, pad_id)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Output
 
 
-def _fmt(x, spec, unit=""):
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return f"{x:{spec}}{unit}"
-
-
 def render_markdown(rows: list, meta: dict) -> str:
     lines = [
         "# Scoring preference pairs: extract_logps against full logits",
         "",
-        f"- date: {meta['date']}",
-        f"- commit: {meta['commit']}",
-        f"- device: {meta['device']}",
-        f"- versions: {', '.join(f'{k} {v}' for k, v in sorted(meta['versions'].items()))}",
-        f"- command: `{meta['command']}`",
-        f"- model: {meta['model_desc']}",
+        *meta_lines(meta),  # date, commit, device, versions, command, model
         f"- data: {meta['data_desc']}",
         "",
         "rows/s = pairs per second of the scoring loop (after one warm-up batch); tokens/s = 2 x (prompt + "
@@ -354,7 +209,7 @@ def render_markdown(rows: list, meta: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        err = (r.get("error") or "").replace("|", "\\|").replace("\n", " ")[:160]
+        err = md_escape(r.get("error") or "")[:160]
         lines.append(
             f"| {r['label']} | {r['batch_size']} | {r.get('pairs', '-')} | {_fmt(r.get('seconds'), '.2f', ' s')} | "
             f"{_fmt(r.get('rows_per_s'), '.2f')} | {_fmt(r.get('tokens_per_s'), ',.0f')} | "
@@ -378,22 +233,11 @@ def render_markdown(rows: list, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(rows: list, meta: dict, args) -> dict:
-    os.makedirs(args.out, exist_ok=True)
-    paths = {k: os.path.join(args.out, f"{args.name}.{k}") for k in ("json", "md")}
-    with open(paths["json"], "w") as f:
-        json.dump(rows, f, indent=1, default=str)
-    with open(paths["md"], "w") as f:
-        f.write(render_markdown(rows, meta))
-    return paths
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = _common.doc_parser(__doc__)
     d = DEFAULTS
     p.add_argument("--pairs", type=int, help=f"pairs ours scores (default {d['pairs']}; issue 5: 2000; --quick {QUICK['pairs']})")
     p.add_argument("--baseline-pairs", type=int,
@@ -409,15 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", default="auto", help="lce_impl of ours (default auto)")
     p.add_argument("--attn", default="sdpa", help="attn_implementation (default sdpa)")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float32"), help="model dtype (default bfloat16; float32 on CPU)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, choices=("cuda", "cpu"), help="default cuda (cpu with --quick)")
-    p.add_argument("--quick", action="store_true",
-                   help=f"tiny Qwen3-shaped model (vocab {QUICK_MODEL['vocab_size']}), {QUICK['pairs']} pairs of "
-                        f"{QUICK['prompt']}+{QUICK['completion']}, on CPU unless --device cuda: a smoke test")
-    p.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder (default benchmarks/results)")
-    p.add_argument("--name", help="output file stem (default score-latest; score-quick with --quick)")
-    p.add_argument("--commit", default=os.environ.get("ALIGN_LOSSES_COMMIT"),
-                   help="git commit to record (default $ALIGN_LOSSES_COMMIT, else git rev-parse)")
+    _common.add_run_args(p, quick_help=f"tiny Qwen3-shaped model (vocab {QUICK_MODEL['vocab_size']}), {QUICK['pairs']} pairs "
+                              f"of {QUICK['prompt']}+{QUICK['completion']}, on CPU unless --device cuda: a smoke test",
+                 name_help="output file stem (default score-latest; score-quick with --quick)")
     return p
 
 
@@ -431,21 +269,8 @@ def main(argv=None) -> int:
     if args.pairs < 1 or args.batch_size < 1 or args.prompt < 1 or args.completion < 2 or args.baseline_pairs < 0:
         raise SystemExit("--pairs, --batch-size, --prompt must be >= 1, --completion >= 2, --baseline-pairs >= 0")
     args.baseline_pairs = min(args.baseline_pairs, args.pairs)
-    args.device = args.device or ("cpu" if args.quick else "cuda")
-    args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("CUDA is not available (use --quick or --device cpu)")
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    _common.resolve_device_dtype(args)
+    torch = _common.setup_torch(args.device)
 
     ours_mode = args.ours
     if ours_mode == "extract":
@@ -458,23 +283,17 @@ def main(argv=None) -> int:
     model_kwargs = QUICK_MODEL if args.quick else QWEN3_1_7B
     P, C = args.prompt, args.completion
     seq_tokens = 2 * (P + C)
-    meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": args.commit or git_commit(),
-        "device": device_name(args.device),
-        "versions": versions(),
-        "command": "python " + " ".join([os.path.relpath(__file__, REPO)] + (sys.argv[1:] if argv is None else list(argv))),
-        "model_desc": ("tiny Qwen3-shaped (--quick) " if args.quick else "Qwen3-1.7B-shaped ")
-        + ", ".join(f"{k}={v}" for k, v in model_kwargs.items() if k in (
-            "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-            "intermediate_size", "vocab_size", "tie_word_embeddings"))
-        + f", random init, {args.dtype}, attn {args.attn}, eval, no grad",
-        "data_desc": f"{args.pairs} pairs (baseline: the first {args.baseline_pairs}), prompt {P} + completion {C} tokens "
+    meta = _common.run_meta(
+        args.commit, _common.device_name(args.device), _common.versions(VERSIONS),
+        _common.command_line(__file__, argv),
+        model_desc=_common.model_desc(model_kwargs, args.quick,
+                                      f", random init, {args.dtype}, attn {args.attn}, eval, no grad"),
+        data_desc=f"{args.pairs} pairs (baseline: the first {args.baseline_pairs}), prompt {P} + completion {C} tokens "
         f"(chosen and rejected), random ids, no padding; ours = "
         + ("trainers.extract.extract_logps" if ours_mode == "extract" else "fused-forward loop")
         + f" (lce_impl {args.impl})",
-    }
-    row_meta = {k: meta[k] for k in ("date", "commit", "device")}
+    )
+    row_meta = _common.row_meta(meta)
     setup = {"prompt": P, "completion": C, "tokens_per_pair": seq_tokens}
     log(f"device {meta['device']}; versions {meta['versions']}")
     log(meta["data_desc"] + f"; batch {args.batch_size} pairs; out {args.out}/{args.name}.{{json,md}}")
@@ -509,7 +328,7 @@ def main(argv=None) -> int:
                 traceback.print_exc()
             del exc
             ok = False
-        free(args.device)
+        _common.free_memory(args.device)
         row["wall_s"] = time.perf_counter() - t
         rows.append(row)
         if ok:
@@ -517,7 +336,7 @@ def main(argv=None) -> int:
                 f"{row['tokens_per_s']:,.0f} tokens/s, peak {_fmt(row.get('peak_gib'), '.2f', ' GiB')}")
         else:
             log(f"  {label}: ERROR {row['error'][:300]}")
-        write_outputs(rows, meta, args)
+        _common.write_outputs(rows, meta, args, render_markdown)
         return ok
 
     # ours
@@ -564,7 +383,7 @@ def main(argv=None) -> int:
     if ours_row and args.pairs != 2000:
         meta["extrapolated"] = (f"At the measured rate ours would score issue 5's 2000 pairs in "
                                 f"{2000 / ours_row['rows_per_s']:.0f} s.")
-    paths = write_outputs(rows, meta, args)
+    paths = _common.write_outputs(rows, meta, args, render_markdown)
     log(f"wrote {paths['json']} and {paths['md']}")
     print(render_markdown(rows, meta), flush=True)
     return 0 if ours_row else 1

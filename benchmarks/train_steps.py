@@ -46,28 +46,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import gc
-import json
-import math
-import os
-import platform
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
-import warnings
 import weakref
+from pathlib import Path
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-sys.path.insert(0, REPO)  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py, however this is run
+import _common  # noqa: E402 - puts the checkout on sys.path too
+from _common import GiB, QUICK_MODEL, QWEN3_1_7B, free_memory, load_tokenizer, log, md_escape, meta_lines  # noqa: E402
+from _common import fmt as _fmt  # noqa: E402
 
-GiB = 1024**3
 TRAINERS = ("trl-dpo", "fused-dpo", "trl-orpo", "fused-orpo")
 LABELS = {
     "trl-dpo": "trl.DPOTrainer (its chunked head)",
@@ -86,81 +79,7 @@ TARGETS = {
     ("trl-orpo", 1024, 3072): (25.5, 388, 21.1e3),
     ("trl-orpo", 2048, 6144): (38.1, 799, 20.5e3),
 }
-#: Qwen3-1.7B (config.json of Qwen/Qwen3-1.7B)
-QWEN3_1_7B = dict(
-    hidden_size=2048,
-    intermediate_size=6144,
-    num_hidden_layers=28,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=128,
-    vocab_size=151936,
-    max_position_embeddings=40960,
-    rope_theta=1000000.0,
-    rms_norm_eps=1e-6,
-    hidden_act="silu",
-    attention_bias=False,
-    attention_dropout=0.0,
-    tie_word_embeddings=True,
-)
-QUICK_MODEL = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    vocab_size=4096,
-    max_position_embeddings=2048,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=True,
-)
-TOKENIZER_DIR = os.path.join(REPO, "examples", "tokenizer")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Environment
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
-
-
-def device_name(device: str) -> str:
-    import torch
-
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        return f"{props.name} ({props.total_memory / GiB:.0f} GiB, sm_{props.major}{props.minor})"
-    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("torch", "transformers", "trl", "accelerate", "datasets", "triton"):
-        try:
-            out[name] = md.version(name)
-        except Exception:
-            pass
-    try:
-        import torch
-
-        if torch.version.cuda:
-            out["cuda"] = torch.version.cuda
-    except Exception:
-        pass
-    return out
+VERSIONS = ("torch", "transformers", "trl", "accelerate", "datasets", "triton")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -184,14 +103,6 @@ def parse_lengths(text: str) -> list[tuple[int, int]]:
     if not out:
         raise SystemExit("no lengths given")
     return out
-
-
-def load_tokenizer():
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    tok.model_max_length = 10**9  # silence the "longer than the maximum" warning; nothing is truncated here
-    return tok
 
 
 def single_token_words(tok) -> list[str]:
@@ -244,19 +155,6 @@ def tokenized_lengths(name: str, dataset) -> tuple[int, int, int]:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Model
-
-
-def build_model(model_kwargs: dict, device: str, dtype, seed: int, attn: str):
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    config = Qwen3Config(**model_kwargs, use_cache=False)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = Qwen3ForCausalLM._from_config(config, dtype=dtype, attn_implementation=attn)
-    model.to(device)
-    model.train()
-    return model
 
 
 def model_bytes(model) -> int:
@@ -364,7 +262,7 @@ def run_config(name: str, P: int, C: int, args, tok, words, model_kwargs, refs: 
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t_build = time.perf_counter()
-    model = build_model(model_kwargs, args.device, dtype, args.seed, args.attn)
+    model = _common.build_model(model_kwargs, args.device, dtype, args.seed, args.attn, train=True)
     ref = copy.deepcopy(model) if (dpo or not args.no_ref_copy) else None
     if ref is not None:
         ref.eval()
@@ -426,25 +324,8 @@ def run_config(name: str, P: int, C: int, args, tok, words, model_kwargs, refs: 
     return row
 
 
-def free_memory(device: str) -> float | None:
-    import torch
-
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        return torch.cuda.memory_allocated() / GiB
-    return None
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Output
-
-
-def _fmt(x, spec, unit=""):
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return f"{x:{spec}}{unit}"
 
 
 def _tok(x):
@@ -462,12 +343,7 @@ def render_markdown(rows: list, meta: dict) -> str:
     lines = [
         "# Whole training steps: TRL 1.16 trainers against ours",
         "",
-        f"- date: {meta['date']}",
-        f"- commit: {meta['commit']}",
-        f"- device: {meta['device']}",
-        f"- versions: {', '.join(f'{k} {v}' for k, v in sorted(meta['versions'].items()))}",
-        f"- command: `{meta['command']}`",
-        f"- model: {meta['model_desc']}",
+        *meta_lines(meta),  # date, commit, device, versions, command, model
         f"- {meta['setup']}",
         "",
         "Peak = `max_memory_allocated` from model creation to the end of training (model and reference copy "
@@ -486,7 +362,7 @@ def render_markdown(rows: list, meta: dict) -> str:
         if r.get("prompt_tokens") is not None and (r["prompt_tokens"], r["completion_tokens"]) != (r["P"], r["C"]):
             length += f" (got {r['prompt_tokens']}+{r['completion_tokens']})"
         losses = ", ".join(f"{x:.4f}" for x in r.get("losses") or [])
-        err = (r.get("error") or "").replace("|", "\\|").replace("\n", " ")[:160]
+        err = md_escape(r.get("error") or "")[:160]
         lines.append(
             f"| {LABELS.get(r['trainer'], r['trainer'])} | {length} | {_fmt(r.get('peak_gib'), '.1f', ' GiB')} | "
             f"{_fmt(r.get('fwd_bwd_peak_gib'), '.2f', ' GiB')} | "
@@ -531,22 +407,11 @@ def render_markdown(rows: list, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(rows: list, meta: dict, args) -> dict:
-    os.makedirs(args.out, exist_ok=True)
-    paths = {k: os.path.join(args.out, f"{args.name}.{k}") for k in ("json", "md")}
-    with open(paths["json"], "w") as f:
-        json.dump(rows, f, indent=1, default=str)
-    with open(paths["md"], "w") as f:
-        f.write(render_markdown(rows, meta))
-    return paths
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = _common.doc_parser(__doc__)
     p.add_argument("--trainers", default=",".join(TRAINERS), help=f"comma-separated subset of {list(TRAINERS)} (default all)")
     p.add_argument("--lengths", help=f"comma-separated PROMPT+COMPLETION token lengths (default {DEFAULT_LENGTHS}; "
                    f"with --quick {QUICK_LENGTHS}); TARGETS.md also has 1024+3072")
@@ -561,16 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ref-copy", action="store_true",
                    help="ORPO rows: do not keep an (unused) reference copy in memory (TARGETS.md's rows keep one)")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, choices=("cuda", "cpu"), help="default cuda (cpu with --quick)")
-    p.add_argument("--quick", action="store_true",
-                   help=f"tiny Qwen3-shaped model ({QUICK_MODEL['num_hidden_layers']} layers, width "
-                        f"{QUICK_MODEL['hidden_size']}, vocab {QUICK_MODEL['vocab_size']}), lengths {QUICK_LENGTHS}, "
-                        "1 + 2 steps, on CPU unless --device cuda: a smoke test")
-    p.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder (default benchmarks/results)")
-    p.add_argument("--name", help="output file stem (default train-steps-latest; train-steps-quick with --quick)")
-    p.add_argument("--commit", default=os.environ.get("ALIGN_LOSSES_COMMIT"),
-                   help="git commit to record (default $ALIGN_LOSSES_COMMIT, else git rev-parse)")
+    _common.add_run_args(
+        p, quick_help=f"tiny Qwen3-shaped model ({QUICK_MODEL['num_hidden_layers']} layers, width "
+                      f"{QUICK_MODEL['hidden_size']}, vocab {QUICK_MODEL['vocab_size']}), lengths {QUICK_LENGTHS}, "
+                      "1 + 2 steps, on CPU unless --device cuda: a smoke test",
+        name_help="output file stem (default train-steps-latest; train-steps-quick with --quick)")
     return p
 
 
@@ -586,40 +446,20 @@ def main(argv=None) -> int:
         args.steps = 2 if args.quick else 4
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit("--steps must be >= 1 and --warmup >= 0")
-    args.device = args.device or ("cpu" if args.quick else "cuda")
-    args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")  # CPU bf16 autocast is slow
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("CUDA is not available (use --quick or --device cpu)")
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    _common.resolve_device_dtype(args)
+    _common.setup_torch(args.device)
 
     model_kwargs = QUICK_MODEL if args.quick else QWEN3_1_7B
-    meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": args.commit or git_commit(),
-        "device": device_name(args.device),
-        "versions": versions(),
-        "command": "python " + " ".join([os.path.relpath(__file__, REPO)] + (sys.argv[1:] if argv is None else list(argv))),
-        "model_desc": ("tiny Qwen3-shaped (--quick) " if args.quick else "Qwen3-1.7B-shaped ")
-        + ", ".join(f"{k}={v}" for k, v in model_kwargs.items() if k in (
-            "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-            "intermediate_size", "vocab_size", "tie_word_embeddings"))
-        + f", random init, {args.dtype}, attn {args.attn}",
-        "setup": (f"batch 1 pair, gradient checkpointing {'off' if args.no_gradient_checkpointing else 'on'}, "
+    meta = _common.run_meta(
+        args.commit, _common.device_name(args.device), _common.versions(VERSIONS),
+        _common.command_line(__file__, argv),
+        model_desc=_common.model_desc(model_kwargs, args.quick, f", random init, {args.dtype}, attn {args.attn}"),
+        setup=(f"batch 1 pair, gradient checkpointing {'off' if args.no_gradient_checkpointing else 'on'}, "
                   f"AdamW (adamw_torch) lr {args.lr:g} constant, beta {args.beta:g}, {args.warmup} warm-up + "
                   f"{args.steps} timed steps; reference copy: DPO passed as ref_model, ORPO "
                   f"{'none' if args.no_ref_copy else 'kept in memory, unused'}; lce_impl {args.impl}"),
-    }
-    row_meta = {k: meta[k] for k in ("date", "commit", "device")}
+    )
+    row_meta = _common.row_meta(meta)
     log(f"device {meta['device']}; versions {meta['versions']}")
     log(f"trainers {trainers}; lengths {['%d+%d' % pc for pc in lengths]}; {args.warmup}+{args.steps} steps; out {args.out}/{args.name}.{{json,md}}")
 
@@ -636,8 +476,7 @@ def main(argv=None) -> int:
             try:
                 row.update(run_config(name, P, C, args, tok, words, model_kwargs, refs))
             except Exception as exc:  # OOM or anything else: an error row, the run goes on
-                oom = "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError"
-                row["error"] = ("OOM: " if oom else "") + f"{type(exc).__name__}: {str(exc)[:500]}"
+                row["error"] = ("OOM: " if _common.is_oom(exc) else "") + f"{type(exc).__name__}: {str(exc)[:500]}"
                 traceback.print_exc()
                 del exc
             row["wall_s"] = time.perf_counter() - t0
@@ -657,8 +496,8 @@ def main(argv=None) -> int:
                     + f"; {row['wall_s']:.1f}s wall")
             if row["leftover_gib"] is not None and row["leftover_gib"] > 0.05:
                 log(f"  note: {row['leftover_gib']:.2f} GiB still allocated after freeing")
-            write_outputs(rows, meta, args)
-    paths = write_outputs(rows, meta, args)
+            _common.write_outputs(rows, meta, args, render_markdown)
+    paths = _common.write_outputs(rows, meta, args, render_markdown)
     log(f"done in {time.perf_counter() - t_all:.0f}s; wrote {paths['json']} and {paths['md']}")
     print(render_markdown(rows, meta), flush=True)
     return 0 if all(not r["error"] for r in rows) else 1
