@@ -303,3 +303,39 @@ def test_fused_forward_matches_logits(kind):
     params = [p for p in model.parameters() if p.requires_grad]
     for a, b in zip(torch.autograd.grad(out.log_probs.sum(), params), torch.autograd.grad(expected.sum(), params)):
         assert (a - b).norm() <= 1e-5 * b.norm() + 1e-8
+
+
+def test_fused_forward_runs_as_head_call_under_zero3_marks():
+    """A head with ZeRO-3 parameters (``ds_id``) is used through its own call, so ZeRO's module hooks fire."""
+    from trainers.fused_forward import FusedHeadSettings, install_fused_head
+
+    model = tiny_causal_lm("qwen3_tied")
+    install_fused_head(model, FusedHeadSettings())
+    torch.manual_seed(1)
+    ids = torch.randint(1, 300, (2, 7))
+    plain = model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
+    head = model.get_output_embeddings()
+    calls = []
+    head.register_forward_pre_hook(lambda module, args: calls.append(("pre", args[0].shape)))
+    head.register_forward_hook(lambda module, args, out: calls.append(("post", type(out).__name__)))
+    head.weight.ds_id = 0  # what deepspeed.zero.Init leaves on a partitioned parameter
+    try:
+        hooked = model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
+    finally:
+        del head.weight.ds_id
+    assert calls == [("pre", torch.Size([2, 7, 64])), ("post", "tuple")]
+    assert "forward" not in head.__dict__  # the instance override is gone after the call
+    torch.testing.assert_close(hooked, plain, rtol=0, atol=0)
+
+
+def test_error_lora_head_under_zero3():
+    from peft import LoraConfig, get_peft_model
+
+    from trainers.fused_forward import FusedHeadSettings, install_fused_head
+
+    model = get_peft_model(tiny_causal_lm("qwen3"), LoraConfig(r=4, target_modules=["lm_head"]))
+    install_fused_head(model.get_base_model(), FusedHeadSettings())
+    model.get_base_model().lm_head.base_layer.weight.ds_id = 0
+    ids = torch.randint(1, 300, (1, 5))
+    with pytest.raises(ValueError, match="LoRA adapter on the LM head under DeepSpeed ZeRO-3"):
+        model(input_ids=ids, labels=ids, fused_lm_head=True)

@@ -1,12 +1,13 @@
 """FusedDPOTrainer and FusedSFTTrainer under DeepSpeed ZeRO-3 (one process, one GPU) against a plain run.
 
-ZeRO-3 partitions every parameter, the LM head included; the fused head reads ``lm_head.weight``
-without calling the head, so `trainers.fused_forward` gathers it (``deepspeed.zero.GatheredParameters``)
-for the duration of the core call. With one process the partition is the whole tensor, but the
-parameters are still replaced by empty placeholders outside a gather: without the gather the core
-would see a ``[0]``-shaped weight and fail, and the weight gradient would not reach ZeRO's partitioned
-gradient. Both runs are fp32 on the GPU with SGD (DeepSpeed wraps the torch optimizer), 2 steps,
-same data: losses, metrics and weight updates must agree within 1e-5 relative.
+ZeRO-3 partitions every parameter, the LM head included, and fetches a module's parameters in hooks
+around its call; `trainers.fused_forward` runs the core call as the head's forward so that those hooks
+fetch the weight for the forward and again for the backward. With one process the partition is the
+whole tensor, but the parameters are still replaced by empty placeholders outside a fetch: without it
+the core would see a ``[0]``-shaped weight and fail, and the weight gradient would not reach ZeRO's
+partitioned gradient. Both an untied head and one tied to the embeddings (which ZeRO's embedding
+module also fetches). Both runs are fp32 on the GPU with SGD (DeepSpeed wraps the torch optimizer),
+2 steps, same data: losses, metrics and weight updates must agree within 1e-5 relative.
 
 Needs ``deepspeed`` (an sdist; it builds no CUDA op at install with DS_BUILD_OPS=0, and none is needed
 here) and CUDA. Run: ``python -m pytest -q tests/test_zero3_gpu.py``.
@@ -62,10 +63,10 @@ def _skip_reason():
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")]
 
 
-def _launch(tmp: Path, name: str, extra: list[str]) -> dict:
+def _launch(tmp: Path, name: str, kind: str, extra: list[str]) -> dict:
     """One process; ZeRO-3 runs under torchrun (DeepSpeed wants a distributed environment, world size 1)."""
-    out = tmp / f"{name}.pt"
-    script = [str(SCRIPT), "--trainers", ",".join(TRAINERS), "--batch", "4", "--cuda", "--out", str(out), *extra]
+    out = tmp / f"{name}-{kind}.pt"
+    script = [str(SCRIPT), "--trainers", ",".join(TRAINERS), "--batch", "4", "--cuda", "--out", str(out), "--kind", kind, *extra]
     if "--deepspeed" in extra:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", *script]
     else:
@@ -77,12 +78,17 @@ def _launch(tmp: Path, name: str, extra: list[str]) -> dict:
     return torch.load(out)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+@pytest.fixture(scope="module", params=["qwen3", "qwen3_tied"])
+def runs(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zero3")
     config = tmp / "zero3.json"
     config.write_text(json.dumps(ZERO3))
-    return {"plain": _launch(tmp, "plain", []), "zero3": _launch(tmp, "zero3", ["--deepspeed", str(config)])}
+    kind = request.param
+    return {
+        "kind": kind,
+        "plain": _launch(tmp, "plain", kind, []),
+        "zero3": _launch(tmp, "zero3", kind, ["--deepspeed", str(config)]),
+    }
 
 
 @pytest.mark.parametrize("trainer", TRAINERS)
@@ -100,5 +106,5 @@ def test_zero3_matches_plain_run(runs, trainer):
             assert rel <= RTOL, f"step {step} {key}: ZeRO-3 {a[key]} vs plain {b[key]} (rel {rel:.2e})"
             worst = max(worst, rel)
     upd = update_diff(ours["before"], ours["after"], reference["before"], reference["after"])
-    print(f"[zero3 {trainer}] logs worst rel {worst:.1e}, update rel diff {upd:.1e}")
+    print(f"[zero3 {runs['kind']} {trainer}] logs worst rel {worst:.1e}, update rel diff {upd:.1e}")
     assert upd <= RTOL, f"{trainer}: ZeRO-3 weight updates differ by {upd:.2e}"

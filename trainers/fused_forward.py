@@ -327,9 +327,15 @@ def _fused_call(self, text_config, settings, args, kwargs, labels, shift_labels,
     kwargs["use_cache"] = False
     if getattr(text_config, "output_router_logits", False):
         kwargs.setdefault("output_router_logits", True)
+    head = self.get_output_embeddings()
+    if is_adapter_layer(head) and _has_zero3_params(head):
+        raise ValueError(
+            "a LoRA adapter on the LM head under DeepSpeed ZeRO-3 is not supported by the fused head (ZeRO fetches a "
+            "module's own parameters, and the adapter's live in its children); remove `lm_head` from `target_modules` "
+            "or use FSDP2."
+        )
     backbone_out = self.base_model(*args, **kwargs)
     hidden = backbone_out.last_hidden_state
-    head = self.get_output_embeddings()
     device = (head.get_base_layer() if is_adapter_layer(head) else head).weight.device
     hidden = hidden.to(device)
     if shift_labels is None:
@@ -342,24 +348,23 @@ def _fused_call(self, text_config, settings, args, kwargs, labels, shift_labels,
     def head_stats(hidden):
         h, weight, bias = head_operands(head, hidden)
         weight, bias = _full_tensor(weight), _full_tensor(bias)
-        with _gathered(weight, bias):
-            result = align_losses.linear_token_stats(
-                h,
-                weight,
-                targets,
-                outputs=stats,
-                bias=bias,
-                shift=shift,
-                temperature=settings.temperature,
-                softcap=settings.quirks.softcap,
-                logit_scale=settings.quirks.logit_scale,
-                impl=settings.impl,
-                backend_options=settings.backend_options,
-            )
-            all_means = _mean_logits_all(h, weight, bias, settings, result, targets, shift) if want_all else None
+        result = align_losses.linear_token_stats(
+            h,
+            weight,
+            targets,
+            outputs=stats,
+            bias=bias,
+            shift=shift,
+            temperature=settings.temperature,
+            softcap=settings.quirks.softcap,
+            logit_scale=settings.quirks.logit_scale,
+            impl=settings.impl,
+            backend_options=settings.backend_options,
+        )
+        all_means = _mean_logits_all(h, weight, bias, settings, result, targets, shift) if want_all else None
         return result, all_means
 
-    result, all_means = _run_in_fsdp_unit(head, head_stats, hidden)
+    result, all_means = _run_as_head_call(head, head_stats, hidden)
 
     def cut(x):
         return None if x is None else (x[:, :-1] if shift else x)
@@ -386,30 +391,31 @@ def _fused_call(self, text_config, settings, args, kwargs, labels, shift_labels,
     )
 
 
-def _run_in_fsdp_unit(head, fn, hidden):
-    """``fn(hidden)``, run as the forward of ``head`` when ``head`` is its own FSDP2 unit (``fully_shard(lm_head)``).
+def _run_as_head_call(head, fn, hidden):
+    """``fn(hidden)``, run as the forward of ``head`` when a sharding wrapper hooks the head's calls.
 
-    The fused head reads the head's parameters without calling the head, so the hooks that FSDP2 puts
-    on the head's ``__call__`` would not fire: the gradient reduce-scatter of the head's unit is not
-    scheduled by them and the head's gradient comes out wrong (0.99 relative error on 2 ranks). Run as
-    the head's forward, the core call fires them: pre-forward all-gathers the head (the core sees a
-    plain tensor), post-forward reshards and registers the re-gather for backward, post-backward
-    reduce-scatters the gradient. accelerate's FSDP2 puts the head in one unit with the final norm,
-    whose forward has already unsharded it; calling the head then changes nothing (tested exact). A
-    head that is not FSDP-wrapped is used directly.
+    The fused head reads the head's parameters without calling the head, so hooks that FSDP2 or
+    DeepSpeed ZeRO-3 put on the head's ``__call__`` would not fire. Run as the head's forward, the
+    core call fires them:
+    - FSDP2 (``fully_shard(lm_head)``): pre-forward all-gathers the head (the core sees a plain
+      tensor), post-forward reshards and registers the re-gather for backward, post-backward
+      reduce-scatters the gradient; without them the head's gradient is wrong (0.99 relative error on
+      2 ranks). accelerate's FSDP2 puts the head in one unit with the final norm, whose forward has
+      already unsharded it; calling the head then changes nothing (tested exact).
+    - ZeRO-3: pre-forward fetches the partitioned weight (tied to the embeddings or not), post-forward
+      releases it, the outputs' pre-backward hook fetches it again for the core's backward, whose
+      weight gradient ZeRO's gradient hooks reduce and partition. Gathering it ourselves instead
+      clashes with ZeRO's own bookkeeping of a weight tied to the embeddings.
+    A head wrapped by neither is used directly.
     """
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without FSDP2
-        return fn(hidden)
-    if not isinstance(head, FSDPModule):
+    if not (_is_fsdp2_module(head) or _has_zero3_params(head)):
         return fn(hidden)
     kept = {}
 
     def forward(h):
         result, all_means = fn(h)
         kept["type"], kept["names"] = type(result), [f.name for f in dataclasses.fields(result)]
-        return tuple(getattr(result, n) for n in kept["names"]) + (all_means,)  # tensors: FSDP hooks them
+        return tuple(getattr(result, n) for n in kept["names"]) + (all_means,)  # tensors: FSDP2 / ZeRO-3 hook them
 
     head.forward = forward
     try:
@@ -460,17 +466,17 @@ def _mean_logits_all(h, weight, bias, settings: FusedHeadSettings, result, targe
     return torch.where(pos_known, known.detach(), rest)
 
 
-@contextmanager
-def _gathered(weight, bias):
-    """Gather a DeepSpeed ZeRO-3 partitioned head for the duration of the call (no-op otherwise)."""
-    params = [p for p in (weight, bias) if p is not None and hasattr(p, "ds_id")]
-    if not params:
-        yield
-        return
-    import deepspeed  # only reachable under ZeRO-3
+def _is_fsdp2_module(module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return False
+    return isinstance(module, FSDPModule)
 
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        yield
+
+def _has_zero3_params(module) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions a parameter of ``module`` or of its children (``ds_id``)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
 def _load_balancing_loss(router_logits, text_config, attention_mask):
