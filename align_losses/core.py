@@ -108,9 +108,8 @@ def linear_token_stats(
     weight, bias, process_group = _local_head(weight, bias, process_group)
     shard = _vocab_shard(weight, process_group)
     targets = _shift(labels, ignore_index) if shift else labels
-    _check_label_range(targets, ignore_index, shard.size if shard else weight.shape[0])
     flat_targets = targets.reshape(-1)
-    kept = torch.nonzero(flat_targets != ignore_index).squeeze(1)
+    kept = _labelled_positions(flat_targets, ignore_index, shard.size if shard else weight.shape[0])
     hidden_kept, weight, bias = _compute_dtype(hidden.reshape(-1, hidden.shape[-1]).index_select(0, kept), weight, bias)
     problem = HeadProblem(
         hidden=hidden_kept,
@@ -239,8 +238,15 @@ def _check_inputs(hidden, weight, labels, bias, transform: LogitTransform, proce
         )
 
 
-def _check_label_range(targets: torch.Tensor, ignore_index: int, vocab: int) -> None:
-    real = targets[targets != ignore_index]
-    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= vocab):
-        bad = real[(real < 0) | (real >= vocab)][:5].tolist()
-        raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {bad}")
+def _labelled_positions(targets: torch.Tensor, ignore_index: int, vocab: int) -> torch.Tensor:
+    """Indices of the labelled entries of the flat ``targets``, after checking their range.
+
+    One host synchronisation for both the count and the range check (each one drains the GPU queue).
+    """
+    labelled = targets != ignore_index
+    out_of_range = labelled & ((targets < 0) | (targets >= vocab))
+    count, bad = torch.stack((labelled.sum(), out_of_range.sum())).tolist()
+    if bad:
+        found = targets[out_of_range][:5].tolist()
+        raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {found}")
+    return torch.nonzero_static(labelled, size=count).squeeze(1)

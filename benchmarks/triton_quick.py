@@ -176,13 +176,14 @@ def sweep(n=8192, d=2048, v=151936):
     res["cublas_gradh_chunk_addmm"] = ms(lambda: torch.addmm(acc, da, wc, out_dtype=torch.float32, out=acc))
     res["cublas_gradw_chunk"] = ms(lambda: torch.mm(da.t(), h))
     K = th.KernelConfig
-    cfgs = [(False, K(128, 256, 64, 8, 8, 3)), (True, K(128, 256, 64, 8, 8, 3)), (True, K(128, 256, 64, 8, 8, 4)),
-            (True, K(256, 128, 64, 8, 8, 3)), (True, K(128, 128, 64, 8, 8, 4)), (True, K(128, 256, 64, 16, 8, 3))]
+    cfgs = [(True, K(128, 256, 64, 16, 8, 3)), (True, K(128, 256, 64, 16, 8, 3, persistent=True)),
+            (True, K(128, 128, 64, 16, 8, 4, persistent=True)), (False, K(128, 256, 64, 16, 8, 3, persistent=True))]
     lse = torch.zeros(n, device="cuda")
     coef = -up
     for tma, c in cfgs:
         th.USE_TMA = tma
-        key = f"{'tma_' if tma else ''}{c.BM}x{c.BN}x{c.BK}_g{c.GROUP_M}_w{c.num_warps}_s{c.num_stages}"
+        key = (f"{'tma_' if tma else ''}{c.BM}x{c.BN}x{c.BK}_g{c.GROUP_M}_w{c.num_warps}_s{c.num_stages}"
+               f"{'_persistent' if c.persistent else ''}")
         try:
             t0 = time.time()
             p = problem(h, w, lbl)
@@ -192,12 +193,13 @@ def sweep(n=8192, d=2048, v=151936):
             zero = torch.zeros(n, device="cuda")
 
             hd, wd = th._descs(h, wc, c) if tma else (None, None)
-            dad = th._desc(da, [c.BM, c.BN]) if tma else None
+            dad = th._desc(da, [c.BM, c.BN // 2]) if tma else None
+            programs = c.programs(triton.cdiv(n, c.BM) * triton.cdiv(vc, c.BN), h.device)
 
             def b():
-                th._bwd_kernel[(triton.cdiv(n, c.BM) * triton.cdiv(vc, c.BN),)](
+                th._bwd_kernel[(programs,)](
                     h, wc, hd, wd, dad, h, lbl, lse, zero, coef, zero, zero, up, da, lse,
-                    n, vc, d, h.stride(0), wc.stride(0), da.stride(0), 0,
+                    n, vc, d, h.stride(0), wc.stride(0), da.stride(0), 0, programs,
                     1.0, 1.0, 1.0, 1.0, 1.0,
                     HAS_BIAS=False, SOFTCAP=False, HAS_ENT=False, HAS_MEAN=False, HAS_LOGP=True, NEED_GB=False,
                     EVEN_K=True, DOT_PREC="ieee", USE_TMA=tma, **c.launch())
@@ -221,10 +223,10 @@ def sweep(n=8192, d=2048, v=151936):
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "bench"
-    if os.environ.get("CFG"):  # e.g. CFG=tma,128,256,64,8,8,3
+    if os.environ.get("CFG"):  # e.g. CFG=tma,128,256,64,16,8,3,persistent
         parts = os.environ["CFG"].split(",")
         th.USE_TMA = parts[0] == "tma"
-        cfg = th.KernelConfig(*map(int, parts[1:]))
+        cfg = th.KernelConfig(*map(int, parts[1:7]), persistent=parts[7:8] == ["persistent"])
         th.FWD_CONFIGS[torch.bfloat16] = th.BWD_CONFIGS[torch.bfloat16] = cfg
     out = os.environ.get("OUT", ".")
     if what == "profile":

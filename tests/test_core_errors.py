@@ -62,7 +62,7 @@ def test_backend_is_checked_before_any_work(monkeypatch):
         raise AssertionError("work started before the backend was checked")
 
     monkeypatch.setattr(core, "_local_head", no_work)
-    monkeypatch.setattr(core, "_check_label_range", no_work)
+    monkeypatch.setattr(core, "_labelled_positions", no_work)
     h, w, y = _ok()
     with pytest.raises(ValueError, match="unknown impl 'fast'"):
         align_losses.linear_logprobs(h, w, y, impl="fast")

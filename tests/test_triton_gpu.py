@@ -71,7 +71,9 @@ def run_triton(hidden, weight, bias, labels, transform, outputs, small_tiles=Fal
                           outputs=frozenset(("logprobs", *outputs)), shard=shard)
     kw = {}
     if small_tiles:
-        kw = dict(fwd_config=th.KernelConfig(16, 32, 16, 2, 4, 2), bwd_config=th.KernelConfig(16, 32, 16, 2, 4, 2))
+        # persistent: a few programs walk many tiles (4 programs in the interpreter, one per SM on a GPU)
+        tiles = th.KernelConfig(16, 32, 16, 2, 4, 2, persistent=True)
+        kw = dict(fwd_config=tiles, bwd_config=tiles)
     return th.triton_head(problem, memory_budget=memory_budget, **kw)
 
 
@@ -196,6 +198,16 @@ def test_gpu_fp32_all_outputs(transform, with_bias):
 @pytest.mark.parametrize("transform", TRANSFORMS)
 def test_gpu_bf16(std, transform):
     check(517, 264, 3001, torch.bfloat16, "cuda", transform, True, std=std, memory_budget=517 * 1024 * 2)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("std", [2.0, 8.0])
+def test_gpu_bf16_many_tiles_per_program(std):
+    # the default (persistent) 16-bit configs with more tiles than SMs: each program walks several
+    # tiles in the forward and in every backward chunk (last chunk partial)
+    check(1100, 264, 9001, torch.bfloat16, "cuda", LogitTransform(softcap=20.0), True, std=std,
+          memory_budget=1100 * 3328 * 2)
 
 
 @pytest.mark.gpu

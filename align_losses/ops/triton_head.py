@@ -42,25 +42,32 @@ class KernelConfig:
     GROUP_M: int = 8
     num_warps: int = 8
     num_stages: int = 3
+    #: One program per SM walking the tiles, the tile loop flattened with the K loop so the next
+    #: tile's loads are issued during this tile's epilogue; otherwise one program per tile.
+    persistent: bool = False
 
     def launch(self) -> dict:
-        return dict(BM=self.BM, BN=self.BN, BK=self.BK, GROUP_M=self.GROUP_M,
+        return dict(BM=self.BM, BN=self.BN, BK=self.BK, GROUP_M=self.GROUP_M, FLATTEN=self.persistent,
                     num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def programs(self, tiles: int, device: torch.device) -> int:
+        """Programs to launch for ``tiles`` tiles: one per SM when persistent (4 off CUDA, for the interpreter)."""
+        if not self.persistent:
+            return tiles
+        slots = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        return max(1, min(tiles, slots))
 
 
 #: Defaults per operand dtype (Hopper); fp32 uses IEEE dots (exact mode) and smaller tiles.
 #: 16-bit configs measured on an H200 (benchmarks/NOTES-triton.md): with TMA operands,
-#: 128x256x64, GROUP_M 16, 8 warps, 3 stages was the fastest of six for both kernels.
+#: 128x256x64, GROUP_M 16, 8 warps, 3 stages, persistent with the loops flattened was the
+#: fastest (of 128x128 / 128x256, 3 / 4 stages, persistent or not, warp-specialised or not).
 FWD_CONFIGS = {
-    torch.bfloat16: KernelConfig(128, 256, 64, 16, 8, 3),
-    torch.float16: KernelConfig(128, 256, 64, 16, 8, 3),
+    torch.bfloat16: KernelConfig(128, 256, 64, 16, 8, 3, persistent=True),
+    torch.float16: KernelConfig(128, 256, 64, 16, 8, 3, persistent=True),
     torch.float32: KernelConfig(64, 128, 32, 8, 4, 3),
 }
-BWD_CONFIGS = {
-    torch.bfloat16: KernelConfig(128, 256, 64, 16, 8, 3),
-    torch.float16: KernelConfig(128, 256, 64, 16, 8, 3),
-    torch.float32: KernelConfig(64, 128, 32, 8, 4, 3),
-}
+BWD_CONFIGS = FWD_CONFIGS
 
 #: Bytes of the backward's ``dL/da`` chunk buffer on top of ``M x D`` operand-dtype elements
 #: (the hidden-state gradient in the operand dtype is only allocated after the chunk loop, so
@@ -74,17 +81,16 @@ EXTRA_BUFFER_BYTES = 96 * 2**20
 
 
 @triton.jit
-def _tile_coords(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+def _tile_coords(tile, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
     """Grouped tile order: GROUP_M token blocks walk the vocabulary blocks together (L2 reuse)."""
-    pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
     in_group = GROUP_M * num_n
-    group = pid // in_group
+    group = tile // in_group
     first_m = group * GROUP_M
     size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % in_group) % size_m)
-    pid_n = (pid % in_group) // size_m
+    pid_m = first_m + ((tile % in_group) % size_m)
+    pid_n = (tile % in_group) // size_m
     return pid_m, pid_n
 
 
@@ -141,21 +147,15 @@ def _transform(a, scale, softcap, inv_temp, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(H, W, HD, WD, Bias, Lbl, PMax, PSum, PSez, PSz, PSe2, PArg, LabelLogit,
-                M, V, D, stride_h, stride_w, label_offset,
-                scale, softcap, inv_temp,
-                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
-                NEED_EZ: tl.constexpr, NEED_SZ: tl.constexpr, NEED_SE2: tl.constexpr, NEED_ARG: tl.constexpr,
-                EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    pid_m, pid_n = _tile_coords(M, V, BM, BN, GROUP_M)
+def _z_tile(tile, H, W, HD, WD, Bias, M, N, D, stride_h, stride_w, scale, softcap, inv_temp,
+            HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
+            USE_TMA: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """Transformed logits ``z`` (fp32 ``[BM, BN]``) of one tile, with its coordinates and row/column masks."""
+    pid_m, pid_n = _tile_coords(tile, M, N, BM, BN, GROUP_M)
     rm = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
-    cols = tl.arange(0, BN)
-    rn = pid_n.to(tl.int64) * BN + cols
-    row_ok = rm < M
-    col_ok = rn < V
+    rn = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
     rm_c = rm % M
-    rn_c = rn % V
+    rn_c = rn % N
     if USE_TMA:
         acc = _logits_tile_tma(HD, WD, pid_m * BM, pid_n * BN, D, BM, BN, BK, DOT_PREC)
     else:
@@ -163,28 +163,45 @@ def _fwd_kernel(H, W, HD, WD, Bias, Lbl, PMax, PSum, PSez, PSz, PSe2, PArg, Labe
     if HAS_BIAS:
         acc += tl.load(Bias + rn_c).to(tl.float32)[None, :]
     z = _transform(acc, scale, softcap, inv_temp, SOFTCAP)
-    zm = tl.where(col_ok[None, :], z, float("-inf"))
-    mx = tl.max(zm, 1)
-    e = tl.exp(zm - mx[:, None])
-    pofs = pid_n.to(tl.int64) * M + rm
-    tl.store(PMax + pofs, mx, mask=row_ok)
-    tl.store(PSum + pofs, tl.sum(e, 1), mask=row_ok)
-    if NEED_EZ or NEED_SZ:
-        z0 = tl.where(col_ok[None, :], z, 0.0)
-        if NEED_EZ:
-            tl.store(PSez + pofs, tl.sum(e * z0, 1), mask=row_ok)
-        if NEED_SZ:
-            tl.store(PSz + pofs, tl.sum(z0, 1), mask=row_ok)
-    if NEED_SE2:
-        tl.store(PSe2 + pofs, tl.sum(e * e, 1), mask=row_ok)
-    if NEED_ARG:
-        idx = tl.argmax(zm, 1, tie_break_left=True)
-        tl.store(PArg + pofs, idx.to(tl.int32) + pid_n * BN, mask=row_ok)
-    lbl = tl.load(Lbl + rm_c) - label_offset
-    local = lbl - pid_n.to(tl.int64) * BN
-    hit = (local >= 0) & (local < BN) & (lbl < V) & row_ok
-    picked = tl.sum(tl.where(cols[None, :] == local[:, None], z, 0.0), 1)
-    tl.store(LabelLogit + rm, picked, mask=hit)
+    return pid_m, pid_n, rm, rm < M, rm_c, rn, rn < N, z
+
+
+@triton.jit
+def _fwd_kernel(H, W, HD, WD, Bias, Lbl, PMax, PSum, PSez, PSz, PSe2, PArg, LabelLogit,
+                M, V, D, stride_h, stride_w, label_offset, num_programs,
+                scale, softcap, inv_temp,
+                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+                NEED_EZ: tl.constexpr, NEED_SZ: tl.constexpr, NEED_SE2: tl.constexpr, NEED_ARG: tl.constexpr,
+                EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, FLATTEN: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    cols = tl.arange(0, BN)
+    num_tiles = tl.cdiv(M, BM) * tl.cdiv(V, BN)
+    for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=FLATTEN):
+        pid_m, pid_n, rm, row_ok, rm_c, rn, col_ok, z = _z_tile(
+            tile, H, W, HD, WD, Bias, M, V, D, stride_h, stride_w, scale, softcap, inv_temp,
+            HAS_BIAS, SOFTCAP, EVEN_K, DOT_PREC, USE_TMA, BM, BN, BK, GROUP_M)
+        zm = tl.where(col_ok[None, :], z, float("-inf"))
+        mx = tl.max(zm, 1)
+        e = tl.exp(zm - mx[:, None])
+        pofs = pid_n.to(tl.int64) * M + rm
+        tl.store(PMax + pofs, mx, mask=row_ok)
+        tl.store(PSum + pofs, tl.sum(e, 1), mask=row_ok)
+        if NEED_EZ or NEED_SZ:
+            z0 = tl.where(col_ok[None, :], z, 0.0)
+            if NEED_EZ:
+                tl.store(PSez + pofs, tl.sum(e * z0, 1), mask=row_ok)
+            if NEED_SZ:
+                tl.store(PSz + pofs, tl.sum(z0, 1), mask=row_ok)
+        if NEED_SE2:
+            tl.store(PSe2 + pofs, tl.sum(e * e, 1), mask=row_ok)
+        if NEED_ARG:
+            idx = tl.argmax(zm, 1, tie_break_left=True)
+            tl.store(PArg + pofs, idx.to(tl.int32) + pid_n * BN, mask=row_ok)
+        lbl = tl.load(Lbl + rm_c) - label_offset
+        local = lbl - pid_n.to(tl.int64) * BN
+        hit = (local >= 0) & (local < BN) & (lbl < V) & row_ok
+        picked = tl.sum(tl.where(cols[None, :] == local[:, None], z, 0.0), 1)
+        tl.store(LabelLogit + rm, picked, mask=hit)
 
 
 @triton.jit
@@ -239,55 +256,47 @@ def _combine_kernel(PMax, PSum, PSez, PSz, PSe2, PArg, Max, Sum, Sez, Sz, Se2, A
 
 @triton.jit
 def _bwd_kernel(H, W, HD, WD, DAD, Bias, Lbl, Lse, Ez, Coef, GEnt, GMean, GLogp, DA, GBias,
-                M, Vc, D, stride_h, stride_w, stride_da, label_offset,
+                M, Vc, D, stride_h, stride_w, stride_da, label_offset, num_programs,
                 scale, softcap, inv_temp, dz_factor, t_over_c,
                 HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr,
                 HAS_MEAN: tl.constexpr, HAS_LOGP: tl.constexpr, NEED_GB: tl.constexpr,
-                EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
+                EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, FLATTEN: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """``dL/da`` for one vocabulary chunk ``[M, Vc]`` (W, Bias, DA, GBias point at the chunk)."""
-    pid_m, pid_n = _tile_coords(M, Vc, BM, BN, GROUP_M)
-    rm = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
     cols = tl.arange(0, BN)
-    rn = pid_n.to(tl.int64) * BN + cols
-    row_ok = rm < M
-    col_ok = rn < Vc
-    rm_c = rm % M
-    rn_c = rn % Vc
-    if USE_TMA:
-        acc = _logits_tile_tma(HD, WD, pid_m * BM, pid_n * BN, D, BM, BN, BK, DOT_PREC)
-    else:
-        acc = _logits_tile(H, W, rm_c, rn_c, D, stride_h, stride_w, BM, BN, BK, EVEN_K, DOT_PREC)
-    if HAS_BIAS:
-        acc += tl.load(Bias + rn_c).to(tl.float32)[None, :]
-    z = _transform(acc, scale, softcap, inv_temp, SOFTCAP)
-    lse = tl.load(Lse + rm_c)
-    p = tl.exp(z - lse[:, None])
-    coef = tl.load(Coef + rm_c)
-    if HAS_ENT:
-        ez = tl.load(Ez + rm_c)
-        gent = tl.load(GEnt + rm_c)
-        g = p * (coef[:, None] - gent[:, None] * (z - ez[:, None]))
-    else:
-        g = p * coef[:, None]
-    if HAS_MEAN:
-        g += tl.load(GMean + rm_c)[:, None]
-    if HAS_LOGP:
-        local = tl.load(Lbl + rm_c) - label_offset - pid_n.to(tl.int64) * BN
-        glogp = tl.load(GLogp + rm_c)
-        g += tl.where(cols[None, :] == local[:, None], glogp[:, None], 0.0)
-    if SOFTCAP:
-        t = z * t_over_c
-        g = g * (1.0 - t * t)
-    g = g * dz_factor
-    mask = row_ok[:, None] & col_ok[None, :]
-    if USE_TMA:
-        DAD.store([pid_m * BM, pid_n * BN], g.to(DAD.dtype))
-    else:
-        tl.store(DA + (rm * stride_da)[:, None] + rn[None, :], g.to(DA.dtype.element_ty), mask=mask)
-    if NEED_GB:
-        gs = tl.sum(tl.where(mask, g, 0.0), 0)
-        tl.atomic_add(GBias + rn, gs, mask=col_ok)
+    num_tiles = tl.cdiv(M, BM) * tl.cdiv(Vc, BN)
+    for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=FLATTEN):
+        pid_m, pid_n, rm, row_ok, rm_c, rn, col_ok, z = _z_tile(
+            tile, H, W, HD, WD, Bias, M, Vc, D, stride_h, stride_w, scale, softcap, inv_temp,
+            HAS_BIAS, SOFTCAP, EVEN_K, DOT_PREC, USE_TMA, BM, BN, BK, GROUP_M)
+        p = tl.exp(z - tl.load(Lse + rm_c)[:, None])
+        coef = tl.load(Coef + rm_c)
+        if HAS_ENT:
+            ez = tl.load(Ez + rm_c)
+            gent = tl.load(GEnt + rm_c)
+            g = p * (coef[:, None] - gent[:, None] * (z - ez[:, None]))
+        else:
+            g = p * coef[:, None]
+        if HAS_MEAN:
+            g += tl.load(GMean + rm_c)[:, None]
+        if HAS_LOGP:
+            local = tl.load(Lbl + rm_c) - label_offset - pid_n.to(tl.int64) * BN
+            glogp = tl.load(GLogp + rm_c)
+            g += tl.where(cols[None, :] == local[:, None], glogp[:, None], 0.0)
+        if SOFTCAP:
+            t = z * t_over_c
+            g = g * (1.0 - t * t)
+        g = g * dz_factor
+        mask = row_ok[:, None] & col_ok[None, :]
+        if USE_TMA:  # two half-width stores: half the staging buffer in shared memory
+            halves = tl.split(tl.permute(tl.reshape(g, (BM, 2, BN // 2)), (0, 2, 1)))
+            DAD.store([pid_m * BM, pid_n * BN], halves[0].to(DAD.dtype))
+            DAD.store([pid_m * BM, pid_n * BN + BN // 2], halves[1].to(DAD.dtype))
+        else:
+            tl.store(DA + (rm * stride_da)[:, None] + rn[None, :], g.to(DA.dtype.element_ty), mask=mask)
+        if NEED_GB:
+            gs = tl.sum(tl.where(mask, g, 0.0), 0)
+            tl.atomic_add(GBias + rn, gs, mask=col_ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,13 +371,13 @@ def _forward_stats(hidden, weight, bias, labels, transform: LogitTransform, outp
     pse2 = torch.empty((nb, m), **f32) if need_se2 else pmax
     parg = torch.empty((nb, m), dtype=torch.int32, device=dev) if need_arg else pmax
     t = transform
-    grid = (triton.cdiv(m, cfg.BM) * nb,)
+    programs = cfg.programs(triton.cdiv(m, cfg.BM) * nb, dev)
     use_tma = _tma_ok(hidden, weight)
     hd, wd = _descs(hidden, weight, cfg) if use_tma else (None, None)
-    _fwd_kernel[grid](
+    _fwd_kernel[(programs,)](
         hidden, weight, hd, wd, bias if bias is not None else hidden, labels,
         pmax, psum, psez, psz, pse2, parg, label_logit,
-        m, v, d, hidden.stride(0), weight.stride(0), offset,
+        m, v, d, hidden.stride(0), weight.stride(0), offset, programs,
         float(t.logit_scale), float(t.softcap or 1.0), 1.0 / float(t.temperature),
         HAS_BIAS=bias is not None, SOFTCAP=t.softcap is not None,
         NEED_EZ=need_ez, NEED_SZ=need_sz, NEED_SE2=need_se2, NEED_ARG=need_arg,
@@ -469,14 +478,14 @@ def _backward(hidden, weight, bias, labels, lse, expected_z, up: dict, transform
             ld = min(vc, -(-cv // 64) * 64)
             da = buf[: m * ld].view(m, ld)[:, :cv]
             w = weight[v0 : v0 + cv]
-            grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(cv, cfg.BN),)
+            programs = cfg.programs(triton.cdiv(m, cfg.BM) * triton.cdiv(cv, cfg.BN), dev)
             use_tma = _tma_ok(hidden, w, da)
             hd, wd = _descs(hidden, w, cfg) if use_tma else (None, None)
-            dad = _desc(da, [cfg.BM, cfg.BN]) if use_tma else None
-            _bwd_kernel[grid](
+            dad = _desc(da, [cfg.BM, cfg.BN // 2]) if use_tma else None
+            _bwd_kernel[(programs,)](
                 hidden, w, hd, wd, dad, bias[v0 : v0 + cv] if bias is not None else hidden, labels, lse, ez,
                 coef, gent, gmean, glogp, da, grad_bias32[v0 : v0 + cv] if need_b else lse,
-                m, cv, d, hidden.stride(0), weight.stride(0), da.stride(0), offset + v0,
+                m, cv, d, hidden.stride(0), weight.stride(0), da.stride(0), offset + v0, programs,
                 float(t.logit_scale), float(t.softcap or 1.0), 1.0 / float(t.temperature),
                 float(t.logit_scale) / float(t.temperature),
                 (float(t.temperature) / float(t.softcap)) if t.softcap is not None else 1.0,
