@@ -71,8 +71,11 @@ BWD_CONFIGS = FWD_CONFIGS
 
 #: Bytes of the backward's ``dL/da`` chunk buffer on top of ``M x D`` operand-dtype elements
 #: (the hidden-state gradient in the operand dtype is only allocated after the chunk loop, so
-#: the buffer may use that room too).
-EXTRA_BUFFER_BYTES = 96 * 2**20
+#: the buffer may use that room too). The loop's peak is the weight gradient, the fp32
+#: hidden-state accumulator, this buffer and the core's copy of the labelled hidden states:
+#: 48 MiB keeps it within grads + 0.15 GiB + 4 B x M x D at 24k labelled tokens (96 MiB was 8 MB
+#: over) and was no slower than 64 or 96 MiB at any benchmark shape (benchmarks/NOTES-triton.md).
+EXTRA_BUFFER_BYTES = 48 * 2**20
 
 
 # --------------------------------------------------------------------------------------------
