@@ -72,10 +72,11 @@ BWD_CONFIGS = FWD_CONFIGS
 #: Bytes of the backward's ``dL/da`` chunk buffer on top of ``M x D`` operand-dtype elements
 #: (the hidden-state gradient in the operand dtype is only allocated after the chunk loop, so
 #: the buffer may use that room too). The loop's peak is the weight gradient, the fp32
-#: hidden-state accumulator, this buffer and the core's copy of the labelled hidden states:
-#: 48 MiB keeps it within grads + 0.15 GiB + 4 B x M x D at 24k labelled tokens (96 MiB was 8 MB
-#: over) and was no slower than 64 or 96 MiB at any benchmark shape (benchmarks/NOTES-triton.md).
-EXTRA_BUFFER_BYTES = 48 * 2**20
+#: hidden-state accumulator, this buffer and the core's copy of the labelled hidden states.
+#: Wider chunks are faster (fewer chunks: 1.49x / 1.52x / 1.54x the floor at 4096 / 3072 / 2048
+#: columns, 24k labelled tokens); 80 MiB (3584 columns there) keeps that peak within grads +
+#: 0.15 GiB + 4 B x M x D, which 96 MiB missed by 8 MB (benchmarks/NOTES-triton.md).
+EXTRA_BUFFER_BYTES = 80 * 2**20
 
 
 # --------------------------------------------------------------------------------------------
