@@ -47,6 +47,23 @@ QWEN3_1_7B = dict(
     attention_dropout=0.0,
     tie_word_embeddings=True,
 )
+#: Qwen3-8B (config.json of Qwen/Qwen3-8B): the head is not tied to the embeddings.
+QWEN3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=151936,
+    max_position_embeddings=40960,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    hidden_act="silu",
+    attention_bias=False,
+    attention_dropout=0.0,
+    tie_word_embeddings=False,
+)
 #: A tiny Qwen3-shaped model for ``--quick`` (CPU smoke tests).
 QUICK_MODEL = dict(
     hidden_size=64,
@@ -60,6 +77,12 @@ QUICK_MODEL = dict(
     rms_norm_eps=1e-6,
     tie_word_embeddings=True,
 )
+#: The model shapes a benchmark's ``--model`` names: name -> (what ``model_desc`` calls it, config kwargs).
+MODELS = {
+    "qwen3-1.7b": ("Qwen3-1.7B-shaped", QWEN3_1_7B),
+    "qwen3-8b": ("Qwen3-8B-shaped", QWEN3_8B),
+    "tiny": ("tiny Qwen3-shaped", QUICK_MODEL),
+}
 #: The config keys a run's ``model_desc`` lists.
 MODEL_DESC_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                    "intermediate_size", "vocab_size", "tie_word_embeddings")
@@ -155,7 +178,9 @@ def meta_lines(meta: dict) -> list:
 
 
 def model_desc(model_kwargs: dict, quick: bool, suffix: str) -> str:
-    return (("tiny Qwen3-shaped (--quick) " if quick else "Qwen3-1.7B-shaped ")
+    """The model line of a run: the shape's name in `MODELS` (``--quick`` marked), its main config values, ``suffix``."""
+    title = next((t for t, kwargs in MODELS.values() if kwargs == model_kwargs), "Qwen3-shaped")
+    return (title + (" (--quick) " if quick else " ")
             + ", ".join(f"{k}={v}" for k, v in model_kwargs.items() if k in MODEL_DESC_KEYS) + suffix)
 
 
@@ -244,10 +269,11 @@ def load_tokenizer():
 
 
 def sync(device: str) -> None:
+    """Wait for ``device`` (``cuda``: the current GPU, ``cuda:N``: that one; nothing to wait for on CPU)."""
     import torch
 
-    if device == "cuda":
-        torch.cuda.synchronize()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
 def free_memory(device: str):
