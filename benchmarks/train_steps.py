@@ -25,8 +25,8 @@ Every process builds the model (and the DPO reference copy) whole on its own dev
 processes on the CPU, gloo) from the same seed; the trainer then shards it. With ``fsdp2.yaml`` accelerate puts
 ``fully_shard`` on every decoder layer, the input embedding, the final norm with the LM head, and the root, and
 its ``mixed_precision: bf16`` upcasts the trained weights to fp32 (bf16 compute, fp32 gradients and AdamW
-states); that policy's ``output_dtype`` also rounds the model's outputs to bf16, the per-token log-probs of
-both fused heads (TRL's and ours) included, which the one-GPU rows do not. The DPO reference copy is passed as
+states); that policy's ``output_dtype`` also rounds the model's outputs to bf16, TRL's per-token log-probs
+included (the fused trainers drop it, so ours stay fp32: docs/distributed.md). The DPO reference copy is passed as
 ``ref_model`` and sharded the way TRL does it: ``DPOTrainer.__init__`` (which FusedDPOTrainer runs unchanged)
 calls ``trl.models.utils.prepare_fsdp``, one ``fully_shard`` over the whole reference model (eval mode, bf16,
 not upcast, the plugin's ``reshard_after_forward``): 1/N of it per GPU at rest, all of it gathered on every GPU

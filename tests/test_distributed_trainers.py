@@ -3,12 +3,15 @@ processes, gloo) against one process on the same global batch: per-step losses a
 weight updates, within 1e-5 relative in fp32.
 
 Each setup is one launch of `tests/dist_scripts/train_trainer.py` (both trainers in turn, 2 SGD steps,
-global batch 4, sequential data order); the three launches run concurrently. The configs are the
-shipped `examples/accelerate/ddp_cpu.yaml` and `fsdp2_cpu.yaml`.
+global batch 4, sequential data order); the launches run concurrently. The configs are the shipped
+`examples/accelerate/ddp_cpu.yaml` and `fsdp2_cpu.yaml`; a fourth launch runs FSDP2 with bf16 mixed
+precision, whose policy would round everything the model returns to bf16 (the fused per-token log-probs
+must reach the loss in fp32).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -36,11 +39,13 @@ def _command(setup: str, out: Path) -> list[str]:
     script = [str(SCRIPT), "--trainers", ",".join(TRAINERS), "--out", str(out)]
     if setup == "single":
         return [sys.executable, *script, "--batch", str(GLOBAL_BATCH)]
-    config = CONFIGS / {"ddp": "ddp_cpu.yaml", "fsdp2": "fsdp2_cpu.yaml"}[setup]
+    config = CONFIGS / {"ddp": "ddp_cpu.yaml", "fsdp2": "fsdp2_cpu.yaml", "fsdp2_bf16": "fsdp2_cpu.yaml"}[setup]
+    bf16 = setup == "fsdp2_bf16"
     return [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
         "--num_processes", str(WORLD), "--main_process_port", str(_free_port()),
-        *script, "--batch", str(GLOBAL_BATCH // WORLD),
+        *(["--mixed_precision", "bf16"] if bf16 else []),
+        *script, "--batch", str(GLOBAL_BATCH // WORLD), *(["--bf16"] if bf16 else []),
     ]
 
 
@@ -54,13 +59,13 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """``{setup: {trainer: result}}`` for the single-process reference, DDP and FSDP2, launched together."""
+    """``{setup: {trainer: result}}`` for the single-process reference, DDP, FSDP2 and FSDP2 in bf16, launched together."""
     tmp = tmp_path_factory.mktemp("dist")
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env.pop("ALIGN_LOSSES_IMPL", None)
     procs, started = {}, time.perf_counter()
-    for setup in ("single", "ddp", "fsdp2"):
+    for setup in ("single", "ddp", "fsdp2", "fsdp2_bf16"):
         log = open(tmp / f"{setup}.log", "w")
         procs[setup] = (subprocess.Popen(_command(setup, tmp / f"{setup}.pt"), cwd=tmp, env=env, stdout=log,
                                          stderr=subprocess.STDOUT), log)
@@ -75,7 +80,7 @@ def runs(tmp_path_factory):
         text = (tmp / f"{setup}.log").read_text()
         assert code == 0, f"{setup} launch failed ({code}):\n{text[-6000:]}"
         results[setup] = torch.load(tmp / f"{setup}.pt")
-    print(f"[distributed trainers] 3 launches in {time.perf_counter() - started:.0f}s")
+    print(f"[distributed trainers] {len(procs)} launches in {time.perf_counter() - started:.0f}s")
     return results
 
 
@@ -114,3 +119,13 @@ def test_distributed_matches_single_process(runs, setup, trainer):
     print(f"[{setup} {trainer}] logs worst rel {worst_log:.1e}, update rel diff {upd:.1e}")
     assert moved > 0
     assert upd <= RTOL, f"{setup} {trainer}: weight updates differ by {upd:.2e}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_fsdp2_bf16_keeps_fused_outputs_fp32(runs, trainer):
+    """accelerate's bf16 policy casts a wrapped model's outputs to bf16; the fused trainers drop that cast."""
+    ours = runs["fsdp2_bf16"][trainer]
+    assert ours["is_fsdp2"] and ours["log_prob_dtypes_seen"] == ["float32"], ours["log_prob_dtypes_seen"]
+    if trainer == "dpo":  # policy == reference at step 1: log 2, which a bf16-rounded loss (0.6914) is not
+        assert abs(float(ours["logs"][0]["loss"]) - math.log(2)) < 1e-6, ours["logs"][0]["loss"]

@@ -20,6 +20,7 @@ from .fused_forward import (
     check_impl,
     fused_settings,
     install_fused_head,
+    keep_fused_outputs_fp32,
     output_head,
     unwrap_transformers_model,
 )
@@ -130,9 +131,14 @@ class FusedTrainerMixin:
 
     Subclasses set ``_fused_outputs``: the per-token fields their loss and metrics read from the policy.
     The head's options come from ``self.args``, a Fused*Config or a plain TRL config (`lce_options`).
+    Under FSDP2 with mixed precision the fused outputs are kept fp32 (`keep_fused_outputs_fp32`).
     """
 
     _fused_outputs: tuple = ()
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        keep_fused_outputs_fp32(self.accelerator)
 
     def _head_settings(self, outputs: Sequence[str]) -> FusedHeadSettings:
         options = lce_options(self.args)

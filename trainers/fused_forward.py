@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ from transformers.utils import ModelOutput
 import align_losses
 from align_losses import backends
 from align_losses.backends.base import HeadProblem, LogitTransform
+
+logger = logging.getLogger(__name__)
 
 #: TRL's fused-head field names, and the core statistic behind each.
 FIELD_TO_STAT = {
@@ -477,6 +480,26 @@ def _is_fsdp2_module(module) -> bool:
 def _has_zero3_params(module) -> bool:
     """Whether DeepSpeed ZeRO-3 partitions a parameter of ``module`` or of its children (``ds_id``)."""
     return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def keep_fused_outputs_fp32(accelerator) -> None:
+    """Stop FSDP2 from rounding what the model returns to the mixed-precision dtype (no-op otherwise).
+
+    With bf16 mixed precision accelerate builds FSDP2's ``MixedPrecisionPolicy`` with ``output_dtype=bf16``,
+    and FSDP2 casts every floating tensor a wrapped module returns to it: the fused head's fp32 per-token
+    log-probs (and the loss) would leave the model rounded to bf16, a relative error up to 2^-9 per token
+    before the loss sums them. Without an ``output_dtype`` a module's outputs keep the dtype they were
+    computed in: bf16 for the decoder layers (their parameters are cast to ``param_dtype``), fp32 for the
+    fused statistics. Must run before the model and a reference model are sharded: accelerate's
+    ``fsdp2_prepare_model`` and TRL's ``prepare_fsdp`` read the policy then.
+    """
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    policy = getattr(plugin, "mixed_precision_policy", None)
+    if getattr(plugin, "fsdp_version", 1) != 2 or getattr(policy, "output_dtype", None) is None:
+        return
+    plugin.mixed_precision_policy = dataclasses.replace(policy, output_dtype=None)
+    logger.info("FSDP2: output_dtype %s dropped from the mixed-precision policy: the fused head's per-token "
+                "outputs stay fp32", policy.output_dtype)
 
 
 def _load_balancing_loss(router_logits, text_config, attention_mask):

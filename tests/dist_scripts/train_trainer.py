@@ -46,6 +46,27 @@ def full_params(model) -> dict:
     return out
 
 
+def output_dtype_recorder(seen: set):
+    """A `TrainerCallback` recording the dtype of the per-token log-probs the wrapped policy returns.
+
+    Its forward hook goes on the model the trainer trains (after accelerate wrapped it), after any hook of
+    the wrapper's, so it sees what the trainer's loss sees: FSDP2 casts a wrapped module's outputs to its
+    mixed-precision ``output_dtype``.
+    """
+    from transformers import TrainerCallback
+
+    def record(module, inputs, output):
+        log_probs = getattr(output, "log_probs", None)
+        if isinstance(log_probs, torch.Tensor):
+            seen.add(str(log_probs.dtype).replace("torch.", ""))
+
+    class _Callback(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            model.register_forward_hook(record)
+
+    return _Callback()
+
+
 def allow_fsdp_on_cpu() -> None:
     """Let accelerate's FSDP path run on CPU processes (gloo), for CI without GPUs.
 
@@ -68,6 +89,8 @@ def allow_fsdp_on_cpu() -> None:
         original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
         if self.distributed_type == DistributedType.MULTI_CPU and fsdp_plugin is not None:
             self.distributed_type = DistributedType.FSDP
+            if self._mixed_precision != "no":  # what accelerate's init does for an FSDP state
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
             self.fsdp_plugin = fsdp_plugin
             # As accelerate does at the end of its own init: later AcceleratorState() calls re-read it.
             PartialState._shared_state["distributed_type"] = DistributedType.FSDP
@@ -86,6 +109,7 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--precompute-ref", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (TrainingArguments(bf16=True))")
     parser.add_argument("--cuda", action="store_true", help="train on the GPU (ZeRO-3); default CPU")
     parser.add_argument("--deepspeed", default=None, help="a DeepSpeed config (JSON path), passed to the trainer args")
     parser.add_argument("--out", required=True)
@@ -128,8 +152,12 @@ def main(argv=None):
         )
         if args.deepspeed:
             overrides["deepspeed"] = args.deepspeed
+        if args.bf16:
+            overrides["bf16"] = True
         common = base_args(Path(args.out).parent / f"trainer_out_{name}", **overrides)
         rec = MetricsRecorder()
+        dtypes: set = set()
+        callbacks = [rec.callback, output_dtype_recorder(dtypes)]
         model = tiny_causal_lm(args.kind)
         before = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
         if name == "dpo":
@@ -137,13 +165,13 @@ def main(argv=None):
             ref_model = None if args.precompute_ref else tiny_causal_lm(args.kind)
             trainer = FusedDPOTrainer(
                 model=model, ref_model=ref_model, train_dataset=dataset, processing_class=tokenizer,
-                callbacks=[rec.callback],
+                callbacks=callbacks,
                 args=FusedDPOConfig(**common, beta=0.5, precompute_ref_log_probs=args.precompute_ref),
             )
         elif name == "sft":
             dataset = Dataset.from_dict({"prompt": PROMPTS, "completion": GOOD})
             trainer = FusedSFTTrainer(
-                model=model, train_dataset=dataset, processing_class=tokenizer, callbacks=[rec.callback],
+                model=model, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks,
                 args=FusedSFTConfig(**common),
             )
         else:
@@ -159,6 +187,7 @@ def main(argv=None):
             "is_deepspeed": trainer.is_deepspeed_enabled,
             "model_class": type(trainer.model_wrapped).__name__,
             "head_weight_types_seen": sorted(set(head_types)),
+            "log_prob_dtypes_seen": sorted(dtypes),
         }
         accelerator.wait_for_everyone()
     if int(os.environ.get("RANK", "0")) == 0:
