@@ -4,8 +4,8 @@ Forward: one Triton GEMM over ``[tokens, vocab]`` tiles (grouped tile order, fp3
 for 16-bit operands one program per SM walks the tiles so that the next tile's loads overlap this
 tile's epilogue) whose epilogue applies bias and logit transform and reduces each tile row to
 partial statistics (max, sum exp, and what the requested outputs need); no logits reach memory.
-A second small Triton kernel merges the ``[vocab blocks, M]`` partials per token. For a vocabulary-parallel head the
-per-rank statistics are merged with `tiled_head._Stats.all_reduce`.
+A second small Triton kernel merges the ``[vocab blocks, M]`` partials per token. For a
+vocabulary-parallel head the per-rank statistics are merged with `tiled_head._Stats.all_reduce`.
 
 Backward, per vocabulary chunk of ``Vc`` columns (``Vc`` from a memory budget): a Triton GEMM
 recomputes the logits tile and writes ``dL/da`` (operand dtype) for the chunk over all tokens into
