@@ -249,4 +249,6 @@ def _labelled_positions(targets: torch.Tensor, ignore_index: int, vocab: int) ->
     if bad:
         found = targets[out_of_range][:5].tolist()
         raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {found}")
-    return torch.nonzero_static(labelled, size=count).squeeze(1)
+    if labelled.device.type in ("cpu", "cuda"):  # where nonzero_static exists; it does not sync again
+        return torch.nonzero_static(labelled, size=count).squeeze(1)
+    return torch.nonzero(labelled).squeeze(1)

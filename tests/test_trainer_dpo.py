@@ -326,16 +326,32 @@ def test_fused_forward_runs_as_head_call_under_zero3_marks():
     assert calls == [("pre", torch.Size([2, 7, 64])), ("post", "tuple")]
     assert "forward" not in head.__dict__  # the instance override is gone after the call
     torch.testing.assert_close(hooked, plain, rtol=0, atol=0)
+    # An instance-level forward installed by someone else (a hook library, torch.compile) is put back.
+    own_forward = head.forward.__func__.__get__(head)
+    head.forward = own_forward
+    head.weight.ds_id = 0
+    try:
+        again = model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
+    finally:
+        del head.weight.ds_id
+    assert head.__dict__["forward"] is own_forward
+    torch.testing.assert_close(again, plain, rtol=0, atol=0)
 
 
-def test_error_lora_head_under_zero3():
+@pytest.mark.parametrize("peft_head", ["lora", "modules_to_save"])
+def test_error_head_weight_in_child_under_zero3(peft_head):
     from peft import LoraConfig, get_peft_model
 
     from trainers.fused_forward import FusedHeadSettings, install_fused_head
 
-    model = get_peft_model(tiny_causal_lm("qwen3"), LoraConfig(r=4, target_modules=["lm_head"]))
+    if peft_head == "lora":
+        config = LoraConfig(r=4, target_modules=["lm_head"])
+    else:
+        config = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    model = get_peft_model(tiny_causal_lm("qwen3"), config)
     install_fused_head(model.get_base_model(), FusedHeadSettings())
-    model.get_base_model().lm_head.base_layer.weight.ds_id = 0
+    for p in model.get_base_model().lm_head.parameters():
+        p.ds_id = 0
     ids = torch.randint(1, 300, (1, 5))
-    with pytest.raises(ValueError, match="LoRA adapter on the LM head under DeepSpeed ZeRO-3"):
+    with pytest.raises(ValueError, match="weight lives in a child module .* under DeepSpeed ZeRO-3"):
         model(input_ids=ids, labels=ids, fused_lm_head=True)

@@ -5,9 +5,9 @@ around its call; `trainers.fused_forward` runs the core call as the head's forwa
 fetch the weight for the forward and again for the backward. With one process the partition is the
 whole tensor, but the parameters are still replaced by empty placeholders outside a fetch: without it
 the core would see a ``[0]``-shaped weight and fail, and the weight gradient would not reach ZeRO's
-partitioned gradient. Both an untied head and one tied to the embeddings (which ZeRO's embedding
-module also fetches). Both runs are fp32 on the GPU with SGD (DeepSpeed wraps the torch optimizer),
-2 steps, same data: losses, metrics and weight updates must agree within 1e-5 relative.
+partitioned gradient. Both an untied head and one tied to the embeddings; both runs fp32 on the GPU
+with SGD (DeepSpeed wraps the torch optimizer), 2 steps, same data: losses, metrics and weight updates
+must agree within 1e-5 relative.
 
 Needs ``deepspeed`` (an sdist; it builds no CUDA op at install with DS_BUILD_OPS=0, and none is needed
 here) and CUDA. Run: ``python -m pytest -q tests/test_zero3_gpu.py``.

@@ -331,11 +331,12 @@ def _fused_call(self, text_config, settings, args, kwargs, labels, shift_labels,
     if getattr(text_config, "output_router_logits", False):
         kwargs.setdefault("output_router_logits", True)
     head = self.get_output_embeddings()
-    if is_adapter_layer(head) and _has_zero3_params(head):
+    if _has_zero3_params(head) and not _owns_its_weight(head):
         raise ValueError(
-            "a LoRA adapter on the LM head under DeepSpeed ZeRO-3 is not supported by the fused head (ZeRO fetches a "
-            "module's own parameters, and the adapter's live in its children); remove `lm_head` from `target_modules` "
-            "or use FSDP2."
+            f"an LM head whose weight lives in a child module ({type(head).__name__}: a LoRA adapter or PEFT's "
+            "`modules_to_save` on `lm_head`) is not supported by the fused head under DeepSpeed ZeRO-3 (ZeRO fetches "
+            "the parameters of the module called, not its children's); leave `lm_head` out of `target_modules` / "
+            "`modules_to_save`, or use FSDP2."
         )
     backbone_out = self.base_model(*args, **kwargs)
     hidden = backbone_out.last_hidden_state
@@ -408,7 +409,7 @@ def _run_as_head_call(head, fn, hidden):
     - ZeRO-3: pre-forward fetches the partitioned weight (tied to the embeddings or not), post-forward
       releases it, the outputs' pre-backward hook fetches it again for the core's backward, whose
       weight gradient ZeRO's gradient hooks reduce and partition. Gathering it ourselves instead
-      clashes with ZeRO's own bookkeeping of a weight tied to the embeddings.
+      clashed with ZeRO's bookkeeping (it refused to release a weight it counted as in use).
     A head wrapped by neither is used directly.
     """
     if not (_is_fsdp2_module(head) or _has_zero3_params(head)):
@@ -420,11 +421,15 @@ def _run_as_head_call(head, fn, hidden):
         kept["type"], kept["names"] = type(result), [f.name for f in dataclasses.fields(result)]
         return tuple(getattr(result, n) for n in kept["names"]) + (all_means,)  # tensors: FSDP2 / ZeRO-3 hook them
 
+    previous = head.__dict__.get("forward")  # an instance-level forward someone else installed
     head.forward = forward
     try:
         values = head(hidden)
     finally:
-        del head.forward
+        if previous is None:
+            del head.forward
+        else:
+            head.forward = previous
     return kept["type"](**dict(zip(kept["names"], values[:-1]))), values[-1]
 
 
@@ -477,6 +482,12 @@ def _is_fsdp2_module(module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def _owns_its_weight(head) -> bool:
+    """Whether the weight the fused head reads is a parameter of ``head`` itself, not of a child module."""
+    weight = getattr(head, "weight", None)
+    return any(p is weight for p in head.parameters(recurse=False))
+
+
 def _has_zero3_params(module) -> bool:
     """Whether DeepSpeed ZeRO-3 partitions a parameter of ``module`` or of its children (``ds_id``)."""
     return any(hasattr(p, "ds_id") for p in module.parameters())
@@ -487,7 +498,7 @@ def keep_fused_outputs_fp32(accelerator) -> None:
 
     With bf16 mixed precision accelerate builds FSDP2's ``MixedPrecisionPolicy`` with ``output_dtype=bf16``,
     and FSDP2 casts every floating tensor a wrapped module returns to it: the fused head's fp32 per-token
-    log-probs (and the loss) would leave the model rounded to bf16, a relative error up to 2^-9 per token
+    log-probs (and the loss) would leave the model rounded to bf16, a relative error up to 2^-8 per token
     before the loss sums them. Without an ``output_dtype`` a module's outputs keep the dtype they were
     computed in: bf16 for the decoder layers (their parameters are cast to ``param_dtype``), fp32 for the
     fused statistics. Must run before the model and a reference model are sharded: accelerate's

@@ -68,7 +68,7 @@ FWD_CONFIGS = {
     torch.float16: KernelConfig(128, 256, 64, 16, 8, 3, persistent=True),
     torch.float32: KernelConfig(64, 128, 32, 8, 4, 3),
 }
-BWD_CONFIGS = FWD_CONFIGS
+BWD_CONFIGS = dict(FWD_CONFIGS)
 
 #: Bytes of the backward's ``dL/da`` chunk buffer on top of ``M x D`` operand-dtype elements
 #: (the hidden-state gradient in the operand dtype is only allocated after the chunk loop, so
