@@ -26,6 +26,7 @@ from ..backends.base import DIFFERENTIABLE_OUTPUTS, OUTPUTS, HeadProblem, LogitT
 # Bytes of fp32 temporaries per tile element: logits, probabilities, their gradient, a cast copy.
 _BYTES_PER_TILE_ELEMENT = 16
 _MIN_VOCAB_BLOCK = 256
+_ALIGN = 64
 
 
 def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -59,10 +60,22 @@ class Tiling:
         elements = max(memory_budget // _BYTES_PER_TILE_ELEMENT, 1)
         num_tokens, vocab = max(num_tokens, 1), max(vocab, 1)  # an empty shard or batch still plans
         if token_block is None:
-            token_block = min(num_tokens, max(elements // min(vocab, _MIN_VOCAB_BLOCK), 1))
+            token_block = _aligned(min(num_tokens, max(elements // min(vocab, _MIN_VOCAB_BLOCK), 1)), num_tokens)
         token_block = max(min(token_block, num_tokens), 1)
-        vocab_block = max(min(vocab, elements // token_block), 1)
+        vocab_block = _aligned(max(min(vocab, elements // token_block), 1), vocab)
         return Tiling(token_block, vocab_block)
+
+
+def _aligned(block: int, total: int) -> int:
+    """``block`` rounded down to a multiple of ``_ALIGN`` when that splits ``total`` anyway.
+
+    A tile's columns are the leading dimension of its logits and of its gradient as GEMM operands;
+    cuBLAS's fastest tensor-core kernels want leading dimensions of 16-byte multiples, which a block of,
+    say, 5461 columns (the 512 MiB default at 6144 tokens) is not.
+    """
+    if block >= total or block < _ALIGN:
+        return block
+    return block - block % _ALIGN
 
 
 def _logits(a: torch.Tensor, t: LogitTransform) -> torch.Tensor:
