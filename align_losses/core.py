@@ -110,7 +110,7 @@ def linear_token_stats(
     targets = _shift(labels, ignore_index) if shift else labels
     flat_targets = targets.reshape(-1)
     kept = _labelled_positions(flat_targets, ignore_index, shard.size if shard else weight.shape[0])
-    hidden_kept, weight, bias = _compute_dtype(hidden.reshape(-1, hidden.shape[-1]).index_select(0, kept), weight, bias)
+    hidden_kept, weight, bias = _compute_dtype(_gather_rows(hidden.reshape(-1, hidden.shape[-1]), kept), weight, bias)
     problem = HeadProblem(
         hidden=hidden_kept,
         weight=weight,
@@ -142,6 +142,32 @@ def _probe(hidden, weight, bias, transform, outputs, process_group, options) -> 
         shard=VocabShard(start=0, size=0, group=process_group) if sharded else None,
         options=options,
     )
+
+
+class _GatherRows(torch.autograd.Function):
+    """``rows.index_select(0, index)`` for unique indices; the backward writes the gradient rows back
+    with a plain scatter into zeros (index_select's own backward is an ``index_add``, which runs on
+    atomics in 16-bit dtypes: 0.5 ms for 24k rows of 2048 bf16 on an H200)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.num_rows = rows.shape[0]
+        return rows.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        out = grad.new_zeros((ctx.num_rows, *grad.shape[1:]))
+        return out.index_copy_(0, index, grad), None
+
+
+def _gather_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The rows ``[M, D]`` of ``rows [N, D]`` at the labelled positions ``index`` (sorted, unique):
+    ``rows`` itself, no copy, when every position is labelled."""
+    if index.numel() == rows.shape[0]:
+        return rows
+    return _GatherRows.apply(rows, index)
 
 
 def _scatter(values: torch.Tensor, kept: torch.Tensor, shape: torch.Size, differentiable: bool) -> torch.Tensor:
