@@ -357,3 +357,63 @@ def test_interp_vocab_parallel(tmp_path):
 def test_gpu_vocab_parallel(tmp_path):
     """Two ranks (gloo) on one GPU, each with a shard of the vocabulary."""
     sharded("cuda", torch.float32, False, tmp_path)
+
+
+# ------------------------------------------------------------------ sequence-loss upstream (both)
+
+#: An upstream gradient just under a bf16 rounding tie (1 + 2^-8): its label entry rounds to 1.0,
+#: 3.8e-3 off, the same for every token of the "sequence".
+SEQUENCE_UPSTREAM = 1.0038
+
+
+def sequence_upstream_grad_h_error(device, impl, remove_rounding=True, monkeypatch=None):
+    """grad_hidden's relative error (vs float64) when every token has the same log-prob upstream."""
+    from align_losses.ops import tiled_head, triton_head
+
+    if not remove_rounding:
+        monkeypatch.setattr(tiled_head, "remove_label_rounding", lambda *a: None)
+        monkeypatch.setattr(triton_head, "remove_label_rounding", lambda *a: None)
+    hidden, weight, _, labels = make(700, 64, 3001, torch.bfloat16, device, std=2.0, seed=3)
+    problem = HeadProblem(hidden=hidden, weight=weight, bias=None, labels=labels, transform=LogitTransform(),
+                          outputs=frozenset({"logprobs"}))
+    if impl == "triton":
+        tiles = triton_head.KernelConfig(16, 32, 16, 2, 4, 2, persistent=True) if device == "cpu" else None
+        got = triton_head.triton_head(problem, memory_budget=700 * 1024 * 2, fwd_config=tiles, bwd_config=tiles)
+    else:
+        got = tiled_head.tiled_head(problem, memory_budget=700 * 1024 * 16)
+    (gh,) = torch.autograd.grad(got["logprobs"].sum() * SEQUENCE_UPSTREAM, (hidden,))
+    rh = hidden.detach().double().requires_grad_(True)
+    ref = reference(rh, weight.detach().double(), None, labels, LogitTransform())["logprobs"]
+    (rgh,) = torch.autograd.grad(ref.sum() * SEQUENCE_UPSTREAM, (rh,))
+    return rel(gh, rgh)
+
+
+@interp
+def test_interp_sequence_upstream_label_rounding(monkeypatch):
+    assert sequence_upstream_grad_h_error("cpu", "triton") < 2e-3
+    assert sequence_upstream_grad_h_error("cpu", "triton", False, monkeypatch) > 3e-3  # what it fixes
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_gpu_sequence_upstream_label_rounding(impl, monkeypatch):
+    assert sequence_upstream_grad_h_error("cuda", impl) < 2e-3
+    assert sequence_upstream_grad_h_error("cuda", impl, False, monkeypatch) > 3e-3
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_vocab_chunk_fills_the_last_wave():
+    from align_losses.ops.triton_head import EXTRA_BUFFER_BYTES, _wave_efficiency, vocab_chunk
+
+    for m, d, v in [(6144, 2048, 151936), (6144, 4096, 128256), (24576, 2048, 151936), (999, 1000, 50000)]:
+        widest = (m * d * 2 + EXTRA_BUFFER_BYTES) // (m * 2) // 256 * 256
+        assert vocab_chunk(m, d, v, 2, 256, None) == min(widest, v)  # no SM count: the budget's width
+        vc = vocab_chunk(m, d, v, 2, 256, None, sms=132)
+        assert vc % 256 == 0 and 256 <= vc <= widest
+        eff = lambda w: _wave_efficiency(-(-w * d // (128 * 256)), 132)
+        assert eff(vc) >= max(eff(w) for w in range(256, widest + 1, 256)) - 0.01
+    # the H200 sweep's picks (benchmarks/NOTES-triton.md, version 7)
+    assert vocab_chunk(6144, 2048, 151936, 2, 256, None, sms=132) == 8448
+    assert vocab_chunk(24576, 2048, 151936, 2, 256, None, sms=132) == 2048
+    assert vocab_chunk(6144, 2048, 151936, 2, 256, 6144 * 1000 * 2, sms=132) == 768  # a budget wins
