@@ -410,10 +410,11 @@ def test_vocab_chunk_fills_the_last_wave():
         widest = (m * d * 2 + EXTRA_BUFFER_BYTES) // (m * 2) // 256 * 256
         assert vocab_chunk(m, d, v, 2, 256, None) == min(widest, v)  # no SM count: the budget's width
         vc = vocab_chunk(m, d, v, 2, 256, None, sms=132)
-        assert vc % 256 == 0 and 256 <= vc <= widest
+        assert vc % 256 == 0 and 0.9 * widest <= vc <= widest
         eff = lambda w: _wave_efficiency(-(-w * d // (128 * 256)), 132)
-        assert eff(vc) >= max(eff(w) for w in range(256, widest + 1, 256)) - 0.01
-    # the H200 sweep's picks (benchmarks/NOTES-triton.md, version 7)
+        assert eff(vc) >= max(eff(w) for w in range(256, widest + 1, 256) if w >= 0.9 * widest) - 0.01
+    # benchmarks/NOTES-triton.md, version 7: 528 tiles = 4 waves on 132 SMs; 3584 is already the best
+    # of 3328 and 3584 (208 and 224 tiles over 2 waves)
     assert vocab_chunk(6144, 2048, 151936, 2, 256, None, sms=132) == 8448
-    assert vocab_chunk(24576, 2048, 151936, 2, 256, None, sms=132) == 2048
+    assert vocab_chunk(24576, 2048, 151936, 2, 256, None, sms=132) == 3584
     assert vocab_chunk(6144, 2048, 151936, 2, 256, 6144 * 1000 * 2, sms=132) == 768  # a budget wins
