@@ -9,7 +9,8 @@ The step is head.py's: hidden [4, T, D] bf16 with the first quarter of each row 
     python benchmarks/triton_step.py clocks              # nvidia-smi clocks / power / throttle reasons meanwhile
 
 Shapes: qwen (2 pairs x 2048, D 2048, V 151936), llama (D 4096, V 128256), long (2 pairs x 8192).
-Writes ``triton-step-<what>.json`` into ``$OUT`` (default: the current directory).
+Writes ``triton-step-<what>.json`` into ``$OUT`` (default: the current directory), with the date, the
+device and ``$ALIGN_LOSSES_COMMIT`` (the GPU machine's copy has no ``.git``).
 """
 
 from __future__ import annotations
@@ -185,6 +186,9 @@ def main(argv):
         res = clocks()
     else:
         raise SystemExit(f"unknown {what!r}: expected timeline, modes, widths or clocks")
+    res = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                    "commit": os.environ.get("ALIGN_LOSSES_COMMIT", "unknown"),
+                    "device": torch.cuda.get_device_name(), "torch": torch.__version__}, **res}
     print(json.dumps(res, indent=1))
     with open(os.path.join(os.environ.get("OUT", "."), f"triton-step-{what}.json"), "w") as f:
         json.dump(res, f, indent=1)
