@@ -1,5 +1,8 @@
 """The ``"triton"`` backend: CUDA, Triton GEMMs with fused softmax epilogues plus cuBLAS GEMMs
-(see `align_losses.ops.triton_head`). Triton is imported only when the backend runs."""
+(see `align_losses.ops.triton_head`). Triton is imported only when the backend runs.
+
+Options: ``memory_budget`` (bytes of the backward's chunk buffer) and ``filter_mass`` (opt-in
+filtering backward, `align_losses.ops.triton_filter`)."""
 
 from __future__ import annotations
 
@@ -19,11 +22,34 @@ def _available() -> Optional[str]:
     return None
 
 
+#: ``filter_mass=True``: each token's backward may skip up to 2^-8 of its probability. On the head
+#: benchmark's peaky logits that left grad errors within 3e-3 (benchmarks/NOTES-triton.md).
+DEFAULT_FILTER_MASS = 2.0**-8
+
+
+def filter_mass(value) -> Optional[float]:
+    """The ``filter_mass`` backend option as a probability, or None for the exact backward.
+
+    None or False: exact; True: `DEFAULT_FILTER_MASS`; a number in (0, 1): that probability.
+    """
+    if value is None or value is False:
+        return None
+    if value is True:
+        return DEFAULT_FILTER_MASS
+    if isinstance(value, (int, float)) and 0.0 < float(value) < 1.0:
+        return float(value)
+    raise ValueError(
+        f"backend option filter_mass must be None/False (exact), True ({DEFAULT_FILTER_MASS}) or a probability "
+        f"in (0, 1): the share of each token's probability its backward may skip; got {value!r}"
+    )
+
+
 def _run(problem: HeadProblem) -> dict:
     from ..ops.triton_head import triton_head
 
     budget = problem.options.get("memory_budget")
-    return triton_head(problem, memory_budget=int(budget) if budget else None)
+    return triton_head(problem, memory_budget=int(budget) if budget else None,
+                       filter_mass=filter_mass(problem.options.get("filter_mass")))
 
 
 BACKEND = Backend(
@@ -37,7 +63,7 @@ BACKEND = Backend(
         temperature=True,
         outputs=frozenset(OUTPUTS),
         vocab_parallel=True,
-        options=frozenset({"memory_budget"}),
+        options=frozenset({"memory_budget", "filter_mass"}),
     ),
     run=_run,
     available=_available,

@@ -267,6 +267,30 @@ def _combine_kernel(PMax, PSum, PSez, PSz, PSe2, PArg, Max, Sum, Sez, Sz, Se2, A
 
 
 @triton.jit
+def _grad_a(z, rows, local, cols, Lse, Ez, Coef, GEnt, GMean, GLogp, dz_factor, t_over_c,
+            SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr, HAS_MEAN: tl.constexpr, HAS_LOGP: tl.constexpr):
+    """``dL/da`` (fp32) of a tile from its logits ``z``: ``rows`` are the tile's token indices,
+    ``local`` each token's label column relative to the tile's first column."""
+    p = tl.exp(z - tl.load(Lse + rows)[:, None])
+    coef = tl.load(Coef + rows)
+    if HAS_ENT:
+        ez = tl.load(Ez + rows)
+        gent = tl.load(GEnt + rows)
+        g = p * (coef[:, None] - gent[:, None] * (z - ez[:, None]))
+    else:
+        g = p * coef[:, None]
+    if HAS_MEAN:
+        g += tl.load(GMean + rows)[:, None]
+    if HAS_LOGP:
+        glogp = tl.load(GLogp + rows)
+        g += tl.where(cols[None, :] == local[:, None], glogp[:, None], 0.0)
+    if SOFTCAP:
+        t = z * t_over_c
+        g = g * (1.0 - t * t)
+    return g * dz_factor
+
+
+@triton.jit
 def _bwd_kernel(H, W, HD, WD, DAD, Bias, Lbl, Lse, Ez, Coef, GEnt, GMean, GLogp, DA, GBias, LblErr,
                 M, Vc, D, stride_h, stride_w, stride_da, label_offset, num_programs,
                 scale, softcap, inv_temp, dz_factor, t_over_c,
@@ -285,24 +309,9 @@ def _bwd_kernel(H, W, HD, WD, DAD, Bias, Lbl, Lse, Ez, Coef, GEnt, GMean, GLogp,
         pid_m, pid_n, rm, row_ok, rm_c, rn, col_ok, z = _z_tile(
             tile, H, W, HD, WD, Bias, M, Vc, D, stride_h, stride_w, scale, softcap, inv_temp,
             HAS_BIAS, SOFTCAP, EVEN_K, DOT_PREC, USE_TMA, BM, BN, BK, GROUP_M)
-        p = tl.exp(z - tl.load(Lse + rm_c)[:, None])
-        coef = tl.load(Coef + rm_c)
-        if HAS_ENT:
-            ez = tl.load(Ez + rm_c)
-            gent = tl.load(GEnt + rm_c)
-            g = p * (coef[:, None] - gent[:, None] * (z - ez[:, None]))
-        else:
-            g = p * coef[:, None]
-        if HAS_MEAN:
-            g += tl.load(GMean + rm_c)[:, None]
-        if HAS_LOGP:
-            local = tl.load(Lbl + rm_c) - label_offset - pid_n.to(tl.int64) * BN
-            glogp = tl.load(GLogp + rm_c)
-            g += tl.where(cols[None, :] == local[:, None], glogp[:, None], 0.0)
-        if SOFTCAP:
-            t = z * t_over_c
-            g = g * (1.0 - t * t)
-        g = g * dz_factor
+        local = tl.load(Lbl + rm_c) - label_offset - pid_n.to(tl.int64) * BN
+        g = _grad_a(z, rm_c, local, cols, Lse, Ez, Coef, GEnt, GMean, GLogp, dz_factor, t_over_c,
+                    SOFTCAP, HAS_ENT, HAS_MEAN, HAS_LOGP)
         mask = row_ok[:, None] & col_ok[None, :]
         g_op = g.to(DA.dtype.element_ty)
         if USE_TMA:  # two half-width stores: half the staging buffer in shared memory
@@ -367,7 +376,9 @@ def _rowmajor(t: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_stats(hidden, weight, bias, labels, transform: LogitTransform, outputs: frozenset,
-                   shard: Optional[VocabShard], cfg: KernelConfig) -> _Stats:
+                   shard: Optional[VocabShard], cfg: KernelConfig, keep_partials: bool = False):
+    """Per-token statistics; with ``keep_partials`` also the per-block ``(max, sum exp)`` partials
+    (fp32 ``[V / BN, M]`` each, None when there are no tokens or no vocabulary), else None."""
     m, d = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
@@ -384,7 +395,7 @@ def _forward_stats(hidden, weight, bias, labels, transform: LogitTransform, outp
         stats.label_logit = label_logit
         if stats.argmax is not None:
             stats.argmax.fill_(offset)
-        return stats
+        return stats, None
     pmax = torch.empty((nb, m), **f32)
     psum = torch.empty((nb, m), **f32)
     psez = torch.empty((nb, m), **f32) if need_ez else pmax
@@ -417,19 +428,22 @@ def _forward_stats(hidden, weight, bias, labels, transform: LogitTransform, outp
         arg if need_arg else mx, m, nb,
         NEED_EZ=need_ez, NEED_SZ=need_sz, NEED_SE2=need_se2, NEED_ARG=need_arg, BR=br, BB=bb, num_warps=4,
     )
+    partials = (pmax, psum) if keep_partials else None
     del pmax, psum, psez, psz, pse2, parg
-    return _Stats(
+    stats = _Stats(
         max=mx, sum_exp=se, label_logit=label_logit, sum_exp_z=sez, sum_z=sz, sum_exp2=se2,
         argmax=(arg.long() + offset) if need_arg else None,
     )
+    return stats, partials
 
 
-def _stats(problem_parts, cfg) -> _Stats:
+def _stats(problem_parts, cfg, keep_partials: bool = False):
+    """`_forward_stats` merged across the vocabulary shards (the partials stay this rank's)."""
     hidden, weight, bias, labels, transform, outputs, shard = problem_parts
-    stats = _forward_stats(hidden, weight, bias, labels, transform, outputs, shard, cfg)
+    stats, partials = _forward_stats(hidden, weight, bias, labels, transform, outputs, shard, cfg, keep_partials)
     if shard is not None:
         stats.all_reduce(shard.group)
-    return stats
+    return stats, partials
 
 
 def _mm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
@@ -481,6 +495,63 @@ def vocab_chunk(m: int, d: int, v: int, elem: int, block: int, memory_budget: Op
     return max(w for w in widths if eff[w] >= best - 0.01)
 
 
+@dataclass
+class Upstream:
+    """The per-token upstream terms of ``dL/da`` (fp32 ``[M]`` each; zeros where absent).
+
+    ``dL/dz = p * (coef - g_entropy * (z - E[z])) + g_mean / V + g_logprob * onehot(label)``.
+    """
+
+    coef: torch.Tensor  # g_logsumexp - g_logprob
+    g_entropy: torch.Tensor
+    g_mean: torch.Tensor  # already divided by the vocabulary size
+    g_logprob: torch.Tensor
+    expected_z: torch.Tensor
+    has_entropy: bool
+    has_mean: bool
+    has_logprob: bool
+
+    @staticmethod
+    def of(up: dict, m: int, expected_z: Optional[torch.Tensor], vocab: int, device) -> "Upstream":
+        up = {n: g.float().contiguous() for n, g in up.items() if n in _GRAD_NAMES}
+        zero = torch.zeros(m, dtype=torch.float32, device=device)
+        coef = zero.clone()
+        if "logsumexp" in up:
+            coef += up["logsumexp"]
+        if "logprobs" in up:
+            coef -= up["logprobs"]
+        has_ent = "entropy" in up and expected_z is not None
+        return Upstream(
+            coef=coef, g_entropy=up["entropy"] if has_ent else zero,
+            g_mean=up["mean_logit"] / vocab if "mean_logit" in up else zero,
+            g_logprob=up.get("logprobs", zero), expected_z=expected_z if has_ent else zero,
+            has_entropy=has_ent, has_mean="mean_logit" in up, has_logprob="logprobs" in up,
+        )
+
+    def kernel_args(self) -> tuple:
+        """``Ez, Coef, GEnt, GMean, GLogp`` as the kernels take them."""
+        return self.expected_z, self.coef, self.g_entropy, self.g_mean, self.g_logprob
+
+    def kernel_flags(self) -> dict:
+        return dict(HAS_ENT=self.has_entropy, HAS_MEAN=self.has_mean, HAS_LOGP=self.has_logprob)
+
+
+def transform_args(t: LogitTransform) -> tuple:
+    """``scale, softcap, inv_temp, dz_factor, t_over_c`` as the backward kernels take them."""
+    return (float(t.logit_scale), float(t.softcap or 1.0), 1.0 / float(t.temperature),
+            float(t.logit_scale) / float(t.temperature),
+            (float(t.temperature) / float(t.softcap)) if t.softcap is not None else 1.0)
+
+
+def finish_hidden_grad(acc: torch.Tensor, shard: Optional[VocabShard], dtype: torch.dtype) -> torch.Tensor:
+    """The fp32 ``[M, D]`` accumulator summed over the vocabulary shards, in the operand dtype."""
+    if shard is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(acc, group=shard.group)
+    return acc.to(dtype)
+
+
 def _backward(hidden, weight, bias, labels, lse, expected_z, up: dict, transform: LogitTransform,
               shard: Optional[VocabShard], vocab: int, cfg: KernelConfig, memory_budget, need):
     need_h, need_w, need_b = need
@@ -493,29 +564,15 @@ def _backward(hidden, weight, bias, labels, lse, expected_z, up: dict, transform
     grad_hidden = None
     grad_weight = torch.empty_like(weight) if need_w else None
     grad_bias32 = torch.zeros(v, **f32) if need_b else None
-    up = {n: g.float().contiguous() for n, g in up.items() if n in _GRAD_NAMES}
     acc = None
     if need_h and (v == 0 or m == 0):
         acc = torch.zeros(m, d, **f32)
     if m > 0 and v > 0 and (need_h or need_w or need_b):
-        zero = torch.zeros(m, **f32)
-        coef = zero.clone()
-        if "logsumexp" in up:
-            coef += up["logsumexp"]
-        if "logprobs" in up:
-            coef -= up["logprobs"]
-        has_ent = "entropy" in up and expected_z is not None
-        has_mean = "mean_logit" in up
-        has_logp = "logprobs" in up
-        gent = up["entropy"] if has_ent else zero
-        gmean = up["mean_logit"] / vocab if has_mean else zero
-        glogp = up["logprobs"] if has_logp else zero
-        ez = expected_z if has_ent else zero
-        t = transform
+        u = Upstream.of(up, m, expected_z, vocab, dev)
         sms = _sm_count(dev.index) if dev.type == "cuda" else None
         vc = vocab_chunk(m, d, v, hidden.element_size(), cfg.BN, memory_budget, sms)
         buf = torch.empty(m * vc, dtype=hidden.dtype, device=dev)
-        label_err = torch.zeros(m, **f32) if (need_h and has_logp and hidden.dtype != torch.float32) else None
+        label_err = torch.zeros(m, **f32) if (need_h and u.has_logprob and hidden.dtype != torch.float32) else None
         first = True
         for v0 in range(0, v, vc):
             cv = min(vc, v - v0)
@@ -528,15 +585,13 @@ def _backward(hidden, weight, bias, labels, lse, expected_z, up: dict, transform
             hd, wd = _descs(hidden, w, cfg) if use_tma else (None, None)
             dad = _desc(da, [cfg.BM, cfg.BN // 2]) if use_tma else None
             _bwd_kernel[(programs,)](
-                hidden, w, hd, wd, dad, bias[v0 : v0 + cv] if bias is not None else hidden, labels, lse, ez,
-                coef, gent, gmean, glogp, da, grad_bias32[v0 : v0 + cv] if need_b else lse,
+                hidden, w, hd, wd, dad, bias[v0 : v0 + cv] if bias is not None else hidden, labels, lse,
+                *u.kernel_args(), da, grad_bias32[v0 : v0 + cv] if need_b else lse,
                 label_err if label_err is not None else lse,
                 m, cv, d, hidden.stride(0), weight.stride(0), da.stride(0), offset + v0, programs,
-                float(t.logit_scale), float(t.softcap or 1.0), 1.0 / float(t.temperature),
-                float(t.logit_scale) / float(t.temperature),
-                (float(t.temperature) / float(t.softcap)) if t.softcap is not None else 1.0,
-                HAS_BIAS=bias is not None, SOFTCAP=t.softcap is not None, HAS_ENT=has_ent,
-                HAS_MEAN=has_mean, HAS_LOGP=has_logp, NEED_GB=need_b, NEED_ERR=label_err is not None,
+                *transform_args(transform),
+                HAS_BIAS=bias is not None, SOFTCAP=transform.softcap is not None, **u.kernel_flags(),
+                NEED_GB=need_b, NEED_ERR=label_err is not None,
                 EVEN_K=(d % cfg.BK == 0), DOT_PREC=_dot_prec(hidden.dtype), USE_TMA=use_tma, **cfg.launch(),
             )
             if need_h:
@@ -552,11 +607,7 @@ def _backward(hidden, weight, bias, labels, lse, expected_z, up: dict, transform
         if label_err is not None:  # the label entries' bf16 rounding, out of the fp32 sum
             remove_label_rounding(acc, label_err, weight, labels, offset)
     if need_h:
-        if shard is not None:
-            import torch.distributed as dist
-
-            dist.all_reduce(acc, group=shard.group)
-        grad_hidden = acc.to(hidden.dtype)
+        grad_hidden = finish_hidden_grad(acc, shard, hidden.dtype)
         del acc
     if need_w and m == 0:
         grad_weight.zero_()
@@ -568,15 +619,25 @@ class TritonHeadFunction(torch.autograd.Function):
     """Autograd function behind the ``"triton"`` backend (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, transform, outputs, shard, names, cfgs, memory_budget):
+    def forward(ctx, hidden, weight, bias, labels, transform, outputs, shard, names, cfgs, memory_budget,
+                filter_mass):
         fwd_cfg, bwd_cfg = cfgs
-        stats = _stats((hidden, weight, bias, labels, transform, outputs, shard), fwd_cfg)
+        ctx.set_materialize_grads(False)  # an output without a gradient needs no epilogue term
+        stats, partials = _stats((hidden, weight, bias, labels, transform, outputs, shard), fwd_cfg,
+                                 keep_partials=filter_mass is not None)
         vocab = shard.size if shard is not None else weight.shape[0]
         result = _finish(stats, outputs, vocab, labels)
         lse = stats.max + torch.log(stats.sum_exp)
         expected_z = stats.sum_exp_z / stats.sum_exp if stats.sum_exp_z is not None else None
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, expected_z)
-        ctx.meta = (transform, shard, vocab, bwd_cfg, memory_budget)
+        keep = None
+        if partials is not None:
+            from .block_filter import kept_blocks
+
+            keep = kept_blocks(*partials, lse, labels, shard.start if shard is not None else 0,
+                               weight.shape[0], fwd_cfg.BN, filter_mass)
+            del partials
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, expected_z, keep)
+        ctx.meta = (transform, shard, vocab, bwd_cfg, memory_budget, fwd_cfg.BN)
         ctx.names = names
         outs = tuple(result[n] for n in names)
         ctx.mark_non_differentiable(*[o for n, o in zip(names, outs) if n not in _GRAD_NAMES])
@@ -584,17 +645,30 @@ class TritonHeadFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        hidden, weight, bias, labels, lse, expected_z = ctx.saved_tensors
-        transform, shard, vocab, bwd_cfg, memory_budget = ctx.meta
+        hidden, weight, bias, labels, lse, expected_z, keep = ctx.saved_tensors
+        transform, shard, vocab, bwd_cfg, memory_budget, block = ctx.meta
         upstream = {n: g for n, g in zip(ctx.names, grads) if g is not None and n in _GRAD_NAMES}
-        gh, gw, gb = _backward(hidden, weight, bias, labels, lse, expected_z, upstream, transform, shard,
-                               vocab, bwd_cfg, memory_budget, need=ctx.needs_input_grad[:3])
-        return gh, gw, gb, None, None, None, None, None, None, None
+        need = ctx.needs_input_grad[:3]
+        result = None
+        if keep is not None:
+            from .triton_filter import filtered_backward
+
+            result = filtered_backward(hidden, weight, bias, labels, lse, keep, upstream, transform, shard,
+                                       block, memory_budget, need)
+        if result is None:  # not filtering, or too few pairs to skip: the dense backward
+            result = _backward(hidden, weight, bias, labels, lse, expected_z, upstream, transform, shard,
+                               vocab, bwd_cfg, memory_budget, need)
+        return (*result, None, None, None, None, None, None, None, None)
 
 
 def triton_head(problem: HeadProblem, memory_budget: Optional[int] = None,
-                fwd_config: Optional[KernelConfig] = None, bwd_config: Optional[KernelConfig] = None) -> dict:
-    """Run the op on a normalised problem; returns ``{output name: fp32 [M]}``."""
+                fwd_config: Optional[KernelConfig] = None, bwd_config: Optional[KernelConfig] = None,
+                filter_mass: Optional[float] = None) -> dict:
+    """Run the op on a normalised problem; returns ``{output name: fp32 [M]}``.
+
+    ``filter_mass`` (a probability in (0, 1), default None: exact) turns on the filtering backward
+    of `align_losses.ops.triton_filter`.
+    """
     hidden = _rowmajor(problem.hidden)
     weight = _rowmajor(problem.weight)
     bias = problem.bias.contiguous() if problem.bias is not None else None
@@ -604,9 +678,9 @@ def triton_head(problem: HeadProblem, memory_budget: Optional[int] = None,
     bwd_cfg = bwd_config or BWD_CONFIGS[dtype]
     inputs = (hidden, weight, bias)
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs):
-        stats = _stats((hidden, weight, bias, labels, problem.transform, problem.outputs, problem.shard), fwd_cfg)
+        stats, _ = _stats((hidden, weight, bias, labels, problem.transform, problem.outputs, problem.shard), fwd_cfg)
         return _finish(stats, problem.outputs, problem.vocab_size, labels)
     names = tuple(n for n in _NAMES if n in problem.outputs)
     outs = TritonHeadFunction.apply(hidden, weight, bias, labels, problem.transform, problem.outputs,
-                                    problem.shard, names, (fwd_cfg, bwd_cfg), memory_budget)
+                                    problem.shard, names, (fwd_cfg, bwd_cfg), memory_budget, filter_mass)
     return dict(zip(names, outs))

@@ -1,0 +1,216 @@
+"""Filtering backward of the ``"triton"`` backend: skip the pairs the forward proved negligible.
+
+The forward keeps, per (token, vocabulary block) pair, what `block_filter.kept_blocks` needs to
+drop for each token the blocks of smallest probability mass, at most ``filter_mass`` in total.
+The backward then never recomputes a dropped pair. Per vocabulary block the kept tokens are
+gathered into "slots", padded to whole tiles of ``BM``; `_slot_grad_kernel` recomputes each
+tile's logits from the gathered hidden rows, forms ``dL/da`` and adds ``dL/da @ W_block`` to the
+fp32 ``[M, D]`` hidden-state gradient (atomic adds: a token has slots in several blocks), keeping
+the tile in a compact ``[slots, BN]`` buffer; `_slot_weight_grad_kernel` sums ``dL/da^T @ hidden``
+over a block's tiles and writes that block of the weight gradient once. Three GEMMs over the kept
+pairs instead of over all of them; the hidden-state gradient's summation order is not fixed.
+
+What is dropped: for each token at most ``filter_mass`` of its probability, so the dropped part of
+its ``dL/dz`` has an L1 norm of at most ``filter_mass * |g_logsumexp - g_logprob|``. Only those two
+upstream gradients are supported (entropy's and mean logit's are not small where ``p`` is).
+When more than `DENSE_ABOVE` of all pairs are kept (flat distributions) the dense backward runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends.base import LogitTransform, VocabShard
+from .block_filter import Slots
+from .tiled_head import remove_label_rounding
+from .triton_head import (EXTRA_BUFFER_BYTES, Upstream, _dot_prec, _grad_a, _logits_tile, _transform,
+                          finish_hidden_grad, transform_args)
+
+#: Above this fraction of kept (token, block) pairs the gathered kernels would be slower than the
+#: dense backward (three GEMMs over all pairs at cuBLAS speed), which then runs instead.
+DENSE_ABOVE = 0.5
+
+
+@dataclass(frozen=True)
+class SlotConfig:
+    """Tiles of the two slot kernels (the vocabulary block width comes from the forward)."""
+
+    BM: int = 64  # slots (gathered tokens) per tile
+    BK: int = 64  # reduction step of the logits recompute
+    BD_H: int = 64  # hidden columns per step of the hidden-state gradient
+    BD_W: int = 128  # hidden columns per weight-gradient program
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+SLOT_CONFIGS = {
+    torch.bfloat16: SlotConfig(),
+    torch.float16: SlotConfig(),
+    torch.float32: SlotConfig(32, 32, 32, 32, 4, 2),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PREC: tl.constexpr):
+    if DOT_PREC == "interp":  # the CPU interpreter mis-multiplies 16-bit operands
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _slot_grad_kernel(H, W, Bias, Lbl, Lse, Ez, Coef, GEnt, GMean, GLogp, SlotRows, TileBlock, G, Acc, GBias,
+                      LblErr, V, D, stride_h, stride_w, stride_acc, label_offset, tile0,
+                      scale, softcap, inv_temp, dz_factor, t_over_c,
+                      HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr,
+                      HAS_MEAN: tl.constexpr, HAS_LOGP: tl.constexpr, NEED_H: tl.constexpr,
+                      NEED_G: tl.constexpr, NEED_GB: tl.constexpr, NEED_ERR: tl.constexpr,
+                      EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
+    """``dL/da`` of tile ``tile0 + program`` (``BM`` gathered tokens x one block); its
+    ``dL/da @ W_block`` into ``Acc`` and, with ``NEED_G``, the tile into this chunk's ``G``."""
+    tile = tile0 + tl.program_id(0)
+    blk = tl.load(TileBlock + tile).to(tl.int64)
+    slots = tile.to(tl.int64) * BM + tl.arange(0, BM)
+    rows = tl.load(SlotRows + slots)
+    row_ok = rows >= 0
+    rows_c = tl.where(row_ok, rows, 0).to(tl.int64)
+    cols = tl.arange(0, BN)
+    rn = blk * BN + cols
+    col_ok = rn < V
+    rn_c = tl.where(col_ok, rn, 0)
+    a = _logits_tile(H, W, rows_c, rn_c, D, stride_h, stride_w, BM, BN, BK, EVEN_K, DOT_PREC)
+    if HAS_BIAS:
+        a += tl.load(Bias + rn_c).to(tl.float32)[None, :]
+    z = _transform(a, scale, softcap, inv_temp, SOFTCAP)
+    local = tl.load(Lbl + rows_c) - label_offset - blk * BN
+    g = _grad_a(z, rows_c, local, cols, Lse, Ez, Coef, GEnt, GMean, GLogp, dz_factor, t_over_c,
+                SOFTCAP, HAS_ENT, HAS_MEAN, HAS_LOGP)
+    mask = row_ok[:, None] & col_ok[None, :]
+    g = tl.where(mask, g, 0.0)
+    g_op = g.to(G.dtype.element_ty)
+    if NEED_G:  # padding slots and columns past V hold zeros
+        tl.store(G + (slots - tile0 * BM)[:, None] * BN + cols[None, :], g_op)
+    if NEED_ERR:
+        is_label = (cols[None, :] == local[:, None]) & mask
+        err = tl.sum(tl.where(is_label, g_op.to(tl.float32) - g, 0.0), 1)
+        tl.store(LblErr + rows_c, err, mask=row_ok & (local >= 0) & (local < BN) & (blk * BN + local < V))
+    if NEED_GB:
+        tl.atomic_add(GBias + rn_c, tl.sum(g, 0), mask=col_ok)
+    if NEED_H:
+        for d0 in range(0, D, BD):
+            rd = d0 + tl.arange(0, BD)
+            d_ok = rd < D
+            w = tl.load(W + (rn_c * stride_w)[:, None] + rd[None, :], mask=col_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            part = _mma(g_op, w, tl.zeros((BM, BD), dtype=tl.float32), DOT_PREC)
+            tl.atomic_add(Acc + (rows_c * stride_acc)[:, None] + rd[None, :], part,
+                          mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _slot_weight_grad_kernel(H, G, SlotRows, TileStart, GW, V, D, stride_h, stride_gw, block0, tile0,
+                             DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """``GW[block] = sum over the block's tiles of G_tile^T @ H[tile's tokens]`` for ``BD`` columns
+    (zeros for a block without kept tokens), written once."""
+    blk = block0 + tl.program_id(0)
+    rd = tl.program_id(1).to(tl.int64) * BD + tl.arange(0, BD)
+    d_ok = rd < D
+    cols = tl.arange(0, BN)
+    acc = tl.zeros((BN, BD), dtype=tl.float32)
+    for t in range(tl.load(TileStart + blk), tl.load(TileStart + blk + 1)):
+        slots = (t * BM + tl.arange(0, BM)).to(tl.int64)
+        rows = tl.load(SlotRows + slots)
+        ok = rows >= 0
+        rows_c = tl.where(ok, rows, 0).to(tl.int64)
+        g = tl.load(G + (slots - tile0 * BM)[:, None] * BN + cols[None, :])
+        h = tl.load(H + (rows_c * stride_h)[:, None] + rd[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+        acc = _mma(tl.trans(g), h, acc, DOT_PREC)
+    rn = blk.to(tl.int64) * BN + cols
+    tl.store(GW + (rn * stride_gw)[:, None] + rd[None, :], acc.to(GW.dtype.element_ty),
+             mask=(rn < V)[:, None] & d_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------
+
+
+def filtered_backward(hidden, weight, bias, labels, lse, keep, up: dict, transform: LogitTransform,
+                      shard: Optional[VocabShard], block: int, memory_budget: Optional[int], need):
+    """Gradients for ``(hidden, weight, bias)`` over the kept pairs, or None when more than
+    `DENSE_ABOVE` of the pairs are kept (the caller then runs the dense backward).
+
+    ``keep`` bool ``[NB, M]`` from `kept_blocks` with blocks of ``block`` columns; ``up``: upstream
+    gradients by output name (fp32 ``[M]``).
+    """
+    unsupported = sorted(n for n in up if n in ("entropy", "mean_logit"))
+    if unsupported:
+        raise ValueError(
+            f"the triton backend's filtering backward (filter_mass) takes gradients of logprobs and logsumexp "
+            f"only, but {unsupported} received one (their dL/dz is not small where the probability is); "
+            "run without filter_mass or detach those outputs")
+    need_h, need_w, need_b = need
+    need_b = need_b and bias is not None
+    m, d = hidden.shape
+    v = weight.shape[0]
+    nb = keep.shape[0]
+    if not (need_h or need_w or need_b):
+        return None, None, None
+    counts = keep.sum(1)
+    if int(counts.sum()) > DENSE_ABOVE * nb * m:
+        return None
+    cfg = SLOT_CONFIGS[hidden.dtype]
+    slots = Slots.of(keep, counts, cfg.BM)
+    dev = hidden.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    offset = shard.start if shard is not None else 0
+    u = Upstream.of(up, m, None, 1, dev)
+    acc = torch.zeros(m, d, **f32) if need_h else None
+    grad_weight = torch.empty_like(weight) if need_w else None
+    grad_bias32 = torch.zeros(v, **f32) if need_b else None
+    label_err = torch.zeros(m, **f32) if (need_h and u.has_logprob and hidden.dtype != torch.float32) else None
+    elem = hidden.element_size()
+    budget = memory_budget or (m * d * elem + EXTRA_BUFFER_BYTES)
+    max_tiles = max(1, budget // (cfg.BM * block * elem))
+    chunks = list(slots.chunks(max_tiles)) if need_w else [(0, nb)]
+    widest = max(slots.starts[b1] - slots.starts[b0] for b0, b1 in chunks)
+    g_buf = torch.empty(max(widest, 1) * cfg.BM * block, dtype=hidden.dtype, device=dev) if need_w else None
+    dot_prec = _dot_prec(hidden.dtype)
+    for b0, b1 in chunks:
+        t0, t1 = slots.starts[b0], slots.starts[b1]
+        if t1 > t0:
+            _slot_grad_kernel[(t1 - t0,)](
+                hidden, weight, bias if bias is not None else hidden, labels, lse, *u.kernel_args(),
+                slots.rows, slots.tile_block, g_buf if need_w else hidden, acc if need_h else lse,
+                grad_bias32 if need_b else lse, label_err if label_err is not None else lse,
+                v, d, hidden.stride(0), weight.stride(0), d, offset, t0, *transform_args(transform),
+                HAS_BIAS=bias is not None, SOFTCAP=transform.softcap is not None, **u.kernel_flags(),
+                NEED_H=need_h, NEED_G=need_w, NEED_GB=need_b, NEED_ERR=label_err is not None,
+                EVEN_K=(d % cfg.BK == 0), DOT_PREC=dot_prec, BM=cfg.BM, BN=block, BK=cfg.BK, BD=cfg.BD_H,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+        if need_w:
+            _slot_weight_grad_kernel[(b1 - b0, triton.cdiv(d, cfg.BD_W))](
+                hidden, g_buf, slots.rows, slots.tile_start, grad_weight, v, d, hidden.stride(0),
+                grad_weight.stride(0), b0, t0, DOT_PREC=dot_prec, BM=cfg.BM, BN=block, BD=cfg.BD_W,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+    del g_buf
+    grad_hidden = None
+    if need_h:
+        if label_err is not None:
+            remove_label_rounding(acc, label_err, weight, labels, offset)
+        grad_hidden = finish_hidden_grad(acc, shard, hidden.dtype)
+    grad_bias = grad_bias32.to(bias.dtype) if need_b else None
+    return grad_hidden, grad_weight, grad_bias

@@ -1,0 +1,289 @@
+"""The ``"triton"`` backend's filtering backward (``backend_options={"filter_mass": ...}``).
+
+The block selection and the slot layout are pure PyTorch and run everywhere. The kernels are
+checked against float64 full-logits gradients whose ``dL/da`` is zeroed outside the pairs the op
+kept: on a GPU (marked ``gpu``) and in the Triton interpreter on the CPU
+(``TRITON_INTERPRET=1 pytest tests/test_triton_filter.py -k interp``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+from align_losses.backends.base import HeadProblem, LogitTransform
+from align_losses.backends.triton import DEFAULT_FILTER_MASS, filter_mass
+from align_losses.ops import block_filter
+from align_losses.ops.block_filter import Slots, kept_blocks
+from tests.reference import rel
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERP = os.environ.get("TRITON_INTERPRET") == "1" and HAS_TRITON
+
+gpu = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
+interp = pytest.mark.skipif(not INTERP, reason="set TRITON_INTERPRET=1 (and install triton) to run on the CPU")
+
+
+def block_partials(z: torch.Tensor, block: int):
+    """What the forward keeps per (block, token): fp32 ``[NB, M]`` max and sum of ``exp(z - max)``."""
+    m, v = z.shape
+    nb = -(-v // block)
+    zb = torch.nn.functional.pad(z, (0, nb * block - v), value=float("-inf")).view(m, nb, block)
+    bmax = zb.max(-1).values
+    bsum = torch.exp(zb - bmax[..., None]).sum(-1)
+    return bmax.t().float().contiguous(), bsum.t().float().contiguous()
+
+
+def block_mass(z: torch.Tensor, block: int) -> torch.Tensor:
+    """float64 ``[M, NB]``: each token's probability in each vocabulary block."""
+    p = torch.softmax(z.double(), -1)
+    nb = -(-z.shape[1] // block)
+    return torch.nn.functional.pad(p, (0, nb * block - z.shape[1])).view(z.shape[0], nb, block).sum(-1)
+
+
+# ------------------------------------------------------------------------- selection (everywhere)
+
+
+@pytest.mark.parametrize("tau", [2.0**-8, 2.0**-4, 0.3])
+@pytest.mark.parametrize("offset", [0, 400])
+def test_kept_blocks_drop_at_most_tau_and_no_less_than_they_can(tau, offset):
+    g = torch.Generator().manual_seed(1)
+    m, v, block = 37, 1001, 64
+    z = torch.randn(m, v, generator=g, dtype=torch.float64) * 4 + torch.randn(m, 1, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, v, (m,), generator=g) + offset  # this rank holds [offset, offset + v)
+    labels[::5] = offset + v + 3  # some labels live on another rank
+    bmax, bsum = block_partials(z, block)
+    lse = torch.logsumexp(z, -1).float()
+    keep = kept_blocks(bmax, bsum, lse, labels, offset, v, block, tau).t()  # [M, NB]
+    mass = block_mass(z, block)
+    mine = (labels >= offset) & (labels < offset + v)
+    label_block = (labels - offset).clamp(0, v - 1) // block
+    assert keep[mine.nonzero()[:, 0], label_block[mine]].all()  # the label's block stays
+    dropped = (mass * ~keep).sum(1)
+    assert (dropped <= tau * (1 + 1e-4)).all()
+    assert (~keep).sum() > 0
+    for t in range(m):  # maximal: dropping the smallest kept block too would exceed tau
+        free = keep[t].clone()
+        if mine[t]:
+            free[label_block[t]] = False
+        if free.any():
+            smallest = mass[t][free].min()
+            assert mass[t][mass[t] <= smallest].sum() > tau * (1 - 1e-4)
+
+
+def test_slots_hold_each_blocks_kept_tokens_in_whole_tiles():
+    g = torch.Generator().manual_seed(2)
+    keep = torch.rand(9, 23, generator=g) < torch.rand(9, 1, generator=g)
+    keep[4] = False  # a block nobody needs
+    bm = 4
+    slots = Slots.of(keep, keep.sum(1), bm)
+    assert slots.starts == slots.tile_start.tolist() and slots.rows.numel() == slots.starts[-1] * bm
+    for b in range(keep.shape[0]):
+        t0, t1 = slots.starts[b], slots.starts[b + 1]
+        assert t1 - t0 == -(-int(keep[b].sum()) // bm)
+        assert (slots.tile_block[t0:t1] == b).all()
+        rows = slots.rows[t0 * bm : t1 * bm]
+        assert torch.equal(rows[rows >= 0].long(), keep[b].nonzero()[:, 0])
+        assert (rows[: int(keep[b].sum())] >= 0).all()  # padding only at the end
+    for max_tiles in (1, 3, 100):
+        chunks = list(slots.chunks(max_tiles))
+        assert chunks[0][0] == 0 and chunks[-1][1] == keep.shape[0]
+        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+        assert all(b1 - b0 == 1 or slots.starts[b1] - slots.starts[b0] <= max_tiles for b0, b1 in chunks)
+
+
+def test_filter_mass_option():
+    assert filter_mass(None) is None and filter_mass(False) is None
+    assert filter_mass(True) == DEFAULT_FILTER_MASS == 2.0**-8
+    assert filter_mass(0.01) == 0.01
+    for bad in (0, 1, 1.5, -0.1, "auto"):
+        with pytest.raises(ValueError, match="filter_mass must be"):
+            filter_mass(bad)
+
+
+# ------------------------------------------------------------------------------ kernels (both)
+
+
+def make(m, d, v, dtype, device, std, with_bias, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = torch.randn(m, d, generator=g)
+    weight = torch.randn(v, d, generator=g) * (std / math.sqrt(d))
+    bias = torch.randn(v, generator=g) * 0.5 if with_bias else None
+    labels = torch.randint(0, v, (m,), generator=g)
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype).requires_grad_(True)
+    return cast(hidden), cast(weight), cast(bias), labels.to(device)
+
+
+def run_filtered(hidden, weight, bias, labels, transform, tau, small_tiles, monkeypatch, outputs=("logsumexp",),
+                 memory_budget=None):
+    """The op's outputs and the keep mask ``[NB, M]`` it used (None when the forward kept none)."""
+    from align_losses.ops import triton_filter, triton_head
+
+    seen = {}
+
+    def spy(*args):
+        seen["keep"] = kept_blocks(*args)
+        seen["block"] = args[6]
+        return seen["keep"]
+
+    monkeypatch.setattr(block_filter, "kept_blocks", spy)
+    kw = {}
+    if small_tiles:
+        tiles = triton_head.KernelConfig(16, 32, 16, 2, 4, 2, persistent=True)
+        kw = dict(fwd_config=tiles, bwd_config=tiles)
+        monkeypatch.setitem(triton_filter.SLOT_CONFIGS, hidden.dtype, triton_filter.SlotConfig(16, 16, 16, 32, 4, 2))
+    problem = HeadProblem(hidden=hidden, weight=weight, bias=bias, labels=labels, transform=transform,
+                          outputs=frozenset(("logprobs", *outputs)))
+    got = triton_head.triton_head(problem, filter_mass=tau, memory_budget=memory_budget, **kw)
+    return got, seen
+
+
+def masked_reference(hidden, weight, bias, labels, transform, ups, keep, block):
+    """float64 gradients of ``sum(ups[n] * out[n])`` with ``dL/da`` zero outside the kept pairs."""
+    h, w = hidden.detach().double(), weight.detach().double()
+    a = (h @ w.t() + (bias.detach().double() if bias is not None else 0)).requires_grad_(True)
+    z = a * transform.logit_scale
+    if transform.softcap is not None:
+        z = transform.softcap * torch.tanh(z / transform.softcap)
+    z = z / transform.temperature
+    loss = (torch.log_softmax(z, -1).gather(1, labels[:, None])[:, 0] * ups["logprobs"].double()).sum()
+    if "logsumexp" in ups:
+        loss = loss + (torch.logsumexp(z, -1) * ups["logsumexp"].double()).sum()
+    (da,) = torch.autograd.grad(loss, a)
+    da = da * keep.t().repeat_interleave(block, 1)[:, : da.shape[1]]
+    return da @ w, da.t() @ h, da.sum(0)
+
+
+def check_filtered(m, d, v, dtype, device, monkeypatch, transform=LogitTransform(), with_bias=False, std=8.0,
+                   tau=2.0**-6, small_tiles=False, tol=1e-5, seed=0, memory_budget=None):
+    hidden, weight, bias, labels = make(m, d, v, dtype, device, std, with_bias, seed)
+    got, seen = run_filtered(hidden, weight, bias, labels, transform, tau, small_tiles, monkeypatch,
+                             memory_budget=memory_budget)
+    keep = seen["keep"]
+    assert (~keep).float().mean() > 0.3  # the backward had pairs to skip
+    g = torch.Generator().manual_seed(seed + 1)
+    ups = {n: (torch.randn(m, generator=g) * (1 + 3 * torch.rand(m, generator=g))).to(device)
+           for n in ("logprobs", "logsumexp")}
+    leaves = [t for t in (hidden, weight, bias) if t is not None]
+    grads = torch.autograd.grad(sum((got[n] * ups[n]).sum() for n in ups), leaves)
+    ref = masked_reference(hidden, weight, bias, labels, transform, ups, keep.cpu().to(device), seen["block"])
+    errs = {}
+    for name, gg, rg in zip(("hidden", "weight", "bias"), grads, ref):
+        assert gg.dtype == dtype and gg.shape == rg.shape
+        errs[name] = rel(gg, rg)
+        assert errs[name] < tol, (name, errs)
+    return errs
+
+
+TRANSFORMS = [LogitTransform(), LogitTransform(logit_scale=1.5, softcap=50.0, temperature=0.8)]
+
+
+@interp
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_interp_fp32_filtered_grads_are_the_kept_pairs_exactly(transform, with_bias, monkeypatch):
+    check_filtered(45, 40, 701, torch.float32, "cpu", monkeypatch, transform, with_bias, small_tiles=True)
+
+
+@interp
+def test_interp_bf16_filtered_grads(monkeypatch):
+    # the interpreter truncates fp32 -> bf16 (a GPU rounds to nearest): twice the rounding error
+    check_filtered(45, 48, 701, torch.bfloat16, "cpu", monkeypatch, small_tiles=True, tol=8e-3)
+
+
+def check_refuses_entropy_gradient(device, monkeypatch, small_tiles):
+    hidden, weight, bias, labels = make(20, 32, 300, torch.float32, device, 8.0, False, 0)
+    got, _ = run_filtered(hidden, weight, bias, labels, LogitTransform(), 2.0**-6, small_tiles, monkeypatch,
+                          outputs=("entropy",))
+    with pytest.raises(ValueError, match="filter_mass.*entropy"):
+        torch.autograd.grad(got["entropy"].sum(), (hidden,), retain_graph=True)
+    (gh,) = torch.autograd.grad(got["logprobs"].sum(), (hidden,))  # entropy only as a metric: fine
+    assert torch.isfinite(gh).all()
+
+
+@interp
+def test_interp_refuses_entropy_gradient(monkeypatch):
+    check_refuses_entropy_gradient("cpu", monkeypatch, True)
+
+
+def check_flat_runs_dense(device, monkeypatch, small_tiles):
+    """Flat logits keep almost every pair: the dense backward runs, the same numbers as exact mode."""
+    from align_losses.ops import triton_head
+
+    hidden, weight, bias, labels = make(40, 32, 600, torch.float32, device, 0.5, False, 0)
+    got, seen = run_filtered(hidden, weight, bias, labels, LogitTransform(), 2.0**-8, small_tiles, monkeypatch)
+    assert seen["keep"].float().mean() > 0.9
+    (gh,) = torch.autograd.grad(got["logprobs"].sum(), (hidden,))
+    kw = {}
+    if small_tiles:
+        tiles = triton_head.KernelConfig(16, 32, 16, 2, 4, 2, persistent=True)
+        kw = dict(fwd_config=tiles, bwd_config=tiles)
+    problem = HeadProblem(hidden=hidden, weight=weight, bias=None, labels=labels, transform=LogitTransform(),
+                          outputs=frozenset({"logprobs", "logsumexp"}))
+    (gh_exact,) = torch.autograd.grad(triton_head.triton_head(problem, **kw)["logprobs"].sum(), (hidden,))
+    assert torch.equal(gh, gh_exact)
+
+
+@interp
+def test_interp_flat_logits_run_the_dense_backward(monkeypatch):
+    check_flat_runs_dense("cpu", monkeypatch, True)
+
+
+# ------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gpu_fp32_filtered_grads_are_the_kept_pairs_exactly(transform, with_bias, monkeypatch):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    check_filtered(1003, 200, 5001, torch.float32, "cuda", monkeypatch, transform, with_bias)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("d", [1000, 2048])
+def test_gpu_bf16_filtered_grads(d, monkeypatch):
+    check_filtered(3001, d, 50001, torch.bfloat16, "cuda", monkeypatch, with_bias=True, tau=2.0**-8, tol=3e-3)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_bf16_filtered_grads_in_several_chunks(monkeypatch):
+    # a 1 MiB buffer holds 32 tiles of 64 slots x 256 columns: the blocks go in many chunks
+    check_filtered(2000, 64, 40001, torch.bfloat16, "cuda", monkeypatch, tau=2.0**-8, tol=3e-3,
+                   memory_budget=2**20)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_refuses_entropy_gradient(monkeypatch):
+    check_refuses_entropy_gradient("cuda", monkeypatch, False)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_flat_logits_run_the_dense_backward(monkeypatch):
+    check_flat_runs_dense("cuda", monkeypatch, False)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_filter_mass_through_core():
+    import align_losses
+
+    hidden, weight, _, labels = make(999, 256, 30001, torch.bfloat16, "cuda", 8.0, False, 4)
+    exact = align_losses.linear_logprobs(hidden, weight, labels, impl="triton")
+    filt = align_losses.linear_logprobs(hidden, weight, labels, impl="triton", backend_options={"filter_mass": True})
+    assert torch.equal(exact, filt)  # the forward is the same
+    ge = torch.autograd.grad(exact.sum(), (hidden, weight))
+    gf = torch.autograd.grad(filt.sum(), (hidden, weight))
+    assert all(rel(a, b) < 3e-3 for a, b in zip(gf, ge))
+    with pytest.raises(ValueError, match="filter_mass must be"):
+        align_losses.linear_logprobs(hidden, weight, labels, impl="triton", backend_options={"filter_mass": 2})
