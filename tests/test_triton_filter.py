@@ -81,7 +81,8 @@ def test_slots_hold_each_blocks_kept_tokens_in_whole_tiles():
     keep = torch.rand(9, 23, generator=g) < torch.rand(9, 1, generator=g)
     keep[4] = False  # a block nobody needs
     bm = 4
-    slots = Slots.of(keep, keep.sum(1), bm)
+    assert Slots.of(keep, bm, max_kept=int(keep.sum()) - 1) is None  # too many kept: the caller goes dense
+    slots = Slots.of(keep, bm, max_kept=int(keep.sum()))
     assert slots.starts == slots.tile_start.tolist() and slots.rows.numel() == slots.starts[-1] * bm
     for b in range(keep.shape[0]):
         t0, t1 = slots.starts[b], slots.starts[b + 1]
@@ -136,7 +137,7 @@ def run_filtered(hidden, weight, bias, labels, transform, tau, small_tiles, monk
     if small_tiles:
         tiles = triton_head.KernelConfig(16, 32, 16, 2, 4, 2, persistent=True)
         kw = dict(fwd_config=tiles, bwd_config=tiles)
-        monkeypatch.setitem(triton_filter.SLOT_CONFIGS, hidden.dtype, triton_filter.SlotConfig(16, 16, 16, 32, 4, 2))
+        monkeypatch.setitem(triton_filter.SLOT_CONFIGS, hidden.dtype, triton_filter.SlotConfig(16, 16, 16, 32, 4, 2, 2))
     problem = HeadProblem(hidden=hidden, weight=weight, bias=bias, labels=labels, transform=transform,
                           outputs=frozenset(("logprobs", *outputs)))
     got = triton_head.triton_head(problem, filter_mass=tau, memory_budget=memory_budget, **kw)

@@ -7,6 +7,7 @@ block-major "slots" of kept tokens, padded to whole tiles, that the gathered ker
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -57,16 +58,21 @@ class Slots:
     starts: list
 
     @staticmethod
-    def of(keep: torch.Tensor, counts: torch.Tensor, bm: int) -> "Slots":
+    def of(keep: torch.Tensor, bm: int, max_kept: Optional[int] = None) -> Optional["Slots"]:
+        """The slots of ``keep`` (bool ``[NB, M]``), or None when it keeps more than ``max_kept``
+        pairs. One host synchronisation (the tile counts)."""
         nb = keep.shape[0]
         dev = keep.device
+        counts = keep.sum(1)
         tiles = (counts + bm - 1) // bm
-        start = torch.zeros(nb + 1, dtype=torch.int64, device=dev)
-        start[1:] = tiles.cumsum(0)
-        first = torch.zeros(nb + 1, dtype=torch.int64, device=dev)
-        first[1:] = counts.cumsum(0)
-        starts = start.tolist()
-        pairs = keep.nonzero()  # (block, token), block-major
+        bounds = torch.zeros(2, nb + 1, dtype=torch.int64, device=dev)
+        bounds[0, 1:] = tiles.cumsum(0)
+        bounds[1, 1:] = counts.cumsum(0)
+        starts, firsts = bounds.tolist()
+        if max_kept is not None and firsts[-1] > max_kept:
+            return None
+        start, first = bounds
+        pairs = torch.nonzero_static(keep, size=firsts[-1])  # (block, token), block-major
         blk = pairs[:, 0]
         slot = start[blk] * bm + torch.arange(pairs.shape[0], device=dev) - first[blk]
         rows = torch.full((starts[-1] * bm,), -1, dtype=torch.int32, device=dev)
