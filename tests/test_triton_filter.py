@@ -1,6 +1,6 @@
 """The ``"triton"`` backend's filtering backward (``backend_options={"filter_mass": ...}``).
 
-The block selection and the slot layout are pure PyTorch and run everywhere. The kernels are
+The slot layout is pure PyTorch and runs everywhere. The block selection and the kernels are
 checked against float64 full-logits gradients whose ``dL/da`` is zeroed outside the pairs the op
 kept: on a GPU (marked ``gpu``) and in the Triton interpreter on the CPU
 (``TRITON_INTERPRET=1 pytest tests/test_triton_filter.py -k interp``).
@@ -17,8 +17,7 @@ import torch
 
 from align_losses.backends.base import HeadProblem, LogitTransform
 from align_losses.backends.triton import DEFAULT_FILTER_MASS, filter_mass
-from align_losses.ops import block_filter
-from align_losses.ops.block_filter import Slots, kept_blocks
+from align_losses.ops.slots import Slots
 from tests.reference import rel
 
 HAS_CUDA = torch.cuda.is_available()
@@ -46,20 +45,21 @@ def block_mass(z: torch.Tensor, block: int) -> torch.Tensor:
     return torch.nn.functional.pad(p, (0, nb * block - z.shape[1])).view(z.shape[0], nb, block).sum(-1)
 
 
-# ------------------------------------------------------------------------- selection (everywhere)
+# ------------------------------------------------------------------------- selection (both)
 
 
-@pytest.mark.parametrize("tau", [2.0**-8, 2.0**-4, 0.3])
-@pytest.mark.parametrize("offset", [0, 400])
-def test_kept_blocks_drop_at_most_tau_and_no_less_than_they_can(tau, offset):
+def check_kept_blocks(tau, offset, device, m=37, v=1001, block=64):
+    """Per token: at most tau of the mass dropped, the label's block kept, and no more droppable."""
+    from align_losses.ops.triton_filter import kept_blocks
+
     g = torch.Generator().manual_seed(1)
-    m, v, block = 37, 1001, 64
     z = torch.randn(m, v, generator=g, dtype=torch.float64) * 4 + torch.randn(m, 1, generator=g, dtype=torch.float64)
     labels = torch.randint(0, v, (m,), generator=g) + offset  # this rank holds [offset, offset + v)
     labels[::5] = offset + v + 3  # some labels live on another rank
     bmax, bsum = block_partials(z, block)
     lse = torch.logsumexp(z, -1).float()
-    keep = kept_blocks(bmax, bsum, lse, labels, offset, v, block, tau).t()  # [M, NB]
+    keep = kept_blocks(bmax.to(device), bsum.to(device), lse.to(device), labels.to(device), offset, v, block,
+                       tau).cpu().t()  # [M, NB]
     mass = block_mass(z, block)
     mine = (labels >= offset) & (labels < offset + v)
     label_block = (labels - offset).clamp(0, v - 1) // block
@@ -74,6 +74,22 @@ def test_kept_blocks_drop_at_most_tau_and_no_less_than_they_can(tau, offset):
         if free.any():
             smallest = mass[t][free].min()
             assert mass[t][mass[t] <= smallest].sum() > tau * (1 - 1e-4)
+
+
+@interp
+@pytest.mark.parametrize("tau", [2.0**-8, 2.0**-4, 0.3])
+@pytest.mark.parametrize("offset", [0, 400])
+def test_interp_kept_blocks(tau, offset):
+    check_kept_blocks(tau, offset, "cpu")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("tau", [2.0**-8, 2.0**-4, 0.3])
+@pytest.mark.parametrize("offset", [0, 400])
+@pytest.mark.parametrize("m, v, block", [(37, 1001, 64), (3001, 151936, 256)])
+def test_gpu_kept_blocks(tau, offset, m, v, block):
+    check_kept_blocks(tau, offset, "cuda", m, v, block)
 
 
 def test_slots_hold_each_blocks_kept_tokens_in_whole_tiles():
@@ -126,13 +142,14 @@ def run_filtered(hidden, weight, bias, labels, transform, tau, small_tiles, monk
     from align_losses.ops import triton_filter, triton_head
 
     seen = {}
+    kept_blocks = triton_filter.kept_blocks
 
     def spy(*args):
         seen["keep"] = kept_blocks(*args)
         seen["block"] = args[6]
         return seen["keep"]
 
-    monkeypatch.setattr(block_filter, "kept_blocks", spy)
+    monkeypatch.setattr(triton_filter, "kept_blocks", spy)
     kw = {}
     if small_tiles:
         tiles = triton_head.KernelConfig(16, 32, 16, 2, 4, 2, persistent=True)

@@ -1,8 +1,9 @@
 """Filtering backward of the ``"triton"`` backend: skip the pairs the forward proved negligible.
 
-The forward keeps, per (token, vocabulary block) pair, what `block_filter.kept_blocks` needs to
-drop for each token the blocks of smallest probability mass, at most ``filter_mass`` in total.
-The backward then never recomputes a dropped pair. Per vocabulary block the kept tokens are
+The forward's per-block max and sum of exponentials give each (token, vocabulary block) pair its
+probability mass; `kept_blocks` drops, per token, the blocks of smallest mass while their total
+stays at most ``filter_mass`` (the label's block stays: its ``dL/da`` entry carries the log-prob's
+upstream gradient). The backward then never recomputes a dropped pair. Per vocabulary block the kept tokens are
 gathered into "slots", padded to whole tiles of ``BM``; `_slot_grad_kernel` recomputes each
 tile's logits from the gathered hidden rows, forms ``dL/da`` and adds ``dL/da @ W_block`` to the
 fp32 ``[M, D]`` hidden-state gradient (atomic adds: a token has slots in several blocks), keeping
@@ -26,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..backends.base import LogitTransform, VocabShard
-from .block_filter import Slots
+from .slots import Slots
 from .tiled_head import remove_label_rounding
 from .triton_head import (EXTRA_BUFFER_BYTES, Upstream, _dot_prec, _grad_a, _logits_tile, _transform,
                           finish_hidden_grad, transform_args)
@@ -68,6 +69,29 @@ def _mma(a, b, acc, DOT_PREC: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _keep_kernel(PMax, PSum, Lse, Lbl, Keep, M, NB, label_offset, vocab_local, filter_mass,
+                 BR: tl.constexpr, NBP: tl.constexpr, BN: tl.constexpr):
+    """``Keep[b, r]`` for ``BR`` tokens (all ``NB`` blocks, padded to ``NBP``, in registers)."""
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    row_ok = rows < M
+    blocks = tl.arange(0, NBP)
+    ok = row_ok[:, None] & (blocks < NB)[None, :]
+    offs = blocks.to(tl.int64)[None, :] * M + rows[:, None]
+    lse = tl.load(Lse + rows, mask=row_ok, other=0.0)
+    bmax = tl.load(PMax + offs, mask=ok, other=float("-inf"))
+    mass = tl.load(PSum + offs, mask=ok, other=0.0) * tl.exp(bmax - lse[:, None])
+    mass = tl.where(ok, mass, float("inf"))  # padding sorts last and never fits under filter_mass
+    ascending = tl.sort(mass, dim=1)
+    dropped = tl.sum((tl.cumsum(ascending, axis=1) <= filter_mass).to(tl.int32), 1)
+    first_kept = tl.sum(tl.where(blocks[None, :] == dropped[:, None], ascending, 0.0), 1)
+    keep = mass >= first_kept[:, None]  # ties with the first kept block stay: never over filter_mass
+    local = tl.load(Lbl + rows, mask=row_ok, other=0) - label_offset
+    mine = (local >= 0) & (local < vocab_local)
+    keep = keep | (mine[:, None] & (blocks[None, :] == (local // BN)[:, None]))
+    tl.store(Keep + offs, keep.to(tl.int8), mask=ok)
 
 
 @triton.jit
@@ -149,6 +173,27 @@ def _slot_weight_grad_kernel(H, G, SlotRows, TileStart, GW, V, D, stride_h, stri
 # --------------------------------------------------------------------------------------------
 
 
+def kept_blocks(block_max: torch.Tensor, block_sum: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor,
+                offset: int, vocab_local: int, block: int, filter_mass: float) -> torch.Tensor:
+    """``keep`` bool ``[NB, M]``: the (vocabulary block, token) pairs the backward recomputes.
+
+    ``block_max``, ``block_sum``: fp32 ``[NB, M]``, each block's max logit and sum of
+    ``exp(z - max)`` (blocks of ``block`` columns); ``lse``: fp32 ``[M]`` over the whole vocabulary;
+    ``labels`` ``[M]`` global ids, this rank's ``vocab_local`` rows starting at ``offset``. Per token,
+    the blocks sorted by mass ``block_sum * exp(block_max - lse)`` are dropped from the smallest
+    while their running total stays at most ``filter_mass``; the label's block is always kept.
+    """
+    nb, m = block_max.shape
+    keep = torch.empty((nb, m), dtype=torch.int8, device=block_max.device)
+    nbp = triton.next_power_of_2(max(nb, 2))
+    rows = max(1, min(8, 8192 // nbp))  # ~32 values a thread: the sort stays in registers
+    _keep_kernel[(triton.cdiv(m, rows),)](
+        block_max, block_sum, lse, labels, keep, m, nb, offset, vocab_local, float(filter_mass),
+        BR=rows, NBP=nbp, BN=block, num_warps=8,
+    )
+    return keep.view(torch.bool)
+
+
 def filtered_backward(hidden, weight, bias, labels, lse, keep, up: dict, transform: LogitTransform,
                       shard: Optional[VocabShard], block: int, memory_budget: Optional[int], need):
     """Gradients for ``(hidden, weight, bias)`` over the kept pairs, or None when more than
@@ -183,7 +228,10 @@ def filtered_backward(hidden, weight, bias, labels, lse, keep, up: dict, transfo
     grad_bias32 = torch.zeros(v, **f32) if need_b else None
     label_err = torch.zeros(m, **f32) if (need_h and u.has_logprob and hidden.dtype != torch.float32) else None
     elem = hidden.element_size()
-    budget = memory_budget or (m * d * elem + EXTRA_BUFFER_BYTES)
+    # The default budget is the dense backward's buffer, less what this path holds besides: the
+    # mask and the slot layout (at 24k tokens 22 MB, which put the peak 12 MB over the target).
+    held = keep.numel() + 4 * (slots.rows.numel() + slots.tile_block.numel())
+    budget = memory_budget or (m * d * elem + EXTRA_BUFFER_BYTES - held)
     max_tiles = max(1, budget // (cfg.BM * block * elem))
     chunks = list(slots.chunks(max_tiles)) if need_w else [(0, nb)]
     widest = max(slots.starts[b1] - slots.starts[b0] for b0, b1 in chunks)

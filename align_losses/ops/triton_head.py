@@ -631,7 +631,7 @@ class TritonHeadFunction(torch.autograd.Function):
         expected_z = stats.sum_exp_z / stats.sum_exp if stats.sum_exp_z is not None else None
         keep = None
         if partials is not None:
-            from .block_filter import kept_blocks
+            from .triton_filter import kept_blocks
 
             keep = kept_blocks(*partials, lse, labels, shard.start if shard is not None else 0,
                                weight.shape[0], fwd_cfg.BN, filter_mass)

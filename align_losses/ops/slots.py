@@ -1,8 +1,5 @@
-"""Which (vocabulary block, token) pairs a filtering backward must recompute, and their layout.
-
-Pure PyTorch (no kernels): the selection from the forward's per-block statistics, and the
-block-major "slots" of kept tokens, padded to whole tiles, that the gathered kernels walk.
-"""
+"""The layout a filtering backward walks: each vocabulary block's kept tokens ("slots"),
+block-major, padded to whole tiles. Pure PyTorch."""
 
 from __future__ import annotations
 
@@ -10,38 +7,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-
-#: Tokens per kept-pair scan of `kept_blocks` (bounds its ``[tokens, blocks]`` sort temporaries).
-_ROWS_PER_SCAN = 2048
-
-
-def kept_blocks(block_max: torch.Tensor, block_sum: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor,
-                offset: int, vocab_local: int, block: int, filter_mass: float) -> torch.Tensor:
-    """``keep`` bool ``[NB, M]``: the (vocabulary block, token) pairs the backward recomputes.
-
-    ``block_max``, ``block_sum``: fp32 ``[NB, M]``, each block's max logit and sum of
-    ``exp(z - max)``; ``lse``: fp32 ``[M]`` over the whole vocabulary; ``labels`` ``[M]`` global ids,
-    this rank's rows starting at ``offset``. Per token, the blocks sorted by mass
-    ``block_sum * exp(block_max - lse)`` are dropped from the smallest while their running total
-    stays at most ``filter_mass``; the label's block is kept whatever its mass.
-    """
-    nb, m = block_max.shape
-    keep = torch.empty((nb, m), dtype=torch.bool, device=block_max.device)
-    positions = torch.arange(nb, device=block_max.device)
-    for r0 in range(0, m, _ROWS_PER_SCAN):
-        r1 = min(m, r0 + _ROWS_PER_SCAN)
-        mass = (block_sum[:, r0:r1] * torch.exp(block_max[:, r0:r1] - lse[None, r0:r1])).t()
-        ascending, order = mass.sort(dim=1)
-        dropped = (ascending.cumsum(1) <= filter_mass).sum(1)
-        keep_sorted = positions[None, :] >= dropped[:, None]
-        keep[:, r0:r1] = torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted).t()
-    local = labels - offset
-    mine = (local >= 0) & (local < vocab_local)
-    label_block = torch.where(mine, local, 0) // block
-    tokens = torch.arange(m, device=keep.device)
-    keep[label_block, tokens] = keep[label_block, tokens] | mine
-    return keep
-
 
 @dataclass
 class Slots:
