@@ -83,11 +83,19 @@ def _keep_kernel(PMax, PSum, Lse, Lbl, Keep, M, NB, label_offset, vocab_local, f
     lse = tl.load(Lse + rows, mask=row_ok, other=0.0)
     bmax = tl.load(PMax + offs, mask=ok, other=float("-inf"))
     mass = tl.load(PSum + offs, mask=ok, other=0.0) * tl.exp(bmax - lse[:, None])
-    mass = tl.where(ok, mass, float("inf"))  # padding sorts last and never fits under filter_mass
-    ascending = tl.sort(mass, dim=1)
-    dropped = tl.sum((tl.cumsum(ascending, axis=1) <= filter_mass).to(tl.int32), 1)
-    first_kept = tl.sum(tl.where(blocks[None, :] == dropped[:, None], ascending, 0.0), 1)
-    keep = mass >= first_kept[:, None]  # ties with the first kept block stay: never over filter_mass
+    mass = tl.where(ok, mass, float("inf"))  # padding: never under a threshold
+    # The largest threshold t with sum(mass < t) <= filter_mass, by bisection on the bits of the
+    # (non-negative) float t: exactly the first block the ascending greedy keeps; a sort per token
+    # in registers took 0.8 ms at the Qwen3 shape.
+    lo = tl.zeros((BR,), dtype=tl.int32)  # t = 0: nothing below it, always allowed
+    hi = tl.full((BR,), 0x7F800000, dtype=tl.int32)  # t = inf: the whole mass, over filter_mass
+    for _ in range(31):
+        mid = lo + (hi - lo) // 2
+        below = tl.sum(tl.where(mass < mid.to(tl.float32, bitcast=True)[:, None], mass, 0.0), 1)
+        fits = below <= filter_mass
+        lo = tl.where(fits, mid, lo)
+        hi = tl.where(fits, hi, mid)
+    keep = mass >= lo.to(tl.float32, bitcast=True)[:, None]  # ties with the first kept block stay
     local = tl.load(Lbl + rows, mask=row_ok, other=0) - label_offset
     mine = (local >= 0) & (local < vocab_local)
     keep = keep | (mine[:, None] & (blocks[None, :] == (local // BN)[:, None]))
