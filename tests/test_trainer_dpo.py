@@ -241,6 +241,24 @@ def test_error_bad_memory_budget(tmp_path):
         FusedDPOConfig(**base_args(tmp_path), lce_memory_budget=0)
 
 
+@pytest.mark.parametrize("mass", [0.0, 1.0, -0.5])
+def test_error_bad_filter_mass(tmp_path, mass):
+    with pytest.raises(ValueError, match="lce_filter_mass"):
+        FusedDPOConfig(**base_args(tmp_path), lce_filter_mass=mass)
+
+
+def test_filter_mass_reaches_the_head_and_needs_triton(preference_dataset, tokenizer, tmp_path):
+    from trainers._common import FusedTrainerMixin
+
+    args = FusedDPOConfig(**base_args(tmp_path), lce_filter_mass=2.0**-8)
+    settings = FusedTrainerMixin._head_settings(type("T", (), {"args": args})(), ("log_probs",))
+    assert settings.backend_options == {"filter_mass": 2.0**-8}
+    if not torch.cuda.is_available():  # only the triton backend (CUDA) has a filtering backward
+        with pytest.raises(ValueError, match="filter_mass"):
+            FusedDPOTrainer(model=tiny_causal_lm(), ref_model=tiny_causal_lm(), args=args,
+                            train_dataset=preference_dataset, processing_class=tokenizer)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The example script
 

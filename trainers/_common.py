@@ -147,6 +147,7 @@ class FusedTrainerMixin:
             impl=options["impl"],
             memory_budget=options["memory_budget"],
             token_chunk=options["token_chunk"],
+            filter_mass=options["filter_mass"],
         )
 
     def _install_fused_heads(self) -> None:

@@ -24,6 +24,7 @@ class LCEOptionsMixin:
         lce_impl (`str`, defaults to `"auto"`): backend of the fused head.
         lce_memory_budget (`int`, *optional*): bytes of tile temporaries of the `"torch"` backend.
         lce_token_chunk (`int`, *optional*): tokens per tile of the `"torch"` backend.
+        lce_filter_mass (`float`, *optional*): opt-in filtering backward of the `"triton"` backend.
 
     Put it first among the bases, before the TRL config: ``class FusedXConfig(LCEOptionsMixin, XConfig)``.
     """
@@ -52,6 +53,17 @@ class LCEOptionsMixin:
         },
     )
 
+    lce_filter_mass: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Turns on the `'triton'` backend's filtering backward: per token, the vocabulary blocks of smallest "
+            "probability, at most this much of it in total (e.g. `0.00390625` = 2^-8), are not recomputed, so the "
+            "backward costs a fraction of the dense one on peaked distributions. `None`: the exact backward. Needs a "
+            "CUDA GPU with the `'triton'` backend (`'auto'` picks it there) and losses that take gradients of the "
+            "log-probs only."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         check_lce_numbers(self)
@@ -63,6 +75,7 @@ def lce_options(args) -> dict:
         "impl": getattr(args, "lce_impl", "auto") or "auto",
         "memory_budget": getattr(args, "lce_memory_budget", None),
         "token_chunk": getattr(args, "lce_token_chunk", None),
+        "filter_mass": getattr(args, "lce_filter_mass", None),
     }
 
 
@@ -74,6 +87,9 @@ def check_lce_numbers(args) -> None:
     chunk = getattr(args, "lce_token_chunk", None)
     if chunk is not None and int(chunk) <= 0:
         raise ValueError(f"`lce_token_chunk` must be a positive number of tokens or None; got {chunk}.")
+    mass = getattr(args, "lce_filter_mass", None)
+    if mass is not None and not 0.0 < float(mass) < 1.0:
+        raise ValueError(f"`lce_filter_mass` must be a probability in (0, 1) or None; got {mass}.")
     z = getattr(args, "lce_z_loss", 0.0)
     if z is not None and z < 0:
         raise ValueError(f"`lce_z_loss` must be >= 0; got {z}.")

@@ -122,6 +122,7 @@ class FusedHeadSettings:
         impl: ``"auto"`` or a backend name of `align_losses.backends`.
         memory_budget: bytes of tile temporaries for the ``torch`` backend (None: its default).
         token_chunk: tokens per tile for the ``torch`` backend (None: its choice).
+        filter_mass: the ``triton`` backend's filtering backward (None: exact).
         temperature: logits are divided by it (1.0 for the trainers here).
     """
 
@@ -129,6 +130,7 @@ class FusedHeadSettings:
     impl: str = "auto"
     memory_budget: Optional[int] = None
     token_chunk: Optional[int] = None
+    filter_mass: Optional[float] = None
     temperature: float = 1.0
     quirks: HeadQuirks = field(default_factory=HeadQuirks)
 
@@ -139,6 +141,8 @@ class FusedHeadSettings:
             options["memory_budget"] = int(self.memory_budget)
         if self.token_chunk is not None:
             options["token_chunk"] = int(self.token_chunk)
+        if self.filter_mass is not None:
+            options["filter_mass"] = float(self.filter_mass)
         return options
 
     @property
