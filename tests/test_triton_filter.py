@@ -304,3 +304,80 @@ def test_gpu_filter_mass_through_core():
     assert all(rel(a, b) < 3e-3 for a, b in zip(gf, ge))
     with pytest.raises(ValueError, match="filter_mass must be"):
         align_losses.linear_logprobs(hidden, weight, labels, impl="triton", backend_options={"filter_mass": 2})
+
+
+# ------------------------------------------------------------------- vocabulary-parallel (both)
+
+
+def _sharded_filter_worker(rank, world, init_file, device, small_tiles, result_file):
+    """Two ranks with half the vocabulary each: gradients against the masks of both ranks."""
+    import torch.distributed as dist
+
+    from align_losses.backends.base import VocabShard
+    from align_losses.ops import triton_filter, triton_head
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        m, d, v = 45, 40, 400
+        hidden, weight, bias, labels = make(m, d, v, torch.float32, "cpu", 8.0, True, 3)
+        lo, hi = [(0, 224), (224, v)][rank]
+        w_local = weight.detach()[lo:hi].clone().to(device).requires_grad_(True)
+        b_local = bias.detach()[lo:hi].clone().to(device).requires_grad_(True)
+        h = hidden.detach().clone().to(device).requires_grad_(True)
+        seen = {}
+        kept_blocks = triton_filter.kept_blocks
+
+        def spy(*args):
+            seen["keep"], seen["block"] = kept_blocks(*args), args[6]
+            return seen["keep"]
+
+        triton_filter.kept_blocks = spy
+        kw = {}
+        if small_tiles:
+            tiles = triton_head.KernelConfig(16, 32, 16, 2, 4, 2, persistent=True)
+            kw = dict(fwd_config=tiles, bwd_config=tiles)
+            triton_filter.SLOT_CONFIGS[torch.float32] = triton_filter.SlotConfig(16, 16, 16, 32, 4, 2, 2)
+        problem = HeadProblem(hidden=h, weight=w_local, bias=b_local, labels=labels.to(device),
+                              transform=LogitTransform(), outputs=frozenset({"logprobs"}),
+                              shard=VocabShard(start=lo, size=v, group=dist.group.WORLD))
+        got = triton_head.triton_head(problem, filter_mass=2.0**-6, **kw)
+        ups = {"logprobs": torch.linspace(-2, 3, m)}
+        gh, gw, gb = torch.autograd.grad((got["logprobs"] * ups["logprobs"].to(device)).sum(), (h, w_local, b_local))
+        masks = [None] * world
+        dist.all_gather_object(masks, seen["keep"].cpu())
+        block = seen["block"]
+        # the full vocabulary's mask: each rank's blocks start at its own first row
+        keep_cols = torch.cat([mk.t().repeat_interleave(block, 1)[:, : b - a] for mk, (a, b) in
+                               zip(masks, [(0, 224), (224, v)])], 1)
+        rgh, rgw, rgb = masked_reference(hidden, weight, bias, labels, LogitTransform(), ups, keep_cols.t(), 1)
+        p = torch.softmax(hidden.double() @ weight.double().t() + bias.double(), -1)
+        torch.save({"grad_hidden": rel(gh.cpu(), rgh), "grad_weight": rel(gw.cpu(), rgw[lo:hi]),
+                    "grad_bias": rel(gb.cpu(), rgb[lo:hi]), "dropped": float((~seen["keep"]).float().mean()),
+                    "dropped_mass": float((p * ~keep_cols).sum(1).max())}, f"{result_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def sharded_filter(device, small_tiles, tmp_path, world=2):
+    import torch.multiprocessing as mp
+
+    init_file, result = tmp_path / "init", tmp_path / "result"
+    mp.spawn(_sharded_filter_worker, args=(world, str(init_file), device, small_tiles, str(result)), nprocs=world)
+    for r in range(world):
+        errs = torch.load(f"{result}.{r}")
+        assert errs.pop("dropped") > 0.3, r
+        assert errs.pop("dropped_mass") <= 2.0**-6 * (1 + 1e-4), r  # over both ranks' blocks
+        for name, e in errs.items():
+            assert e < 1e-5, (r, name, e)
+
+
+@interp
+def test_interp_vocab_parallel_filtered(tmp_path):
+    sharded_filter("cpu", True, tmp_path)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_vocab_parallel_filtered(tmp_path):
+    """Two ranks (gloo) on one GPU, each with a shard of the vocabulary."""
+    sharded_filter("cuda", False, tmp_path)

@@ -11,8 +11,9 @@ the tile in a compact ``[slots, BN]`` buffer; `_slot_weight_grad_kernel` sums ``
 over a block's tiles and writes that block of the weight gradient once. Three GEMMs over the kept
 pairs instead of over all of them; the hidden-state gradient's summation order is not fixed.
 
-What is dropped: for each token at most ``filter_mass`` of its probability, so the dropped part of
-its ``dL/dz`` has an L1 norm of at most ``filter_mass * |g_logsumexp - g_logprob|``. Only those two
+What is dropped: for each token at most ``filter_mass`` of its probability (with a vocabulary split
+over P ranks, at most ``filter_mass / P`` on each), so the dropped part of its ``dL/dz`` has an L1
+norm of at most ``filter_mass * |g_logsumexp - g_logprob|``. Only those two
 upstream gradients are supported (entropy's and mean logit's are not small where ``p`` is).
 When more than `DENSE_ABOVE` of all pairs are kept (flat distributions) the dense backward runs.
 """

@@ -633,6 +633,10 @@ class TritonHeadFunction(torch.autograd.Function):
         if partials is not None:
             from .triton_filter import kept_blocks
 
+            if shard is not None:  # each rank drops its share, so the token's total stays within filter_mass
+                import torch.distributed as dist
+
+                filter_mass = filter_mass / dist.get_world_size(shard.group)
             keep = kept_blocks(*partials, lse, labels, shard.start if shard is not None else 0,
                                weight.shape[0], fwd_cfg.BN, filter_mass)
             del partials
