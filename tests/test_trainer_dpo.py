@@ -247,16 +247,21 @@ def test_error_bad_filter_mass(tmp_path, mass):
         FusedDPOConfig(**base_args(tmp_path), lce_filter_mass=mass)
 
 
-def test_filter_mass_reaches_the_head_and_needs_triton(preference_dataset, tokenizer, tmp_path):
+def test_filter_mass_reaches_the_policy_head_only(tmp_path):
     from trainers._common import FusedTrainerMixin
 
     args = FusedDPOConfig(**base_args(tmp_path), lce_filter_mass=2.0**-8)
-    settings = FusedTrainerMixin._head_settings(type("T", (), {"args": args})(), ("log_probs",))
-    assert settings.backend_options == {"filter_mass": 2.0**-8}
-    if not torch.cuda.is_available():  # only the triton backend (CUDA) has a filtering backward
-        with pytest.raises(ValueError, match="filter_mass"):
-            FusedDPOTrainer(model=tiny_causal_lm(), ref_model=tiny_causal_lm(), args=args,
-                            train_dataset=preference_dataset, processing_class=tokenizer)
+    trainer = type("T", (), {"args": args})()
+    assert FusedTrainerMixin._head_settings(trainer, ("log_probs",)).backend_options == {"filter_mass": 2.0**-8}
+    assert FusedTrainerMixin._head_settings(trainer, (), trained=False).backend_options == {}  # the reference
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error off CUDA, where no backend filters")
+def test_filter_mass_off_cuda_fails_when_the_trainer_is_built(preference_dataset, tokenizer, tmp_path):
+    args = FusedDPOConfig(**base_args(tmp_path), lce_filter_mass=2.0**-8)
+    with pytest.raises(ValueError, match="filter_mass"):
+        FusedDPOTrainer(model=tiny_causal_lm(), ref_model=tiny_causal_lm(), args=args,
+                        train_dataset=preference_dataset, processing_class=tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

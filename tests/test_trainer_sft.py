@@ -90,6 +90,12 @@ def test_sft_z_loss_and_label_smoothing_match_full_logits(sft_dataset, tokenizer
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_sft_refuses_filter_mass_with_label_smoothing(sft_dataset, tokenizer, tmp_path):
+    args = FusedSFTConfig(**base_args(tmp_path), max_length=64, label_smoothing_factor=0.1, lce_filter_mass=2.0**-8)
+    with pytest.raises(ValueError, match="lce_filter_mass.*label_smoothing_factor"):
+        FusedSFTTrainer(model=tiny_causal_lm(), args=args, train_dataset=sft_dataset, processing_class=tokenizer)
+
+
 def test_sft_lora_on_lm_head(sft_dataset, tokenizer, tmp_path):
     from peft import LoraConfig
 

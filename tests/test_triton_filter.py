@@ -96,8 +96,9 @@ def test_slots_hold_each_blocks_kept_tokens_in_whole_tiles():
     keep = torch.rand(9, 23, generator=g) < torch.rand(9, 1, generator=g)
     keep[4] = False  # a block nobody needs
     bm = 4
-    assert Slots.of(keep, bm, max_kept=int(keep.sum()) - 1) is None  # too many kept: the caller goes dense
-    slots = Slots.of(keep, bm, max_kept=int(keep.sum()))
+    padded = sum(-(-int(k) // bm) * bm for k in keep.sum(1))
+    assert Slots.of(keep, bm, max_slots=padded - 1) is None  # too many slots: the caller goes dense
+    slots = Slots.of(keep, bm, max_slots=padded)
     assert slots.starts == slots.tile_start.tolist() and slots.rows.numel() == slots.starts[-1] * bm
     for b in range(keep.shape[0]):
         t0, t1 = slots.starts[b], slots.starts[b + 1]
@@ -135,9 +136,19 @@ def make(m, d, v, dtype, device, std, with_bias, seed):
     return cast(hidden), cast(weight), cast(bias), labels.to(device)
 
 
+def small_tiles_kw(dtype, set_slot_config) -> dict:
+    """Interpreter-sized tiles: the op's keyword arguments; ``set_slot_config(dtype, config)``
+    installs the slot kernels' (monkeypatch.setitem on SLOT_CONFIGS, or plain assignment)."""
+    from align_losses.ops import triton_filter, triton_head
+
+    tiles = triton_head.KernelConfig(16, 32, 16, 2, 4, 2, persistent=True)
+    set_slot_config(dtype, triton_filter.SlotConfig(16, 16, 16, 32, 4, 2, 2))
+    return dict(fwd_config=tiles, bwd_config=tiles)
+
+
 def run_filtered(hidden, weight, bias, labels, transform, tau, small_tiles, monkeypatch, outputs=("logsumexp",),
                  memory_budget=None):
-    """The op's outputs and the keep mask ``[NB, M]`` it used (None when the forward kept none)."""
+    """The op's outputs and what it saw: ``keep`` (the mask ``[NB, M]``) and ``block`` (its width)."""
     from align_losses.ops import triton_filter, triton_head
 
     seen = {}
@@ -149,11 +160,8 @@ def run_filtered(hidden, weight, bias, labels, transform, tau, small_tiles, monk
         return seen["keep"]
 
     monkeypatch.setattr(triton_filter, "kept_blocks", spy)
-    kw = {}
-    if small_tiles:
-        tiles = triton_head.KernelConfig(16, 32, 16, 2, 4, 2, persistent=True)
-        kw = dict(fwd_config=tiles, bwd_config=tiles)
-        monkeypatch.setitem(triton_filter.SLOT_CONFIGS, hidden.dtype, triton_filter.SlotConfig(16, 16, 16, 32, 4, 2, 2))
+    set_slot_config = lambda dtype, cfg: monkeypatch.setitem(triton_filter.SLOT_CONFIGS, dtype, cfg)
+    kw = small_tiles_kw(hidden.dtype, set_slot_config) if small_tiles else {}
     problem = HeadProblem(hidden=hidden, weight=weight, bias=bias, labels=labels, transform=transform,
                           outputs=frozenset(("logprobs", *outputs)))
     got = triton_head.triton_head(problem, filter_mass=tau, memory_budget=memory_budget, **kw)
@@ -177,8 +185,12 @@ def masked_reference(hidden, weight, bias, labels, transform, ups, keep, block):
 
 
 def check_filtered(m, d, v, dtype, device, monkeypatch, transform=LogitTransform(), with_bias=False, std=8.0,
-                   tau=2.0**-6, small_tiles=False, tol=1e-5, seed=0, memory_budget=None):
+                   tau=2.0**-6, small_tiles=False, tol=1e-5, seed=0, memory_budget=None, frozen=()):
+    """``frozen``: names among hidden / weight / bias that need no gradient."""
     hidden, weight, bias, labels = make(m, d, v, dtype, device, std, with_bias, seed)
+    named = {"hidden": hidden, "weight": weight, "bias": bias}
+    for name in frozen:
+        named[name].requires_grad_(False)
     got, seen = run_filtered(hidden, weight, bias, labels, transform, tau, small_tiles, monkeypatch,
                              memory_budget=memory_budget)
     keep = seen["keep"]
@@ -186,11 +198,13 @@ def check_filtered(m, d, v, dtype, device, monkeypatch, transform=LogitTransform
     g = torch.Generator().manual_seed(seed + 1)
     ups = {n: (torch.randn(m, generator=g) * (1 + 3 * torch.rand(m, generator=g))).to(device)
            for n in ("logprobs", "logsumexp")}
-    leaves = [t for t in (hidden, weight, bias) if t is not None]
-    grads = torch.autograd.grad(sum((got[n] * ups[n]).sum() for n in ups), leaves)
-    ref = masked_reference(hidden, weight, bias, labels, transform, ups, keep.cpu().to(device), seen["block"])
+    trained = [n for n, t in named.items() if t is not None and n not in frozen]
+    grads = torch.autograd.grad(sum((got[n] * ups[n]).sum() for n in ups), [named[n] for n in trained])
+    ref = dict(zip(("hidden", "weight", "bias"),
+                   masked_reference(hidden, weight, bias, labels, transform, ups, keep.cpu().to(device), seen["block"])))
     errs = {}
-    for name, gg, rg in zip(("hidden", "weight", "bias"), grads, ref):
+    for name, gg in zip(trained, grads):
+        rg = ref[name]
         assert gg.dtype == dtype and gg.shape == rg.shape
         errs[name] = rel(gg, rg)
         assert errs[name] < tol, (name, errs)
@@ -205,6 +219,32 @@ TRANSFORMS = [LogitTransform(), LogitTransform(logit_scale=1.5, softcap=50.0, te
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_interp_fp32_filtered_grads_are_the_kept_pairs_exactly(transform, with_bias, monkeypatch):
     check_filtered(45, 40, 701, torch.float32, "cpu", monkeypatch, transform, with_bias, small_tiles=True)
+
+
+@interp
+@pytest.mark.parametrize("frozen", [("weight",), ("hidden",), ("weight", "bias")])
+def test_interp_filtered_grads_of_what_needs_them(frozen, monkeypatch):
+    check_filtered(45, 40, 701, torch.float32, "cpu", monkeypatch, with_bias=True, small_tiles=True, frozen=frozen)
+
+
+@interp
+def test_interp_filtered_grads_in_several_chunks(monkeypatch):
+    # 4 KiB of chunk buffer: 2 tiles of 16 slots x 32 columns (fp32), so the blocks go in many chunks
+    check_filtered(45, 40, 701, torch.float32, "cpu", monkeypatch, with_bias=True, small_tiles=True,
+                   memory_budget=4096)
+
+
+@interp
+def test_interp_filtered_no_tokens(monkeypatch):
+    from align_losses.ops import triton_head
+
+    hidden, weight, _, labels = make(0, 40, 300, torch.float32, "cpu", 8.0, False, 0)
+    problem = HeadProblem(hidden=hidden, weight=weight, bias=None, labels=labels, transform=LogitTransform(),
+                          outputs=frozenset({"logprobs"}))
+    got = triton_head.triton_head(problem, filter_mass=2.0**-6, **small_tiles_kw(
+        torch.float32, lambda dtype, cfg: None))
+    gh, gw = torch.autograd.grad(got["logprobs"].sum(), (hidden, weight))
+    assert gh.shape == (0, 40) and torch.equal(gw, torch.zeros_like(weight))
 
 
 @interp
@@ -236,10 +276,7 @@ def check_flat_runs_dense(device, monkeypatch, small_tiles):
     got, seen = run_filtered(hidden, weight, bias, labels, LogitTransform(), 2.0**-8, small_tiles, monkeypatch)
     assert seen["keep"].float().mean() > 0.9
     (gh,) = torch.autograd.grad(got["logprobs"].sum(), (hidden,))
-    kw = {}
-    if small_tiles:
-        tiles = triton_head.KernelConfig(16, 32, 16, 2, 4, 2, persistent=True)
-        kw = dict(fwd_config=tiles, bwd_config=tiles)
+    kw = small_tiles_kw(torch.float32, lambda dtype, cfg: None) if small_tiles else {}
     problem = HeadProblem(hidden=hidden, weight=weight, bias=None, labels=labels, transform=LogitTransform(),
                           outputs=frozenset({"logprobs", "logsumexp"}))
     (gh_exact,) = torch.autograd.grad(triton_head.triton_head(problem, **kw)["logprobs"].sum(), (hidden,))
@@ -272,8 +309,16 @@ def test_gpu_bf16_filtered_grads(d, monkeypatch):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("frozen", [("weight",), ("hidden",)])
+def test_gpu_fp16_filtered_grads_of_what_needs_them(frozen, monkeypatch):
+    check_filtered(2001, 512, 30001, torch.float16, "cuda", monkeypatch, with_bias=True, tau=2.0**-8, tol=3e-3,
+                   frozen=frozen)
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_bf16_filtered_grads_in_several_chunks(monkeypatch):
-    # a 1 MiB buffer holds 32 tiles of 64 slots x 256 columns: the blocks go in many chunks
+    # a 1 MiB buffer holds 16 tiles of 128 slots x 256 columns (bf16): the blocks go in many chunks
     check_filtered(2000, 64, 40001, torch.bfloat16, "cuda", monkeypatch, tau=2.0**-8, tol=3e-3,
                    memory_budget=2**20)
 
@@ -332,11 +377,8 @@ def _sharded_filter_worker(rank, world, init_file, device, small_tiles, result_f
             return seen["keep"]
 
         triton_filter.kept_blocks = spy
-        kw = {}
-        if small_tiles:
-            tiles = triton_head.KernelConfig(16, 32, 16, 2, 4, 2, persistent=True)
-            kw = dict(fwd_config=tiles, bwd_config=tiles)
-            triton_filter.SLOT_CONFIGS[torch.float32] = triton_filter.SlotConfig(16, 16, 16, 32, 4, 2, 2)
+        triton_filter.DENSE_ABOVE = 1.0  # the filtered path on both ranks, however small their shards
+        kw = small_tiles_kw(torch.float32, triton_filter.SLOT_CONFIGS.__setitem__) if small_tiles else {}
         problem = HeadProblem(hidden=h, weight=w_local, bias=b_local, labels=labels.to(device),
                               transform=LogitTransform(), outputs=frozenset({"logprobs"}),
                               shard=VocabShard(start=lo, size=v, group=dist.group.WORLD))

@@ -140,14 +140,15 @@ class FusedTrainerMixin:
         super().create_accelerator_and_postprocess()
         keep_fused_outputs_fp32(self.accelerator)
 
-    def _head_settings(self, outputs: Sequence[str]) -> FusedHeadSettings:
+    def _head_settings(self, outputs: Sequence[str], trained: bool = True) -> FusedHeadSettings:
+        """The head's settings; ``trained=False`` (the reference model) leaves out the filtering backward."""
         options = lce_options(self.args)
         return FusedHeadSettings(
             outputs=tuple(outputs),
             impl=options["impl"],
             memory_budget=options["memory_budget"],
             token_chunk=options["token_chunk"],
-            filter_mass=options["filter_mass"],
+            filter_mass=options["filter_mass"] if trained else None,
         )
 
     def _install_fused_heads(self) -> None:
@@ -161,7 +162,7 @@ class FusedTrainerMixin:
         if ref is not None:
             ref = unwrap_transformers_model(self.accelerator.unwrap_model(ref))
             if fused_settings(ref) is None:
-                install_fused_head(ref, self._head_settings(()))
+                install_fused_head(ref, self._head_settings((), trained=False))
                 check_impl(settings.impl, ref, fused_settings(ref))
 
     @property

@@ -59,8 +59,8 @@ class LCEOptionsMixin:
             "help": "Turns on the `'triton'` backend's filtering backward: per token, the vocabulary blocks of smallest "
             "probability, at most this much of it in total (e.g. `0.00390625` = 2^-8), are not recomputed, so the "
             "backward costs a fraction of the dense one on peaked distributions. `None`: the exact backward. Needs a "
-            "CUDA GPU with the `'triton'` backend (`'auto'` picks it there) and losses that take gradients of the "
-            "log-probs only."
+            "CUDA GPU with the `'triton'` backend (`'auto'` picks it there) and losses whose gradients flow through "
+            "log-probs and logsumexp (z-loss) only, not entropy or mean logit (SFT label smoothing)."
         },
     )
 
@@ -80,7 +80,8 @@ def lce_options(args) -> dict:
 
 
 def check_lce_numbers(args) -> None:
-    """Fail on a non-positive ``lce_memory_budget``/``lce_token_chunk`` or a negative ``lce_z_loss``."""
+    """Fail on a non-positive ``lce_memory_budget``/``lce_token_chunk``, an ``lce_filter_mass`` outside (0, 1)
+    or a negative ``lce_z_loss``."""
     budget = getattr(args, "lce_memory_budget", None)
     if budget is not None and int(budget) <= 0:
         raise ValueError(f"`lce_memory_budget` must be a positive number of bytes or None; got {budget}.")
@@ -98,7 +99,7 @@ def check_lce_numbers(args) -> None:
 @dataclass
 class FusedDPOConfig(LCEOptionsMixin, trl.DPOConfig):
     """`trl.DPOConfig` plus the fused head's options (`LCEOptionsMixin`: ``lce_impl``, ``lce_memory_budget``,
-    ``lce_token_chunk``).
+    ``lce_token_chunk``, ``lce_filter_mass``).
 
     `padding_free=True`, which TRL 1.16 ignores (it warns and pads), is honoured: each batch's chosen and
     rejected sequences are packed into one row with `position_ids` and no attention mask.

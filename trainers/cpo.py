@@ -42,7 +42,7 @@ _AVERAGED = frozenset({"ipo", "simpo"})
 @dataclass
 class FusedCPOConfig(LCEOptionsMixin, CPOConfig):
     """`trl.experimental.cpo.CPOConfig` plus the fused head's options (`trainers.configs.LCEOptionsMixin`:
-    ``lce_impl``, ``lce_memory_budget``, ``lce_token_chunk``)."""
+    ``lce_impl``, ``lce_memory_budget``, ``lce_token_chunk``, ``lce_filter_mass``)."""
 
 
 @dataclass

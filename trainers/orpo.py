@@ -52,7 +52,7 @@ from .configs import LCEOptionsMixin
 @dataclass
 class FusedORPOConfig(LCEOptionsMixin, ORPOConfig):
     """`trl.experimental.orpo.ORPOConfig` plus the fused head's options (`trainers.configs.LCEOptionsMixin`:
-    ``lce_impl``, ``lce_memory_budget``, ``lce_token_chunk``)."""
+    ``lce_impl``, ``lce_memory_budget``, ``lce_token_chunk``, ``lce_filter_mass``)."""
 
 
 class FusedORPOTrainer(PairedTrainerMixin, ORPOTrainer):

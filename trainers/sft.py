@@ -44,6 +44,12 @@ class FusedSFTTrainer(FusedTrainerMixin, trl.SFTTrainer):
         skip_prepare = args is not None and (getattr(args, "dataset_kwargs", None) or {}).get("skip_prepare_dataset")
         columns = _sft_columns(args) if formatting_func is None and not skip_prepare else None
         check_before_init(type(self).__name__, args, (model,), columns, train_dataset, eval_dataset)
+        if (getattr(args, "lce_filter_mass", None) is not None and getattr(args, "loss_type", "nll") == "nll"
+                and float(getattr(args, "label_smoothing_factor", 0.0) or 0.0) > 0):
+            raise ValueError(
+                "`lce_filter_mass` cannot be combined with `label_smoothing_factor`: label smoothing takes a gradient "
+                "of the mean logit, which spreads over the whole vocabulary and is not what the filtering backward "
+                "may skip. Use one of the two.")
         with lm_head_adapter_allowed(model, peft_config), warnings.catch_warnings():
             # TRL warns that label smoothing costs an extra full-logits forward; here it does not.
             warnings.filterwarnings("ignore", message=".*label_smoothing_factor.*")

@@ -13,7 +13,7 @@ class Slots:
     """The kept tokens of every block, padded to whole tiles of ``bm`` (block-major).
 
     ``rows`` int32 ``[tiles * bm]``: the token of each slot, -1 for padding; ``tile_block`` int32
-    ``[tiles]``: each tile's block; ``tile_start`` int32 ``[NB + 1]`` and its host copy ``starts``:
+    ``[tiles]``: each tile's block; ``tile_start`` int64 ``[NB + 1]`` and its host copy ``starts``:
     the first tile of each block.
     """
 
@@ -23,9 +23,9 @@ class Slots:
     starts: list
 
     @staticmethod
-    def of(keep: torch.Tensor, bm: int, max_kept: Optional[int] = None) -> Optional["Slots"]:
-        """The slots of ``keep`` (bool ``[NB, M]``), or None when it keeps more than ``max_kept``
-        pairs. One host synchronisation (the tile counts)."""
+    def of(keep: torch.Tensor, bm: int, max_slots: Optional[int] = None) -> Optional["Slots"]:
+        """The slots of ``keep`` (bool ``[NB, M]``), or None when they would be more than
+        ``max_slots`` (padding included). One host synchronisation (the tile counts)."""
         nb = keep.shape[0]
         dev = keep.device
         counts = keep.sum(1)
@@ -34,7 +34,7 @@ class Slots:
         bounds[0, 1:] = tiles.cumsum(0)
         bounds[1, 1:] = counts.cumsum(0)
         starts, firsts = bounds.tolist()
-        if max_kept is not None and firsts[-1] > max_kept:
+        if max_slots is not None and starts[-1] * bm > max_slots:
             return None
         start, first = bounds
         pairs = torch.nonzero_static(keep, size=firsts[-1])  # (block, token), block-major
@@ -44,7 +44,7 @@ class Slots:
         rows[slot] = pairs[:, 1].to(torch.int32)
         tile_block = torch.repeat_interleave(torch.arange(nb, dtype=torch.int32, device=dev), tiles,
                                              output_size=starts[-1])
-        return Slots(rows, tile_block, start.to(torch.int32), starts)
+        return Slots(rows, tile_block, start, starts)
 
     def chunks(self, max_tiles: int):
         """``(first block, end block)`` runs of whole blocks with at most ``max_tiles`` tiles each

@@ -30,10 +30,11 @@ import triton.language as tl
 from ..backends.base import LogitTransform, VocabShard
 from .slots import Slots
 from .tiled_head import remove_label_rounding
-from .triton_head import (EXTRA_BUFFER_BYTES, Upstream, _dot_prec, _grad_a, _logits_tile, _transform,
+from .triton_head import (EXTRA_BUFFER_BYTES, Upstream, _dot_prec, _grad_a, _logits_tile, _mma, _transform,
                           finish_hidden_grad, transform_args)
 
-#: Above this fraction of kept (token, block) pairs the dense backward runs instead. On an H200 at
+#: Above this fraction of (token, block) pairs in slots (kept ones and tile padding) the dense
+#: backward runs instead. On an H200 at
 #: the Qwen3-1.7B shape the two slot kernels took 4.3 ms at 11.6% kept, the dense backward ~19 ms:
 #: linear in the kept pairs they would meet near half.
 DENSE_ABOVE = 0.5
@@ -65,14 +66,6 @@ SLOT_CONFIGS = {
 
 
 @triton.jit
-def _mma(a, b, acc, DOT_PREC: tl.constexpr):
-    if DOT_PREC == "interp":  # the CPU interpreter mis-multiplies 16-bit operands
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=DOT_PREC)
-
-
-@triton.jit
 def _keep_kernel(PMax, PSum, Lse, Lbl, Keep, M, NB, label_offset, vocab_local, filter_mass,
                  BR: tl.constexpr, NBP: tl.constexpr, BN: tl.constexpr):
     """``Keep[b, r]`` for ``BR`` tokens (all ``NB`` blocks, padded to ``NBP``, in registers)."""
@@ -89,7 +82,9 @@ def _keep_kernel(PMax, PSum, Lse, Lbl, Keep, M, NB, label_offset, vocab_local, f
     # (non-negative) float t: exactly the first block the ascending greedy keeps; a sort per token
     # in registers took 0.8 ms at the Qwen3 shape.
     lo = tl.zeros((BR,), dtype=tl.int32)  # t = 0: nothing below it, always allowed
-    hi = tl.full((BR,), 0x7F800000, dtype=tl.int32)  # t = inf: the whole mass, over filter_mass
+    # t = inf: the whole mass, over filter_mass (on a vocabulary shard holding less, the search ends
+    # at the largest float: every block but the label's dropped, as the rule says)
+    hi = tl.full((BR,), 0x7F800000, dtype=tl.int32)
     for _ in range(31):
         mid = lo + (hi - lo) // 2
         below = tl.sum(tl.where(mass < mid.to(tl.float32, bitcast=True)[:, None], mass, 0.0), 1)
@@ -105,7 +100,7 @@ def _keep_kernel(PMax, PSum, Lse, Lbl, Keep, M, NB, label_offset, vocab_local, f
 
 @triton.jit
 def _slot_grad_kernel(H, W, Bias, Lbl, Lse, Ez, Coef, GEnt, GMean, GLogp, SlotRows, TileBlock, G, Acc, GBias,
-                      LblErr, V, D, stride_h, stride_w, stride_acc, label_offset, tile0,
+                      LblErr, V, D, stride_h, stride_w, stride_acc, label_offset, tile0, g_base,
                       scale, softcap, inv_temp, dz_factor, t_over_c,
                       HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr,
                       HAS_MEAN: tl.constexpr, HAS_LOGP: tl.constexpr, NEED_H: tl.constexpr,
@@ -113,7 +108,8 @@ def _slot_grad_kernel(H, W, Bias, Lbl, Lse, Ez, Coef, GEnt, GMean, GLogp, SlotRo
                       EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
     """``dL/da`` of tile ``tile0 + program`` (``BM`` gathered tokens x one block); its
-    ``dL/da @ W_block`` into ``Acc`` and, with ``NEED_G``, the tile into this chunk's ``G``."""
+    ``dL/da @ W_block`` into ``Acc`` and, with ``NEED_G``, the tile into this chunk's ``G`` (whose
+    first row is slot ``g_base``)."""
     tile = tile0 + tl.program_id(0)
     blk = tl.load(TileBlock + tile).to(tl.int64)
     slots = tile.to(tl.int64) * BM + tl.arange(0, BM)
@@ -135,7 +131,7 @@ def _slot_grad_kernel(H, W, Bias, Lbl, Lse, Ez, Coef, GEnt, GMean, GLogp, SlotRo
     g = tl.where(mask, g, 0.0)
     g_op = g.to(G.dtype.element_ty)
     if NEED_G:  # padding slots and columns past V hold zeros
-        tl.store(G + (slots - tile0 * BM)[:, None] * BN + cols[None, :], g_op)
+        tl.store(G + (slots - g_base)[:, None] * BN + cols[None, :], g_op)
     if NEED_ERR:
         is_label = (cols[None, :] == local[:, None]) & mask
         err = tl.sum(tl.where(is_label, g_op.to(tl.float32) - g, 0.0), 1)
@@ -155,7 +151,7 @@ def _slot_grad_kernel(H, W, Bias, Lbl, Lse, Ez, Coef, GEnt, GMean, GLogp, SlotRo
 
 
 @triton.jit
-def _slot_weight_grad_kernel(H, G, SlotRows, TileStart, GW, V, D, stride_h, stride_gw, block0, tile0,
+def _slot_weight_grad_kernel(H, G, SlotRows, TileStart, GW, V, D, stride_h, stride_gw, block0, g_base,
                              DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     """``GW[block] = sum over the block's tiles of G_tile^T @ H[tile's tokens]`` for ``BD`` columns
     (zeros for a block without kept tokens), written once."""
@@ -165,11 +161,11 @@ def _slot_weight_grad_kernel(H, G, SlotRows, TileStart, GW, V, D, stride_h, stri
     cols = tl.arange(0, BN)
     acc = tl.zeros((BN, BD), dtype=tl.float32)
     for t in range(tl.load(TileStart + blk), tl.load(TileStart + blk + 1)):
-        slots = (t * BM + tl.arange(0, BM)).to(tl.int64)
+        slots = t * BM + tl.arange(0, BM).to(tl.int64)  # TileStart is int64
         rows = tl.load(SlotRows + slots)
         ok = rows >= 0
         rows_c = tl.where(ok, rows, 0).to(tl.int64)
-        g = tl.load(G + (slots - tile0 * BM)[:, None] * BN + cols[None, :])
+        g = tl.load(G + (slots - g_base)[:, None] * BN + cols[None, :])
         h = tl.load(H + (rows_c * stride_h)[:, None] + rd[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
         acc = _mma(tl.trans(g), h, acc, DOT_PREC)
     rn = blk.to(tl.int64) * BN + cols
@@ -195,7 +191,7 @@ def kept_blocks(block_max: torch.Tensor, block_sum: torch.Tensor, lse: torch.Ten
     nb, m = block_max.shape
     keep = torch.empty((nb, m), dtype=torch.int8, device=block_max.device)
     nbp = triton.next_power_of_2(max(nb, 2))
-    rows = max(1, min(8, 8192 // nbp))  # ~32 values a thread: the sort stays in registers
+    rows = max(1, min(8, 8192 // nbp))  # ~32 masses a thread, all in registers
     _keep_kernel[(triton.cdiv(m, rows),)](
         block_max, block_sum, lse, labels, keep, m, nb, offset, vocab_local, float(filter_mass),
         BR=rows, NBP=nbp, BN=block, num_warps=8,
@@ -222,16 +218,14 @@ def filtered_backward(hidden, weight, bias, labels, lse, keep, up: dict, transfo
     m, d = hidden.shape
     v = weight.shape[0]
     nb = keep.shape[0]
-    if not (need_h or need_w or need_b):
-        return None, None, None
     cfg = SLOT_CONFIGS[hidden.dtype]
-    slots = Slots.of(keep, cfg.BM, max_kept=int(DENSE_ABOVE * nb * m))
+    slots = Slots.of(keep, cfg.BM, max_slots=int(DENSE_ABOVE * nb * -(-m // cfg.BM) * cfg.BM))
     if slots is None:
         return None
     dev = hidden.device
     f32 = dict(dtype=torch.float32, device=dev)
     offset = shard.start if shard is not None else 0
-    u = Upstream.of(up, m, None, 1, dev)
+    u = Upstream.of(up, m, None, None, dev)
     acc = torch.zeros(m, d, **f32) if need_h else None
     grad_weight = torch.empty_like(weight) if need_w else None
     grad_bias32 = torch.zeros(v, **f32) if need_b else None
@@ -253,7 +247,7 @@ def filtered_backward(hidden, weight, bias, labels, lse, keep, up: dict, transfo
                 hidden, weight, bias if bias is not None else hidden, labels, lse, *u.kernel_args(),
                 slots.rows, slots.tile_block, g_buf if need_w else hidden, acc if need_h else lse,
                 grad_bias32 if need_b else lse, label_err if label_err is not None else lse,
-                v, d, hidden.stride(0), weight.stride(0), d, offset, t0, *transform_args(transform),
+                v, d, hidden.stride(0), weight.stride(0), d, offset, t0, t0 * cfg.BM, *transform_args(transform),
                 HAS_BIAS=bias is not None, SOFTCAP=transform.softcap is not None, **u.kernel_flags(),
                 NEED_H=need_h, NEED_G=need_w, NEED_GB=need_b, NEED_ERR=label_err is not None,
                 EVEN_K=(d % cfg.BK == 0), DOT_PREC=dot_prec, BM=cfg.BM, BN=block, BK=cfg.BK, BD=cfg.BD_H,
@@ -262,7 +256,7 @@ def filtered_backward(hidden, weight, bias, labels, lse, keep, up: dict, transfo
         if need_w:
             _slot_weight_grad_kernel[(b1 - b0, triton.cdiv(d, cfg.BD_W))](
                 hidden, g_buf, slots.rows, slots.tile_start, grad_weight, v, d, hidden.stride(0),
-                grad_weight.stride(0), b0, t0, DOT_PREC=dot_prec, BM=cfg.BM, BN=block, BD=cfg.BD_W,
+                grad_weight.stride(0), b0, t0 * cfg.BM, DOT_PREC=dot_prec, BM=cfg.BM, BN=block, BD=cfg.BD_W,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages_w,
             )
     del g_buf

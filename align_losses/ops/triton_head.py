@@ -107,6 +107,15 @@ def _tile_coords(tile, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.con
 
 
 @triton.jit
+def _mma(a, b, acc, DOT_PREC: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation."""
+    if DOT_PREC == "interp":  # the CPU interpreter mis-multiplies 16-bit operands
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
 def _logits_tile(H, W, rm_c, rn_c, D, stride_h, stride_w,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -123,10 +132,7 @@ def _logits_tile(H, W, rm_c, rn_c, D, stride_h, stride_w,
             k_ok = (k * BK + rk) < D
             a = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0)
             b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-        if DOT_PREC == "interp":  # the CPU interpreter mis-multiplies 16-bit operands
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+        acc = _mma(a, b, acc, DOT_PREC)
         h_ptrs += BK
         w_ptrs += BK
     return acc
@@ -140,10 +146,7 @@ def _logits_tile_tma(HD, WD, off_m, off_n, D, BM: tl.constexpr, BN: tl.constexpr
     for k in range(0, tl.cdiv(D, BK)):
         a = HD.load([off_m, k * BK])
         b = WD.load([off_n, k * BK])
-        if DOT_PREC == "interp":
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32).T, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b.T, acc)
+        acc = _mma(a, b.T, acc, DOT_PREC)
     return acc
 
 
@@ -475,7 +478,7 @@ def _wave_efficiency(tiles: int, sms: int) -> float:
 
 
 def vocab_chunk(m: int, d: int, v: int, elem: int, block: int, memory_budget: Optional[int],
-                sms: Optional[int] = None) -> int:
+                sms: Optional[int] = None, held: int = 0) -> int:
     """Columns of the backward's ``[M, Vc]`` ``dL/da`` buffer: a multiple of ``block``, at most ``V``.
 
     Without a ``memory_budget``, and given the GPU's ``sms``, the width within 10% of the default
@@ -485,7 +488,7 @@ def vocab_chunk(m: int, d: int, v: int, elem: int, block: int, memory_budget: Op
     instead of 544) took the Qwen3-1.7B-shaped step from 1.67x to 1.62x the floor, while 2048
     instead of 3584 at 24k tokens (one full wave, 74 chunks instead of 43) made it 1% slower.
     """
-    budget = memory_budget if memory_budget else m * d * elem + EXTRA_BUFFER_BYTES
+    budget = memory_budget if memory_budget else m * d * elem + EXTRA_BUFFER_BYTES - held
     widest = max(block, (budget // max(m * elem, 1)) // block * block)
     if memory_budget or not sms or widest >= v:
         return max(1, min(widest, v))
@@ -512,7 +515,9 @@ class Upstream:
     has_logprob: bool
 
     @staticmethod
-    def of(up: dict, m: int, expected_z: Optional[torch.Tensor], vocab: int, device) -> "Upstream":
+    def of(up: dict, m: int, expected_z: Optional[torch.Tensor], vocab: Optional[int], device) -> "Upstream":
+        """From the upstream gradients by output name; ``vocab`` (the full vocabulary size) is
+        needed only with a mean-logit gradient."""
         up = {n: g.float().contiguous() for n, g in up.items() if n in _GRAD_NAMES}
         zero = torch.zeros(m, dtype=torch.float32, device=device)
         coef = zero.clone()
@@ -553,7 +558,9 @@ def finish_hidden_grad(acc: torch.Tensor, shard: Optional[VocabShard], dtype: to
 
 
 def _backward(hidden, weight, bias, labels, lse, expected_z, up: dict, transform: LogitTransform,
-              shard: Optional[VocabShard], vocab: int, cfg: KernelConfig, memory_budget, need):
+              shard: Optional[VocabShard], vocab: int, cfg: KernelConfig, memory_budget, need, held: int = 0):
+    """The dense backward; ``held``: bytes kept beside it (a filter's mask) that the default
+    chunk buffer gives back."""
     need_h, need_w, need_b = need
     need_b = need_b and bias is not None
     m, d = hidden.shape
@@ -570,7 +577,7 @@ def _backward(hidden, weight, bias, labels, lse, expected_z, up: dict, transform
     if m > 0 and v > 0 and (need_h or need_w or need_b):
         u = Upstream.of(up, m, expected_z, vocab, dev)
         sms = _sm_count(dev.index) if dev.type == "cuda" else None
-        vc = vocab_chunk(m, d, v, hidden.element_size(), cfg.BN, memory_budget, sms)
+        vc = vocab_chunk(m, d, v, hidden.element_size(), cfg.BN, memory_budget, sms, held)
         buf = torch.empty(m * vc, dtype=hidden.dtype, device=dev)
         label_err = torch.zeros(m, **f32) if (need_h and u.has_logprob and hidden.dtype != torch.float32) else None
         first = True
@@ -661,7 +668,7 @@ class TritonHeadFunction(torch.autograd.Function):
                                        block, memory_budget, need)
         if result is None:  # not filtering, or too few pairs to skip: the dense backward
             result = _backward(hidden, weight, bias, labels, lse, expected_z, upstream, transform, shard,
-                               vocab, bwd_cfg, memory_budget, need)
+                               vocab, bwd_cfg, memory_budget, need, held=keep.numel() if keep is not None else 0)
         return (*result, None, None, None, None, None, None, None, None)
 
 
