@@ -363,9 +363,10 @@ def _sharded_filter_worker(rank, world, init_file, device, small_tiles, result_f
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        m, d, v = 45, 40, 400
+        # enough blocks per rank for a peaky token to leave most of them (GPU fp32 blocks: 128 columns)
+        m, d, v, split = (45, 40, 400, 224) if small_tiles else (45, 40, 3000, 1536)
         hidden, weight, bias, labels = make(m, d, v, torch.float32, "cpu", 8.0, True, 3)
-        lo, hi = [(0, 224), (224, v)][rank]
+        lo, hi = [(0, split), (split, v)][rank]
         w_local = weight.detach()[lo:hi].clone().to(device).requires_grad_(True)
         b_local = bias.detach()[lo:hi].clone().to(device).requires_grad_(True)
         h = hidden.detach().clone().to(device).requires_grad_(True)
@@ -390,7 +391,7 @@ def _sharded_filter_worker(rank, world, init_file, device, small_tiles, result_f
         block = seen["block"]
         # the full vocabulary's mask: each rank's blocks start at its own first row
         keep_cols = torch.cat([mk.t().repeat_interleave(block, 1)[:, : b - a] for mk, (a, b) in
-                               zip(masks, [(0, 224), (224, v)])], 1)
+                               zip(masks, [(0, split), (split, v)])], 1)
         rgh, rgw, rgb = masked_reference(hidden, weight, bias, labels, LogitTransform(), ups, keep_cols.t(), 1)
         p = torch.softmax(hidden.double() @ weight.double().t() + bias.double(), -1)
         torch.save({"grad_hidden": rel(gh.cpu(), rgh), "grad_weight": rel(gw.cpu(), rgw[lo:hi]),
