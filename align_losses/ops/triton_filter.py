@@ -3,8 +3,8 @@
 The forward's per-block max and sum of exponentials give each (token, vocabulary block) pair its
 probability mass; `kept_blocks` drops, per token, the blocks of smallest mass while their total
 stays at most ``filter_mass`` (the label's block stays: its ``dL/da`` entry carries the log-prob's
-upstream gradient). The backward then never recomputes a dropped pair. Per vocabulary block the kept tokens are
-gathered into "slots", padded to whole tiles of ``BM``; `_slot_grad_kernel` recomputes each
+upstream gradient). The backward then never recomputes a dropped pair. Per vocabulary block the
+kept tokens are gathered into "slots", padded to whole tiles of ``BM``; `_slot_grad_kernel` recomputes each
 tile's logits from the gathered hidden rows, forms ``dL/da`` and adds ``dL/da @ W_block`` to the
 fp32 ``[M, D]`` hidden-state gradient (atomic adds: a token has slots in several blocks), keeping
 the tile in a compact ``[slots, BN]`` buffer; `_slot_weight_grad_kernel` sums ``dL/da^T @ hidden``
@@ -13,9 +13,9 @@ pairs instead of over all of them; the hidden-state gradient's summation order i
 
 What is dropped: for each token at most ``filter_mass`` of its probability (with a vocabulary split
 over P ranks, at most ``filter_mass / P`` on each), so the dropped part of its ``dL/dz`` has an L1
-norm of at most ``filter_mass * |g_logsumexp - g_logprob|``. Only those two
-upstream gradients are supported (entropy's and mean logit's are not small where ``p`` is).
-When more than `DENSE_ABOVE` of all pairs are kept (flat distributions) the dense backward runs.
+norm of at most ``filter_mass * |g_logsumexp - g_logprob|``. Only those two upstream gradients are
+supported (entropy's and mean logit's are not small where ``p`` is). When the slots would hold more
+than `DENSE_ABOVE` of all pairs (flat distributions) the dense backward runs.
 """
 
 from __future__ import annotations
@@ -34,9 +34,8 @@ from .triton_head import (EXTRA_BUFFER_BYTES, Upstream, _dot_prec, _grad_a, _log
                           finish_hidden_grad, transform_args)
 
 #: Above this fraction of (token, block) pairs in slots (kept ones and tile padding) the dense
-#: backward runs instead. On an H200 at
-#: the Qwen3-1.7B shape the two slot kernels took 4.3 ms at 11.6% kept, the dense backward ~19 ms:
-#: linear in the kept pairs they would meet near half.
+#: backward runs instead. On an H200 at the Qwen3-1.7B shape the two slot kernels took 4.3 ms at
+#: 11.6% kept, the dense backward ~19 ms: linear in the kept pairs they would meet near half.
 DENSE_ABOVE = 0.5
 
 
@@ -201,8 +200,8 @@ def kept_blocks(block_max: torch.Tensor, block_sum: torch.Tensor, lse: torch.Ten
 
 def filtered_backward(hidden, weight, bias, labels, lse, keep, up: dict, transform: LogitTransform,
                       shard: Optional[VocabShard], block: int, memory_budget: Optional[int], need):
-    """Gradients for ``(hidden, weight, bias)`` over the kept pairs, or None when more than
-    `DENSE_ABOVE` of the pairs are kept (the caller then runs the dense backward).
+    """Gradients for ``(hidden, weight, bias)`` over the kept pairs, or None when the slots would
+    hold more than `DENSE_ABOVE` of all pairs (the caller then runs the dense backward).
 
     ``keep`` bool ``[NB, M]`` from `kept_blocks` with blocks of ``block`` columns; ``up``: upstream
     gradients by output name (fp32 ``[M]``).
