@@ -198,10 +198,10 @@ def sweep(n=8192, d=2048, v=151936):
 
             def b():
                 th._bwd_kernel[(programs,)](
-                    h, wc, hd, wd, dad, h, lbl, lse, zero, coef, zero, zero, up, da, lse,
-                    n, vc, d, h.stride(0), wc.stride(0), da.stride(0), 0, programs,
+                    h, wc, hd, wd, dad, h, lse, zero, coef, zero, zero, da, lse,
+                    n, vc, d, h.stride(0), wc.stride(0), da.stride(0), programs,
                     1.0, 1.0, 1.0, 1.0, 1.0,
-                    HAS_BIAS=False, SOFTCAP=False, HAS_ENT=False, HAS_MEAN=False, HAS_LOGP=True, NEED_GB=False,
+                    HAS_BIAS=False, SOFTCAP=False, HAS_ENT=False, HAS_MEAN=False, NEED_GB=False,
                     EVEN_K=True, DOT_PREC="ieee", USE_TMA=tma, **c.launch())
             b()
             res["bwd_chunk_" + key] = ms(b)

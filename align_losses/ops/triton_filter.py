@@ -30,8 +30,8 @@ import triton.language as tl
 from ..backends.base import LogitTransform, VocabShard
 from .slots import Slots
 from .tiled_head import remove_label_rounding
-from .triton_head import (EXTRA_BUFFER_BYTES, Upstream, _dot_prec, _grad_a, _logits_tile, _mma, _transform,
-                          finish_hidden_grad, transform_args)
+from .triton_head import (EXTRA_BUFFER_BYTES, Upstream, _dot_prec, _grad_a, _logits_tile, _mma, _onehot_term,
+                          _transform, finish_hidden_grad, transform_args)
 
 #: Above this fraction of (token, block) pairs in slots (kept ones and tile padding) the dense
 #: backward runs instead. On an H200 at the Qwen3-1.7B shape the two slot kernels took 4.3 ms at
@@ -124,8 +124,8 @@ def _slot_grad_kernel(H, W, Bias, Lbl, Lse, Ez, Coef, GEnt, GMean, GLogp, SlotRo
         a += tl.load(Bias + rn_c).to(tl.float32)[None, :]
     z = _transform(a, scale, softcap, inv_temp, SOFTCAP)
     local = tl.load(Lbl + rows_c) - label_offset - blk * BN
-    g = _grad_a(z, rows_c, local, cols, Lse, Ez, Coef, GEnt, GMean, GLogp, dz_factor, t_over_c,
-                SOFTCAP, HAS_ENT, HAS_MEAN, HAS_LOGP)
+    g = _grad_a(z, rows_c, _onehot_term(GLogp, rows_c, local, cols, HAS_LOGP), Lse, Ez, Coef, GEnt, GMean,
+                dz_factor, t_over_c, SOFTCAP, HAS_ENT, HAS_MEAN)
     mask = row_ok[:, None] & col_ok[None, :]
     g = tl.where(mask, g, 0.0)
     g_op = g.to(G.dtype.element_ty)
@@ -243,12 +243,12 @@ def filtered_backward(hidden, weight, bias, labels, lse, keep, up: dict, transfo
         t0, t1 = slots.starts[b0], slots.starts[b1]
         if t1 > t0:
             _slot_grad_kernel[(t1 - t0,)](
-                hidden, weight, bias if bias is not None else hidden, labels, lse, *u.kernel_args(),
+                hidden, weight, bias if bias is not None else hidden, labels, lse, *u.kernel_args(), u.g_logprob,
                 slots.rows, slots.tile_block, g_buf if need_w else hidden, acc if need_h else lse,
                 grad_bias32 if need_b else lse, label_err if label_err is not None else lse,
                 v, d, hidden.stride(0), weight.stride(0), d, offset, t0, t0 * cfg.BM, *transform_args(transform),
                 HAS_BIAS=bias is not None, SOFTCAP=transform.softcap is not None, **u.kernel_flags(),
-                NEED_H=need_h, NEED_G=need_w, NEED_GB=need_b, NEED_ERR=label_err is not None,
+                HAS_LOGP=u.has_logprob, NEED_H=need_h, NEED_G=need_w, NEED_GB=need_b, NEED_ERR=label_err is not None,
                 EVEN_K=(d % cfg.BK == 0), DOT_PREC=dot_prec, BM=cfg.BM, BN=block, BK=cfg.BK, BD=cfg.BD_H,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )

@@ -4,14 +4,16 @@ Forward: one Triton GEMM over ``[tokens, vocab]`` tiles (grouped tile order, fp3
 for 16-bit operands one program per SM walks the tiles so that the next tile's loads overlap this
 tile's epilogue) whose epilogue applies bias and logit transform and reduces each tile row to
 partial statistics (max, sum exp, and what the requested outputs need); no logits reach memory.
-A second small Triton kernel merges the ``[vocab blocks, M]`` partials per token. For a
-vocabulary-parallel head the per-rank statistics are merged with `tiled_head._Stats.all_reduce`.
+A small Triton kernel merges the ``[vocab blocks, M]`` partials per token, another takes each
+label's logit as one row dot product. For a vocabulary-parallel head the per-rank statistics are
+merged with `tiled_head._Stats.all_reduce`.
 
 Backward, per vocabulary chunk of ``Vc`` columns (``Vc`` from a memory budget): a Triton GEMM
 recomputes the logits tile and writes ``dL/da`` (operand dtype) for the chunk over all tokens into
-one ``[M, Vc]`` buffer; then two cuBLAS GEMMs: ``grad_hidden += dA @ W_chunk`` into an fp32
-``[M, D]`` accumulator and ``grad_weight[chunk] = dA^T @ hidden`` written once. The bias gradient
-is summed in the Triton epilogue (fp32 atomics).
+one ``[M, Vc]`` buffer, and a small kernel writes the label entries over it (their one-hot term
+from the forward's label logits); then two cuBLAS GEMMs: ``grad_hidden += dA @ W_chunk`` into an
+fp32 ``[M, D]`` accumulator and ``grad_weight[chunk] = dA^T @ hidden`` written once. The bias
+gradient is summed in the Triton epilogues (fp32 atomics).
 
 All index arithmetic on rows is 64-bit, so ``M x V`` and ``M x D`` past 2^31 elements work.
 """
@@ -35,9 +37,14 @@ _GRAD_NAMES = ("logprobs", "entropy", "mean_logit", "logsumexp")
 
 
 @functools.lru_cache(maxsize=None)
+def _device_properties(device_index: int):
+    """A CUDA device's properties, read once (25 us per query on the host, several per call)."""
+    return torch.cuda.get_device_properties(device_index)
+
+
 def _sm_count(device_index: int) -> int:
-    """Streaming multiprocessors of a CUDA device (read once: 25 us per query on the host)."""
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+    """Streaming multiprocessors of a CUDA device."""
+    return _device_properties(device_index).multi_processor_count
 
 
 @dataclass(frozen=True)
@@ -182,14 +189,13 @@ def _z_tile(tile, H, W, HD, WD, Bias, M, N, D, stride_h, stride_w, scale, softca
 
 
 @triton.jit
-def _fwd_kernel(H, W, HD, WD, Bias, Lbl, PMax, PSum, PSez, PSz, PSe2, PArg, LabelLogit,
-                M, V, D, stride_h, stride_w, label_offset, num_programs,
+def _fwd_kernel(H, W, HD, WD, Bias, PMax, PSum, PSez, PSz, PSe2, PArg,
+                M, V, D, stride_h, stride_w, num_programs,
                 scale, softcap, inv_temp,
                 HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
                 NEED_EZ: tl.constexpr, NEED_SZ: tl.constexpr, NEED_SE2: tl.constexpr, NEED_ARG: tl.constexpr,
                 EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, FLATTEN: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    cols = tl.arange(0, BN)
     num_tiles = tl.cdiv(M, BM) * tl.cdiv(V, BN)
     for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=FLATTEN):
         pid_m, pid_n, rm, row_ok, rm_c, rn, col_ok, z = _z_tile(
@@ -212,11 +218,30 @@ def _fwd_kernel(H, W, HD, WD, Bias, Lbl, PMax, PSum, PSez, PSz, PSe2, PArg, Labe
         if NEED_ARG:
             idx = tl.argmax(zm, 1, tie_break_left=True)
             tl.store(PArg + pofs, idx.to(tl.int32) + pid_n * BN, mask=row_ok)
-        lbl = tl.load(Lbl + rm_c) - label_offset
-        local = lbl - pid_n.to(tl.int64) * BN
-        hit = (local >= 0) & (local < BN) & (lbl < V) & row_ok
-        picked = tl.sum(tl.where(cols[None, :] == local[:, None], z, 0.0), 1)
-        tl.store(LabelLogit + rm, picked, mask=hit)
+
+
+@triton.jit
+def _label_logit_kernel(H, W, Bias, Lbl, Out, M, V, D, stride_h, stride_w, label_offset, scale, softcap, inv_temp,
+                        HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+    """``z`` at each token's label (fp32 ``[M]``; 0 where the label is in another shard), one fp32
+    row dot product per token: picking it out of the forward's tiles cost that epilogue ~5%."""
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    ok = rows < M
+    rows_c = tl.where(ok, rows, 0)
+    local = tl.load(Lbl + rows_c) - label_offset
+    hit = ok & (local >= 0) & (local < V)
+    local = tl.where(hit, local, 0)
+    acc = tl.zeros((BR,), dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        rd = d0 + tl.arange(0, BD)
+        d_ok = (rd < D)[None, :]
+        h = tl.load(H + (rows_c * stride_h)[:, None] + rd[None, :], mask=d_ok, other=0.0)
+        w = tl.load(W + (local * stride_w)[:, None] + rd[None, :], mask=d_ok, other=0.0)
+        acc += tl.sum(h.to(tl.float32) * w.to(tl.float32), 1)
+    if HAS_BIAS:
+        acc += tl.load(Bias + local).to(tl.float32)
+    z = _transform(acc, scale, softcap, inv_temp, SOFTCAP)
+    tl.store(Out + rows, tl.where(hit, z, 0.0), mask=ok)
 
 
 @triton.jit
@@ -270,10 +295,20 @@ def _combine_kernel(PMax, PSum, PSez, PSz, PSe2, PArg, Max, Sum, Sez, Sz, Se2, A
 
 
 @triton.jit
-def _grad_a(z, rows, local, cols, Lse, Ez, Coef, GEnt, GMean, GLogp, dz_factor, t_over_c,
-            SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr, HAS_MEAN: tl.constexpr, HAS_LOGP: tl.constexpr):
+def _onehot_term(GLogp, rows, local, cols, HAS_LOGP: tl.constexpr):
+    """The log-prob gradient's one-hot part of a tile's ``dL/dz``: ``g_logprob`` at each token's
+    label column (``local``, relative to the tile's first column), 0 elsewhere."""
+    if HAS_LOGP:
+        return tl.where(cols[None, :] == local[:, None], tl.load(GLogp + rows)[:, None], 0.0)
+    else:
+        return 0.0
+
+
+@triton.jit
+def _grad_a(z, rows, onehot, Lse, Ez, Coef, GEnt, GMean, dz_factor, t_over_c,
+            SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr, HAS_MEAN: tl.constexpr):
     """``dL/da`` (fp32) of a tile from its logits ``z``: ``rows`` are the tile's token indices,
-    ``local`` each token's label column relative to the tile's first column."""
+    ``onehot`` the one-hot part of ``dL/dz`` (`_onehot_term`, or 0.0 where it is added elsewhere)."""
     p = tl.exp(z - tl.load(Lse + rows)[:, None])
     coef = tl.load(Coef + rows)
     if HAS_ENT:
@@ -284,9 +319,7 @@ def _grad_a(z, rows, local, cols, Lse, Ez, Coef, GEnt, GMean, GLogp, dz_factor, 
         g = p * coef[:, None]
     if HAS_MEAN:
         g += tl.load(GMean + rows)[:, None]
-    if HAS_LOGP:
-        glogp = tl.load(GLogp + rows)
-        g += tl.where(cols[None, :] == local[:, None], glogp[:, None], 0.0)
+    g += onehot
     if SOFTCAP:
         t = z * t_over_c
         g = g * (1.0 - t * t)
@@ -294,42 +327,63 @@ def _grad_a(z, rows, local, cols, Lse, Ez, Coef, GEnt, GMean, GLogp, dz_factor, 
 
 
 @triton.jit
-def _bwd_kernel(H, W, HD, WD, DAD, Bias, Lbl, Lse, Ez, Coef, GEnt, GMean, GLogp, DA, GBias, LblErr,
-                M, Vc, D, stride_h, stride_w, stride_da, label_offset, num_programs,
+def _bwd_kernel(H, W, HD, WD, DAD, Bias, Lse, Ez, Coef, GEnt, GMean, DA, GBias,
+                M, Vc, D, stride_h, stride_w, stride_da, num_programs,
                 scale, softcap, inv_temp, dz_factor, t_over_c,
                 HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr,
-                HAS_MEAN: tl.constexpr, HAS_LOGP: tl.constexpr, NEED_GB: tl.constexpr, NEED_ERR: tl.constexpr,
+                HAS_MEAN: tl.constexpr, NEED_GB: tl.constexpr,
                 EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, FLATTEN: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    """``dL/da`` for one vocabulary chunk ``[M, Vc]`` (W, Bias, DA, GBias point at the chunk).
-
-    With ``NEED_ERR``, the rounding error of each row's label entry (``DA`` value minus the fp32
-    one) goes to ``LblErr[row]``, written by the one tile that holds the label.
-    """
-    cols = tl.arange(0, BN)
+    """``dL/da`` for one vocabulary chunk ``[M, Vc]`` (W, Bias, DA, GBias point at the chunk),
+    without the log-prob gradient's one-hot part: `_label_entry_kernel` writes the label entries
+    after it (a per-element label test and its row sums cost this epilogue ~10%)."""
     num_tiles = tl.cdiv(M, BM) * tl.cdiv(Vc, BN)
     for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=FLATTEN):
         pid_m, pid_n, rm, row_ok, rm_c, rn, col_ok, z = _z_tile(
             tile, H, W, HD, WD, Bias, M, Vc, D, stride_h, stride_w, scale, softcap, inv_temp,
             HAS_BIAS, SOFTCAP, EVEN_K, DOT_PREC, USE_TMA, BM, BN, BK, GROUP_M)
-        local = tl.load(Lbl + rm_c) - label_offset - pid_n.to(tl.int64) * BN
-        g = _grad_a(z, rm_c, local, cols, Lse, Ez, Coef, GEnt, GMean, GLogp, dz_factor, t_over_c,
-                    SOFTCAP, HAS_ENT, HAS_MEAN, HAS_LOGP)
-        mask = row_ok[:, None] & col_ok[None, :]
+        g = _grad_a(z, rm_c, 0.0, Lse, Ez, Coef, GEnt, GMean, dz_factor, t_over_c, SOFTCAP, HAS_ENT, HAS_MEAN)
         g_op = g.to(DA.dtype.element_ty)
         if USE_TMA:  # two half-width stores: half the staging buffer in shared memory
             halves = tl.split(tl.permute(tl.reshape(g_op, (BM, 2, BN // 2)), (0, 2, 1)))
             DAD.store([pid_m * BM, pid_n * BN], halves[0])
             DAD.store([pid_m * BM, pid_n * BN + BN // 2], halves[1])
         else:
-            tl.store(DA + (rm * stride_da)[:, None] + rn[None, :], g_op, mask=mask)
-        if NEED_ERR:
-            is_label = (cols[None, :] == local[:, None]) & mask
-            err = tl.sum(tl.where(is_label, g_op.to(tl.float32) - g, 0.0), 1)
-            tl.store(LblErr + rm, err, mask=row_ok & (local >= 0) & (local < BN) & (local + pid_n * BN < Vc))
+            tl.store(DA + (rm * stride_da)[:, None] + rn[None, :], g_op, mask=row_ok[:, None] & col_ok[None, :])
         if NEED_GB:
-            gs = tl.sum(tl.where(mask, g, 0.0), 0)
+            gs = tl.sum(tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0), 0)
             tl.atomic_add(GBias + rn, gs, mask=col_ok)
+
+
+@triton.jit
+def _label_entry_kernel(Lbl, LabelZ, Lse, Ez, Coef, GEnt, GMean, GLogp, DA, GBias, LblErr,
+                        M, Vc, stride_da, label_offset, dz_factor, t_over_c,
+                        SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr, HAS_MEAN: tl.constexpr,
+                        NEED_GB: tl.constexpr, NEED_ERR: tl.constexpr, BR: tl.constexpr):
+    """Each token's label entry of ``dL/da`` in one vocabulary chunk, written over the one
+    `_bwd_kernel` left (which lacks ``g_logprob``), from the forward's label logit ``LabelZ``.
+
+    With ``NEED_ERR``, that entry's rounding error (``DA`` value minus the fp32 one) goes to
+    ``LblErr``; with ``NEED_GB`` its one-hot part is added to the bias gradient.
+    """
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    ok = rows < M
+    rows_c = tl.where(ok, rows, 0)
+    local = tl.load(Lbl + rows_c) - label_offset
+    hit = ok & (local >= 0) & (local < Vc)
+    z = tl.load(LabelZ + rows_c)[:, None]
+    glogp = tl.load(GLogp + rows_c)[:, None]
+    g = tl.sum(_grad_a(z, rows_c, glogp, Lse, Ez, Coef, GEnt, GMean, dz_factor, t_over_c,
+                       SOFTCAP, HAS_ENT, HAS_MEAN), 1)
+    entry = DA + rows_c * stride_da + tl.where(hit, local, 0)
+    g_op = g.to(DA.dtype.element_ty)
+    tl.store(entry, g_op, mask=hit)
+    if NEED_ERR:
+        tl.store(LblErr + rows_c, g_op.to(tl.float32) - g, mask=hit)
+    if NEED_GB:
+        base = tl.sum(_grad_a(z, rows_c, 0.0, Lse, Ez, Coef, GEnt, GMean, dz_factor, t_over_c,
+                              SOFTCAP, HAS_ENT, HAS_MEAN), 1)
+        tl.atomic_add(GBias + tl.where(hit, local, 0), g - base, mask=hit)
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,7 +409,7 @@ def _tma_ok(*tensors) -> bool:
     if not USE_TMA or (interp and os.environ.get("ALIGN_LOSSES_TMA_INTERP") != "1"):
         return False
     t0 = tensors[0]
-    if not interp and (not t0.is_cuda or torch.cuda.get_device_capability(t0.device)[0] < 9):
+    if not interp and (not t0.is_cuda or _device_properties(t0.device.index).major < 9):
         return False
     return all(
         t.dtype in (torch.bfloat16, torch.float16) and t.stride(-1) == 1
@@ -391,11 +445,9 @@ def _forward_stats(hidden, weight, bias, labels, transform: LogitTransform, outp
     need_se2 = "log_sum_p2" in outputs
     need_arg = "argmax_hit" in outputs
     f32 = dict(dtype=torch.float32, device=dev)
-    label_logit = torch.zeros(m, **f32)
     nb = triton.cdiv(v, cfg.BN) if v > 0 else 0
     if m == 0 or nb == 0:
         stats = _Stats.empty(m, dev, outputs)
-        stats.label_logit = label_logit
         if stats.argmax is not None:
             stats.argmax.fill_(offset)
         return stats, None
@@ -405,18 +457,21 @@ def _forward_stats(hidden, weight, bias, labels, transform: LogitTransform, outp
     psz = torch.empty((nb, m), **f32) if need_sz else pmax
     pse2 = torch.empty((nb, m), **f32) if need_se2 else pmax
     parg = torch.empty((nb, m), dtype=torch.int32, device=dev) if need_arg else pmax
-    t = transform
     programs = cfg.programs(triton.cdiv(m, cfg.BM) * nb, dev)
     use_tma = _tma_ok(hidden, weight)
     hd, wd = _descs(hidden, weight, cfg) if use_tma else (None, None)
+    zargs = transform_args(transform)[:3]
+    flags = dict(HAS_BIAS=bias is not None, SOFTCAP=transform.softcap is not None)
     _fwd_kernel[(programs,)](
-        hidden, weight, hd, wd, bias if bias is not None else hidden, labels,
-        pmax, psum, psez, psz, pse2, parg, label_logit,
-        m, v, d, hidden.stride(0), weight.stride(0), offset, programs,
-        float(t.logit_scale), float(t.softcap or 1.0), 1.0 / float(t.temperature),
-        HAS_BIAS=bias is not None, SOFTCAP=t.softcap is not None,
+        hidden, weight, hd, wd, bias if bias is not None else hidden,
+        pmax, psum, psez, psz, pse2, parg, m, v, d, hidden.stride(0), weight.stride(0), programs, *zargs, **flags,
         NEED_EZ=need_ez, NEED_SZ=need_sz, NEED_SE2=need_se2, NEED_ARG=need_arg,
         EVEN_K=(d % cfg.BK == 0), DOT_PREC=_dot_prec(hidden.dtype), USE_TMA=use_tma, **cfg.launch(),
+    )
+    label_logit = torch.empty(m, **f32)
+    _label_logit_kernel[(triton.cdiv(m, _LABEL_ROWS_DOT),)](
+        hidden, weight, bias if bias is not None else hidden, labels, label_logit, m, v, d,
+        hidden.stride(0), weight.stride(0), offset, *zargs, **flags, BR=_LABEL_ROWS_DOT, BD=256, num_warps=4,
     )
     mx = torch.empty(m, **f32)
     se = torch.empty(m, **f32)
@@ -467,6 +522,10 @@ def _mm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -
         else:
             acc.addmm_(a.float(), b.float())
 
+
+#: Tokens per program of `_label_entry_kernel` and of `_label_logit_kernel`.
+_LABEL_ROWS = 1024
+_LABEL_ROWS_DOT = 16
 
 #: Elements of one output tile of cuBLAS's large bf16 GEMMs on Hopper (128 x 256 or 256 x 128).
 _CUBLAS_TILE = 128 * 256
@@ -534,11 +593,11 @@ class Upstream:
         )
 
     def kernel_args(self) -> tuple:
-        """``Ez, Coef, GEnt, GMean, GLogp`` as the kernels take them."""
-        return self.expected_z, self.coef, self.g_entropy, self.g_mean, self.g_logprob
+        """``Ez, Coef, GEnt, GMean`` as the kernels take them (``g_logprob`` goes apart)."""
+        return self.expected_z, self.coef, self.g_entropy, self.g_mean
 
     def kernel_flags(self) -> dict:
-        return dict(HAS_ENT=self.has_entropy, HAS_MEAN=self.has_mean, HAS_LOGP=self.has_logprob)
+        return dict(HAS_ENT=self.has_entropy, HAS_MEAN=self.has_mean)
 
 
 def transform_args(t: LogitTransform) -> tuple:
@@ -557,10 +616,10 @@ def finish_hidden_grad(acc: torch.Tensor, shard: Optional[VocabShard], dtype: to
     return acc.to(dtype)
 
 
-def _backward(hidden, weight, bias, labels, lse, expected_z, up: dict, transform: LogitTransform,
+def _backward(hidden, weight, bias, labels, label_logit, lse, expected_z, up: dict, transform: LogitTransform,
               shard: Optional[VocabShard], vocab: int, cfg: KernelConfig, memory_budget, need, held: int = 0):
-    """The dense backward; ``held``: bytes kept beside it (a filter's mask) that the default
-    chunk buffer gives back."""
+    """The dense backward; ``label_logit``: the forward's fp32 ``[M]`` label logits; ``held``:
+    bytes kept beside it (a filter's mask) that the default chunk buffer gives back."""
     need_h, need_w, need_b = need
     need_b = need_b and bias is not None
     m, d = hidden.shape
@@ -580,6 +639,7 @@ def _backward(hidden, weight, bias, labels, lse, expected_z, up: dict, transform
         vc = vocab_chunk(m, d, v, hidden.element_size(), cfg.BN, memory_budget, sms, held)
         buf = torch.empty(m * vc, dtype=hidden.dtype, device=dev)
         label_err = torch.zeros(m, **f32) if (need_h and u.has_logprob and hidden.dtype != torch.float32) else None
+        targs = transform_args(transform)
         first = True
         for v0 in range(0, v, vc):
             cv = min(vc, v - v0)
@@ -591,16 +651,21 @@ def _backward(hidden, weight, bias, labels, lse, expected_z, up: dict, transform
             use_tma = _tma_ok(hidden, w, da)
             hd, wd = _descs(hidden, w, cfg) if use_tma else (None, None)
             dad = _desc(da, [cfg.BM, cfg.BN // 2]) if use_tma else None
+            gbias = grad_bias32[v0 : v0 + cv] if need_b else lse
             _bwd_kernel[(programs,)](
-                hidden, w, hd, wd, dad, bias[v0 : v0 + cv] if bias is not None else hidden, labels, lse,
-                *u.kernel_args(), da, grad_bias32[v0 : v0 + cv] if need_b else lse,
-                label_err if label_err is not None else lse,
-                m, cv, d, hidden.stride(0), weight.stride(0), da.stride(0), offset + v0, programs,
-                *transform_args(transform),
-                HAS_BIAS=bias is not None, SOFTCAP=transform.softcap is not None, **u.kernel_flags(),
-                NEED_GB=need_b, NEED_ERR=label_err is not None,
-                EVEN_K=(d % cfg.BK == 0), DOT_PREC=_dot_prec(hidden.dtype), USE_TMA=use_tma, **cfg.launch(),
+                hidden, w, hd, wd, dad, bias[v0 : v0 + cv] if bias is not None else hidden, lse,
+                *u.kernel_args(), da, gbias, m, cv, d, hidden.stride(0), weight.stride(0), da.stride(0), programs,
+                *targs, HAS_BIAS=bias is not None, SOFTCAP=transform.softcap is not None, **u.kernel_flags(),
+                NEED_GB=need_b, EVEN_K=(d % cfg.BK == 0), DOT_PREC=_dot_prec(hidden.dtype), USE_TMA=use_tma,
+                **cfg.launch(),
             )
+            if u.has_logprob:
+                _label_entry_kernel[(triton.cdiv(m, _LABEL_ROWS),)](
+                    labels, label_logit, lse, *u.kernel_args(), u.g_logprob, da, gbias,
+                    label_err if label_err is not None else lse, m, cv, da.stride(0), offset + v0, *targs[3:],
+                    SOFTCAP=transform.softcap is not None, **u.kernel_flags(), NEED_GB=need_b,
+                    NEED_ERR=label_err is not None, BR=_LABEL_ROWS, num_warps=4,
+                )
             if need_h:
                 if acc is None:
                     acc = torch.empty(m, d, **f32)
@@ -647,7 +712,7 @@ class TritonHeadFunction(torch.autograd.Function):
             keep = kept_blocks(*partials, lse, labels, shard.start if shard is not None else 0,
                                weight.shape[0], fwd_cfg.BN, filter_mass)
             del partials
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, expected_z, keep)
+        ctx.save_for_backward(hidden, weight, bias, labels, stats.label_logit, lse, expected_z, keep)
         ctx.meta = (transform, shard, vocab, bwd_cfg, memory_budget, fwd_cfg.BN)
         ctx.names = names
         outs = tuple(result[n] for n in names)
@@ -656,7 +721,7 @@ class TritonHeadFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        hidden, weight, bias, labels, lse, expected_z, keep = ctx.saved_tensors
+        hidden, weight, bias, labels, label_logit, lse, expected_z, keep = ctx.saved_tensors
         transform, shard, vocab, bwd_cfg, memory_budget, block = ctx.meta
         upstream = {n: g for n, g in zip(ctx.names, grads) if g is not None and n in _GRAD_NAMES}
         need = ctx.needs_input_grad[:3]
@@ -667,7 +732,7 @@ class TritonHeadFunction(torch.autograd.Function):
             result = filtered_backward(hidden, weight, bias, labels, lse, keep, upstream, transform, shard,
                                        block, memory_budget, need)
         if result is None:  # not filtering, or too few pairs to skip: the dense backward
-            result = _backward(hidden, weight, bias, labels, lse, expected_z, upstream, transform, shard,
+            result = _backward(hidden, weight, bias, labels, label_logit, lse, expected_z, upstream, transform, shard,
                                vocab, bwd_cfg, memory_budget, need, held=keep.numel() if keep is not None else 0)
         return (*result, None, None, None, None, None, None, None, None)
 
