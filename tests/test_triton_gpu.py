@@ -180,6 +180,37 @@ def empty_tokens(device, small_tiles=False):
     assert gh.shape == (0, 16) and torch.count_nonzero(gw) == 0 and torch.count_nonzero(gb) == 0
 
 
+def confident_labels(device, dtype, small_tiles=False, memory_budget=None, tol=1e-4, m=48, d=40, v=300):
+    """Each token's label logit far above the rest (p_label near 1). 25 above: the log-probs stay
+    <= 0, which holds only while the label logit and the logsumexp come from the same logits. 10
+    above: the gradients (the label entry ``g (1 - p_label)`` from the forward's label logit, the
+    row's other entries from the recomputed tiles) match float64."""
+    for margin in (25.0, 10.0):
+        g = torch.Generator(device="cpu").manual_seed(5)
+        hidden = torch.randn(m, d, generator=g)
+        labels = torch.randperm(v, generator=g)[:m]
+        weight = torch.randn(v, d, generator=g) * (2.0 / math.sqrt(d))
+        weight[labels] = hidden * (margin / hidden.pow(2).sum(1, keepdim=True)) + weight[labels] * 0.1
+        hidden, weight = (t.to(device=device, dtype=dtype).requires_grad_(True) for t in (hidden, weight))
+        labels = labels.to(device)
+        got = run_triton(hidden, weight, None, labels, LogitTransform(), (), small_tiles, memory_budget)["logprobs"]
+        assert (got <= 0).all(), (margin, got.max())
+        if margin > 20:  # 1 - p_label is below fp32 resolution there: the gradients are rounding noise
+            continue
+        rh, rw = (t.detach().double().requires_grad_(True) for t in (hidden, weight))
+        ref = reference(rh, rw, None, labels, LogitTransform())["logprobs"]
+        up = torch.randn(m, generator=g).to(device) + 2.0
+        grads = torch.autograd.grad((got * up).sum(), (hidden, weight))
+        ref_grads = torch.autograd.grad((ref * up.double()).sum(), (rh, rw))
+        for name, gg, rg in zip(("hidden", "weight"), grads, ref_grads):
+            assert rel(gg, rg) < tol, (name, rel(gg, rg))
+
+
+@interp
+def test_interp_confident_labels():
+    confident_labels("cpu", torch.float32, small_tiles=True, memory_budget=48 * 64 * 4)
+
+
 # ------------------------------------------------------------------------------ GPU
 
 
@@ -208,6 +239,15 @@ def test_gpu_bf16_many_tiles_per_program(std):
     # tiles in the forward and in every backward chunk (last chunk partial)
     check(1100, 264, 9001, torch.bfloat16, "cuda", LogitTransform(softcap=20.0), True, std=std,
           memory_budget=1100 * 8192 * 2)  # chunks of 8192 columns (288 tiles) and 809 (36 tiles)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype,tf32", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
+def test_gpu_confident_labels(dtype, tf32, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    tol = 3e-3 if dtype == torch.bfloat16 else (2e-3 if tf32 else 1e-4)
+    confident_labels("cuda", dtype, memory_budget=300 * 512 * 4, tol=tol, m=300, d=264, v=3001)
 
 
 @pytest.mark.gpu

@@ -4,9 +4,8 @@ Forward: one Triton GEMM over ``[tokens, vocab]`` tiles (grouped tile order, fp3
 for 16-bit operands one program per SM walks the tiles so that the next tile's loads overlap this
 tile's epilogue) whose epilogue applies bias and logit transform and reduces each tile row to
 partial statistics (max, sum exp, and what the requested outputs need); no logits reach memory.
-A small Triton kernel merges the ``[vocab blocks, M]`` partials per token, another takes each
-label's logit as one row dot product. For a vocabulary-parallel head the per-rank statistics are
-merged with `tiled_head._Stats.all_reduce`.
+A second small Triton kernel merges the ``[vocab blocks, M]`` partials per token. For a
+vocabulary-parallel head the per-rank statistics are merged with `tiled_head._Stats.all_reduce`.
 
 Backward, per vocabulary chunk of ``Vc`` columns (``Vc`` from a memory budget): a Triton GEMM
 recomputes the logits tile and writes ``dL/da`` (operand dtype) for the chunk over all tokens into
@@ -189,13 +188,14 @@ def _z_tile(tile, H, W, HD, WD, Bias, M, N, D, stride_h, stride_w, scale, softca
 
 
 @triton.jit
-def _fwd_kernel(H, W, HD, WD, Bias, PMax, PSum, PSez, PSz, PSe2, PArg,
-                M, V, D, stride_h, stride_w, num_programs,
+def _fwd_kernel(H, W, HD, WD, Bias, Lbl, PMax, PSum, PSez, PSz, PSe2, PArg, LabelLogit,
+                M, V, D, stride_h, stride_w, label_offset, num_programs,
                 scale, softcap, inv_temp,
                 HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
                 NEED_EZ: tl.constexpr, NEED_SZ: tl.constexpr, NEED_SE2: tl.constexpr, NEED_ARG: tl.constexpr,
                 EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, FLATTEN: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    cols = tl.arange(0, BN)
     num_tiles = tl.cdiv(M, BM) * tl.cdiv(V, BN)
     for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=FLATTEN):
         pid_m, pid_n, rm, row_ok, rm_c, rn, col_ok, z = _z_tile(
@@ -218,30 +218,14 @@ def _fwd_kernel(H, W, HD, WD, Bias, PMax, PSum, PSez, PSz, PSe2, PArg,
         if NEED_ARG:
             idx = tl.argmax(zm, 1, tie_break_left=True)
             tl.store(PArg + pofs, idx.to(tl.int32) + pid_n * BN, mask=row_ok)
-
-
-@triton.jit
-def _label_logit_kernel(H, W, Bias, Lbl, Out, M, V, D, stride_h, stride_w, label_offset, scale, softcap, inv_temp,
-                        HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
-    """``z`` at each token's label (fp32 ``[M]``; 0 where the label is in another shard), one fp32
-    row dot product per token: picking it out of the forward's tiles cost that epilogue ~5%."""
-    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-    ok = rows < M
-    rows_c = tl.where(ok, rows, 0)
-    local = tl.load(Lbl + rows_c) - label_offset
-    hit = ok & (local >= 0) & (local < V)
-    local = tl.where(hit, local, 0)
-    acc = tl.zeros((BR,), dtype=tl.float32)
-    for d0 in range(0, D, BD):
-        rd = d0 + tl.arange(0, BD)
-        d_ok = (rd < D)[None, :]
-        h = tl.load(H + (rows_c * stride_h)[:, None] + rd[None, :], mask=d_ok, other=0.0)
-        w = tl.load(W + (local * stride_w)[:, None] + rd[None, :], mask=d_ok, other=0.0)
-        acc += tl.sum(h.to(tl.float32) * w.to(tl.float32), 1)
-    if HAS_BIAS:
-        acc += tl.load(Bias + local).to(tl.float32)
-    z = _transform(acc, scale, softcap, inv_temp, SOFTCAP)
-    tl.store(Out + rows, tl.where(hit, z, 0.0), mask=ok)
+        # The label's logit from this tile, not from a separate dot product: lse is built from
+        # these values, so log p = z_label - lse <= 0 holds exactly (with TF32 or bf16 operands
+        # a more exact z_label would exceed them by up to the GEMM's rounding).
+        lbl = tl.load(Lbl + rm_c) - label_offset
+        local = lbl - pid_n.to(tl.int64) * BN
+        hit = (local >= 0) & (local < BN) & (lbl < V) & row_ok
+        picked = tl.sum(tl.where(cols[None, :] == local[:, None], z, 0.0), 1)
+        tl.store(LabelLogit + rm, picked, mask=hit)
 
 
 @triton.jit
@@ -457,21 +441,17 @@ def _forward_stats(hidden, weight, bias, labels, transform: LogitTransform, outp
     psz = torch.empty((nb, m), **f32) if need_sz else pmax
     pse2 = torch.empty((nb, m), **f32) if need_se2 else pmax
     parg = torch.empty((nb, m), dtype=torch.int32, device=dev) if need_arg else pmax
+    label_logit = torch.zeros(m, **f32)
     programs = cfg.programs(triton.cdiv(m, cfg.BM) * nb, dev)
     use_tma = _tma_ok(hidden, weight)
     hd, wd = _descs(hidden, weight, cfg) if use_tma else (None, None)
-    zargs = transform_args(transform)[:3]
-    flags = dict(HAS_BIAS=bias is not None, SOFTCAP=transform.softcap is not None)
     _fwd_kernel[(programs,)](
         hidden, weight, hd, wd, bias if bias is not None else hidden,
-        pmax, psum, psez, psz, pse2, parg, m, v, d, hidden.stride(0), weight.stride(0), programs, *zargs, **flags,
+        labels, pmax, psum, psez, psz, pse2, parg, label_logit,
+        m, v, d, hidden.stride(0), weight.stride(0), offset, programs, *transform_args(transform)[:3],
+        HAS_BIAS=bias is not None, SOFTCAP=transform.softcap is not None,
         NEED_EZ=need_ez, NEED_SZ=need_sz, NEED_SE2=need_se2, NEED_ARG=need_arg,
         EVEN_K=(d % cfg.BK == 0), DOT_PREC=_dot_prec(hidden.dtype), USE_TMA=use_tma, **cfg.launch(),
-    )
-    label_logit = torch.empty(m, **f32)
-    _label_logit_kernel[(triton.cdiv(m, _LABEL_ROWS_DOT),)](
-        hidden, weight, bias if bias is not None else hidden, labels, label_logit, m, v, d,
-        hidden.stride(0), weight.stride(0), offset, *zargs, **flags, BR=_LABEL_ROWS_DOT, BD=256, num_warps=4,
     )
     mx = torch.empty(m, **f32)
     se = torch.empty(m, **f32)
@@ -523,9 +503,8 @@ def _mm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -
             acc.addmm_(a.float(), b.float())
 
 
-#: Tokens per program of `_label_entry_kernel` and of `_label_logit_kernel`.
+#: Tokens per program of `_label_entry_kernel` (one thread each).
 _LABEL_ROWS = 1024
-_LABEL_ROWS_DOT = 16
 
 #: Elements of one output tile of cuBLAS's large bf16 GEMMs on Hopper (128 x 256 or 256 x 128).
 _CUBLAS_TILE = 128 * 256
