@@ -191,6 +191,7 @@ def sweep(n=8192, d=2048, v=151936):
             f()
             res["fwd_" + key] = ms(f)
             zero = torch.zeros(n, device="cuda")
+            label_err = torch.zeros(n, device="cuda")
 
             hd, wd = th._descs(h, wc, c) if tma else (None, None)
             dad = th._desc(da, [c.BM, c.BN // 2]) if tma else None
@@ -203,6 +204,10 @@ def sweep(n=8192, d=2048, v=151936):
                     1.0, 1.0, 1.0, 1.0, 1.0,
                     HAS_BIAS=False, SOFTCAP=False, HAS_ENT=False, HAS_MEAN=False, NEED_GB=False,
                     EVEN_K=True, DOT_PREC="ieee", USE_TMA=tma, **c.launch())
+                th._label_entry_kernel[(triton.cdiv(n, th._LABEL_ROWS),)](
+                    lbl, lse, lse, zero, coef, zero, zero, up, da, lse, label_err, n, vc, da.stride(0), 0, 1.0, 1.0,
+                    SOFTCAP=False, HAS_ENT=False, HAS_MEAN=False, NEED_GB=False, NEED_ERR=True,
+                    BR=th._LABEL_ROWS, num_warps=4)
             b()
             res["bwd_chunk_" + key] = ms(b)
             res["compile_s_" + key] = time.time() - t0

@@ -60,6 +60,10 @@ class HeadProblem:
     or None, ``labels [M]`` int64 global ids. ``outputs`` always contains ``"logprobs"``.
     ``hidden`` and ``weight`` already have the compute dtype (the core casts them under autocast,
     once, so a backward under another autocast state reuses it).
+
+    The problem the core's backend check reads before any work (`core._probe`) holds the caller's
+    tensors as given (of the compute dtype): a check may read their dtype and device, not their
+    shapes or values.
     """
 
     hidden: torch.Tensor
