@@ -292,6 +292,8 @@ def no_head_pass(monkeypatch):
 def test_configuration_errors_raise_at_construction():
     cases = [
         (lambda: FusedDPOLoss(loss_type="exo_pair"), "needs label_smoothing > 0"),
+        (lambda: FusedDPOLoss(loss_type="exo_pair", label_smoothing=1.0), "and < 1"),
+        (lambda: FusedDPOLoss(ld_alpha=1.5), r"ld_alpha must lie in \[0, 1\]"),
         (lambda: FusedDPOLoss(loss_type=["sigmoid", "hinge"], loss_weights=[1.0]), "one weight per loss type"),
         (lambda: FusedDPOLoss(loss_type="aot", use_weighting=True), "sort the pairs"),
         (lambda: FusedDPOLoss(f_divergence_type="chi2"), "Unknown f_divergence_type"),
@@ -300,6 +302,7 @@ def test_configuration_errors_raise_at_construction():
         (lambda: FusedSFTLoss(loss_type="dft", label_smoothing=0.1), "only defined for loss_type='nll'"),
         (lambda: FusedSFTLoss(z_loss=-1.0), "z_loss must be >= 0"),
         (lambda: FusedSFTLoss(loss_type="ce"), "Unknown SFT loss_type"),
+        (lambda: FusedSFTLoss(loss_type="chunked_nll"), "deprecated alias of 'nll'"),
         (lambda: FusedKTOLoss(loss_type="nope"), "Unknown KTO loss_type"),
         (lambda: FusedCPOLoss(loss_type="nope"), "Unknown CPO loss_type"),
     ]
@@ -335,6 +338,10 @@ def test_bad_inputs_are_refused_before_the_head_pass(no_head_pass):
         (lambda: kto(hidden, batch.weight, labels, torch.ones(6, 1), ref_logps=ref_kto, cu_seqlens=cu), r"`desirable` must be a \[6\]"),
         (lambda: kto(batch.hidden, batch.weight, batch.labels, torch.ones(6), ref_logps=ref_c), r"`ref_logps` must be a tensor of shape \[6\]"),
         (lambda: kto(batch.hidden, batch.weight, batch.labels, torch.ones(6)), "reference log-probs"),
+        (lambda: kto(batch.hidden, batch.weight, batch.labels, torch.ones(6), ref_logps=ref_kto), "needs `kl`"),
+        (lambda: FusedKTOLoss(loss_type="apo_zero_unpaired")(batch.hidden, batch.weight, batch.labels, torch.ones(6),
+                                                           ref_logps=ref_kto, kl=torch.tensor(0.1)), "pass kl=None"),
+        (lambda: fused_sequence_logps(batch.hidden, batch.weight, batch.labels, ld_alpha=-0.5), r"\[0, 1\]"),
     ]
     for call, match in cases:
         with pytest.raises(ValueError, match=match):
@@ -343,7 +350,7 @@ def test_bad_inputs_are_refused_before_the_head_pass(no_head_pass):
     with pytest.raises(HeadPassRan):
         dpo(hidden, batch.weight, labels, cu_seqlens=cu, **refs)
     with pytest.raises(HeadPassRan):
-        kto(batch.hidden, batch.weight, batch.labels, torch.ones(6), ref_logps=ref_kto)
+        kto(batch.hidden, batch.weight, batch.labels, torch.ones(6), ref_logps=ref_kto, kl=torch.tensor(0.1))
 
 
 def test_packed_layout_reads_the_boundaries_once(monkeypatch):

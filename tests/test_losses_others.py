@@ -74,6 +74,19 @@ def test_orpo_with_token_nll(dtype):
     close(out.rejected_rewards, [beta * r for r in rejected.tolist()], dtype)
 
 
+@pytest.mark.parametrize("side", ["chosen", "rejected"])
+def test_orpo_average_logp_of_zero_stays_finite(side):
+    """A completion of confidently predicted tokens can average exactly 0 in float32 (TRL 1.16 then
+    gives NaN gradients): the loss and the gradients stay finite, and the other pair is unaffected."""
+    chosen = torch.tensor([0.0 if side == "chosen" else -0.3, -0.7], requires_grad=True)
+    rejected = torch.tensor([0.0 if side == "rejected" else -0.9, -1.2], requires_grad=True)
+    out = orpo_loss(chosen, rejected, beta=0.1, nll_loss=torch.tensor(0.0))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(chosen.grad).all() and torch.isfinite(rejected.grad).all()
+    plain = orpo_loss(chosen[1:].detach(), rejected[1:].detach(), beta=0.1, nll_loss=torch.tensor(0.0))
+    assert torch.allclose(out.log_odds_chosen[1], plain.log_odds_chosen[0])
+
+
 def test_orpo_half_precision_is_computed_in_float32():
     out = orpo_loss(torch.tensor([-0.5], dtype=torch.bfloat16), torch.tensor([-1.5], dtype=torch.bfloat16),
                     nll_loss=torch.tensor(0.0))

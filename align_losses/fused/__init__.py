@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..losses import ld_sequence_logps, sequence_logps
+from ..losses import check_ld_alpha, ld_sequence_logps, sequence_logps
 from .common import FusedLoss, FusedOutput, HeadOptions, TokenBatch, head_pass, pair_count, split_pairs
 from .dpo import FusedDPOLoss
 from .kto import FusedKTOLoss
@@ -68,6 +68,7 @@ def fused_sequence_logps(
     if ld_alpha is not None:
         if average:
             raise ValueError("ld_alpha weights summed log-probs; it cannot be combined with average=True")
+        check_ld_alpha(ld_alpha)
         pair_count(labels, cu_seqlens)
     tokens = head_pass(hidden, weight, labels, head=HeadOptions(**head), bias=bias, cu_seqlens=cu_seqlens)
     if ld_alpha is None:

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 from torch import Tensor
 
-from ..losses import check_dpo_args, dpo_loss, ld_sequence_logps, sequence_logps, wpo_weights
+from ..losses import check_dpo_args, check_ld_alpha, dpo_loss, ld_sequence_logps, sequence_logps, wpo_weights
 from .common import (
     FusedLoss,
     FusedOutput,
@@ -87,6 +87,8 @@ class FusedDPOLoss(FusedLoss):
             loss_type, loss_weights, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
             use_weighting=use_weighting,
         )
+        if ld_alpha is not None:
+            check_ld_alpha(ld_alpha)
         self.beta, self.loss_type, self.loss_weights = beta, loss_type, loss_weights
         self.label_smoothing, self.f_divergence_type = label_smoothing, f_divergence_type
         self.f_alpha_divergence_coef, self.discopop_tau = f_alpha_divergence_coef, discopop_tau

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..losses import check_kto_args, kto_loss, sequence_logps
+from ..losses import check_kl_estimate, check_kto_args, kto_loss, sequence_logps
 from .common import FusedLoss, FusedOutput, mean, per_sequence_input, require_reference, sequence_count, token_mean
 
 
@@ -78,6 +78,7 @@ class FusedKTOLoss(FusedLoss):
             shape = tuple(desirable.shape) if isinstance(desirable, Tensor) else type(desirable).__name__
             raise ValueError(f"`desirable` must be a [{n}] tensor, one flag per sequence; got {shape}")
         ref_logps = per_sequence_input(ref_logps, "ref_logps", n, hidden.device)
+        check_kl_estimate(kl, self.loss_type)
         good = desirable.to(device=hidden.device) != 0
         tokens = self.head_pass(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens)
         logps = sequence_logps(tokens.logps, tokens.completion)

@@ -16,9 +16,9 @@ from .dpo import (
     dpo_loss,
     f_divergence_scores,
 )
-from .kto import KTO_LOSS_TYPES, KTOOutput, check_kto_args, kto_loss
+from .kto import KTO_LOSS_TYPES, KTOOutput, check_kl_estimate, check_kto_args, kto_loss
 from .orpo import ORPOOutput, orpo_loss
-from .sequence import ld_sequence_logps, sequence_logps, wpo_weights
+from .sequence import check_ld_alpha, ld_sequence_logps, sequence_logps, wpo_weights
 from .sft import SFT_LOSS_TYPES, SFTOutput, check_sft_args, sft_loss, sft_outputs, sft_token_losses
 
 __all__ = [
@@ -36,7 +36,9 @@ __all__ = [
     "alphapo_reward",
     "check_cpo_args",
     "check_dpo_args",
+    "check_kl_estimate",
     "check_kto_args",
+    "check_ld_alpha",
     "check_sft_args",
     "cpo_loss",
     "dpo_loss",

@@ -315,7 +315,7 @@ def check_dpo_args(
 
     Raises ValueError for unknown loss or f-divergence types, a wrong number of ``loss_weights``,
     a divergence other than reverse KL with loss types that do not take one, "exo_pair" without
-    ``label_smoothing``, and WPO weights (``use_weighting``) with the sorting "aot" types; warns
+    ``label_smoothing`` in ``(0, 1)``, and WPO weights (``use_weighting``) with the sorting "aot" types; warns
     when "robust" gets ``label_smoothing`` outside ``[0, 0.5)``.
     """
     loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
@@ -334,8 +334,10 @@ def check_dpo_args(
             f"f_divergence_type={f_divergence_type!r} is only supported for the loss types "
             f"{sorted(F_DIVERGENCE_LOSS_TYPES)}; got {loss_types}. Use 'reverse_kl' with these."
         )
-    if "exo_pair" in loss_types and label_smoothing == 0.0:
-        raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (the EXO paper suggests 1e-3).")
+    if "exo_pair" in loss_types and not 0.0 < label_smoothing < 1.0:
+        raise ValueError(
+            f"loss_type 'exo_pair' needs label_smoothing > 0 and < 1 (the EXO paper suggests 1e-3); got {label_smoothing}."
+        )
     if "robust" in loss_types and not 0.0 <= label_smoothing < 0.5:
         # TRL only warns here; 0.5 itself divides by zero.
         warnings.warn(f"label_smoothing should lie in [0, 0.5) for 'robust'; got {label_smoothing}.", stacklevel=3)

@@ -85,15 +85,22 @@ def kto_loss(
     )
 
 
-def _kl_reference_point(kl: Tensor | None, loss_type: str, like: Tensor) -> Tensor:
+def check_kl_estimate(kl: Tensor | None, loss_type: str) -> None:
+    """Raise ValueError unless ``kl`` is what ``loss_type`` takes: a one-element tensor for "kto",
+    None for "apo_zero_unpaired"."""
     check_kto_args(loss_type)
     if loss_type == "apo_zero_unpaired":
         if kl is not None:
             raise ValueError("loss_type 'apo_zero_unpaired' does not use a KL estimate; pass kl=None.")
-        return torch.zeros((), dtype=like.dtype, device=like.device)
-    if kl is None or kl.numel() != 1:
+    elif not isinstance(kl, Tensor) or kl.numel() != 1:
         raise ValueError(
             "loss_type 'kto' needs `kl`: a one-element tensor, the batch mean of policy minus reference "
             "log-probs of the KL (mismatched) completions."
         )
+
+
+def _kl_reference_point(kl: Tensor | None, loss_type: str, like: Tensor) -> Tensor:
+    check_kl_estimate(kl, loss_type)
+    if kl is None:
+        return torch.zeros((), dtype=like.dtype, device=like.device)
     return kl.detach().reshape(()).clamp(min=0)

@@ -29,8 +29,16 @@ class ORPOOutput(PreferenceOutput):
     log_odds_chosen: Tensor
 
 
+#: Largest average log-prob `_log1mexp` takes: a completion of confidently predicted tokens can
+#: average exactly 0 in float32, where ``log(1 - p)`` is -inf and its gradient NaN (TRL 1.16 gives NaN
+#: gradients there). Clamped, such a pair keeps a finite loss and adds no ``log(1 - p)`` gradient.
+_MAX_AVERAGE_LOGP = -1e-6
+
+
 def _log1mexp(x: Tensor) -> Tensor:
-    """``log(1 - exp(x))`` for ``x < 0``, switching form at ``-log 2`` to avoid cancellation."""
+    """``log(1 - exp(x))`` for ``x < 0`` (``x`` clamped to `_MAX_AVERAGE_LOGP`), switching form at
+    ``-log 2`` to avoid cancellation."""
+    x = x.clamp(max=_MAX_AVERAGE_LOGP)
     return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 

@@ -29,6 +29,12 @@ def sequence_logps(token_logps: Tensor, mask: Tensor, *, average: bool = False) 
     return total / keep.sum(dim=-1).clamp(min=1)
 
 
+def check_ld_alpha(ld_alpha: float) -> None:
+    """Raise ValueError unless the LD-DPO weight ``ld_alpha`` lies in ``[0, 1]``."""
+    if not 0.0 <= ld_alpha <= 1.0:
+        raise ValueError(f"ld_alpha must lie in [0, 1]; got {ld_alpha}.")
+
+
 def ld_sequence_logps(
     chosen_token_logps: Tensor,
     chosen_mask: Tensor,
@@ -52,8 +58,7 @@ def ld_sequence_logps(
     Returns:
         ``([B], [B])`` chosen and rejected log-probs, dtype of the token log-probs.
     """
-    if not 0.0 <= ld_alpha <= 1.0:
-        raise ValueError(f"ld_alpha must lie in [0, 1]; got {ld_alpha}.")
+    check_ld_alpha(ld_alpha)
     chosen_keep, rejected_keep = chosen_mask != 0, rejected_mask != 0
     shared = torch.minimum(chosen_keep.sum(dim=-1), rejected_keep.sum(dim=-1)).unsqueeze(-1)
 

@@ -40,7 +40,8 @@ def sft_outputs(label_smoothing: float = 0.0, z_loss: float = 0.0) -> tuple[str,
 def check_sft_args(loss_type: str = "nll", label_smoothing: float = 0.0, z_loss: float = 0.0) -> None:
     """Raise ValueError for an SFT configuration `sft_loss` refuses (unknown type, eps outside [0, 1], ...)."""
     if loss_type not in SFT_LOSS_TYPES:
-        raise ValueError(f"Unknown SFT loss_type {loss_type!r}; expected one of {SFT_LOSS_TYPES}.")
+        alias = " (TRL's deprecated alias of 'nll': pass 'nll')" if loss_type == "chunked_nll" else ""
+        raise ValueError(f"Unknown SFT loss_type {loss_type!r}{alias}; expected one of {SFT_LOSS_TYPES}.")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1]; got {label_smoothing}.")
     if label_smoothing > 0 and loss_type == "dft":
