@@ -103,6 +103,7 @@ def linear_token_stats(
     wanted = frozenset(("logprobs", *outputs))
     options = dict(backend_options or {})
     _check_inputs(hidden, weight, labels, bias, transform, process_group)
+    labels = labels.long()  # a narrower dtype would wrap ignore_index (-100 is 156 in uint8)
     backend = backends.resolve(impl, _probe(hidden, weight, bias, labels, transform, wanted, process_group, options))
 
     weight, bias, process_group = _local_head(weight, bias, process_group)
@@ -115,7 +116,7 @@ def linear_token_stats(
         hidden=hidden_kept,
         weight=weight,
         bias=bias,
-        labels=flat_targets.index_select(0, kept).long(),
+        labels=flat_targets.index_select(0, kept),
         transform=transform,
         outputs=wanted,
         shard=shard,
@@ -253,6 +254,8 @@ def _check_inputs(hidden, weight, labels, bias, transform: LogitTransform, proce
             raise ValueError(f"hidden and weight must share a floating dtype outside autocast; got {hidden.dtype} and {weight.dtype}")
     if hidden.device != weight.device or hidden.device != labels.device:
         raise ValueError(f"hidden, weight and labels must be on one device; got {hidden.device}, {weight.device}, {labels.device}")
+    if bias is not None and bias.device != weight.device:
+        raise ValueError(f"bias must be on the weight's device {weight.device}; got {bias.device}")
     if not transform.temperature > 0:
         raise ValueError(f"temperature must be > 0; got {transform.temperature}")
     if transform.softcap is not None and not transform.softcap > 0:

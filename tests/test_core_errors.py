@@ -36,6 +36,8 @@ def test_bad_options():
         align_losses.linear_logprobs(h, w, y, impl="fast")
     with pytest.raises(ValueError, match=r"bias must have shape \[V\] = \(30,\)"):
         align_losses.linear_logprobs(h, w, y, bias=torch.zeros(29))
+    with pytest.raises(ValueError, match="bias must be on the weight's device cpu; got meta"):
+        align_losses.linear_logprobs(h, w, y, bias=torch.zeros(30, device="meta"))
     with pytest.raises(ValueError, match="temperature must be > 0"):
         align_losses.linear_logprobs(h, w, y, temperature=0.0)
     with pytest.raises(ValueError, match="softcap must be None or > 0"):
@@ -44,6 +46,18 @@ def test_bad_options():
         align_losses.linear_token_stats(h, w, y, outputs=("entropie",))
     with pytest.raises(ValueError, match="impl 'torch' does not support option 'chunk'"):
         align_losses.linear_logprobs(h, w, y, impl="torch", backend_options={"chunk": 3})
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_narrow_label_dtypes_score_every_id(dtype):
+    """-100 wraps to 156 in uint8: the labels are compared as int64, so id 156 is scored, not ignored."""
+    h, w = torch.randn(2, 5, 8), torch.randn(200, 8)
+    y = torch.tensor([[156, 3, 7, 156, 1], [0, 156, 2, 9, 199]])
+    want = align_losses.linear_logprobs(h, w, y)
+    got = align_losses.linear_logprobs(h, w, y.to(dtype))
+    assert torch.equal(got, want) and (got != 0).all()
+    assert torch.equal(align_losses.linear_logprobs(h, w, y.to(dtype), shift=True),
+                       align_losses.linear_logprobs(h, w, y, shift=True))
 
 
 def test_labels_beyond_the_vocabulary_are_checked_after_the_shift():
