@@ -74,6 +74,14 @@ def test_dpo_parity_precomputed_reference(preference_dataset, tokenizer, tmp_pat
     assert ours[3].ref_model is None
 
 
+def test_bf16_reference_model_runs_at_the_policy_precision(preference_dataset, tokenizer, tmp_path):
+    """A reference with the policy's weights scores exactly as the policy at step 0 under bf16 mixed
+    precision: rewards 0 and loss log 2, as TRL's DPOTrainer gives."""
+    logs = run_dpo(FusedDPOTrainer, FusedDPOConfig, preference_dataset, tokenizer, tmp_path, bf16=True, max_steps=1)[0]
+    assert logs[0]["rewards/chosen"] == 0.0 and logs[0]["rewards/rejected"] == 0.0, logs[0]
+    assert logs[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
+
+
 def test_dpo_parity_peft_reference(preference_dataset, tokenizer, tmp_path):
     from peft import LoraConfig
 

@@ -50,6 +50,13 @@ def test_kto_parity(name, overrides, kto_dataset, tokenizer, tmp_path):
     parity(name, kto_dataset, tokenizer, tmp_path, **overrides)
 
 
+def test_kto_bf16_reference_model_runs_at_the_policy_precision(kto_dataset, tokenizer, tmp_path):
+    """A reference with the policy's weights scores exactly as the policy at step 0 under bf16 mixed precision."""
+    logs = run_kto(FusedKTOTrainer, FusedKTOConfig, kto_dataset, tokenizer, tmp_path, bf16=True, max_steps=1)[0]
+    assert logs[0]["kl"] == 0.0, logs[0]
+    assert logs[0]["loss"] == pytest.approx(0.5, abs=1e-5)
+
+
 def test_kto_parity_precomputed_reference(kto_dataset, tokenizer, tmp_path):
     ours, _ = parity("precompute-ref", kto_dataset, tokenizer, tmp_path, ref=False, precompute_ref_log_probs=True)
     assert ours[3].ref_model is None

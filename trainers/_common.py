@@ -243,10 +243,19 @@ class ReferenceTrainerMixin(FusedTrainerMixin):
     @contextlib.contextmanager
     def _reference_model(self):
         """Yields the model that scores as the reference, without gradient or gradient checkpointing: ``ref_model``,
-        or (no ``ref_model``) the policy, with its adapter disabled under PEFT."""
+        or (no ``ref_model``) the policy, with its adapter disabled under PEFT.
+
+        Under mixed precision the reference runs in the accelerator's autocast, as the policy does: accelerate
+        prepares ``ref_model`` inside TRL's ``__init__``, and the fused head installed after it calls the
+        model's own forward, past the autocast wrapper (a bf16 policy against an fp32 reference of the same
+        weights gave non-zero rewards at step 0)."""
         from trl.models.utils import disable_gradient_checkpointing
 
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            self.accelerator.autocast(),
+        ):
             if self.ref_model is None:
                 with reference_adapter_context(self):
                     yield self.model
