@@ -7,6 +7,7 @@ only, without building the ``[tokens, V]`` logits. Ignored tokens come back as 0
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
@@ -96,6 +97,8 @@ def linear_token_stats(
     the mean logit is over the full vocabulary and, like the entropy, of the transformed logits ``z``.
     Returns a `TokenStats`; see `linear_logprobs` for the other arguments.
     """
+    if isinstance(outputs, str):
+        raise ValueError(f"outputs must be a sequence of names, e.g. ({outputs!r},); got the string {outputs!r}")
     unknown = set(outputs) - set(STATS)
     if unknown:
         raise ValueError(f"unknown outputs {sorted(unknown)}: expected a subset of {list(STATS)}")
@@ -256,10 +259,12 @@ def _check_inputs(hidden, weight, labels, bias, transform: LogitTransform, proce
         raise ValueError(f"hidden, weight and labels must be on one device; got {hidden.device}, {weight.device}, {labels.device}")
     if bias is not None and bias.device != weight.device:
         raise ValueError(f"bias must be on the weight's device {weight.device}; got {bias.device}")
-    if not transform.temperature > 0:
-        raise ValueError(f"temperature must be > 0; got {transform.temperature}")
-    if transform.softcap is not None and not transform.softcap > 0:
-        raise ValueError(f"softcap must be None or > 0; got {transform.softcap}")
+    if not 0 < transform.temperature < math.inf:
+        raise ValueError(f"temperature must be > 0 and finite; got {transform.temperature}")
+    if not math.isfinite(transform.logit_scale):
+        raise ValueError(f"logit_scale must be finite; got {transform.logit_scale}")
+    if transform.softcap is not None and not 0 < transform.softcap < math.inf:
+        raise ValueError(f"softcap must be None or > 0 and finite; got {transform.softcap}")
     if weight.shape[0] == 0 and process_group is None:
         raise ValueError("weight has an empty vocabulary (V = 0)")
     if process_group is not None and type(weight).__name__ == "DTensor":

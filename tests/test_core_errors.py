@@ -42,6 +42,14 @@ def test_bad_options():
         align_losses.linear_logprobs(h, w, y, temperature=0.0)
     with pytest.raises(ValueError, match="softcap must be None or > 0"):
         align_losses.linear_logprobs(h, w, y, softcap=-1.0)
+    with pytest.raises(ValueError, match="softcap must be None or > 0 and finite"):
+        align_losses.linear_logprobs(h, w, y, softcap=float("inf"))
+    with pytest.raises(ValueError, match="temperature must be > 0 and finite"):
+        align_losses.linear_logprobs(h, w, y, temperature=float("nan"))
+    with pytest.raises(ValueError, match="logit_scale must be finite"):
+        align_losses.linear_logprobs(h, w, y, logit_scale=float("nan"))
+    with pytest.raises(ValueError, match=r"outputs must be a sequence of names, e.g. \('entropy',\)"):
+        align_losses.linear_token_stats(h, w, y, outputs="entropy")
     with pytest.raises(ValueError, match=r"unknown outputs \['entropie'\]"):
         align_losses.linear_token_stats(h, w, y, outputs=("entropie",))
     with pytest.raises(ValueError, match="impl 'torch' does not support option 'chunk'"):
