@@ -229,7 +229,11 @@ class ReferenceTrainerMixin(FusedTrainerMixin):
 
     @contextlib.contextmanager
     def _precompute_context(self):
-        """Around the reference forward of a batch whose log-probs TRL precomputes (``compute_ref_log_probs``)."""
+        """Around a reference forward (also of a batch whose log-probs TRL precomputes, ``compute_ref_log_probs``):
+        no gradient or gradient checkpointing, the reference adapter under PEFT without ``ref_model``, and the
+        accelerator's autocast. The autocast matters for ``ref_model``: accelerate prepares it inside TRL's
+        ``__init__``, and the fused head installed after it calls the model's own forward, past the autocast
+        wrapper (a bf16 policy against an fp32 reference of the same weights gave non-zero rewards at step 0)."""
         from trl.models.utils import disable_gradient_checkpointing
 
         with (
@@ -242,25 +246,10 @@ class ReferenceTrainerMixin(FusedTrainerMixin):
 
     @contextlib.contextmanager
     def _reference_model(self):
-        """Yields the model that scores as the reference, without gradient or gradient checkpointing: ``ref_model``,
-        or (no ``ref_model``) the policy, with its adapter disabled under PEFT.
-
-        Under mixed precision the reference runs in the accelerator's autocast, as the policy does: accelerate
-        prepares ``ref_model`` inside TRL's ``__init__``, and the fused head installed after it calls the
-        model's own forward, past the autocast wrapper (a bf16 policy against an fp32 reference of the same
-        weights gave non-zero rewards at step 0)."""
-        from trl.models.utils import disable_gradient_checkpointing
-
-        with (
-            torch.no_grad(),
-            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-            self.accelerator.autocast(),
-        ):
-            if self.ref_model is None:
-                with reference_adapter_context(self):
-                    yield self.model
-            else:
-                yield self.ref_model
+        """Yields the model that scores as the reference, in `_precompute_context`: ``ref_model``, or (no
+        ``ref_model``) the policy, with its adapter disabled under PEFT."""
+        with self._precompute_context():
+            yield self.model if self.ref_model is None else self.ref_model
 
     def _add_aux_loss(self, loss, outputs, mode):
         """``loss`` plus the MoE router loss (``router_aux_loss_coef * aux_loss``), logged as ``aux_loss``, when enabled."""
