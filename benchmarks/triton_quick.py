@@ -202,7 +202,7 @@ def sweep(n=8192, d=2048, v=151936):
                     h, wc, hd, wd, dad, h, lse, zero, coef, zero, zero, da, lse,
                     n, vc, d, h.stride(0), wc.stride(0), da.stride(0), programs,
                     1.0, 1.0, 1.0, 1.0, 1.0,
-                    HAS_BIAS=False, SOFTCAP=False, HAS_ENT=False, HAS_MEAN=False, NEED_GB=False,
+                    HAS_BIAS=False, SOFTCAP=False, SCALED=False, HAS_ENT=False, HAS_MEAN=False, NEED_GB=False,
                     EVEN_K=True, DOT_PREC="ieee", USE_TMA=tma, **c.launch())
                 th._label_entry_kernel[(triton.cdiv(n, th._LABEL_ROWS),)](
                     lbl, lse, lse, zero, coef, zero, zero, up, da, lse, label_err, n, vc, da.stride(0), 0, 1.0, 1.0,

@@ -246,7 +246,9 @@ def test_gpu_bf16_many_tiles_per_program(std):
 @pytest.mark.parametrize("dtype,tf32", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
 def test_gpu_confident_labels(dtype, tf32, monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
-    tol = 3e-3 if dtype == torch.bfloat16 else (2e-3 if tf32 else 1e-4)
+    # TF32: 2.4e-3 measured on an H200 (the tensor cores drop the low mantissa bits); the bug this
+    # guards against (a label logit more exact than the logsumexp's tiles) gave 7.4e-2 there.
+    tol = 3e-3 if dtype == torch.bfloat16 else (5e-3 if tf32 else 1e-4)
     confident_labels("cuda", dtype, memory_budget=300 * 512 * 4, tol=tol, m=300, d=264, v=3001)
 
 

@@ -31,7 +31,7 @@ from ..backends.base import LogitTransform, VocabShard
 from .slots import Slots
 from .tiled_head import remove_label_rounding
 from .triton_head import (EXTRA_BUFFER_BYTES, Upstream, _dot_prec, _grad_a, _logits_tile, _mma, _onehot_term,
-                          _transform, finish_hidden_grad, transform_args)
+                          _transform, finish_hidden_grad, transform_args, transform_flags)
 
 #: Above this fraction of (token, block) pairs in slots (kept ones and tile padding) the dense
 #: backward runs instead. On an H200 at the Qwen3-1.7B shape the two slot kernels took 4.3 ms at
@@ -101,7 +101,7 @@ def _keep_kernel(PMax, PSum, Lse, Lbl, Keep, M, NB, label_offset, vocab_local, f
 def _slot_grad_kernel(H, W, Bias, Lbl, Lse, Ez, Coef, GEnt, GMean, GLogp, SlotRows, TileBlock, G, Acc, GBias,
                       LblErr, V, D, stride_h, stride_w, stride_acc, label_offset, tile0, g_base,
                       scale, softcap, inv_temp, dz_factor, t_over_c,
-                      HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, SCALED: tl.constexpr, HAS_ENT: tl.constexpr,
                       HAS_MEAN: tl.constexpr, HAS_LOGP: tl.constexpr, NEED_H: tl.constexpr,
                       NEED_G: tl.constexpr, NEED_GB: tl.constexpr, NEED_ERR: tl.constexpr,
                       EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -122,10 +122,10 @@ def _slot_grad_kernel(H, W, Bias, Lbl, Lse, Ez, Coef, GEnt, GMean, GLogp, SlotRo
     a = _logits_tile(H, W, rows_c, rn_c, D, stride_h, stride_w, BM, BN, BK, EVEN_K, DOT_PREC)
     if HAS_BIAS:
         a += tl.load(Bias + rn_c).to(tl.float32)[None, :]
-    z = _transform(a, scale, softcap, inv_temp, SOFTCAP)
+    z = _transform(a, scale, softcap, inv_temp, SOFTCAP, SCALED)
     local = tl.load(Lbl + rows_c) - label_offset - blk * BN
     g = _grad_a(z, rows_c, _onehot_term(GLogp, rows_c, local, cols, HAS_LOGP), Lse, Ez, Coef, GEnt, GMean,
-                dz_factor, t_over_c, SOFTCAP, HAS_ENT, HAS_MEAN)
+                dz_factor, t_over_c, SOFTCAP, HAS_ENT, HAS_MEAN, HAS_LOGP)
     mask = row_ok[:, None] & col_ok[None, :]
     g = tl.where(mask, g, 0.0)
     g_op = g.to(G.dtype.element_ty)
@@ -247,7 +247,7 @@ def filtered_backward(hidden, weight, bias, labels, lse, keep, up: dict, transfo
                 slots.rows, slots.tile_block, g_buf if need_w else hidden, acc if need_h else lse,
                 grad_bias32 if need_b else lse, label_err if label_err is not None else lse,
                 v, d, hidden.stride(0), weight.stride(0), d, offset, t0, t0 * cfg.BM, *transform_args(transform),
-                HAS_BIAS=bias is not None, SOFTCAP=transform.softcap is not None, **u.kernel_flags(),
+                HAS_BIAS=bias is not None, **transform_flags(transform), **u.kernel_flags(),
                 HAS_LOGP=u.has_logprob, NEED_H=need_h, NEED_G=need_w, NEED_GB=need_b, NEED_ERR=label_err is not None,
                 EVEN_K=(d % cfg.BK == 0), DOT_PREC=dot_prec, BM=cfg.BM, BN=block, BK=cfg.BK, BD=cfg.BD_H,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -98,6 +98,22 @@ EXTRA_BUFFER_BYTES = 80 * 2**20
 # --------------------------------------------------------------------------------------------
 
 
+#: Whether the kernels run in Triton's CPU interpreter (no inline PTX there).
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@triton.jit
+def _exp(x):
+    """``e^x`` in fp32 with results below 2^-126 flushed to 0: the SFU's ``ex2`` alone, where
+    ``tl.exp`` adds three instructions per element for subnormal results (a probability under
+    2^-126 is 0 to every output and gradient here)."""
+    if _INTERPRETED:
+        return tl.exp(x)
+    else:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x * 1.4426950408889634],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+
+
 @triton.jit
 def _tile_coords(tile, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
     """Grouped tile order: GROUP_M token blocks walk the vocabulary blocks together (L2 reuse)."""
@@ -157,19 +173,22 @@ def _logits_tile_tma(HD, WD, off_m, off_n, D, BM: tl.constexpr, BN: tl.constexpr
 
 
 @triton.jit
-def _transform(a, scale, softcap, inv_temp, SOFTCAP: tl.constexpr):
-    """``z = softcap * tanh(a * scale / softcap) / T`` (no tanh without soft-cap)."""
-    z = a * scale
+def _transform(a, scale, softcap, inv_temp, SOFTCAP: tl.constexpr, SCALED: tl.constexpr):
+    """``z = softcap * tanh(a * scale / softcap) / T`` (no tanh without soft-cap; ``z = a`` when
+    neither a scale nor a temperature is set: two multiplies per element fewer in the epilogues)."""
     if SOFTCAP:
-        x = z / softcap
-        t = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-        z = t * softcap
-    return z * inv_temp
+        x = a * scale / softcap
+        t = 1.0 - 2.0 / (_exp(2.0 * x) + 1.0)
+        return t * softcap * inv_temp
+    elif SCALED:
+        return a * scale * inv_temp
+    else:
+        return a
 
 
 @triton.jit
 def _z_tile(tile, H, W, HD, WD, Bias, M, N, D, stride_h, stride_w, scale, softcap, inv_temp,
-            HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
+            HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, SCALED: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
             USE_TMA: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """Transformed logits ``z`` (fp32 ``[BM, BN]``) of one tile, with its coordinates and row/column masks."""
     pid_m, pid_n = _tile_coords(tile, M, N, BM, BN, GROUP_M)
@@ -183,7 +202,7 @@ def _z_tile(tile, H, W, HD, WD, Bias, M, N, D, stride_h, stride_w, scale, softca
         acc = _logits_tile(H, W, rm_c, rn_c, D, stride_h, stride_w, BM, BN, BK, EVEN_K, DOT_PREC)
     if HAS_BIAS:
         acc += tl.load(Bias + rn_c).to(tl.float32)[None, :]
-    z = _transform(acc, scale, softcap, inv_temp, SOFTCAP)
+    z = _transform(acc, scale, softcap, inv_temp, SOFTCAP, SCALED)
     return pid_m, pid_n, rm, rm < M, rm_c, rn, rn < N, z
 
 
@@ -191,7 +210,7 @@ def _z_tile(tile, H, W, HD, WD, Bias, M, N, D, stride_h, stride_w, scale, softca
 def _fwd_kernel(H, W, HD, WD, Bias, Lbl, PMax, PSum, PSez, PSz, PSe2, PArg, LabelLogit,
                 M, V, D, stride_h, stride_w, label_offset, num_programs,
                 scale, softcap, inv_temp,
-                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, SCALED: tl.constexpr,
                 NEED_EZ: tl.constexpr, NEED_SZ: tl.constexpr, NEED_SE2: tl.constexpr, NEED_ARG: tl.constexpr,
                 EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, FLATTEN: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
@@ -200,10 +219,10 @@ def _fwd_kernel(H, W, HD, WD, Bias, Lbl, PMax, PSum, PSez, PSz, PSe2, PArg, Labe
     for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=FLATTEN):
         pid_m, pid_n, rm, row_ok, rm_c, rn, col_ok, z = _z_tile(
             tile, H, W, HD, WD, Bias, M, V, D, stride_h, stride_w, scale, softcap, inv_temp,
-            HAS_BIAS, SOFTCAP, EVEN_K, DOT_PREC, USE_TMA, BM, BN, BK, GROUP_M)
-        zm = tl.where(col_ok[None, :], z, float("-inf"))
-        mx = tl.max(zm, 1)
-        e = tl.exp(zm - mx[:, None])
+            HAS_BIAS, SOFTCAP, SCALED, EVEN_K, DOT_PREC, USE_TMA, BM, BN, BK, GROUP_M)
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        mx = tl.max(z, 1)
+        e = _exp(z - mx[:, None])
         pofs = pid_n.to(tl.int64) * M + rm
         tl.store(PMax + pofs, mx, mask=row_ok)
         tl.store(PSum + pofs, tl.sum(e, 1), mask=row_ok)
@@ -216,7 +235,7 @@ def _fwd_kernel(H, W, HD, WD, Bias, Lbl, PMax, PSum, PSez, PSz, PSe2, PArg, Labe
         if NEED_SE2:
             tl.store(PSe2 + pofs, tl.sum(e * e, 1), mask=row_ok)
         if NEED_ARG:
-            idx = tl.argmax(zm, 1, tie_break_left=True)
+            idx = tl.argmax(z, 1, tie_break_left=True)
             tl.store(PArg + pofs, idx.to(tl.int32) + pid_n * BN, mask=row_ok)
         # The label's logit from this tile, not from a separate dot product: lse is built from
         # these values, so log p = z_label - lse <= 0 holds exactly (with TF32 or bf16 operands
@@ -224,7 +243,9 @@ def _fwd_kernel(H, W, HD, WD, Bias, Lbl, PMax, PSum, PSez, PSz, PSe2, PArg, Labe
         lbl = tl.load(Lbl + rm_c) - label_offset
         local = lbl - pid_n.to(tl.int64) * BN
         hit = (local >= 0) & (local < BN) & (lbl < V) & row_ok
-        picked = tl.sum(tl.where(cols[None, :] == local[:, None], z, 0.0), 1)
+        # One 32-bit compare per element (a 64-bit one is two); -1 matches no column.
+        local32 = tl.where(hit, local, -1).to(tl.int32)
+        picked = tl.sum(tl.where(cols[None, :] == local32[:, None], z, 0.0), 1)
         tl.store(LabelLogit + rm, picked, mask=hit)
 
 
@@ -289,32 +310,41 @@ def _onehot_term(GLogp, rows, local, cols, HAS_LOGP: tl.constexpr):
 
 
 @triton.jit
+def _softcap_slope(g, z, t_over_c, SOFTCAP: tl.constexpr):
+    """``g * dz/da / dz_factor``: ``g * (1 - tanh^2)`` under a soft-cap, else ``g``."""
+    if SOFTCAP:
+        t = z * t_over_c
+        return g * (1.0 - t * t)
+    else:
+        return g
+
+
+@triton.jit
 def _grad_a(z, rows, onehot, Lse, Ez, Coef, GEnt, GMean, dz_factor, t_over_c,
-            SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr, HAS_MEAN: tl.constexpr):
+            SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr, HAS_MEAN: tl.constexpr, HAS_ONEHOT: tl.constexpr):
     """``dL/da`` (fp32) of a tile from its logits ``z``: ``rows`` are the tile's token indices,
-    ``onehot`` the one-hot part of ``dL/dz`` (`_onehot_term`, or 0.0 where it is added elsewhere)."""
-    p = tl.exp(z - tl.load(Lse + rows)[:, None])
-    coef = tl.load(Coef + rows)
+    ``onehot`` the one-hot part of ``dL/dz`` (`_onehot_term`; not added without ``HAS_ONEHOT``).
+    ``dz_factor`` scales the per-token terms, not the tile: one multiply per row, not per element."""
+    p = _exp(z - tl.load(Lse + rows)[:, None])
+    coef = tl.load(Coef + rows) * dz_factor
     if HAS_ENT:
         ez = tl.load(Ez + rows)
-        gent = tl.load(GEnt + rows)
+        gent = tl.load(GEnt + rows) * dz_factor
         g = p * (coef[:, None] - gent[:, None] * (z - ez[:, None]))
     else:
         g = p * coef[:, None]
     if HAS_MEAN:
-        g += tl.load(GMean + rows)[:, None]
-    g += onehot
-    if SOFTCAP:
-        t = z * t_over_c
-        g = g * (1.0 - t * t)
-    return g * dz_factor
+        g += (tl.load(GMean + rows) * dz_factor)[:, None]
+    if HAS_ONEHOT:
+        g += onehot * dz_factor
+    return _softcap_slope(g, z, t_over_c, SOFTCAP)
 
 
 @triton.jit
 def _bwd_kernel(H, W, HD, WD, DAD, Bias, Lse, Ez, Coef, GEnt, GMean, DA, GBias,
                 M, Vc, D, stride_h, stride_w, stride_da, num_programs,
                 scale, softcap, inv_temp, dz_factor, t_over_c,
-                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr,
+                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, SCALED: tl.constexpr, HAS_ENT: tl.constexpr,
                 HAS_MEAN: tl.constexpr, NEED_GB: tl.constexpr,
                 EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, FLATTEN: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
@@ -325,8 +355,8 @@ def _bwd_kernel(H, W, HD, WD, DAD, Bias, Lse, Ez, Coef, GEnt, GMean, DA, GBias,
     for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=FLATTEN):
         pid_m, pid_n, rm, row_ok, rm_c, rn, col_ok, z = _z_tile(
             tile, H, W, HD, WD, Bias, M, Vc, D, stride_h, stride_w, scale, softcap, inv_temp,
-            HAS_BIAS, SOFTCAP, EVEN_K, DOT_PREC, USE_TMA, BM, BN, BK, GROUP_M)
-        g = _grad_a(z, rm_c, 0.0, Lse, Ez, Coef, GEnt, GMean, dz_factor, t_over_c, SOFTCAP, HAS_ENT, HAS_MEAN)
+            HAS_BIAS, SOFTCAP, SCALED, EVEN_K, DOT_PREC, USE_TMA, BM, BN, BK, GROUP_M)
+        g = _grad_a(z, rm_c, 0.0, Lse, Ez, Coef, GEnt, GMean, dz_factor, t_over_c, SOFTCAP, HAS_ENT, HAS_MEAN, False)
         g_op = g.to(DA.dtype.element_ty)
         if USE_TMA:  # two half-width stores: half the staging buffer in shared memory
             halves = tl.split(tl.permute(tl.reshape(g_op, (BM, 2, BN // 2)), (0, 2, 1)))
@@ -358,16 +388,15 @@ def _label_entry_kernel(Lbl, LabelZ, Lse, Ez, Coef, GEnt, GMean, GLogp, DA, GBia
     z = tl.load(LabelZ + rows_c)[:, None]
     glogp = tl.load(GLogp + rows_c)[:, None]
     g = tl.sum(_grad_a(z, rows_c, glogp, Lse, Ez, Coef, GEnt, GMean, dz_factor, t_over_c,
-                       SOFTCAP, HAS_ENT, HAS_MEAN), 1)
+                       SOFTCAP, HAS_ENT, HAS_MEAN, True), 1)
     entry = DA + rows_c * stride_da + tl.where(hit, local, 0)
     g_op = g.to(DA.dtype.element_ty)
     tl.store(entry, g_op, mask=hit)
     if NEED_ERR:
         tl.store(LblErr + rows_c, g_op.to(tl.float32) - g, mask=hit)
     if NEED_GB:
-        base = tl.sum(_grad_a(z, rows_c, 0.0, Lse, Ez, Coef, GEnt, GMean, dz_factor, t_over_c,
-                              SOFTCAP, HAS_ENT, HAS_MEAN), 1)
-        tl.atomic_add(GBias + tl.where(hit, local, 0), g - base, mask=hit)
+        onehot = tl.sum(_softcap_slope(glogp * dz_factor, z, t_over_c, SOFTCAP), 1)
+        tl.atomic_add(GBias + tl.where(hit, local, 0), onehot, mask=hit)
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,7 +478,7 @@ def _forward_stats(hidden, weight, bias, labels, transform: LogitTransform, outp
         hidden, weight, hd, wd, bias if bias is not None else hidden,
         labels, pmax, psum, psez, psz, pse2, parg, label_logit,
         m, v, d, hidden.stride(0), weight.stride(0), offset, programs, *transform_args(transform)[:3],
-        HAS_BIAS=bias is not None, SOFTCAP=transform.softcap is not None,
+        HAS_BIAS=bias is not None, **transform_flags(transform),
         NEED_EZ=need_ez, NEED_SZ=need_sz, NEED_SE2=need_se2, NEED_ARG=need_arg,
         EVEN_K=(d % cfg.BK == 0), DOT_PREC=_dot_prec(hidden.dtype), USE_TMA=use_tma, **cfg.launch(),
     )
@@ -579,6 +608,11 @@ class Upstream:
         return dict(HAS_ENT=self.has_entropy, HAS_MEAN=self.has_mean)
 
 
+def transform_flags(t: LogitTransform) -> dict:
+    """The kernels' constexpr switches for a logit transform."""
+    return dict(SOFTCAP=t.softcap is not None, SCALED=(t.logit_scale != 1.0 or t.temperature != 1.0))
+
+
 def transform_args(t: LogitTransform) -> tuple:
     """``scale, softcap, inv_temp, dz_factor, t_over_c`` as the backward kernels take them."""
     return (float(t.logit_scale), float(t.softcap or 1.0), 1.0 / float(t.temperature),
@@ -634,7 +668,7 @@ def _backward(hidden, weight, bias, labels, label_logit, lse, expected_z, up: di
             _bwd_kernel[(programs,)](
                 hidden, w, hd, wd, dad, bias[v0 : v0 + cv] if bias is not None else hidden, lse,
                 *u.kernel_args(), da, gbias, m, cv, d, hidden.stride(0), weight.stride(0), da.stride(0), programs,
-                *targs, HAS_BIAS=bias is not None, SOFTCAP=transform.softcap is not None, **u.kernel_flags(),
+                *targs, HAS_BIAS=bias is not None, **transform_flags(transform), **u.kernel_flags(),
                 NEED_GB=need_b, EVEN_K=(d % cfg.BK == 0), DOT_PREC=_dot_prec(hidden.dtype), USE_TMA=use_tma,
                 **cfg.launch(),
             )
