@@ -81,6 +81,25 @@ def test_each_output_gradient_alone(output):
         assert rel(got, want) < 1e-4
 
 
+@pytest.mark.parametrize("offset", [0.0, 500.0, -3000.0])
+def test_entropy_under_a_common_logit_offset(offset):
+    """A bias common to the whole vocabulary changes no probability. The entropy stays within the
+    fp32 rounding of the logits themselves (ulp(3000) = 2.4e-4); summing ``e^(z - max) z`` instead of
+    ``e^(z - max) (z - max)`` gave 3.5e-3 at -3000, 8e-4 at 500, 8e-5 at 0."""
+    hidden, weight, bias, labels = _inputs((41,), 24, 307, bias=True, seed=17, ignore_frac=0.0)
+    bias = (bias * 0.5 + offset).requires_grad_()
+    hidden.requires_grad_()
+    stats = align_losses.linear_token_stats(hidden, weight, labels, outputs=("entropy",), bias=bias,
+                                            backend_options=SMALL_TILES)
+    ref = token_stats(full_logits(hidden, weight, bias), labels)["entropy"]
+    tol = 2e-6 + 6e-8 * abs(offset)
+    assert float((stats.entropy.double() - ref).abs().max()) < tol
+    up = _upstream((41,), 5)["entropy"]
+    ours = torch.autograd.grad((stats.entropy.double() * up).sum(), hidden)[0]
+    theirs = torch.autograd.grad((ref * up).sum(), hidden)[0]
+    assert rel(ours, theirs) < 1e-5 + 6e-8 * abs(offset)
+
+
 def test_tile_sizes_do_not_change_the_result():
     hidden, weight, _, labels = _inputs((53,), 32, 211, bias=False, seed=5)
     outs = [

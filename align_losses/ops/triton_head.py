@@ -222,16 +222,15 @@ def _fwd_kernel(H, W, HD, WD, Bias, Lbl, PMax, PSum, PSez, PSz, PSe2, PArg, Labe
             HAS_BIAS, SOFTCAP, SCALED, EVEN_K, DOT_PREC, USE_TMA, BM, BN, BK, GROUP_M)
         z = tl.where(col_ok[None, :], z, float("-inf"))
         mx = tl.max(z, 1)
-        e = _exp(z - mx[:, None])
+        z_rel = z - mx[:, None]
+        e = _exp(z_rel)
         pofs = pid_n.to(tl.int64) * M + rm
         tl.store(PMax + pofs, mx, mask=row_ok)
         tl.store(PSum + pofs, tl.sum(e, 1), mask=row_ok)
-        if NEED_EZ or NEED_SZ:
-            z0 = tl.where(col_ok[None, :], z, 0.0)
-            if NEED_EZ:
-                tl.store(PSez + pofs, tl.sum(e * z0, 1), mask=row_ok)
-            if NEED_SZ:
-                tl.store(PSz + pofs, tl.sum(z0, 1), mask=row_ok)
+        if NEED_EZ:  # relative to the block max, as `_Stats.sum_exp_z`
+            tl.store(PSez + pofs, tl.sum(e * tl.where(col_ok[None, :], z_rel, 0.0), 1), mask=row_ok)
+        if NEED_SZ:
+            tl.store(PSz + pofs, tl.sum(tl.where(col_ok[None, :], z, 0.0), 1), mask=row_ok)
         if NEED_SE2:
             tl.store(PSe2 + pofs, tl.sum(e * e, 1), mask=row_ok)
         if NEED_ARG:
@@ -273,9 +272,12 @@ def _combine_kernel(PMax, PSum, PSez, PSz, PSe2, PArg, Max, Sum, Sez, Sz, Se2, A
         new_m = tl.maximum(m, cm)
         c = tl.exp(pm - new_m[None, :])
         a = tl.exp(m - new_m)
-        s = s * a + tl.sum(tl.load(PSum + o, mask=msk, other=0.0) * c, 0)
-        if NEED_EZ:
-            sez = sez * a + tl.sum(tl.load(PSez + o, mask=msk, other=0.0) * c, 0)
+        ps = tl.load(PSum + o, mask=msk, other=0.0)
+        if NEED_EZ:  # each sum re-based from its own max to new_m (0 where nothing was summed)
+            pez = tl.load(PSez + o, mask=msk, other=0.0)
+            blocks = tl.where(c > 0, (pez + (pm - new_m[None, :]) * ps) * c, 0.0)
+            sez = tl.where(a > 0, (sez + (m - new_m) * s) * a, 0.0) + tl.sum(blocks, 0)
+        s = s * a + tl.sum(ps * c, 0)
         if NEED_SZ:
             sz += tl.sum(tl.load(PSz + o, mask=msk, other=0.0), 0)
         if NEED_SE2:
@@ -713,7 +715,7 @@ class TritonHeadFunction(torch.autograd.Function):
         vocab = shard.size if shard is not None else weight.shape[0]
         result = _finish(stats, outputs, vocab, labels)
         lse = stats.max + torch.log(stats.sum_exp)
-        expected_z = stats.sum_exp_z / stats.sum_exp if stats.sum_exp_z is not None else None
+        expected_z = stats.expected_z()
         keep = None
         if partials is not None:
             from .triton_filter import kept_blocks
