@@ -217,6 +217,18 @@ def test_availability_messages(monkeypatch, module, package, pip_name):
         linear_logprobs(hidden, weight, labels, impl=name)
 
 
+def test_triton_refused_on_a_rocm_build(monkeypatch):
+    from align_losses.backends import triton as triton_backend
+
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    reason = triton_backend.BACKEND.available()
+    assert reason is not None and "NVIDIA" in reason and "ROCm" in reason
+
+
 # --- empty batches ---------------------------------------------------------------------------
 
 

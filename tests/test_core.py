@@ -85,7 +85,7 @@ def test_each_output_gradient_alone(output):
 def test_entropy_under_a_common_logit_offset(offset):
     """A bias common to the whole vocabulary changes no probability. The entropy stays within the
     fp32 rounding of the logits themselves (ulp(3000) = 2.4e-4); summing ``e^(z - max) z`` instead of
-    ``e^(z - max) (z - max)`` gave 3.5e-3 at -3000, 8e-4 at 500, 8e-5 at 0."""
+    ``e^(z - max) (z - max)`` gave 8.0e-4 at -3000 and 1.4e-4 at 500 on these inputs."""
     hidden, weight, bias, labels = _inputs((41,), 24, 307, bias=True, seed=17, ignore_frac=0.0)
     bias = (bias * 0.5 + offset).requires_grad_()
     hidden.requires_grad_()
@@ -98,6 +98,31 @@ def test_entropy_under_a_common_logit_offset(offset):
     ours = torch.autograd.grad((stats.entropy.double() * up).sum(), hidden)[0]
     theirs = torch.autograd.grad((ref * up).sum(), hidden)[0]
     assert rel(ours, theirs) < 1e-5 + 6e-8 * abs(offset)
+
+
+def test_a_vocabulary_tail_masked_by_a_minus_inf_bias():
+    """Ids past ``keep`` get a bias of -inf (say, a padded embedding matrix): every output and gradient
+    equals that of the head without those rows, and their rows get zero gradient. The small tiles put
+    whole vocabulary blocks inside the masked tail (they once gave NaN)."""
+    keep = 150
+    hidden, weight, bias, labels = _inputs((31,), 24, 211, bias=True, seed=23, ignore_frac=0.0)
+    labels = labels % keep
+    with torch.no_grad():
+        bias[keep:] = -float("inf")
+    leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
+    outputs = ("entropy", "logsumexp", "argmax_hit", "log_sum_p2")
+    stats = align_losses.linear_token_stats(hidden, weight, labels, outputs=outputs, bias=bias,
+                                            backend_options=SMALL_TILES)
+    ref = token_stats(full_logits(hidden, weight[:keep], bias[:keep]), labels)
+    for name in ("logprobs", *outputs):
+        assert rel(getattr(stats, name), ref[name]) < 1e-5, name
+    up = _upstream((31,), 9)
+    names = ("logprobs", "entropy", "logsumexp")
+    ours = torch.autograd.grad(sum((getattr(stats, n).double() * up[n]).sum() for n in names), leaves)
+    theirs = torch.autograd.grad(sum((ref[n] * up[n]).sum() for n in names), leaves)
+    for got, want in zip(ours, theirs):
+        assert torch.count_nonzero(got[keep:]) == 0
+        assert rel(got[:keep], want[:keep]) < 1e-4
 
 
 def test_tile_sizes_do_not_change_the_result():

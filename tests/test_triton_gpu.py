@@ -176,6 +176,36 @@ def entropy_offset(device, small_tiles=False, m=45, d=40, v=700):
         assert rel(gh, rgh) < 1e-5 + 6e-8 * abs(offset), offset
 
 
+@interp
+def test_interp_vocabulary_tail_masked_by_a_minus_inf_bias():
+    masked_tail("cpu", small_tiles=True)
+
+
+def masked_tail(device, small_tiles=False, m=37, d=40, v=700, keep=300):
+    """Ids from ``keep`` on get a bias of -inf: outputs and gradients equal those of the head without
+    them (whole vocabulary blocks of -inf gave NaN log-probs), and their rows get no gradient."""
+    hidden, weight, bias, labels = make(m, d, v, torch.float32, device, with_bias=True, seed=4)
+    labels = labels % keep
+    with torch.no_grad():
+        bias[keep:] = -float("inf")
+    outputs = ("entropy", "logsumexp", "log_sum_p2")
+    got = run_triton(hidden, weight, bias, labels, LogitTransform(), outputs, small_tiles)
+    leaves = [hidden, weight, bias]
+    ref_leaves = [t.detach()[:keep] if i else t.detach() for i, t in enumerate(leaves)]
+    ref_leaves = [t.double().requires_grad_(True) for t in ref_leaves]
+    ref = reference(*ref_leaves, labels, LogitTransform())
+    for n in ("logprobs", *outputs):
+        assert rel(got[n], ref[n]) < 1e-5, n
+    ups = {n: torch.randn(m, generator=torch.Generator().manual_seed(i)).to(device) for i, n in enumerate(DIFF)}
+    names = ("logprobs", "entropy", "logsumexp")
+    grads = torch.autograd.grad(sum((got[n] * ups[n]).sum() for n in names), leaves)
+    ref_grads = torch.autograd.grad(sum((ref[n] * ups[n].double()).sum() for n in names), ref_leaves)
+    assert rel(grads[0], ref_grads[0]) < 1e-4
+    for gg, rg in zip(grads[1:], ref_grads[1:]):
+        assert torch.count_nonzero(gg[keep:]) == 0
+        assert rel(gg[:keep], rg) < 1e-4
+
+
 def argmax_ties(device, small_tiles=False, dtype=torch.float32, m=24, d=32, v=150):
     hidden, weight, bias, labels = make(m, d, v, dtype, device, with_bias=True)
     with torch.no_grad():
@@ -279,6 +309,12 @@ def test_gpu_confident_labels(dtype, tf32, monkeypatch):
 @gpu
 def test_gpu_entropy_under_a_common_logit_offset():
     entropy_offset("cuda")
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_vocabulary_tail_masked_by_a_minus_inf_bias():
+    masked_tail("cuda")
 
 
 @pytest.mark.gpu

@@ -19,6 +19,8 @@ def _available() -> Optional[str]:
         return "it needs the triton package, which is not installed"
     if not torch.cuda.is_available():
         return "it needs a CUDA GPU and torch.cuda.is_available() is False"
+    if torch.version.hip is not None:
+        return "its kernels are for NVIDIA GPUs (inline PTX, Hopper's TMA) and this torch is a ROCm build"
     return None
 
 

@@ -114,7 +114,7 @@ class _Stats:
 
     ``sum_exp`` and the other sums are taken relative to ``max``: ``sum_exp = sum exp(z - max)``,
     and ``sum_exp_z`` relative to it twice, so that a large offset common to a token's logits
-    cancels exactly (with ``sum exp(z - max) * z``, an offset of 500 cost the entropy 8e-4).
+    cancels exactly (with ``sum exp(z - max) * z``, an offset of 500 cost the entropy up to 8e-4).
     """
 
     max: torch.Tensor
@@ -150,14 +150,17 @@ class _Stats:
         block_max, block_arg = z.max(dim=1)
         old_max = self.max[rows]
         new_max = torch.maximum(old_max, block_max)
-        rescale = torch.exp(old_max - new_max)
-        z_rel = z - new_max[:, None]
+        # Logits of -inf only so far (a bias that masks part of the vocabulary): shift by 0, not -inf.
+        shift_to = torch.where(new_max > -math.inf, new_max, torch.zeros_like(new_max))
+        rescale = torch.exp(old_max - shift_to)
+        z_rel = z - shift_to[:, None]
         p = torch.exp(z_rel)
         old_sum_exp = self.sum_exp[rows].clone()  # a view, and overwritten next
         self.sum_exp[rows] = old_sum_exp * rescale + p.sum(dim=1)
         # Row-wise dot products: no [rows, block] product tile beyond p and z_rel.
         if self.sum_exp_z is not None:
-            moved = _shift_sums(self.sum_exp_z[rows], old_sum_exp, old_max - new_max, rescale)
+            moved = _shift_sums(self.sum_exp_z[rows], old_sum_exp, old_max - shift_to, rescale)
+            z_rel.clamp_(min=torch.finfo(z_rel.dtype).min)  # where z = -inf, p = 0: adds 0, not NaN
             self.sum_exp_z[rows] = moved + torch.einsum("ij,ij->i", p, z_rel)
         del z_rel
         if self.sum_exp2 is not None:
@@ -298,8 +301,9 @@ def _logit_grad(z, lse_rows, expected_z_rows, up: dict, rows: slice, vocab: int)
         coef -= up["logprobs"][rows]
     if "entropy" in up:
         centred = z - expected_z_rows[:, None]
-        grad.mul_(centred.mul_(-up["entropy"][rows][:, None]).add_(coef[:, None]))
-        del centred
+        factor = centred.mul_(-up["entropy"][rows][:, None]).add_(coef[:, None])
+        grad.mul_(factor.masked_fill_(grad == 0, 0.0))  # z = -inf (p = 0): 0, not 0 x inf
+        del centred, factor
     else:
         grad.mul_(coef[:, None])
     if "mean_logit" in up:

@@ -98,8 +98,14 @@ EXTRA_BUFFER_BYTES = 80 * 2**20
 # --------------------------------------------------------------------------------------------
 
 
+def _interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET``, read as Triton reads it)."""
+    knobs = getattr(triton, "knobs", None)
+    return bool(knobs.runtime.interpret) if knobs is not None else os.environ.get("TRITON_INTERPRET") == "1"
+
+
 #: Whether the kernels run in Triton's CPU interpreter (no inline PTX there).
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+_INTERPRETED = tl.constexpr(_interpreting())
 
 
 @triton.jit
@@ -222,13 +228,14 @@ def _fwd_kernel(H, W, HD, WD, Bias, Lbl, PMax, PSum, PSez, PSz, PSe2, PArg, Labe
             HAS_BIAS, SOFTCAP, SCALED, EVEN_K, DOT_PREC, USE_TMA, BM, BN, BK, GROUP_M)
         z = tl.where(col_ok[None, :], z, float("-inf"))
         mx = tl.max(z, 1)
-        z_rel = z - mx[:, None]
+        # A block of -inf logits only (a bias that masks part of the vocabulary) sums to 0, not NaN.
+        z_rel = z - tl.where(mx > float("-inf"), mx, 0.0)[:, None]
         e = _exp(z_rel)
         pofs = pid_n.to(tl.int64) * M + rm
         tl.store(PMax + pofs, mx, mask=row_ok)
         tl.store(PSum + pofs, tl.sum(e, 1), mask=row_ok)
-        if NEED_EZ:  # relative to the block max, as `_Stats.sum_exp_z`
-            tl.store(PSez + pofs, tl.sum(e * tl.where(col_ok[None, :], z_rel, 0.0), 1), mask=row_ok)
+        if NEED_EZ:  # relative to the block max, as `_Stats.sum_exp_z`; -inf logits add 0, not 0 x -inf
+            tl.store(PSez + pofs, tl.sum(tl.where(e > 0, e * z_rel, 0.0), 1), mask=row_ok)
         if NEED_SZ:
             tl.store(PSz + pofs, tl.sum(tl.where(col_ok[None, :], z, 0.0), 1), mask=row_ok)
         if NEED_SE2:
@@ -270,8 +277,8 @@ def _combine_kernel(PMax, PSum, PSez, PSz, PSe2, PArg, Max, Sum, Sez, Sz, Se2, A
         pm = tl.load(PMax + o, mask=msk, other=float("-inf"))
         cm = tl.max(pm, 0)
         new_m = tl.maximum(m, cm)
-        c = tl.exp(pm - new_m[None, :])
-        a = tl.exp(m - new_m)
+        c = tl.where(pm > float("-inf"), tl.exp(pm - new_m[None, :]), 0.0)  # 0, not NaN, while all is -inf
+        a = tl.where(m > float("-inf"), tl.exp(m - new_m), 0.0)
         ps = tl.load(PSum + o, mask=msk, other=0.0)
         if NEED_EZ:  # each sum re-based from its own max to new_m (0 where nothing was summed)
             pez = tl.load(PSez + o, mask=msk, other=0.0)
@@ -332,7 +339,7 @@ def _grad_a(z, rows, onehot, Lse, Ez, Coef, GEnt, GMean, dz_factor, t_over_c,
     if HAS_ENT:
         ez = tl.load(Ez + rows)
         gent = tl.load(GEnt + rows) * dz_factor
-        g = p * (coef[:, None] - gent[:, None] * (z - ez[:, None]))
+        g = tl.where(p > 0, p * (coef[:, None] - gent[:, None] * (z - ez[:, None])), 0.0)  # z = -inf: 0
     else:
         g = p * coef[:, None]
     if HAS_MEAN:
@@ -407,7 +414,7 @@ def _label_entry_kernel(Lbl, LabelZ, Lse, Ez, Coef, GEnt, GMean, GLogp, DA, GBia
 
 
 def _dot_prec(dtype: torch.dtype) -> str:
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if _interpreting():
         return "interp"
     if dtype == torch.float32:
         return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
@@ -420,7 +427,7 @@ USE_TMA = True
 
 
 def _tma_ok(*tensors) -> bool:
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    interp = _interpreting()
     if not USE_TMA or (interp and os.environ.get("ALIGN_LOSSES_TMA_INTERP") != "1"):
         return False
     t0 = tensors[0]
