@@ -8,9 +8,7 @@ kept: on a GPU (marked ``gpu``) and in the Triton interpreter on the CPU
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
@@ -19,13 +17,7 @@ from align_losses.backends.base import HeadProblem, LogitTransform
 from align_losses.backends.triton import DEFAULT_FILTER_MASS, filter_mass
 from align_losses.ops.slots import Slots
 from tests.reference import rel
-
-HAS_CUDA = torch.cuda.is_available()
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERP = os.environ.get("TRITON_INTERPRET") == "1" and HAS_TRITON
-
-gpu = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
-interp = pytest.mark.skipif(not INTERP, reason="set TRITON_INTERPRET=1 (and install triton) to run on the CPU")
+from tests.triton_markers import gpu, interp
 
 
 def block_partials(z: torch.Tensor, block: int):

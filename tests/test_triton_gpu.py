@@ -7,21 +7,13 @@ and Triton is installed: ``TRITON_INTERPRET=1 pytest tests/test_triton_gpu.py -k
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
 
 from align_losses.backends.base import HeadProblem, LogitTransform
-
-HAS_CUDA = torch.cuda.is_available()
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERP = os.environ.get("TRITON_INTERPRET") == "1" and HAS_TRITON
-
-gpu = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
-interp = pytest.mark.skipif(not INTERP, reason="set TRITON_INTERPRET=1 (and install triton) to run on the CPU")
+from tests.triton_markers import HAS_TRITON, gpu, interp
 
 DIFF = ("logprobs", "entropy", "mean_logit", "logsumexp")
 ALL = ("logprobs", "entropy", "mean_logit", "logsumexp", "argmax_hit", "log_sum_p2")
@@ -479,7 +471,7 @@ def sequence_upstream_grad_h_error(device, impl, remove_rounding=True, monkeypat
 
     if not remove_rounding:
         monkeypatch.setattr(tiled_head, "remove_label_rounding", lambda *a: None)
-        monkeypatch.setattr(triton_head, "remove_label_rounding", lambda *a: None)
+        monkeypatch.setattr(triton_head, "subtract_label_rounding", lambda *a: None)
     hidden, weight, _, labels = make(700, 64, 3001, torch.bfloat16, device, std=2.0, seed=3)
     problem = HeadProblem(hidden=hidden, weight=weight, bias=None, labels=labels, transform=LogitTransform(),
                           outputs=frozenset({"logprobs"}))
@@ -493,6 +485,39 @@ def sequence_upstream_grad_h_error(device, impl, remove_rounding=True, monkeypat
     ref = reference(rh, weight.detach().double(), None, labels, LogitTransform())["logprobs"]
     (rgh,) = torch.autograd.grad(ref.sum() * SEQUENCE_UPSTREAM, (rh,))
     return rel(gh, rgh)
+
+
+def label_rounding_matches_float64(device):
+    """`subtract_label_rounding` (one kernel) against float64 math: odd sizes, repeated labels, a shard
+    offset, labels in other shards left alone."""
+    from align_losses.ops import triton_head
+
+    g = torch.Generator(device=device).manual_seed(11)
+    m, d, v, offset = 37, 300, 53, 20
+    acc = torch.randn(m, d, generator=g, device=device)
+    err = torch.randn(m, generator=g, device=device) * 0.1
+    weight = torch.randn(v, d, generator=g, device=device).to(torch.bfloat16)
+    labels = torch.randint(0, v + 2 * offset, (m,), generator=g, device=device)  # global ids; this shard holds [20, 73)
+    got = acc.clone()
+    triton_head.subtract_label_rounding(got, err, weight, labels, offset)
+    local = labels - offset
+    mine = (local >= 0) & (local < v)
+    rows = weight.double()[local.clamp(0, v - 1)] * mine[:, None]
+    want = acc.double() - err.double()[:, None] * rows
+    assert 0 < int(mine.sum()) < m
+    assert rel(got, want) < 1e-6  # fp32 arithmetic
+    assert torch.equal(got[~mine], acc[~mine])
+
+
+@interp
+def test_interp_label_rounding_kernel():
+    label_rounding_matches_float64("cpu")
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_label_rounding_kernel():
+    label_rounding_matches_float64("cuda")
 
 
 @interp

@@ -29,9 +29,8 @@ import triton.language as tl
 
 from ..backends.base import LogitTransform, VocabShard
 from .slots import Slots
-from .tiled_head import remove_label_rounding
 from .triton_head import (EXTRA_BUFFER_BYTES, Upstream, _dot_prec, _grad_a, _logits_tile, _mma, _onehot_term,
-                          _transform, finish_hidden_grad, transform_args, transform_flags)
+                          _transform, hidden_grad, transform_args, transform_flags)
 
 #: Above this fraction of (token, block) pairs in slots (kept ones and tile padding) the dense
 #: backward runs instead. On an H200 at the Qwen3-1.7B shape the two slot kernels took 4.3 ms at
@@ -261,8 +260,6 @@ def filtered_backward(hidden, weight, bias, labels, lse, keep, up: dict, transfo
     del g_buf
     grad_hidden = None
     if need_h:
-        if label_err is not None:
-            remove_label_rounding(acc, label_err, weight, labels, offset)
-        grad_hidden = finish_hidden_grad(acc, shard, hidden.dtype)
+        grad_hidden = hidden_grad(acc, label_err, weight, labels, shard, hidden.dtype)
     grad_bias = grad_bias32.to(bias.dtype) if need_b else None
     return grad_hidden, grad_weight, grad_bias

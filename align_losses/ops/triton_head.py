@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ..backends.base import HeadProblem, LogitTransform, VocabShard
-from .tiled_head import _finish, _Stats, remove_label_rounding
+from .tiled_head import _finish, _Stats
 
 _NAMES = ("logprobs", "entropy", "mean_logit", "logsumexp", "argmax_hit", "log_sum_p2")
 _GRAD_NAMES = ("logprobs", "entropy", "mean_logit", "logsumexp")
@@ -408,6 +408,26 @@ def _label_entry_kernel(Lbl, LabelZ, Lse, Ez, Coef, GEnt, GMean, GLogp, DA, GBia
         tl.atomic_add(GBias + tl.where(hit, local, 0), onehot, mask=hit)
 
 
+@triton.jit
+def _label_rounding_kernel(Acc, LblErr, W, Lbl, M, D, V, stride_w, label_offset,
+                           BR: tl.constexpr, BD: tl.constexpr):
+    """``Acc[t] -= LblErr[t] * W[label_t - label_offset]`` in place, for ``[BR, BD]`` of the fp32
+    ``[M, D]`` accumulator: `tiled_head.remove_label_rounding` in one pass, without its gathered
+    ``[M, D]`` copy of weight rows (tokens whose label is not among this shard's ``V`` rows skipped)."""
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    ok = rows < M
+    rows_c = tl.where(ok, rows, 0)
+    local = tl.load(Lbl + rows_c) - label_offset
+    hit = ok & (local >= 0) & (local < V)
+    err = tl.load(LblErr + rows_c, mask=hit, other=0.0)
+    tile = rows_c[:, None] * D + cols[None, :]
+    tile_ok = hit[:, None] & (cols < D)[None, :]
+    acc = tl.load(Acc + tile, mask=tile_ok, other=0.0)
+    w = tl.load(W + tl.where(hit, local, 0)[:, None] * stride_w + cols[None, :], mask=tile_ok, other=0.0)
+    tl.store(Acc + tile, acc - err[:, None] * w.to(tl.float32), mask=tile_ok)
+
+
 # --------------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------------
@@ -454,6 +474,11 @@ def _rowmajor(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+#: Tokens and vocabulary blocks per step of a `_combine_kernel` program: 64 blocks a step, not 16,
+#: took the merge from 60 to 30 us at 6k tokens and from 73 to 46 us at 24k (H200).
+_COMBINE_TILE = (32, 64)
+
+
 def _forward_stats(hidden, weight, bias, labels, transform: LogitTransform, outputs: frozenset,
                    shard: Optional[VocabShard], cfg: KernelConfig, keep_partials: bool = False):
     """Per-token statistics; with ``keep_partials`` also the per-block ``(max, sum exp)`` partials
@@ -479,7 +504,9 @@ def _forward_stats(hidden, weight, bias, labels, transform: LogitTransform, outp
     psz = torch.empty((nb, m), **f32) if need_sz else pmax
     pse2 = torch.empty((nb, m), **f32) if need_se2 else pmax
     parg = torch.empty((nb, m), dtype=torch.int32, device=dev) if need_arg else pmax
-    label_logit = torch.zeros(m, **f32)
+    # Every label is in one tile of an unsharded vocabulary, so each row is written; a shard's
+    # tokens labelled elsewhere keep 0.
+    label_logit = torch.zeros(m, **f32) if shard is not None else torch.empty(m, **f32)
     programs = cfg.programs(triton.cdiv(m, cfg.BM) * nb, dev)
     use_tma = _tma_ok(hidden, weight)
     hd, wd = _descs(hidden, weight, cfg) if use_tma else (None, None)
@@ -497,7 +524,7 @@ def _forward_stats(hidden, weight, bias, labels, transform: LogitTransform, outp
     sz = torch.empty(m, **f32) if need_sz else None
     se2 = torch.empty(m, **f32) if need_se2 else None
     arg = torch.empty(m, dtype=torch.int32, device=dev) if need_arg else None
-    br, bb = 32, 16
+    br, bb = _COMBINE_TILE
     _combine_kernel[(triton.cdiv(m, br),)](
         pmax, psum, psez, psz, pse2, parg,
         mx, se, sez if need_ez else mx, sz if need_sz else mx, se2 if need_se2 else mx,
@@ -629,8 +656,31 @@ def transform_args(t: LogitTransform) -> tuple:
             (float(t.temperature) / float(t.softcap)) if t.softcap is not None else 1.0)
 
 
-def finish_hidden_grad(acc: torch.Tensor, shard: Optional[VocabShard], dtype: torch.dtype) -> torch.Tensor:
-    """The fp32 ``[M, D]`` accumulator summed over the vocabulary shards, in the operand dtype."""
+#: Rows and columns of one `_label_rounding_kernel` program.
+_LABEL_ROUNDING_TILE = (16, 256)
+
+
+def subtract_label_rounding(acc: torch.Tensor, label_err: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                            offset: int) -> None:
+    """`tiled_head.remove_label_rounding` in one kernel. With the cast that follows it: 0.107 -> 0.052 ms
+    at 6k x 2048 tokens, 0.385 -> 0.199 ms at 24k x 2048 (H200), same values bit for bit.
+
+    ``acc`` fp32 ``[M, D]`` (contiguous), ``label_err`` fp32 ``[M]``, ``labels`` ``[M]`` global ids,
+    ``weight`` this shard's ``[V, D]`` rows from ``offset``.
+    """
+    m, d = acc.shape
+    br, bd = _LABEL_ROUNDING_TILE
+    _label_rounding_kernel[(triton.cdiv(m, br), triton.cdiv(d, bd))](
+        acc, label_err, weight, labels, m, d, weight.shape[0], weight.stride(0), offset, BR=br, BD=bd, num_warps=4,
+    )
+
+
+def hidden_grad(acc: torch.Tensor, label_err: Optional[torch.Tensor], weight: torch.Tensor, labels: torch.Tensor,
+                shard: Optional[VocabShard], dtype: torch.dtype) -> torch.Tensor:
+    """The hidden-state gradient ``[M, D]`` in the operand dtype from the fp32 accumulator: the label
+    entries' rounding (``label_err`` fp32 ``[M]``, or None) taken out, summed over the vocabulary shards."""
+    if label_err is not None and acc.numel() > 0:
+        subtract_label_rounding(acc, label_err, weight, labels, shard.start if shard is not None else 0)
     if shard is not None:
         import torch.distributed as dist
 
@@ -652,7 +702,7 @@ def _backward(hidden, weight, bias, labels, label_logit, lse, expected_z, up: di
     grad_hidden = None
     grad_weight = torch.empty_like(weight) if need_w else None
     grad_bias32 = torch.zeros(v, **f32) if need_b else None
-    acc = None
+    acc = label_err = None
     if need_h and (v == 0 or m == 0):
         acc = torch.zeros(m, d, **f32)
     if m > 0 and v > 0 and (need_h or need_w or need_b):
@@ -698,10 +748,8 @@ def _backward(hidden, weight, bias, labels, label_logit, lse, expected_z, up: di
         # Free the chunk buffer before the hidden-state gradient is cast: the views and the TMA
         # descriptors (which hold their tensor) all keep it alive.
         del buf, da, dad, hd, wd, w
-        if label_err is not None:  # the label entries' bf16 rounding, out of the fp32 sum
-            remove_label_rounding(acc, label_err, weight, labels, offset)
     if need_h:
-        grad_hidden = finish_hidden_grad(acc, shard, hidden.dtype)
+        grad_hidden = hidden_grad(acc, label_err, weight, labels, shard, hidden.dtype)
         del acc
     if need_w and m == 0:
         grad_weight.zero_()
