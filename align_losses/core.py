@@ -277,13 +277,16 @@ def _check_inputs(hidden, weight, labels, bias, transform: LogitTransform, proce
 def _labelled_positions(targets: torch.Tensor, ignore_index: int, vocab: int) -> torch.Tensor:
     """Indices of the labelled entries of the flat ``targets``, after checking their range.
 
-    One host synchronisation for both the count and the range check (each one drains the GPU queue).
+    One host synchronisation for both the count and the range check (each one drains the GPU queue),
+    in few operations (each costs the host ~10 us before the forward kernel can start).
     """
     labelled = targets != ignore_index
-    out_of_range = labelled & ((targets < 0) | (targets >= vocab))
-    count, bad = torch.stack((labelled.sum(), out_of_range.sum())).tolist()
-    if bad:
-        found = targets[out_of_range][:5].tolist()
+    in_range = targets.clamp(0, vocab - 1) == targets
+    count, count_in_range = torch.stack((labelled, in_range)).sum(1).tolist()
+    # Ignored entries are in range only when ignore_index is a vocabulary id.
+    ignored_in_range = targets.numel() - count if 0 <= ignore_index < vocab else 0
+    if count_in_range - ignored_in_range != count:
+        found = targets[labelled & ~in_range][:5].tolist()
         raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {found}")
     if labelled.device.type in ("cpu", "cuda"):  # where nonzero_static exists; it does not sync again
         return torch.nonzero_static(labelled, size=count).squeeze(1)

@@ -76,6 +76,22 @@ def test_labels_beyond_the_vocabulary_are_checked_after_the_shift():
         align_losses.linear_logprobs(h, w, y)
 
 
+@pytest.mark.parametrize("ignore_index", [0, 29, -1, 30])
+def test_label_range_with_ignore_index_inside_or_outside_the_vocabulary(ignore_index):
+    """The count and range check hold whether ignore_index is a vocabulary id or not."""
+    h, w, y = _ok()
+    y[0, :2] = ignore_index
+    got = align_losses.linear_logprobs(h, w, y, ignore_index=ignore_index)
+    labelled = y != ignore_index
+    assert bool((got[~labelled] == 0).all()) and bool((got[labelled] < 0).all())
+    y[1, 3] = -2
+    with pytest.raises(ValueError, match=rf"labels must be in \[0, 30\) or equal ignore_index={ignore_index}; found \[-2\]"):
+        align_losses.linear_logprobs(h, w, y, ignore_index=ignore_index)
+    y[1, 3] = 31
+    with pytest.raises(ValueError, match=r"found \[31\]"):
+        align_losses.linear_logprobs(h, w, y, ignore_index=ignore_index)
+
+
 def test_backend_is_checked_before_any_work(monkeypatch):
     """An unknown or unable backend fails before labels are checked, tokens gathered or heads gathered."""
     from align_losses import core
