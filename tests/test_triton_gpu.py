@@ -489,15 +489,17 @@ def sequence_upstream_grad_h_error(device, impl, remove_rounding=True, monkeypat
 
 def label_rounding_matches_float64(device):
     """`subtract_label_rounding` (one kernel) against float64 math: odd sizes, repeated labels, a shard
-    offset, labels in other shards left alone."""
+    offset with labels on both sides of each edge, labels in other shards left alone, weight rows
+    wider than D (a column slice)."""
     from align_losses.ops import triton_head
 
     g = torch.Generator(device=device).manual_seed(11)
     m, d, v, offset = 37, 300, 53, 20
     acc = torch.randn(m, d, generator=g, device=device)
     err = torch.randn(m, generator=g, device=device) * 0.1
-    weight = torch.randn(v, d, generator=g, device=device).to(torch.bfloat16)
+    weight = torch.randn(v, d + 24, generator=g, device=device).to(torch.bfloat16)[:, :d]
     labels = torch.randint(0, v + 2 * offset, (m,), generator=g, device=device)  # global ids; this shard holds [20, 73)
+    labels[:4] = torch.tensor([offset - 1, offset, offset + v - 1, offset + v])
     got = acc.clone()
     triton_head.subtract_label_rounding(got, err, weight, labels, offset)
     local = labels - offset
