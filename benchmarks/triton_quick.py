@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from align_losses.backends.base import HeadProblem, LogitTransform  # noqa: E402
 from align_losses.ops import triton_head as th  # noqa: E402
+from align_losses.ops import triton_kernels as tk  # noqa: E402
 from align_losses.ops.tiled_head import tiled_head  # noqa: E402
 
 SHAPES = {"qwen": (8192, 2048, 151936), "llama": (8192, 4096, 128256), "long": (32768, 2048, 151936)}
@@ -198,13 +199,13 @@ def sweep(n=8192, d=2048, v=151936):
             programs = c.programs(triton.cdiv(n, c.BM) * triton.cdiv(vc, c.BN), h.device)
 
             def b():
-                th._bwd_kernel[(programs,)](
+                tk._bwd_kernel[(programs,)](
                     h, wc, hd, wd, dad, h, lse, zero, coef, zero, zero, da, lse,
                     n, vc, d, h.stride(0), wc.stride(0), da.stride(0), programs,
                     1.0, 1.0, 1.0, 1.0, 1.0,
                     HAS_BIAS=False, SOFTCAP=False, SCALED=False, HAS_ENT=False, HAS_MEAN=False, NEED_GB=False,
                     EVEN_K=True, DOT_PREC="ieee", USE_TMA=tma, **c.launch())
-                th._label_entry_kernel[(triton.cdiv(n, th._LABEL_ROWS),)](
+                tk._label_entry_kernel[(triton.cdiv(n, th._LABEL_ROWS),)](
                     lbl, lse, lse, zero, coef, zero, zero, up, da, lse, label_err, n, vc, da.stride(0), 0, 1.0, 1.0,
                     SOFTCAP=False, HAS_ENT=False, HAS_MEAN=False, NEED_GB=False, NEED_ERR=True,
                     BR=th._LABEL_ROWS, num_warps=4)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from ..losses import check_kl_estimate, check_kto_args, kto_loss, sequence_logps

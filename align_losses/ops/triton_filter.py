@@ -29,8 +29,8 @@ import triton.language as tl
 
 from ..backends.base import LogitTransform, VocabShard
 from .slots import Slots
-from .triton_head import (EXTRA_BUFFER_BYTES, Upstream, _dot_prec, _grad_a, _logits_tile, _mma, _onehot_term,
-                          _transform, hidden_grad, transform_args, transform_flags)
+from .triton_head import EXTRA_BUFFER_BYTES, Upstream, _dot_prec, hidden_grad, transform_args, transform_flags
+from .triton_kernels import _grad_a, _logits_tile, _mma, _onehot_term, _transform
 
 #: Above this fraction of (token, block) pairs in slots (kept ones and tile padding) the dense
 #: backward runs instead. On an H200 at the Qwen3-1.7B shape the two slot kernels took 4.3 ms at
