@@ -29,13 +29,10 @@ from typing import Optional
 import torch
 import triton
 
-from ..backends.base import HeadProblem, LogitTransform, VocabShard
+from ..backends.base import DIFFERENTIABLE_OUTPUTS, OUTPUTS, HeadProblem, LogitTransform, VocabShard
 from .tiled_head import _finish, _Stats
 from .triton_kernels import (_bwd_kernel, _combine_kernel, _fwd_kernel, _interpreting, _label_entry_kernel,
                              _label_rounding_kernel)
-
-_NAMES = ("logprobs", "entropy", "mean_logit", "logsumexp", "argmax_hit", "log_sum_p2")
-_GRAD_NAMES = ("logprobs", "entropy", "mean_logit", "logsumexp")
 
 
 @functools.lru_cache(maxsize=None)
@@ -289,7 +286,7 @@ class Upstream:
     def of(up: dict, m: int, expected_z: Optional[torch.Tensor], vocab: Optional[int], device) -> "Upstream":
         """From the upstream gradients by output name; ``vocab`` (the full vocabulary size) is
         needed only with a mean-logit gradient."""
-        up = {n: g.float().contiguous() for n, g in up.items() if n in _GRAD_NAMES}
+        up = {n: g.float().contiguous() for n, g in up.items() if n in DIFFERENTIABLE_OUTPUTS}
         zero = torch.zeros(m, dtype=torch.float32, device=device)
         coef = zero.clone()
         if "logsumexp" in up:
@@ -454,14 +451,14 @@ class TritonHeadFunction(torch.autograd.Function):
         ctx.meta = (transform, shard, vocab, bwd_cfg, memory_budget, fwd_cfg.BN)
         ctx.names = names
         outs = tuple(result[n] for n in names)
-        ctx.mark_non_differentiable(*[o for n, o in zip(names, outs) if n not in _GRAD_NAMES])
+        ctx.mark_non_differentiable(*[o for n, o in zip(names, outs) if n not in DIFFERENTIABLE_OUTPUTS])
         return outs
 
     @staticmethod
     def backward(ctx, *grads):
         hidden, weight, bias, labels, label_logit, lse, expected_z, keep = ctx.saved_tensors
         transform, shard, vocab, bwd_cfg, memory_budget, block = ctx.meta
-        upstream = {n: g for n, g in zip(ctx.names, grads) if g is not None and n in _GRAD_NAMES}
+        upstream = {n: g for n, g in zip(ctx.names, grads) if g is not None and n in DIFFERENTIABLE_OUTPUTS}
         need = ctx.needs_input_grad[:3]
         result = None
         if keep is not None:
@@ -494,7 +491,7 @@ def triton_head(problem: HeadProblem, memory_budget: Optional[int] = None,
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs):
         stats, _ = _stats((hidden, weight, bias, labels, problem.transform, problem.outputs, problem.shard), fwd_cfg)
         return _finish(stats, problem.outputs, problem.vocab_size, labels)
-    names = tuple(n for n in _NAMES if n in problem.outputs)
+    names = tuple(n for n in OUTPUTS if n in problem.outputs)
     outs = TritonHeadFunction.apply(hidden, weight, bias, labels, problem.transform, problem.outputs,
                                     problem.shard, names, (fwd_cfg, bwd_cfg), memory_budget, filter_mass)
     return dict(zip(names, outs))
