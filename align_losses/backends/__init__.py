@@ -29,13 +29,14 @@ from .base import Backend, HeadProblem
 
 logger = logging.getLogger("align_losses")
 
-#: Registered backends, by name, and the module that defines each (imported on first use so
-#: that importing ``align_losses`` never imports Triton, CCE or Liger).
+#: Registered backends, by name, and the module of this package that defines each (imported on
+#: first use so that importing ``align_losses`` never imports Triton, CCE or Liger; relative, so
+#: that a copy of the package under another name runs its own backends).
 _MODULES = {
-    "torch": "align_losses.backends.torch_tiled",
-    "triton": "align_losses.backends.triton",
-    "cce": "align_losses.backends.cce",
-    "liger": "align_losses.backends.liger",
+    "torch": ".torch_tiled",
+    "triton": ".triton",
+    "cce": ".cce",
+    "liger": ".liger",
 }
 _ALIASES = {"pytorch": "torch"}
 ENV_VAR = "ALIGN_LOSSES_IMPL"
@@ -53,7 +54,7 @@ def get(name: str) -> Backend:
     key = _ALIASES.get(name, name)
     if key not in _MODULES:
         raise ValueError(f"unknown impl {name!r}: expected one of {names()}")
-    return importlib.import_module(_MODULES[key]).BACKEND
+    return importlib.import_module(_MODULES[key], __name__).BACKEND
 
 
 def _auto_choice(problem: HeadProblem) -> str:
