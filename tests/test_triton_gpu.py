@@ -297,6 +297,63 @@ def test_gpu_confident_labels(dtype, tf32, monkeypatch):
     confident_labels("cuda", dtype, memory_budget=300 * 512 * 4, tol=tol, m=300, d=264, v=3001)
 
 
+def scratch_chunks(device, dtype, monkeypatch, small_tiles, m, d, v, memory_budget, std=2.0, tol=None,
+                   min_scratch=2):
+    """Backward chunks whose dL/da lives in the weight gradient's unwritten rows (`chunk_plan`), then
+    the buffer's, against float64; then with a frozen weight, which has no rows to lend."""
+    from align_losses.ops import triton_head as th
+
+    scratch_starts, chunks = [], []
+    real_rows, real_mm = th._scratch_rows, th._mm_into
+    monkeypatch.setattr(th, "_scratch_rows", lambda g, row, *a: scratch_starts.append(row) or real_rows(g, row, *a))
+    monkeypatch.setattr(th, "_mm_into", lambda acc, da, *a: chunks.append(da.shape[1]) or real_mm(acc, da, *a))
+    transform = LogitTransform(softcap=5.0)
+    check(m, d, v, dtype, device, transform, True, outputs=("entropy",), std=std, small_tiles=small_tiles,
+          memory_budget=memory_budget, tol=tol)
+    assert len(scratch_starts) >= min_scratch and len(chunks) > len(scratch_starts), (scratch_starts, chunks)
+    assert sum(chunks) == v
+
+    scratch_starts.clear()
+    hidden, weight, bias, labels = make(m, d, v, dtype, device, std, True, seed=3)
+    weight.requires_grad_(False)
+    got = run_triton(hidden, weight, bias, labels, transform, (), small_tiles, memory_budget)["logprobs"]
+    up = torch.randn(m, device=device)
+    grads = torch.autograd.grad((got * up).sum(), (hidden, bias))
+    leaves = [t.detach().double().requires_grad_(True) for t in (hidden, bias)]
+    ref = reference(leaves[0], weight.double(), leaves[1], labels, transform)["logprobs"]
+    ref_grads = torch.autograd.grad((ref * up.double()).sum(), leaves)
+    assert scratch_starts == []
+    for g, r in zip(grads, ref_grads):
+        assert rel(g, r) < (tol or (1e-4 if dtype == torch.float32 else 3e-3))
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interp_scratch_chunks(dtype, monkeypatch):
+    # 32-column tiles, a 64-column buffer: chunks of 352 and 96 columns in the weight gradient's
+    # later rows, then 52 in the buffer (bf16 looser: the interpreter truncates)
+    elem = torch.empty((), dtype=dtype).element_size()
+    scratch_chunks("cpu", dtype, monkeypatch, True, 24, 64, 500, 24 * 64 * elem,
+                   tol=None if dtype == torch.float32 else 6e-3)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype,std", [(torch.bfloat16, 2.0), (torch.bfloat16, 8.0), (torch.float32, 2.0)])
+def test_gpu_scratch_chunks(dtype, std, monkeypatch):
+    # a 512-column buffer: 3840 and 768 columns in the weight gradient's later rows (TMA in 16-bit),
+    # then 392 in the buffer
+    elem = torch.empty((), dtype=dtype).element_size()
+    scratch_chunks("cuda", dtype, monkeypatch, False, 300, 1024, 5000, 300 * 512 * elem, std=std)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_scratch_chunks_default_budget(monkeypatch):
+    # the default buffer (8k columns here) and widths trimmed to fill the last wave: one scratch chunk
+    scratch_chunks("cuda", torch.bfloat16, monkeypatch, False, 6144, 2048, 40000, None, min_scratch=1)
+
+
 @pytest.mark.gpu
 @gpu
 def test_gpu_entropy_under_a_common_logit_offset():
@@ -552,3 +609,37 @@ def test_vocab_chunk_fills_the_last_wave():
     assert vocab_chunk(6144, 2048, 151936, 2, 256, None, sms=132) == 8448
     assert vocab_chunk(24576, 2048, 151936, 2, 256, None, sms=132) == 3584
     assert vocab_chunk(6144, 2048, 151936, 2, 256, 6144 * 1000 * 2, sms=132) == 768  # a budget wins
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("sms", [None, 132])
+def test_chunk_plan(sms):
+    from align_losses.ops.triton_head import _SCRATCH_ALIGN, chunk_plan, vocab_chunk
+
+    g = torch.Generator().manual_seed(5)
+    cases = [(m, d, v, 256, vocab_chunk(m, d, v, 2, 256, None, sms))
+             for m, d, v in [(6144, 2048, 151936), (6144, 4096, 128256), (24576, 2048, 151936)]]
+    for _ in range(60):  # odd sizes, buffers of a few blocks
+        m, d, v = (int(x) for x in torch.randint(1, 3000, (3,), generator=g))
+        block = (16, 32, 256)[int(torch.randint(0, 3, (), generator=g))]
+        cases.append((m, d, v, block, block * int(torch.randint(1, 6, (), generator=g))))
+    used = 0
+    for m, d, v, block, vc in cases:
+        plan = chunk_plan(m, d, v, vc, block, sms)
+        assert [c.start for c in plan] == [sum(c.width for c in plan[:i]) for i in range(len(plan))]
+        assert sum(c.width for c in plan) == v and all(c.width > 0 for c in plan)
+        assert not plan[-1].in_scratch  # a chunk needs rows after it
+        for c in plan:
+            if c.in_scratch:  # wider than the buffer, whole tiles, and inside the weight gradient
+                assert c.width > vc and c.width % block == 0
+                first = -(-(c.start + c.width) * d // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
+                assert first + m * c.width <= v * d
+            else:
+                assert c.width <= vc
+        used += any(c.in_scratch for c in plan)
+        plain = chunk_plan(m, d, v, vc, block, sms, scratch=False)
+        assert len(plain) == -(-v // vc) and not any(c.in_scratch for c in plain)
+    assert used >= 20
+    # benchmarks/NOTES-triton.md, version 12: 10 chunks instead of 18 at the Qwen3-1.7B shape on 132 SMs
+    if sms:
+        assert len(chunk_plan(6144, 2048, 151936, cases[0][4], 256, sms)) == 10

@@ -9,10 +9,11 @@ vocabulary-parallel head the per-rank statistics are merged with `tiled_head._St
 
 Backward, per vocabulary chunk of ``Vc`` columns (``Vc`` from a memory budget): a Triton GEMM
 recomputes the logits tile and writes ``dL/da`` (operand dtype) for the chunk over all tokens into
-one ``[M, Vc]`` buffer, and a small kernel writes the label entries over it (their one-hot term
+an ``[M, Vc]`` buffer, and a small kernel writes the label entries over it (their one-hot term
 from the forward's label logits); then two cuBLAS GEMMs: ``grad_hidden += dA @ W_chunk`` into an
-fp32 ``[M, D]`` accumulator and ``grad_weight[chunk] = dA^T @ hidden`` written once. The bias
-gradient is summed in the Triton epilogues (fp32 atomics).
+fp32 ``[M, D]`` accumulator and ``grad_weight[chunk] = dA^T @ hidden`` written once. The first,
+widest chunks borrow their buffer from the weight gradient's rows that later chunks write
+(`chunk_plan`). The bias gradient is summed in the Triton epilogues (fp32 atomics).
 
 All index arithmetic on rows is 64-bit, so ``M x V`` and ``M x D`` past 2^31 elements work. The
 kernels are in `align_losses.ops.triton_kernels`; this module holds their launches, the chunking
@@ -260,10 +261,67 @@ def vocab_chunk(m: int, d: int, v: int, elem: int, block: int, memory_budget: Op
     widest = max(block, (budget // max(m * elem, 1)) // block * block)
     if memory_budget or not sms or widest >= v:
         return max(1, min(widest, v))
+    return _wave_filling_width(widest, d, block, sms)
+
+
+def _wave_filling_width(widest: int, d: int, block: int, sms: int) -> int:
+    """Of the widths within 10% under ``widest`` (multiples of ``block``), the widest whose ``[Vc, D]``
+    weight-gradient GEMM fills the SMs' last wave within 1% of the best."""
     widths = range(max(block, -(-widest * 9 // 10) // block * block), widest + 1, block)
     eff = {w: _wave_efficiency(-(-w * d // _CUBLAS_TILE), sms) for w in widths}
     best = max(eff.values())
     return max(w for w in widths if eff[w] >= best - 0.01)
+
+
+#: Let the first backward chunks' ``dL/da`` live in the weight gradient's rows that later chunks
+#: write (tests switch it off to compare).
+USE_WEIGHT_GRAD_SCRATCH = True
+
+#: Elements a scratch chunk's start is rounded up to (128 bytes in 16-bit: aligned for TMA and cuBLAS).
+_SCRATCH_ALIGN = 64
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Columns ``[start, start + width)`` of one backward chunk; ``in_scratch``: its ``dL/da`` lives
+    in the weight gradient's rows after it (see `chunk_plan`), else in the chunk buffer."""
+
+    start: int
+    width: int
+    in_scratch: bool
+
+
+def scratch_columns(m: int, d: int, rest: int, block: int) -> int:
+    """Widest chunk (a multiple of ``block``, possibly 0) of the ``rest`` columns still to do whose
+    ``[M, Vc]`` ``dL/da`` fits, aligned, in the ``(rest - Vc) x D`` weight-gradient rows after it."""
+    return max(0, (rest * d - _SCRATCH_ALIGN + 1) // (m + d)) // block * block
+
+
+def chunk_plan(m: int, d: int, v: int, buffer_width: int, block: int, sms: Optional[int] = None,
+               scratch: bool = True) -> list:
+    """The backward's `Chunk`s over ``[0, V)``, in order.
+
+    With ``scratch``, a chunk goes into the weight gradient's not yet written rows while they hold
+    more columns than the buffer (``buffer_width``): at the Qwen3-1.7B shape (6144 tokens, D 2048)
+    the first such chunk is a quarter of the vocabulary, and 10 chunks replace 18. Given ``sms``,
+    each such width is trimmed (by up to 10%) to fill the SMs' last wave, as `vocab_chunk` does.
+    """
+    chunks, start = [], 0
+    while start < v:
+        wide = scratch_columns(m, d, v - start, block) if scratch else 0
+        if wide > buffer_width and sms:
+            wide = _wave_filling_width(wide, d, block, sms)
+        in_scratch = wide > buffer_width
+        width = wide if in_scratch else min(buffer_width, v - start)
+        chunks.append(Chunk(start, width, in_scratch))
+        start += width
+    return chunks
+
+
+def _scratch_rows(grad_weight: torch.Tensor, row: int, m: int, ld: int) -> torch.Tensor:
+    """An ``[m, ld]`` view of contiguous ``grad_weight`` storage from row ``row`` on (aligned start)."""
+    start = -(-row * grad_weight.shape[1] // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
+    return grad_weight.view(-1)[start : start + m * ld].view(m, ld)
 
 
 @dataclass
@@ -374,15 +432,24 @@ def _backward(hidden, weight, bias, labels, label_logit, lse, expected_z, up: di
         u = Upstream.of(up, m, expected_z, vocab, dev)
         sms = _sm_count(dev.index) if dev.type == "cuda" else None
         vc = vocab_chunk(m, d, v, hidden.element_size(), cfg.BN, memory_budget, sms, held)
-        buf = torch.empty(m * vc, dtype=hidden.dtype, device=dev)
+        scratch = (need_w and USE_WEIGHT_GRAD_SCRATCH and grad_weight.is_contiguous()
+                   and grad_weight.dtype == hidden.dtype)
+        plan = chunk_plan(m, d, v, vc, cfg.BN, None if memory_budget else sms, scratch)
+        # Row stride a multiple of 64 elements: aligned rows for TMA and cuBLAS's fast kernels.
+        buf_ld = max((min(vc, -(-c.width // 64) * 64) for c in plan if not c.in_scratch), default=0)
+        buf = None  # allocated at the first chunk that needs it
         label_err = torch.zeros(m, **f32) if (need_h and u.has_logprob and hidden.dtype != torch.float32) else None
         targs = transform_args(transform)
         first = True
-        for v0 in range(0, v, vc):
-            cv = min(vc, v - v0)
-            # Row stride a multiple of 64 elements: aligned rows for TMA and cuBLAS's fast kernels.
-            ld = min(vc, -(-cv // 64) * 64)
-            da = buf[: m * ld].view(m, ld)[:, :cv]
+        for chunk in plan:
+            v0, cv = chunk.start, chunk.width
+            if chunk.in_scratch:
+                da = _scratch_rows(grad_weight, v0 + cv, m, cv)
+            else:
+                if buf is None:
+                    buf = torch.empty(m * buf_ld, dtype=hidden.dtype, device=dev)
+                ld = min(vc, -(-cv // 64) * 64)
+                da = buf[: m * ld].view(m, ld)[:, :cv]
             w = weight[v0 : v0 + cv]
             programs = cfg.programs(triton.cdiv(m, cfg.BM) * triton.cdiv(cv, cfg.BN), dev)
             use_tma = _tma_ok(hidden, w, da)
