@@ -329,11 +329,13 @@ def scratch_chunks(device, dtype, monkeypatch, small_tiles, m, d, v, memory_budg
 
 @interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_interp_scratch_chunks(dtype, monkeypatch):
+@pytest.mark.parametrize("d", [64, 65])
+def test_interp_scratch_chunks(dtype, d, monkeypatch):
     # 32-column tiles, a 64-column buffer: chunks of 352 and 96 columns in the weight gradient's
-    # later rows, then 52 in the buffer (bf16 looser: the interpreter truncates)
+    # later rows, then 52 in the buffer (bf16 looser: the interpreter truncates); with D 65 the
+    # scratch's start is rounded up to 64 elements, past the chunk's own rows
     elem = torch.empty((), dtype=dtype).element_size()
-    scratch_chunks("cpu", dtype, monkeypatch, True, 24, 64, 500, 24 * 64 * elem,
+    scratch_chunks("cpu", dtype, monkeypatch, True, 24, d, 500, 24 * 64 * elem,
                    tol=None if dtype == torch.float32 else 6e-3)
 
 
@@ -619,9 +621,9 @@ def test_chunk_plan(sms):
     g = torch.Generator().manual_seed(5)
     cases = [(m, d, v, 256, vocab_chunk(m, d, v, 2, 256, None, sms))
              for m, d, v in [(6144, 2048, 151936), (6144, 4096, 128256), (24576, 2048, 151936)]]
-    for _ in range(60):  # odd sizes, buffers of a few blocks
+    for _ in range(400):  # odd sizes, buffers of a few blocks
         m, d, v = (int(x) for x in torch.randint(1, 3000, (3,), generator=g))
-        block = (16, 32, 256)[int(torch.randint(0, 3, (), generator=g))]
+        block = (1, 16, 32, 256)[int(torch.randint(0, 4, (), generator=g))]
         cases.append((m, d, v, block, block * int(torch.randint(1, 6, (), generator=g))))
     used = 0
     for m, d, v, block, vc in cases:
@@ -639,7 +641,7 @@ def test_chunk_plan(sms):
         used += any(c.in_scratch for c in plan)
         plain = chunk_plan(m, d, v, vc, block, sms, scratch=False)
         assert len(plain) == -(-v // vc) and not any(c.in_scratch for c in plain)
-    assert used >= 20
+    assert used >= 100
     # benchmarks/NOTES-triton.md, version 12: 10 chunks instead of 18 at the Qwen3-1.7B shape on 132 SMs
     if sms:
         assert len(chunk_plan(6144, 2048, 151936, cases[0][4], 256, sms)) == 10
