@@ -318,6 +318,12 @@ def chunk_plan(m: int, d: int, v: int, buffer_width: int, block: int, sms: Optio
     return chunks
 
 
+def _buffer_row_stride(width: int, buffer_width: int) -> int:
+    """Row stride of a buffer chunk ``width`` columns wide: a multiple of 64 elements (aligned rows
+    for TMA and cuBLAS's fast kernels) within the buffer's ``buffer_width``."""
+    return min(buffer_width, -(-width // 64) * 64)
+
+
 def _scratch_rows(grad_weight: torch.Tensor, row: int, m: int, ld: int) -> torch.Tensor:
     """An ``[m, ld]`` view of contiguous ``grad_weight`` storage from row ``row`` on (aligned start)."""
     start = -(-row * grad_weight.shape[1] // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
@@ -435,8 +441,7 @@ def _backward(hidden, weight, bias, labels, label_logit, lse, expected_z, up: di
         scratch = (need_w and USE_WEIGHT_GRAD_SCRATCH and grad_weight.is_contiguous()
                    and grad_weight.dtype == hidden.dtype)
         plan = chunk_plan(m, d, v, vc, cfg.BN, None if memory_budget else sms, scratch)
-        # Row stride a multiple of 64 elements: aligned rows for TMA and cuBLAS's fast kernels.
-        buf_ld = max((min(vc, -(-c.width // 64) * 64) for c in plan if not c.in_scratch), default=0)
+        buf_ld = max((_buffer_row_stride(c.width, vc) for c in plan if not c.in_scratch), default=0)
         buf = None  # allocated at the first chunk that needs it
         label_err = torch.zeros(m, **f32) if (need_h and u.has_logprob and hidden.dtype != torch.float32) else None
         targs = transform_args(transform)
@@ -448,7 +453,7 @@ def _backward(hidden, weight, bias, labels, label_logit, lse, expected_z, up: di
             else:
                 if buf is None:
                     buf = torch.empty(m * buf_ld, dtype=hidden.dtype, device=dev)
-                ld = min(vc, -(-cv // 64) * 64)
+                ld = _buffer_row_stride(cv, vc)
                 da = buf[: m * ld].view(m, ld)[:, :cv]
             w = weight[v0 : v0 + cv]
             programs = cfg.programs(triton.cdiv(m, cfg.BM) * triton.cdiv(cv, cfg.BN), dev)
