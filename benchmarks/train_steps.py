@@ -103,9 +103,10 @@ import _common  # noqa: E402 - puts the checkout on sys.path too
 from _common import GiB, MODELS, free_memory, load_tokenizer, log, md_escape, meta_lines  # noqa: E402
 from _common import fmt as _fmt  # noqa: E402
 
-TRAINERS = ("trl-dpo", "fused-dpo", "trl-orpo", "fused-orpo")
+TRAINERS = ("trl-dpo", "fused-dpo", "trl-orpo", "fused-orpo", "trl-dpo-fp32out")
 LABELS = {
     "trl-dpo": "trl.DPOTrainer (its chunked head)",
+    "trl-dpo-fp32out": "trl.DPOTrainer, FSDP2 outputs kept fp32 (control)",
     "fused-dpo": "FusedDPOTrainer (ours)",
     "trl-orpo": "trl.experimental ORPOTrainer (full logits)",
     "fused-orpo": "FusedORPOTrainer (ours)",
@@ -135,6 +136,11 @@ VERSIONS = ("torch", "transformers", "trl", "accelerate", "datasets", "triton")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Data
+
+
+def algo_of(name: str) -> str:
+    """``"dpo"`` or ``"orpo"``: the loss a trainer name trains with."""
+    return "orpo" if "orpo" in name else "dpo"
 
 
 def parse_lengths(text: str) -> list[tuple[int, int]]:
@@ -193,7 +199,7 @@ def make_dataset(tok, words, rows: int, prompt_words: int, completion_words: int
 def tokenized_lengths(name: str, dataset) -> tuple[int, int, int]:
     """``(prompt, completion, tokens of the two sequences)`` of the trainer's tokenised row 0 (max over rows)."""
     rows = [dataset[i] for i in range(len(dataset))]
-    if name.endswith("dpo"):
+    if algo_of(name) == "dpo":
         p = max(len(r["prompt_ids"]) for r in rows)
         c = max(max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows)
         total = max(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
@@ -390,6 +396,8 @@ def trainer_and_config(name: str, args, ranks: Ranks, P: int, C: int, out_dir: s
         from trainers import FusedDPOConfig, FusedDPOTrainer
 
         return FusedDPOTrainer, FusedDPOConfig(**common, precompute_ref_log_probs=False, lce_impl=args.impl)
+    if name == "trl-dpo-fp32out":
+        return trl_dpo_fp32_outputs(), trl.DPOConfig(**common, precompute_ref_log_probs=False)
     if name == "trl-orpo":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
@@ -399,6 +407,21 @@ def trainer_and_config(name: str, args, ranks: Ranks, P: int, C: int, out_dir: s
 
         return FusedORPOTrainer, FusedORPOConfig(**common, lce_impl=args.impl)
     raise ValueError(name)
+
+
+def trl_dpo_fp32_outputs():
+    """TRL's DPOTrainer with one change: FSDP2's bf16 ``output_dtype`` dropped as our trainers drop it, so its
+    per-token log-probs leave the model unrounded. The control of the loss curves: TRL against TRL with only
+    that rounding changed shows how far a bf16-sized difference carries the trajectory."""
+    import trl
+    from trainers.fused_forward import keep_fused_outputs_fp32
+
+    class DPOTrainerFp32Outputs(trl.DPOTrainer):
+        def create_accelerator_and_postprocess(self) -> None:
+            super().create_accelerator_and_postprocess()
+            keep_fused_outputs_fp32(self.accelerator)
+
+    return DPOTrainerFp32Outputs
 
 
 def accelerate_fields(accelerator) -> dict:
@@ -420,7 +443,7 @@ def run_config(name: str, P: int, C: int, args, ranks: Ranks, tok, words, model_
     cuda, device = ranks.cuda, ranks.device
     dtype = getattr(torch, args.dtype)
     row: dict = {}
-    dpo = name.endswith("dpo")
+    dpo = algo_of(name) == "dpo"
     # word counts: DPO adds EOS to completions; ORPO adds BOS to the prompt and EOS to completions
     prompt_words = P if dpo else P - 1
     completion_words = C - 1
@@ -663,7 +686,8 @@ def multi_process_checks(algo: str, ours: dict, theirs, meta: dict) -> list[str]
         checks.append(f"loss {'ok' if worst <= DPO_LOSS_RTOL else 'FAIL'} (max rel {worst:.2%})")
     if ours.get("peak_gib") is None or theirs.get("peak_gib") is None:
         return checks
-    checks.append(f"memory {'ok' if ours['peak_gib'] <= theirs['peak_gib'] else 'FAIL'}")
+    extra = (ours["peak_gib"] - theirs["peak_gib"]) * 1024
+    checks.append(f"memory {'ok' if extra <= 0 else 'FAIL'} ({extra:+.1f} MiB)")
     if algo == "orpo":
         gap = theirs["peak_gib"] - ours["peak_gib"]
         one_gpu = meta.get("one_gpu", {}).get("gaps", {}).get(f"{ours['P']}+{ours['C']}")
@@ -698,15 +722,15 @@ def comparison(rows: list, meta: dict) -> list[str]:
         "step 1 of DPO is log 2 for both).",
         "",
         "| pair | prompt+completion | peak ours / TRL | fwd+bwd ours / TRL | speed ours / TRL | loss diff (max abs) "
-        "| loss diff (max rel) | checks |",
-        "|---|---|---|---|---|---|---|---|",
+        "| loss diff (max rel) | step 1: loss rel, grad-norm rel | checks |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for P, C in sorted({(r["P"], r["C"]) for r in rows}):
         for algo in ("dpo", "orpo"):
             ours, theirs = _find(rows, f"fused-{algo}", P, C), _find(rows, f"trl-{algo}", P, C)
             if ours is None:
                 continue
-            peak_s = fwd_bwd_s = speed_s = abs_s = rel_s = "-"
+            peak_s = fwd_bwd_s = speed_s = abs_s = rel_s = first_s = "-"
             if not _ok(ours):
                 checks = ["FAIL: ours did not run"]
             else:
@@ -718,26 +742,46 @@ def comparison(rows: list, meta: dict) -> list[str]:
                     if steps:
                         abs_s = f"{max(abs(a - b) for a, b in steps):.2e}"
                         rel_s = f"{max(_rel(a, b) for a, b in steps):.2%}"
+                        first_s = first_step(ours, theirs)
                 elif theirs is not None:
                     peak_s = f"{_fmt(ours.get('peak_gib'), '.1f', ' GiB')} / TRL failed"
                 checks = (multi_process_checks(algo, ours, theirs, meta) if world > 1
                           else one_process_checks(algo, ours, theirs, rows, meta))
-            lines.append(f"| {algo.upper()} | {P}+{C} | {peak_s} | {fwd_bwd_s} | {speed_s} | {abs_s} | {rel_s} | {', '.join(checks) or '-'} |")
+            lines.append(f"| {algo.upper()} | {P}+{C} | {peak_s} | {fwd_bwd_s} | {speed_s} | {abs_s} | {rel_s} "
+                         f"| {first_s} | {', '.join(checks) or '-'} |")
+        control, trl_dpo = _find(rows, "trl-dpo-fp32out", P, C), _find(rows, "trl-dpo", P, C)
+        if _ok(control) and _ok(trl_dpo):
+            steps = list(zip(control["losses"], trl_dpo["losses"]))
+            lines.append(f"| DPO control: TRL fp32 outputs / TRL | {P}+{C} | {_vs(control.get('peak_gib'), trl_dpo.get('peak_gib'))} "
+                         f"| {_vs(control.get('fwd_bwd_peak_gib'), trl_dpo.get('fwd_bwd_peak_gib'))} "
+                         f"| {control['tokens_per_s'] / trl_dpo['tokens_per_s']:.2f}x "
+                         f"| {max(abs(a - b) for a, b in steps):.2e} | {max(_rel(a, b) for a, b in steps):.2%} "
+                         f"| {first_step(control, trl_dpo)} | - |")
     return lines
+
+
+def first_step(ours: dict, theirs: dict) -> str:
+    """Loss and gradient norm of step 1, the one step both trainers take from the same weights: ``"rel, rel"``."""
+    norms = (ours.get("grad_norms") or [None])[0], (theirs.get("grad_norms") or [None])[0]
+    grad = "-" if None in norms else f"{_rel(*norms):.2%}"
+    return f"{_rel(ours['losses'][0], theirs['losses'][0]):.2%}, {grad}"
 
 
 def loss_curves(rows: list) -> list[str]:
     """Per length, TRL's and our losses step by step, side by side, with their relative difference."""
     lines = ["## Loss curves", "",
              "Logged loss of every step (warm-up included), TRL's and ours from the same weights on the same data; "
-             "rel = |ours - TRL| / |TRL|.", ""]
+             "rel = |ours - TRL| / |TRL|. The control (where run): TRL's DPOTrainer against itself with FSDP2's bf16 "
+             "output rounding dropped, nothing else changed.", ""]
     for P, C in sorted({(r["P"], r["C"]) for r in rows}):
         curves = [(algo.upper(), _find(rows, f"trl-{algo}", P, C), _find(rows, f"fused-{algo}", P, C))
                   for algo in ("dpo", "orpo")]
+        curves.insert(1, ("control", _find(rows, "trl-dpo", P, C), _find(rows, "trl-dpo-fp32out", P, C)))
         curves = [(algo, t, o) for algo, t, o in curves if _ok(t) and _ok(o)]
         if not curves:
             continue
-        lines += [f"{P}+{C}:", "", "| step | " + " | ".join(f"TRL {a} | ours {a} | rel" for a, _, _ in curves) + " |",
+        heads = [("TRL DPO | TRL DPO, fp32 outputs" if a == "control" else f"TRL {a} | ours {a}") for a, _, _ in curves]
+        lines += [f"{P}+{C}:", "", "| step | " + " | ".join(f"{h} | rel" for h in heads) + " |",
                   "|---|" + "---|---|---|" * len(curves)]
         for i in range(max(len(t["losses"]) for _, t, _ in curves)):
             cells = []
