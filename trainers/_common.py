@@ -271,11 +271,6 @@ class ReferenceTrainerMixin(FusedTrainerMixin):
         metrics["num_tokens"] = [self._total_train_tokens]
 
 
-def without_router_logits(model_kwargs: dict) -> dict:
-    """``model_kwargs`` less ``output_router_logits`` (the reference forwards need no MoE router loss)."""
-    return {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # ORPO and CPO: one fused forward over a concatenated chosen + rejected batch
 

@@ -12,7 +12,9 @@ precomputed reference log-probs, PEFT, callbacks and logging, is TRL's):
   (`DataCollatorForPackedPreference`), with ``position_ids`` and no attention mask, so transformers
   builds a block-diagonal causal mask; TRL 1.16 ignores the flag;
 * a LoRA adapter on ``lm_head`` is trained (TRL refuses it);
-* bad input (no LM head, missing columns, an unusable ``lce_impl``) fails before TRL's ``__init__``.
+* bad input (no LM head, missing columns, an unusable ``lce_impl``) fails before TRL's ``__init__``;
+* the reference forward runs before the policy's, not after: under FSDP it gathers the whole reference
+  model on every GPU, and the policy's activations do not exist yet (TRL's order holds both at once).
 
 Metrics: the same names as TRL (``entropy``, ``num_tokens``, ``logits/chosen``, ``logits/rejected``,
 ``mean_token_accuracy``, ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
@@ -32,7 +34,7 @@ from transformers.data.data_collator import DataCollatorMixin
 
 from align_losses.losses import dpo_loss, ld_sequence_logps, sequence_logps, wpo_weights
 
-from ._common import ReferenceTrainerMixin, outputs_with_logits, without_router_logits
+from ._common import ReferenceTrainerMixin, outputs_with_logits
 
 #: Batch keys that are not model inputs.
 _NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "sequence_lengths"})
@@ -199,14 +201,14 @@ class FusedDPOTrainer(ReferenceTrainerMixin, trl.DPOTrainer):
         out = model(**model_kwargs, labels=labels, fused_lm_head=True, fused_outputs=())
         return self._to_padded(out.log_probs, inputs, lengths)
 
-    def _reference_logps(self, inputs, policy: PolicyPass):
+    def _reference_logps(self, inputs):
         """Reference ``(chosen [B], rejected [B])``: precomputed columns, the ref model, or the adapter-free policy."""
         if self.precompute_ref_logps:
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-        kwargs = without_router_logits(policy.model_kwargs)
+        model_kwargs, labels, lengths = self._model_inputs(inputs)
         with self._reference_model() as ref:
-            out = ref(**kwargs, labels=policy.labels, fused_lm_head=True, fused_outputs=())
-        token_logps, shift_mask = self._to_padded(out.log_probs, inputs, inputs.get("sequence_lengths"))
+            out = ref(**model_kwargs, labels=labels, fused_lm_head=True, fused_outputs=())
+        token_logps, shift_mask = self._to_padded(out.log_probs, inputs, lengths)
         return self._sequence_logps(token_logps, shift_mask)
 
     # ------------------------------------------------------------------------------------------------ policy
@@ -300,9 +302,10 @@ class FusedDPOTrainer(ReferenceTrainerMixin, trl.DPOTrainer):
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
+        # The reference first: its forward (under FSDP, a whole gathered model) then never meets the policy's activations
+        ref_chosen, ref_rejected = self._reference_logps(inputs)
         policy = self._policy_pass(model, inputs)
         chosen_logps, rejected_logps = self._sequence_logps(policy.token_logps, policy.shift_mask)
-        ref_chosen, ref_rejected = self._reference_logps(inputs, policy)
         result = self._preference_loss(policy, chosen_logps, rejected_logps, ref_chosen, ref_rejected)
         loss = self._add_aux_loss(result.loss, policy.outputs, mode)
         self._log_metrics(mode, policy, result, chosen_logps, rejected_logps)

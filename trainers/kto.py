@@ -4,7 +4,8 @@ Changes against `trl.KTOTrainer` (data preparation, KL completions, reference ha
 stay TRL's): every forward (policy, KL completions, reference) runs through
 `trainers.fused_forward`; the loss is `align_losses.losses.kto_loss`, in overridable steps
 (`_policy_pass`, `_kl_logps`, `_reference_logps`, `_kto_loss`, `_log_metrics`); a LoRA adapter on
-``lm_head`` is trained; bad input fails before TRL's ``__init__``.
+``lm_head`` is trained; bad input fails before TRL's ``__init__``; the reference forwards run before the
+policy's (under FSDP the reference is gathered whole, and the policy's activations do not exist yet).
 
 Metrics, under TRL's names: ``kl``, ``entropy``, ``num_tokens``, ``logits/chosen``,
 ``logits/rejected``, ``rewards/chosen``, ``logps/chosen``, ``rewards/rejected``, ``logps/rejected``,
@@ -21,7 +22,7 @@ import trl
 
 from align_losses.losses import kto_loss, sequence_logps
 
-from ._common import ReferenceTrainerMixin, outputs_with_logits, without_router_logits
+from ._common import ReferenceTrainerMixin, outputs_with_logits
 
 _NON_MODEL_KEYS = frozenset({
     "completion_mask", "KL_input_ids", "KL_attention_mask", "KL_completion_mask", "KL_token_type_ids",
@@ -97,12 +98,17 @@ class FusedKTOTrainer(ReferenceTrainerMixin, trl.KTOTrainer):
             kl = self._kl_logps(model, inputs)
         return token_logps.sum(-1), kl
 
-    def _policy_pass(self, model, batch) -> KTOPolicyPass:
+    @staticmethod
+    def _model_inputs(batch) -> tuple[dict, torch.Tensor]:
+        """``(model kwargs, labels)``: the completion tokens labelled, the rest -100."""
         model_kwargs = {k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS}
         model_kwargs["use_cache"] = False
+        return model_kwargs, batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+
+    def _policy_pass(self, model, batch) -> KTOPolicyPass:
+        model_kwargs, labels = self._model_inputs(batch)
         if self.aux_loss_enabled:
             model_kwargs["output_router_logits"] = True
-        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
         out = model(**model_kwargs, labels=labels, fused_lm_head=True)
         seq_len = batch["input_ids"].size(1) - 1
         return KTOPolicyPass(
@@ -113,15 +119,15 @@ class FusedKTOTrainer(ReferenceTrainerMixin, trl.KTOTrainer):
             labels=labels,
         )
 
-    def _reference_logps(self, batch, policy: KTOPolicyPass):
+    def _reference_logps(self, batch):
         """``(ref completion log-probs [B], ref KL log-probs [B] or None)``."""
         if self.precompute_ref_logps:
             return batch["ref_logps"], (batch["ref_KL_logps"] if self.calculate_KL else None)
-        kwargs = without_router_logits(policy.model_kwargs)
+        model_kwargs, labels = self._model_inputs(batch)
         with self._reference_model() as ref:
             ref_kl = self._kl_logps(ref, batch)
-            out = ref(**kwargs, labels=policy.labels, fused_lm_head=True, fused_outputs=())
-        ref_tokens = out.log_probs[:, -policy.token_logps.size(1):]
+            out = ref(**model_kwargs, labels=labels, fused_lm_head=True, fused_outputs=())
+        ref_tokens = out.log_probs[:, -(batch["input_ids"].size(1) - 1):]
         return ref_tokens.sum(-1), ref_kl
 
     # ------------------------------------------------------------------------------------------------ loss
@@ -148,12 +154,13 @@ class FusedKTOTrainer(ReferenceTrainerMixin, trl.KTOTrainer):
         mode = "train" if self.model.training else "eval"
         device = self.accelerator.device
         batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+        # The reference first: its forwards (under FSDP, a whole gathered model) then never meet the policy's activations
+        ref_logps, ref_kl_logps = self._reference_logps(batch)
         kl_logps = self._kl_logps(model, batch)
         policy = self._policy_pass(model, batch)
         logps = sequence_logps(policy.token_logps, policy.shift_mask)
         if logps.shape[0] != len(batch["label"]):
             raise ValueError("the batch has a different number of examples than of predicted sequences")
-        ref_logps, ref_kl_logps = self._reference_logps(batch, policy)
         labels = torch.as_tensor(batch["label"], dtype=torch.bool, device=logps.device)
         kl = self._kl_estimate(kl_logps, ref_kl_logps)
         result = self._kto_loss(logps, ref_logps.to(logps.device), labels, kl)
