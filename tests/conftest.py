@@ -192,6 +192,14 @@ def base_args(output_dir, **overrides):
     return args
 
 
+def forward_calls(trainer) -> list[tuple[str, bool]]:
+    """A list that fills, as the trainer runs, with ``("policy" | "reference", grad enabled)`` per model forward."""
+    calls: list[tuple[str, bool]] = []
+    for name, model in (("policy", trainer.model), ("reference", trainer.ref_model)):
+        model.register_forward_pre_hook(lambda *_, name=name: calls.append((name, torch.is_grad_enabled())))
+    return calls
+
+
 def snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 

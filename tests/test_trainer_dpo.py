@@ -12,6 +12,7 @@ from conftest import (
     add_head_bias,
     base_args,
     compare_logs,
+    forward_calls,
     snapshot,
     tiny_causal_lm,
     update_diff,
@@ -80,6 +81,16 @@ def test_bf16_reference_model_runs_at_the_policy_precision(preference_dataset, t
     logs = run_dpo(FusedDPOTrainer, FusedDPOConfig, preference_dataset, tokenizer, tmp_path, bf16=True, max_steps=1)[0]
     assert logs[0]["rewards/chosen"] == 0.0 and logs[0]["rewards/rejected"] == 0.0, logs[0]
     assert logs[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
+
+
+def test_reference_forward_runs_before_the_policys(preference_dataset, tokenizer, tmp_path):
+    """Under FSDP the reference forward gathers a whole model; run first, it never meets the policy's activations."""
+    args = FusedDPOConfig(**base_args(tmp_path, max_steps=2), beta=0.5, max_length=64)
+    trainer = FusedDPOTrainer(model=tiny_causal_lm(), ref_model=tiny_causal_lm(), args=args,
+                              train_dataset=preference_dataset, processing_class=tokenizer)
+    calls = forward_calls(trainer)
+    trainer.train()
+    assert calls == [("reference", False), ("policy", True)] * 2
 
 
 def test_dpo_parity_peft_reference(preference_dataset, tokenizer, tmp_path):

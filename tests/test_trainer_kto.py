@@ -6,7 +6,7 @@ import pytest
 import torch
 import trl
 
-from conftest import MetricsRecorder, base_args, compare_logs, snapshot, tiny_causal_lm, update_diff
+from conftest import MetricsRecorder, base_args, compare_logs, forward_calls, snapshot, tiny_causal_lm, update_diff
 from trainers import FusedKTOConfig, FusedKTOTrainer
 
 RTOL = 1e-4
@@ -48,6 +48,16 @@ def parity(name, dataset, tokenizer, tmp_path, **kw):
 )
 def test_kto_parity(name, overrides, kto_dataset, tokenizer, tmp_path):
     parity(name, kto_dataset, tokenizer, tmp_path, **overrides)
+
+
+def test_kto_reference_forwards_run_before_the_policys(kto_dataset, tokenizer, tmp_path):
+    """The reference's KL and completion forwards, then the policy's KL (no gradient) and completion forwards."""
+    args = FusedKTOConfig(**base_args(tmp_path, max_steps=2), beta=0.5, max_length=64)
+    trainer = FusedKTOTrainer(model=tiny_causal_lm(), ref_model=tiny_causal_lm(), args=args,
+                              train_dataset=kto_dataset, processing_class=tokenizer)
+    calls = forward_calls(trainer)
+    trainer.train()
+    assert calls == [("reference", False), ("reference", False), ("policy", False), ("policy", True)] * 2
 
 
 def test_kto_bf16_reference_model_runs_at_the_policy_precision(kto_dataset, tokenizer, tmp_path):
