@@ -572,6 +572,11 @@ def _rel(ours: float, theirs: float) -> float:
     return abs(ours - theirs) / abs(theirs) if theirs else float("inf")
 
 
+def _pct(rel: float) -> str:
+    """A relative difference in percent; "> 1000%" beyond (a loss of 0 on the other side gives any size)."""
+    return "> 1000%" if rel > 10 else f"{rel:.2%}"
+
+
 def _vs(ours, theirs) -> str:
     """``ours / theirs GiB (difference, ratio)``, or "-" where either is missing."""
     if ours is None or theirs is None:
@@ -683,7 +688,7 @@ def multi_process_checks(algo: str, ours: dict, theirs, meta: dict) -> list[str]
     checks = []
     if algo == "dpo" and ours["losses"] and theirs["losses"]:
         worst = max(_rel(a, b) for a, b in zip(ours["losses"], theirs["losses"]))
-        checks.append(f"loss {'ok' if worst <= DPO_LOSS_RTOL else 'FAIL'} (max rel {worst:.2%})")
+        checks.append(f"loss {'ok' if worst <= DPO_LOSS_RTOL else 'FAIL'} (max rel {_pct(worst)})")
     if ours.get("peak_gib") is None or theirs.get("peak_gib") is None:
         return checks
     extra = (ours["peak_gib"] - theirs["peak_gib"]) * 1024
@@ -741,7 +746,7 @@ def comparison(rows: list, meta: dict) -> list[str]:
                     steps = list(zip(ours["losses"], theirs["losses"]))
                     if steps:
                         abs_s = f"{max(abs(a - b) for a, b in steps):.2e}"
-                        rel_s = f"{max(_rel(a, b) for a, b in steps):.2%}"
+                        rel_s = _pct(max(_rel(a, b) for a, b in steps))
                         first_s = first_step(ours, theirs)
                 elif theirs is not None:
                     peak_s = f"{_fmt(ours.get('peak_gib'), '.1f', ' GiB')} / TRL failed"
@@ -749,22 +754,24 @@ def comparison(rows: list, meta: dict) -> list[str]:
                           else one_process_checks(algo, ours, theirs, rows, meta))
             lines.append(f"| {algo.upper()} | {P}+{C} | {peak_s} | {fwd_bwd_s} | {speed_s} | {abs_s} | {rel_s} "
                          f"| {first_s} | {', '.join(checks) or '-'} |")
-        control, trl_dpo = _find(rows, "trl-dpo-fp32out", P, C), _find(rows, "trl-dpo", P, C)
-        if _ok(control) and _ok(trl_dpo):
-            steps = list(zip(control["losses"], trl_dpo["losses"]))
-            lines.append(f"| DPO control: TRL fp32 outputs / TRL | {P}+{C} | {_vs(control.get('peak_gib'), trl_dpo.get('peak_gib'))} "
-                         f"| {_vs(control.get('fwd_bwd_peak_gib'), trl_dpo.get('fwd_bwd_peak_gib'))} "
-                         f"| {control['tokens_per_s'] / trl_dpo['tokens_per_s']:.2f}x "
-                         f"| {max(abs(a - b) for a, b in steps):.2e} | {max(_rel(a, b) for a, b in steps):.2%} "
-                         f"| {first_step(control, trl_dpo)} | - |")
+        control = _find(rows, "trl-dpo-fp32out", P, C)
+        for label, one, other in (("control: TRL fp32 outputs / TRL", control, _find(rows, "trl-dpo", P, C)),
+                                  ("ours / control", _find(rows, "fused-dpo", P, C), control)):
+            if _ok(one) and _ok(other):
+                steps = list(zip(one["losses"], other["losses"]))
+                lines.append(f"| DPO {label} | {P}+{C} | {_vs(one.get('peak_gib'), other.get('peak_gib'))} "
+                             f"| {_vs(one.get('fwd_bwd_peak_gib'), other.get('fwd_bwd_peak_gib'))} "
+                             f"| {one['tokens_per_s'] / other['tokens_per_s']:.2f}x "
+                             f"| {max(abs(a - b) for a, b in steps):.2e} | {_pct(max(_rel(a, b) for a, b in steps))} "
+                             f"| {first_step(one, other)} | - |")
     return lines
 
 
 def first_step(ours: dict, theirs: dict) -> str:
     """Loss and gradient norm of step 1, the one step both trainers take from the same weights: ``"rel, rel"``."""
     norms = (ours.get("grad_norms") or [None])[0], (theirs.get("grad_norms") or [None])[0]
-    grad = "-" if None in norms else f"{_rel(*norms):.2%}"
-    return f"{_rel(ours['losses'][0], theirs['losses'][0]):.2%}, {grad}"
+    grad = "-" if None in norms else _pct(_rel(*norms))
+    return f"{_pct(_rel(ours['losses'][0], theirs['losses'][0]))}, {grad}"
 
 
 def loss_curves(rows: list) -> list[str]:
@@ -789,7 +796,7 @@ def loss_curves(rows: list) -> list[str]:
                 a = t["losses"][i] if i < len(t["losses"]) else None
                 b = o["losses"][i] if i < len(o["losses"]) else None
                 rel = _rel(b, a) if a is not None and b is not None else None
-                cells += [_fmt(a, ".4f"), _fmt(b, ".4f"), _fmt(rel, ".2%")]
+                cells += [_fmt(a, ".4f"), _fmt(b, ".4f"), "-" if rel is None else _pct(rel)]
             lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
