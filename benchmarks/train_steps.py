@@ -13,8 +13,8 @@ One process (``python``): the "Whole training steps" table of ../shared/TARGETS.
 Several processes (``accelerate launch``, WORLD_SIZE > 1; its config chooses FSDP2 or DDP): the same rows, one
 pair per process per step (the global batch is N pairs), e.g. the Qwen3-8B shape (``--model qwen3-8b``: 8.2B
 parameters, head not tied) under FSDP2 on 2, 4 or 8 H200s (benchmarks/README.md: the GPU machine's commands;
-estimated at 5-8 min for the two lengths, not yet measured), or the tiny model on 2 CPU processes as a smoke
-test (< 1 min):
+2 H200s: 6 min for five trainers at three lengths, results/fsdp2-x2-summary.md), or the tiny model on 2 CPU
+processes as a smoke test (< 1 min):
 
     accelerate launch --config_file examples/accelerate/fsdp2.yaml --num_processes 2 benchmarks/train_steps.py \\
         --model qwen3-8b --lengths 512+1536,2048+6144 --commit HASH
@@ -37,7 +37,9 @@ tests/dist_scripts/train_trainer.py) switches it back.
 
 Trainers (``--trainers``, comma-separated): ``trl-dpo`` (`trl.DPOTrainer`, its chunked head),
 ``fused-dpo`` (`trainers.FusedDPOTrainer`), ``trl-orpo`` (`trl.experimental.orpo.ORPOTrainer`, full
-logits), ``fused-orpo`` (`trainers.orpo.FusedORPOTrainer`). Lengths (``--lengths``): ``P+C`` = prompt +
+logits), ``fused-orpo`` (`trainers.orpo.FusedORPOTrainer`), and with several processes also the control
+``trl-dpo-fp32out`` (`trl.DPOTrainer` with FSDP2's bf16 ``output_dtype`` dropped as our trainers drop it: how far
+the DPO curve moves when only that rounding changes). Lengths (``--lengths``): ``P+C`` = prompt +
 completion tokens of every sequence (chosen and rejected have the same length, so nothing is padded).
 Models (``--model``): ``qwen3-1.7b`` (default), ``qwen3-8b``, ``tiny`` (``--quick``'s).
 
@@ -104,6 +106,8 @@ from _common import GiB, MODELS, free_memory, load_tokenizer, log, md_escape, me
 from _common import fmt as _fmt  # noqa: E402
 
 TRAINERS = ("trl-dpo", "fused-dpo", "trl-orpo", "fused-orpo", "trl-dpo-fp32out")
+#: The default ``--trainers`` of one process: the control only matters where FSDP2 rounds outputs.
+ONE_PROCESS_TRAINERS = TRAINERS[:4]
 LABELS = {
     "trl-dpo": "trl.DPOTrainer (its chunked head)",
     "trl-dpo-fp32out": "trl.DPOTrainer, FSDP2 outputs kept fp32 (control)",
@@ -821,7 +825,8 @@ def render_markdown(rows: list, meta: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _common.doc_parser(__doc__)
-    p.add_argument("--trainers", default=",".join(TRAINERS), help=f"comma-separated subset of {list(TRAINERS)} (default all)")
+    p.add_argument("--trainers", help=f"comma-separated subset of {list(TRAINERS)} (default all; one process: "
+                   f"{list(ONE_PROCESS_TRAINERS)})")
     p.add_argument("--lengths", help=f"comma-separated PROMPT+COMPLETION token lengths (default {DEFAULT_LENGTHS}; "
                    f"with --quick {QUICK_LENGTHS}); TARGETS.md also has 1024+3072")
     p.add_argument("--model", choices=sorted(MODELS),
@@ -853,7 +858,9 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args) -> tuple[list[str], list[tuple[int, int]]]:
     """The trainers and lengths asked for; fills the defaults of ``--model`` and ``--steps``; exits on bad input
     before any work."""
-    trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    default = ",".join(TRAINERS if several else ONE_PROCESS_TRAINERS)
+    trainers = [t.strip() for t in (args.trainers or default).split(",") if t.strip()]
     bad = [t for t in trainers if t not in TRAINERS]
     if bad:
         raise SystemExit(f"unknown trainers {bad}; choose from {list(TRAINERS)}")
