@@ -193,10 +193,12 @@ def base_args(output_dir, **overrides):
 
 
 def forward_calls(trainer) -> list[tuple[str, bool]]:
-    """A list that fills, as the trainer runs, with ``("policy" | "reference", grad enabled)`` per model forward."""
+    """A list that fills, as the trainer runs, with ``("policy" | "reference", grad enabled)`` per model forward
+    (no reference entries without a ``ref_model``: the policy, its adapter disabled, then scores as the reference)."""
     calls: list[tuple[str, bool]] = []
     for name, model in (("policy", trainer.model), ("reference", trainer.ref_model)):
-        model.register_forward_pre_hook(lambda *_, name=name: calls.append((name, torch.is_grad_enabled())))
+        if model is not None:
+            model.register_forward_pre_hook(lambda *_, name=name: calls.append((name, torch.is_grad_enabled())))
     return calls
 
 

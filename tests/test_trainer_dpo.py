@@ -93,6 +93,19 @@ def test_reference_forward_runs_before_the_policys(preference_dataset, tokenizer
     assert calls == [("reference", False), ("policy", True)] * 2
 
 
+def test_peft_reference_forward_runs_before_the_policys(preference_dataset, tokenizer, tmp_path):
+    """Without ``ref_model`` the adapter-free policy scores first, without gradient."""
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    args = FusedDPOConfig(**base_args(tmp_path, max_steps=2), beta=0.5, max_length=64)
+    trainer = FusedDPOTrainer(model=tiny_causal_lm(), args=args, train_dataset=preference_dataset,
+                              processing_class=tokenizer, peft_config=lora)
+    calls = forward_calls(trainer)
+    trainer.train()
+    assert calls == [("policy", False), ("policy", True)] * 2
+
+
 def test_dpo_parity_peft_reference(preference_dataset, tokenizer, tmp_path):
     from peft import LoraConfig
 
