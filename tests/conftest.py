@@ -192,13 +192,17 @@ def base_args(output_dir, **overrides):
     return args
 
 
-def forward_calls(trainer) -> list[tuple[str, bool]]:
-    """A list that fills, as the trainer runs, with ``("policy" | "reference", grad enabled)`` per model forward
-    (no reference entries without a ``ref_model``: the policy, its adapter disabled, then scores as the reference)."""
+def forward_calls(trainer_cls, config_cls, dataset, tokenizer, tmp_path, *, ref=True, peft_config=None):
+    """Two training steps of a tiny model; ``("policy" | "reference", grad enabled)`` per model forward, in order
+    (no reference entries with ``ref=False``: the policy, its adapter disabled, then scores as the reference)."""
+    args = config_cls(**base_args(tmp_path, max_steps=2), beta=0.5, max_length=64)
+    trainer = trainer_cls(model=tiny_causal_lm(), ref_model=tiny_causal_lm() if ref else None, args=args,
+                          train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
     calls: list[tuple[str, bool]] = []
     for name, model in (("policy", trainer.model), ("reference", trainer.ref_model)):
         if model is not None:
             model.register_forward_pre_hook(lambda *_, name=name: calls.append((name, torch.is_grad_enabled())))
+    trainer.train()
     return calls
 
 

@@ -85,11 +85,7 @@ def test_bf16_reference_model_runs_at_the_policy_precision(preference_dataset, t
 
 def test_reference_forward_runs_before_the_policys(preference_dataset, tokenizer, tmp_path):
     """Under FSDP the reference forward gathers a whole model; run first, it never meets the policy's activations."""
-    args = FusedDPOConfig(**base_args(tmp_path, max_steps=2), beta=0.5, max_length=64)
-    trainer = FusedDPOTrainer(model=tiny_causal_lm(), ref_model=tiny_causal_lm(), args=args,
-                              train_dataset=preference_dataset, processing_class=tokenizer)
-    calls = forward_calls(trainer)
-    trainer.train()
+    calls = forward_calls(FusedDPOTrainer, FusedDPOConfig, preference_dataset, tokenizer, tmp_path)
     assert calls == [("reference", False), ("policy", True)] * 2
 
 
@@ -98,11 +94,8 @@ def test_peft_reference_forward_runs_before_the_policys(preference_dataset, toke
     from peft import LoraConfig
 
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-    args = FusedDPOConfig(**base_args(tmp_path, max_steps=2), beta=0.5, max_length=64)
-    trainer = FusedDPOTrainer(model=tiny_causal_lm(), args=args, train_dataset=preference_dataset,
-                              processing_class=tokenizer, peft_config=lora)
-    calls = forward_calls(trainer)
-    trainer.train()
+    calls = forward_calls(FusedDPOTrainer, FusedDPOConfig, preference_dataset, tokenizer, tmp_path, ref=False,
+                          peft_config=lora)
     assert calls == [("policy", False), ("policy", True)] * 2
 
 

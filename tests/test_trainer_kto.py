@@ -52,11 +52,7 @@ def test_kto_parity(name, overrides, kto_dataset, tokenizer, tmp_path):
 
 def test_kto_reference_forwards_run_before_the_policys(kto_dataset, tokenizer, tmp_path):
     """The reference's KL and completion forwards, then the policy's KL (no gradient) and completion forwards."""
-    args = FusedKTOConfig(**base_args(tmp_path, max_steps=2), beta=0.5, max_length=64)
-    trainer = FusedKTOTrainer(model=tiny_causal_lm(), ref_model=tiny_causal_lm(), args=args,
-                              train_dataset=kto_dataset, processing_class=tokenizer)
-    calls = forward_calls(trainer)
-    trainer.train()
+    calls = forward_calls(FusedKTOTrainer, FusedKTOConfig, kto_dataset, tokenizer, tmp_path)
     assert calls == [("reference", False), ("reference", False), ("policy", False), ("policy", True)] * 2
 
 
