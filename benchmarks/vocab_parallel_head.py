@@ -488,7 +488,7 @@ def run(args: argparse.Namespace, tokens: list, impl: str, device: torch.device,
     world, rank = dist.get_world_size(), dist.get_rank()
     say = log if rank == 0 else (lambda msg: None)
     meta = _common.run_meta(
-        args.commit, _common.device_name(args.device), _common.versions(VERSIONS), command,
+        args.commit, f"{world} x {_common.device_name(args.device)}", _common.versions(VERSIONS), command,
         world_size=world, impl=impl,
         model_desc=(f"Gemma-2-9B-like head{' (--quick: tiny)' if args.quick else ''}: V {args.vocab}, D {args.hidden}, "
                     f"soft-cap {args.softcap}, bf16, raw logits of std {args.logit_std:g}; sharded over {world} ranks"),
