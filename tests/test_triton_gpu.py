@@ -524,13 +524,16 @@ def test_gpu_vocab_parallel(tmp_path):
 SEQUENCE_UPSTREAM = 1.0038
 
 
-def sequence_upstream_grad_h_error(device, impl, remove_rounding=True, monkeypatch=None):
-    """grad_hidden's relative error (vs float64) when every token has the same log-prob upstream."""
+def sequence_upstream_errors(device, impl, remove_rounding=True, monkeypatch=None):
+    """(grad_hidden, grad_weight) relative errors (vs float64) when every token has the same log-prob upstream."""
     from align_losses.ops import tiled_head, triton_head
 
     if not remove_rounding:
         monkeypatch.setattr(tiled_head, "remove_label_rounding", lambda *a: None)
+        monkeypatch.setattr(tiled_head, "remove_label_rounding_from_rows", lambda *a: None)
         monkeypatch.setattr(triton_head, "subtract_label_rounding", lambda *a: None)
+        monkeypatch.setattr(triton_head, "USE_WEIGHT_LABEL_ROUNDING", False)
+    # 0.23 labels per vocabulary row: rows with a label carry most of grad_weight's norm
     hidden, weight, _, labels = make(700, 64, 3001, torch.bfloat16, device, std=2.0, seed=3)
     problem = HeadProblem(hidden=hidden, weight=weight, bias=None, labels=labels, transform=LogitTransform(),
                           outputs=frozenset({"logprobs"}))
@@ -539,11 +542,49 @@ def sequence_upstream_grad_h_error(device, impl, remove_rounding=True, monkeypat
         got = triton_head.triton_head(problem, memory_budget=700 * 1024 * 2, fwd_config=tiles, bwd_config=tiles)
     else:
         got = tiled_head.tiled_head(problem, memory_budget=700 * 1024 * 16)
-    (gh,) = torch.autograd.grad(got["logprobs"].sum() * SEQUENCE_UPSTREAM, (hidden,))
-    rh = hidden.detach().double().requires_grad_(True)
-    ref = reference(rh, weight.detach().double(), None, labels, LogitTransform())["logprobs"]
-    (rgh,) = torch.autograd.grad(ref.sum() * SEQUENCE_UPSTREAM, (rh,))
-    return rel(gh, rgh)
+    gh, gw = torch.autograd.grad(got["logprobs"].sum() * SEQUENCE_UPSTREAM, (hidden, weight))
+    rh, rw = (t.detach().double().requires_grad_(True) for t in (hidden, weight))
+    ref = reference(rh, rw, None, labels, LogitTransform())["logprobs"]
+    rgh, rgw = torch.autograd.grad(ref.sum() * SEQUENCE_UPSTREAM, (rh, rw))
+    return rel(gh, rgh), rel(gw, rgw)
+
+
+def weight_rows_match_float64(device):
+    """`start_weight_rows` against float64 math: one chunk inside a shard (rows before and after it left
+    alone), labels on both sides of each edge and in other shards, a repeated label, odd sizes, hidden
+    rows wider than D (a column slice)."""
+    from align_losses.ops import triton_head
+
+    g = torch.Generator(device=device).manual_seed(12)
+    m, d, v, offset, v0, cv = 301, 300, 211, 20, 48, 131  # the chunk: rows [48, 179) of a shard from id 20
+    hidden = torch.randn(m, d + 8, generator=g, device=device).to(torch.bfloat16)[:, :d]
+    err = torch.randn(m, generator=g, device=device) * 0.01
+    labels = torch.randint(0, v + 2 * offset, (m,), generator=g, device=device)
+    first = offset + v0
+    labels[:6] = torch.tensor([first - 1, first, first + cv - 1, first + cv, first + 5, first + 5])
+    grad = torch.full((v, d), 7.0, dtype=torch.bfloat16, device=device)
+    triton_head.start_weight_rows(grad[v0 : v0 + cv], v0, offset, hidden, err,
+                                  triton_head.LabelsByRow.of(labels, offset, v))
+    local = labels - first
+    mine = (local >= 0) & (local < cv)
+    want = torch.zeros(cv, d, dtype=torch.float64, device=device)
+    want.index_add_(0, local[mine], -err[mine].double()[:, None] * hidden[mine].double())
+    got = grad[v0 : v0 + cv].double()
+    assert 0 < int(mine.sum()) < m and bool((want == 0).all(1).any())  # rows with and without labels
+    ulp = 2.0**-7 if device == "cpu" else 2.0**-8  # the interpreter truncates to bf16, the GPU rounds
+    assert bool(((got - want).abs() <= want.abs() * ulp).all())  # fp32 sums rounded once
+    assert bool((grad[:v0] == 7).all()) and bool((grad[v0 + cv :] == 7).all())
+
+
+@interp
+def test_interp_weight_rows_kernel():
+    weight_rows_match_float64("cpu")
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_weight_rows_kernel():
+    weight_rows_match_float64("cuda")
 
 
 def label_rounding_matches_float64(device):
@@ -583,16 +624,22 @@ def test_gpu_label_rounding_kernel():
 
 @interp
 def test_interp_sequence_upstream_label_rounding(monkeypatch):
-    assert sequence_upstream_grad_h_error("cpu", "triton") < 2e-3
-    assert sequence_upstream_grad_h_error("cpu", "triton", False, monkeypatch) > 3e-3  # what it fixes
+    fixed = sequence_upstream_errors("cpu", "triton")
+    unfixed = sequence_upstream_errors("cpu", "triton", False, monkeypatch)
+    print("grad_h, grad_w errors with / without the corrections:", fixed, unfixed)
+    assert fixed[0] < 2e-3 and unfixed[0] > 3e-3  # what the hidden-state correction fixes
+    assert fixed[1] < 2e-3 and unfixed[1] > 3e-3  # what the weight-row start fixes
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_gpu_sequence_upstream_label_rounding(impl, monkeypatch):
-    assert sequence_upstream_grad_h_error("cuda", impl) < 2e-3
-    assert sequence_upstream_grad_h_error("cuda", impl, False, monkeypatch) > 3e-3
+    fixed = sequence_upstream_errors("cuda", impl)
+    unfixed = sequence_upstream_errors("cuda", impl, False, monkeypatch)
+    print("grad_h, grad_w errors with / without the corrections:", fixed, unfixed)
+    assert fixed[0] < 2e-3 and unfixed[0] > 3e-3
+    assert fixed[1] < 2e-3 and unfixed[1] > 3e-3
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")

@@ -320,7 +320,8 @@ def _backward(hidden, weight, bias, labels, lse, expected_z, up, transform, shar
     grad_weight = torch.empty_like(weight) if need_w else None
     grad_bias = torch.empty_like(bias) if (need_b and bias is not None) else None
     rounds = hidden.is_cuda and hidden.dtype != torch.float32  # dL/da rounded as a GEMM operand
-    label_err = torch.zeros(m, dtype=torch.float32, device=hidden.device) if (need_h and rounds and "logprobs" in up) else None
+    track_err = rounds and "logprobs" in up and (need_h or need_w)
+    label_err = torch.zeros(m, dtype=torch.float32, device=hidden.device) if track_err else None
     for v0 in range(0, weight.shape[0], tiling.vocab_block):
         w = weight[v0 : v0 + tiling.vocab_block]
         b = bias[v0 : v0 + tiling.vocab_block] if bias is not None else None
@@ -350,10 +351,12 @@ def _backward(hidden, weight, bias, labels, lse, expected_z, up, transform, shar
             if gb_block is not None:
                 gb_block += grad.sum(dim=0)
         if need_w:
+            if label_err is not None:
+                remove_label_rounding_from_rows(gw_block, label_err, hidden, labels, offset + v0)
             grad_weight[v0 : v0 + tiling.vocab_block] = gw_block
         if gb_block is not None:
             grad_bias[v0 : v0 + tiling.vocab_block] = gb_block
-    if label_err is not None:
+    if need_h and label_err is not None:
         remove_label_rounding(grad_hidden, label_err, weight, labels, offset)
     if need_h and shard is not None:
         import torch.distributed as dist
@@ -379,6 +382,15 @@ def remove_label_rounding(acc: torch.Tensor, label_err: torch.Tensor, weight: to
     """
     rows = (labels - offset).clamp_(0, weight.shape[0] - 1)
     acc.addcmul_(weight.index_select(0, rows), label_err[:, None], value=-1.0)
+
+
+def remove_label_rounding_from_rows(rows: torch.Tensor, label_err: torch.Tensor, hidden: torch.Tensor,
+                                    labels: torch.Tensor, first: int) -> None:
+    """``rows[labels[t] - first] -= label_err[t] * hidden[t]``: the same rounding, taken out of the fp32
+    weight-gradient rows ``[R, D]`` that start at global id ``first`` (tokens labelled elsewhere skipped)."""
+    local = labels - first
+    idx = torch.nonzero((local >= 0) & (local < rows.shape[0])).squeeze(1)
+    rows.index_add_(0, local[idx], hidden[idx].float() * label_err[idx, None], alpha=-1.0)
 
 
 def tiled_head(problem: HeadProblem, memory_budget: int, token_block: Optional[int] = None) -> dict:

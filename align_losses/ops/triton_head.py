@@ -11,7 +11,8 @@ Backward, per vocabulary chunk of ``Vc`` columns (``Vc`` from a memory budget): 
 recomputes the logits tile and writes ``dL/da`` (operand dtype) for the chunk over all tokens into
 an ``[M, Vc]`` buffer, and a small kernel writes the label entries over it (their one-hot term
 from the forward's label logits); then two cuBLAS GEMMs: ``grad_hidden += dA @ W_chunk`` into an
-fp32 ``[M, D]`` accumulator and ``grad_weight[chunk] = dA^T @ hidden`` written once. The first,
+fp32 ``[M, D]`` accumulator and ``grad_weight[chunk] += dA^T @ hidden`` rounded once, over rows that
+a small kernel started from the label entries' operand rounding (`start_weight_rows`). The first,
 widest chunks borrow their buffer from the weight gradient's rows that later chunks write
 (`chunk_plan`). The bias gradient is summed in the Triton epilogues (fp32 atomics).
 
@@ -33,7 +34,7 @@ import triton
 from ..backends.base import DIFFERENTIABLE_OUTPUTS, OUTPUTS, HeadProblem, LogitTransform, VocabShard
 from .tiled_head import _finish, _Stats
 from .triton_kernels import (_bwd_kernel, _combine_kernel, _fwd_kernel, _interpreting, _label_entry_kernel,
-                             _label_rounding_kernel)
+                             _label_rounding_kernel, _label_weight_rows_kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -404,6 +405,54 @@ def subtract_label_rounding(acc: torch.Tensor, label_err: torch.Tensor, weight: 
     )
 
 
+#: Rows and columns of one `_label_weight_rows_kernel` program (chunk starts are multiples of the rows).
+_LABEL_WEIGHT_TILE = (16, 256)
+
+#: Start each chunk's weight-gradient rows from the label entries' rounding, for its GEMM to add to
+#: (the A/B benchmarks switch it off to measure its cost).
+USE_WEIGHT_LABEL_ROUNDING = True
+
+
+@dataclass(frozen=True)
+class LabelsByRow:
+    """The labelled tokens grouped by weight row, for `start_weight_rows`: ``ordered`` ``[M]`` the labels
+    sorted (global ids), ``order`` ``[M]`` their tokens, ``bounds`` ``[V / rows + 1]`` the first
+    position in ``ordered`` of each ``rows``-row block of this shard's weight (int64 each)."""
+
+    ordered: torch.Tensor
+    order: torch.Tensor
+    bounds: torch.Tensor
+
+    @staticmethod
+    def of(labels: torch.Tensor, offset: int, v: int) -> "LabelsByRow":
+        br = _LABEL_WEIGHT_TILE[0]
+        ordered, order = torch.sort(labels)
+        starts = torch.arange(offset, offset + (triton.cdiv(v, br) + 1) * br, br, device=labels.device,
+                              dtype=ordered.dtype)
+        return LabelsByRow(ordered, order, torch.searchsorted(ordered, starts))
+
+
+def start_weight_rows(rows: torch.Tensor, v0: int, offset: int, hidden: torch.Tensor, label_err: torch.Tensor,
+                      by_row: LabelsByRow) -> None:
+    """Write a chunk's weight-gradient ``rows`` (``[Vc, D]``, this shard's rows from ``v0``) as
+    ``-sum of label_err[t] * hidden[t]`` over the tokens labelled there, zeros elsewhere, for the chunk's
+    GEMM to add its ``dL/da^T @ hidden`` to before the one rounding.
+
+    The label entry of ``dL/da`` carries a token's whole log-prob gradient, and a sequence loss gives
+    every token of a sequence the same one, so its bf16 rounding as a GEMM operand is one relative
+    error (up to 2^-8) for all of them (see `tiled_head.remove_label_rounding`). In the weight gradient
+    it adds to the output's own rounding: 3.5e-3 relative against fp32 at the head benchmark's long
+    shape, flat logits, where the output's rounding alone is ~1.7e-3.
+    """
+    br, bd = _LABEL_WEIGHT_TILE
+    assert v0 % br == 0, "chunks start at multiples of the row block"
+    cv, d = rows.shape
+    _label_weight_rows_kernel[(triton.cdiv(cv, br), triton.cdiv(d, bd))](
+        rows, hidden, label_err, by_row.ordered, by_row.order, by_row.bounds, cv, d, rows.stride(0), hidden.stride(0),
+        v0 // br, offset + v0, BR=br, BD=bd, num_warps=4,
+    )
+
+
 def hidden_grad(acc: torch.Tensor, label_err: Optional[torch.Tensor], weight: torch.Tensor, labels: torch.Tensor,
                 shard: Optional[VocabShard], dtype: torch.dtype) -> torch.Tensor:
     """The hidden-state gradient ``[M, D]`` in the operand dtype from the fp32 accumulator: the label
@@ -443,7 +492,9 @@ def _backward(hidden, weight, bias, labels, label_logit, lse, expected_z, up: di
         plan = chunk_plan(m, d, v, vc, cfg.BN, None if memory_budget else sms, scratch)
         buf_ld = max((_buffer_row_stride(c.width, vc) for c in plan if not c.in_scratch), default=0)
         buf = None  # allocated at the first chunk that needs it
-        label_err = torch.zeros(m, **f32) if (need_h and u.has_logprob and hidden.dtype != torch.float32) else None
+        rounds = u.has_logprob and hidden.dtype != torch.float32
+        label_err = torch.zeros(m, **f32) if (rounds and (need_h or need_w)) else None
+        by_row = LabelsByRow.of(labels, offset, v) if (rounds and need_w and USE_WEIGHT_LABEL_ROUNDING) else None
         targs = transform_args(transform)
         first = True
         for chunk in plan:
@@ -480,7 +531,10 @@ def _backward(hidden, weight, bias, labels, label_logit, lse, expected_z, up: di
                     acc = torch.empty(m, d, **f32)
                 _mm_into(acc, da, w, first)
                 first = False
-            if need_w:
+            if by_row is not None:
+                start_weight_rows(grad_weight[v0 : v0 + cv], v0, offset, hidden, label_err, by_row)
+                grad_weight[v0 : v0 + cv].addmm_(da.t(), hidden)
+            elif need_w:
                 torch.mm(da.t(), hidden, out=grad_weight[v0 : v0 + cv])
         # Free the chunk buffer before the hidden-state gradient is cast: the views and the TMA
         # descriptors (which hold their tensor) all keep it alive.

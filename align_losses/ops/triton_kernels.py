@@ -6,7 +6,8 @@
 - `_bwd_kernel`: the same GEMM for one vocabulary chunk, its epilogue writing ``dL/da`` without the
   one-hot term; `_label_entry_kernel` writes the label entries over it.
 - `_label_rounding_kernel`: the label entries' bf16 rounding taken out of the fp32 hidden-state
-  gradient.
+  gradient; `_label_weight_rows_kernel`: the same rounding as the start of one chunk's weight
+  gradient rows, which the chunk's GEMM then adds to.
 
 Shared tile pieces (`_z_tile`, `_grad_a`, ...) are also used by `align_losses.ops.triton_filter`.
 All index arithmetic on rows is 64-bit.
@@ -350,3 +351,28 @@ def _label_rounding_kernel(Acc, LblErr, W, Lbl, M, D, V, stride_w, label_offset,
     acc = tl.load(Acc + tile, mask=tile_ok, other=0.0)
     w = tl.load(W + tl.where(hit, local, 0)[:, None] * stride_w + cols[None, :], mask=tile_ok, other=0.0)
     tl.store(Acc + tile, acc - err[:, None] * w.to(tl.float32), mask=tile_ok)
+
+
+@triton.jit
+def _label_weight_rows_kernel(GW, H, LblErr, SortedLbl, Order, Bounds, Vc, D, stride_gw, stride_h, first_block,
+                              first_label, BR: tl.constexpr, BD: tl.constexpr):
+    """``GW[r] = -sum over the tokens t labelled r of LblErr[t] * H[t]`` (0 for a row without labels),
+    for ``[BR, BD]`` of one chunk's ``[Vc, D]`` weight-gradient rows, summed in fp32 and rounded once.
+
+    ``SortedLbl`` ``[M]``: the labels sorted (global ids), ``Order`` their tokens; ``Bounds[b]``: the
+    first sorted position whose label is at least row block ``b``'s first id. The chunk's rows start
+    at global id ``first_label`` and row block ``first_block``.
+    """
+    blk = first_block + tl.program_id(0)
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1).to(tl.int64) * BD + tl.arange(0, BD)
+    d_ok = cols < D
+    acc = tl.zeros((BR, BD), dtype=tl.float32)
+    for t in range(tl.load(Bounds + blk), tl.load(Bounds + blk + 1)):
+        tok = tl.load(Order + t)
+        row = tl.load(SortedLbl + t) - first_label
+        err = tl.load(LblErr + tok)
+        h = tl.load(H + tok * stride_h + cols, mask=d_ok, other=0.0).to(tl.float32)
+        acc = tl.where((rows == row)[:, None], acc - err * h[None, :], acc)
+    tl.store(GW + (rows.to(tl.int64) * stride_gw)[:, None] + cols[None, :], acc.to(GW.dtype.element_ty),
+             mask=(rows < Vc)[:, None] & d_ok[None, :])
