@@ -9,10 +9,15 @@ vocabulary-parallel head the per-rank statistics are merged with `tiled_head._St
 
 Backward, per vocabulary chunk of ``Vc`` columns (``Vc`` from a memory budget): a Triton GEMM
 recomputes the logits tile and writes ``dL/da`` (operand dtype) for the chunk over all tokens into
-an ``[M, Vc]`` buffer, and a small kernel writes the label entries over it (their one-hot term
-from the forward's label logits); then two cuBLAS GEMMs: ``grad_hidden += dA @ W_chunk`` into an
-fp32 ``[M, D]`` accumulator and ``grad_weight[chunk] += dA^T @ hidden`` rounded once, over rows that
-a small kernel started from the label entries' operand rounding (`start_weight_rows`). The first,
+an ``[M, Vc]`` buffer, and a small kernel takes the label entries out of it, kept in fp32 (with
+their one-hot term, from the forward's label logits); then two cuBLAS GEMMs: ``grad_hidden += dA @
+W_chunk`` into an fp32 ``[M, D]`` accumulator and ``grad_weight[chunk] = dA^T @ hidden`` written
+once. After the chunks, the label entries are added unrounded: ``entry[t] * W[label_t]`` to the
+fp32 accumulator (`add_label_rows`), ``entry[t] * hidden[t]`` to the weight gradient's labelled
+rows (`add_label_weight_rows`). In a GEMM operand a label entry would be rounded to bf16, and a
+sequence loss gives all tokens of a sequence the same log-prob gradient, so that rounding is one
+relative error (up to 2^-8) for all of them, which no sum averages out (3.5e-3 on the weight
+gradient at the head benchmark's long shape, against 1.7e-3 for the output's own rounding). The first,
 widest chunks borrow their buffer from the weight gradient's rows that later chunks write
 (`chunk_plan`). The bias gradient is summed in the Triton epilogues (fp32 atomics).
 
@@ -34,7 +39,7 @@ import triton
 from ..backends.base import DIFFERENTIABLE_OUTPUTS, OUTPUTS, HeadProblem, LogitTransform, VocabShard
 from .tiled_head import _finish, _Stats
 from .triton_kernels import (_bwd_kernel, _combine_kernel, _fwd_kernel, _interpreting, _label_entry_kernel,
-                             _label_rounding_kernel, _label_weight_rows_kernel)
+                             _label_rows_kernel, _label_weight_rows_kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -386,79 +391,52 @@ def transform_args(t: LogitTransform) -> tuple:
             (float(t.temperature) / float(t.softcap)) if t.softcap is not None else 1.0)
 
 
-#: Rows and columns of one `_label_rounding_kernel` program.
-_LABEL_ROUNDING_TILE = (16, 256)
+#: Rows and columns of one `_label_rows_kernel` program.
+_LABEL_ROWS_TILE = (16, 256)
 
 
-def subtract_label_rounding(acc: torch.Tensor, label_err: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                            offset: int) -> None:
-    """`tiled_head.remove_label_rounding` in one kernel. With the cast that follows it: 0.107 -> 0.052 ms
-    at 6k x 2048 tokens, 0.385 -> 0.199 ms at 24k x 2048 (H200), same values bit for bit.
-
-    ``acc`` fp32 ``[M, D]`` (contiguous), ``label_err`` fp32 ``[M]``, ``labels`` ``[M]`` global ids,
-    ``weight`` this shard's ``[V, D]`` rows from ``offset``.
+def add_label_rows(acc: torch.Tensor, coef: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                   offset: int) -> None:
+    """``acc[t] += coef[t] * weight[labels[t] - offset]`` in place, in one kernel (tokens labelled in
+    other shards skipped). ``acc`` fp32 ``[M, D]`` (contiguous), ``coef`` fp32 ``[M]``, ``labels``
+    ``[M]`` global ids, ``weight`` this shard's ``[V, D]`` rows from ``offset``.
     """
     m, d = acc.shape
-    br, bd = _LABEL_ROUNDING_TILE
-    _label_rounding_kernel[(triton.cdiv(m, br), triton.cdiv(d, bd))](
-        acc, label_err, weight, labels, m, d, weight.shape[0], weight.stride(0), offset, BR=br, BD=bd, num_warps=4,
+    br, bd = _LABEL_ROWS_TILE
+    _label_rows_kernel[(triton.cdiv(m, br), triton.cdiv(d, bd))](
+        acc, coef, weight, labels, m, d, weight.shape[0], weight.stride(0), offset, BR=br, BD=bd, num_warps=4,
     )
 
 
-#: Rows and columns of one `_label_weight_rows_kernel` program (chunk starts are multiples of the rows).
+#: Rows and columns of one `_label_weight_rows_kernel` program.
 _LABEL_WEIGHT_TILE = (16, 256)
 
-#: Start each chunk's weight-gradient rows from the label entries' rounding, for its GEMM to add to
-#: (the A/B benchmarks switch it off to measure its cost).
-USE_WEIGHT_LABEL_ROUNDING = True
 
-
-@dataclass(frozen=True)
-class LabelsByRow:
-    """The labelled tokens grouped by weight row, for `start_weight_rows`: ``ordered`` ``[M]`` the labels
-    sorted (global ids), ``order`` ``[M]`` their tokens, ``bounds`` ``[V / rows + 1]`` the first
-    position in ``ordered`` of each ``rows``-row block of this shard's weight (int64 each)."""
-
-    ordered: torch.Tensor
-    order: torch.Tensor
-    bounds: torch.Tensor
-
-    @staticmethod
-    def of(labels: torch.Tensor, offset: int, v: int) -> "LabelsByRow":
-        br = _LABEL_WEIGHT_TILE[0]
-        ordered, order = torch.sort(labels)
-        starts = torch.arange(offset, offset + (triton.cdiv(v, br) + 1) * br, br, device=labels.device,
-                              dtype=ordered.dtype)
-        return LabelsByRow(ordered, order, torch.searchsorted(ordered, starts))
-
-
-def start_weight_rows(rows: torch.Tensor, v0: int, offset: int, hidden: torch.Tensor, label_err: torch.Tensor,
-                      by_row: LabelsByRow) -> None:
-    """Write a chunk's weight-gradient ``rows`` (``[Vc, D]``, this shard's rows from ``v0``) as
-    ``-sum of label_err[t] * hidden[t]`` over the tokens labelled there, zeros elsewhere, for the chunk's
-    GEMM to add its ``dL/da^T @ hidden`` to before the one rounding.
-
-    The label entry of ``dL/da`` carries a token's whole log-prob gradient, and a sequence loss gives
-    every token of a sequence the same one, so its bf16 rounding as a GEMM operand is one relative
-    error (up to 2^-8) for all of them (see `tiled_head.remove_label_rounding`). In the weight gradient
-    it adds to the output's own rounding: 3.5e-3 relative against fp32 at the head benchmark's long
-    shape, flat logits, where the output's rounding alone is ~1.7e-3.
+def add_label_weight_rows(grad_weight: torch.Tensor, entry: torch.Tensor, hidden: torch.Tensor,
+                          labels: torch.Tensor, offset: int) -> None:
+    """``grad_weight[labels[t] - offset] += entry[t] * hidden[t]`` over the tokens, summed per row in
+    fp32 in token order and added with one rounding (deterministic). ``grad_weight`` this shard's
+    ``[V, D]`` rows from ``offset``; ``entry`` fp32 ``[M]``; ``labels`` ``[M]`` global ids.
     """
+    v, d = grad_weight.shape
     br, bd = _LABEL_WEIGHT_TILE
-    assert v0 % br == 0, "chunks start at multiples of the row block"
-    cv, d = rows.shape
-    _label_weight_rows_kernel[(triton.cdiv(cv, br), triton.cdiv(d, bd))](
-        rows, hidden, label_err, by_row.ordered, by_row.order, by_row.bounds, cv, d, rows.stride(0), hidden.stride(0),
-        v0 // br, offset + v0, BR=br, BD=bd, num_warps=4,
+    ordered, order = torch.sort(labels, stable=True)
+    starts = torch.arange(offset, offset + (triton.cdiv(v, br) + 1) * br, br, device=labels.device,
+                          dtype=ordered.dtype)
+    bounds = torch.searchsorted(ordered, starts)
+    _label_weight_rows_kernel[(triton.cdiv(v, br), triton.cdiv(d, bd))](
+        grad_weight, hidden, entry, ordered, order, bounds, v, d, grad_weight.stride(0), hidden.stride(0), offset,
+        BR=br, BD=bd, num_warps=4,
     )
 
 
-def hidden_grad(acc: torch.Tensor, label_err: Optional[torch.Tensor], weight: torch.Tensor, labels: torch.Tensor,
+def hidden_grad(acc: torch.Tensor, label_coef: Optional[torch.Tensor], weight: torch.Tensor, labels: torch.Tensor,
                 shard: Optional[VocabShard], dtype: torch.dtype) -> torch.Tensor:
-    """The hidden-state gradient ``[M, D]`` in the operand dtype from the fp32 accumulator: the label
-    entries' rounding (``label_err`` fp32 ``[M]``, or None) taken out, summed over the vocabulary shards."""
-    if label_err is not None and acc.numel() > 0:
-        subtract_label_rounding(acc, label_err, weight, labels, shard.start if shard is not None else 0)
+    """The hidden-state gradient ``[M, D]`` in the operand dtype from the fp32 accumulator: each
+    token's ``label_coef`` (fp32 ``[M]``, or None) times its label's weight row added, then summed
+    over the vocabulary shards."""
+    if label_coef is not None and acc.numel() > 0:
+        add_label_rows(acc, label_coef, weight, labels, shard.start if shard is not None else 0)
     if shard is not None:
         import torch.distributed as dist
 
@@ -480,7 +458,7 @@ def _backward(hidden, weight, bias, labels, label_logit, lse, expected_z, up: di
     grad_hidden = None
     grad_weight = torch.empty_like(weight) if need_w else None
     grad_bias32 = torch.zeros(v, **f32) if need_b else None
-    acc = label_err = None
+    acc = entry = None
     if need_h and (v == 0 or m == 0):
         acc = torch.zeros(m, d, **f32)
     if m > 0 and v > 0 and (need_h or need_w or need_b):
@@ -492,9 +470,8 @@ def _backward(hidden, weight, bias, labels, label_logit, lse, expected_z, up: di
         plan = chunk_plan(m, d, v, vc, cfg.BN, None if memory_budget else sms, scratch)
         buf_ld = max((_buffer_row_stride(c.width, vc) for c in plan if not c.in_scratch), default=0)
         buf = None  # allocated at the first chunk that needs it
-        rounds = u.has_logprob and hidden.dtype != torch.float32
-        label_err = torch.zeros(m, **f32) if (rounds and (need_h or need_w)) else None
-        by_row = LabelsByRow.of(labels, offset, v) if (rounds and need_w and USE_WEIGHT_LABEL_ROUNDING) else None
+        # Each token's label entry, fp32, 0 where the label is in another shard (see `_label_entry_kernel`).
+        entry = torch.zeros(m, **f32) if u.has_logprob else None
         targs = transform_args(transform)
         first = True
         for chunk in plan:
@@ -522,25 +499,24 @@ def _backward(hidden, weight, bias, labels, label_logit, lse, expected_z, up: di
             if u.has_logprob:
                 _label_entry_kernel[(triton.cdiv(m, _LABEL_ROWS),)](
                     labels, label_logit, lse, *u.kernel_args(), u.g_logprob, da, gbias,
-                    label_err if label_err is not None else lse, m, cv, da.stride(0), offset + v0, *targs[3:],
+                    entry, m, cv, da.stride(0), offset + v0, *targs[3:],
                     SOFTCAP=transform.softcap is not None, **u.kernel_flags(), NEED_GB=need_b,
-                    NEED_ERR=label_err is not None, BR=_LABEL_ROWS, num_warps=4,
+                    BR=_LABEL_ROWS, num_warps=4,
                 )
             if need_h:
                 if acc is None:
                     acc = torch.empty(m, d, **f32)
                 _mm_into(acc, da, w, first)
                 first = False
-            if by_row is not None:
-                start_weight_rows(grad_weight[v0 : v0 + cv], v0, offset, hidden, label_err, by_row)
-                grad_weight[v0 : v0 + cv].addmm_(da.t(), hidden)
-            elif need_w:
+            if need_w:
                 torch.mm(da.t(), hidden, out=grad_weight[v0 : v0 + cv])
         # Free the chunk buffer before the hidden-state gradient is cast: the views and the TMA
         # descriptors (which hold their tensor) all keep it alive.
         del buf, da, dad, hd, wd, w
+        if need_w and entry is not None:
+            add_label_weight_rows(grad_weight, entry, hidden, labels, offset)
     if need_h:
-        grad_hidden = hidden_grad(acc, label_err, weight, labels, shard, hidden.dtype)
+        grad_hidden = hidden_grad(acc, entry, weight, labels, shard, hidden.dtype)
         del acc
     if need_w and m == 0:
         grad_weight.zero_()

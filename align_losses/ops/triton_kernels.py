@@ -4,10 +4,9 @@
   to partial statistics (max, sum exp, ...) and picks the label's logit; `_combine_kernel` merges
   the ``[vocab blocks, M]`` partials per token.
 - `_bwd_kernel`: the same GEMM for one vocabulary chunk, its epilogue writing ``dL/da`` without the
-  one-hot term; `_label_entry_kernel` writes the label entries over it.
-- `_label_rounding_kernel`: the label entries' bf16 rounding taken out of the fp32 hidden-state
-  gradient; `_label_weight_rows_kernel`: the same rounding as the start of one chunk's weight
-  gradient rows, which the chunk's GEMM then adds to.
+  one-hot term; `_label_entry_kernel` keeps each token's label entry in fp32 and zeroes it in
+  ``dL/da``, so that it reaches the gradients unrounded, added after the GEMMs: `_label_rows_kernel`
+  to the fp32 hidden-state gradient, `_label_weight_rows_kernel` to the weight gradient's rows.
 
 Shared tile pieces (`_z_tile`, `_grad_a`, ...) are also used by `align_losses.ops.triton_filter`.
 All index arithmetic on rows is 64-bit.
@@ -304,15 +303,13 @@ def _bwd_kernel(H, W, HD, WD, DAD, Bias, Lse, Ez, Coef, GEnt, GMean, DA, GBias,
 
 
 @triton.jit
-def _label_entry_kernel(Lbl, LabelZ, Lse, Ez, Coef, GEnt, GMean, GLogp, DA, GBias, LblErr,
+def _label_entry_kernel(Lbl, LabelZ, Lse, Ez, Coef, GEnt, GMean, GLogp, DA, GBias, Entry,
                         M, Vc, stride_da, label_offset, dz_factor, t_over_c,
                         SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr, HAS_MEAN: tl.constexpr,
-                        NEED_GB: tl.constexpr, NEED_ERR: tl.constexpr, BR: tl.constexpr):
-    """Each token's label entry of ``dL/da`` in one vocabulary chunk, written over the one
-    `_bwd_kernel` left (which lacks ``g_logprob``), from the forward's label logit ``LabelZ``.
-
-    With ``NEED_ERR``, that entry's rounding error (``DA`` value minus the fp32 one) goes to
-    ``LblErr``; with ``NEED_GB`` its one-hot part is added to the bias gradient.
+                        NEED_GB: tl.constexpr, BR: tl.constexpr):
+    """Each token's label entry of ``dL/da`` in one vocabulary chunk, from the forward's label logit
+    ``LabelZ``: kept in fp32 in ``Entry`` and zeroed in ``DA`` (where `_bwd_kernel` left the entry
+    without ``g_logprob``); with ``NEED_GB`` its one-hot part is added to the bias gradient.
     """
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     ok = rows < M
@@ -323,56 +320,56 @@ def _label_entry_kernel(Lbl, LabelZ, Lse, Ez, Coef, GEnt, GMean, GLogp, DA, GBia
     glogp = tl.load(GLogp + rows_c)[:, None]
     g = tl.sum(_grad_a(z, rows_c, glogp, Lse, Ez, Coef, GEnt, GMean, dz_factor, t_over_c,
                        SOFTCAP, HAS_ENT, HAS_MEAN, True), 1)
-    entry = DA + rows_c * stride_da + tl.where(hit, local, 0)
-    g_op = g.to(DA.dtype.element_ty)
-    tl.store(entry, g_op, mask=hit)
-    if NEED_ERR:
-        tl.store(LblErr + rows_c, g_op.to(tl.float32) - g, mask=hit)
+    tl.store(DA + rows_c * stride_da + tl.where(hit, local, 0), tl.zeros_like(g).to(DA.dtype.element_ty), mask=hit)
+    tl.store(Entry + rows_c, g, mask=hit)
     if NEED_GB:
         onehot = tl.sum(_softcap_slope(glogp * dz_factor, z, t_over_c, SOFTCAP), 1)
         tl.atomic_add(GBias + tl.where(hit, local, 0), onehot, mask=hit)
 
 
 @triton.jit
-def _label_rounding_kernel(Acc, LblErr, W, Lbl, M, D, V, stride_w, label_offset,
-                           BR: tl.constexpr, BD: tl.constexpr):
-    """``Acc[t] -= LblErr[t] * W[label_t - label_offset]`` in place, for ``[BR, BD]`` of the fp32
-    ``[M, D]`` accumulator: `tiled_head.remove_label_rounding` in one pass, without its gathered
-    ``[M, D]`` copy of weight rows (tokens whose label is not among this shard's ``V`` rows skipped)."""
+def _label_rows_kernel(Acc, LblCoef, W, Lbl, M, D, V, stride_w, label_offset,
+                       BR: tl.constexpr, BD: tl.constexpr):
+    """``Acc[t] += LblCoef[t] * W[label_t - label_offset]`` in place, for ``[BR, BD]`` of the fp32
+    ``[M, D]`` accumulator, without a gathered ``[M, D]`` copy of weight rows (tokens whose label is
+    not among this shard's ``V`` rows skipped)."""
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     ok = rows < M
     rows_c = tl.where(ok, rows, 0)
     local = tl.load(Lbl + rows_c) - label_offset
     hit = ok & (local >= 0) & (local < V)
-    err = tl.load(LblErr + rows_c, mask=hit, other=0.0)
+    coef = tl.load(LblCoef + rows_c, mask=hit, other=0.0)
     tile = rows_c[:, None] * D + cols[None, :]
     tile_ok = hit[:, None] & (cols < D)[None, :]
     acc = tl.load(Acc + tile, mask=tile_ok, other=0.0)
     w = tl.load(W + tl.where(hit, local, 0)[:, None] * stride_w + cols[None, :], mask=tile_ok, other=0.0)
-    tl.store(Acc + tile, acc - err[:, None] * w.to(tl.float32), mask=tile_ok)
+    tl.store(Acc + tile, acc + coef[:, None] * w.to(tl.float32), mask=tile_ok)
 
 
 @triton.jit
-def _label_weight_rows_kernel(GW, H, LblErr, SortedLbl, Order, Bounds, Vc, D, stride_gw, stride_h, first_block,
-                              first_label, BR: tl.constexpr, BD: tl.constexpr):
-    """``GW[r] = -sum over the tokens t labelled r of LblErr[t] * H[t]`` (0 for a row without labels),
-    for ``[BR, BD]`` of one chunk's ``[Vc, D]`` weight-gradient rows, summed in fp32 and rounded once.
+def _label_weight_rows_kernel(GW, H, Entry, SortedLbl, Order, Bounds, V, D, stride_gw, stride_h, label_offset,
+                              BR: tl.constexpr, BD: tl.constexpr):
+    """``GW[r] += sum over the tokens t labelled r of Entry[t] * H[t]`` for the labelled rows among
+    row block ``program_id(0)`` (``BR`` rows, ``BD`` columns) of the weight gradient: the sum and the
+    addition in fp32, one rounding.
 
-    ``SortedLbl`` ``[M]``: the labels sorted (global ids), ``Order`` their tokens; ``Bounds[b]``: the
-    first sorted position whose label is at least row block ``b``'s first id. The chunk's rows start
-    at global id ``first_label`` and row block ``first_block``.
+    ``SortedLbl`` ``[M]``: the labels sorted (global ids; this shard's rows from ``label_offset``),
+    ``Order`` their tokens; ``Bounds[b]``: the first position in ``SortedLbl`` of row block ``b``
+    (the last block's rows past this shard's ``V`` belong to the next shard).
     """
-    blk = first_block + tl.program_id(0)
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    blk = tl.program_id(0)
+    rows = blk * BR + tl.arange(0, BR)
     cols = tl.program_id(1).to(tl.int64) * BD + tl.arange(0, BD)
     d_ok = cols < D
     acc = tl.zeros((BR, BD), dtype=tl.float32)
+    labelled = tl.zeros((BR,), dtype=tl.int32)
     for t in range(tl.load(Bounds + blk), tl.load(Bounds + blk + 1)):
         tok = tl.load(Order + t)
-        row = tl.load(SortedLbl + t) - first_label
-        err = tl.load(LblErr + tok)
+        mine = (rows == tl.load(SortedLbl + t) - label_offset) & (rows < V)
         h = tl.load(H + tok * stride_h + cols, mask=d_ok, other=0.0).to(tl.float32)
-        acc = tl.where((rows == row)[:, None], acc - err * h[None, :], acc)
-    tl.store(GW + (rows.to(tl.int64) * stride_gw)[:, None] + cols[None, :], acc.to(GW.dtype.element_ty),
-             mask=(rows < Vc)[:, None] & d_ok[None, :])
+        acc = tl.where(mine[:, None], acc + tl.load(Entry + tok) * h[None, :], acc)
+        labelled += mine.to(tl.int32)
+    tile = GW + (rows.to(tl.int64) * stride_gw)[:, None] + cols[None, :]
+    tile_ok = (labelled > 0)[:, None] & d_ok[None, :]
+    tl.store(tile, (tl.load(tile, mask=tile_ok, other=0.0).to(tl.float32) + acc).to(GW.dtype.element_ty), mask=tile_ok)
