@@ -551,8 +551,8 @@ def sequence_upstream_errors(device, impl):
 
 def label_weight_rows_match_float64(device):
     """`add_label_weight_rows` against float64 math: a shard of 211 rows from id 20 (so its last row block
-    reaches into the next shard's ids), labels on both sides of each edge and in other shards, a
-    repeated label, odd sizes, hidden rows wider than D (a column slice); rows without a label and
+    reaches into the next shard's ids), labels on both sides of each edge and in other shards,
+    repeated labels (one of them 112 times), odd sizes, hidden rows wider than D (a column slice); rows without a label and
     the memory after the shard untouched."""
     from align_losses.ops import triton_head
 
@@ -563,6 +563,7 @@ def label_weight_rows_match_float64(device):
     labels = torch.randint(0, v + 2 * offset, (m,), generator=g, device=device)
     labels[:8] = torch.tensor([offset - 1, offset, offset + v - 1, offset + v, offset + v + 3, offset + 5, offset + 5,
                                offset + 5])
+    labels[8:120] = offset + 40  # one label over several of the kernel's token steps
     storage = torch.randn(v + 16, d, generator=g, device=device).to(torch.bfloat16)
     before = storage.clone()
     triton_head.add_label_weight_rows(storage[:v], entry, hidden, labels, offset)

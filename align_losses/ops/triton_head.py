@@ -408,25 +408,25 @@ def add_label_rows(acc: torch.Tensor, coef: torch.Tensor, weight: torch.Tensor, 
     )
 
 
-#: Rows and columns of one `_label_weight_rows_kernel` program.
-_LABEL_WEIGHT_TILE = (16, 256)
+#: Rows, tokens per step and columns of one `_label_weight_rows_kernel` program.
+_LABEL_WEIGHT_TILE = (16, 32, 128)
 
 
 def add_label_weight_rows(grad_weight: torch.Tensor, entry: torch.Tensor, hidden: torch.Tensor,
                           labels: torch.Tensor, offset: int) -> None:
     """``grad_weight[labels[t] - offset] += entry[t] * hidden[t]`` over the tokens, summed per row in
-    fp32 in token order and added with one rounding (deterministic). ``grad_weight`` this shard's
+    fp32 and added with one rounding, in a fixed order (deterministic, unlike atomics). ``grad_weight`` this shard's
     ``[V, D]`` rows from ``offset``; ``entry`` fp32 ``[M]``; ``labels`` ``[M]`` global ids.
     """
     v, d = grad_weight.shape
-    br, bd = _LABEL_WEIGHT_TILE
+    br, bt, bd = _LABEL_WEIGHT_TILE
     ordered, order = torch.sort(labels, stable=True)
     starts = torch.arange(offset, offset + (triton.cdiv(v, br) + 1) * br, br, device=labels.device,
                           dtype=ordered.dtype)
     bounds = torch.searchsorted(ordered, starts)
     _label_weight_rows_kernel[(triton.cdiv(v, br), triton.cdiv(d, bd))](
         grad_weight, hidden, entry, ordered, order, bounds, v, d, grad_weight.stride(0), hidden.stride(0), offset,
-        BR=br, BD=bd, num_warps=4,
+        BR=br, BT=bt, BD=bd, num_warps=4,
     )
 
 
