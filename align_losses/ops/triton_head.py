@@ -408,8 +408,8 @@ def add_label_rows(acc: torch.Tensor, coef: torch.Tensor, weight: torch.Tensor, 
     )
 
 
-#: Rows, tokens per step and columns of one `_label_weight_rows_kernel` program.
-_LABEL_WEIGHT_TILE = (16, 32, 128)
+#: Rows and columns of one `_label_weight_rows_kernel` program.
+_LABEL_WEIGHT_TILE = (16, 256)
 
 
 def add_label_weight_rows(grad_weight: torch.Tensor, entry: torch.Tensor, hidden: torch.Tensor,
@@ -419,14 +419,14 @@ def add_label_weight_rows(grad_weight: torch.Tensor, entry: torch.Tensor, hidden
     ``[V, D]`` rows from ``offset``; ``entry`` fp32 ``[M]``; ``labels`` ``[M]`` global ids.
     """
     v, d = grad_weight.shape
-    br, bt, bd = _LABEL_WEIGHT_TILE
+    br, bd = _LABEL_WEIGHT_TILE
     ordered, order = torch.sort(labels, stable=True)
     starts = torch.arange(offset, offset + (triton.cdiv(v, br) + 1) * br, br, device=labels.device,
                           dtype=ordered.dtype)
     bounds = torch.searchsorted(ordered, starts)
     _label_weight_rows_kernel[(triton.cdiv(v, br), triton.cdiv(d, bd))](
         grad_weight, hidden, entry, ordered, order, bounds, v, d, grad_weight.stride(0), hidden.stride(0), offset,
-        BR=br, BT=bt, BD=bd, num_warps=4,
+        BR=br, BD=bd, num_warps=4,
     )
 
 

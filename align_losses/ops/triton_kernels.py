@@ -349,11 +349,10 @@ def _label_rows_kernel(Acc, LblCoef, W, Lbl, M, D, V, stride_w, label_offset,
 
 @triton.jit
 def _label_weight_rows_kernel(GW, H, Entry, SortedLbl, Order, Bounds, V, D, stride_gw, stride_h, label_offset,
-                              BR: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+                              BR: tl.constexpr, BD: tl.constexpr):
     """``GW[r] += sum over the tokens t labelled r of Entry[t] * H[t]`` for the labelled rows among
     row block ``program_id(0)`` (``BR`` rows, ``BD`` columns) of the weight gradient: the sum and the
-    addition in fp32, one rounding. The block's tokens go ``BT`` at a time through an fp32 dot with
-    a 0/1 matrix, so a label that recurs thousands of times costs a few hundred steps, not thousands.
+    addition in fp32, one rounding.
 
     ``SortedLbl`` ``[M]``: the labels sorted (global ids; this shard's rows from ``label_offset``),
     ``Order`` their tokens; ``Bounds[b]``: the first position in ``SortedLbl`` of row block ``b``
@@ -364,18 +363,13 @@ def _label_weight_rows_kernel(GW, H, Entry, SortedLbl, Order, Bounds, V, D, stri
     cols = tl.program_id(1).to(tl.int64) * BD + tl.arange(0, BD)
     d_ok = cols < D
     acc = tl.zeros((BR, BD), dtype=tl.float32)
-    labelled = tl.zeros((BR,), dtype=tl.float32)
-    end = tl.load(Bounds + blk + 1)
-    for t0 in range(tl.load(Bounds + blk), end, BT):
-        t = t0 + tl.arange(0, BT)
-        t_ok = t < end
-        tok = tl.load(Order + t, mask=t_ok, other=0)
-        row = tl.load(SortedLbl + t, mask=t_ok, other=0) - label_offset
-        mine = ((rows[:, None] == row[None, :]) & t_ok[None, :] & (rows < V)[:, None]).to(tl.float32)
-        h = tl.load(H + tok[:, None] * stride_h + cols[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-        terms = tl.load(Entry + tok, mask=t_ok, other=0.0)[:, None] * h.to(tl.float32)
-        acc = tl.dot(mine, terms, acc, input_precision="ieee")
-        labelled += tl.sum(mine, 1)
+    labelled = tl.zeros((BR,), dtype=tl.int32)
+    for t in range(tl.load(Bounds + blk), tl.load(Bounds + blk + 1)):
+        tok = tl.load(Order + t)
+        mine = (rows == tl.load(SortedLbl + t) - label_offset) & (rows < V)
+        h = tl.load(H + tok * stride_h + cols, mask=d_ok, other=0.0).to(tl.float32)
+        acc = tl.where(mine[:, None], acc + tl.load(Entry + tok) * h[None, :], acc)
+        labelled += mine.to(tl.int32)
     tile = GW + (rows.to(tl.int64) * stride_gw)[:, None] + cols[None, :]
     tile_ok = (labelled > 0)[:, None] & d_ok[None, :]
     tl.store(tile, (tl.load(tile, mask=tile_ok, other=0.0).to(tl.float32) + acc).to(GW.dtype.element_ty), mask=tile_ok)
