@@ -192,7 +192,7 @@ def sweep(n=8192, d=2048, v=151936):
             f()
             res["fwd_" + key] = ms(f)
             zero = torch.zeros(n, device="cuda")
-            label_err = torch.zeros(n, device="cuda")
+            entry = torch.zeros(n, device="cuda")
 
             hd, wd = th._descs(h, wc, c) if tma else (None, None)
             dad = th._desc(da, [c.BM, c.BN // 2]) if tma else None
@@ -206,8 +206,8 @@ def sweep(n=8192, d=2048, v=151936):
                     HAS_BIAS=False, SOFTCAP=False, SCALED=False, HAS_ENT=False, HAS_MEAN=False, NEED_GB=False,
                     EVEN_K=True, DOT_PREC="ieee", USE_TMA=tma, **c.launch())
                 tk._label_entry_kernel[(triton.cdiv(n, th._LABEL_ROWS),)](
-                    lbl, lse, lse, zero, coef, zero, zero, up, da, lse, label_err, n, vc, da.stride(0), 0, 1.0, 1.0,
-                    SOFTCAP=False, HAS_ENT=False, HAS_MEAN=False, NEED_GB=False, NEED_ERR=True,
+                    lbl, lse, lse, zero, coef, zero, zero, up, da, lse, entry, n, vc, da.stride(0), 0, 1.0, 1.0,
+                    SOFTCAP=False, HAS_ENT=False, HAS_MEAN=False, NEED_GB=False,
                     BR=th._LABEL_ROWS, num_warps=4)
             b()
             res["bwd_chunk_" + key] = ms(b)
