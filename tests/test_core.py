@@ -191,6 +191,32 @@ def test_frozen_weight_gets_no_gradient_work(monkeypatch):
     assert frozen * 3 == with_weight * 2
 
 
+def test_weight_rows_lose_the_label_rounding_as_in_float64():
+    """`remove_label_rounding_from_rows` (the torch backend's weight-gradient correction; the backend
+    rounds only on CUDA) against float64: a block of rows from id 40, labels before, inside (one of
+    them repeated) and after it, and those left alone."""
+    from align_losses.ops.tiled_head import remove_label_rounding_from_rows
+
+    g = torch.Generator().manual_seed(5)
+    m, d, first, r = 29, 13, 40, 17
+    rows = torch.randn(r, d, generator=g)
+    err = torch.randn(m, generator=g) * 1e-3
+    hidden = torch.randn(m, d, generator=g).to(torch.bfloat16)
+    labels = torch.randint(0, 100, (m,), generator=g)
+    labels[:6] = torch.tensor([first - 1, first, first + r - 1, first + r, first + 3, first + 3])
+    want = rows.double()
+    inside = (labels >= first) & (labels < first + r)
+    for t in torch.nonzero(inside).squeeze(1).tolist():
+        want[labels[t] - first] -= err[t].double() * hidden[t].double()
+    got = rows.clone()
+    remove_label_rounding_from_rows(got, err, hidden, labels, first)
+    assert 0 < int(inside.sum()) < m
+    assert rel(got, want) < 1e-6
+    untouched = torch.ones(r, dtype=torch.bool)
+    untouched[labels[inside] - first] = False
+    assert torch.equal(got[untouched], rows[untouched])
+
+
 def test_reference_pass_saves_nothing_for_backward():
     hidden, weight, _, labels = _inputs((30,), 16, 50, bias=False, seed=4)
     hidden.requires_grad_()

@@ -374,9 +374,12 @@ def remove_label_rounding(acc: torch.Tensor, label_err: torch.Tensor, weight: to
     The label entry of ``dL/da`` holds a token's whole log-prob upstream gradient, and a sequence
     loss (DPO, SFT's mean) gives every token of a sequence the same one. Rounded to bf16 as a GEMM
     operand it then has the same relative error (up to 2^-8) for the whole sequence, which no sum
-    averages out: 3.4e-3 relative on grad_hidden in the head benchmark's long shape. The backends
-    record each token's error of that entry (``label_err``: operand value minus fp32 value) and
-    remove its product with the label's weight row from the fp32 hidden-state gradient.
+    averages out: 3.4e-3 relative on grad_hidden in the head benchmark's long shape. This backend
+    records each token's error of that entry (``label_err``: operand value minus fp32 value) and
+    removes its product with the label's weight row from the fp32 hidden-state gradient, and its
+    product with the token's hidden state from the fp32 weight-gradient block
+    (`remove_label_rounding_from_rows`). The ``"triton"`` backend keeps the entries out of its GEMM
+    operands instead (`align_losses.ops.triton_head`).
 
     ``acc`` fp32 ``[M, D]``; ``label_err`` fp32 ``[M]``, 0 where the label is in another shard.
     """
@@ -387,7 +390,9 @@ def remove_label_rounding(acc: torch.Tensor, label_err: torch.Tensor, weight: to
 def remove_label_rounding_from_rows(rows: torch.Tensor, label_err: torch.Tensor, hidden: torch.Tensor,
                                     labels: torch.Tensor, first: int) -> None:
     """``rows[labels[t] - first] -= label_err[t] * hidden[t]``: the same rounding, taken out of the fp32
-    weight-gradient rows ``[R, D]`` that start at global id ``first`` (tokens labelled elsewhere skipped)."""
+    weight-gradient rows ``[R, D]`` that start at global id ``first`` (tokens labelled elsewhere skipped).
+    ``index_add_`` adds with atomics on CUDA: labels repeated within the block sum in any order
+    (deterministic under ``torch.use_deterministic_algorithms``)."""
     local = labels - first
     idx = torch.nonzero((local >= 0) & (local < rows.shape[0])).squeeze(1)
     rows.index_add_(0, local[idx], hidden[idx].float() * label_err[idx, None], alpha=-1.0)

@@ -415,8 +415,12 @@ _LABEL_WEIGHT_TILE = (16, 256)
 def add_label_weight_rows(grad_weight: torch.Tensor, entry: torch.Tensor, hidden: torch.Tensor,
                           labels: torch.Tensor, offset: int) -> None:
     """``grad_weight[labels[t] - offset] += entry[t] * hidden[t]`` over the tokens, summed per row in
-    fp32 and added with one rounding, in a fixed order (deterministic, unlike atomics). ``grad_weight`` this shard's
-    ``[V, D]`` rows from ``offset``; ``entry`` fp32 ``[M]``; ``labels`` ``[M]`` global ids.
+    fp32 and added before the row's one rounding in this kernel, in a fixed order (deterministic,
+    unlike atomics). ``grad_weight`` this shard's ``[V, D]`` rows from ``offset``; ``entry`` fp32
+    ``[M]``; ``labels`` ``[M]`` global ids.
+
+    One program walks a row block's tokens one by one, so a label that takes a large share of the
+    tokens is summed serially (not measured; benchmarks/NOTES-triton.md, version 13).
     """
     v, d = grad_weight.shape
     br, bd = _LABEL_WEIGHT_TILE

@@ -282,8 +282,8 @@ def _bwd_kernel(H, W, HD, WD, DAD, Bias, Lse, Ez, Coef, GEnt, GMean, DA, GBias,
                 EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, FLATTEN: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """``dL/da`` for one vocabulary chunk ``[M, Vc]`` (W, Bias, DA, GBias point at the chunk),
-    without the log-prob gradient's one-hot part: `_label_entry_kernel` writes the label entries
-    after it (a per-element label test and its row sums cost this epilogue ~10%)."""
+    without the log-prob gradient's one-hot part: `_label_entry_kernel` then takes the label entries
+    out (a per-element label test and its row sums cost this epilogue ~10%)."""
     num_tiles = tl.cdiv(M, BM) * tl.cdiv(Vc, BN)
     for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=FLATTEN):
         pid_m, pid_n, rm, row_ok, rm_c, rn, col_ok, z = _z_tile(
@@ -352,7 +352,8 @@ def _label_weight_rows_kernel(GW, H, Entry, SortedLbl, Order, Bounds, V, D, stri
                               BR: tl.constexpr, BD: tl.constexpr):
     """``GW[r] += sum over the tokens t labelled r of Entry[t] * H[t]`` for the labelled rows among
     row block ``program_id(0)`` (``BR`` rows, ``BD`` columns) of the weight gradient: the sum and the
-    addition in fp32, one rounding.
+    addition in fp32, rounded once with the row (whose GEMM part was rounded before, but holds only the
+    other tokens' small probability terms).
 
     ``SortedLbl`` ``[M]``: the labels sorted (global ids; this shard's rows from ``label_offset``),
     ``Order`` their tokens; ``Bounds[b]``: the first position in ``SortedLbl`` of row block ``b``
