@@ -245,6 +245,32 @@ def test_interp_bf16_filtered_grads(monkeypatch):
     check_filtered(45, 48, 701, torch.bfloat16, "cpu", monkeypatch, small_tiles=True, tol=8e-3)
 
 
+def filtered_sequence_upstream_grad_h_error(monkeypatch, flip_label_fix=False) -> float:
+    """grad_hidden's relative error against the masked float64 reference when every token has the
+    same log-prob upstream (the label entries' bf16 rounding then one error for all of them);
+    ``flip_label_fix``: the slot kernel's label fix added with the wrong sign."""
+    from align_losses.ops import triton_filter
+
+    upstream = 1.0038  # just under a bf16 rounding tie: its label entries round 3.8e-3 off
+    hidden, weight, _, labels = make(300, 64, 3001, torch.bfloat16, "cpu", 8.0, False, 3)
+    if flip_label_fix:
+        real = triton_filter.hidden_grad
+        monkeypatch.setattr(triton_filter, "hidden_grad", lambda acc, fix, *rest: real(acc, -fix, *rest))
+    got, seen = run_filtered(hidden, weight, None, labels, LogitTransform(), 2.0**-6, True, monkeypatch)
+    assert (~seen["keep"]).float().mean() > 0.3  # the filtering backward ran
+    (gh,) = torch.autograd.grad(got["logprobs"].sum() * upstream, (hidden,))
+    ups = {"logprobs": torch.full((300,), upstream)}
+    ref_gh = masked_reference(hidden, weight, None, labels, LogitTransform(), ups, seen["keep"], seen["block"])[0]
+    return rel(gh, ref_gh)
+
+
+@interp
+def test_interp_filtered_sequence_upstream_label_fix(monkeypatch):
+    right = filtered_sequence_upstream_grad_h_error(monkeypatch)
+    flipped = filtered_sequence_upstream_grad_h_error(monkeypatch, flip_label_fix=True)
+    assert right < 3.5e-3 and flipped > 5e-3, (right, flipped)
+
+
 def check_refuses_entropy_gradient(device, monkeypatch, small_tiles):
     hidden, weight, bias, labels = make(20, 32, 300, torch.float32, device, 8.0, False, 0)
     got, _ = run_filtered(hidden, weight, bias, labels, LogitTransform(), 2.0**-6, small_tiles, monkeypatch,
