@@ -392,7 +392,7 @@ def transform_args(t: LogitTransform) -> tuple:
 
 
 #: Rows and columns of one `_label_rows_kernel` program.
-_LABEL_ROWS_TILE = (16, 256)
+_ADD_LABEL_ROWS_TILE = (16, 256)
 
 
 def add_label_rows(acc: torch.Tensor, coef: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -402,14 +402,14 @@ def add_label_rows(acc: torch.Tensor, coef: torch.Tensor, weight: torch.Tensor, 
     ``[M]`` global ids, ``weight`` this shard's ``[V, D]`` rows from ``offset``.
     """
     m, d = acc.shape
-    br, bd = _LABEL_ROWS_TILE
+    br, bd = _ADD_LABEL_ROWS_TILE
     _label_rows_kernel[(triton.cdiv(m, br), triton.cdiv(d, bd))](
         acc, coef, weight, labels, m, d, weight.shape[0], weight.stride(0), offset, BR=br, BD=bd, num_warps=4,
     )
 
 
 #: Rows and columns of one `_label_weight_rows_kernel` program.
-_LABEL_WEIGHT_TILE = (16, 256)
+_ADD_LABEL_WEIGHT_TILE = (16, 256)
 
 
 def add_label_weight_rows(grad_weight: torch.Tensor, entry: torch.Tensor, hidden: torch.Tensor,
@@ -423,7 +423,7 @@ def add_label_weight_rows(grad_weight: torch.Tensor, entry: torch.Tensor, hidden
     tokens is summed serially (not measured; benchmarks/NOTES-triton.md, version 13).
     """
     v, d = grad_weight.shape
-    br, bd = _LABEL_WEIGHT_TILE
+    br, bd = _ADD_LABEL_WEIGHT_TILE
     ordered, order = torch.sort(labels, stable=True)
     starts = torch.arange(offset, offset + (triton.cdiv(v, br) + 1) * br, br, device=labels.device,
                           dtype=ordered.dtype)
