@@ -594,6 +594,50 @@ def test_gpu_label_weight_rows_kernel():
     label_weight_rows_match_float64("cuda")
 
 
+def label_weight_rows_runs_match_float64(device, m: int, labels_from: int, frequent: float):
+    """`add_label_weight_rows` with runs of one label across the kernel's blocks of sorted tokens: labels
+    from a few ids (runs of every length, ending on and off block edges), one label on a ``frequent``
+    share of the tokens, ``m`` below, at and past a block; twice, bit for bit the same."""
+    from align_losses.ops import triton_head
+
+    g = torch.Generator(device=device).manual_seed(m + labels_from)
+    d, v = 260, max(40, labels_from)
+    hidden = torch.randn(m, d, generator=g, device=device).to(torch.bfloat16)
+    entry = torch.randn(m, generator=g, device=device)
+    labels = torch.randint(0, labels_from, (m,), generator=g, device=device)
+    labels[torch.randperm(m, generator=g, device=device)[: int(frequent * m)]] = 3
+    start = torch.randn(v, d, generator=g, device=device).to(torch.bfloat16)
+    got = [start.clone(), start.clone()]
+    for out in got:
+        triton_head.add_label_weight_rows(out, entry, hidden, labels, 0)
+    terms = entry.double()[:, None] * hidden.double()
+    want = start.double().index_add(0, labels, terms)
+    # what fp32 sums may lose where a row's terms cancel: 2^-20 of its terms' magnitudes
+    fp32_slack = start.double().abs().index_add(0, labels, terms.abs()) * 2.0**-20
+    labelled = torch.zeros(v, dtype=torch.bool, device=device)
+    labelled[labels] = True
+    ulp = 2.0**-7 if device == "cpu" else 2.0**-8  # the interpreter truncates to bf16, the GPU rounds
+    assert bool(((got[0].double() - want).abs() <= want.abs() * ulp + fp32_slack).all())
+    assert torch.equal(got[0][~labelled], start[~labelled])
+    assert torch.equal(got[0], got[1])
+
+
+RUN_CASES = [(7, 3, 0.0), (32, 2, 0.0), (70, 5, 0.0), (100, 30, 0.3), (100, 40, 1.0)]
+
+
+@interp
+@pytest.mark.parametrize("m,labels_from,frequent", RUN_CASES)
+def test_interp_label_weight_rows_runs(m, labels_from, frequent):
+    label_weight_rows_runs_match_float64("cpu", m, labels_from, frequent)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("m,labels_from,frequent", RUN_CASES + [(24576, 151936, 0.05), (5000, 7, 0.0)])
+def test_gpu_label_weight_rows_runs(m, labels_from, frequent):
+    label_weight_rows_runs_match_float64("cuda", m, labels_from, frequent)
+
+
 def label_rows_match_float64(device):
     """`add_label_rows` (one kernel) against float64 math: odd sizes, repeated labels, a shard
     offset with labels on both sides of each edge, labels in other shards left alone, weight rows

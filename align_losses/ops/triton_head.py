@@ -408,8 +408,10 @@ def add_label_rows(acc: torch.Tensor, coef: torch.Tensor, weight: torch.Tensor, 
     )
 
 
-#: Rows and columns of one `_label_weight_rows_kernel` program.
+#: Sorted tokens and columns of one `_label_weight_rows_kernel` program, and the tokens per step of
+#: a run it sums past its block.
 _ADD_LABEL_WEIGHT_TILE = (16, 256)
+_ADD_LABEL_WEIGHT_TAIL = 64
 
 
 def add_label_weight_rows(grad_weight: torch.Tensor, entry: torch.Tensor, hidden: torch.Tensor,
@@ -417,20 +419,15 @@ def add_label_weight_rows(grad_weight: torch.Tensor, entry: torch.Tensor, hidden
     """``grad_weight[labels[t] - offset] += entry[t] * hidden[t]`` over the tokens, summed per row in
     fp32 and added before the row's one rounding in this kernel, in a fixed order (deterministic,
     unlike atomics). ``grad_weight`` this shard's ``[V, D]`` rows from ``offset``; ``entry`` fp32
-    ``[M]``; ``labels`` ``[M]`` global ids.
-
-    One program walks a row block's tokens one by one, so a label that takes a large share of the
-    tokens is summed serially (not measured; benchmarks/NOTES-triton.md, version 13).
+    ``[M]``; ``labels`` ``[M]`` global ids (those of other shards skipped).
     """
     v, d = grad_weight.shape
-    br, bd = _ADD_LABEL_WEIGHT_TILE
+    m = labels.shape[0]
+    bt, bd = _ADD_LABEL_WEIGHT_TILE
     ordered, order = torch.sort(labels, stable=True)
-    starts = torch.arange(offset, offset + (triton.cdiv(v, br) + 1) * br, br, device=labels.device,
-                          dtype=ordered.dtype)
-    bounds = torch.searchsorted(ordered, starts)
-    _label_weight_rows_kernel[(triton.cdiv(v, br), triton.cdiv(d, bd))](
-        grad_weight, hidden, entry, ordered, order, bounds, v, d, grad_weight.stride(0), hidden.stride(0), offset,
-        BR=br, BD=bd, num_warps=4,
+    _label_weight_rows_kernel[(triton.cdiv(m, bt), triton.cdiv(d, bd))](
+        grad_weight, hidden, entry, ordered, order, m, v, d, grad_weight.stride(0), hidden.stride(0), offset,
+        BT=bt, BD=bd, TAIL=_ADD_LABEL_WEIGHT_TAIL, num_warps=4,
     )
 
 

@@ -348,29 +348,70 @@ def _label_rows_kernel(Acc, LblCoef, W, Lbl, M, D, V, stride_w, label_offset,
 
 
 @triton.jit
-def _label_weight_rows_kernel(GW, H, Entry, SortedLbl, Order, Bounds, V, D, stride_gw, stride_h, label_offset,
-                              BR: tl.constexpr, BD: tl.constexpr):
-    """``GW[r] += sum over the tokens t labelled r of Entry[t] * H[t]`` for the labelled rows among
-    row block ``program_id(0)`` (``BR`` rows, ``BD`` columns) of the weight gradient: the sum and the
-    addition in fp32, rounded once with the row (whose GEMM part was rounded before, but holds only the
-    other tokens' small probability terms).
+def _add_within_runs(sum_a, start_a, sum_b, start_b):
+    """Combine step of a scan that sums within runs: a run restarts where its start flag is set."""
+    return tl.where(start_b, sum_b, sum_a + sum_b), start_a | start_b
 
-    ``SortedLbl`` ``[M]``: the labels sorted (global ids; this shard's rows from ``label_offset``),
-    ``Order`` their tokens; ``Bounds[b]``: the first position in ``SortedLbl`` of row block ``b``
-    (the last block's rows past this shard's ``V`` belong to the next shard).
+
+@triton.jit
+def _pick(x, at):
+    """Element ``at`` of the 1-D tensor ``x``, as a scalar."""
+    return tl.sum(tl.where(tl.arange(0, x.shape[0]) == at, x, 0), 0)
+
+
+@triton.jit
+def _label_weight_rows_kernel(GW, H, Entry, SortedLbl, Order, M, V, D, stride_gw, stride_h, label_offset,
+                              BT: tl.constexpr, BD: tl.constexpr, TAIL: tl.constexpr):
+    """``GW[r] += sum over the tokens t labelled r of Entry[t] * H[t]``, the sum and the addition in
+    fp32, rounded once with the row (whose GEMM part was rounded before, but holds only the other
+    tokens' small probability terms). ``SortedLbl`` ``[M]``: the labels sorted (global ids; this
+    shard's ``V`` rows from ``label_offset``), ``Order`` their tokens.
+
+    A program takes ``BT`` sorted positions and ``BD`` columns. A scan sums ``Entry * H`` within each
+    run of one label; a run belongs to the program where it starts, which writes its row once: a
+    run that goes on past the block is summed on to its end (found by a binary search), ``TAIL``
+    tokens a step (a frequent label costs its program ``count / TAIL`` steps). Fixed summation
+    order: deterministic, unlike atomics.
     """
-    blk = tl.program_id(0)
-    rows = blk * BR + tl.arange(0, BR)
+    pos = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
     cols = tl.program_id(1).to(tl.int64) * BD + tl.arange(0, BD)
     d_ok = cols < D
-    acc = tl.zeros((BR, BD), dtype=tl.float32)
-    labelled = tl.zeros((BR,), dtype=tl.int32)
-    for t in range(tl.load(Bounds + blk), tl.load(Bounds + blk + 1)):
-        tok = tl.load(Order + t)
-        mine = (rows == tl.load(SortedLbl + t) - label_offset) & (rows < V)
-        h = tl.load(H + tok * stride_h + cols, mask=d_ok, other=0.0).to(tl.float32)
-        acc = tl.where(mine[:, None], acc + tl.load(Entry + tok) * h[None, :], acc)
-        labelled += mine.to(tl.int32)
-    tile = GW + (rows.to(tl.int64) * stride_gw)[:, None] + cols[None, :]
-    tile_ok = (labelled > 0)[:, None] & d_ok[None, :]
-    tl.store(tile, (tl.load(tile, mask=tile_ok, other=0.0).to(tl.float32) + acc).to(GW.dtype.element_ty), mask=tile_ok)
+    ok = pos < M
+    label = tl.load(SortedLbl + pos, mask=ok, other=-1)
+    starts = ok & (label != tl.load(SortedLbl + pos - 1, mask=ok & (pos > 0), other=-1))
+    ends = ok & (label != tl.load(SortedLbl + pos + 1, mask=pos + 1 < M, other=-1))
+    local = label - label_offset
+    mine = ok & (local >= 0) & (local < V)
+    tok = tl.load(Order + pos, mask=mine, other=0)
+    e = tl.load(Entry + tok, mask=mine, other=0.0)
+    h = tl.load(H + tok[:, None] * stride_h + cols[None, :], mask=mine[:, None] & d_ok[None, :], other=0.0)
+    first = tl.arange(0, BT) == 0
+    restart = tl.broadcast_to((starts | first)[:, None], (BT, BD))
+    run_sum, _ = tl.associative_scan((e[:, None] * h.to(tl.float32), restart), 0, _add_within_runs)
+    # The run still open at the block's last position, if it is this program's and this shard's
+    last = tl.minimum(M - 1 - tl.program_id(0).to(tl.int64) * BT, BT - 1)
+    open_label = _pick(label, last)
+    owned = tl.cumsum(starts.to(tl.int32), 0) > 0  # inside a run that starts in this block
+    go = (_pick((owned & mine & ~ends).to(tl.int32), last) > 0)
+    # The open run's end: the first position past the block with a larger label (a binary search)
+    lo = tl.program_id(0).to(tl.int64) * BT + BT
+    hi = tl.where(go, M, lo)
+    tail_start = lo
+    while lo < hi:
+        mid = (lo + hi) // 2
+        past = tl.load(SortedLbl + mid) > open_label
+        hi = tl.where(past, mid, hi)
+        lo = tl.where(past, lo, mid + 1)
+    tail = tl.zeros((BD,), dtype=tl.float32)
+    for q in range(tail_start, lo, TAIL):
+        p2 = q + tl.arange(0, TAIL)
+        same = p2 < lo
+        tok2 = tl.load(Order + p2, mask=same, other=0)
+        h2 = tl.load(H + tok2[:, None] * stride_h + cols[None, :], mask=same[:, None] & d_ok[None, :], other=0.0)
+        tail += tl.sum(tl.load(Entry + tok2, mask=same, other=0.0)[:, None] * h2.to(tl.float32), 0)
+    is_last = tl.arange(0, BT) == last
+    total = tl.where((is_last & ~ends)[:, None], run_sum + tail[None, :], run_sum)
+    write = owned & mine & (ends | is_last)
+    tile = GW + (tl.where(write, local, 0) * stride_gw)[:, None] + cols[None, :]
+    tile_ok = write[:, None] & d_ok[None, :]
+    tl.store(tile, (tl.load(tile, mask=tile_ok, other=0.0).to(tl.float32) + total).to(GW.dtype.element_ty), mask=tile_ok)
