@@ -245,30 +245,41 @@ def test_interp_bf16_filtered_grads(monkeypatch):
     check_filtered(45, 48, 701, torch.bfloat16, "cpu", monkeypatch, small_tiles=True, tol=8e-3)
 
 
-def filtered_sequence_upstream_grad_h_error(monkeypatch, flip_label_fix=False) -> float:
-    """grad_hidden's relative error against the masked float64 reference when every token has the
-    same log-prob upstream (the label entries' bf16 rounding then one error for all of them);
-    ``flip_label_fix``: the slot kernel's label fix added with the wrong sign."""
+def filtered_sequence_upstream_errors(monkeypatch, flip=None) -> tuple:
+    """(grad_hidden, grad_weight) relative errors against the masked float64 reference when every
+    token has the same log-prob upstream (rounded into the GEMM operands, the label entries would
+    make one error for all of them); ``flip`` ``"hidden"`` or ``"weight"``: the label entries added
+    to that gradient with the wrong sign."""
     from align_losses.ops import triton_filter
 
-    upstream = 1.0038  # just under a bf16 rounding tie: its label entries round 3.8e-3 off
+    upstream = 1.0038  # just under a bf16 rounding tie: its label entries would round 3.8e-3 off
     hidden, weight, _, labels = make(300, 64, 3001, torch.bfloat16, "cpu", 8.0, False, 3)
-    if flip_label_fix:
-        real = triton_filter.hidden_grad
-        monkeypatch.setattr(triton_filter, "hidden_grad", lambda acc, fix, *rest: real(acc, -fix, *rest))
+    if flip == "hidden":
+        real_h = triton_filter.hidden_grad
+        monkeypatch.setattr(triton_filter, "hidden_grad", lambda acc, entry, *rest: real_h(acc, -entry, *rest))
+    if flip == "weight":
+        real_w = triton_filter.add_label_weight_rows
+        monkeypatch.setattr(triton_filter, "add_label_weight_rows",
+                            lambda gw, entry, *rest: real_w(gw, -entry, *rest))
     got, seen = run_filtered(hidden, weight, None, labels, LogitTransform(), 2.0**-6, True, monkeypatch)
     assert (~seen["keep"]).float().mean() > 0.3  # the filtering backward ran
-    (gh,) = torch.autograd.grad(got["logprobs"].sum() * upstream, (hidden,))
+    gh, gw = torch.autograd.grad(got["logprobs"].sum() * upstream, (hidden, weight))
     ups = {"logprobs": torch.full((300,), upstream)}
-    ref_gh = masked_reference(hidden, weight, None, labels, LogitTransform(), ups, seen["keep"], seen["block"])[0]
-    return rel(gh, ref_gh)
+    ref_gh, ref_gw, _ = masked_reference(hidden, weight, None, labels, LogitTransform(), ups, seen["keep"],
+                                         seen["block"])
+    return rel(gh, ref_gh), rel(gw, ref_gw)
 
 
 @interp
-def test_interp_filtered_sequence_upstream_label_fix(monkeypatch):
-    right = filtered_sequence_upstream_grad_h_error(monkeypatch)
-    flipped = filtered_sequence_upstream_grad_h_error(monkeypatch, flip_label_fix=True)
-    assert right < 3.5e-3 and flipped > 5e-3, (right, flipped)
+def test_interp_filtered_sequence_upstream_label_entries(monkeypatch):
+    right = filtered_sequence_upstream_errors(monkeypatch)
+    flipped_h = filtered_sequence_upstream_errors(monkeypatch, flip="hidden")
+    monkeypatch.undo()
+    flipped_w = filtered_sequence_upstream_errors(monkeypatch, flip="weight")
+    # The interpreter truncates to bf16 where a GPU rounds to nearest (the outputs alone are up to
+    # 2^-8 off). The label entries rounded into the weight GEMM's operand gave 6.4e-3 here; now 4.6e-3.
+    assert right[0] < 3.5e-3 and right[1] < 5.5e-3, right
+    assert flipped_h[0] > 5e-3 and flipped_w[1] > 5e-3, (flipped_h, flipped_w)
 
 
 def check_refuses_entropy_gradient(device, monkeypatch, small_tiles):

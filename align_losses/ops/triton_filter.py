@@ -9,7 +9,10 @@ tile's logits from the gathered hidden rows, forms ``dL/da`` and adds ``dL/da @ 
 fp32 ``[M, D]`` hidden-state gradient (atomic adds: a token has slots in several blocks), keeping
 the tile in a compact ``[slots, BN]`` buffer; `_slot_weight_grad_kernel` sums ``dL/da^T @ hidden``
 over a block's tiles and writes that block of the weight gradient once. Three GEMMs over the kept
-pairs instead of over all of them; the hidden-state gradient's summation order is not fixed.
+pairs instead of over all of them; the hidden-state gradient's summation order is not fixed. As in
+the dense backward, each token's label entry stays out of the GEMM operands (kept in fp32, its
+block always recomputed) and is added to both gradients afterwards (`hidden_grad`,
+`add_label_weight_rows`).
 
 What is dropped: for each token at most ``filter_mass`` of its probability (with a vocabulary split
 over P ranks, at most ``filter_mass / P`` on each), so the dropped part of its ``dL/dz`` has an L1
@@ -29,7 +32,8 @@ import triton.language as tl
 
 from ..backends.base import LogitTransform, VocabShard
 from .slots import Slots
-from .triton_head import EXTRA_BUFFER_BYTES, Upstream, _dot_prec, hidden_grad, transform_args, transform_flags
+from .triton_head import (EXTRA_BUFFER_BYTES, Upstream, _dot_prec, add_label_weight_rows, hidden_grad, transform_args,
+                          transform_flags)
 from .triton_kernels import _grad_a, _logits_tile, _mma, _onehot_term, _transform
 
 #: Above this fraction of (token, block) pairs in slots (kept ones and tile padding) the dense
@@ -98,17 +102,17 @@ def _keep_kernel(PMax, PSum, Lse, Lbl, Keep, M, NB, label_offset, vocab_local, f
 
 @triton.jit
 def _slot_grad_kernel(H, W, Bias, Lbl, Lse, Ez, Coef, GEnt, GMean, GLogp, SlotRows, TileBlock, G, Acc, GBias,
-                      LblFix, V, D, stride_h, stride_w, stride_acc, label_offset, tile0, g_base,
+                      Entry, V, D, stride_h, stride_w, stride_acc, label_offset, tile0, g_base,
                       scale, softcap, inv_temp, dz_factor, t_over_c,
                       HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, SCALED: tl.constexpr, HAS_ENT: tl.constexpr,
                       HAS_MEAN: tl.constexpr, HAS_LOGP: tl.constexpr, NEED_H: tl.constexpr,
-                      NEED_G: tl.constexpr, NEED_GB: tl.constexpr, NEED_FIX: tl.constexpr,
+                      NEED_G: tl.constexpr, NEED_GB: tl.constexpr, TAKE_LABEL: tl.constexpr,
                       EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
     """``dL/da`` of tile ``tile0 + program`` (``BM`` gathered tokens x one block); its
     ``dL/da @ W_block`` into ``Acc`` and, with ``NEED_G``, the tile into this chunk's ``G`` (whose
-    first row is slot ``g_base``); with ``NEED_FIX``, what the label entry lost to its rounding into
-    ``LblFix`` (for `hidden_grad` to add back)."""
+    first row is slot ``g_base``); with ``TAKE_LABEL``, each token's label entry into ``Entry`` (fp32)
+    instead, zero in both (the label's block is always kept, so it is written once)."""
     tile = tile0 + tl.program_id(0)
     blk = tl.load(TileBlock + tile).to(tl.int64)
     slots = tile.to(tl.int64) * BM + tl.arange(0, BM)
@@ -128,15 +132,16 @@ def _slot_grad_kernel(H, W, Bias, Lbl, Lse, Ez, Coef, GEnt, GMean, GLogp, SlotRo
                 dz_factor, t_over_c, SOFTCAP, HAS_ENT, HAS_MEAN, HAS_LOGP)
     mask = row_ok[:, None] & col_ok[None, :]
     g = tl.where(mask, g, 0.0)
+    if NEED_GB:
+        tl.atomic_add(GBias + rn_c, tl.sum(g, 0), mask=col_ok, sem="relaxed")
+    if TAKE_LABEL:
+        is_label = (cols[None, :] == local[:, None]) & mask
+        tl.store(Entry + rows_c, tl.sum(tl.where(is_label, g, 0.0), 1),
+                 mask=row_ok & (local >= 0) & (local < BN) & (blk * BN + local < V))
+        g = tl.where(is_label, 0.0, g)
     g_op = g.to(G.dtype.element_ty)
     if NEED_G:  # padding slots and columns past V hold zeros
         tl.store(G + (slots - g_base)[:, None] * BN + cols[None, :], g_op)
-    if NEED_FIX:
-        is_label = (cols[None, :] == local[:, None]) & mask
-        fix = tl.sum(tl.where(is_label, g - g_op.to(tl.float32), 0.0), 1)
-        tl.store(LblFix + rows_c, fix, mask=row_ok & (local >= 0) & (local < BN) & (blk * BN + local < V))
-    if NEED_GB:
-        tl.atomic_add(GBias + rn_c, tl.sum(g, 0), mask=col_ok, sem="relaxed")
     if NEED_H:
         for d0 in range(0, D, BD):
             rd = d0 + tl.arange(0, BD)
@@ -228,7 +233,8 @@ def filtered_backward(hidden, weight, bias, labels, lse, keep, up: dict, transfo
     acc = torch.zeros(m, d, **f32) if need_h else None
     grad_weight = torch.empty_like(weight) if need_w else None
     grad_bias32 = torch.zeros(v, **f32) if need_b else None
-    label_fix = torch.zeros(m, **f32) if (need_h and u.has_logprob and hidden.dtype != torch.float32) else None
+    # Each token's label entry, fp32, 0 where the label is in another shard.
+    entry = torch.zeros(m, **f32) if (u.has_logprob and (need_h or need_w)) else None
     elem = hidden.element_size()
     # The default budget is the dense backward's buffer, less what this path holds besides: the
     # mask and the slot layout (at 24k tokens 22 MB, which put the peak 12 MB over the target).
@@ -245,10 +251,10 @@ def filtered_backward(hidden, weight, bias, labels, lse, keep, up: dict, transfo
             _slot_grad_kernel[(t1 - t0,)](
                 hidden, weight, bias if bias is not None else hidden, labels, lse, *u.kernel_args(), u.g_logprob,
                 slots.rows, slots.tile_block, g_buf if need_w else hidden, acc if need_h else lse,
-                grad_bias32 if need_b else lse, label_fix if label_fix is not None else lse,
+                grad_bias32 if need_b else lse, entry if entry is not None else lse,
                 v, d, hidden.stride(0), weight.stride(0), d, offset, t0, t0 * cfg.BM, *transform_args(transform),
                 HAS_BIAS=bias is not None, **transform_flags(transform), **u.kernel_flags(),
-                HAS_LOGP=u.has_logprob, NEED_H=need_h, NEED_G=need_w, NEED_GB=need_b, NEED_FIX=label_fix is not None,
+                HAS_LOGP=u.has_logprob, NEED_H=need_h, NEED_G=need_w, NEED_GB=need_b, TAKE_LABEL=entry is not None,
                 EVEN_K=(d % cfg.BK == 0), DOT_PREC=dot_prec, BM=cfg.BM, BN=block, BK=cfg.BK, BD=cfg.BD_H,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
@@ -259,8 +265,10 @@ def filtered_backward(hidden, weight, bias, labels, lse, keep, up: dict, transfo
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages_w,
             )
     del g_buf
+    if need_w and entry is not None:
+        add_label_weight_rows(grad_weight, entry, hidden, labels, offset)
     grad_hidden = None
     if need_h:
-        grad_hidden = hidden_grad(acc, label_fix, weight, labels, shard, hidden.dtype)
+        grad_hidden = hidden_grad(acc, entry, weight, labels, shard, hidden.dtype)
     grad_bias = grad_bias32.to(bias.dtype) if need_b else None
     return grad_hidden, grad_weight, grad_bias

@@ -423,6 +423,8 @@ def add_label_weight_rows(grad_weight: torch.Tensor, entry: torch.Tensor, hidden
     """
     v, d = grad_weight.shape
     m = labels.shape[0]
+    if m == 0:
+        return
     bt, bd = _ADD_LABEL_WEIGHT_TILE
     ordered, order = torch.sort(labels, stable=True)
     _label_weight_rows_kernel[(triton.cdiv(m, bt), triton.cdiv(d, bd))](
