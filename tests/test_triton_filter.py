@@ -162,6 +162,13 @@ def run_filtered(hidden, weight, bias, labels, transform, tau, small_tiles, monk
 
 def masked_reference(hidden, weight, bias, labels, transform, ups, keep, block):
     """float64 gradients of ``sum(ups[n] * out[n])`` with ``dL/da`` zero outside the kept pairs."""
+    da = masked_dlda(hidden, weight, bias, labels, transform, ups, keep, block)
+    h, w = hidden.detach().double(), weight.detach().double()
+    return da @ w, da.t() @ h, da.sum(0)
+
+
+def masked_dlda(hidden, weight, bias, labels, transform, ups, keep, block):
+    """float64 ``dL/da`` ``[M, V]`` of ``sum(ups[n] * out[n])``, zero outside the kept pairs."""
     h, w = hidden.detach().double(), weight.detach().double()
     a = (h @ w.t() + (bias.detach().double() if bias is not None else 0)).requires_grad_(True)
     z = a * transform.logit_scale
@@ -172,8 +179,7 @@ def masked_reference(hidden, weight, bias, labels, transform, ups, keep, block):
     if "logsumexp" in ups:
         loss = loss + (torch.logsumexp(z, -1) * ups["logsumexp"].double()).sum()
     (da,) = torch.autograd.grad(loss, a)
-    da = da * keep.t().repeat_interleave(block, 1)[:, : da.shape[1]]
-    return da @ w, da.t() @ h, da.sum(0)
+    return da * keep.t().repeat_interleave(block, 1)[:, : da.shape[1]]
 
 
 def check_filtered(m, d, v, dtype, device, monkeypatch, transform=LogitTransform(), with_bias=False, std=8.0,
@@ -245,15 +251,16 @@ def test_interp_bf16_filtered_grads(monkeypatch):
     check_filtered(45, 48, 701, torch.bfloat16, "cpu", monkeypatch, small_tiles=True, tol=8e-3)
 
 
-def filtered_sequence_upstream_errors(monkeypatch, flip=None) -> tuple:
-    """(grad_hidden, grad_weight) relative errors against the masked float64 reference when every
-    token has the same log-prob upstream (rounded into the GEMM operands, the label entries would
-    make one error for all of them); ``flip`` ``"hidden"`` or ``"weight"``: the label entries added
-    to that gradient with the wrong sign."""
+def filtered_sequence_upstream_errors(device, monkeypatch, flip=None) -> tuple:
+    """``(ours, naive)``: (grad_hidden, grad_weight) relative errors against the masked float64 reference
+    when every token has the same log-prob upstream, of the op and of that reference's ``dL/da`` rounded
+    to bf16 before its GEMMs (the label entries rounded into the operands make one error for all
+    tokens); ``flip`` ``"hidden"`` or ``"weight"``: the op adds the label entries to that gradient with
+    the wrong sign."""
     from align_losses.ops import triton_filter
 
-    upstream = 1.0038  # just under a bf16 rounding tie: its label entries would round 3.8e-3 off
-    hidden, weight, _, labels = make(300, 64, 3001, torch.bfloat16, "cpu", 8.0, False, 3)
+    upstream = 1.0038  # just under a bf16 rounding tie: its label entries round 3.8e-3 off
+    hidden, weight, _, labels = make(300, 64, 3001, torch.bfloat16, device, 8.0, False, 3)
     if flip == "hidden":
         real_h = triton_filter.hidden_grad
         monkeypatch.setattr(triton_filter, "hidden_grad", lambda acc, entry, *rest: real_h(acc, -entry, *rest))
@@ -261,25 +268,42 @@ def filtered_sequence_upstream_errors(monkeypatch, flip=None) -> tuple:
         real_w = triton_filter.add_label_weight_rows
         monkeypatch.setattr(triton_filter, "add_label_weight_rows",
                             lambda gw, entry, *rest: real_w(gw, -entry, *rest))
-    got, seen = run_filtered(hidden, weight, None, labels, LogitTransform(), 2.0**-6, True, monkeypatch)
+    got, seen = run_filtered(hidden, weight, None, labels, LogitTransform(), 2.0**-6, device == "cpu", monkeypatch)
     assert (~seen["keep"]).float().mean() > 0.3  # the filtering backward ran
     gh, gw = torch.autograd.grad(got["logprobs"].sum() * upstream, (hidden, weight))
-    ups = {"logprobs": torch.full((300,), upstream)}
-    ref_gh, ref_gw, _ = masked_reference(hidden, weight, None, labels, LogitTransform(), ups, seen["keep"],
-                                         seen["block"])
-    return rel(gh, ref_gh), rel(gw, ref_gw)
+    ups = {"logprobs": torch.full((300,), upstream, device=device)}
+    da = masked_dlda(hidden, weight, None, labels, LogitTransform(), ups, seen["keep"], seen["block"])
+    h64, w64 = hidden.detach().double(), weight.detach().double()
+    rounded = da.to(torch.bfloat16).double()
+    ours = (rel(gh, da @ w64), rel(gw, da.t() @ h64))
+    naive = (rel((rounded @ w64).to(torch.bfloat16), da @ w64), rel((rounded.t() @ h64).to(torch.bfloat16), da.t() @ h64))
+    return ours, naive
+
+
+def check_filtered_sequence_upstream(device, monkeypatch):
+    ours, naive = filtered_sequence_upstream_errors(device, monkeypatch)
+    flipped_h, _ = filtered_sequence_upstream_errors(device, monkeypatch, flip="hidden")
+    monkeypatch.undo()
+    flipped_w, _ = filtered_sequence_upstream_errors(device, monkeypatch, flip="weight")
+    assert min(naive) > 3e-3, naive  # the test's own premise: rounding the label entries costs that much
+    assert flipped_h[0] > 5e-3 and flipped_w[1] > 5e-3, (flipped_h, flipped_w)
+    return ours, naive
 
 
 @interp
 def test_interp_filtered_sequence_upstream_label_entries(monkeypatch):
-    right = filtered_sequence_upstream_errors(monkeypatch)
-    flipped_h = filtered_sequence_upstream_errors(monkeypatch, flip="hidden")
-    monkeypatch.undo()
-    flipped_w = filtered_sequence_upstream_errors(monkeypatch, flip="weight")
+    ours, naive = check_filtered_sequence_upstream("cpu", monkeypatch)
     # The interpreter truncates to bf16 where a GPU rounds to nearest (the outputs alone are up to
-    # 2^-8 off). The label entries rounded into the weight GEMM's operand gave 6.4e-3 here; now 4.6e-3.
-    assert right[0] < 3.5e-3 and right[1] < 5.5e-3, right
-    assert flipped_h[0] > 5e-3 and flipped_w[1] > 5e-3, (flipped_h, flipped_w)
+    # 2^-8 off): the label entries rounded into the weight GEMM's operand gave 6.4e-3 here, now 4.6e-3.
+    assert ours[0] < 3.5e-3 and ours[1] < 5.5e-3, (ours, naive)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_filtered_sequence_upstream_label_entries(monkeypatch):
+    ours, naive = check_filtered_sequence_upstream("cuda", monkeypatch)
+    # rounding to nearest, both at the floor of the outputs' own rounding, well under the naive head's
+    assert max(ours) < 3e-3 and ours[0] < 0.75 * naive[0] and ours[1] < 0.75 * naive[1], (ours, naive)
 
 
 def check_refuses_entropy_gradient(device, monkeypatch, small_tiles):

@@ -380,13 +380,12 @@ def _label_weight_rows_kernel(GW, H, Entry, SortedLbl, Order, M, V, D, stride_gw
     label = tl.load(SortedLbl + pos, mask=ok, other=-1)
     starts = ok & (label != tl.load(SortedLbl + pos - 1, mask=ok & (pos > 0), other=-1))
     ends = ok & (label != tl.load(SortedLbl + pos + 1, mask=pos + 1 < M, other=-1))
-    local = label - label_offset
+    local = label.to(tl.int64) - label_offset  # 64-bit row offsets even for int32 labels
     mine = ok & (local >= 0) & (local < V)
     tok = tl.load(Order + pos, mask=mine, other=0)
     e = tl.load(Entry + tok, mask=mine, other=0.0)
     h = tl.load(H + tok[:, None] * stride_h + cols[None, :], mask=mine[:, None] & d_ok[None, :], other=0.0)
-    first = tl.arange(0, BT) == 0
-    restart = tl.broadcast_to((starts | first)[:, None], (BT, BD))
+    restart = tl.broadcast_to(starts[:, None], (BT, BD))  # before the first start: a run owned elsewhere
     run_sum, _ = tl.associative_scan((e[:, None] * h.to(tl.float32), restart), 0, _add_within_runs)
     # The run still open at the block's last position, if it is this program's and this shard's
     last = tl.minimum(M - 1 - tl.program_id(0).to(tl.int64) * BT, BT - 1)
