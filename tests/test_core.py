@@ -191,30 +191,35 @@ def test_frozen_weight_gets_no_gradient_work(monkeypatch):
     assert frozen * 3 == with_weight * 2
 
 
-def test_weight_rows_lose_the_label_rounding_as_in_float64():
-    """`remove_label_rounding_from_rows` (the torch backend's weight-gradient correction; the backend
-    rounds only on CUDA) against float64: a block of rows from id 40, labels before, inside (one of
-    them repeated) and after it, and those left alone."""
-    from align_losses.ops.tiled_head import remove_label_rounding_from_rows
+def test_label_entries_reach_their_weight_rows_as_in_float64():
+    """`_LabelledRows` (the torch backend's labelled weight rows) against float64: a shard from id 40 in
+    blocks of 17 ids (the last one short), labels before, inside (one of them repeated, one on every
+    block edge) and after the shard; rows without a label left alone."""
+    from align_losses.ops.tiled_head import _LabelledRows
 
     g = torch.Generator().manual_seed(5)
-    m, d, first, r = 29, 13, 40, 17
-    rows = torch.randn(r, d, generator=g)
-    err = torch.randn(m, generator=g) * 1e-3
+    m, d, offset, vocab, block = 61, 13, 40, 60, 17
+    entry = torch.randn(m, generator=g)
     hidden = torch.randn(m, d, generator=g).to(torch.bfloat16)
-    labels = torch.randint(0, 100, (m,), generator=g)
-    labels[:6] = torch.tensor([first - 1, first, first + r - 1, first + r, first + 3, first + 3])
-    want = rows.double()
-    inside = (labels >= first) & (labels < first + r)
-    for t in torch.nonzero(inside).squeeze(1).tolist():
-        want[labels[t] - first] -= err[t].double() * hidden[t].double()
-    got = rows.clone()
-    remove_label_rounding_from_rows(got, err, hidden, labels, first)
-    assert 0 < int(inside.sum()) < m
-    assert rel(got, want) < 1e-6
-    untouched = torch.ones(r, dtype=torch.bool)
-    untouched[labels[inside] - first] = False
-    assert torch.equal(got[untouched], rows[untouched])
+    labels = torch.randint(0, 140, (m,), generator=g)
+    labels[:10] = torch.tensor([offset - 1, offset, offset + 16, offset + 17, offset + 33, offset + 34,
+                                offset + vocab - 1, offset + vocab, offset + 3, offset + 3])
+    labelled = _LabelledRows.of(labels, offset, vocab, block)
+    for index, first in enumerate(range(offset, offset + vocab, block)):
+        width = min(block, offset + vocab - first)
+        rows = torch.randn(width, d, generator=g)
+        want = rows.double()
+        inside = (labels >= first) & (labels < first + width)
+        for t in torch.nonzero(inside).squeeze(1).tolist():
+            want[labels[t] - first] += entry[t].double() * hidden[t].double()
+        got = rows.clone()
+        labelled.add_to_block(got, index, first, entry, hidden)
+        assert rel(got, want) < 1e-6
+        untouched = torch.ones(width, dtype=torch.bool)
+        untouched[labels[inside] - first] = False
+        assert torch.equal(got[untouched], rows[untouched])
+    assert len(labelled.bounds) == 5 and labelled.bounds[-1] - labelled.bounds[0] == int(
+        ((labels >= offset) & (labels < offset + vocab)).sum())
 
 
 def test_reference_pass_saves_nothing_for_backward():

@@ -320,9 +320,11 @@ def _backward(hidden, weight, bias, labels, lse, expected_z, up, transform, shar
     grad_weight = torch.empty_like(weight) if need_w else None
     grad_bias = torch.empty_like(bias) if (need_b and bias is not None) else None
     rounds = hidden.is_cuda and hidden.dtype != torch.float32  # dL/da rounded as a GEMM operand
-    track_err = rounds and "logprobs" in up and (need_h or need_w)
-    label_err = torch.zeros(m, dtype=torch.float32, device=hidden.device) if track_err else None
-    for v0 in range(0, weight.shape[0], tiling.vocab_block):
+    # See `add_label_entries`: the label entries stay out of the GEMM operands, kept here in fp32.
+    has_entries = "logprobs" in up and weight.shape[0] > 0  # an empty shard holds no label
+    entry = torch.zeros(m, dtype=torch.float32, device=hidden.device) if has_entries else None
+    labelled = _LabelledRows.of(labels, offset, weight.shape[0], tiling.vocab_block) if entry is not None and need_w else None
+    for block, v0 in enumerate(range(0, weight.shape[0], tiling.vocab_block)):
         w = weight[v0 : v0 + tiling.vocab_block]
         b = bias[v0 : v0 + tiling.vocab_block] if bias is not None else None
         gw_block = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
@@ -333,31 +335,29 @@ def _backward(hidden, weight, bias, labels, lse, expected_z, up, transform, shar
             z = _logits(_raw_tile(h, w, b), transform)
             ez = expected_z[rows] if expected_z is not None else None
             grad = _logit_grad(z, lse[rows], ez, up, rows, vocab)
-            if "logprobs" in up:
-                local = labels[rows] - offset - v0
-                inside = (local >= 0) & (local < w.shape[0])
-                idx = torch.nonzero(inside).squeeze(1)
-                grad[idx, local[idx]] += up["logprobs"][rows][idx]
+            if entry is not None:
+                column, inside = _label_columns(labels[rows], offset + v0, w.shape[0])
+                grad.scatter_add_(1, column, torch.where(inside, up["logprobs"][rows], 0.0)[:, None])
             grad = _dz_da_(grad, z, transform)
             del z
+            if gb_block is not None:
+                gb_block += grad.sum(dim=0)
+            if entry is not None:
+                entry[rows] += _take_label_entries_(grad, column, inside)
             # The tile gradient is rounded to the operand dtype only as a GEMM input; sums stay fp32.
             grad_op = grad.to(hidden.dtype) if rounds else grad
-            if label_err is not None:  # see remove_label_rounding
-                label_err[t0 + idx] = grad_op[idx, local[idx]].float() - grad[idx, local[idx]]
             if need_h:
                 grad_hidden[rows] += matmul_fp32(grad_op, w)
             if need_w:
                 gw_block += matmul_fp32(grad_op.t(), h)
-            if gb_block is not None:
-                gb_block += grad.sum(dim=0)
         if need_w:
-            if label_err is not None:
-                remove_label_rounding_from_rows(gw_block, label_err, hidden, labels, offset + v0)
+            if labelled is not None:
+                labelled.add_to_block(gw_block, block, offset + v0, entry, hidden)
             grad_weight[v0 : v0 + tiling.vocab_block] = gw_block
         if gb_block is not None:
             grad_bias[v0 : v0 + tiling.vocab_block] = gb_block
-    if need_h and label_err is not None:
-        remove_label_rounding(grad_hidden, label_err, weight, labels, offset)
+    if need_h and entry is not None:
+        add_label_entries(grad_hidden, entry, weight, labels, offset)
     if need_h and shard is not None:
         import torch.distributed as dist
 
@@ -367,35 +367,66 @@ def _backward(hidden, weight, bias, labels, lse, expected_z, up, transform, shar
     return grad_hidden, grad_weight, grad_bias
 
 
-def remove_label_rounding(acc: torch.Tensor, label_err: torch.Tensor, weight: torch.Tensor,
-                          labels: torch.Tensor, offset: int) -> None:
-    """``acc[t] -= label_err[t] * weight[labels[t] - offset]``: the label entries' rounding, taken out.
+def _label_columns(labels: torch.Tensor, first: int, width: int):
+    """Each token's label as a column of the tile whose columns are ids ``first .. first + width - 1``:
+    ``(column [T, 1] int64, inside [T] bool)``; a label outside the tile points at column 0 or
+    ``width - 1`` with ``inside`` False, so that no step needs the host to know which tokens are inside."""
+    local = labels - first
+    inside = (local >= 0) & (local < width)
+    return local.clamp(0, width - 1)[:, None], inside
+
+
+def _take_label_entries_(grad: torch.Tensor, column: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """Zero each token's label entry in the tile ``grad [T, W]`` (fp32) and return it, fp32 ``[T]``
+    (0 for tokens labelled outside the tile, whose entries stay)."""
+    picked = grad.gather(1, column).squeeze(1)
+    grad.scatter_(1, column, torch.where(inside, 0.0, picked)[:, None])
+    return torch.where(inside, picked, 0.0)
+
+
+def add_label_entries(acc: torch.Tensor, entry: torch.Tensor, weight: torch.Tensor,
+                      labels: torch.Tensor, offset: int) -> None:
+    """``acc[t] += entry[t] * weight[labels[t] - offset]``: the label entries, added unrounded.
 
     The label entry of ``dL/da`` holds a token's whole log-prob upstream gradient, and a sequence
     loss (DPO, SFT's mean) gives every token of a sequence the same one. Rounded to bf16 as a GEMM
-    operand it then has the same relative error (up to 2^-8) for the whole sequence, which no sum
-    averages out: 3.4e-3 relative on grad_hidden in the head benchmark's long shape. This backend
-    records each token's error of that entry (``label_err``: operand value minus fp32 value) and
-    removes its product with the label's weight row from the fp32 hidden-state gradient, and its
-    product with the token's hidden state from the fp32 weight-gradient block
-    (`remove_label_rounding_from_rows`). The ``"triton"`` backend keeps the entries out of its GEMM
-    operands instead (`align_losses.ops.triton_head`).
+    operand it would have the same relative error (up to 2^-8) for the whole sequence, which no sum
+    averages out: 3.4e-3 relative on grad_hidden in the head benchmark's long shape. So the backward
+    takes each entry out of its tile (`_take_label_entries_`) and adds its products in fp32 after the
+    GEMMs: with the label's weight row into the hidden-state gradient (here), with the token's hidden
+    state into the weight gradient's row (`_LabelledRows`), as the ``"triton"`` backend does.
 
-    ``acc`` fp32 ``[M, D]``; ``label_err`` fp32 ``[M]``, 0 where the label is in another shard.
+    ``acc`` fp32 ``[M, D]``; ``entry`` fp32 ``[M]``, 0 where the label is in another shard.
     """
-    rows = (labels - offset).clamp_(0, weight.shape[0] - 1)
-    acc.addcmul_(weight.index_select(0, rows), label_err[:, None], value=-1.0)
+    rows = (labels - offset).clamp(0, weight.shape[0] - 1)
+    acc.addcmul_(weight.index_select(0, rows), entry[:, None])
 
 
-def remove_label_rounding_from_rows(rows: torch.Tensor, label_err: torch.Tensor, hidden: torch.Tensor,
-                                    labels: torch.Tensor, first: int) -> None:
-    """``rows[labels[t] - first] -= label_err[t] * hidden[t]``: the same rounding, taken out of the fp32
-    weight-gradient rows ``[R, D]`` that start at global id ``first`` (tokens labelled elsewhere skipped).
-    ``index_add_`` adds with atomics on CUDA: labels repeated within the block sum in any order
-    (deterministic under ``torch.use_deterministic_algorithms``)."""
-    local = labels - first
-    idx = torch.nonzero((local >= 0) & (local < rows.shape[0])).squeeze(1)
-    rows.index_add_(0, local[idx], hidden[idx].float() * label_err[idx, None], alpha=-1.0)
+@dataclass(frozen=True)
+class _LabelledRows:
+    """The tokens sorted by label, and where each vocabulary block's tokens start in that order."""
+
+    order: torch.Tensor  # int64 [M]: token indices by label, ties by position
+    sorted_labels: torch.Tensor  # int64 [M]: labels[order]
+    bounds: list  # host ints: block b's tokens are order[bounds[b] : bounds[b + 1]]
+
+    @staticmethod
+    def of(labels: torch.Tensor, offset: int, vocab: int, block: int) -> "_LabelledRows":
+        """One sort and one host synchronisation for all blocks of ``block`` ids from ``offset``
+        (finding each block's tokens with ``nonzero`` would synchronise once per block)."""
+        sorted_labels, order = torch.sort(labels, stable=True)
+        edges = torch.arange(offset, offset + vocab + block, block, device=labels.device).clamp_(max=offset + vocab)
+        return _LabelledRows(order, sorted_labels, torch.searchsorted(sorted_labels, edges).tolist())
+
+    def add_to_block(self, rows: torch.Tensor, index: int, first: int, entry: torch.Tensor,
+                     hidden: torch.Tensor) -> None:
+        """``rows[labels[t] - first] += entry[t] * hidden[t]`` for the tokens labelled in block ``index``,
+        whose fp32 rows ``rows [R, D]`` start at id ``first``. ``index_put_`` with ``accumulate`` sums
+        repeated labels in a fixed order (deterministic, unlike ``index_add_``'s atomics on CUDA)."""
+        lo, hi = self.bounds[index], self.bounds[index + 1]
+        tokens = self.order[lo:hi]
+        rows.index_put_((self.sorted_labels[lo:hi] - first,), hidden[tokens].float() * entry[tokens, None],
+                        accumulate=True)
 
 
 def tiled_head(problem: HeadProblem, memory_budget: int, token_block: Optional[int] = None) -> dict:
