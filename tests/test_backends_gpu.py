@@ -311,6 +311,6 @@ def test_torch_backward_syncs_once_and_is_deterministic():
             second = grads()
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    syncs = [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
     assert len(syncs) == 1, syncs
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
