@@ -7,10 +7,10 @@ environment variable ``ALIGN_LOSSES_IMPL``), from the head benchmark on an H200
 ==================  ==========  =============================================================
 inputs on           chosen      why
 ==================  ==========  =============================================================
-CUDA, Triton found  ``triton``  exact; 1.34-1.47x the three-GEMM floor, against 1.64-1.80x
+CUDA, Triton found  ``triton``  exact; 1.39-1.48x the three-GEMM floor, against 1.62-1.79x
                                 for TRL 1.16's chunked head in the same run, at CCE-like
-                                memory; ``torch`` runs at 2.9-4.6x, ``cce`` at 4.1-5.1x (and
-                                10x less exact on flat logits), ``liger`` at 2.0-5.0x
+                                memory; ``torch`` runs at 2.5-3.6x, ``cce`` at 4.0-5.0x (and
+                                10x less exact on flat logits), ``liger`` at 1.9-4.9x
 CUDA, no Triton     ``torch``   the tiled pure-PyTorch path
 not CUDA            ``torch``   the only backend that runs off CUDA
 ==================  ==========  =============================================================
