@@ -304,13 +304,14 @@ def test_torch_backward_syncs_once_and_is_deterministic():
 
     first = grads()
     torch.cuda.synchronize()
+    mode = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
             second = grads()
         finally:
-            torch.cuda.set_sync_debug_mode(0)
+            torch.cuda.set_sync_debug_mode(mode)
     syncs = [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
     assert len(syncs) == 1, syncs
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])

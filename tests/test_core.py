@@ -222,6 +222,48 @@ def test_label_entries_reach_their_weight_rows_as_in_float64():
         ((labels >= offset) & (labels < offset + vocab)).sum())
 
 
+@pytest.mark.parametrize("leaf", ["hidden", "weight", "bias"])
+def test_one_input_needs_a_gradient(leaf):
+    """Only ``leaf`` requires grad (a frozen head and body, say, with a trained bias): its gradient
+    still matches float64, label term included, over several tiles."""
+    shape, d, v = (2, 37), 24, 301
+    hidden, weight, bias, labels = _inputs(shape, d, v, bias=True, seed=41)
+    named = {"hidden": hidden, "weight": weight, "bias": bias}
+    named[leaf].requires_grad_()
+    up = _upstream(shape, 3)
+    stats = align_losses.linear_token_stats(hidden, weight, labels, outputs=("entropy",), bias=bias,
+                                            impl="torch", backend_options=SMALL_TILES)
+    ref = token_stats(full_logits(hidden, weight, bias), labels)
+    (got,) = torch.autograd.grad(sum((getattr(stats, n).double() * up[n]).sum() for n in ("logprobs", "entropy")),
+                                 named[leaf])
+    (want,) = torch.autograd.grad(sum((ref[n] * up[n]).sum() for n in ("logprobs", "entropy")), named[leaf])
+    assert rel(got, want) < 1e-4
+
+
+def test_weight_gradient_is_repeatable_with_one_label_everywhere():
+    """Every token on one label: the torch backend sums that row's label entries in a fixed order, so
+    the weight gradient comes out the same bit for bit (``index_put_(accumulate=True)`` on the CPU adds
+    with atomics across threads from 32k elements: 16 different results in 20 runs, before)."""
+    g = torch.Generator().manual_seed(8)
+    m, d, v = 8192, 256, 512
+    hidden = torch.randn(m, d, generator=g)
+    weight = (torch.randn(v, d, generator=g) * 0.05).requires_grad_()
+    labels = torch.full((m,), 7)
+    up = torch.randn(m, generator=g)
+
+    def grad_weight():
+        logprobs = align_losses.linear_logprobs(hidden, weight, labels, impl="torch")
+        return torch.autograd.grad((logprobs * up).sum(), weight)[0]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)  # the suite runs on one thread (conftest), where no atomics race
+    try:
+        first = grad_weight()
+        assert all(torch.equal(first, grad_weight()) for _ in range(4))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_reference_pass_saves_nothing_for_backward():
     hidden, weight, _, labels = _inputs((30,), 16, 50, bias=False, seed=4)
     hidden.requires_grad_()

@@ -320,11 +320,14 @@ def _backward(hidden, weight, bias, labels, lse, expected_z, up, transform, shar
     grad_weight = torch.empty_like(weight) if need_w else None
     grad_bias = torch.empty_like(bias) if (need_b and bias is not None) else None
     rounds = hidden.is_cuda and hidden.dtype != torch.float32  # dL/da rounded as a GEMM operand
-    # See `add_label_entries`: the label entries stay out of the GEMM operands, kept here in fp32.
-    has_entries = "logprobs" in up and weight.shape[0] > 0  # an empty shard holds no label
+    # See `_add_label_entries`: the label entries stay out of the GEMM operands, kept here in fp32.
+    # An empty shard holds no label; with only the bias to differentiate, the entries need not move.
+    has_entries = "logprobs" in up and weight.shape[0] > 0 and (need_h or need_w)
     entry = torch.zeros(m, dtype=torch.float32, device=hidden.device) if has_entries else None
-    labelled = _LabelledRows.of(labels, offset, weight.shape[0], tiling.vocab_block) if entry is not None and need_w else None
-    for block, v0 in enumerate(range(0, weight.shape[0], tiling.vocab_block)):
+    labelled = None
+    if has_entries and need_w:
+        labelled = _LabelledRows.of(labels, offset, weight.shape[0], tiling.vocab_block)
+    for block_index, v0 in enumerate(range(0, weight.shape[0], tiling.vocab_block)):
         w = weight[v0 : v0 + tiling.vocab_block]
         b = bias[v0 : v0 + tiling.vocab_block] if bias is not None else None
         gw_block = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
@@ -335,7 +338,7 @@ def _backward(hidden, weight, bias, labels, lse, expected_z, up, transform, shar
             z = _logits(_raw_tile(h, w, b), transform)
             ez = expected_z[rows] if expected_z is not None else None
             grad = _logit_grad(z, lse[rows], ez, up, rows, vocab)
-            if entry is not None:
+            if "logprobs" in up:
                 column, inside = _label_columns(labels[rows], offset + v0, w.shape[0])
                 grad.scatter_add_(1, column, torch.where(inside, up["logprobs"][rows], 0.0)[:, None])
             grad = _dz_da_(grad, z, transform)
@@ -352,12 +355,12 @@ def _backward(hidden, weight, bias, labels, lse, expected_z, up, transform, shar
                 gw_block += matmul_fp32(grad_op.t(), h)
         if need_w:
             if labelled is not None:
-                labelled.add_to_block(gw_block, block, offset + v0, entry, hidden)
+                labelled.add_to_block(gw_block, block_index, offset + v0, entry, hidden)
             grad_weight[v0 : v0 + tiling.vocab_block] = gw_block
         if gb_block is not None:
             grad_bias[v0 : v0 + tiling.vocab_block] = gb_block
     if need_h and entry is not None:
-        add_label_entries(grad_hidden, entry, weight, labels, offset)
+        _add_label_entries(grad_hidden, entry, weight, labels, offset)
     if need_h and shard is not None:
         import torch.distributed as dist
 
@@ -384,7 +387,7 @@ def _take_label_entries_(grad: torch.Tensor, column: torch.Tensor, inside: torch
     return torch.where(inside, picked, 0.0)
 
 
-def add_label_entries(acc: torch.Tensor, entry: torch.Tensor, weight: torch.Tensor,
+def _add_label_entries(acc: torch.Tensor, entry: torch.Tensor, weight: torch.Tensor,
                       labels: torch.Tensor, offset: int) -> None:
     """``acc[t] += entry[t] * weight[labels[t] - offset]``: the label entries, added unrounded.
 
@@ -421,12 +424,17 @@ class _LabelledRows:
     def add_to_block(self, rows: torch.Tensor, index: int, first: int, entry: torch.Tensor,
                      hidden: torch.Tensor) -> None:
         """``rows[labels[t] - first] += entry[t] * hidden[t]`` for the tokens labelled in block ``index``,
-        whose fp32 rows ``rows [R, D]`` start at id ``first``. ``index_put_`` with ``accumulate`` sums
-        repeated labels in a fixed order (deterministic, unlike ``index_add_``'s atomics on CUDA)."""
+        whose fp32 rows ``rows [R, D]`` start at id ``first``. Repeated labels are summed in a fixed
+        order: on CUDA ``index_add_`` uses atomics, but ``index_put_(accumulate=True)`` sorts and sums
+        in order; on the CPU it is the other way round (``index_put_`` adds with atomics across
+        threads from 32k elements, ``index_add_`` is serial)."""
         lo, hi = self.bounds[index], self.bounds[index + 1]
         tokens = self.order[lo:hi]
-        rows.index_put_((self.sorted_labels[lo:hi] - first,), hidden[tokens].float() * entry[tokens, None],
-                        accumulate=True)
+        products = hidden[tokens].float() * entry[tokens, None]
+        if rows.is_cuda:
+            rows.index_put_((self.sorted_labels[lo:hi] - first,), products, accumulate=True)
+        else:
+            rows.index_add_(0, self.sorted_labels[lo:hi] - first, products)
 
 
 def tiled_head(problem: HeadProblem, memory_budget: int, token_block: Optional[int] = None) -> dict:
