@@ -6,6 +6,8 @@ backward recomputes each ``[tokens, vocab]`` tile, turns it into the gradient of
 upstream gradients it received, and multiplies it out: the hidden-state gradient is accumulated in
 an fp32 ``[M, D]`` buffer, and each vocabulary block's weight gradient is accumulated over token
 blocks in an fp32 ``[V_block, D]`` buffer and written once, so no fp32 ``[V, D]`` buffer exists.
+Each token's label entry of the logit gradient stays out of the GEMM operands and is added in fp32
+afterwards (`_add_label_entries`). On CUDA the backward waits for the GPU once (`_LabelledRows`).
 
 Tiles hold at most ``memory_budget`` bytes of fp32 temporaries. Logits are never rounded to the
 input dtype: GEMMs on CUDA take bf16/fp16 operands with fp32 outputs, elsewhere they run in fp32.
@@ -388,7 +390,7 @@ def _take_label_entries_(grad: torch.Tensor, column: torch.Tensor, inside: torch
 
 
 def _add_label_entries(acc: torch.Tensor, entry: torch.Tensor, weight: torch.Tensor,
-                      labels: torch.Tensor, offset: int) -> None:
+                       labels: torch.Tensor, offset: int) -> None:
     """``acc[t] += entry[t] * weight[labels[t] - offset]``: the label entries, added unrounded.
 
     The label entry of ``dL/da`` holds a token's whole log-prob upstream gradient, and a sequence
