@@ -409,8 +409,10 @@ def add_label_rows(acc: torch.Tensor, coef: torch.Tensor, weight: torch.Tensor, 
 
 
 #: Sorted tokens and columns of one `_label_weight_rows_kernel` program, and the tokens per step of
-#: a run it sums past its block.
-_ADD_LABEL_WEIGHT_TILE = (16, 256)
+#: a run it sums past its block. 128 columns were 4-11% faster than 256 at every label mix measured
+#: (H200); a 128- or 256-token step shortens a frequent label's tail but slows uniform labels
+#: by 40-140% (benchmarks/NOTES-triton.md).
+_ADD_LABEL_WEIGHT_TILE = (16, 128)
 _ADD_LABEL_WEIGHT_TAIL = 64
 
 
