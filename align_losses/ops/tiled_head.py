@@ -174,10 +174,8 @@ class _Stats:
             # the argmax, so ties keep the first index.
             moved = block_max > old_max
             self.argmax[rows] = torch.where(moved, block_arg + vocab_offset, self.argmax[rows])
-        local = labels - vocab_offset
-        inside = (local >= 0) & (local < z.shape[1])
-        picked = z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
-        self.label_logit[rows] += torch.where(inside, picked, torch.zeros_like(picked))
+        column, inside = _label_columns(labels, vocab_offset, z.shape[1])
+        self.label_logit[rows] += torch.where(inside, z.gather(1, column).squeeze(1), 0.0)
         self.max[rows] = new_max
 
     def all_reduce(self, group) -> None:
