@@ -13,6 +13,8 @@ Per shape and logit regime ("flat": logits of std 2, "peaky": std 8) it measures
   grad_weight), timed once per round, interleaved with the impls (it drifts), median;
 * each impl's median forward + backward time after warm-up, new random labels at every repetition
   (so new upstream gradients), impls rotated from round to round;
+* the four-GEMM bound, in the same rotation: the floor's GEMMs and the logits GEMM again, all cuBLAS,
+  which is what an exact head that keeps no ``[N, V]`` tensor must at least do (the logits twice);
 * peak memory above the inputs (``max_memory_allocated`` minus the allocation with the inputs in place)
   and the bytes of the returned gradients;
 * relative errors of grad_hidden and grad_weight against the same computation in fp32 (no TF32) from
@@ -116,6 +118,9 @@ IMPLS = {
     "ours-triton-filter": "ours impl='triton', filtering mode",
 }
 OURS = ("ours-torch", "ours-triton", "ours-triton-filter")
+#: Timed in the rotation like an impl: the floor's three cuBLAS GEMMs plus the logits GEMM again, the
+#: four GEMMs of an exact head that keeps no [N, V] tensor (its time / floor is where such a head can get).
+BOUND = "four-gemm-bound"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,6 +267,8 @@ def render_markdown(rows: list, meta: dict) -> str:
         crow = [r for r in rows if r["config"] == config]
         any_row = crow[0]
         floors = {lg: next((r.get("floor_ms") for r in crow if r["logits"] == lg and r.get("floor_ms")), None) for lg in LOGITS}
+        bounds = {lg: next((r.get("bound_ratio") for r in crow if r["logits"] == lg and r.get("bound_ratio")), None)
+                  for lg in LOGITS}
         grads = next((r["grads_gib"] for r in crow if r.get("grads_gib")), any_row.get("expected_grads_gib"))
         target = any_row.get("target_peak_gib")
         out += [
@@ -269,7 +276,8 @@ def render_markdown(rows: list, meta: dict) -> str:
             f"D = {any_row['hidden']}, V = {any_row['vocab']}",
             "",
             f"floor {fmt_ms(floors.get('flat'))} flat / {fmt_ms(floors.get('peaky'))} peaky; grads {fmt_gib(grads)}; "
-            f"peak target {fmt_gib(target)}",
+            f"peak target {fmt_gib(target)}; four-GEMM bound (the floor and the logits GEMM again, cuBLAS) "
+            f"{fmt_ratio(bounds.get('flat'))}x flat / {fmt_ratio(bounds.get('peaky'))}x peaky of the floor",
             "",
             "| impl | peak above inputs | time flat | time / floor flat | time peaky | time / floor peaky "
             "| grad_h err flat | grad_h err peaky | grad_h err flat, fixed upstream | grad_h err peaky, fixed upstream "
@@ -669,9 +677,15 @@ def run_config(config: str, shape: Shape, regime: str, impl_names: list, reps: i
         torch.mm(gz, wd, out=gh_out)
         torch.mm(gz.t(), hl, out=gw_out)
 
+    def bound():
+        """The floor and the logits GEMM once more: the least a head that keeps no [N, V] tensor does."""
+        floor()
+        torch.mm(hl, wd.t(), out=z_out)
+
     for _ in range(2):
         clock.time(floor)
-    floor_ms = []
+        clock.time(bound)
+    floor_ms, bound_ms = [], []
 
     base = {
         "config": config, "logits": regime, "logit_std": LOGITS[regime], "tokens": shape.tokens,
@@ -744,12 +758,15 @@ def run_config(config: str, shape: Shape, regime: str, impl_names: list, reps: i
         finally:
             _cleanup(device)
 
-    # Phase 2: timed rounds, the floor once per round, impls rotated; new labels every repetition.
-    active = [n for n in impl_names if n in fns]
+    # Phase 2: timed rounds, the floor once per round, impls and the bound rotated; new labels every repetition.
+    active = [n for n in impl_names if n in fns] + [BOUND]
     for r in range(reps):
         floor_ms.append(clock.time(floor)[0])
-        order = active[r % len(active):] + active[: r % len(active)] if active else []
+        order = active[r % len(active):] + active[: r % len(active)]
         for name in order:
+            if name == BOUND:
+                bound_ms.append(clock.time(bound)[0])
+                continue
             if results[name]["error"]:
                 continue
             try:
@@ -761,14 +778,18 @@ def run_config(config: str, shape: Shape, regime: str, impl_names: list, reps: i
                 log(f"  {name}: FAILED while timing {results[name]['error'][:200]}")
                 _cleanup(device)
     floor_ms.append(clock.time(floor)[0])
-    fl = median(floor_ms)
+    fl, bd = median(floor_ms), median(bound_ms)
     log(f"  floor {fmt_ms(fl)} (runs: {', '.join(f'{x:.2f}' for x in floor_ms)})")
+    log(f"  four-GEMM bound {fmt_ms(bd)} = x{bd / fl:.2f} (runs: {', '.join(f'{x:.2f}' for x in bound_ms)})")
 
     rows = []
     for name in impl_names:
         row = results[name]
         row["floor_ms"] = fl
         row["floor_ms_all"] = floor_ms
+        row["bound_ms"] = bd
+        row["bound_ms_all"] = bound_ms
+        row["bound_ratio"] = bd / fl if fl else None
         if row["ms_all"] and not row["error"]:
             row["ms"] = median(row["ms_all"])
             row["ratio"] = row["ms"] / fl if fl else None

@@ -5,7 +5,9 @@
 One point per impl and shape at its worse (higher) time / floor of the two logit regimes, with a bar
 down to the other regime's; x is the peak above the inputs (the larger of the two regimes), log scale.
 The dashed lines are the targets of ../shared/TARGETS.md: 1.40x the floor and the shape's peak limit
-(grads + 0.15 GiB + 4 B x labelled tokens x D); the target corner is shaded.
+(grads + 0.15 GiB + 4 B x labelled tokens x D); the target corner is shaded. The red dotted line is the
+four-GEMM bound measured in the same run (the higher of the two regimes), where an exact head that
+keeps no [N, V] tensor can at best get.
 """
 
 from __future__ import annotations
@@ -64,6 +66,10 @@ def plot(rows, path):
             ax.fill_between([xmin, target_peak], 0, TARGET_RATIO, color="tab:green", alpha=0.08, lw=0)
         ax.axhline(TARGET_RATIO, ls="--", color="grey", lw=1)
         ax.axhline(1.0, ls=":", color="black", lw=0.8)
+        bound = max((r["bound_ratio"] for r in rows if r["config"] == config and r.get("bound_ratio")), default=None)
+        if bound:
+            ax.axhline(bound, ls=":", color="tab:red", lw=1)
+            ax.text(xmin * 1.05, bound, "four cuBLAS GEMMs", color="tab:red", fontsize=7, va="bottom")
         for name, (peak, hi, lo, _) in pts.items():
             ax.plot([peak, peak], [lo, hi], color=colors[name], lw=1.5, alpha=0.6)
             ax.scatter([peak], [hi], color=colors[name], marker=markers[name], s=90 if markers[name] == "*" else 40,
