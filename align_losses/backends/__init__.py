@@ -7,10 +7,11 @@ environment variable ``ALIGN_LOSSES_IMPL``), from the head benchmark on an H200
 ==================  ==========  =============================================================
 inputs on           chosen      why
 ==================  ==========  =============================================================
-CUDA, Triton found  ``triton``  exact; 1.39-1.48x the three-GEMM floor, against 1.62-1.79x
-                                for TRL 1.16's chunked head in the same run, at CCE-like
-                                memory; ``torch`` runs at 2.5-3.6x, ``cce`` at 4.0-5.0x (and
-                                10x less exact on flat logits), ``liger`` at 1.9-4.9x
+CUDA, Triton found  ``triton``  exact; 1.38-1.48x the three-GEMM floor (four cuBLAS GEMMs:
+                                1.35-1.50x), against 1.62-1.81x for TRL 1.16's chunked head
+                                in the same run, at CCE-like memory; ``torch`` runs at
+                                2.5-3.5x, ``cce`` at 4.0-5.0x (and 10x less exact on flat
+                                logits), ``liger`` at 1.9-4.9x
 CUDA, no Triton     ``torch``   the tiled pure-PyTorch path
 not CUDA            ``torch``   the only backend that runs off CUDA
 ==================  ==========  =============================================================
