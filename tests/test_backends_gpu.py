@@ -286,7 +286,7 @@ def test_torch_backward_syncs_once_and_is_deterministic():
     and the same gradients bit for bit on a second run (repeated labels summed in a fixed order)."""
     import warnings
 
-    from align_losses.backends.base import HeadProblem, LogitTransform
+    from align_losses.problem import HeadProblem, LogitTransform
     from align_losses.ops.tiled_head import tiled_head
 
     g = torch.Generator(device="cuda").manual_seed(9)

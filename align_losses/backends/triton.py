@@ -11,7 +11,8 @@ from typing import Optional
 
 import torch
 
-from .base import OUTPUTS, Backend, Capabilities, HeadProblem
+from ..problem import OUTPUTS, HeadProblem
+from .base import Backend, Capabilities
 
 
 def _available() -> Optional[str]:
