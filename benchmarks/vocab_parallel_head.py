@@ -166,7 +166,7 @@ def check_impl(args: argparse.Namespace, device: torch.device) -> str:
         outputs=frozenset({"logprobs"}),
         shard=VocabShard(start=0, size=args.vocab, group=None),
     )
-    return backends.resolve(args.impl, probe).name
+    return backends.check(args.impl, probe).name
 
 
 # ---------------------------------------------------------------------------------------------------------------------

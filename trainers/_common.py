@@ -36,15 +36,12 @@ PAIRED_COLUMNS = (("prompt", "chosen", "rejected"), ("chosen", "rejected"))
 def check_impl_name(args) -> None:
     """Fail now on an ``lce_impl`` that is unknown or cannot run in this environment."""
     impl = lce_options(args)["impl"]
-    if impl == "auto":
-        return
     try:
-        backend = backends.get(impl)
-    except ValueError as e:
-        raise ValueError(f"lce_impl={impl!r} is not a known backend: expected one of {backends.names()}") from e
-    reason = backend.available()
-    if reason is not None:
-        raise ValueError(f"lce_impl={impl!r} cannot run here: {reason}. Use lce_impl='auto' or another backend.")
+        backends.check(impl)  # without a call: the name and this environment ("auto" always passes)
+    except backends.BackendError as e:
+        if e.kind == "unknown":
+            raise ValueError(f"lce_impl={impl!r} is not a known backend: {e.reason}") from e
+        raise ValueError(f"lce_impl={impl!r} cannot run here: {e.reason}. Use lce_impl='auto' or another backend.") from e
 
 
 def check_model(model) -> None:
