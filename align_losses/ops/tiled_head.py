@@ -258,7 +258,8 @@ def _add_label_entries(acc: torch.Tensor, entry: torch.Tensor, weight: torch.Ten
     The label entry of ``dL/da`` holds a token's whole log-prob upstream gradient, and a sequence
     loss (DPO, SFT's mean) gives every token of a sequence the same one. Rounded to bf16 as a GEMM
     operand it would have the same relative error (up to 2^-8) for the whole sequence, which no sum
-    averages out: 3.4e-3 relative on grad_hidden in the head benchmark's long shape. So the backward
+    averages out (at the head benchmark's long shape it dominated grad_hidden's error:
+    benchmarks/NOTES-triton.md). So the backward
     takes each entry out of its tile (`_take_label_entries_`) and adds its products in fp32 after the
     GEMMs: with the label's weight row into the hidden-state gradient (here), with the token's hidden
     state into the weight gradient's row (`_LabelledRows`), as the ``"triton"`` backend does.

@@ -37,8 +37,8 @@ from .triton_shared import (EXTRA_BUFFER_BYTES, Upstream, add_label_weight_rows,
                             transform_flags)
 
 #: Above this fraction of (token, block) pairs in slots (kept ones and tile padding) the dense
-#: backward runs instead. On an H200 at the Qwen3-1.7B shape the two slot kernels took 4.3 ms at
-#: 11.6% kept, the dense backward ~19 ms: linear in the kept pairs they would meet near half.
+#: backward runs instead: the slot kernels' time grows linearly with the kept pairs, and from
+#: their timing against the dense backward's the two would meet near half (benchmarks/NOTES-triton.md).
 DENSE_ABOVE = 0.5
 
 

@@ -14,11 +14,10 @@ their one-hot term, from the forward's label logits); then two cuBLAS GEMMs: ``g
 W_chunk`` into an fp32 ``[M, D]`` accumulator and ``grad_weight[chunk] = dA^T @ hidden`` written
 once. After the chunks, the label entries are added unrounded: ``entry[t] * W[label_t]`` to the
 fp32 accumulator (`add_label_rows`), ``entry[t] * hidden[t]`` to the weight gradient's labelled
-rows (`add_label_weight_rows`; both in `align_losses.ops.triton_shared`). In a GEMM operand a label entry would be rounded to bf16, and a
-sequence loss gives all tokens of a sequence the same log-prob gradient, so that rounding is one
-relative error (up to 2^-8) for all of them, which no sum averages out (3.5e-3 on the weight
-gradient at the head benchmark's long shape, against 1.7e-3 for the output's own rounding). The first,
-widest chunks borrow their buffer from the weight gradient's rows that later chunks write
+rows (`add_label_weight_rows`; both in `align_losses.ops.triton_shared`). In a GEMM operand a
+label entry would be rounded to bf16, and a sequence loss gives all tokens of a sequence the same log-prob gradient, so that rounding is one
+relative error (up to 2^-8) for all of them, which no sum averages out (at the head benchmark's
+long shape, larger than the output's own rounding: benchmarks/NOTES-triton.md). The first, widest chunks borrow their buffer from the weight gradient's rows that later chunks write
 (`chunk_plan`). The bias gradient is summed in the Triton epilogues (fp32 atomics).
 
 All index arithmetic on rows is 64-bit, so ``M x V`` and ``M x D`` past 2^31 elements work. The
@@ -47,7 +46,7 @@ from .triton_shared import (EXTRA_BUFFER_BYTES, Upstream, add_label_weight_rows,
 
 @functools.lru_cache(maxsize=None)
 def _device_properties(device_index: int):
-    """A CUDA device's properties, read once (25 us per query on the host, several per call)."""
+    """A CUDA device's properties, read once (each query costs the host time, and a call makes several)."""
     return torch.cuda.get_device_properties(device_index)
 
 
@@ -83,9 +82,9 @@ class KernelConfig:
 
 
 #: Defaults per operand dtype (Hopper); fp32 uses IEEE dots (exact mode) and smaller tiles.
-#: 16-bit configs measured on an H200 (benchmarks/NOTES-triton.md): with TMA operands,
-#: 128x256x64, GROUP_M 16, 8 warps, 3 stages, persistent with the loops flattened was the
-#: fastest (of 128x128 / 128x256, 3 / 4 stages, persistent or not, warp-specialised or not).
+#: The 16-bit config is the fastest of those timed on Hopper with TMA operands (128x128 / 128x256,
+#: 3 / 4 stages, persistent or not, warp-specialised or not; the timings are in
+#: benchmarks/NOTES-triton.md).
 FWD_CONFIGS = {
     torch.bfloat16: KernelConfig(128, 256, 64, 16, 8, 3, persistent=True),
     torch.float16: KernelConfig(128, 256, 64, 16, 8, 3, persistent=True),
@@ -131,8 +130,8 @@ def _rowmajor(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-#: Tokens and vocabulary blocks per step of a `combine_kernel` program: 64 blocks a step, not 16,
-#: took the merge from 60 to 30 us at 6k tokens and from 73 to 46 us at 24k (H200).
+#: Tokens and vocabulary blocks per step of a `combine_kernel` program: 64 blocks a step, not 16
+#: (fewer steps, a faster merge; timed in benchmarks/NOTES-triton.md).
 _COMBINE_TILE = (32, 64)
 
 
@@ -244,9 +243,9 @@ def vocab_chunk(m: int, d: int, v: int, elem: int, block: int, memory_budget: Op
     Without a ``memory_budget``, and given the GPU's ``sms``, the width within 10% of the default
     budget's whose ``[Vc, D]`` weight-gradient GEMM fills the SMs' last wave best (the widest of
     those within 1% of the best). Narrower chunks fill waves better but cost a pass over the fp32
-    ``[M, D]`` accumulator each: on an H200, 8448 columns instead of 8704 (528 tiles on 132 SMs
-    instead of 544) took the Qwen3-1.7B-shaped step from 1.67x to 1.62x the floor, while 2048
-    instead of 3584 at 24k tokens (one full wave, 74 chunks instead of 43) made it 1% slower.
+    ``[M, D]`` accumulator each, so the search stays within 10% of the widest width; trimming to a
+    full last wave paid off where the wave was far from full, and narrowing further to one full
+    wave did not (benchmarks/NOTES-triton.md has the timings).
     """
     budget = memory_budget if memory_budget else m * d * elem + EXTRA_BUFFER_BYTES - held
     widest = max(block, (budget // max(m * elem, 1)) // block * block)

@@ -19,9 +19,9 @@ from .triton_kernels import interpreting, label_rows_kernel, label_weight_rows_k
 #: (the hidden-state gradient in the operand dtype is only allocated after the chunk loop, so
 #: the buffer may use that room too). The loop's peak is the weight gradient, the fp32
 #: hidden-state accumulator, this buffer and the core's copy of the labelled hidden states.
-#: Wider chunks are faster (fewer chunks: 1.49x / 1.52x / 1.54x the floor at 4096 / 3072 / 2048
-#: columns, 24k labelled tokens); 80 MiB (3584 columns there) keeps that peak within grads +
-#: 0.15 GiB + 4 B x M x D, which 96 MiB missed by 8 MB (benchmarks/NOTES-triton.md).
+#: Wider chunks are faster (fewer chunks); this is the largest of the sizes tried that kept that
+#: peak within the gradients + 0.15 GiB + 4 B x M x D (the timings and peaks are in
+#: benchmarks/NOTES-triton.md).
 EXTRA_BUFFER_BYTES = 80 * 2**20
 
 
@@ -107,9 +107,9 @@ def add_label_rows(acc: torch.Tensor, coef: torch.Tensor, weight: torch.Tensor, 
 
 
 #: Sorted tokens and columns of one `label_weight_rows_kernel` program, and the tokens per step of
-#: a run it sums past its block. 128 columns were 4-11% faster than 256 at every label mix measured
-#: (H200); a 128- or 256-token step shortens a frequent label's tail but slows uniform labels
-#: by 40-140% (benchmarks/NOTES-triton.md).
+#: a run it sums past its block. 128 columns were faster than 256 at every label mix timed; a
+#: longer step shortens a frequent label's tail but slows uniform labels more than that gains
+#: (benchmarks/NOTES-triton.md).
 _ADD_LABEL_WEIGHT_TILE = (16, 128)
 _ADD_LABEL_WEIGHT_TAIL = 64
 
