@@ -145,7 +145,7 @@ def finish_outputs(stats: Stats, outputs: frozenset, vocab: int, labels: torch.T
     return result
 
 
-def label_columns(labels: torch.Tensor, first: int, width: int):
+def label_columns(labels: torch.Tensor, first: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each token's label as a column of the tile whose columns are ids ``first .. first + width - 1``:
     ``(column [T, 1] int64, inside [T] bool)``; a label outside the tile points at column 0 or
     ``width - 1`` with ``inside`` False, so that no step needs the host to know which tokens are inside."""
