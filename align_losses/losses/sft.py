@@ -8,6 +8,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .common import check_same_shape
+
 SFT_LOSS_TYPES = ("nll", "dft")
 
 
@@ -74,6 +76,9 @@ def sft_token_losses(
         raise ValueError("label_smoothing > 0 needs the per-token `mean_logit` and `logsumexp`.")
     if z_loss > 0 and logsumexp is None:
         raise ValueError("z_loss > 0 needs the per-token `logsumexp`.")
+    for name, value in (("mean_logit", mean_logit), ("logsumexp", logsumexp)):
+        if value is not None:
+            check_same_shape(("token_logps", token_logps), (name, value))
     nll = -token_logps
     per_token = nll * token_logps.detach().exp() if loss_type == "dft" else nll
     if label_smoothing > 0:
@@ -120,6 +125,7 @@ def sft_loss(
         a ``[]`` tensor (int64 for the token count or an int ``num_items_in_batch``; a tensor
         ``num_items_in_batch`` keeps its dtype).
     """
+    check_same_shape(("token_logps", token_logps), ("mask", mask))
     per_token = sft_token_losses(
         token_logps, loss_type=loss_type, label_smoothing=label_smoothing, z_loss=z_loss,
         mean_logit=mean_logit, logsumexp=logsumexp,
