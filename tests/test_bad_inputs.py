@@ -162,3 +162,104 @@ def test_kto_nan_log_prob_gives_a_nan_loss_as_float64():
     r = 0.1 * (c - rc)
     reference = torch.where(labels, 1 - torch.sigmoid(r - z), 1 - torch.sigmoid(z - r)).mean()
     torch.testing.assert_close(out.loss, reference, rtol=0, atol=1e-15)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Core: every argument checked before any work
+
+
+def _head():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 5, 8, generator=g), torch.randn(30, 8, generator=g), torch.randint(0, 30, (2, 5), generator=g)
+
+
+def _no_work(monkeypatch):
+    """Fail the test if the core starts gathering rows or running a backend."""
+    from align_losses import core
+
+    def work(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(core, "_labelled_positions", work)
+    monkeypatch.setattr(core, "_local_head", work)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(backend_options={"memory_budget": -1}), ValueError,
+     r"backend_options\['memory_budget'\] of impl 'torch' must be None or a positive int of bytes.*got -1"),
+    (dict(backend_options={"memory_budget": 0}), ValueError, r"memory_budget'\].*positive int of bytes.*got 0"),
+    (dict(backend_options={"memory_budget": "512MB"}), ValueError, r"memory_budget'\].*positive int of bytes.*got '512MB'"),
+    (dict(backend_options={"token_chunk": 2.5}), ValueError, r"token_chunk'\].*positive int of tokens; got 2.5"),
+    (dict(backend_options={"token_chunk": True}), ValueError, r"token_chunk'\].*positive int of tokens; got True"),
+    (dict(backend_options="memory_budget"), TypeError, r"backend_options must be a mapping.*got 'memory_budget'"),
+    (dict(outputs=None), TypeError, r"outputs must be a tuple of names from \['entropy'.*got None"),
+    (dict(process_group="world"), TypeError, r"process_group must be None or a torch.distributed.ProcessGroup.*got str"),
+    (dict(process_group=0), TypeError, r"process_group must be None or a torch.distributed.ProcessGroup.*got int"),
+    (dict(impl=""), ValueError, r"impl must be 'auto' or a backend name from \['auto', 'torch'.*got ''"),
+    (dict(impl=None), ValueError, r"impl must be 'auto' or a backend name.*got None"),
+    (dict(softcap=True), TypeError, r"softcap must be None or a positive number \(a bool is not a number\); got True"),
+    (dict(temperature=True), TypeError, r"temperature must be a number \(a bool is not a number\); got True"),
+    (dict(logit_scale="2"), TypeError, r"logit_scale must be a number.*got '2'"),
+    (dict(temperature=1e-40), ValueError,
+     r"\|logit_scale\| / temperature = 1e\+40 scales the logits beyond float32's range \(expected <= 2\*\*100.*temperature=1e-40"),
+    (dict(temperature=1e-38), ValueError, r"expected <= 2\*\*100.*got temperature=1e-38"),
+    (dict(logit_scale=1e38), ValueError, r"expected <= 2\*\*100.*logit_scale=1e\+38"),
+    (dict(softcap=1e35, temperature=1e-5), ValueError, r"softcap / temperature = 1e\+40.*softcap=1e\+35"),
+])
+def test_core_refuses_bad_arguments_before_any_work(monkeypatch, kwargs, error, message):
+    h, w, y = _head()
+    _no_work(monkeypatch)
+    with pytest.raises(error, match=message):
+        align_losses.linear_token_stats(h, w, y, **kwargs)
+
+
+def test_hidden_size_zero(monkeypatch):
+    _, _, y = _head()
+    _no_work(monkeypatch)
+    with pytest.raises(ValueError, match=r"hidden size D must be >= 1; got hidden \(2, 5, 0\) and weight \(30, 0\)"):
+        align_losses.linear_logprobs(torch.randn(2, 5, 0), torch.randn(30, 0), y)
+
+
+def test_a_small_temperature_within_the_bound_matches_float64_logits():
+    """The bound is not too tight: temperature 1e-6 still gives the float64 reference's log-probs."""
+    h, w, y = _head()
+    got = align_losses.linear_logprobs(h, w, y, temperature=1e-6)
+    z = (h.double() @ w.double().T) / 1e-6
+    want = torch.log_softmax(z, -1).gather(-1, y[..., None]).squeeze(-1)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2.0)  # logits of ~1e7: fp32 spacing is ~1
+
+
+def test_double_backward_says_the_head_has_none():
+    h, w, y = _head()
+    h.requires_grad_(True)
+    logps = align_losses.linear_token_stats(h, w, y, outputs=("entropy",))
+    with pytest.raises(RuntimeError, match=r"fused linear head has no double backward: expected a backward without "
+                                           r"create_graph=True.*got one with create_graph=True"):
+        torch.autograd.grad(logps.entropy.sum(), h, create_graph=True)
+    # a plain backward is unaffected and matches float64 logits
+    h2 = h.detach().double().requires_grad_(True)
+    ref = torch.log_softmax(h2 @ w.double().T, -1).gather(-1, y[..., None]).sum()
+    ref.backward()
+    logps = align_losses.linear_logprobs(h, w, y)
+    logps.sum().backward()
+    torch.testing.assert_close(h.grad.double(), h2.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_lce_module_refuses_bad_settings_when_built():
+    head = torch.nn.Linear(8, 30, bias=False)
+    with pytest.raises(TypeError, match=r"softcap must be None or a positive number \(a bool is not a number\); got True"):
+        align_losses.LinearCrossEntropyLoss(head, softcap=True)
+    with pytest.raises(ValueError, match=r"impl must be 'auto' or a backend name.*got ''"):
+        align_losses.LinearCrossEntropyLoss(head, impl="")
+    with pytest.raises(ValueError, match=r"expected <= 2\*\*100.*temperature=1e-40"):
+        align_losses.LinearCrossEntropyLoss(head, temperature=1e-40)
+    with pytest.raises(TypeError, match=r"`label_smoothing` must be a real number; got True"):
+        align_losses.LinearCrossEntropyLoss(head, label_smoothing=True)
+    with pytest.raises(ValueError, match=r"z_loss must be >= 0 and finite; got nan"):
+        align_losses.LinearCrossEntropyLoss(head, z_loss=float("nan"))
+    with pytest.raises(TypeError, match=r"ignore_index must be an int; got -100.0"):
+        align_losses.LinearCrossEntropyLoss(head, ignore_index=-100.0)
+    with pytest.raises(ValueError, match=r"memory_budget'\].*got -1"):
+        align_losses.LinearCrossEntropyLoss(head, impl="torch", backend_options={"memory_budget": -1})(
+            torch.randn(2, 8), torch.tensor([1, 2]))

@@ -114,9 +114,14 @@ def check_coefficient(value, name: str, *, positive: bool = False, needed_by: st
     A bool is refused (TypeError): ``True`` is not a coefficient. ``needed_by`` says why a positive
     value is needed (e.g. a loss type that divides by it).
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a real number; got {value!r} ({type(value).__name__}).")
+    check_real(value, name)
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
         bound = "> 0" if positive else ">= 0"
         why = f" ({needed_by})" if needed_by and positive else ""
         raise ValueError(f"`{name}` must be a finite number {bound}{why}; got {value!r}.")
+
+
+def check_real(value, name: str) -> None:
+    """Raise TypeError unless ``value`` is a real number; a bool is refused (``True`` is not a number)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a real number; got {value!r} ({type(value).__name__}).")
