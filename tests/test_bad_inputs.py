@@ -263,3 +263,84 @@ def test_lce_module_refuses_bad_settings_when_built():
     with pytest.raises(ValueError, match=r"memory_budget'\].*got -1"):
         align_losses.LinearCrossEntropyLoss(head, impl="torch", backend_options={"memory_budget": -1})(
             torch.randn(2, 8), torch.tensor([1, 2]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Trainers: dataset checks before TRL's tokenisation, and after it (nothing left to train on)
+
+
+def _trainer(name, dataset, tokenizer, tmp_path, **overrides):
+    from conftest import base_args, tiny_causal_lm
+
+    import trainers
+
+    trainer_cls, config_cls = {
+        "dpo": (trainers.FusedDPOTrainer, trainers.FusedDPOConfig),
+        "kto": (trainers.FusedKTOTrainer, trainers.FusedKTOConfig),
+        "sft": (trainers.FusedSFTTrainer, trainers.FusedSFTConfig),
+        "orpo": (trainers.FusedORPOTrainer, trainers.FusedORPOConfig),
+    }[name]
+    kwargs = dict(base_args(tmp_path, max_steps=1), max_length=64)
+    kwargs.update(overrides)
+    extra = {"ref_model": tiny_causal_lm(seed=1)} if name in ("dpo", "kto") else {}
+    return trainer_cls(model=tiny_causal_lm(), args=config_cls(**kwargs), train_dataset=dataset,
+                       processing_class=tokenizer, **extra)
+
+
+def _rows(name):
+    from conftest import BAD, GOOD, PROMPTS
+
+    if name in ("dpo", "orpo"):
+        return {"prompt": PROMPTS[:4], "chosen": GOOD[:4], "rejected": BAD[:4]}
+    if name == "kto":
+        return {"prompt": PROMPTS[:4], "completion": GOOD[:2] + BAD[:2], "label": [True, True, False, False]}
+    return {"prompt": PROMPTS[:4], "completion": GOOD[:4]}
+
+
+@pytest.mark.parametrize("name, column", [("dpo", "chosen"), ("dpo", "rejected"), ("kto", "completion"),
+                                          ("sft", "completion"), ("orpo", "prompt")])
+def test_trainers_name_the_row_and_column_of_a_null_value(name, column, tokenizer, tmp_path, monkeypatch):
+    from datasets import Dataset
+
+    rows = _rows(name)
+    rows[column] = list(rows[column])
+    rows[column][2] = None
+    with pytest.raises(ValueError, match=rf"the train dataset has a null \(None or missing\) value in column "
+                                         rf"'{column}' at row 2: expected a value in every row"):
+        _trainer(name, Dataset.from_dict(rows), tokenizer, tmp_path)
+
+
+def test_a_missing_key_in_a_row_is_a_null_value(tokenizer, tmp_path):
+    from datasets import Dataset
+
+    rows = [{"prompt": "a", "chosen": " b", "rejected": " c"}, {"prompt": "a", "rejected": " c"}]
+    with pytest.raises(ValueError, match=r"null \(None or missing\) value in column 'chosen' at row 1"):
+        _trainer("dpo", Dataset.from_list(rows), tokenizer, tmp_path)
+
+
+@pytest.mark.parametrize("bad", [2, -1, 0.5])
+def test_kto_trainer_refuses_labels_other_than_0_and_1(bad, tokenizer, tmp_path):
+    from datasets import Dataset
+
+    rows = _rows("kto")
+    rows["label"] = [1, 0, bad, 0]
+    with pytest.raises(ValueError, match=rf"column 'label' must hold True/False \(or 0/1\) labels.*got {bad} at row 2"):
+        _trainer("kto", Dataset.from_dict(rows), tokenizer, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["dpo", "kto", "sft"])
+def test_empty_dataset_is_refused_before_training(name, tokenizer, tmp_path):
+    from datasets import Dataset
+
+    empty = Dataset.from_dict({k: [] for k in _rows(name)})
+    with pytest.raises(ValueError, match=r"the train dataset is empty: expected at least one row"):
+        _trainer(name, empty, tokenizer, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["dpo", "kto", "sft"])
+def test_max_length_shorter_than_every_prompt(name, tokenizer, tmp_path):
+    from datasets import Dataset
+
+    with pytest.raises(ValueError, match=r"no row of the train dataset is left after tokenisation and truncation to "
+                                         r"max_length=2: expected at least one row whose prompt is shorter"):
+        _trainer(name, Dataset.from_dict(_rows(name)), tokenizer, tmp_path, max_length=2)
