@@ -344,3 +344,24 @@ def test_max_length_shorter_than_every_prompt(name, tokenizer, tmp_path):
     with pytest.raises(ValueError, match=r"no row of the train dataset is left after tokenisation and truncation to "
                                          r"max_length=2: expected at least one row whose prompt is shorter"):
         _trainer(name, Dataset.from_dict(_rows(name)), tokenizer, tmp_path, max_length=2)
+
+
+@pytest.mark.parametrize("config, kwargs, error_match", [
+    ("FusedDPOConfig", dict(lce_memory_budget="512MB"), r"`lce_memory_budget` must be a positive int of bytes.*got '512MB'"),
+    ("FusedDPOConfig", dict(lce_memory_budget=-1), r"`lce_memory_budget` must be a positive int.*got -1"),
+    ("FusedDPOConfig", dict(lce_token_chunk=2.5), r"`lce_token_chunk` must be a positive int of tokens, or None; got 2.5"),
+    ("FusedDPOConfig", dict(lce_impl=""), r"`lce_impl` must be 'auto' or a backend name.*got ''"),
+    ("FusedDPOConfig", dict(beta=-0.1), r"`beta` must be a finite number >= 0; got -0.1"),
+    ("FusedDPOConfig", dict(beta=float("nan")), r"`beta` must be a finite number >= 0; got nan"),
+    ("FusedDPOConfig", dict(beta=0.0, loss_type="ipo"), r"`beta` must be a finite number > 0 \(loss_type \['ipo'\] divides by it\); got 0.0"),
+    ("FusedDPOConfig", dict(beta=0.0, loss_type=["sigmoid", "sppo_hard"]), r"> 0 \(loss_type \['sppo_hard'\] divides by it\)"),
+    ("FusedKTOConfig", dict(beta=float("inf")), r"`beta` must be a finite number >= 0; got inf"),
+    ("FusedKTOConfig", dict(desirable_weight=-1.0), r"`desirable_weight` must be a finite number >= 0; got -1.0"),
+    ("FusedSFTConfig", dict(lce_z_loss=float("nan")), r"`lce_z_loss` must be a finite number >= 0; got nan"),
+    ("FusedSFTConfig", dict(lce_filter_mass=True), r"`lce_filter_mass` must be a probability in \(0, 1\) or None; got True"),
+])
+def test_configs_refuse_bad_values(config, kwargs, error_match, tmp_path):
+    import trainers
+
+    with pytest.raises(ValueError, match=error_match):
+        getattr(trainers, config)(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, **kwargs)
