@@ -45,15 +45,19 @@ def check_no_nulls(dataset, columns: Iterable[str], where: str) -> None:
     if batches is None:
         return
     for start, table in batches:
+        found = []  # (row, column) of the first nulls of each column, earliest first
         for name in names:
             column = table.column(name)
             if column.null_count:
-                rows = [start + int(i) for i in pc.indices_nonzero(pc.is_null(column)).to_pylist()[:5]]
-                raise ValueError(
-                    f"{where} has a null (None or missing) value in column {name!r} at row {rows[0]}"
-                    f"{f' (first rows: {rows})' if len(rows) > 1 else ''}: expected a value in every row "
-                    f"(text, a list of messages or token ids). Fill in or drop those rows."
-                )
+                found += [(start + int(i), name) for i in pc.indices_nonzero(pc.is_null(column)).to_pylist()[:5]]
+        if found:
+            found.sort()
+            row, name = found[0]
+            more = f" (first ones: {', '.join(f'row {r} {c!r}' for r, c in found[:5])})" if len(found) > 1 else ""
+            raise ValueError(
+                f"{where} has a null (None or missing) value in column {name!r} at row {row}{more}: expected a "
+                f"value in every row (text, a list of messages or token ids). Fill in or drop those rows."
+            )
 
 
 def check_binary_labels(dataset, column: str, where: str) -> None:
