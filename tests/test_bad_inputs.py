@@ -365,3 +365,32 @@ def test_configs_refuse_bad_values(config, kwargs, error_match, tmp_path):
 
     with pytest.raises(ValueError, match=error_match):
         getattr(trainers, config)(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Examples
+
+
+def test_pipeline_example_without_torchrun_says_how_to_launch_it(monkeypatch, capsys):
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("pipeline_parallel_example", ROOT / "examples" / "pipeline_parallel.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--loss", "sft"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "expected a launch by torchrun" in err and "RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT not set" in err
+    assert "torchrun --nproc_per_node 2" in err and "--loss sft" in err
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    with pytest.raises(SystemExit):
+        module.main([])
+    assert "expected at least 2 ranks (one pipeline stage each); got WORLD_SIZE=1" in capsys.readouterr().err
