@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -313,7 +314,15 @@ def main(argv=None):
     parser.add_argument("--impl", default="auto", help="align_losses backend (impl=)")
     args = parser.parse_args(argv)
 
+    missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        parser.error(
+            f"expected a launch by torchrun, which sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; "
+            f"{', '.join(missing)} not set. Run: torchrun --nproc_per_node 2 {sys.argv[0]} {' '.join(argv or sys.argv[1:])}"
+        )
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if world < 2:
+        parser.error(f"expected at least 2 ranks (one pipeline stage each); got WORLD_SIZE={world}")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)

@@ -14,6 +14,7 @@ from accelerate.utils import is_peft_model
 from align_losses import backends
 
 from .configs import lce_options
+from .dataset_checks import check_not_empty, check_rows
 from .fused_forward import (
     FusedHeadSettings,
     allow_lm_head_adapter,
@@ -64,18 +65,22 @@ def dataset_columns(dataset) -> Optional[set]:
 
 
 def check_columns(dataset, alternatives: Sequence[Iterable[str]], trainer: str, split: str = "train") -> None:
-    """Fail unless ``dataset`` holds one of the column sets in ``alternatives``."""
+    """Fail unless ``dataset`` holds one of the column sets in ``alternatives``, has rows, and (a
+    `datasets.Dataset`) holds no null value in those columns and only True/False or 0/1 in a ``label`` column
+    (`trainers.dataset_checks`)."""
     if dataset is None:
         return
     if isinstance(dataset, dict):
         for name, part in dataset.items():
             check_columns(part, alternatives, trainer, f"{split}[{name!r}]")
         return
+    check_not_empty(dataset, f"{trainer}: the {split} dataset")
     columns = dataset_columns(dataset)
     if columns is None:
         return
     for option in alternatives:
         if set(option) <= columns:
+            check_rows(dataset, option, f"{trainer}: the {split} dataset")
             return
     wanted = " or ".join("{" + ", ".join(repr(c) for c in option) + "}" for option in alternatives)
     raise ValueError(
@@ -107,6 +112,35 @@ def check_before_init(
     if columns is not None:
         check_columns(train_dataset, columns, trainer)
         check_columns(eval_dataset, columns, trainer, "eval")
+
+
+def check_prepared_datasets(trainer) -> None:
+    """After TRL's ``__init__``: fail when tokenisation and truncation left a given dataset without rows.
+
+    TRL drops the rows whose prompt fills ``max_length``; with every row dropped, DPO and SFT would fail in
+    the sampler (``num_samples=0``) and KTO would train 0 steps and report success.
+    """
+    name = type(trainer).__name__
+    max_length = getattr(trainer.args, "max_length", None)
+    parts = [("train", trainer.train_dataset)]
+    eval_dataset = trainer.eval_dataset
+    if isinstance(eval_dataset, dict):
+        parts += [(f"eval[{key!r}]", part) for key, part in eval_dataset.items()]
+    else:
+        parts.append(("eval", eval_dataset))
+    for split, dataset in parts:
+        if dataset is None:
+            continue
+        try:
+            size = len(dataset)
+        except TypeError:  # an IterableDataset has no length
+            continue
+        if size == 0:
+            raise ValueError(
+                f"{name}: no row of the {split} dataset is left after tokenisation and truncation to "
+                f"max_length={max_length}: expected at least one row whose prompt is shorter than max_length "
+                f"(TRL drops the others). Raise max_length or shorten the prompts."
+            )
 
 
 @contextlib.contextmanager
@@ -218,6 +252,7 @@ class ReferenceTrainerMixin(FusedTrainerMixin):
                 callbacks=callbacks, optimizers=optimizers, quantization_config=quantization_config,
                 peft_config=peft_config,
             )
+        check_prepared_datasets(self)
         self._install_fused_heads()
 
     def _around_trl_init(self, args, data_collator):
@@ -377,6 +412,7 @@ class PairedTrainerMixin(FusedTrainerMixin):
             optimizers=optimizers, preprocess_logits_for_metrics=preprocess_logits_for_metrics,
             peft_config=peft_config, compute_metrics=compute_metrics,
         )
+        check_prepared_datasets(self)
         self._install_fused_heads()
 
     def _check_args(self, args) -> None:

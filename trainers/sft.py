@@ -21,7 +21,13 @@ from packaging.version import Version
 
 from align_losses.losses import sft_loss
 
-from ._common import FusedTrainerMixin, check_before_init, lm_head_adapter_allowed, outputs_with_logits
+from ._common import (
+    FusedTrainerMixin,
+    check_before_init,
+    check_prepared_datasets,
+    lm_head_adapter_allowed,
+    outputs_with_logits,
+)
 
 
 def _sft_columns(args):
@@ -61,6 +67,7 @@ class FusedSFTTrainer(FusedTrainerMixin, trl.SFTTrainer):
                 preprocess_logits_for_metrics=preprocess_logits_for_metrics, quantization_config=quantization_config,
                 peft_config=peft_config, formatting_func=formatting_func,
             )
+        check_prepared_datasets(self)
         self._fused_outputs = ("entropy", "is_top1")
         if self._label_smoothing > 0:
             self._fused_outputs += ("mean_logits", "logsumexp")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .common import PreferenceOutput, smoothed_sigmoid_loss, token_counts
+from .common import PreferenceOutput, check_batch, check_coefficient, smoothed_sigmoid_loss, token_counts
 from .sft import chosen_nll
 
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
@@ -45,10 +45,14 @@ def alphapo_reward(logps: Tensor, alpha: float) -> Tensor:
     return -torch.expm1(-alpha * logps) / alpha
 
 
-def check_cpo_args(loss_type: str) -> None:
-    """Raise ValueError unless ``loss_type`` is one of `CPO_LOSS_TYPES`."""
+def check_cpo_args(loss_type: str, *, beta: float | None = None) -> None:
+    """Raise ValueError unless ``loss_type`` is one of `CPO_LOSS_TYPES` and the given ``beta`` is a finite
+    number ``>= 0`` (``> 0`` for "ipo", which divides by it; TypeError for a bool or a non-number)."""
     if loss_type not in CPO_LOSS_TYPES:
         raise ValueError(f"Unknown CPO loss_type {loss_type!r}; expected one of {CPO_LOSS_TYPES}.")
+    if beta is not None:
+        ipo = loss_type == "ipo"
+        check_coefficient(beta, "beta", positive=ipo, needed_by="loss_type 'ipo' divides by it" if ipo else "")
 
 
 def cpo_loss(
@@ -92,7 +96,8 @@ def cpo_loss(
     Returns:
         `CPOOutput`, with the (possibly averaged) log-probs it used.
     """
-    check_cpo_args(loss_type)
+    check_cpo_args(loss_type, beta=beta)
+    check_batch(("chosen_logps", chosen_logps), ("rejected_logps", rejected_logps))
     if loss_type == "alphapo":
         loss_type, cpo_alpha = "simpo", 0.0
     if label_smoothing > 0 and loss_type in ("hinge", "ipo"):
