@@ -29,7 +29,7 @@ when matplotlib is there, ``head-latest.png`` (see ``plot_head.py``) under ``--o
     python benchmarks/head.py --shapes qwen3-1.7b --impls ours-torch,trl --reps 5
     python benchmarks/head.py --dry-run                                    # validate arguments, print the plan
 
-See benchmarks/README.md for the wheels to carry to the GPU machine (TRL, Liger, CCE, CUTLASS DSL).
+See benchmarks/README.md for what to install on a GPU machine (pip install ".[gpu]": Liger and CCE).
 """
 
 from __future__ import annotations
