@@ -418,7 +418,7 @@ class Impls:
         except Exception as exc:  # noqa: BLE001 - the backward needs trl.trainer.utils; say so in the row
             raise RuntimeError(
                 f"trl.trainer.utils does not import ({type(exc).__name__}: {exc}); ChunkedLogProbFunction's "
-                "backward imports it: carry its dependencies (benchmarks/README.md)"
+                "backward imports it: install the package's dependencies (benchmarks/README.md)"
             ) from exc
 
         def fn(h, w, labels):
