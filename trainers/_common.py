@@ -1,5 +1,6 @@
-"""What the fused trainers share: checks before TRL's ``__init__`` runs, installing the fused heads, the
-reference model (DPO, KTO) and the fused pass over a concatenated chosen + rejected batch (ORPO, CPO)."""
+"""What the fused trainers share: checks before TRL's ``__init__`` runs, installing the fused heads, the model's
+per-token outputs as an `align_losses.fused.TokenBatch`, the reference model (DPO, KTO) and the fused pass over a
+concatenated chosen + rejected batch (ORPO, CPO)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ import torch
 from accelerate.utils import is_peft_model
 
 from align_losses import backends
+from align_losses.fused import SequenceLayout, TokenBatch
 
 from .configs import lce_options
 from .fused_forward import (
+    FIELD_TO_STAT,
+    FusedHeadOutput,
     FusedHeadSettings,
     allow_lm_head_adapter,
     check_impl,
@@ -120,6 +124,34 @@ def lm_head_adapter_allowed(model, peft_config):
         return
     with allow_lm_head_adapter(model):
         yield
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TRL's fused-head names at the boundary: the core's names inside
+
+
+def head_fields(stats: Iterable[str]) -> tuple[str, ...]:
+    """The fused forward's field names (TRL's: ``mean_logits``, ``is_top1``, ...) of core statistics
+    (``mean_logit``, ``argmax_hit``, ...), for `FusedHeadSettings.outputs` and ``fused_outputs=``."""
+    field_of = {stat: name for name, stat in FIELD_TO_STAT.items()}
+    return tuple(dict.fromkeys(field_of[stat] for stat in stats))
+
+
+def token_batch(out: FusedHeadOutput, layout: SequenceLayout, mask: torch.Tensor,
+                completion: Optional[torch.Tensor] = None) -> TokenBatch:
+    """The per-token outputs of a fused forward, per sequence and under the core's names.
+
+    Args:
+        out: the model's `FusedHeadOutput`: next-token values ``[rows, W]`` under TRL's field names.
+        layout: the batch's layout (padded, or packed into one row).
+        mask: ``[rows, W']`` the scored tokens (nonzero), next-token aligned; ``W' <= W``: prompt-learning
+            PEFT prepends virtual tokens, and only the last ``W'`` positions are the batch's.
+        completion: the tokens the sequence log-probs cover, shaped like ``mask`` (default ``mask``).
+    """
+    width = mask.shape[-1]
+    values = {"logprobs": out.log_probs, **{stat: getattr(out, name, None) for name, stat in FIELD_TO_STAT.items()}}
+    values = {name: None if value is None else value[..., -width:] for name, value in values.items()}
+    return TokenBatch.of(layout, mask, values, completion=completion, shifted=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
