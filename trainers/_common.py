@@ -313,18 +313,16 @@ class PairedPass:
 
     Attributes:
         outputs: the raw `trainers.fused_forward.FusedHeadOutput` (``aux_loss`` for MoE).
-        token_logps: ``[2B, T - 1]`` next-token log-probs, with gradient, 0 where not labelled.
-        completion_mask: ``[2B, T - 1]`` bool, the completion tokens (TRL's ``concatenated_labels``, shifted).
-        nll_mask: ``[B, T - 1]`` bool, the chosen tokens of the NLL term.
-        mean_logits_all: ``[2B, T]`` detached mean logit over the vocabulary at every input position.
+        tokens: ``[2B, T - 1]`` per-token values (`align_losses.fused.TokenBatch`, ``logprobs`` with gradient);
+            ``mask``: the labelled tokens (the chosen rows' NLL tokens, the rejected rows' completions),
+            ``completion``: the completion tokens (TRL's ``concatenated_labels``, shifted).
+        mean_logit_all: ``[2B, T]`` detached mean logit over the vocabulary at every input position.
         batch_size: ``B``.
     """
 
     outputs: Any
-    token_logps: torch.Tensor
-    completion_mask: torch.Tensor
-    nll_mask: torch.Tensor
-    mean_logits_all: torch.Tensor
+    tokens: TokenBatch
+    mean_logit_all: torch.Tensor
     batch_size: int
 
     def halves(self, x: torch.Tensor):
@@ -361,7 +359,7 @@ def fused_paired_pass(trainer, model, batch, *, padding_value: int, nll_over: Li
     settings = fused_settings(unwrap_transformers_model(trainer.accelerator.unwrap_model(trainer.model)))
     # With a soft-cap, `mean_logits_all` takes the labelled positions' exact mean from the main pass, which must
     # then compute it (without it those positions would read 0); without one it is the free linear identity.
-    fields = ("mean_logits",) if settings is not None and settings.quirks.softcap is not None else ()
+    fields = head_fields(("mean_logit",)) if settings is not None and settings.quirks.softcap is not None else ()
     outputs = model(
         input_ids,
         attention_mask=attention_mask,
@@ -372,19 +370,11 @@ def fused_paired_pass(trainer, model, batch, *, padding_value: int, nll_over: Li
         mean_logits_all=True,
         **kwargs,
     )
-    width = input_ids.shape[1]
+    tokens = token_batch(outputs, SequenceLayout.of(labels), labels[:, 1:] != -100,
+                         completion=completion_labels[:, 1:] != -100)
     # Prompt-learning PEFT prepends virtual tokens: keep the real positions.
-    token_logps = outputs.log_probs[:, -(width - 1) :]
-    mean_all = outputs.mean_logits_all[:, -width:]
-    shifted = labels[:, 1:] != -100
-    return PairedPass(
-        outputs=outputs,
-        token_logps=token_logps,
-        completion_mask=completion_labels[:, 1:] != -100,
-        nll_mask=shifted[:num],
-        mean_logits_all=mean_all,
-        batch_size=num,
-    )
+    mean_all = outputs.mean_logits_all[:, -input_ids.shape[1]:]
+    return PairedPass(outputs=outputs, tokens=tokens, mean_logit_all=mean_all, batch_size=num)
 
 
 class PairedTrainerMixin(FusedTrainerMixin):
