@@ -176,11 +176,8 @@ class FusedTrainerMixin:
         """The head's settings; ``trained=False`` (the reference model) leaves out the filtering backward."""
         options = lce_options(self.args)
         return FusedHeadSettings(
-            outputs=tuple(outputs),
-            impl=options["impl"],
-            memory_budget=options["memory_budget"],
-            token_chunk=options["token_chunk"],
-            filter_mass=options["filter_mass"] if trained else None,
+            outputs=tuple(outputs), impl=options["impl"], memory_budget=options["memory_budget"],
+            token_chunk=options["token_chunk"], filter_mass=options["filter_mass"] if trained else None,
         )
 
     def _install_fused_heads(self) -> None:
@@ -361,14 +358,8 @@ def fused_paired_pass(trainer, model, batch, *, padding_value: int, nll_over: Li
     # then compute it (without it those positions would read 0); without one it is the free linear identity.
     fields = head_fields(("mean_logit",)) if settings is not None and settings.quirks.softcap is not None else ()
     outputs = model(
-        input_ids,
-        attention_mask=attention_mask,
-        use_cache=False,
-        labels=labels,
-        fused_lm_head=True,
-        fused_outputs=fields,
-        mean_logits_all=True,
-        **kwargs,
+        input_ids, attention_mask=attention_mask, use_cache=False, labels=labels, fused_lm_head=True,
+        fused_outputs=fields, mean_logits_all=True, **kwargs,
     )
     tokens = token_batch(outputs, SequenceLayout.of(labels), labels[:, 1:] != -100,
                          completion=completion_labels[:, 1:] != -100)
