@@ -99,7 +99,9 @@ class FusedKTOTrainer(ReferenceTrainerMixin, trl.KTOTrainer):
     def compute_ref_log_probs(self, model, inputs):
         """Reference ``(completion [B], KL [B] or None)`` log-probs of one batch (precompute path)."""
         with self._precompute_context():
-            logps = self._completion_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+            logps = self._completion_logps(
+                model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
+            )
             kl = self._kl_logps(model, inputs)
         return logps, kl
 

@@ -38,7 +38,14 @@ from .common import FusedLoss, FusedOutput, PairLoss
 from .dpo import DPO_METRIC_OUTPUTS, FusedDPOLoss, dpo_from_tokens, dpo_loss_outputs
 from .kto import KTO_METRIC_OUTPUTS, FusedKTOLoss, KTOLoss, kto_from_tokens
 from .layout import SequenceLayout, cu_seqlens_of
-from .paired import PAIRED_METRIC_OUTPUTS, FusedCPOLoss, FusedORPOLoss, FusedSimPOLoss, cpo_from_tokens, orpo_from_tokens
+from .paired import (
+    PAIRED_METRIC_OUTPUTS,
+    FusedCPOLoss,
+    FusedORPOLoss,
+    FusedSimPOLoss,
+    cpo_from_tokens,
+    orpo_from_tokens,
+)
 from .sft import SFT_METRIC_OUTPUTS, FusedSFTLoss, sft_from_tokens
 from .tokens import HeadOptions, TokenBatch, fused_sequence_logps, head_pass, pair_sequence_logps, split_pairs
 

@@ -36,7 +36,9 @@ def orpo_from_tokens(chosen: TokenBatch, rejected: TokenBatch, *, beta: float) -
     return PairLoss(chosen_logps, rejected_logps, result)
 
 
-def cpo_from_tokens(chosen: TokenBatch, rejected: TokenBatch, *, loss_type: str = "sigmoid", **loss_options) -> PairLoss:
+def cpo_from_tokens(
+    chosen: TokenBatch, rejected: TokenBatch, *, loss_type: str = "sigmoid", **loss_options
+) -> PairLoss:
     """Completion sums and lengths, then `align_losses.losses.cpo_loss`.
 
     The NLL term (``cpo_alpha != 0``) is the token mean of ``-log p`` over ``chosen.mask``.
@@ -56,8 +58,10 @@ def cpo_from_tokens(chosen: TokenBatch, rejected: TokenBatch, *, loss_type: str 
         chosen_token_mask=chosen.mask,
         **loss_options,
     )
-    if loss_type in AVERAGED_LOSS_TYPES:
-        return PairLoss(chosen_sums / chosen_lengths.clamp(min=1), rejected_sums / rejected_lengths.clamp(min=1), result)
+    if loss_type in AVERAGED_LOSS_TYPES:  # the per-token averages the loss read
+        return PairLoss(
+            chosen_sums / chosen_lengths.clamp(min=1), rejected_sums / rejected_lengths.clamp(min=1), result
+        )
     return PairLoss(chosen_sums, rejected_sums, result)
 
 
@@ -128,7 +132,8 @@ class FusedCPOLoss(FusedLoss):
     """CPO (TRL's CPOTrainer; SimPO and AlphaPO by ``loss_type``/``alpha``) from hidden states.
 
     Built as: `head_pass` -> `split_pairs` -> `cpo_from_tokens` (completion sums and lengths ->
-    `cpo_loss`, which averages per token for the `AVERAGED_LOSS_TYPES`, as TRL), NLL term = token mean of ``-log p`` over the
+    `cpo_loss`, which averages per token for the `AVERAGED_LOSS_TYPES`, as TRL),
+    NLL term = token mean of ``-log p`` over the
     chosen completion tokens, times ``cpo_alpha`` (TRL's CPO NLL covers the completion only, so
     ``labels`` are the input ids with the prompt and padding ignored, as for DPO).
 

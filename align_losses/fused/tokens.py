@@ -92,10 +92,15 @@ def split_pairs(tokens: TokenBatch) -> tuple[TokenBatch, TokenBatch]:
     return tokens.rows(slice(0, half)), tokens.rows(slice(half, n))
 
 
-def pair_sequence_logps(chosen: TokenBatch, rejected: TokenBatch, ld_alpha: Optional[float] = None) -> tuple[Tensor, Tensor]:
+def pair_sequence_logps(
+    chosen: TokenBatch, rejected: TokenBatch, ld_alpha: Optional[float] = None
+) -> tuple[Tensor, Tensor]:
     """``([B], [B])`` sequence log-probs of pairs: completion sums, or LD-DPO weighted with ``ld_alpha``."""
     if ld_alpha is None:
-        return sequence_logps(chosen.logprobs, chosen.completion), sequence_logps(rejected.logprobs, rejected.completion)
+        return (
+            sequence_logps(chosen.logprobs, chosen.completion),
+            sequence_logps(rejected.logprobs, rejected.completion),
+        )
     return ld_sequence_logps(
         chosen.logprobs, chosen.completion, rejected.logprobs, rejected.completion, ld_alpha=ld_alpha
     )
