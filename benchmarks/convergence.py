@@ -196,27 +196,33 @@ def head_loss_fn(impl: str, device: str):
 
     def operands(model, ids):
         h = model.model(input_ids=ids).last_hidden_state
-        dtype = torch.get_autocast_dtype("cuda" if device.startswith("cuda") else "cpu") \
-            if torch.is_autocast_enabled(h.device.type) else h.dtype
+        kind = h.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
         # the same bf16 operands autocast gives lm_head: the hidden states and the weight cast once
         return h[:, :-1].to(dtype), model.lm_head.weight.to(dtype), ids[:, 1:]
+
+    def no_autocast(fn):
+        """The fused head on its explicit operands, with autocast off (it would recast the head's own fp32 math)."""
+        def wrapped(model, ids):
+            h, w, y = operands(model, ids)
+            with torch.autocast(device_type=h.device.type, enabled=False):
+                return fn(h, w, y)
+        return wrapped
 
     if impl == "ours":
         import align_losses
 
-        def ours(model, ids):
-            h, w, y = operands(model, ids)
+        def ours(h, w, y):
             return -align_losses.linear_logprobs(h, w, y, impl="auto").mean()
-        return ours
+        return no_autocast(ours)
     if impl == "cce":
         from cut_cross_entropy import linear_cross_entropy
 
         kwargs = {} if device.startswith("cuda") else {"impl": "torch_compile"}
 
-        def cce(model, ids):
-            h, w, y = operands(model, ids)
+        def cce(h, w, y):
             return linear_cross_entropy(h, w, y, **kwargs).float()
-        return cce
+        return no_autocast(cce)
     if impl == "liger":
         if not device.startswith("cuda"):
             raise RuntimeError("Liger's fused linear cross-entropy runs on CUDA only")
@@ -224,16 +230,15 @@ def head_loss_fn(impl: str, device: str):
 
         loss = LigerFusedLinearCrossEntropyLoss()
 
-        def liger(model, ids):
-            h, w, y = operands(model, ids)
+        def liger(h, w, y):
             return loss(w, h.reshape(-1, h.shape[-1]), y.reshape(-1)).float()
-        return liger
+        return no_autocast(liger)
     raise ValueError(f"unknown loss head {impl!r}")
 
 
 def head_info(impl: str, device: str) -> str:
     return {
-        "full": "model.lm_head + model.loss_function (bf16 logits, fp32 cross-entropy)",
+        "full": "model.lm_head + model.loss_function (logits in the autocast dtype, fp32 cross-entropy)",
         "ours": "align_losses.linear_logprobs(impl='auto')",
         "cce": "cut_cross_entropy.linear_cross_entropy, defaults" + ("" if device.startswith("cuda") else
                                                                      " but impl='torch_compile' (CPU)"),
@@ -364,6 +369,11 @@ def train_run(name: str, args) -> int:
     segments = []
     start = 0
     if paths["final"].exists() and not args.restart:
+        done = torch.load(paths["final"], map_location="cpu", weights_only=False)
+        diff = {k: (done["settings"].get(k), s.get(k)) for k in RESUME_KEYS if done["settings"].get(k) != s.get(k)}
+        if diff or done["corpus"] != corpus.fingerprint:
+            raise SystemExit(f"{paths['final']} was made with other settings {diff} or another corpus; --restart "
+                             "starts over")
         log(f"{name}: already done ({paths['final']}); --restart runs it again")
         return 0
     if paths["ckpt"].exists() and not args.restart:
