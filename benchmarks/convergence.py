@@ -353,6 +353,7 @@ def train_run(name: str, args) -> int:
     vocab = corpus.vocab_size
     s.update(impl=impl, seed=seed)
     paths = run_paths(name, s)
+    paths["dir"].mkdir(parents=True, exist_ok=True)
     results = Path(args.results) / f"convergence-run-{name}{'-quick' if s['quick'] else ''}.json"
     _common.setup_torch(s["device"])
     if s["device"].startswith("cuda"):
@@ -368,7 +369,10 @@ def train_run(name: str, args) -> int:
                "heldout_loss": []}
     segments = []
     start = 0
-    if paths["final"].exists() and not args.restart:
+    if args.restart:
+        for key in ("final", "ckpt"):
+            paths[key].unlink(missing_ok=True)
+    if paths["final"].exists():
         done = torch.load(paths["final"], map_location="cpu", weights_only=False)
         diff = {k: (done["settings"].get(k), s.get(k)) for k in RESUME_KEYS if done["settings"].get(k) != s.get(k)}
         if diff or done["corpus"] != corpus.fingerprint:
@@ -376,7 +380,7 @@ def train_run(name: str, args) -> int:
                              "starts over")
         log(f"{name}: already done ({paths['final']}); --restart runs it again")
         return 0
-    if paths["ckpt"].exists() and not args.restart:
+    if paths["ckpt"].exists():
         ck = torch.load(paths["ckpt"], map_location=s["device"], weights_only=False)
         diff = {k: (ck["settings"].get(k), s.get(k)) for k in RESUME_KEYS if ck["settings"].get(k) != s.get(k)}
         if diff or ck["corpus"] != corpus.fingerprint:
@@ -721,7 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capture-out", help="file of --capture (default runs/convergence/captured.pt)")
     p.add_argument("--time-limit", type=float, default=540.0,
                    help="seconds after which a --run checkpoints and stops (0: none; default 540)")
-    p.add_argument("--restart", action="store_true", help="--run: ignore an existing checkpoint")
+    p.add_argument("--restart", action="store_true", help="--run: delete the run's checkpoint and final weights, start over")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default cuda (--quick: cpu)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="autocast dtype (default bfloat16; CPU float32)")
     for key, value in DEFAULTS.items():

@@ -82,7 +82,7 @@ def package_root(name: str) -> tuple[Path, str]:
 
 def list_files(packages, max_file_bytes: int) -> tuple[list[tuple[str, Path]], dict, dict]:
     """``[(key "package/relative/path.py", absolute path)]`` sorted, the versions, and what was skipped."""
-    files, versions, skipped = [], {}, {"too_large": 0, "not_utf8": 0}
+    files, versions, skipped = [], {}, {"too_large": 0, "not_utf8": 0, "empty": 0}
     for name in packages:
         root, versions[name] = package_root(name)
         for path in sorted(root.rglob("*.py")):
@@ -202,6 +202,7 @@ def build(out: Path, packages, vocab: int, heldout_permille: int, max_file_bytes
             skipped["not_utf8"] += 1
             continue
         if not text.strip():
+            skipped["empty"] += 1
             continue
         if is_heldout(key, heldout_permille, split):
             heldout.append(text)
