@@ -18,7 +18,7 @@ Pretraining (``--run NAME``): a Qwen3-shaped model (`MODEL`: hidden 768, 12 laye
 64, MLP 2304, vocabulary of the corpus (32768), head not tied: 133M parameters), fp32 weights and AdamW states
 (betas 0.9/0.95, weight decay 0.1 on matrices, gradient clipping 1.0, 100 warm-up steps then cosine from 6e-4 to 6e-5),
 the body under bf16 autocast. Every step has 64 windows of 1024 tokens (65,536 tokens; ``--micro-batch`` of them per
-forward, gradients accumulated), 2,000 steps (131M tokens). The runs differ only in their loss head, computed from the
+forward (default 32), gradients accumulated), 2,000 steps (131M tokens). The runs differ only in their loss head, computed from the
 same bf16-cast final hidden states and bf16-cast head weight (what autocast gives the model's ``lm_head``):
 
 - ``full-seed0``, ``full-seed1``: the model's own loss: ``lm_head`` (bf16 logits ``[tokens, V]``) and
@@ -100,7 +100,7 @@ FINETUNES = {
     "fused-sft": "trainers.FusedSFTTrainer (ours), label_smoothing_factor 0.1",
 }
 #: Pretraining defaults; QUICK overrides them under --quick.
-DEFAULTS = dict(steps=2000, seq_len=1024, batch=64, micro_batch=16, lr=6e-4, min_lr=6e-5, warmup=100,
+DEFAULTS = dict(steps=2000, seq_len=1024, batch=64, micro_batch=32, lr=6e-4, min_lr=6e-5, warmup=100,
                 weight_decay=0.1, clip=1.0, eval_every=100, eval_windows=64, ckpt_every=250, data_seed=1234,
                 ft_steps=300, ft_batch=8, ft_prompt=128, ft_completion=128, ft_lr=1e-5, ft_beta=0.1,
                 ft_smoothing=0.1, ft_corrupt=0.25, capture_rows=4, capture_seq=2048)
@@ -110,9 +110,11 @@ QUICK = dict(steps=12, seq_len=64, batch=8, micro_batch=4, lr=3e-3, min_lr=3e-4,
 #: What a checkpoint must agree on to be resumed.
 RESUME_KEYS = ("impl", "seed", "model", "steps", "seq_len", "batch", "micro_batch", "lr", "min_lr", "warmup",
                "weight_decay", "clip", "data_seed", "dtype")
-#: For --plan: H100 SXM dense bf16 peak and the share of it assumed for an eager HF model of this size.
+#: For the estimates: H100 SXM dense bf16 peak and the share of it assumed for an eager HF model of this size
+#: (--plan also prints the time at LOW_MFU).
 H100_BF16_TFLOPS = 989.0
 ASSUMED_MFU = 0.30
+LOW_MFU = 0.20
 VERSIONS = ("torch", "transformers", "trl", "accelerate", "liger-kernel", "cut-cross-entropy", "tokenizers", "triton")
 
 
@@ -199,7 +201,7 @@ def head_loss_fn(impl: str, device: str):
         kind = h.device.type
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
         # the same bf16 operands autocast gives lm_head: the hidden states and the weight cast once
-        return h[:, :-1].to(dtype), model.lm_head.weight.to(dtype), ids[:, 1:]
+        return h[:, :-1].to(dtype).contiguous(), model.lm_head.weight.to(dtype), ids[:, 1:].contiguous()
 
     def no_autocast(fn):
         """The fused head on its explicit operands, with autocast off (it would recast the head's own fp32 math)."""
@@ -231,7 +233,8 @@ def head_loss_fn(impl: str, device: str):
         loss = LigerFusedLinearCrossEntropyLoss()
 
         def liger(h, w, y):
-            return loss(w, h.reshape(-1, h.shape[-1]), y.reshape(-1)).float()
+            out = loss(w, h.reshape(-1, h.shape[-1]), y.reshape(-1))
+            return (out[0] if isinstance(out, tuple) else out).float()
         return no_autocast(liger)
     raise ValueError(f"unknown loss head {impl!r}")
 
@@ -685,9 +688,11 @@ def plan(args) -> int:
     print(f"step: {s['batch']} x {s['seq_len']} = {s['batch'] * s['seq_len']:,} tokens, {step_flops(s, vocab) / 1e12:.1f} "
           f"TFLOP; {s['steps']} steps" + (f" = {s['steps'] * s['batch'] * s['seq_len'] / tokens:.2f} epochs of "
                                           f"{tokens:,} training tokens" if tokens else " (no corpus built yet)"))
+    low = estimate_run_s(s, vocab, H100_BF16_TFLOPS * LOW_MFU)
     print(f"estimate per pretraining run on an H100: {est / 60:.1f} min at {tps:.0f} TFLOP/s "
-          f"({ASSUMED_MFU:.0%} of {H100_BF16_TFLOPS:.0f}); --time-limit {args.time_limit}s per call -> "
-          f"{math.ceil(est / max(args.time_limit - 30, 1))} call(s) per run")
+          f"({ASSUMED_MFU:.0%} of {H100_BF16_TFLOPS:.0f}), {low / 60:.1f} min at {LOW_MFU:.0%}; --time-limit "
+          f"{args.time_limit:.0f}s per call -> {math.ceil(est / max(args.time_limit - 30, 1))} to "
+          f"{math.ceil(low / max(args.time_limit - 30, 1))} call(s) per run")
     q = " --quick" if s["quick"] else ""
     print("commands (each under 10 minutes; repeat a --run command until it says done):")
     print(f"  python benchmarks/corpus.py build{q}")
