@@ -34,7 +34,8 @@ same bf16-cast final hidden states and bf16-cast head weight (what autocast give
 Each training step's loss is the run's own head's; the held-out loss (every ``--eval-every`` steps and at the end,
 on 64 evenly spread held-out windows of 1024 tokens) is computed the same way for every run (the model's own
 full-logits loss, no grad), so it compares models, not heads. Step times are wall times with the GPU synchronised.
-A run checkpoints every ``--ckpt-every`` steps and when ``--time-limit`` (default 540 s) would be passed, into
+A run checkpoints every ``--ckpt-every`` (500) steps and when ``--time-limit`` (default 540 s from its start) or
+``--deadline`` (a unix time, default ``$CONVERGENCE_DEADLINE``: the call's own limit) would be passed, into
 ``runs/convergence/NAME/`` (git-ignored; the machine's own disk: it does not travel), and writes
 ``convergence-run-NAME.json`` (its curves so far, metadata per segment) into ``--results``; the same command
 resumes it. The checkpoint records the corpus fingerprint and the run's settings and refuses to resume on others.
@@ -101,7 +102,7 @@ FINETUNES = {
 }
 #: Pretraining defaults; QUICK overrides them under --quick.
 DEFAULTS = dict(steps=2000, seq_len=1024, batch=64, micro_batch=32, lr=6e-4, min_lr=6e-5, warmup=100,
-                weight_decay=0.1, clip=1.0, eval_every=100, eval_windows=64, ckpt_every=250, data_seed=1234,
+                weight_decay=0.1, clip=1.0, eval_every=100, eval_windows=64, ckpt_every=500, data_seed=1234,
                 ft_steps=300, ft_batch=8, ft_prompt=128, ft_completion=128, ft_lr=1e-5, ft_beta=0.1,
                 ft_smoothing=0.1, ft_corrupt=0.25, capture_rows=4, capture_seq=2048)
 QUICK = dict(steps=12, seq_len=64, batch=8, micro_batch=4, lr=3e-3, min_lr=3e-4, warmup=2, eval_every=4,
@@ -415,6 +416,13 @@ def train_run(name: str, args) -> int:
         write_json(results, out)
 
     accum = s["batch"] // s["micro_batch"]
+
+    def out_of_time(need: float) -> bool:
+        """Whether another step (``need`` seconds with the checkpoint) would pass --time-limit or --deadline."""
+        now = time.time()
+        return bool((args.time_limit and now - t_start + need > args.time_limit)
+                    or (args.deadline and now + need > args.deadline))
+
     if start == 0 and not history["heldout_step"]:
         history["heldout_step"].append(0)
         history["heldout_loss"].append(heldout_loss(model, windows, s))
@@ -459,18 +467,18 @@ def train_run(name: str, args) -> int:
             per = statistics.median(history["step_ms"][-min(done, 50):]) / 1e3
             log(f"{name}: step {step}/{s['steps']} loss {loss_value:.4f} held-out {history['heldout_loss'][-1]:.4f} "
                 f"grad norm {float(gnorm):.3f} lr {lr:.2e}; {ms:.0f} ms/step, ETA {(s['steps'] - step) * per / 60:.1f} min")
+            record(status)
         if status != "running":
             break
-        elapsed = time.time() - t_start
         need = 2 * (ms / 1e3) + max(save_s, 5.0) + 10.0
-        if step % s["ckpt_every"] == 0 or (args.time_limit and elapsed + need > args.time_limit):
+        if step % s["ckpt_every"] == 0 or out_of_time(need):
             state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "history": history,
                      "segments": segments, "settings": s, "corpus": corpus.fingerprint}
             save_s = save_checkpoint(paths["ckpt"], state)
             record(status)
-            if args.time_limit and time.time() - t_start + need > args.time_limit and step < s["steps"]:
-                log(f"{name}: stopped at step {step}/{s['steps']} for --time-limit {args.time_limit}s "
-                    f"(checkpoint {save_s:.0f}s); the same command resumes")
+            if out_of_time(need) and step < s["steps"]:
+                log(f"{name}: stopped at step {step}/{s['steps']} for --time-limit {args.time_limit}s / --deadline "
+                    f"{args.deadline} (checkpoint {save_s:.0f}s); the same command resumes")
                 return 0
     if status == "running":
         status = "done"
@@ -730,6 +738,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capture-out", help="file of --capture (default runs/convergence/captured.pt)")
     p.add_argument("--time-limit", type=float, default=540.0,
                    help="seconds after which a --run checkpoints and stops (0: none; default 540)")
+    p.add_argument("--deadline", type=float, default=float(os.environ.get("CONVERGENCE_DEADLINE") or 0),
+                   help="unix time by which a --run checkpoints and stops (default $CONVERGENCE_DEADLINE; 0: none): "
+                        "set it at the start of a call, e.g. $(($(date +%%s)+560)), so the work before the run counts")
     p.add_argument("--restart", action="store_true", help="--run: delete the run's checkpoint and final weights, start over")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default cuda (--quick: cpu)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="autocast dtype (default bfloat16; CPU float32)")

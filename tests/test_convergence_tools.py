@@ -162,8 +162,9 @@ def test_stopped_and_resumed_run_equals_uninterrupted(built, tmp_path):
     calls = 0
     while True:
         calls += 1
-        restart = ["--restart"] if calls == 1 else []
-        assert convergence.main(_run_args(work, "--run", "ours", "--time-limit", "1e-9", *restart)) == 0
+        # the first call by --time-limit, the next by a --deadline already past (the call's own limit)
+        limit = ["--restart", "--time-limit", "1e-9"] if calls == 1 else ["--time-limit", "0", "--deadline", "1"]
+        assert convergence.main(_run_args(work, "--run", "ours", *limit)) == 0
         part = json.loads(path.read_text())
         if part["status"] == "done":
             break
