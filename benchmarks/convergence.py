@@ -600,7 +600,7 @@ def finetune(name: str, args) -> int:
                   gradient_accumulation_steps=1, learning_rate=s["ft_lr"], lr_scheduler_type="constant",
                   warmup_steps=0, optim="adamw_torch", bf16=s["dtype"] == "bfloat16", use_cpu=s["device"] == "cpu",
                   logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=s["data_seed"],
-                  dataloader_num_workers=0, max_length=s["ft_prompt"] + s["ft_completion"] + 8)
+                  dataloader_num_workers=0, max_length=s["ft_prompt"] + s["ft_completion"] + 32)
     if name == "trl-dpo":
         cls, config = trl.DPOTrainer, trl.DPOConfig(**common, beta=s["ft_beta"], precompute_ref_log_probs=False)
     elif name == "fused-dpo":
@@ -733,7 +733,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "$CONVERGENCE_WORK)")
     p.add_argument("--corpus", type=Path, help="corpus folder (default WORK/corpus, --quick: WORK/corpus-quick)")
     p.add_argument("--results", default=None,
-                   help="folder of the run files (default benchmarks/results/convergence-runs; on the GPU machine $OUT)")
+                   help="folder of the run files (default benchmarks/results/convergence-runs, --quick: "
+                        "WORK/results-quick; on the GPU machine $OUT)")
     p.add_argument("--base", default="full-seed0", choices=list(RUNS), help="the checkpoint --finetune/--capture start from")
     p.add_argument("--capture-out", help="file of --capture (default runs/convergence/captured.pt)")
     p.add_argument("--time-limit", type=float, default=540.0,
@@ -754,7 +755,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
-    args.results = args.results or str(RUNS_RESULTS)
+    # --quick's files stay in the work folder: CPU smoke-test figures are not results
+    quick_dir = Path(args.work) / "results-quick"
+    args.results = args.results or str(quick_dir if args.quick else RUNS_RESULTS)
+    if args.quick and args.out == str(RESULTS_DIR):
+        args.out = str(quick_dir)
     if args.plan:
         return plan(args)
     if args.report:

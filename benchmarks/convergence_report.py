@@ -272,9 +272,9 @@ def plot(report: dict, path: str):
     return path
 
 
-def head_captured(results: Path, out: Path):
+def head_captured(results: Path, out: Path, quick: bool):
     for folder in (results, out):
-        path = folder / "head-captured.json"
+        path = folder / ("head-captured-quick.json" if quick else "head-captured.json")
         if path.exists():
             rows = json.loads(path.read_text())
             dist = {}
@@ -311,7 +311,7 @@ def report(args) -> int:
                            + ", ".join(f"{k} {v}" for k, v in corpus["versions"].items())),
         "warnings": warnings, "runs": runs, "finetunes": fts,
         "comparisons": {"pretrain": pretrain_comparisons(runs, window), "finetune": finetune_comparisons(fts)},
-        "head_captured": head_captured(results, out),
+        "head_captured": head_captured(results, out, args.quick),
     }
     name = args.name or ("convergence-quick" if args.quick else "convergence-latest")
     out.mkdir(parents=True, exist_ok=True)
