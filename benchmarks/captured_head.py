@@ -90,6 +90,25 @@ def distribution_stats(h, w, labels, ignore: int = -100, chunk_bytes: int = 1 <<
         return out
 
 
+def closest_regime(stats: dict):
+    """Which synthetic regime the captured distributions are nearer to, by mean entropy and top-1 mass (a reading of
+    the table, not a verdict: the filtering backward also depends on where the label sits, see the label NLL)."""
+    if CAPTURED not in stats:
+        return None
+    cap = stats[CAPTURED]
+    synth = {k: v for k, v in stats.items() if k != CAPTURED}
+    if not synth:
+        return None
+    parts = []
+    for key, what in (("entropy_mean", "mean entropy"), ("top1_mass_mean", "top-1 mass")):
+        near = min(synth, key=lambda k: abs(synth[k][key] - cap[key]))
+        lo, hi = min(v[key] for v in synth.values()), max(v[key] for v in synth.values())
+        where = "between the synthetic regimes" if lo <= cap[key] <= hi else ("below" if cap[key] < lo else "above") + \
+            " every synthetic regime"
+        parts.append(f"{what} {cap[key]:.3f}: nearest {near} ({synth[near][key]:.3f}), {where}")
+    return "Captured against synthetic: " + "; ".join(parts) + "."
+
+
 def render(rows: list) -> list:
     """Markdown lines: the captured rows' times and errors, and the three regimes' distributions side by side."""
     from head import IMPLS, fmt_err, fmt_gib, fmt_ms, fmt_ratio, row_checks
@@ -139,4 +158,7 @@ def render(rows: list) -> list:
                        f"{d['entropy_median']:.3f} / {d['entropy_p90']:.3f} | {d['top1_mass_mean']:.3f} | "
                        f"{d['top10_mass_mean']:.3f} | {d['top100_mass_mean']:.3f} | {d['label_nll_mean']:.3f} |")
         out.append(f"\n(maximum entropy log V = {next(iter(stats.values()))['max_entropy']:.3f} nats)")
+        line = closest_regime(stats)
+        if line:
+            out += ["", line]
     return out + [""]

@@ -221,6 +221,10 @@ def test_captured_distribution_stats():
     hp = torch.ones(2, 6, D)
     peaky = captured_head.distribution_stats(hp, w, labels)
     assert peaky["entropy_mean"] < 1e-3 and peaky["top1_mass_mean"] > 0.999
+    mid = {**flat, "entropy_mean": 1.0, "top1_mass_mean": 0.9}
+    line = captured_head.closest_regime({"flat": flat, "peaky": peaky, "captured": mid})
+    assert "mean entropy 1.000: nearest peaky" in line and "between the synthetic regimes" in line
+    assert "top-1 mass 0.900: nearest peaky" in line
 
 
 def test_head_captured_input(tmp_path, capsys):
