@@ -221,50 +221,58 @@ def plot(report: dict, path: str):
     import matplotlib.pyplot as plt
 
     runs, fts, cmp = report["runs"], report["finetunes"], report["comparisons"]
-    fig, ax = plt.subplots(2, 3, figsize=(17, 9))
+    fig, ax = plt.subplots(2, 4, figsize=(22, 9))
     w = cmp["pretrain"]["window"]
     colors = {n: f"C{i}" for i, n in enumerate(RUN_ORDER)}
+    styles = {"ours": "--", "cce": ":", "liger": "-."}
     for name, r in runs.items():
         h = r["history"]
         wm = window_means(h["loss"], w)
         xs = [w * (i + 1) for i in range(len(wm))]
-        ax[0, 0].plot(xs, wm, label=name, color=colors.get(name))
-        ax[1, 0].plot(h["heldout_step"], h["heldout_loss"], marker=".", label=name, color=colors.get(name))
+        ax[0, 0].plot(xs, wm, styles.get(name, "-"), label=name, color=colors.get(name))
+        ax[1, 0].plot(h["heldout_step"], h["heldout_loss"], styles.get(name, "-"), marker=".", label=name,
+                      color=colors.get(name))
     for row, kind in ((0, "train"), (1, "heldout")):
         a = ax[row, 1]
         for name, c in cmp["pretrain"][kind].items():
             xs = ([w * (i + 1) for i in range(c["points"])] if kind == "train"
                   else runs[BASE]["history"]["heldout_step"][: c["points"]])
-            a.plot(xs, c["diff"], label=name, color=colors.get(name))
+            a.plot(xs, c["diff"], styles.get(name, "-"), label=name, color=colors.get(name))
             if name == NOISE:
                 a.fill_between(xs, [-abs(d) for d in c["diff"]], [abs(d) for d in c["diff"]], color="grey", alpha=0.2,
                                label="|seed spread|")
         a.axhline(0, color="k", lw=0.5)
         a.set_title(f"{'train (window means)' if kind == 'train' else 'held-out'} loss - full-seed0")
+        a.set_xlabel("step")
         a.legend(fontsize=8)
     ax[0, 0].set_title(f"train loss (means over {w} steps)")
     ax[1, 0].set_title("held-out loss (full-logits evaluator)")
     for a in (ax[0, 0], ax[1, 0]):
         a.set_xlabel("step")
         a.legend(fontsize=8)
-    for col, (algo, keys) in zip((0, 1), (("dpo", ("loss", "rewards/margins", "rewards/accuracies")),
-                                          ("sft", ("loss", "mean_token_accuracy")))):
-        a = ax[col, 2]
+    panels = (("dpo", 0, (("loss", "rewards/accuracies"), ("rewards/margins", "rewards/chosen", "rewards/rejected"))),
+              ("sft", 1, (("loss", "mean_token_accuracy"), ("entropy",))))
+    for algo, row, groups in panels:
         c = cmp["finetune"].get(algo)
-        if not c:
-            a.set_visible(False)
-            continue
-        twin = a.twinx()
-        for name, style in ((c["trl"], "-"), (c["ours"], "--")):
-            curves = fts[name]["curves"]
-            for i, k in enumerate(keys):
-                if k in curves:
-                    (a if k == "loss" else twin).plot(range(1, len(curves[k]) + 1), curves[k], style, color=f"C{i}",
-                                                      label=f"{name} {k}")
-        a.set_title(f"{algo.upper()}: TRL (solid) vs ours (dashed)")
-        a.set_ylabel("loss")
-        a.legend(fontsize=7, loc="upper left")
-        twin.legend(fontsize=7, loc="upper right")
+        for col, keys in zip((2, 3), groups):
+            a = ax[row, col]
+            if not c:
+                a.set_visible(False)
+                continue
+            twin = a.twinx() if len(keys) == 2 and col == 2 else None
+            for name, style in ((c["trl"], "-"), (c["ours"], "--")):
+                curves = fts[name]["curves"]
+                for i, k in enumerate(keys):
+                    if k in curves:
+                        target = twin if (twin is not None and i == 1) else a
+                        target.plot(range(1, len(curves[k]) + 1), curves[k], style, color=f"C{i}", label=f"{name} {k}")
+            a.set_title(f"{algo.upper()}: TRL (solid) vs ours (dashed)")
+            a.set_xlabel("step")
+            a.set_ylabel(keys[0])
+            a.legend(fontsize=7, loc="upper left")
+            if twin is not None:
+                twin.set_ylabel(keys[1])
+                twin.legend(fontsize=7, loc="upper right")
     fig.suptitle(f"convergence on real text ({report['date']}, commit {report['commit']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
