@@ -207,6 +207,16 @@ def render(report: dict) -> str:
         for regime, d in hc["dist"].items():
             out.append(f"| {regime} | {d['logit_std_mean']:.2f} | {d['entropy_mean']:.3f} | {d['top1_mass_mean']:.3f} | "
                        f"{d['top10_mass_mean']:.3f} | {d['top100_mass_mean']:.3f} |")
+        out += ["", "The captured regime's rows (time / floor, peak, the four gradient errors against fp32; bound as for "
+                "peaky):", "", "| impl | time / floor | peak GiB | grad_h | grad_h fixed upstream | grad_w | grad_w fixed "
+                "upstream | checks | error |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in hc.get("rows", []):
+            checks = r.get("checks") or {}
+            out.append("| " + " | ".join([r["impl"], fmt(r.get("ratio"), ".2f"), fmt(r.get("peak_gib"), ".3f"),
+                                          fmt(r.get("grad_h_rel"), ".1e"), fmt(r.get("head_grad_h_rel"), ".1e"),
+                                          fmt(r.get("grad_w_rel"), ".1e"), fmt(r.get("head_grad_w_rel"), ".1e"),
+                                          " ".join(f"{k} {'ok' if v else 'no'}" for k, v in checks.items() if v is not None),
+                                          str(r.get("error") or "")[:120]]) + " |")
         out.append("")
     if report.get("png"):
         out += [f"![curves]({os.path.basename(report['png'])})", ""]
@@ -290,8 +300,11 @@ def head_captured(results: Path, out: Path, quick: bool):
                 if r.get("dist") and r["logits"] not in dist:
                     dist[r["logits"]] = r["dist"]
             first = rows[0] if rows else {}
+            keys = ("impl", "logits", "ms", "ratio", "floor_ms", "bound_ratio", "peak_gib", "target_peak_gib", "grad_h_rel",
+                    "grad_w_rel", "head_grad_h_rel", "head_grad_w_rel", "seq_logp_err", "checks", "error")
             return {"file": os.path.relpath(path, _common.REPO), "date": first.get("date"), "commit": first.get("commit"),
-                    "device": first.get("device"), "dist": dist}
+                    "device": first.get("device"), "dist": dist,
+                    "rows": [{k: r.get(k) for k in keys} for r in rows if r.get("logits") == "captured"]}
     return None
 
 
