@@ -163,7 +163,7 @@ def token_dtype(vocab: int):
     return np.uint16 if vocab <= 1 << 16 else np.uint32
 
 
-def write_stream(tok, texts: list[str], path: Path, dtype, batch: int = 256) -> int:
+def write_stream(tok, texts: list[str], path: Path, dtype, batch: int = 1024) -> int:
     """Tokens of every text then EOS, appended in order to ``path``; returns the token count."""
     import numpy as np
 
@@ -388,6 +388,8 @@ def main(argv=None) -> int:
     info = sub.add_parser("info", help="print the manifest")
     info.add_argument("--dir", type=Path, default=DEFAULT_DIR)
     args = p.parse_args(argv)
+    # encode_batch and the BPE trainer run on every core unless this says otherwise (the build is its own process)
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
     if args.cmd == "info":
         print(json.dumps(Corpus(args.dir).manifest, indent=1))
         return 0
