@@ -329,6 +329,28 @@ def save_checkpoint(path: Path, state: dict) -> float:
     return time.time() - t0
 
 
+def setup(device: str):
+    """Quiet transformers (and datasets where it is installed: the pretraining runs do not need it); returns torch."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    import torch
+    import transformers
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("CUDA is not available (use --quick or --device cpu)")
+    transformers.logging.set_verbosity_error()
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    return torch
+
+
 def meta_for(args, s: dict) -> dict:
     return _common.run_meta(args.commit, _common.device_name(s["device"]), _common.versions(VERSIONS),
                             _common.command_line(__file__, args.argv))
@@ -359,7 +381,7 @@ def train_run(name: str, args) -> int:
     paths = run_paths(name, s)
     paths["dir"].mkdir(parents=True, exist_ok=True)
     results = Path(args.results) / f"convergence-run-{name}{'-quick' if s['quick'] else ''}.json"
-    _common.setup_torch(s["device"])
+    setup(s["device"])
     if s["device"].startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -585,7 +607,7 @@ def finetune(name: str, args) -> int:
     import trl
 
     s = settings(args)
-    _common.setup_torch(s["device"])
+    setup(s["device"])
     model, corpus, ck = load_base(args, s)
     model.to(s["device"])
     tok = corpus_mod.load_hf_tokenizer(corpus.folder)
@@ -651,7 +673,7 @@ def capture(args) -> int:
     import torch
 
     s = settings(args)
-    _common.setup_torch(s["device"])
+    setup(s["device"])
     model, corpus, ck = load_base(args, s)
     model.to(s["device"]).eval()
     rows, seq = s["capture_rows"], s["capture_seq"]
