@@ -28,6 +28,7 @@ when matplotlib is there, ``head-latest.png`` (see ``plot_head.py``) under ``--o
     python benchmarks/head.py --quick                                      # smoke test, small shapes
     python benchmarks/head.py --shapes qwen3-1.7b --impls ours-torch,trl --reps 5
     python benchmarks/head.py --dry-run                                    # validate arguments, print the plan
+    python benchmarks/head.py --captured runs/convergence/captured.pt      # a trained model's head (convergence.py)
 
 See benchmarks/README.md for what to install on a GPU machine (pip install ".[gpu]": Liger and CCE).
 """
@@ -103,6 +104,8 @@ CPU_SHAPES = {
     "cpu-tiny": Shape(pairs=1, seq=64, hidden=64, vocab=1000, reps=3),
 }
 LOGITS = {"flat": 2.0, "peaky": 8.0}
+#: --captured PATH: a trained model's hidden states, labels and head as one more regime (benchmarks/captured_head.py)
+CAPTURED = "captured"
 
 #: Impl name -> one-line description (the markdown table's first column).
 IMPLS = {
@@ -184,6 +187,11 @@ def median(xs):
 
 
 def select_shapes(args) -> dict:
+    if getattr(args, "captured", None):
+        import captured_head
+
+        shape = captured_head.shape_of(captured_head.load(args.captured))
+        return {CAPTURED: Shape(reps=10, **shape)}
     table = CPU_SHAPES if args.device == "cpu" else (QUICK_SHAPES if args.quick else SHAPES)
     names = parse_list(args.shapes, table, "shapes") if args.shapes else list(table)
     return {n: table[n] for n in names}
@@ -316,6 +324,10 @@ def render_markdown(rows: list, meta: dict) -> str:
             for e in errors:
                 out.append(f"| &nbsp;&nbsp;error | {_md_escape(e)[:300]} | | | | | | | | | | | |")
         out.append("")
+    if any(r.get("logits") == CAPTURED for r in rows):
+        import captured_head
+
+        out += captured_head.render(rows)
     return "\n".join(out) + "\n"
 
 
@@ -337,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(to try the backend before it is registered)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                    help="cpu: a tiny shape, the impls that run on CPU, no memory numbers (tests the harness)")
+    p.add_argument("--captured", metavar="PATH",
+                   help="a trained model's hidden states, labels and head (benchmarks/convergence.py --capture): "
+                        "its shape only, regimes flat, peaky and captured, with their distribution statistics")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--dry-run", action="store_true", help="validate the arguments, print the plan, run nothing")
     return p
@@ -346,7 +361,8 @@ def validate(args) -> dict:
     """Checked arguments -> the plan (raises ValueError on a bad argument)."""
     shapes = select_shapes(args)
     impls = parse_list(args.impls, IMPLS, "impls") or list(IMPLS)
-    logits = parse_list(args.logits, LOGITS, "logits") or list(LOGITS)
+    regimes = [*LOGITS, CAPTURED] if args.captured else list(LOGITS)
+    logits = parse_list(args.logits, regimes, "logits") or regimes
     if args.reps is not None and args.reps < 1:
         raise ValueError("--reps must be >= 1 (at least 3 are run)")
     if args.warmup < 1:
@@ -654,10 +670,28 @@ def run_config(config: str, shape: Shape, regime: str, impl_names: list, reps: i
     torch = _torch()
     device = args.device
     clock = Clock(device)
-    seed = 1234 + 17 * list(LOGITS).index(regime)
-    h, w = make_inputs(shape, LOGITS[regime], device, seed)
-    labels_ref = make_labels(shape, device, seed + 1)
-    label_sets = [make_labels(shape, device, seed + 100 + i) for i in range(args.warmup + reps)]
+    if regime == CAPTURED:  # the real next tokens, the same at every repetition (captured_head.py says why)
+        import captured_head
+
+        data = captured_head.load(args.captured, device)
+        h, w = data["hidden"].requires_grad_(True), data["weight"].requires_grad_(True)
+        labels_ref = data["labels"].clone()
+        labels_ref[:, : shape.prompt] = IGNORE
+        label_sets = [labels_ref] * (args.warmup + reps)
+        extra = {"captured_path": args.captured, "captured_meta": {k: v for k, v in data.get("meta", {}).items()
+                                                                    if k != "corpus"}}
+        del data
+    else:
+        seed = 1234 + 17 * list(LOGITS).index(regime)
+        h, w = make_inputs(shape, LOGITS[regime], device, seed)
+        labels_ref = make_labels(shape, device, seed + 1)
+        label_sets = [make_labels(shape, device, seed + 100 + i) for i in range(args.warmup + reps)]
+        extra = {}
+    if args.captured:  # how peaked each regime's distributions are, to compare the synthetic ones with the real
+        import captured_head
+
+        extra["dist"] = captured_head.distribution_stats(h.detach(), w.detach(), labels_ref)
+        log(f"  distributions: {extra['dist']}")
 
     t0 = time.time()
     ref_loss, ref_gh, ref_gw, ref_up, ref_seq = fp32_reference(h, w, labels_ref, shape.pairs)
@@ -688,9 +722,9 @@ def run_config(config: str, shape: Shape, regime: str, impl_names: list, reps: i
     floor_ms, bound_ms = [], []
 
     base = {
-        "config": config, "logits": regime, "logit_std": LOGITS[regime], "tokens": shape.tokens,
+        "config": config, "logits": regime, "logit_std": LOGITS.get(regime), "tokens": shape.tokens,
         "tokens_total": shape.tokens_total, "rows": shape.rows, "seq": shape.seq, "hidden": shape.hidden,
-        "vocab": shape.vocab, "loss_ref": ref_loss, "expected_grads_gib": expected_grads_gib(shape), **meta,
+        "vocab": shape.vocab, "loss_ref": ref_loss, "expected_grads_gib": expected_grads_gib(shape), **meta, **extra,
     }
     results = {}
     fns = {}
