@@ -46,10 +46,10 @@ def prompt_dataset():
     return Dataset.from_dict({"prompt": PROMPTS})
 
 
-def rl_model(tmp_path, *, saved: bool = False):
+def rl_model(tmp_path, *, saved: bool = False, dtype: torch.dtype = torch.float32):
     """The tiny Qwen3 model; ``saved``: written to ``tmp_path / "init"`` and named there, so that TRL can load
     the same weights as the reference model (``beta > 0``)."""
-    model = tiny_causal_lm()
+    model = tiny_causal_lm().to(dtype)
     if saved:
         path = tmp_path / "init"
         if not path.exists():
@@ -118,9 +118,9 @@ class HeadSpy:
 
 
 def run_rl(trainer_cls, config_cls, dataset, tokenizer, tmp_path, monkeypatch, *, saved=False, peft_config=None,
-           reward=reward_digits, **overrides):
+           reward=reward_digits, dtype=torch.float32, **overrides):
     """Train a fresh tiny model; returns ``(per-step logs without timings, W_0, W_T, trainer, spy)``."""
-    model = rl_model(tmp_path, saved=saved)
+    model = rl_model(tmp_path, saved=saved, dtype=dtype)
     spy = HeadSpy(monkeypatch, model)
     rec = MetricsRecorder()
     trainer = trainer_cls(model=model, reward_funcs=reward, args=rl_args(config_cls, tmp_path, **overrides),
@@ -132,7 +132,8 @@ def run_rl(trainer_cls, config_cls, dataset, tokenizer, tmp_path, monkeypatch, *
     return logs, before, snapshot(trainer.model), trainer, spy
 
 
-def rl_parity(ours_cls, ours_config, trl_cls, trl_config, name, dataset, tokenizer, tmp_path, **kw):
+def rl_parity(ours_cls, ours_config, trl_cls, trl_config, name, dataset, tokenizer, tmp_path, *, rtol=RTOL,
+              update_rtol=UPDATE_RTOL, **kw):
     """Both trainers from the same seed and weights: completions (hence rewards and lengths), losses, every logged
     metric and the weight update agree; our head ran in ours, TRL's in TRL's. Returns both runs."""
     with pytest.MonkeyPatch.context() as mp:
@@ -141,15 +142,16 @@ def rl_parity(ours_cls, ours_config, trl_cls, trl_config, name, dataset, tokeniz
         theirs = run_rl(trl_cls, trl_config, dataset, tokenizer, tmp_path, mp, **kw)
     ours[4].assert_ours()
     theirs[4].assert_trls()
-    worst = compare_logs(ours[0], theirs[0], rtol=RTOL)
+    worst = compare_logs(ours[0], theirs[0], rtol=rtol)
     upd = update_diff(ours[1], ours[2], theirs[1], theirs[2])
     print(f"[{ours_cls.__name__} parity] {name}: max metric rel diff {worst:.2e}, update rel diff {upd:.2e}")
-    assert upd <= UPDATE_RTOL, f"{name}: weight updates differ by {upd:.2e}"
+    assert upd <= update_rtol, f"{name}: weight updates differ by {upd:.2e}"
     assert any(float(log["grad_norm"]) > 0 for log in ours[0])
     return ours, theirs
 
 
 def grpo_parity(name, dataset, tokenizer, tmp_path, **kw):
+    """`rl_parity` of FusedGRPOTrainer against trl.GRPOTrainer."""
     return rl_parity(FusedGRPOTrainer, FusedGRPOConfig, trl.GRPOTrainer, trl.GRPOConfig, name, dataset, tokenizer,
                      tmp_path, **kw)
 
@@ -185,6 +187,9 @@ def test_grpo_parity_loss_types(loss_type, level, prompt_dataset, tokenizer, tmp
         # Generation every 2 accumulation steps out of 1 per optimizer step: the old-policy pass runs.
         ("grad-accum-misaligned", dict(gradient_accumulation_steps=1, steps_per_generation=2,
                                        per_device_train_batch_size=4)),
+        # TR-DPO: TRL mixes the policy into the reference model in place; our head stays on it.
+        ("sync-ref-model", dict(saved=True, beta=0.1, sync_ref_model=True, ref_model_sync_steps=1,
+                                ref_model_mixup_alpha=0.5)),
         ("sequence-beta-truncated", dict(saved=True, beta=0.05, importance_sampling_level="sequence",
                                          mask_truncated_completions=True, temperature=1.3, loss_type="dr_grpo")),
     ],
@@ -210,6 +215,15 @@ def test_grpo_parity_peft_reference_adapter(prompt_dataset, tokenizer, tmp_path)
                           learning_rate=5e-2)
     assert any(float(log["kl"]) > 0 for log in ours[0])
     assert [g for g, _, _ in ours[4].ours] == [False, True, False, True]
+
+
+def test_grpo_parity_bf16_model_cast_lm_head_to_fp32(prompt_dataset, tokenizer, tmp_path):
+    """A bf16 model with ``cast_lm_head_to_fp32``: TRL keeps the head's weight in fp32, ours then runs the head in
+    fp32 outside autocast (`FusedHeadSettings.fp32_head`), the hidden states cast up, as TRL's head does."""
+    ours, _ = grpo_parity("bf16-cast-lm-head-fp32", prompt_dataset, tokenizer, tmp_path, dtype=torch.bfloat16,
+                          cast_lm_head_to_fp32=True, rtol=1e-4, update_rtol=1e-2)
+    assert ours[3].model.lm_head.weight.dtype == torch.float32
+    assert ours[3].model.model.embed_tokens.weight.dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------------------------------------------------------------
