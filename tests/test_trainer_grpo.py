@@ -336,3 +336,18 @@ def test_grpo_error_unknown_impl(prompt_dataset, tokenizer, tmp_path):
         FusedGRPOTrainer(model=rl_model(tmp_path), reward_funcs=reward_digits,
                          args=rl_args(FusedGRPOConfig, tmp_path, lce_impl="nope"), train_dataset=prompt_dataset,
                          processing_class=tokenizer)
+
+
+def test_example_train_grpo_smoke(tmp_path):
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("train_grpo", ROOT / "examples" / "train_grpo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    summary = module.main(["--smoke", "--steps", "2", "--batch-size", "8", "--num-generations", "4",
+                           "--output-dir", str(tmp_path)])
+    assert summary["backend"] == "torch" and summary["steps"] == 2
+    assert module.correct_answer([" 7. yes", "It is 7", " 8"], ["7", "7", "7"]) == [1.0, 1.0, 0.0]
+    assert module.answer_first([" 7.", "It is 7"]) == [0.5, 0.0]
