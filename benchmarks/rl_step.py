@@ -35,8 +35,8 @@ Outputs in ``--out``: ``rl-step-latest.json`` (rows) and ``.md`` (``--quick``: `
 
 from __future__ import annotations
 
+import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -74,16 +74,11 @@ def build_parser():
     p.add_argument("--reps", type=int, default=3, help="timed runs per pass after one warm-up (default 3)")
     p.add_argument("--attn", default="sdpa", help="attn_implementation (default sdpa)")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float32"), help="default bf16 (CPU: float32)")
-    p.add_argument("--child", default=None, help=argparse_hidden())
+    p.add_argument("--child-timeout", type=int, default=300, help="seconds per child process (default 300)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # HEAD:LENGTH:JSON_PATH, set by the parent
     _common.add_run_args(p, "a tiny model on CPU (smoke test)", "output name (default rl-step-latest; --quick: "
                          "rl-step-quick)")
     return p
-
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 def resolve(args) -> None:
@@ -403,9 +398,7 @@ def render(rows: list, meta: dict) -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    parser.add_argument("--child-timeout", type=int, default=300, help="seconds per child process (default 300)")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     resolve(args)
     if args.child:
         head, length, path = args.child.split(":", 2)
