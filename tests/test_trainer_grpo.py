@@ -72,7 +72,7 @@ class HeadSpy:
     head's calls, and whether the LM head module ran outside ``generate`` (it must not: the fused heads read its
     weight without calling it; generation calls it, which shows that the hook works)."""
 
-    def __init__(self, monkeypatch, model):
+    def __init__(self, monkeypatch):
         import align_losses
         import trl.trainer.utils as trl_utils
 
@@ -92,6 +92,9 @@ class HeadSpy:
 
         monkeypatch.setattr(align_losses, "linear_token_stats", core)
         monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", types.SimpleNamespace(apply=trl_apply))
+
+    def watch(self, model) -> None:
+        """Hook ``model``'s LM head and mark its ``generate`` calls (before training)."""
         generate = model.generate
 
         def counting_generate(*args, **kwargs):
@@ -117,15 +120,22 @@ class HeadSpy:
         assert self.head_calls and all(self.head_calls), "the LM head module ran outside generate"
 
 
-def run_rl(trainer_cls, config_cls, dataset, tokenizer, tmp_path, monkeypatch, *, saved=False, peft_config=None,
-           reward=reward_digits, dtype=torch.float32, **overrides):
-    """Train a fresh tiny model; returns ``(per-step logs without timings, W_0, W_T, trainer, spy)``."""
-    model = rl_model(tmp_path, saved=saved, dtype=dtype)
-    spy = HeadSpy(monkeypatch, model)
+def run_rl(trainer_cls, config_cls, dataset, tokenizer, tmp_path, monkeypatch, *, saved=False, as_path=False,
+           peft_config=None, reward=reward_digits, dtype=torch.float32, **overrides):
+    """Train a fresh tiny model (``as_path``: passed as its saved path, which TRL loads); returns
+    ``(per-step logs without timings, W_0, W_T, trainer, spy)``."""
+    model = rl_model(tmp_path, saved=saved or as_path, dtype=dtype)
+    spy = HeadSpy(monkeypatch)
+    if as_path:
+        model = model.config._name_or_path
+    else:
+        spy.watch(model)
     rec = MetricsRecorder()
     trainer = trainer_cls(model=model, reward_funcs=reward, args=rl_args(config_cls, tmp_path, **overrides),
                           train_dataset=dataset, processing_class=tokenizer, callbacks=[rec.callback],
                           peft_config=peft_config)
+    if as_path:
+        spy.watch(trainer.model)
     before = snapshot(trainer.model)
     trainer.train()
     logs = [{k: v for k, v in log.items() if k not in TIMING} for log in rec.logs]
@@ -187,6 +197,8 @@ def test_grpo_parity_loss_types(loss_type, level, prompt_dataset, tokenizer, tmp
         # Generation every 2 accumulation steps out of 1 per optimizer step: the old-policy pass runs.
         ("grad-accum-misaligned", dict(gradient_accumulation_steps=1, steps_per_generation=2,
                                        per_device_train_batch_size=4)),
+        # The model as a path: TRL loads the policy and the reference; our head goes on both after.
+        ("model-path-beta", dict(as_path=True, beta=0.1, loss_type="cispo")),
         # TR-DPO: TRL mixes the policy into the reference model in place; our head stays on it.
         ("sync-ref-model", dict(saved=True, beta=0.1, sync_ref_model=True, ref_model_sync_steps=1,
                                 ref_model_mixup_alpha=0.5)),
@@ -304,6 +316,35 @@ def test_grpo_lora_on_lm_head_is_trained(prompt_dataset, tokenizer, tmp_path):
     b0 = head.lora_B["default"].weight.detach().clone()
     trainer.train()
     assert not torch.equal(b0, head.lora_B["default"].weight.detach())
+
+
+@pytest.mark.parametrize("trainer_cls,config_cls", [(FusedGRPOTrainer, FusedGRPOConfig), (trl.GRPOTrainer, trl.GRPOConfig)])
+def test_grpo_no_tokens_by_vocab_tensor(trainer_cls, config_cls, prompt_dataset, tokenizer, tmp_path):
+    """The policy pass (forward and backward) and a no-gradient pass build no tensor of ``labelled tokens x V``
+    elements or more with ours (torch backend, 8-token tiles); TRL's head on CPU does (which shows the check
+    can fail)."""
+    from test_trainer_orpo import VocabSizedTensorDetector
+
+    extra = dict(lce_impl="torch", lce_token_chunk=8) if trainer_cls is FusedGRPOTrainer else {}
+    trainer = trainer_cls(model=rl_model(tmp_path), reward_funcs=reward_digits,
+                          args=rl_args(config_cls, tmp_path, **extra), train_dataset=prompt_dataset,
+                          processing_class=tokenizer)
+    rows, prompt, keep = 8, 6, 16
+    ids = torch.randint(2, len(tokenizer), (rows, prompt + keep), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    vocab = trainer.model.get_output_embeddings().weight.shape[0]
+    detector = VocabSizedTensorDetector(limit=rows * keep * vocab)  # every completion token is labelled
+    assert rows * keep > trainer.model.config.hidden_size  # the head's weight and its gradient stay under the limit
+    with detector:
+        logps, entropies, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, keep,
+                                                                        compute_entropy=True)
+        (logps.sum() + entropies.sum()).backward()
+        with torch.no_grad():
+            trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, keep)
+    if trainer_cls is FusedGRPOTrainer:
+        assert not detector.offenders, detector.offenders[:5]
+    else:
+        assert detector.offenders
 
 
 # ---------------------------------------------------------------------------------------------------------------------
