@@ -93,10 +93,14 @@ class FusedRLMixin(FusedTrainerMixin):
         if wanted != current:
             install_fused_head(inner, wanted)
 
-    def _get_per_token_logps_and_entropies(self, model, *args: Any, compute_entropy: bool = False, **kwargs: Any):
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy: bool = False, *args: Any, **kwargs: Any):
         """TRL's method (batching, multimodal inputs, labels), with our head's settings set for the call.
 
-        Returns TRL's ``(logps [B, C], entropies [B, C] or None, aux_loss or None)``.
+        ``input_ids``/``attention_mask`` ``[B, T]``; returns TRL's ``(logps [B, C], entropies [B, C] or None,
+        aux_loss or None)`` with ``C = logits_to_keep``.
         """
         self._set_call_settings(model, compute_entropy)
-        return super()._get_per_token_logps_and_entropies(model, *args, compute_entropy=compute_entropy, **kwargs)
+        return super()._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, *args, **kwargs
+        )
