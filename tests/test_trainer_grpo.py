@@ -238,6 +238,29 @@ def test_grpo_parity_bf16_model_cast_lm_head_to_fp32(prompt_dataset, tokenizer, 
     assert ours[3].model.model.embed_tokens.weight.dtype == torch.bfloat16
 
 
+def test_grpo_parity_evaluate(prompt_dataset, tokenizer, tmp_path):
+    """`evaluate()` (TRL's `prediction_step` -> `compute_loss`, eval-mode generation) after training: the same
+    eval loss and metrics as TRL's, with our head."""
+    results = []
+    for cls, config_cls in ((FusedGRPOTrainer, FusedGRPOConfig), (trl.GRPOTrainer, trl.GRPOConfig)):
+        with pytest.MonkeyPatch.context() as mp:
+            spy = HeadSpy(mp)
+            trainer = cls(model=rl_model(tmp_path), reward_funcs=reward_digits,
+                          args=rl_args(config_cls, tmp_path, per_device_eval_batch_size=8, beta=0.0),
+                          train_dataset=prompt_dataset, eval_dataset=prompt_dataset, processing_class=tokenizer)
+            trainer.train()
+            calls = len(spy.ours)
+            results.append(trainer.evaluate())
+            assert (len(spy.ours) > calls) == (cls is FusedGRPOTrainer)
+    ours, theirs = results
+    assert set(ours) == set(theirs)
+    for key, value in theirs.items():
+        if key.endswith(("runtime", "per_second", "step_time")) or key == "epoch":
+            continue
+        assert ours[key] == pytest.approx(value, rel=RTOL, abs=1e-6), (key, ours[key], value)
+    assert "eval_loss" in ours and "eval_entropy" in ours
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Against a float64 full-logits reference
 
