@@ -46,10 +46,10 @@ def prompt_dataset():
     return Dataset.from_dict({"prompt": PROMPTS})
 
 
-def rl_model(tmp_path, *, saved: bool = False, dtype: torch.dtype = torch.float32):
-    """The tiny Qwen3 model; ``saved``: written to ``tmp_path / "init"`` and named there, so that TRL can load
-    the same weights as the reference model (``beta > 0``)."""
-    model = tiny_causal_lm().to(dtype)
+def rl_model(tmp_path, *, saved: bool = False, dtype: torch.dtype = torch.float32, kind: str = "qwen3"):
+    """A tiny model (conftest's ``kind``); ``saved``: written to ``tmp_path / "init"`` and named there, so that
+    TRL can load the same weights as the reference model (``beta > 0``)."""
+    model = tiny_causal_lm(kind).to(dtype)
     if saved:
         path = tmp_path / "init"
         if not path.exists():
@@ -121,10 +121,10 @@ class HeadSpy:
 
 
 def run_rl(trainer_cls, config_cls, dataset, tokenizer, tmp_path, monkeypatch, *, saved=False, as_path=False,
-           peft_config=None, reward=reward_digits, dtype=torch.float32, **overrides):
+           peft_config=None, reward=reward_digits, dtype=torch.float32, kind="qwen3", **overrides):
     """Train a fresh tiny model (``as_path``: passed as its saved path, which TRL loads); returns
     ``(per-step logs without timings, W_0, W_T, trainer, spy)``."""
-    model = rl_model(tmp_path, saved=saved or as_path, dtype=dtype)
+    model = rl_model(tmp_path, saved=saved or as_path, dtype=dtype, kind=kind)
     spy = HeadSpy(monkeypatch)
     if as_path:
         model = model.config._name_or_path
@@ -197,6 +197,8 @@ def test_grpo_parity_loss_types(loss_type, level, prompt_dataset, tokenizer, tmp
         # Generation every 2 accumulation steps out of 1 per optimizer step: the old-policy pass runs.
         ("grad-accum-misaligned", dict(gradient_accumulation_steps=1, steps_per_generation=2,
                                        per_device_train_batch_size=4)),
+        # Gemma-2's final logit soft-cap, read from the config, under a sampling temperature.
+        ("gemma2-softcap-temperature", dict(kind="gemma2", temperature=0.7, num_iterations=2)),
         # The model as a path: TRL loads the policy and the reference; our head goes on both after.
         ("model-path-beta", dict(as_path=True, beta=0.1, loss_type="cispo")),
         # TR-DPO: TRL mixes the policy into the reference model in place; our head stays on it.
