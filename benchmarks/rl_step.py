@@ -92,6 +92,8 @@ def resolve(args) -> None:
     args.completions = args.completions or (4 if args.quick else 8)
     args.prompt = args.prompt or (16 if args.quick else 256)
     args.name = args.name or ("rl-step-quick" if args.quick else "rl-step-latest")
+    if args.reps < 1:
+        raise SystemExit("--reps must be at least 1")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -258,7 +260,8 @@ def attach_reference(trainer, head: str, ref, beta: float) -> None:
 
 
 def run_passes(torch, trainer, batch: dict, reps: int, device: str) -> dict:
-    """Times and peaks of the three passes (median / max over ``reps`` after one warm-up); the old log-probs."""
+    """Times and peaks of the three passes (median / max over ``reps`` runs after one warm-up, which autotunes
+    and compiles); the old log-probs."""
     ids, mask, keep = model_inputs(torch, batch)
     rows = ids.shape[0]
     clock = PassClock(torch, device)
@@ -269,12 +272,16 @@ def run_passes(torch, trainer, batch: dict, reps: int, device: str) -> dict:
 
     times = {p: [] for p in PASSES}
     peaks = {p: [] for p in PASSES}
-    old = ref = None
-    for rep in range(1 + reps):
-        old, t, m = clock(lambda: logps(trainer.model))
-        times["old"].append(t), peaks["old"].append(m)
-        ref, t, m = clock(lambda: logps(trainer.ref_model))
-        times["ref"].append(t), peaks["ref"].append(m)
+
+    def measure(name, fn):
+        out, ms, gib = clock(fn)
+        times[name].append(ms)
+        peaks[name].append(gib)
+        return out
+
+    for _ in range(1 + reps):
+        old = measure("old", lambda: logps(trainer.model))
+        ref = measure("ref", lambda: logps(trainer.ref_model))
         trainer.model.zero_grad(set_to_none=True)
         inputs = dict(batch, old_per_token_logps=old, ref_per_token_logps=ref)
 
@@ -283,15 +290,14 @@ def run_passes(torch, trainer, batch: dict, reps: int, device: str) -> dict:
             loss.backward()
             return loss.detach()
 
-        loss, t, m = clock(policy)
-        times["policy"].append(t), peaks["policy"].append(m)
+        loss = measure("policy", policy)
     trainer.model.zero_grad(set_to_none=True)
     timed = {p: sorted(v[1:])[len(v[1:]) // 2] for p, v in times.items()}
-    peak = {p: (max(v) if v[0] is not None else None) for p, v in peaks.items()}
+    peak = {p: (max(v[1:]) if v[0] is not None else None) for p, v in peaks.items()}
     return {"ms": timed, "ms_all": times, "peak_gib": peak, "loss": float(loss), "old_logps": old}
 
 
-def child(args, head: str, length: int) -> list:
+def child(args, head: str, length: int) -> dict:
     """One head at one completion length: passes timed (peaky), errors in both regimes. Returns its row."""
     torch = _common.setup_torch(args.device)
     dtype = getattr(torch, args.dtype)
