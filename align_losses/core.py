@@ -8,13 +8,14 @@ only, without building the ``[tokens, V]`` logits. Ignored tokens come back as 0
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 import torch
 
 from . import backends
-from .backends.base import DIFFERENTIABLE_OUTPUTS, OUTPUTS, HeadProblem, LogitTransform, VocabShard
+from .problem import DIFFERENTIABLE_OUTPUTS, OUTPUTS, HeadProblem, LogitTransform, VocabShard
 
 STATS = tuple(n for n in OUTPUTS if n != "logprobs")  # what `outputs=` may name
 
@@ -97,17 +98,15 @@ def linear_token_stats(
     the mean logit is over the full vocabulary and, like the entropy, of the transformed logits ``z``.
     Returns a `TokenStats`; see `linear_logprobs` for the other arguments.
     """
-    if isinstance(outputs, str):
-        raise ValueError(f"outputs must be a sequence of names, e.g. ({outputs!r},); got the string {outputs!r}")
-    unknown = set(outputs) - set(STATS)
-    if unknown:
-        raise ValueError(f"unknown outputs {sorted(unknown)}: expected a subset of {list(STATS)}")
-    transform = LogitTransform(logit_scale=float(logit_scale), softcap=softcap, temperature=float(temperature))
+    transform = check_head_arguments(
+        outputs=outputs, impl=impl, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+        process_group=process_group, backend_options=backend_options,
+    )
     wanted = frozenset(("logprobs", *outputs))
     options = dict(backend_options or {})
     _check_inputs(hidden, weight, labels, bias, transform, process_group)
     labels = labels.long()  # a narrower dtype would wrap ignore_index (-100 is 156 in uint8)
-    backend = backends.resolve(impl, _probe(hidden, weight, bias, labels, transform, wanted, process_group, options))
+    backend = backends.check(impl, _probe(hidden, weight, bias, labels, transform, wanted, process_group, options))
 
     weight, bias, process_group = _local_head(weight, bias, process_group)
     shard = _vocab_shard(weight, process_group)
@@ -127,14 +126,43 @@ def linear_token_stats(
     )
     with torch.autocast(hidden.device.type, enabled=False):
         per_token = backend.run(problem)
+    _refuse_double_backward(per_token)
     scattered = {n: _scatter(v, kept, labels.shape, n in DIFFERENTIABLE_OUTPUTS) for n, v in per_token.items()}
     return TokenStats(**scattered)
 
 
+def _refuse_double_backward(per_token: Mapping[str, torch.Tensor]) -> None:
+    """Make a backward with ``create_graph=True`` through the head fail at once with a clear message.
+
+    The backends' backward passes are not differentiable (they reuse their buffers in place), so a second
+    backward through them would fail with PyTorch's in-place-modification error or give no second-order
+    term. Autograd runs a backward with ``create_graph=True`` in grad mode, which a pre-hook on each distinct
+    backward node of the outputs (usually one) can see before the backend's backward runs.
+    """
+    nodes = {}
+    for name, value in per_token.items():
+        if name in DIFFERENTIABLE_OUTPUTS and value.grad_fn is not None:
+            nodes[id(value.grad_fn)] = value.grad_fn
+    for node in nodes.values():
+        node.register_prehook(_no_double_backward)
+
+
+def _no_double_backward(grad_outputs):
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "align_losses: the fused linear head has no double backward: expected a backward without "
+            "create_graph=True through linear_logprobs / linear_token_stats, got one with create_graph=True "
+            "(a gradient penalty or a Hessian-vector product). Compute the logits explicitly "
+            "(hidden @ weight.T) where second-order gradients are needed."
+        )
+    return None
+
+
 def _probe(hidden, weight, bias, labels, transform, outputs, process_group, options) -> HeadProblem:
-    """A stand-in for the call that the backend check reads before any work: its tensors give the
-    compute dtype and the device (their shapes and values are not read, so the inputs themselves
-    serve where the dtype matches: each new tensor costs the host 20-30 us before the first kernel)."""
+    """A stand-in for the call that the backend check (`backends.check`) reads before any work: its
+    tensors give the compute dtype and the device (their shapes and values are not read, so the
+    inputs themselves serve where the dtype matches: each new tensor costs the host time before the
+    first kernel)."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     sharded = process_group is not None or _row_sharded(weight)
@@ -238,7 +266,71 @@ def _vocab_shard(weight: torch.Tensor, process_group) -> Optional[VocabShard]:
     return VocabShard(start=int(sizes[:rank].sum()), size=int(sizes.sum()), group=process_group)
 
 
+#: Largest factor ``|logit_scale| / temperature`` (and ``softcap / temperature``) accepted: it leaves float32
+#: (max 3.4e38) room for raw logits up to 2**27 before the logits overflow to inf and every result is NaN.
+MAX_LOGIT_FACTOR = 2.0**100
+
+
+def check_head_arguments(
+    *,
+    outputs: Sequence[str] = (),
+    impl: str = "auto",
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    process_group=None,
+    backend_options: Optional[Mapping] = None,
+) -> LogitTransform:
+    """Check the non-tensor arguments of `linear_token_stats` as it does, before any of them is used, and
+    return their logit transform; lets a module refuse bad settings when it is built.
+
+    Raises TypeError for a value of the wrong type (a bool is not a number) and ValueError for a bad value,
+    each naming what was expected and what was given.
+    """
+    _check_arguments(outputs, impl, temperature, softcap, logit_scale, process_group, backend_options)
+    transform = LogitTransform(
+        logit_scale=float(logit_scale), softcap=None if softcap is None else float(softcap), temperature=float(temperature)
+    )
+    _check_transform(transform)
+    return transform
+
+
+def _check_arguments(outputs, impl, temperature, softcap, logit_scale, process_group, backend_options) -> None:
+    if isinstance(outputs, str):
+        raise ValueError(f"outputs must be a sequence of names, e.g. ({outputs!r},); got the string {outputs!r}")
+    if not isinstance(outputs, (tuple, list, set, frozenset)):
+        raise TypeError(
+            f"outputs must be a tuple of names from {list(STATS)} (() for log-probs only); got {outputs!r}"
+        )
+    unknown = set(outputs) - set(STATS)
+    if unknown:
+        raise ValueError(f"unknown outputs {sorted(unknown)}: expected a subset of {list(STATS)}")
+    if not isinstance(impl, str) or not impl:
+        raise ValueError(f"impl must be 'auto' or a backend name from {backends.names()}; got {impl!r}")
+    for name, value in (("temperature", temperature), ("logit_scale", logit_scale), ("softcap", softcap)):
+        if value is None and name == "softcap":
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            expected = "None or a positive number" if name == "softcap" else "a number"
+            raise TypeError(f"{name} must be {expected} (a bool is not a number); got {value!r}")
+    if backend_options is not None and not isinstance(backend_options, Mapping):
+        raise TypeError(f"backend_options must be a mapping of option names to values, or None; got {backend_options!r}")
+    if process_group is not None:
+        import torch.distributed as dist
+
+        if not dist.is_available() or not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(
+                f"process_group must be None or a torch.distributed.ProcessGroup (the group whose ranks hold the "
+                f"vocabulary shards); got {type(process_group).__name__}"
+            )
+
+
 def _check_inputs(hidden, weight, labels, bias, transform: LogitTransform, process_group) -> None:
+    for name, value in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be None or a torch.Tensor [V]; got {type(bias).__name__}")
     if hidden.dim() < 1 or weight.dim() != 2:
         raise ValueError(f"expected hidden [..., D] and weight [V, D]; got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     if hidden.shape[-1] != weight.shape[1]:
@@ -246,6 +338,8 @@ def _check_inputs(hidden, weight, labels, bias, transform: LogitTransform, proce
             f"hidden size mismatch: hidden is [..., {hidden.shape[-1]}] but weight is "
             f"[{weight.shape[0]}, {weight.shape[1]}] (expected [V, {hidden.shape[-1]}])"
         )
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"hidden size D must be >= 1; got hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)}")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}; got {tuple(labels.shape)}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -259,12 +353,7 @@ def _check_inputs(hidden, weight, labels, bias, transform: LogitTransform, proce
         raise ValueError(f"hidden, weight and labels must be on one device; got {hidden.device}, {weight.device}, {labels.device}")
     if bias is not None and bias.device != weight.device:
         raise ValueError(f"bias must be on the weight's device {weight.device}; got {bias.device}")
-    if not 0 < transform.temperature < math.inf:
-        raise ValueError(f"temperature must be > 0 and finite; got {transform.temperature}")
-    if not math.isfinite(transform.logit_scale):
-        raise ValueError(f"logit_scale must be finite; got {transform.logit_scale}")
-    if transform.softcap is not None and not 0 < transform.softcap < math.inf:
-        raise ValueError(f"softcap must be None or > 0 and finite; got {transform.softcap}")
+    _check_transform(transform)
     if weight.shape[0] == 0 and process_group is None:
         raise ValueError("weight has an empty vocabulary (V = 0)")
     if process_group is not None and type(weight).__name__ == "DTensor":
@@ -272,6 +361,25 @@ def _check_inputs(hidden, weight, labels, bias, transform: LogitTransform, proce
             "pass either a DTensor weight (its mesh says how it is split) or a plain local shard with "
             "process_group, not both"
         )
+
+
+def _check_transform(transform: LogitTransform) -> None:
+    if not 0 < transform.temperature < math.inf:
+        raise ValueError(f"temperature must be > 0 and finite; got {transform.temperature}")
+    if not math.isfinite(transform.logit_scale):
+        raise ValueError(f"logit_scale must be finite; got {transform.logit_scale}")
+    if transform.softcap is not None and not 0 < transform.softcap < math.inf:
+        raise ValueError(f"softcap must be None or > 0 and finite; got {transform.softcap}")
+    factors = [("|logit_scale| / temperature", abs(transform.logit_scale) / transform.temperature)]
+    if transform.softcap is not None:
+        factors.append(("softcap / temperature", transform.softcap / transform.temperature))
+    for what, factor in factors:
+        if not factor <= MAX_LOGIT_FACTOR:
+            raise ValueError(
+                f"{what} = {factor:g} scales the logits beyond float32's range (expected <= 2**100 = "
+                f"{MAX_LOGIT_FACTOR:.3g}; the logits would overflow to inf and every result be NaN): got "
+                f"temperature={transform.temperature!r}, logit_scale={transform.logit_scale!r}, softcap={transform.softcap!r}"
+            )
 
 
 def _labelled_positions(targets: torch.Tensor, ignore_index: int, vocab: int) -> torch.Tensor:

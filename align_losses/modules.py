@@ -7,7 +7,7 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from .core import linear_token_stats
+from .core import check_head_arguments, linear_token_stats
 from .losses import check_sft_args, sft_outputs, sft_token_losses
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -67,6 +67,13 @@ class LinearCrossEntropyLoss(nn.Module):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
         check_sft_args("nll", label_smoothing, z_loss)
+        check_head_arguments(
+            impl=impl, temperature=temperature, softcap=softcap, logit_scale=logit_scale, backend_options=backend_options
+        )
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int; got {ignore_index!r}")
+        if not isinstance(shift, bool):
+            raise TypeError(f"shift must be True or False; got {shift!r}")
         options = dict(backend_options or {})
         if chunk_size is not None:
             if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:

@@ -194,3 +194,239 @@ def test_beta_without_reference_is_refused(workdir, capsys):
     assert capsys.readouterr().err.strip() == (
         "align-losses: error: --beta needs --ref-model (the reward is beta * (logps - ref_logps))"
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Files: only --out, OUT.partial and an exclusive temporary file are written; --resume continues an interrupted run
+
+
+def _logps_args(w, out, *extra):
+    return ["logps", "--model", str(w / "policy"), "--ref-model", str(w / "ref"), "--beta", "0.1", "--data",
+            str(w / "pref.jsonl"), "--out", str(out), "--max-length", "16", "--batch-size", "2", "--chunk-rows", "3",
+            "--impl", "torch", "--device", "cpu", "--no-progress", *map(str, extra)]
+
+
+def _interrupt_after(monkeypatch, chunks: int, error=KeyboardInterrupt):
+    """Make the (chunks + 1)-th `LogpsJob.score` call raise ``error``, as Ctrl-C or a crash would."""
+    from trainers import extract
+
+    calls = {"n": 0}
+    real = extract.LogpsJob.score
+
+    def score(self, rows, bar=None):
+        if calls["n"] == chunks:
+            raise error("injected")
+        calls["n"] += 1
+        return real(self, rows, bar=bar)
+
+    monkeypatch.setattr(extract.LogpsJob, "score", score)
+    return calls
+
+
+def _files(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(workdir, tmp_path_factory):
+    """The reference outputs of uninterrupted runs: ``{suffix: path}``."""
+    from trainers.cli import main
+
+    out = {}
+    for suffix in (".jsonl", ".parquet"):
+        folder = tmp_path_factory.mktemp("whole")
+        out[suffix] = folder / f"scored{suffix}"
+        assert main(_logps_args(workdir, out[suffix])) == 0
+        assert _files(folder) == [out[suffix].name]  # nothing else left behind
+    return out
+
+
+def _same_output(a, b):
+    if a.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        ta, tb = pq.read_table(a), pq.read_table(b)
+        assert ta.schema == tb.schema and ta.to_pylist() == tb.to_pylist()
+    assert a.read_bytes() == b.read_bytes()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+@pytest.mark.parametrize("chunks_before", [0, 2])
+def test_interrupted_run_resumed_equals_an_uninterrupted_one(workdir, uninterrupted, tmp_path, monkeypatch, capsys,
+                                                              suffix, chunks_before):
+    from trainers.cli import main
+
+    out = tmp_path / f"scored{suffix}"
+    out.write_text("previous output\n")
+    _interrupt_after(monkeypatch, chunks_before)
+    assert main(_logps_args(workdir, out)) == 130
+    err = capsys.readouterr().err
+    partial = tmp_path / f"scored{suffix}.partial"
+    assert out.read_text() == "previous output\n"  # the earlier output is intact
+    if chunks_before == 0:  # nothing scored: nothing kept
+        assert _files(tmp_path) == [out.name]
+        return
+    assert f"{3 * chunks_before} of {PREFERENCE_ROWS} rows are scored and kept in {partial}" in err and "--resume" in err
+    assert _files(tmp_path) == sorted([out.name, partial.name])  # no temporary file left
+    assert len(partial.read_text().splitlines()) == 1 + chunks_before
+    monkeypatch.undo()
+    assert main(["logps", *_logps_args(workdir, out)[1:], "--resume"]) == 0
+    assert _files(tmp_path) == [out.name]
+    _same_output(out, uninterrupted[suffix])
+
+
+def test_a_crash_keeps_the_partial_file_and_resume_continues(workdir, uninterrupted, tmp_path, monkeypatch, capsys):
+    from trainers.cli import main
+
+    out = tmp_path / "scored.jsonl"
+    _interrupt_after(monkeypatch, 1, error=RuntimeError)
+    assert main(_logps_args(workdir, out)) == 1
+    err = capsys.readouterr().err
+    assert "RuntimeError: injected" in err and "3 of 10 rows are scored and kept" in err
+    # a torn chunk (the process killed while writing it) is cut off and scored again
+    partial = tmp_path / "scored.jsonl.partial"
+    with open(partial, "a") as f:
+        f.write('{"rows": [3, 6], "columns": {"chosen_lo')
+    monkeypatch.undo()
+    assert main(_logps_args(workdir, out, "--resume")) == 0
+    _same_output(out, uninterrupted[".jsonl"])
+    assert _files(tmp_path) == [out.name]
+
+
+def test_resume_refuses_other_settings(workdir, tmp_path, monkeypatch, capsys):
+    from trainers.cli import main
+
+    out = tmp_path / "scored.jsonl"
+    _interrupt_after(monkeypatch, 1)
+    assert main(_logps_args(workdir, out)) == 130
+    partial = tmp_path / "scored.jsonl.partial"
+    before = partial.read_bytes()
+    monkeypatch.undo()
+    capsys.readouterr()
+    args = _logps_args(workdir, out, "--resume")
+    args[args.index("--batch-size") + 1] = "3"
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "other settings or inputs (batch_size 2 there, 3 now)" in err and "remove" in err
+    # without --resume the partial file is never overwritten
+    assert main(_logps_args(workdir, out)) == 1
+    assert "exists" in capsys.readouterr().err
+    assert partial.read_bytes() == before and not out.exists()
+
+
+def test_partial_file_that_is_a_link_or_someone_elses_is_left_alone(workdir, tmp_path, capsys):
+    from trainers.cli import main
+
+    out = tmp_path / "scored.jsonl"
+    partial = tmp_path / "scored.jsonl.partial"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    partial.symlink_to(victim)
+    for extra in ((), ("--resume",)):
+        assert main(_logps_args(workdir, out, *extra)) == 1
+        err = capsys.readouterr().err
+        assert ("exists" if not extra else "is a symbolic link; it is not followed") in err, err
+        assert victim.read_text() == "keep me\n" and partial.is_symlink() and not out.exists()
+    partial.unlink()
+    partial.write_text("my own notes\n")
+    assert main(_logps_args(workdir, out, "--resume")) == 1
+    assert "is not a partial file of align-losses logps" in capsys.readouterr().err
+    assert partial.read_text() == "my own notes\n" and not out.exists()
+
+
+def test_out_that_is_a_link_is_replaced_not_followed(workdir, uninterrupted, tmp_path):
+    from trainers.cli import main
+
+    victim = tmp_path / "victim.jsonl"
+    victim.write_text("keep me\n")
+    out = tmp_path / "scored.jsonl"
+    out.symlink_to(victim)
+    assert main(_logps_args(workdir, out)) == 0
+    assert victim.read_text() == "keep me\n" and not out.is_symlink()
+    _same_output(out, uninterrupted[".jsonl"])
+
+
+def test_a_failure_while_writing_removes_the_temporary_file(workdir, uninterrupted, tmp_path, monkeypatch, capsys):
+    from trainers import cli
+
+    out = tmp_path / "scored.jsonl"
+    real_dumps = json.dumps
+
+    def failing_dumps(obj, **kwargs):
+        if isinstance(obj, dict) and "prompt" in obj and obj.get("prompt") == json.loads(
+                (workdir / "pref.jsonl").read_text().splitlines()[5])["prompt"]:
+            raise OSError("disk full")
+        return real_dumps(obj, **kwargs)
+
+    monkeypatch.setattr(cli.json, "dumps", failing_dumps)
+    assert cli.main(_logps_args(workdir, out)) == 1
+    err = capsys.readouterr().err
+    assert "disk full" in err and "10 of 10 rows are scored and kept" in err
+    assert _files(tmp_path) == ["scored.jsonl.partial"]  # no temporary file, no output
+    monkeypatch.undo()
+    assert cli.main(_logps_args(workdir, out, "--resume")) == 0  # only the writing is left to do
+    _same_output(out, uninterrupted[".jsonl"])
+
+
+def test_null_completion_is_named_before_any_model_is_loaded(workdir, tmp_path, capsys, monkeypatch):
+    from trainers import cli
+
+    rows = [json.loads(line) for line in (workdir / "pref.jsonl").read_text().splitlines()]
+    rows[4]["rejected"] = None
+    del rows[6]["chosen"]
+    data = tmp_path / "nulls.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(cli, "_load_model", lambda *a: pytest.fail("a model was loaded"))
+    args = _logps_args(workdir, tmp_path / "o.jsonl")
+    args[args.index("--data") + 1] = str(data)
+    code = cli.main(args)
+    captured = capsys.readouterr()
+    _check_one_line_error(code, captured.out, captured.err, "null (None or missing) value in column 'rejected' at row 4")
+    assert _files(tmp_path) == ["nulls.jsonl"]
+
+
+def test_bad_beta_and_chunk_rows_are_usage_errors(workdir, capsys):
+    from trainers.cli import main
+
+    for flag, value, message in (("--beta", "nan", "expected a finite number >= 0, got 'nan'"),
+                                 ("--beta", "-1", "expected a finite number >= 0, got '-1'"),
+                                 ("--chunk-rows", "0", "expected a positive integer, got '0'")):
+        args = _logps_args(workdir, workdir / "x.jsonl")
+        args[args.index(flag) + 1] = value
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_help_says_how_files_are_written_and_lists_every_backend(capsys):
+    from align_losses import backends
+    from trainers.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["logps", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in backends.names():
+        assert name in text, name
+    for phrase in ("--resume", "--chunk-rows", "OUT.partial", "temporary file with a unique name",
+                   "removed on any failure", "identical to an uninterrupted run",
+                   "default: cuda when a CUDA device is available, else cpu"):
+        assert phrase in text, phrase
+
+
+def test_device_defaults_to_cuda_when_available(workdir, tmp_path, monkeypatch, capsys):
+    """With a CUDA device reported, the models go to "cuda" (which this CPU build of torch then refuses)."""
+    from trainers import cli
+
+    seen = []
+
+    def load_model(path, flag, dtype, device):
+        seen.append(device)
+        raise cli.CLIError("stopped before loading")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cli, "_load_model", load_model)
+    args = [a for a in _logps_args(workdir, tmp_path / "o.jsonl") if a not in ("--device", "cpu")]
+    assert cli.main(args) == 1
+    assert "stopped before loading" in capsys.readouterr().err
+    assert seen == ["cuda"]
+    assert _files(tmp_path) == []  # the partial file of a run that scored nothing is removed

@@ -398,3 +398,62 @@ def test_fused_dpo_trainer_precompute_through_reference_columns(tok, preference_
     for key in ("ref_chosen_logps", "ref_rejected_logps"):
         assert _max_diff(trainer.train_dataset, theirs, key) <= 1e-5, key
     assert isinstance(trainer._reference_summary["train"], ExtractionSummary)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad rows are named before tokenisation; a job scored in ranges gives the values of one call over the same ranges
+
+
+@pytest.mark.parametrize("rows, message", [
+    ({"prompt": PROMPTS[:3], "chosen": [GOOD[0], None, GOOD[2]], "rejected": BAD[:3]},
+     r"null \(None or missing\) value in column 'chosen' at row 1: expected a value in every row"),
+    ({"prompt": PROMPTS[:3], "completion": GOOD[:3], "label": [True, None, False]},
+     r"null \(None or missing\) value in column 'label' at row 1"),
+    ({"prompt": PROMPTS[:3], "completion": GOOD[:3], "label": [1, 0, 2]},
+     r"column 'label' must hold True/False \(or 0/1\) labels, desirable or not; got 2 at row 2"),
+    ({"prompt": [None, PROMPTS[1]], "completion": GOOD[:2]}, r"value in column 'prompt' at row 0"),
+])
+def test_bad_rows_are_named_before_tokenisation(rows, message, tokenizer, monkeypatch):
+    from datasets import Dataset
+
+    from trainers import extract
+
+    monkeypatch.setattr(extract, "tokenize", lambda *a: pytest.fail("tokenised before the rows were checked"))
+    with pytest.raises(ValueError, match=message):
+        extract_logps(tiny_causal_lm(), Dataset.from_dict(rows), tokenizer, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(beta=float("nan")), r"`beta` must be a finite number >= 0; got nan"),
+    (dict(beta=-1.0), r"`beta` must be a finite number >= 0; got -1.0"),
+    (dict(batch_size=2.5), r"batch_size must be a positive int; got 2.5"),
+    (dict(max_length=2.5), r"max_length must be a positive int of tokens or None; got 2.5"),
+])
+def test_bad_arguments(kwargs, message, tokenizer):
+    from datasets import Dataset
+
+    data = Dataset.from_dict({"prompt": PROMPTS[:2], "chosen": GOOD[:2], "rejected": BAD[:2]})
+    with pytest.raises(ValueError, match=message):
+        extract_logps(tiny_causal_lm(), data, tokenizer, ref_model=tiny_causal_lm(seed=1), progress=False, **kwargs)
+
+
+def test_a_job_scored_in_ranges_equals_one_call_per_range(tokenizer):
+    """`LogpsJob.score` over [0, 3) and [3, 8) gives the values of the full-logits reference, and the same values
+    however often it is called (the CLI's --resume relies on it)."""
+    from datasets import Dataset
+
+    from trainers.extract import prepare_logps
+
+    data = Dataset.from_dict({"prompt": PROMPTS, "chosen": GOOD, "rejected": BAD})
+    model = tiny_causal_lm()
+    job = prepare_logps(model, data, tokenizer, batch_size=2, progress=False, max_length=None)
+    first = [job.score(range(0, 3)), job.score(range(3, 8))]
+    again = [job.score(range(0, 3)), job.score(range(3, 8))]
+    assert first == again
+    columns = {k: first[0][k] + first[1][k] for k in job.score_columns}
+    scored, summary = job.finish(columns)
+    for i, row in enumerate(scored):
+        p, c = split_ids(tokenizer, PROMPTS[i], GOOD[i])
+        assert row["chosen_logps"] == pytest.approx(full_logits_logp(model, p, c), abs=1e-4)
+    with pytest.raises(ValueError, match=r"finish needs the columns .* of all 8 rows"):
+        job.finish(first[0])

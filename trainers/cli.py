@@ -12,6 +12,7 @@ backend) end the command with exit status 1 and one line on stderr, no traceback
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -46,14 +47,32 @@ truncated as the trainer truncates them (they are counted in the summary); rows 
 drop (a prompt alone filling --max-length) keep null values.
 
 Files: .jsonl and .json are JSON Lines (a .json input may also hold one JSON array of rows), .parquet
-is Parquet. A closing summary gives rows, tokens, tokens/s, truncated rows, and with --ref-model the
-reward accuracy and mean margin. Exit status 1 with a one-line message on a usage error."""
+is Parquet. A null (None or missing) value in a column that is read is an error naming the row and the
+column, before any model is loaded.
+
+Writing: rows are scored in chunks of --chunk-rows consecutive rows; each chunk's values are appended to
+OUT.partial (next to --out) as soon as it is done and flushed to disk. --out itself is written only at the
+end, through a temporary file with a unique name in its folder (created exclusively: no existing file or
+link is followed or replaced) that atomically replaces it; an earlier --out stays intact until then, and
+the temporary file is removed on any failure. Nothing else is written. OUT.partial is removed once --out
+is written; after an interrupt (Ctrl-C) or a failure it is kept, and the same command with --resume
+continues from the rows it holds, giving a file identical to an uninterrupted run (same rows, values and
+order). --resume refuses a partial file written with other arguments or input files, a link, or a file
+that is not its own; without --resume an existing OUT.partial is an error, never overwritten.
+
+A closing summary gives rows, tokens, tokens/s (of this run), truncated rows, and with --ref-model the
+reward accuracy and mean margin. Exit status 1 with a one-line message on a usage error, 130 on an
+interrupt."""
 
 EPILOG = """\
 examples:
   align-losses logps --model ./ckpt --data prefs.jsonl --out scored.jsonl
   align-losses logps --model ./ckpt --ref-model ./base --beta 0.1 --data prefs.parquet --out scored.parquet
-  python -m trainers.cli logps --model ./ckpt --data sft.jsonl --out sft_logps.parquet --device cuda"""
+  align-losses logps --model ./ckpt --ref-model ./base --beta 0.1 --data prefs.parquet --out scored.parquet --resume
+  python -m trainers.cli logps --model ./ckpt --data sft.jsonl --out sft_logps.parquet --device cpu"""
+
+#: --max-length value meaning "no truncation" (None means the trainer's default).
+NO_TRUNCATION = "none"
 
 
 class CLIError(Exception):
@@ -62,7 +81,7 @@ class CLIError(Exception):
 
 def _max_length(text: str):
     if text.lower() in ("none", "0", "off"):
-        return None
+        return NO_TRUNCATION
     try:
         value = int(text)
     except ValueError:
@@ -80,6 +99,22 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _beta(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _backend_names() -> list:
+    from align_losses import backends
+
+    return backends.names()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,9 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "--tokenizer is given")
     p.add_argument("--data", required=True, metavar="FILE", help="input rows: .jsonl, .json or .parquet")
     p.add_argument("--out", required=True, metavar="FILE",
-                   help="output file: .jsonl, .json (both JSON Lines) or .parquet; replaced if it exists")
+                   help="output file: .jsonl, .json (both JSON Lines) or .parquet; replaced atomically at the end if "
+                   "it exists (see 'Writing' above)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from the rows kept in OUT.partial (same arguments and files "
+                   "needed); the result is identical to an uninterrupted run")
+    p.add_argument("--chunk-rows", type=_positive_int, default=256, metavar="N",
+                   help="rows scored and saved to OUT.partial at a time (what an interrupt can lose); part of the "
+                   "settings --resume checks; default %(default)s")
     p.add_argument("--ref-model", metavar="PATH", help="local directory of a reference model: adds ref_*logps columns")
-    p.add_argument("--beta", type=float, metavar="B",
+    p.add_argument("--beta", type=_beta, metavar="B",
                    help="with --ref-model: add implicit rewards beta * (logps - ref_logps) and the margin")
     p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
                    help="rows per forward pass (a preference row is two sequences); default %(default)s")
@@ -113,9 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which end of a too-long sequence to keep (preference and prompt/completion data; unpaired "
                    "data always keeps the start); default %(default)s")
     p.add_argument("--impl", default="auto", metavar="NAME",
-                   help="align-losses backend of the fused head: auto, torch, cce, liger (cce and liger need CUDA); "
-                   "default %(default)s")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run; default %(default)s")
+                   help=f"align-losses backend of the fused head, one of: {', '.join(_backend_names())} (triton, cce "
+                   "and liger need CUDA; auto picks triton on CUDA when it can, torch otherwise); default %(default)s")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="where to run; default: cuda when a CUDA device is available, else cpu")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="weights dtype when loading the model(s); 'auto' keeps the checkpoint's; default %(default)s")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer directory (default: the --model directory)")
@@ -188,17 +231,20 @@ def read_rows(path: str):
 
 
 def write_rows(dataset, path: str) -> None:
-    """Write ``dataset`` to ``path`` (format by extension), through a temporary file."""
+    """Write ``dataset`` to ``path`` (format by extension), atomically through an exclusive temporary file
+    (`trainers.scored_file.write_output`)."""
+    from .scored_file import write_output
+
     fmt = _format_of(path, "--out")
-    target = Path(path)
-    tmp = target.with_name(target.name + ".tmp")
     if fmt == "parquet":
-        dataset.to_parquet(str(tmp))
-    else:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in dataset:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, target)
+        write_output(path, lambda f: dataset.to_parquet(f), binary=True)
+        return
+
+    def write_jsonl(f):
+        for row in dataset:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    write_output(path, write_jsonl, binary=False)
 
 
 def _one_line(e: BaseException) -> str:
@@ -229,15 +275,46 @@ def _load_tokenizer(path: str, flag: str):
         ) from None
 
 
+def _check_out(args) -> None:
+    out = Path(args.out)
+    out_dir = out.resolve().parent
+    if not out_dir.is_dir():
+        raise CLIError(f"--out {args.out}: directory {out_dir} does not exist")
+    if out.is_dir():
+        raise CLIError(f"--out {args.out}: is a directory; expected a file name")
+    if out.exists() and Path(args.data).exists() and os.path.samefile(out, args.data):
+        raise CLIError(f"--out {args.out}: is the --data file; write the scored rows to another file")
+    if not os.access(out_dir, os.W_OK):
+        raise CLIError(f"--out {args.out}: directory {out_dir} is not writable")
+
+
+def _settings(args, device: str, kind: str, rows: int) -> dict:
+    """What must be the same for --resume to continue a run: the arguments that change values or rows, and the
+    content of the input files (the data's hash; the models' and tokenizer's file sizes and times)."""
+    from .scored_file import folder_fingerprint, partial_path
+
+    own = (args.out, partial_path(args.out))
+    digest = hashlib.sha256()
+    with open(args.data, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {
+        "data_sha256": digest.hexdigest(), "rows": rows, "kind": kind,
+        "model_files": folder_fingerprint(args.model, own), "ref_model_files": folder_fingerprint(args.ref_model, own),
+        "tokenizer_files": folder_fingerprint(args.tokenizer, own),
+        "beta": args.beta, "batch_size": args.batch_size, "max_length": args.max_length,
+        "truncation_mode": args.truncation_mode, "impl": args.impl, "device": device, "dtype": args.dtype,
+        "chunk_rows": args.chunk_rows,
+    }
+
+
 def run_logps(args) -> int:
     # Cheap checks first, before any model is loaded.
     _format_of(args.data, "--data")
     _format_of(args.out, "--out")
     if not Path(args.data).is_file():
         raise CLIError(f"--data {args.data}: no such file")
-    out_dir = Path(args.out).resolve().parent
-    if not out_dir.is_dir():
-        raise CLIError(f"--out {args.out}: directory {out_dir} does not exist")
+    _check_out(args)
     _check_model_dir(args.model, "--model")
     if args.ref_model:
         _check_model_dir(args.ref_model, "--ref-model")
@@ -255,38 +332,72 @@ def run_logps(args) -> int:
         if reason is not None:
             raise CLIError(f"--impl {args.impl}: cannot run here ({_one_line(reason)})")
 
-    from .extract import KIND_COLUMNS, _wanted, detect_kind
+    from .extract import check_dataset
 
     dataset = read_rows(args.data)
-    if len(dataset) == 0:
-        raise CLIError(f"--data {args.data}: no rows")
     try:
-        kind = args.kind or detect_kind(dataset.column_names)
+        kind = check_dataset(dataset, args.kind, where=f"--data {args.data}")
     except ValueError as e:
-        raise CLIError(f"--data {args.data}: {e}") from None
-    if not any(set(option) <= set(dataset.column_names) for option in KIND_COLUMNS[kind]):
-        raise CLIError(f"--data {args.data}: missing columns for --kind {kind}: has {sorted(dataset.column_names)}, "
-                       f"needs {_wanted(kind)}")
+        raise CLIError(f"--data {args.data}: {e}" if not str(e).startswith("--data") else str(e)) from None
 
     import torch
 
-    if args.device == "cuda" and not torch.cuda.is_available():
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: no CUDA device is available")
 
-    from .extract import extract_logps
+    from .scored_file import PartialFile, PartialFileError, partial_path
+
+    settings = _settings(args, device, kind, len(dataset))
+    path = partial_path(args.out)
+    try:
+        if args.resume and os.path.lexists(path):
+            partial = PartialFile.resume(path, settings, len(dataset), args.chunk_rows)
+        else:
+            if args.resume:
+                print(f"{PROG} logps: no partial run at {path}: starting from the first row", file=sys.stderr)
+            partial = PartialFile.create(path, settings)
+    except PartialFileError as e:
+        raise CLIError(str(e)) from None
+    try:
+        code = _score_and_write(args, dataset, kind, device, partial)
+    except BaseException:
+        partial.close()
+        if partial.rows_done == 0 and not args.resume:
+            partial.remove()  # nothing worth keeping
+        else:
+            print(f"{PROG}: {partial.rows_done} of {len(dataset)} rows are scored and kept in {path}; rerun the same "
+                  f"command with --resume to continue from there", file=sys.stderr)
+        raise
+    partial.remove()
+    return code
+
+
+def _score_and_write(args, dataset, kind: str, device: str, partial) -> int:
+    """Load the models, score the rows that ``partial`` lacks chunk by chunk, then write --out from it."""
+    from .extract import prepare_logps
 
     tokenizer = _load_tokenizer(args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model")
-    model = _load_model(args.model, "--model", args.dtype, args.device)
-    ref_model = _load_model(args.ref_model, "--ref-model", args.dtype, args.device) if args.ref_model else None
-    extra = {} if args.max_length is None else {"max_length": args.max_length}
+    model = _load_model(args.model, "--model", args.dtype, device)
+    ref_model = _load_model(args.ref_model, "--ref-model", args.dtype, device) if args.ref_model else None
+    extra = {}
+    if args.max_length is not None:
+        extra["max_length"] = None if args.max_length == NO_TRUNCATION else args.max_length
     try:
-        scored, summary = extract_logps(
+        job = prepare_logps(
             model, dataset, tokenizer, ref_model=ref_model, beta=args.beta, batch_size=args.batch_size,
             lce_impl=args.impl, truncation_mode=args.truncation_mode, kind=kind,
-            progress=False if args.no_progress else True, return_summary=True, **extra,
+            progress=False if args.no_progress else True, **extra,
         )
     except (ValueError, TypeError) as e:
         raise CLIError(_one_line(e)) from None
+    n = len(dataset)
+    with job.progress_bar() as bar:
+        bar.update(int((~job.plan.dropped[: partial.rows_done]).sum()))
+        for start in range(partial.rows_done, n, args.chunk_rows):
+            rows = range(start, min(start + args.chunk_rows, n))
+            partial.append(rows.start, rows.stop, job.score(rows, bar=bar))
+    scored, summary = job.finish(partial.columns())
     write_rows(scored, args.out)
     print(f"{PROG} logps: wrote {len(scored)} rows to {args.out}")
     for line in summary.lines():

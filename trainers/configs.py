@@ -10,10 +10,13 @@ TRL's (all of which have defaults), and its ``__post_init__`` validates them aft
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
 import trl
+
+from align_losses.losses.common import check_coefficient
 
 
 @dataclass
@@ -80,20 +83,32 @@ def lce_options(args) -> dict:
 
 
 def check_lce_numbers(args) -> None:
-    """Fail on a non-positive ``lce_memory_budget``/``lce_token_chunk``, an ``lce_filter_mass`` outside (0, 1)
-    or a negative ``lce_z_loss``."""
-    budget = getattr(args, "lce_memory_budget", None)
-    if budget is not None and int(budget) <= 0:
-        raise ValueError(f"`lce_memory_budget` must be a positive number of bytes or None; got {budget}.")
-    chunk = getattr(args, "lce_token_chunk", None)
-    if chunk is not None and int(chunk) <= 0:
-        raise ValueError(f"`lce_token_chunk` must be a positive number of tokens or None; got {chunk}.")
+    """Fail on an ``lce_impl`` that is not a non-empty string, an ``lce_memory_budget``/``lce_token_chunk`` that
+    is not a positive int, an ``lce_filter_mass`` outside (0, 1) or an ``lce_z_loss`` that is not a finite
+    number >= 0; each message names the value given."""
+    impl = getattr(args, "lce_impl", "auto")
+    if not isinstance(impl, str) or not impl:
+        raise ValueError(f"`lce_impl` must be 'auto' or a backend name (align_losses.backends.names()); got {impl!r}.")
+    for name, unit in (("lce_memory_budget", "bytes, e.g. 536870912 for 512 MiB"), ("lce_token_chunk", "tokens")):
+        value = getattr(args, name, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0):
+            raise ValueError(f"`{name}` must be a positive int of {unit}, or None; got {value!r}.")
     mass = getattr(args, "lce_filter_mass", None)
-    if mass is not None and not 0.0 < float(mass) < 1.0:
-        raise ValueError(f"`lce_filter_mass` must be a probability in (0, 1) or None; got {mass}.")
+    if mass is not None:
+        if isinstance(mass, bool) or not isinstance(mass, numbers.Real) or not 0.0 < mass < 1.0:
+            raise ValueError(f"`lce_filter_mass` must be a probability in (0, 1) or None; got {mass!r}.")
     z = getattr(args, "lce_z_loss", 0.0)
-    if z is not None and z < 0:
-        raise ValueError(f"`lce_z_loss` must be >= 0; got {z}.")
+    if z is not None:
+        check_coefficient(z, "lce_z_loss")
+    beta = getattr(args, "beta", None)
+    if beta is not None:
+        losses = getattr(args, "loss_type", None)
+        losses = [losses] if isinstance(losses, str) else list(losses or ())
+        dividing = sorted({"ipo", "sppo_hard"}.intersection(losses))
+        check_coefficient(beta, "beta", positive=bool(dividing), needed_by=f"loss_type {dividing} divides by it")
+    for name in ("desirable_weight", "undesirable_weight"):
+        if getattr(args, name, None) is not None:
+            check_coefficient(getattr(args, name), name)
 
 
 @dataclass

@@ -161,10 +161,11 @@ def detect_kind(columns: Sequence[str]) -> str:
     for kind in KINDS:
         if any(set(option) <= cols for option in KIND_COLUMNS[kind]):
             return kind
-    raise ValueError(f"missing columns: the dataset has {sorted(cols)}, but extraction needs {_wanted()}")
+    raise ValueError(f"missing columns: the dataset has {sorted(cols)}, but extraction needs {wanted_columns()}")
 
 
-def _wanted(kind: Optional[str] = None) -> str:
+def wanted_columns(kind: Optional[str] = None) -> str:
+    """The column sets of ``kind`` (default: every kind), in words, for messages."""
     kinds = [kind] if kind else KINDS
     return " or ".join(
         "{" + ", ".join(option) + "}" + f" ({k})" for k in kinds for option in KIND_COLUMNS[k]
@@ -411,25 +412,29 @@ def _score_rows(
     desc: str,
     summary: ExtractionSummary,
     sort_by_length: bool = True,
+    rows: Optional[range] = None,
+    bar=None,
 ) -> dict:
-    """Score the kept rows of ``tokens`` in batches; ``{name: list}`` in the original row order.
+    """Score the kept rows of ``tokens`` (those in ``rows``, default all) in batches; ``{name: list}`` with one
+    entry per row of ``rows``, in order.
 
     With ``sort_by_length`` the batches hold rows of similar length, longest first; otherwise consecutive rows.
     ``score(batch)`` returns ``{name: [B] tensor}`` for the ``B`` rows of a collated batch; rows not scored
-    (dropped) get None.
+    (dropped) get None. ``bar``: a progress bar to advance (default: one of its own).
     """
     import numpy as np
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-    n = len(plan.lengths)
-    kept = np.nonzero(~plan.dropped)[0]
+    rows = range(len(plan.lengths)) if rows is None else rows
+    n = len(rows)
+    kept = np.nonzero(~plan.dropped[rows.start : rows.stop])[0] + rows.start
     order = kept
     if sort_by_length:  # longest first (an out-of-memory error shows at once); stable: ties keep their order
         order = kept[np.argsort(-plan.lengths[kept], kind="stable")]
     results: dict[str, list] = {}
     start = time.perf_counter()
-    with _progress(len(order), desc, progress) as bar:
+    with contextlib.nullcontext(bar) if bar is not None else _progress(len(order), desc, progress) as bar:
         for lo in range(0, len(order), batch_size):
             idx = [int(i) for i in order[lo : lo + batch_size]]
             chunk = tokens[idx]
@@ -442,7 +447,7 @@ def _score_rows(
             for name, values in out.items():
                 column = results.setdefault(name, [None] * n)
                 for i, v in zip(idx, values.detach().cpu().tolist()):
-                    column[i] = v
+                    column[i - rows.start] = v
             bar.update(len(idx))
     summary.seconds += time.perf_counter() - start
     return results
@@ -529,11 +534,13 @@ def extract_logps(
     Args:
         model: a transformers causal LM (or a PEFT model around one), on the device to run on. It is put in eval
             mode for the call and restored; its ``forward`` is patched for the call only.
-        dataset: a `datasets.Dataset` (see the module docstring for the accepted columns).
+        dataset: a `datasets.Dataset` (see the module docstring for the accepted columns). A null (None or
+            missing) value in a column the tokenisation reads, or an unpaired ``label`` other than True/False or
+            0/1, is a ValueError naming the row and the column, before any work.
         processing_class: the tokenizer (or processor) the trainer would use.
         ref_model: a reference model: adds ``ref_*logps`` columns.
         beta: with ``ref_model``, adds the implicit rewards ``beta * (logps - ref_logps)`` (and ``margin`` for
-            preference data).
+            preference data); a finite number >= 0.
         batch_size: rows per forward (a preference row is two sequences, as in the trainer's batches).
         lce_impl: the `align_losses` backend (``"auto"``, ``"torch"``, ...).
         max_length: truncation length; defaults to the matching TRL config's default (1024). None: no truncation.
@@ -550,30 +557,81 @@ def extract_logps(
         [+ ``chosen_reward``, ``rejected_reward``, ``margin``]. Unpaired and completion data: ``logps``,
         ``tokens`` [+ ``ref_logps``] [+ ``reward``]. Rows the trainer would drop have None there.
     """
-    from datasets import Dataset
+    job = prepare_logps(
+        model, dataset, processing_class, ref_model=ref_model, beta=beta, batch_size=batch_size, lce_impl=lce_impl,
+        max_length=max_length, truncation_mode=truncation_mode, kind=kind, pad_to_multiple_of=pad_to_multiple_of,
+        progress=progress,
+    )
+    result, summary = job.finish(job.score(range(len(dataset))))
+    return (result, summary) if return_summary else result
 
-    if not isinstance(dataset, Dataset):
-        raise TypeError(f"dataset must be a datasets.Dataset (map-style); got {type(dataset).__name__}")
+
+def check_dataset(dataset, kind: Optional[str] = None, where: str = "the dataset") -> str:
+    """The checks of `extract_logps` on ``dataset`` alone, before any tokenisation; returns its kind.
+
+    ``kind`` None detects it from the columns. Raises ValueError for a missing column, a null (None or missing)
+    value in a column the tokenisation reads (naming the row and the column) and an unpaired ``label`` other
+    than True/False or 0/1; an empty dataset too.
+    """
+    from .dataset_checks import check_rows
+
     if len(dataset) == 0:
-        raise ValueError("the dataset is empty")
-    if beta is not None and ref_model is None:
-        raise ValueError("beta needs a ref_model: the implicit reward is beta * (logps - ref_logps)")
-    if ref_model is not None and ref_model is model:
-        raise ValueError("ref_model is the same object as model; pass a separate copy or leave ref_model out")
-    if truncation_mode not in ("keep_start", "keep_end"):
-        raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end'; got {truncation_mode!r}")
+        raise ValueError(f"{where} is empty: expected at least one row")
     if kind is None:
         kind = detect_kind(dataset.column_names)
     elif kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
-    elif not any(set(option) <= set(dataset.column_names) for option in KIND_COLUMNS[kind]):
-        raise ValueError(f"missing columns: the dataset has {sorted(dataset.column_names)}, but needs {_wanted(kind)}")
+    options = [option for option in KIND_COLUMNS[kind] if set(option) <= set(dataset.column_names)]
+    if not options:
+        raise ValueError(
+            f"missing columns: {where} has {sorted(dataset.column_names)}, but needs {wanted_columns(kind)}"
+        )
+    check_rows(dataset, options[0], where)
+    return kind
+
+
+def prepare_logps(
+    model,
+    dataset,
+    processing_class,
+    *,
+    ref_model=None,
+    beta: Optional[float] = None,
+    batch_size: int = 8,
+    lce_impl: str = "auto",
+    max_length=_TRAINER_DEFAULT,
+    truncation_mode: str = "keep_start",
+    kind: Optional[str] = None,
+    pad_to_multiple_of: Optional[int] = None,
+    progress: Optional[bool] = None,
+) -> "LogpsJob":
+    """`extract_logps` in steps: its checks and the tokenisation now, and a `LogpsJob` that scores any range
+    of rows (`LogpsJob.score`) and adds the columns (`LogpsJob.finish`). Lets a caller keep the rows it has
+    scored as it goes (the ``align-losses logps`` command writes them chunk by chunk, for ``--resume``).
+    Arguments as `extract_logps`."""
+    from datasets import Dataset
+
+    from align_losses.losses.common import check_coefficient
+
+    if not isinstance(dataset, Dataset):
+        raise TypeError(f"dataset must be a datasets.Dataset (map-style); got {type(dataset).__name__}")
+    if beta is not None and ref_model is None:
+        raise ValueError("beta needs a ref_model: the implicit reward is beta * (logps - ref_logps)")
+    if beta is not None:
+        check_coefficient(beta, "beta")
+    if ref_model is not None and ref_model is model:
+        raise ValueError("ref_model is the same object as model; pass a separate copy or leave ref_model out")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+    if truncation_mode not in ("keep_start", "keep_end"):
+        raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end'; got {truncation_mode!r}")
+    kind = check_dataset(dataset, kind)
     if kind == UNPAIRED and truncation_mode != "keep_start":
         raise ValueError("unpaired (KTO) data is always truncated with 'keep_start', as trl.KTOTrainer does")
     if max_length is _TRAINER_DEFAULT:
         max_length = _trainer_max_length(kind)
-    if max_length is not None and int(max_length) < 1:
-        raise ValueError(f"max_length must be a positive number of tokens or None; got {max_length}")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise ValueError(f"max_length must be a positive int of tokens or None; got {max_length!r}")
 
     tokens = tokenize(dataset, processing_class, kind)
     plan = _plan(kind, tokens, max_length, truncation_mode)
@@ -584,52 +642,97 @@ def extract_logps(
     )
     summary.truncated_rows, summary.dropped_rows = len(summary.truncated_indices), len(summary.dropped_indices)
     summary.scored_rows = summary.rows - summary.dropped_rows
-
     tok = _tokenizer_of(processing_class)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    collate = _collator(kind, pad_id, max_length, truncation_mode, pad_to_multiple_of)
-    sides = _column_names(kind)
-    models = [("", model)] + ([("ref_", ref_model)] if ref_model is not None else [])
+    return LogpsJob(
+        kind=kind, dataset=dataset, tokens=tokens, plan=plan, summary=summary,
+        collate=_collator(kind, pad_id, max_length, truncation_mode, pad_to_multiple_of),
+        models=[("", model)] + ([("ref_", ref_model)] if ref_model is not None else []),
+        beta=beta, batch_size=batch_size, lce_impl=lce_impl, progress=progress,
+    )
 
-    def score(batch):
-        out = {}
-        _, shift_mask = _labels_and_mask(kind, batch)
-        counts = shift_mask.sum(dim=-1)
-        for side, values in zip(sides, counts.chunk(len(sides))):
-            out[_name(side, "tokens")] = values
-        for prefix, m in models:
-            logps = _sequence_logps(m, kind, _to_device(batch, _input_device(m)))
-            for side, values in zip(sides, logps.float().chunk(len(sides))):
-                out[prefix + _name(side, "logps")] = values
-        return out
 
-    with contextlib.ExitStack() as stack, torch.no_grad():
-        for _, m in models:
-            stack.enter_context(fused_head(m, lce_impl))
-        columns = _score_rows(
-            tokens, plan, batch_size, collate, score, progress, f"log-probs ({KIND_TRAINER[kind]} tokenisation)",
-            summary,
+@dataclass
+class LogpsJob:
+    """A checked and tokenised `extract_logps` call (from `prepare_logps`), scored a range of rows at a time.
+
+    A row's values depend only on the rows scored with it in one `score` call (they are batched by length;
+    padding changes the float32 sums in the last place), so the same ranges give the same values, bit for bit.
+    """
+
+    kind: str
+    dataset: Any
+    tokens: Any
+    plan: _Plan
+    summary: ExtractionSummary
+    collate: Callable[[list], dict]
+    models: list
+    beta: Optional[float]
+    batch_size: int
+    lce_impl: str
+    progress: Optional[bool]
+
+    @property
+    def score_columns(self) -> list:
+        """The names `score` returns, in the order of the output columns."""
+        sides = _column_names(self.kind)
+        names = [_name(s, "logps") for s in sides] + [_name(s, "tokens") for s in sides]
+        if len(self.models) > 1:
+            names += [f"ref_{_name(s, 'logps')}" for s in sides]
+        return names
+
+    def progress_bar(self):
+        """A progress bar over every row the job scores (the dropped rows excluded), for `score`'s ``bar``."""
+        return _progress(int((~self.plan.dropped).sum()), self._description, self.progress)
+
+    @property
+    def _description(self) -> str:
+        return f"log-probs ({KIND_TRAINER[self.kind]} tokenisation)"
+
+    def score(self, rows: range, bar=None) -> dict:
+        """``{name: list}`` (`score_columns`) for the rows in ``rows``, in order; None for dropped rows."""
+        sides = _column_names(self.kind)
+        kind, models = self.kind, self.models
+
+        def score(batch):
+            out = {}
+            _, shift_mask = _labels_and_mask(kind, batch)
+            counts = shift_mask.sum(dim=-1)
+            for side, values in zip(sides, counts.chunk(len(sides))):
+                out[_name(side, "tokens")] = values
+            for prefix, m in models:
+                logps = _sequence_logps(m, kind, _to_device(batch, _input_device(m)))
+                for side, values in zip(sides, logps.float().chunk(len(sides))):
+                    out[prefix + _name(side, "logps")] = values
+            return out
+
+        forward, padded = self.summary.forward_tokens, self.summary.padded_tokens
+        with contextlib.ExitStack() as stack, torch.no_grad():
+            for _, m in models:
+                stack.enter_context(fused_head(m, self.lce_impl))
+            columns = _score_rows(
+                self.tokens, self.plan, self.batch_size, self.collate, score, self.progress, self._description,
+                self.summary, rows=rows, bar=bar,
+            )
+        # every model runs every batch
+        self.summary.forward_tokens = forward + (self.summary.forward_tokens - forward) * len(models)
+        self.summary.padded_tokens = padded + (self.summary.padded_tokens - padded) * len(models)
+        return {name: columns.get(name, [None] * len(rows)) for name in self.score_columns}
+
+    def finish(self, columns: dict):
+        """``(dataset with the new columns, ExtractionSummary)`` from `score`'s columns of every row, in order."""
+        n = len(self.dataset)
+        if set(columns) != set(self.score_columns) or any(len(v) != n for v in columns.values()):
+            raise ValueError(f"finish needs the columns {self.score_columns} of all {n} rows")
+        sides = _column_names(self.kind)
+        summary = self.summary
+        summary.completion_tokens = int(
+            sum(sum(v for v in columns[_name(s, "tokens")] if v is not None) for s in sides)
         )
-    if not columns:  # every row dropped
-        names = [_name(s, w) for s in sides for w in ("logps", "tokens")]
-        names += [f"ref_{_name(s, 'logps')}" for s in sides] if ref_model is not None else []
-        columns = {name: [None] * len(dataset) for name in names}
-    summary.forward_tokens *= len(models)
-    summary.padded_tokens *= len(models)
-    summary.completion_tokens = int(sum(sum(v for v in columns[_name(s, "tokens")] if v is not None) for s in sides))
-
-    ordered = {}
-    for side in sides:
-        ordered[_name(side, "logps")] = columns[_name(side, "logps")]
-    for side in sides:
-        ordered[_name(side, "tokens")] = columns[_name(side, "tokens")]
-    if ref_model is not None:
-        for side in sides:
-            ordered[f"ref_{_name(side, 'logps')}"] = columns[f"ref_{_name(side, 'logps')}"]
-    _add_rewards(ordered, kind, beta, ref_model is not None, dataset, summary)
-    _warn_truncation(summary, "extract_logps")
-    result = _add_columns(dataset, ordered)
-    return (result, summary) if return_summary else result
+        ordered = {name: columns[name] for name in self.score_columns}
+        _add_rewards(ordered, self.kind, self.beta, len(self.models) > 1, self.dataset, summary)
+        _warn_truncation(summary, "extract_logps")
+        return _add_columns(self.dataset, ordered), summary
 
 
 def _add_rewards(columns: dict, kind: str, beta, has_ref: bool, dataset, summary: ExtractionSummary) -> None:

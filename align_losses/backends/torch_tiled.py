@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ..ops.tiled_head import tiled_head
-from .base import OUTPUTS, Backend, Capabilities, HeadProblem
+from ..problem import OUTPUTS, HeadProblem
+from .base import Backend, Capabilities
 
 #: Default bytes of fp32 tile temporaries. Large enough for big GEMMs on a GPU, small beside
 #: the ``[tokens, vocab]`` logits it replaces (8k tokens x 152k vocabulary = 4.6 GiB in fp32).
@@ -15,6 +18,18 @@ DEFAULT_MEMORY_BUDGET = 512 * 2**20
 def _run(problem: HeadProblem) -> dict:
     budget = problem.options.get("memory_budget") or DEFAULT_MEMORY_BUDGET
     return tiled_head(problem, memory_budget=int(budget), token_block=problem.options.get("token_chunk"))
+
+
+def _check_options(problem: HeadProblem) -> list:
+    """Refuse a malformed ``memory_budget`` or ``token_chunk`` before any work (``-1`` would otherwise run
+    hundreds of times slower with one-token tiles, ``"512MB"`` or ``2.5`` fail deep in the tiling).
+    Returns no missing feature: every well-formed value is supported."""
+    wanted = {"memory_budget": "a positive int of bytes, e.g. 512 * 2**20", "token_chunk": "a positive int of tokens"}
+    for key, what in wanted.items():
+        value = problem.options.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            raise ValueError(f"backend_options[{key!r}] of impl 'torch' must be None or {what}; got {value!r}")
+    return []
 
 
 BACKEND = Backend(
@@ -31,4 +46,5 @@ BACKEND = Backend(
         options=frozenset({"memory_budget", "token_chunk"}),
     ),
     run=_run,
+    extra_check=_check_options,
 )

@@ -7,7 +7,7 @@ The ``check_*_args`` functions run a loss's configuration checks on their own, s
 """
 
 from .common import PreferenceOutput
-from .cpo import CPO_LOSS_TYPES, CPOOutput, alphapo_reward, check_cpo_args, cpo_loss, simpo_loss
+from .cpo import AVERAGED_LOSS_TYPES, CPO_LOSS_TYPES, CPOOutput, alphapo_reward, check_cpo_args, cpo_loss, simpo_loss
 from .dpo import (
     DPO_LOSS_TYPES,
     F_DIVERGENCE_LOSS_TYPES,
@@ -16,12 +16,13 @@ from .dpo import (
     dpo_loss,
     f_divergence_scores,
 )
-from .kto import KTO_LOSS_TYPES, KTOOutput, check_kl_estimate, check_kto_args, kto_loss
+from .kto import KTO_LOSS_TYPES, KTOOutput, check_kl_estimate, check_kto_args, check_kto_labels, kto_loss
 from .orpo import ORPOOutput, orpo_loss
 from .sequence import check_ld_alpha, ld_sequence_logps, sequence_logps, wpo_weights
 from .sft import SFT_LOSS_TYPES, SFTOutput, check_sft_args, sft_loss, sft_outputs, sft_token_losses
 
 __all__ = [
+    "AVERAGED_LOSS_TYPES",
     "CPO_LOSS_TYPES",
     "DPO_LOSS_TYPES",
     "F_DIVERGENCE_LOSS_TYPES",
@@ -38,6 +39,7 @@ __all__ = [
     "check_dpo_args",
     "check_kl_estimate",
     "check_kto_args",
+    "check_kto_labels",
     "check_ld_alpha",
     "check_sft_args",
     "cpo_loss",

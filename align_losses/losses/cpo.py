@@ -8,12 +8,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .common import PreferenceOutput, smoothed_sigmoid_loss, token_counts
+from .common import PreferenceOutput, check_batch, check_coefficient, smoothed_sigmoid_loss, token_counts
 from .sft import chosen_nll
 
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
-# TRL feeds these types per-token AVERAGE log-probs, the others sums.
-_AVERAGING_LOSS_TYPES = frozenset({"ipo", "simpo"})
+#: CPO loss types that read per-token AVERAGE log-probs, as TRL's CPOTrainer feeds them; the others read sums
+#: ("alphapo" is "simpo" with ``cpo_alpha = 0``).
+AVERAGED_LOSS_TYPES = frozenset({"ipo", "simpo", "alphapo"})
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,14 @@ def alphapo_reward(logps: Tensor, alpha: float) -> Tensor:
     return -torch.expm1(-alpha * logps) / alpha
 
 
-def check_cpo_args(loss_type: str) -> None:
-    """Raise ValueError unless ``loss_type`` is one of `CPO_LOSS_TYPES`."""
+def check_cpo_args(loss_type: str, *, beta: float | None = None) -> None:
+    """Raise ValueError unless ``loss_type`` is one of `CPO_LOSS_TYPES` and the given ``beta`` is a finite
+    number ``>= 0`` (``> 0`` for "ipo", which divides by it; TypeError for a bool or a non-number)."""
     if loss_type not in CPO_LOSS_TYPES:
         raise ValueError(f"Unknown CPO loss_type {loss_type!r}; expected one of {CPO_LOSS_TYPES}.")
+    if beta is not None:
+        ipo = loss_type == "ipo"
+        check_coefficient(beta, "beta", positive=ipo, needed_by="loss_type 'ipo' divides by it" if ipo else "")
 
 
 def cpo_loss(
@@ -92,12 +97,13 @@ def cpo_loss(
     Returns:
         `CPOOutput`, with the (possibly averaged) log-probs it used.
     """
-    check_cpo_args(loss_type)
+    check_cpo_args(loss_type, beta=beta)
+    check_batch(("chosen_logps", chosen_logps), ("rejected_logps", rejected_logps))
     if loss_type == "alphapo":
         loss_type, cpo_alpha = "simpo", 0.0
     if label_smoothing > 0 and loss_type in ("hinge", "ipo"):
         warnings.warn(f"label_smoothing is ignored by CPO loss_type {loss_type!r}.", stacklevel=2)
-    if loss_type in _AVERAGING_LOSS_TYPES:
+    if loss_type in AVERAGED_LOSS_TYPES:
         chosen_logps, rejected_logps = _averaged(
             chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, loss_type
         )

@@ -23,7 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import PreferenceOutput, at_least_float32, smoothed_sigmoid_loss, token_counts
+from .common import (
+    PreferenceOutput,
+    at_least_float32,
+    check_batch,
+    check_coefficient,
+    smoothed_sigmoid_loss,
+    token_counts,
+)
 from .sft import sft_loss
 
 F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -34,6 +41,8 @@ F_DIVERGENCE_LOSS_TYPES = frozenset(
 )
 # These sort the pairs, which would misalign per-pair WPO weights.
 _SORTING_LOSS_TYPES = frozenset({"aot", "aot_unpaired"})
+# These divide by beta.
+_DIVIDING_LOSS_TYPES = frozenset({"ipo", "sppo_hard"})
 
 
 @dataclass(frozen=True)
@@ -238,7 +247,11 @@ def dpo_loss(
     """
     loss_types, weights = check_dpo_args(
         loss_type, loss_weights, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
-        use_weighting=wpo_weights is not None,
+        use_weighting=wpo_weights is not None, beta=beta, discopop_tau=discopop_tau,
+    )
+    check_batch(
+        ("chosen_logps", chosen_logps), ("rejected_logps", rejected_logps),
+        ("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps),
     )
     _check_wpo_weights(wpo_weights, chosen_logps)
     ref_chosen_logps, ref_rejected_logps = _reference(ref_chosen_logps, ref_rejected_logps, chosen_logps)
@@ -310,13 +323,17 @@ def check_dpo_args(
     label_smoothing: float = 0.0,
     f_divergence_type: str = "reverse_kl",
     use_weighting: bool = False,
+    beta: float | None = None,
+    discopop_tau: float | None = None,
 ) -> tuple[list[str], list[float]]:
     """Validate a DPO configuration as `dpo_loss` does; return ``(loss_types, loss_weights)`` as lists.
 
     Raises ValueError for unknown loss or f-divergence types, a wrong number of ``loss_weights``,
     a divergence other than reverse KL with loss types that do not take one, "exo_pair" without
     ``label_smoothing`` in ``(0, 1)``, and WPO weights (``use_weighting``) with the sorting "aot" types; warns
-    when "robust" gets ``label_smoothing`` outside ``[0, 0.5)``.
+    when "robust" gets ``label_smoothing`` outside ``[0, 0.5)``. When given, ``beta`` must be a finite
+    number ``>= 0`` (``> 0`` for "ipo" and "sppo_hard", which divide by it) and ``discopop_tau`` one ``> 0``
+    for "discopop"; a bool or a non-number is a TypeError.
     """
     loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     weights = [1.0] * len(loss_types) if loss_weights is None else list(loss_weights)
@@ -343,6 +360,11 @@ def check_dpo_args(
         warnings.warn(f"label_smoothing should lie in [0, 0.5) for 'robust'; got {label_smoothing}.", stacklevel=3)
     if use_weighting and _SORTING_LOSS_TYPES.intersection(loss_types):
         raise ValueError("wpo_weights cannot be used with 'aot' or 'aot_unpaired': they sort the pairs.")
+    if beta is not None:
+        dividing = sorted(_DIVIDING_LOSS_TYPES.intersection(loss_types))
+        check_coefficient(beta, "beta", positive=bool(dividing), needed_by=f"loss_type {dividing} divides by it")
+    if discopop_tau is not None and "discopop" in loss_types:
+        check_coefficient(discopop_tau, "discopop_tau", positive=True, needed_by="'discopop' divides by it")
     return loss_types, weights
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .common import check_batch, check_coefficient
+
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
@@ -28,10 +30,38 @@ class KTOOutput:
     kl: Tensor
 
 
-def check_kto_args(loss_type: str) -> None:
-    """Raise ValueError unless ``loss_type`` is one of `KTO_LOSS_TYPES`."""
+def check_kto_args(
+    loss_type: str,
+    *,
+    beta: float | None = None,
+    desirable_weight: float | None = None,
+    undesirable_weight: float | None = None,
+) -> None:
+    """Raise ValueError unless ``loss_type`` is one of `KTO_LOSS_TYPES` and the given ``beta`` and class
+    weights are finite numbers ``>= 0`` (TypeError for a bool or a non-number)."""
     if loss_type not in KTO_LOSS_TYPES:
         raise ValueError(f"Unknown KTO loss_type {loss_type!r}; expected one of {KTO_LOSS_TYPES}.")
+    for name, value in (("beta", beta), ("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
+        if value is not None:
+            check_coefficient(value, name)
+
+
+def check_kto_labels(labels: Tensor, like: Tensor) -> Tensor:
+    """``labels`` as a bool tensor, after checking that it has the shape of ``like`` and holds only 0 and 1
+    (True/False): a label of 2, -1 or 0.5 is refused rather than counted as desirable.
+
+    A bool tensor needs no value check; any other dtype costs one host synchronisation.
+    """
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"`labels` must be a [B] bool (or 0/1) tensor; got {type(labels).__name__}.")
+    check_batch(("logps", like), ("labels", labels))
+    if labels.dtype == torch.bool:
+        return labels
+    valid = (labels == 0) | (labels == 1)
+    if not bool(valid.all()):
+        found = labels[~valid][:5].tolist()
+        raise ValueError(f"`labels` must be True/False or 0/1 (desirable or not); found {found}.")
+    return labels != 0
 
 
 def kto_loss(
@@ -51,12 +81,13 @@ def kto_loss(
     "kto": desirable ``1 - sigmoid(r - z)``, undesirable ``1 - sigmoid(z - r)``;
     "apo_zero_unpaired": desirable ``1 - sigmoid(r)``, undesirable ``sigmoid(r)``.
     Each is multiplied by ``desirable_weight`` or ``undesirable_weight`` and the loss is their mean over
-    the whole batch (NaN-ignoring, as TRL).
+    the whole batch. TRL takes a NaN-ignoring mean; here a NaN log-prob gives a NaN loss, as a float64
+    evaluation of the formula does, rather than a finite loss whose gradient is NaN.
 
     Args:
         logps: ``[B]`` float summed policy log-probs of the completions.
         ref_logps: ``[B]`` reference log-probs, or None for reference-free use (reference taken as 0).
-        labels: ``[B]`` bool (or 0/1): True for desirable completions.
+        labels: ``[B]`` bool (or 0/1; other values are refused): True for desirable completions.
         kl: ``[]`` KL estimate for "kto": the mean over the global batch of ``policy - reference``
             summed log-probs of the mismatched (KL) completions. It is detached and clamped at 0
             here, as TRL does after gathering it across ranks. Must be None for "apo_zero_unpaired".
@@ -67,8 +98,10 @@ def kto_loss(
     Returns:
         `KTOOutput`.
     """
+    check_kto_args(loss_type, beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+    check_batch(("logps", logps), ("ref_logps", ref_logps))
+    desirable = check_kto_labels(labels, logps)
     kl = _kl_reference_point(kl, loss_type, logps)
-    desirable = labels != 0
     rewards = beta * (logps if ref_logps is None else logps - ref_logps)
     # 1 - sigmoid(x) is written sigmoid(-x), which keeps its precision when small.
     if loss_type == "kto":
@@ -78,7 +111,7 @@ def kto_loss(
     losses = torch.where(desirable, desirable_weight * desirable_loss, undesirable_weight * undesirable_loss)
     detached = rewards.detach()
     return KTOOutput(
-        loss=losses.nanmean(),
+        loss=losses.mean(),
         chosen_rewards=detached[desirable],
         rejected_rewards=detached[~desirable],
         kl=kl,

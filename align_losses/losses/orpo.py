@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import PreferenceOutput, at_least_float32
+from .common import PreferenceOutput, at_least_float32, check_batch, check_coefficient
 from .sft import chosen_nll
 
 
@@ -70,6 +70,8 @@ def orpo_loss(
     Returns:
         `ORPOOutput`.
     """
+    check_coefficient(beta, "beta")
+    check_batch(("chosen_logps", chosen_logps), ("rejected_logps", rejected_logps))
     nll = chosen_nll(nll_loss, chosen_token_logps, chosen_token_mask, needed_by="orpo_loss")
     chosen, rejected = at_least_float32(chosen_logps), at_least_float32(rejected_logps)
     # log(p_c / (1 - p_c)) - log(p_r / (1 - p_r)), from log-probs (ORPO eqs. 4 and 7)

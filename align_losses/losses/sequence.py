@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .common import check_same_shape
+
 
 def sequence_logps(token_logps: Tensor, mask: Tensor, *, average: bool = False) -> Tensor:
     """Sum (or mean) of the token log-probs over the completion mask.
@@ -22,6 +24,7 @@ def sequence_logps(token_logps: Tensor, mask: Tensor, *, average: bool = False) 
     Returns:
         ``[B]`` in the dtype of ``token_logps``.
     """
+    check_same_shape(("token_logps", token_logps), ("mask", mask))
     keep = mask != 0
     total = torch.where(keep, token_logps, 0).sum(dim=-1)
     if not average:
@@ -59,6 +62,8 @@ def ld_sequence_logps(
         ``([B], [B])`` chosen and rejected log-probs, dtype of the token log-probs.
     """
     check_ld_alpha(ld_alpha)
+    check_same_shape(("chosen_token_logps", chosen_token_logps), ("chosen_mask", chosen_mask))
+    check_same_shape(("rejected_token_logps", rejected_token_logps), ("rejected_mask", rejected_mask))
     chosen_keep, rejected_keep = chosen_mask != 0, rejected_mask != 0
     shared = torch.minimum(chosen_keep.sum(dim=-1), rejected_keep.sum(dim=-1)).unsqueeze(-1)
 
@@ -97,6 +102,8 @@ def wpo_weights(
     Returns:
         ``[B]`` positive detached weights, dtype of the token log-probs.
     """
+    check_same_shape(("chosen_token_logps", chosen_token_logps), ("chosen_log_sum_p2", chosen_log_sum_p2))
+    check_same_shape(("rejected_token_logps", rejected_token_logps), ("rejected_log_sum_p2", rejected_log_sum_p2))
     chosen = sequence_logps(chosen_token_logps - chosen_log_sum_p2, chosen_mask, average=True)
     rejected = sequence_logps(rejected_token_logps - rejected_log_sum_p2, rejected_mask, average=True)
     return torch.exp(chosen) * torch.exp(rejected)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
+
+from .common import check_real, check_same_shape
 
 SFT_LOSS_TYPES = ("nll", "dft")
 
@@ -42,13 +45,15 @@ def check_sft_args(loss_type: str = "nll", label_smoothing: float = 0.0, z_loss:
     if loss_type not in SFT_LOSS_TYPES:
         alias = " (TRL's deprecated alias of 'nll': pass 'nll')" if loss_type == "chunked_nll" else ""
         raise ValueError(f"Unknown SFT loss_type {loss_type!r}{alias}; expected one of {SFT_LOSS_TYPES}.")
+    check_real(label_smoothing, "label_smoothing")
+    check_real(z_loss, "z_loss")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1]; got {label_smoothing}.")
     if label_smoothing > 0 and loss_type == "dft":
         # TRL's SFTTrainer silently drops label smoothing under DFT; refuse rather than ignore it.
         raise ValueError("label_smoothing is only defined for loss_type='nll', not 'dft'.")
-    if z_loss < 0:
-        raise ValueError(f"z_loss must be >= 0; got {z_loss}.")
+    if not 0 <= z_loss < math.inf:
+        raise ValueError(f"z_loss must be >= 0 and finite; got {z_loss}.")
 
 
 def sft_token_losses(
@@ -74,6 +79,9 @@ def sft_token_losses(
         raise ValueError("label_smoothing > 0 needs the per-token `mean_logit` and `logsumexp`.")
     if z_loss > 0 and logsumexp is None:
         raise ValueError("z_loss > 0 needs the per-token `logsumexp`.")
+    for name, value in (("mean_logit", mean_logit), ("logsumexp", logsumexp)):
+        if value is not None:
+            check_same_shape(("token_logps", token_logps), (name, value))
     nll = -token_logps
     per_token = nll * token_logps.detach().exp() if loss_type == "dft" else nll
     if label_smoothing > 0:
@@ -120,6 +128,7 @@ def sft_loss(
         a ``[]`` tensor (int64 for the token count or an int ``num_items_in_batch``; a tensor
         ``num_items_in_batch`` keeps its dtype).
     """
+    check_same_shape(("token_logps", token_logps), ("mask", mask))
     per_token = sft_token_losses(
         token_logps, loss_type=loss_type, label_smoothing=label_smoothing, z_loss=z_loss,
         mean_logit=mean_logit, logsumexp=logsumexp,
