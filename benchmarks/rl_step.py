@@ -166,12 +166,14 @@ def scale_head(torch, trainer, models, target_std: float, batch: dict) -> float:
 
 def reference_logps(torch, trainer, model, batch: dict, chunk: int = 1024):
     """float64 ``[B, C]`` log-probs of the completion labels from the full logits (hidden states and weight as the
-    heads see them, divided by the sampling temperature)."""
+    heads see them: in the autocast dtype; divided by the sampling temperature)."""
     ids, mask, keep = model_inputs(torch, batch)
     hidden = hidden_states(torch, trainer, model, ids, mask, keep)
-    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    # Both heads cast hidden states and weight to the autocast dtype (bf16) before their GEMM: so does the reference.
+    dtype = torch.bfloat16 if trainer.args.bf16 else model.lm_head.weight.dtype
+    flat_h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
     labels = ids[:, -keep:].reshape(-1)
-    w64 = model.lm_head.weight.detach().double()
+    w64 = model.lm_head.weight.detach().to(dtype).double()
     out = torch.empty(labels.shape, dtype=torch.float64, device=labels.device)
     with torch.no_grad():
         for s in range(0, flat_h.shape[0], chunk):
