@@ -306,19 +306,27 @@ def test_grpo_logps_match_float64_reference(temperature, prompt_dataset, tokeniz
         assert (a.double() - b).norm() <= 1e-5 * b.norm() + 1e-9
 
 
-def test_grpo_bf16_logps_closer_to_float64_than_trl(prompt_dataset, tokenizer, tmp_path):
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                         reason="needs a CUDA GPU")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_grpo_bf16_logps_closer_to_float64_than_trl(device, prompt_dataset, tokenizer, tmp_path):
     """Under bf16 autocast (TRL's default `bf16=True`) on peaked logits (std ~6.4): from the same bf16 hidden states
     and weight, our log-probs are within 1e-4 of float64 full logits; TRL's head, which rounds its logit tiles to
-    bf16, is off by several hundredths per token and tenths of a nat per sequence. (Why the parity tests run fp32.)"""
-    ids = torch.randint(2, len(tokenizer), (4, 40), generator=torch.Generator().manual_seed(0))
+    bf16, is off by several hundredths per token and tenths of a nat per sequence. (Why the parity tests run fp32.)
+    On CUDA both heads run their Triton kernels."""
+    ids = torch.randint(2, len(tokenizer), (4, 40), generator=torch.Generator().manual_seed(0)).to(device)
     mask, keep = torch.ones_like(ids), 32
     errors = {}
     for cls, config_cls in ((FusedGRPOTrainer, FusedGRPOConfig), (trl.GRPOTrainer, trl.GRPOConfig)):
         model = rl_model(tmp_path)
         with torch.no_grad():
             model.lm_head.weight.mul_(4.0)
-        trainer = cls(model=model, reward_funcs=reward_digits, args=rl_args(config_cls, tmp_path, bf16=True),
-                      train_dataset=prompt_dataset, processing_class=tokenizer)
+        args = rl_args(config_cls, tmp_path, bf16=True, use_cpu=device == "cpu")
+        trainer = cls(model=model, reward_funcs=reward_digits, args=args, train_dataset=prompt_dataset,
+                      processing_class=tokenizer)
+        assert trainer.model.device.type == device
         with torch.no_grad():
             logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, keep)
             with trainer.accelerator.autocast():
