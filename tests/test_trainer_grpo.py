@@ -1,6 +1,8 @@
-"""FusedGRPOTrainer against trl.GRPOTrainer: same completions, losses, metrics and weight updates for every
-``loss_type`` and ``importance_sampling_level``, with a spy proving which head ran; its per-token log-probs and
-entropies against a float64 full-logits reference; its errors.
+"""FusedGRPOTrainer against trl.GRPOTrainer: same completions, losses, metrics and weight updates (fp32) for every
+``loss_type`` and ``importance_sampling_level`` and the settings around them (reference model or adapter, several
+iterations, truncation masks, entropy mask and bonus, temperature, soft-cap, evaluation), with a spy proving
+which head ran; its per-token log-probs, entropies and gradients against float64 full logits (and, in bf16, TRL's
+against the same); no ``[tokens, V]`` tensor; its errors; the example's smoke run.
 
 The shared helpers (`rl_model`, `rl_args`, `HeadSpy`, `rl_parity`, `reward_digits`) are used by
 test_trainer_rloo.py too.
