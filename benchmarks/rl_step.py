@@ -343,7 +343,11 @@ def run_child(args, argv, head: str, length: int) -> dict:
         path = f.name
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", f"{head}:{length}:{path}"]
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
+    except subprocess.TimeoutExpired:
+        os.unlink(path)
+        return {"head": head, "length": length, "error": f"timed out after {args.child_timeout} s"}
     try:
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
