@@ -454,3 +454,30 @@ def test_example_train_grpo_smoke(tmp_path):
     assert summary["backend"] == "torch" and summary["steps"] == 2
     assert module.correct_answer([" 7. yes", "It is 7", " 8"], ["7", "7", "7"]) == [1.0, 1.0, 0.0]
     assert module.answer_first([" 7.", "It is 7"]) == [0.5, 0.0]
+
+
+def test_rl_step_benchmark_helpers():
+    """benchmarks/rl_step.py's batch and error arithmetic (the GPU run's numbers come from these)."""
+    import importlib.util
+    import math
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("rl_step", ROOT / "benchmarks" / "rl_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    batch = bench.make_batch(torch, vocab=50, prompt=5, completions=4, length=16, device="cpu", seed=0)
+    ids, mask, keep = bench.model_inputs(torch, batch)
+    assert ids.shape == (4, 21) and keep == 16 and torch.equal(ids[:, :5], ids[:1, :5].expand(4, 5))
+    lengths = batch["completion_mask"].sum(-1)
+    assert bool(((lengths >= 12) & (lengths <= 16)).all()) and int(batch["num_items_in_batch"]) == int(lengths.sum())
+    assert bool((batch["completion_mask"].diff(dim=-1) <= 0).all())  # right padding
+    reference = torch.full((2, 3), -2.0, dtype=torch.float64)
+    logps = torch.tensor([[-1.9, -2.0, 5.0], [-2.0, -2.2, -2.0]])  # 5.0 is padding: not counted
+    errors = bench.log_prob_errors(torch, logps, reference, torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    assert errors["logp_err_max"] == pytest.approx(0.2, abs=1e-6)
+    assert errors["logp_err_mean"] == pytest.approx(0.3 / 5, abs=1e-6)
+    assert errors["seq_logp_err_max"] == pytest.approx(0.2, abs=1e-6)
+    assert errors["ratio_err_max"] == pytest.approx(1 - math.exp(-0.2), abs=1e-6)
+    assert errors["seq_ratio_err_max"] == pytest.approx(1 - math.exp(-0.2 / 3), abs=1e-6)
+    assert errors["seq_sum_ratio_err_max"] == pytest.approx(1 - math.exp(-0.2), abs=1e-6)
