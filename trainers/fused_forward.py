@@ -123,7 +123,10 @@ class FusedHeadSettings:
         memory_budget: bytes of tile temporaries for the ``torch`` backend (None: its default).
         token_chunk: tokens per tile for the ``torch`` backend (None: its choice).
         filter_mass: the ``triton`` backend's filtering backward (None: exact).
-        temperature: logits are divided by it (1.0 for the trainers here).
+        temperature: logits are divided by it (1.0 for the trainers here; the RL trainers use their
+            sampling temperature).
+        fp32_head: run the head in float32 outside autocast, the hidden states cast up (TRL's
+            ``cast_lm_head_to_fp32``, which leaves the head's weight in float32).
     """
 
     outputs: tuple = ()
@@ -133,6 +136,7 @@ class FusedHeadSettings:
     filter_mass: Optional[float] = None
     temperature: float = 1.0
     quirks: HeadQuirks = field(default_factory=HeadQuirks)
+    fp32_head: bool = False
 
     @property
     def backend_options(self) -> dict:
@@ -373,7 +377,11 @@ def _fused_call(self, text_config, settings, args, kwargs, labels, shift_labels,
         all_means = _mean_logits_all(h, weight, bias, settings, result, targets, shift) if want_all else None
         return result, all_means
 
-    result, all_means = _run_as_head_call(head, head_stats, hidden)
+    if settings.fp32_head:
+        with torch.autocast(hidden.device.type, enabled=False):
+            result, all_means = _run_as_head_call(head, head_stats, hidden.float())
+    else:
+        result, all_means = _run_as_head_call(head, head_stats, hidden)
 
     def cut(x):
         return None if x is None else (x[:, :-1] if shift else x)

@@ -1,0 +1,51 @@
+"""`FusedRLOOTrainer`: TRL's `RLOOTrainer` whose per-token log-probs and entropies come from our fused head.
+
+The policy pass (with gradient), the old-policy pass and the reference pass (``beta > 0``, the default
+0.05; both without gradient) run through `align_losses.linear_token_stats` instead of TRL's chunked
+head (see `trainers._rl`); generation, rewards, the leave-one-out baseline, the sequence-level
+clipped loss, the KL-in-reward and the vLLM paths stay TRL's. The logits are divided by the sampling
+``temperature`` (read on every call), as in TRL. Metrics keep TRL's names.
+
+    from trainers import FusedRLOOConfig, FusedRLOOTrainer
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import trl
+
+from ._common import check_before_init, lm_head_adapter_allowed
+from ._rl import PROMPT_COLUMNS, FusedRLMixin, check_rl_args
+from .configs import LCEOptionsMixin
+
+
+@dataclass
+class FusedRLOOConfig(LCEOptionsMixin, trl.RLOOConfig):
+    """`trl.RLOOConfig` plus the fused head's options (`LCEOptionsMixin`: ``lce_impl``, ``lce_memory_budget``,
+    ``lce_token_chunk``, ``lce_filter_mass``)."""
+
+
+class FusedRLOOTrainer(FusedRLMixin, trl.RLOOTrainer):
+    """`trl.RLOOTrainer` with our fused head on every log-prob pass (see the module docstring).
+
+    Takes the arguments of `trl.RLOOTrainer`; ``args`` may be a `FusedRLOOConfig` or a plain `trl.RLOOConfig`.
+    A LoRA adapter on ``lm_head``, which TRL refuses, is trained.
+    """
+
+    _tag_names = ["trl", "rloo", "align-losses"]
+
+    def __init__(self, model, reward_funcs, args=None, train_dataset=None, eval_dataset=None, processing_class=None,
+                 reward_processing_classes=None, callbacks=None, optimizers=(None, None), quantization_config=None,
+                 peft_config=None):
+        name = type(self).__name__
+        check_before_init(name, args, (model,), PROMPT_COLUMNS, train_dataset, eval_dataset, decoder_only=True)
+        check_rl_args(name, args, model, peft_config)
+        with lm_head_adapter_allowed(model, peft_config):
+            super().__init__(
+                model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                processing_class=processing_class, reward_processing_classes=reward_processing_classes,
+                callbacks=callbacks, optimizers=optimizers, quantization_config=quantization_config,
+                peft_config=peft_config,
+            )
+        self._install_fused_heads()
