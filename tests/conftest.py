@@ -22,6 +22,30 @@ torch.set_num_threads(1)
 TOKENIZER_DIR = ROOT / "examples" / "tokenizer"
 
 
+def load_script(relative: str):
+    """The repository script ``relative`` (e.g. ``"examples/train_dpo.py"``) loaded as a module.
+
+    ``examples/`` and ``benchmarks/`` each have a ``_common.py`` that their scripts import as a top-level
+    ``_common``: the script gets its own folder's, imported fresh, and whatever ``sys.modules`` held under
+    that name before is put back afterwards (one test suite loads scripts of both folders).
+    """
+    import importlib.util
+
+    path = ROOT / relative
+    saved = sys.modules.pop("_common", None)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+        sys.modules.pop("_common", None)
+        if saved is not None:
+            sys.modules["_common"] = saved
+    return module
+
+
 def tiny_causal_lm(kind: str = "qwen3", vocab_size: int = 384, seed: int = 0, **overrides):
     """A randomly initialised 2-layer causal LM of the given family, fp32, eager attention."""
     import transformers

@@ -295,13 +295,9 @@ def test_filter_mass_off_cuda_fails_when_the_trainer_is_built(preference_dataset
 
 
 def test_example_train_dpo_smoke(tmp_path):
-    import importlib.util
+    from conftest import load_script
 
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("train_dpo", ROOT / "examples" / "train_dpo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("examples/train_dpo.py")
     summary = module.main(["--smoke", "--steps", "2", "--output-dir", str(tmp_path / "a")])
     assert summary["backend"] == "torch" and summary["steps"] == 2
     # --model: any local HF model directory (TRL then loads the reference from it)

@@ -442,13 +442,9 @@ def test_grpo_error_unknown_impl(prompt_dataset, tokenizer, tmp_path):
 
 
 def test_example_train_grpo_smoke(tmp_path):
-    import importlib.util
+    from conftest import load_script
 
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("train_grpo", ROOT / "examples" / "train_grpo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("examples/train_grpo.py")
     summary = module.main(["--smoke", "--steps", "2", "--batch-size", "8", "--num-generations", "4",
                            "--output-dir", str(tmp_path)])
     assert summary["backend"] == "torch" and summary["steps"] == 2
@@ -458,14 +454,11 @@ def test_example_train_grpo_smoke(tmp_path):
 
 def test_rl_step_benchmark_helpers():
     """benchmarks/rl_step.py's batch and error arithmetic (the GPU run's numbers come from these)."""
-    import importlib.util
     import math
 
-    from conftest import ROOT
+    from conftest import load_script
 
-    spec = importlib.util.spec_from_file_location("rl_step", ROOT / "benchmarks" / "rl_step.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/rl_step.py")
     batch = bench.make_batch(torch, vocab=50, prompt=5, completions=4, length=16, device="cpu", seed=0)
     ids, mask, keep = bench.model_inputs(torch, batch)
     assert ids.shape == (4, 21) and keep == 16 and torch.equal(ids[:, :5], ids[:1, :5].expand(4, 5))

@@ -101,12 +101,8 @@ def test_kto_error_unknown_impl(kto_dataset, tokenizer, tmp_path):
 
 
 def test_example_train_kto_smoke(tmp_path):
-    import importlib.util
+    from conftest import load_script
 
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("train_kto", ROOT / "examples" / "train_kto.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("examples/train_kto.py")
     summary = module.main(["--smoke", "--steps", "2", "--output-dir", str(tmp_path)])
     assert summary["backend"] == "torch" and summary["steps"] == 2

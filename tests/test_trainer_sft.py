@@ -133,12 +133,8 @@ def test_sft_error_bad_z_loss(tmp_path):
 
 
 def test_example_train_sft_smoke(tmp_path):
-    import importlib.util
+    from conftest import load_script
 
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("train_sft", ROOT / "examples" / "train_sft.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("examples/train_sft.py")
     summary = module.main(["--smoke", "--steps", "2", "--z-loss", "1e-4", "--output-dir", str(tmp_path)])
     assert summary["backend"] == "torch" and summary["steps"] == 2
