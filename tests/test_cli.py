@@ -473,3 +473,31 @@ def test_a_real_interrupt_keeps_the_scored_chunks_and_resume_completes_the_file(
     whole = tmp_path / "whole.jsonl"
     assert main(args(whole)) == 0
     _same_output(out, whole)
+
+
+def test_max_length_none_means_no_truncation(workdir, tmp_path, capsys):
+    from trainers.cli import main
+
+    args = _logps_args(workdir, tmp_path / "o.jsonl")
+    args[args.index("--max-length") + 1] = "none"
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "truncated 0" in out and "max_length=None" in out
+
+
+@pytest.mark.parametrize("target, message", [("data", "is the --data file; write the scored rows to another file"),
+                                             ("folder", "is a directory; expected a file name")])
+def test_out_that_is_the_input_or_a_folder(workdir, tmp_path, capsys, target, message):
+    from trainers.cli import main
+
+    data = tmp_path / "in.jsonl"
+    data.write_text((workdir / "pref.jsonl").read_text())
+    out = data if target == "data" else tmp_path / "sub.jsonl"
+    if target == "folder":
+        out.mkdir()
+    args = _logps_args(workdir, out)
+    args[args.index("--data") + 1] = str(data)
+    code = main(args)
+    captured = capsys.readouterr()
+    _check_one_line_error(code, captured.out, captured.err, message)
+    assert data.read_text() == (workdir / "pref.jsonl").read_text()

@@ -5,8 +5,10 @@
 
 ``logps`` adds per-sequence log-probs (and reference log-probs, implicit rewards and margins) to a
 JSON-lines or Parquet file through `trainers.extract.extract_logps`; ``align-losses logps --help``
-documents it. Errors a user can fix (a missing file or model, missing columns, an unknown format or
-backend) end the command with exit status 1 and one line on stderr, no traceback.
+documents it. Errors a user can fix (a missing file or model, missing columns, a null value, an unknown
+format or backend) end the command with exit status 1 and one line on stderr, no traceback. Scored rows are
+kept chunk by chunk in ``OUT.partial`` so that ``--resume`` continues an interrupted run
+(`trainers.scored_file`).
 """
 
 from __future__ import annotations
@@ -147,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "settings --resume checks; default %(default)s")
     p.add_argument("--ref-model", metavar="PATH", help="local directory of a reference model: adds ref_*logps columns")
     p.add_argument("--beta", type=_beta, metavar="B",
-                   help="with --ref-model: add implicit rewards beta * (logps - ref_logps) and the margin")
+                   help="with --ref-model: add implicit rewards beta * (logps - ref_logps) and the margin; a finite "
+                   "number >= 0")
     p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
                    help="rows per forward pass (a preference row is two sequences); default %(default)s")
     p.add_argument("--max-length", type=_max_length, default=None, metavar="L",
