@@ -1,8 +1,10 @@
 """align-losses: alignment losses on a fused linear + cross-entropy core that never builds logits.
 
-Read in this order: `core` (per-token log-probs and statistics of a linear head), `backends`
-(the implementations behind ``impl=``), `losses` (DPO, ORPO, CPO, SimPO, KTO and SFT on
-per-sequence log-probs) and `fused` (from hidden states to a loss in one call).
+Read in this order: `problem` (the call a backend receives), `core` (per-token log-probs and
+statistics of a linear head: the checks, then one backend call), `backends` (the implementations
+behind ``impl=``, and the one check of a call against them), `ops` (their autograd functions and
+kernels), `losses` (DPO, ORPO, CPO, SimPO, KTO and SFT on per-sequence log-probs) and `fused` (from
+per-token log-probs, or from hidden states, to a loss: the path the trainers share).
 """
 
 from .core import TokenStats, linear_logprobs, linear_token_stats

@@ -15,7 +15,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from . import backends
-from .backends.base import DIFFERENTIABLE_OUTPUTS, OUTPUTS, HeadProblem, LogitTransform, VocabShard
+from .problem import DIFFERENTIABLE_OUTPUTS, OUTPUTS, HeadProblem, LogitTransform, VocabShard
 
 STATS = tuple(n for n in OUTPUTS if n != "logprobs")  # what `outputs=` may name
 
@@ -106,7 +106,7 @@ def linear_token_stats(
     options = dict(backend_options or {})
     _check_inputs(hidden, weight, labels, bias, transform, process_group)
     labels = labels.long()  # a narrower dtype would wrap ignore_index (-100 is 156 in uint8)
-    backend = backends.resolve(impl, _probe(hidden, weight, bias, labels, transform, wanted, process_group, options))
+    backend = backends.check(impl, _probe(hidden, weight, bias, labels, transform, wanted, process_group, options))
 
     weight, bias, process_group = _local_head(weight, bias, process_group)
     shard = _vocab_shard(weight, process_group)
@@ -159,9 +159,10 @@ def _no_double_backward(grad_outputs):
 
 
 def _probe(hidden, weight, bias, labels, transform, outputs, process_group, options) -> HeadProblem:
-    """A stand-in for the call that the backend check reads before any work: its tensors give the
-    compute dtype and the device (their shapes and values are not read, so the inputs themselves
-    serve where the dtype matches: each new tensor costs the host 20-30 us before the first kernel)."""
+    """A stand-in for the call that the backend check (`backends.check`) reads before any work: its
+    tensors give the compute dtype and the device (their shapes and values are not read, so the
+    inputs themselves serve where the dtype matches: each new tensor costs the host time before the
+    first kernel)."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     sharded = process_group is not None or _row_sharded(weight)

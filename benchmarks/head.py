@@ -1,4 +1,4 @@
-"""The loss head of one DPO step, our backends beside the anchors of ../shared/TARGETS.md, in one process.
+"""The loss head of one DPO step, our backends beside the anchors of docs/targets.md, in one process.
 
 Hidden states ``[2 x pairs, seq, D]`` (bf16) -> per-token log-probs of ``W [V, D]`` (bf16) -> DPO sigmoid
 loss (beta 0.1, no reference model) -> ``torch.autograd.grad`` of ``hidden`` and ``W``. The first
@@ -29,7 +29,7 @@ when matplotlib is there, ``head-latest.png`` (see ``plot_head.py``) under ``--o
     python benchmarks/head.py --shapes qwen3-1.7b --impls ours-torch,trl --reps 5
     python benchmarks/head.py --dry-run                                    # validate arguments, print the plan
 
-See benchmarks/README.md for the wheels to carry to the GPU machine (TRL, Liger, CCE, CUTLASS DSL).
+See benchmarks/README.md for what to install on a GPU machine (pip install ".[gpu]": Liger and CCE).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ BETA = 0.1
 PROMPT_FRACTION = 0.25
 IGNORE = -100
 
-# Targets of ../shared/TARGETS.md for our GPU path.
+# Targets of docs/targets.md for our GPU path.
 TARGET_RATIO = 1.40
 TARGET_RATIO_STRETCH = 1.35
 TARGET_RATIO_FILTER_PEAKY = 1.15
@@ -89,7 +89,7 @@ class Shape:
         return self.rows * (self.seq - self.prompt)
 
 
-#: ../shared/TARGETS.md: "N = 2 pairs x 2 x 2048 = 8192 tokens".
+#: docs/targets.md: "N = 2 pairs x 2 x 2048 = 8192 tokens".
 SHAPES = {
     "qwen3-1.7b": Shape(pairs=2, seq=2048, hidden=2048, vocab=151936, reps=10),
     "llama3-8b": Shape(pairs=2, seq=2048, hidden=4096, vocab=128256, reps=10),
@@ -170,7 +170,7 @@ def filter_options_for(option_names, override: Optional[dict] = None) -> Optiona
 
 
 def target_peak_gib(shape: Shape, grads_gib: float) -> float:
-    """TARGETS.md: peak <= grads + 0.15 GiB + 4 bytes x labelled tokens x D."""
+    """docs/targets.md: peak <= grads + 0.15 GiB + 4 bytes x labelled tokens x D."""
     return grads_gib + TARGET_PEAK_SLACK_GIB + 4.0 * shape.tokens * shape.hidden / GiB
 
 
@@ -226,7 +226,7 @@ def _mark(ok):
 
 
 def row_checks(row: dict) -> dict:
-    """Which TARGETS.md criteria one result row meets (None where it has no number)."""
+    """Which docs/targets.md criteria one result row meets (None where it has no number)."""
     ratio = row.get("ratio")
     peak, target = row.get("peak_gib"), row.get("target_peak_gib")
     errs = [row.get(k) for k in ("grad_h_rel", "head_grad_h_rel", "grad_w_rel", "head_grad_w_rel")
@@ -241,7 +241,7 @@ def row_checks(row: dict) -> dict:
 
 
 def render_markdown(rows: list, meta: dict) -> str:
-    """The results as markdown: one table per shape, flat and peaky side by side, like TARGETS.md."""
+    """The results as markdown: one table per shape, flat and peaky side by side, like docs/targets.md."""
     out = [
         "# Loss head of one DPO step: our backends and the anchors",
         "",
@@ -254,7 +254,7 @@ def render_markdown(rows: list, meta: dict) -> str:
         "(includes the returned gradients). Errors: relative norm against fp32 (no TF32) from the same bf16 inputs:",
         "through the DPO loss (each impl's own log-probs make its upstream gradient, so forward log-prob errors count,",
         "amplified by the sums over the sequence), and for the head alone (fixed upstream: the fp32 reference's).",
-        f"Targets (TARGETS.md): time/floor <= {TARGET_RATIO} ({TARGET_RATIO_FILTER_PEAKY} peaky for a filtering mode); "
+        f"Targets (docs/targets.md): time/floor <= {TARGET_RATIO} ({TARGET_RATIO_FILTER_PEAKY} peaky for a filtering mode); "
         "peak <= grads + 0.15 GiB + 4 B x tokens x D; grad errors <= 2.5e-3 flat, 3e-3 peaky. "
         "Marks: t = time, m = memory, e = all four grad errors (hidden and weight, both upstreams; flat/peaky).",
         "",
@@ -418,7 +418,7 @@ class Impls:
         except Exception as exc:  # noqa: BLE001 - the backward needs trl.trainer.utils; say so in the row
             raise RuntimeError(
                 f"trl.trainer.utils does not import ({type(exc).__name__}: {exc}); ChunkedLogProbFunction's "
-                "backward imports it: carry its dependencies (benchmarks/README.md)"
+                "backward imports it: install the package's dependencies (benchmarks/README.md)"
             ) from exc
 
         def fn(h, w, labels):

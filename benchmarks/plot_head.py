@@ -4,7 +4,7 @@
 
 One point per impl and shape at its worse (higher) time / floor of the two logit regimes, with a bar
 down to the other regime's; x is the peak above the inputs (the larger of the two regimes), log scale.
-The dashed lines are the targets of ../shared/TARGETS.md: 1.40x the floor and the shape's peak limit
+The dashed lines are the targets of docs/targets.md: 1.40x the floor and the shape's peak limit
 (grads + 0.15 GiB + 4 B x labelled tokens x D); the target corner is shaded. The red dotted line is the
 four-GEMM bound measured in the same run (the higher of the two regimes), where an exact head that
 keeps no [N, V] tensor can at best get.

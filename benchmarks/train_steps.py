@@ -1,8 +1,8 @@
 """Whole training steps: TRL 1.16's DPO / ORPO trainers against ours, side by side, in one process or under FSDP2.
 
-One process (``python``): the "Whole training steps" table of ../shared/TARGETS.md: a Qwen3-1.7B-shaped model
+One process (``python``): the "Whole training steps" table of docs/targets.md: a Qwen3-1.7B-shaped model
 (random init, bf16), one preference pair per step (per_device_train_batch_size=1), gradient checkpointing, AdamW
-(torch), a reference model copy (DPO: passed as ``ref_model``; ORPO: kept in memory but unused, as TARGETS.md's
+(torch), a reference model copy (DPO: passed as ``ref_model``; ORPO: kept in memory but unused, as docs/targets.md's
 "base" holds it in every row; ``--no-ref-copy`` drops it for ORPO), ``precompute_ref_log_probs=False``,
 ``report_to="none"``, logging every step, constant learning rate.
 
@@ -31,7 +31,7 @@ included (the fused trainers drop it, so ours stay fp32: docs/distributed.md). T
 calls ``trl.models.utils.prepare_fsdp``, one ``fully_shard`` over the whole reference model (eval mode, bf16,
 not upcast, the plugin's ``reshard_after_forward``): 1/N of it per GPU at rest, all of it gathered on every GPU
 for each reference forward. The ORPO rows hold no reference copy under FSDP (TRL's ORPOTrainer takes none; the
-unused copy is TARGETS.md's one-GPU convention and would only add a model to every GPU). CPU processes:
+unused copy is docs/targets.md's one-GPU convention and would only add a model to every GPU). CPU processes:
 accelerate 1.15 turns FSDP into DDP off accelerators; the shim of the CPU tests (``allow_fsdp_on_cpu`` in
 tests/dist_scripts/train_trainer.py) switches it back.
 
@@ -62,7 +62,7 @@ Measured per (trainer, length), each process on its own device, then gathered (i
 - ``tokens_per_s``: ``tokens_per_step`` ((prompt + completion) x 2 sequences x N pairs) / median step time;
 - ``base_gib``: ``memory_allocated`` after the model (and reference copy) is built (before any sharding);
 - ``peak_gib``: ``max_memory_allocated`` from then to the end of training: the total, model and reference
-  included, as TARGETS.md reports it; ``setup_peak_gib`` the part before the first step (trainer set-up,
+  included, as docs/targets.md reports it; ``setup_peak_gib`` the part before the first step (trainer set-up,
   FSDP's upcast and sharding), ``fwd_bwd_peak_gib`` the peak before each optimizer step, ``step_peak_gib``
   per-step peaks. Every memory figure is the largest over the processes (per GPU), ``*_ranks`` each one's;
 - ``losses`` (and ``grad_norms``, ``metrics``: everything the trainer logged, averaged over the processes
@@ -75,7 +75,7 @@ the launcher's time limit (NCCL's default timeout is 10 minutes). Every process 
 the same order (their collectives must match); only process 0 logs and writes.
 
 Outputs in ``--out`` (default ``benchmarks/results/``), rewritten after every config: ``NAME.json`` (a list of
-rows) and ``NAME.md`` (tables like TARGETS.md, the TARGETS.md reference figures beside the one-process
+rows) and ``NAME.md`` (tables like docs/targets.md, the docs/targets.md reference figures beside the one-process
 Qwen3-1.7B TRL rows, ours against TRL at the same length with the checks, the loss curves side by side);
 NAME is ``train-steps-latest`` (``--quick``: ``train-steps-quick``), with several processes
 ``train-steps-fsdp2-latest`` (``train-steps-fsdp2-quick``). The multi-process checks are the FSDP2 issue's:
@@ -120,7 +120,7 @@ DEFAULT_LENGTHS = "512+1536,2048+6144"
 QUICK_LENGTHS = "32+96,48+144"
 DEFAULT_MODEL = "qwen3-1.7b"
 QUICK_MODEL_NAME = "tiny"
-#: TARGETS.md "Whole training steps" (the Qwen3-1.7B shape, one GPU): (trainer, P, C) -> (peak GiB, step ms, tokens/s)
+#: docs/targets.md "Whole training steps" (the Qwen3-1.7B shape, one GPU): (trainer, P, C) -> (peak GiB, step ms, tokens/s)
 TARGETS = {
     ("trl-dpo", 512, 1536): (16.7, 260, 15.8e3),
     ("trl-dpo", 1024, 3072): (17.1, 455, 18.0e3),
@@ -365,7 +365,7 @@ def make_timer(device: str):
 
 
 def orpo_ref_copy(args, ranks: Ranks) -> bool:
-    """Whether the ORPO rows hold an unused reference copy: TARGETS.md's one-GPU convention, one process only."""
+    """Whether the ORPO rows hold an unused reference copy: docs/targets.md's one-GPU convention, one process only."""
     return ranks.world == 1 and not args.no_ref_copy
 
 
@@ -613,10 +613,10 @@ def legend(world: int) -> str:
     """What the main table's figures are."""
     if world == 1:
         return ("Peak = `max_memory_allocated` from model creation to the end of training (model and reference copy "
-                "included, as TARGETS.md); fwd+bwd = the same peak read before each optimizer step (AdamW's own "
+                "included, as docs/targets.md); fwd+bwd = the same peak read before each optimizer step (AdamW's own "
                 "temporaries can exceed the head's); base = allocated after the model (and reference copy) is built. "
                 "Step = median of the timed steps (forward + backward + AdamW step, `cuda.synchronize` at both ends). "
-                "tokens/s = 2 x (prompt + completion) / step. TARGETS.md = the reference figures of TARGETS.md's table.")
+                "tokens/s = 2 x (prompt + completion) / step. docs/targets.md = the reference figures of its whole-step table.")
     return (f"Per GPU = the largest of the {world} processes' figures, each on its own GPU (per rank: each one's peak). "
             "Peak = `max_memory_allocated` from model creation to the end of training: the model and the DPO "
             "reference copy, built whole on every GPU and then sharded (accelerate's fp32 upcast of the trained "
@@ -655,7 +655,7 @@ def rows_table(rows: list, meta: dict) -> list[str]:
         ("tokens/s", lambda r: _tok(r.get("tokens_per_s"))),
     ]
     if world == 1:
-        columns.append(("TARGETS.md (peak / step / tokens/s)", target))
+        columns.append(("docs/targets.md (peak / step / tokens/s)", target))
     columns += [
         ("losses", lambda r: ", ".join(f"{x:.4f}" for x in r.get("losses") or [])),
         ("error", lambda r: md_escape(r.get("error") or "")[:160]),
@@ -666,7 +666,7 @@ def rows_table(rows: list, meta: dict) -> list[str]:
 
 
 def one_process_checks(algo: str, ours: dict, theirs, rows: list, meta: dict) -> list[str]:
-    """TARGETS.md's targets: DPO no slower and no more memory than TRL's; ORPO at least TRL ORPO's speed, its peak
+    """docs/targets.md's targets: DPO no slower and no more memory than TRL's; ORPO at least TRL ORPO's speed, its peak
     within 1 GiB of TRL DPO's (less the reference copy when the ORPO rows hold none)."""
     checks = []
     if _ok(theirs):
@@ -831,7 +831,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainers", help=f"comma-separated subset of {list(TRAINERS)} (default all; one process: "
                    f"{list(ONE_PROCESS_TRAINERS)})")
     p.add_argument("--lengths", help=f"comma-separated PROMPT+COMPLETION token lengths (default {DEFAULT_LENGTHS}; "
-                   f"with --quick {QUICK_LENGTHS}); TARGETS.md also has 1024+3072")
+                   f"with --quick {QUICK_LENGTHS}); docs/targets.md also has 1024+3072")
     p.add_argument("--model", choices=sorted(MODELS),
                    help=f"model shape, random init (default {DEFAULT_MODEL}; {QUICK_MODEL_NAME} with --quick)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
@@ -843,7 +843,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
                    help="model dtype (default bfloat16; float32 on CPU; bf16=True in the trainer config when bfloat16)")
     p.add_argument("--no-ref-copy", action="store_true",
-                   help="ORPO rows: do not keep an (unused) reference copy in memory (TARGETS.md's rows keep one; "
+                   help="ORPO rows: do not keep an (unused) reference copy in memory (docs/targets.md's rows keep one; "
                         "never kept with several processes)")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--one-gpu-results", metavar="JSON",

@@ -199,13 +199,13 @@ def sweep(n=8192, d=2048, v=151936):
             programs = c.programs(triton.cdiv(n, c.BM) * triton.cdiv(vc, c.BN), h.device)
 
             def b():
-                tk._bwd_kernel[(programs,)](
+                tk.bwd_kernel[(programs,)](
                     h, wc, hd, wd, dad, h, lse, zero, coef, zero, zero, da, lse,
                     n, vc, d, h.stride(0), wc.stride(0), da.stride(0), programs,
                     1.0, 1.0, 1.0, 1.0, 1.0,
                     HAS_BIAS=False, SOFTCAP=False, SCALED=False, HAS_ENT=False, HAS_MEAN=False, NEED_GB=False,
                     EVEN_K=True, DOT_PREC="ieee", USE_TMA=tma, **c.launch())
-                tk._label_entry_kernel[(triton.cdiv(n, th._LABEL_ROWS),)](
+                tk.label_entry_kernel[(triton.cdiv(n, th._LABEL_ROWS),)](
                     lbl, lse, lse, zero, coef, zero, zero, up, da, lse, entry, n, vc, da.stride(0), 0, 1.0, 1.0,
                     SOFTCAP=False, HAS_ENT=False, HAS_MEAN=False, NEED_GB=False,
                     BR=th._LABEL_ROWS, num_warps=4)

@@ -15,8 +15,8 @@ whose top the cap of 30 bends.
         --commit COMMIT --append; done                                    # 8 GPUs: P = 2, 4, 8 in one table
     torchrun --standalone --nproc_per_node 2 benchmarks/vocab_parallel_head.py --quick --device cpu --out /tmp/vp
 
-(``python3 -m torch.distributed.run`` where there is no ``torchrun`` script; the device copy has no ``.git``,
-so pass ``--commit``; ``--out $OUT`` to get the files back from the ``run`` tool.) ``--quick``: V 1000, D 64,
+(``python3 -m torch.distributed.run`` where there is no ``torchrun`` script; ``--commit`` where the copy has no
+``.git``.) ``--quick``: V 1000, D 64,
 96 tokens, 1 + 3 steps; on CPU (gloo, impl torch, seconds) unless ``--device cuda`` (NCCL, triton); ``--device
 cpu`` implies ``--quick``. Exit status 1 when a row fails its check or its reference, 2 on a bad argument.
 
@@ -166,7 +166,7 @@ def check_impl(args: argparse.Namespace, device: torch.device) -> str:
         outputs=frozenset({"logprobs"}),
         shard=VocabShard(start=0, size=args.vocab, group=None),
     )
-    return backends.resolve(args.impl, probe).name
+    return backends.check(args.impl, probe).name
 
 
 # ---------------------------------------------------------------------------------------------------------------------

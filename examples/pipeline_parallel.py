@@ -7,9 +7,10 @@ The model (a `transformers.Qwen3ForCausalLM` built from a config, random init, n
 by decoder layers into one stage per rank with `torch.distributed.pipelining`. The first stage
 holds the token embedding, the last stage the final norm and the LM head. The last stage never
 builds ``[tokens, vocab]`` logits: the schedule's loss function takes the last stage's hidden states
-and the head's weight (which lives on that stage) to `align_losses.linear_logprobs`, then to
-`align_losses.dpo_loss` / `align_losses.sft_loss`. The head's gradient is accumulated on the last
-stage by the same backward as the rest of that stage.
+and the head's weight (which lives on that stage) to one fused core call
+(`align_losses.fused.head_pass`), then to `align_losses.fused.dpo_from_tokens` /
+`align_losses.fused.sft_from_tokens` (the steps of `align_losses.FusedDPOLoss` / `FusedSFTLoss`).
+The head's gradient is accumulated on the last stage by the same backward as the rest of that stage.
 
 Exactness against the unsplit model (`tests/test_pipeline_parallel.py`):
 
@@ -40,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import align_losses
+from align_losses.fused import HeadOptions, TokenBatch, dpo_from_tokens, head_pass, sft_from_tokens
 
 IGNORE = -100
 
@@ -156,23 +157,11 @@ def unpack_dpo_target(target: torch.Tensor):
     return target[..., :-1].long(), target[..., -1].float()
 
 
-def fused_token_logps(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """Next-token log-probs ``labels.shape`` (0 where ignored) of the head over ``hidden`` ``[..., T, D]``."""
+def head_tokens(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, impl: str = "auto") -> TokenBatch:
+    """Per-token log-probs of ``labels`` ``[N, T]`` (unshifted, -100 where not scored) under the head over
+    ``hidden`` ``[N, T, D]``, per sequence: one fused core call, no logits."""
     hidden = hidden.reshape(*labels.shape, hidden.shape[-1])
-    return align_losses.linear_logprobs(hidden, head.weight, labels, bias=head.bias, shift=True, impl=impl)
-
-
-def completion_mask(labels: torch.Tensor) -> torch.Tensor:
-    """Where the shifted labels are scored (the mask of `fused_token_logps`'s output)."""
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[..., :-1] = labels[..., 1:] != IGNORE
-    return mask
-
-
-def dpo_sequence_logps(hidden, head, labels, impl="auto"):
-    """``[B, 2]`` summed completion log-probs of pairs."""
-    token_logps = fused_token_logps(hidden, head, labels, impl)
-    return align_losses.sequence_logps(token_logps, completion_mask(labels))
+    return head_pass(hidden, head.weight, labels, head=HeadOptions(impl=impl, ignore_index=IGNORE), bias=head.bias)
 
 
 class FusedPipelineLoss:
@@ -198,15 +187,16 @@ class FusedPipelineLoss:
         if self.denominator is None:
             raise RuntimeError("call set_global_batch(labels) before each step")
         if self.loss == "sft":
-            token_logps = fused_token_logps(hidden, self.head, target, self.impl)
-            out = align_losses.sft_loss(token_logps, completion_mask(target), num_items_in_batch=self.denominator)
+            out = sft_from_tokens(head_tokens(hidden, self.head, target, self.impl), num_items_in_batch=self.denominator)
             self.records.append({"nll": out.nll_loss})
             return out.loss
         labels, ref = unpack_dpo_target(target)
-        logps = dpo_sequence_logps(hidden, self.head, labels, self.impl)
-        self.records.append({"logps": logps.detach()})
-        out = align_losses.dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=self.beta)
-        return out.loss * (labels.shape[0] / self.denominator)  # mean over this micro-batch -> share of the global mean
+        tokens = head_tokens(hidden, self.head, labels.reshape(-1, labels.shape[-1]), self.impl)
+        # rows alternate chosen, rejected (pairs [b, 2, T] flattened)
+        pair = dpo_from_tokens(tokens.rows(slice(0, None, 2)), tokens.rows(slice(1, None, 2)), ref[:, 0], ref[:, 1],
+                               beta=self.beta)
+        self.records.append({"logps": torch.stack([pair.chosen_logps, pair.rejected_logps], dim=1).detach()})
+        return pair.result.loss * (labels.shape[0] / self.denominator)  # mean over this micro-batch -> global share
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 
 from align_losses import linear_logprobs, linear_token_stats
 from align_losses.backends import get
-from align_losses.backends.base import OUTPUTS, HeadProblem, LogitTransform
+from align_losses.problem import OUTPUTS, HeadProblem, LogitTransform
 
 CCE = importlib.import_module("align_losses.backends.cce")
 LIGER = importlib.import_module("align_losses.backends.liger")

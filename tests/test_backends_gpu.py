@@ -16,7 +16,8 @@ torch 2.4e-3 / 2.4e-3 (fp32 vs fp64: <1e-6); cce 9.7e-3 / 3.4e-3 (softcap 1.3e-2
 filter_eps="high" 9.4e-3 / 3.3e-3); liger flce 4.3e-3 / 4.3e-3 (bias+softcap 3.1e-3 / 3.1e-3,
 bf16 accumulation 5.5e-3 / 6.0e-3); liger scaled (its PyTorch fallback) 1.5e-2 / 1.5e-2, entropy
 1.5e-2. Large case: 32768 x 151936 x 256 fwd+bwd 0.27 s after the suite's earlier cases (0.70 s as
-a fresh process's first call), 0.71-0.77 GiB above the inputs (an N x V bf16 tensor is 9.3 GiB).
+a fresh process's first call), 0.71-0.77 GiB above the inputs (an N x V bf16 tensor is 9.3 GiB;
+benchmarks/results/gpu-tests-latest.txt).
 """
 
 from __future__ import annotations
@@ -286,7 +287,7 @@ def test_torch_backward_syncs_once_and_is_deterministic():
     and the same gradients bit for bit on a second run (repeated labels summed in a fixed order)."""
     import warnings
 
-    from align_losses.backends.base import HeadProblem, LogitTransform
+    from align_losses.problem import HeadProblem, LogitTransform
     from align_losses.ops.tiled_head import tiled_head
 
     g = torch.Generator(device="cuda").manual_seed(9)

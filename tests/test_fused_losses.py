@@ -24,7 +24,7 @@ from align_losses.fused import (
     FusedSimPOLoss,
     fused_sequence_logps,
 )
-from align_losses.fused.common import SequenceLayout
+from align_losses.fused.layout import SequenceLayout
 from align_losses.losses import cpo_loss, dpo_loss, kto_loss, ld_sequence_logps, orpo_loss, sequence_logps, wpo_weights
 from reference import full_logits, rel, token_stats
 
@@ -286,7 +286,7 @@ def no_head_pass(monkeypatch):
     def core(*args, **kwargs):
         raise HeadPassRan
 
-    monkeypatch.setattr("align_losses.fused.common.linear_token_stats", core)
+    monkeypatch.setattr("align_losses.fused.tokens.linear_token_stats", core)
 
 
 def test_configuration_errors_raise_at_construction():

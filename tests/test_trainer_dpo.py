@@ -18,7 +18,7 @@ from conftest import (
     update_diff,
 )
 from trainers import DataCollatorForPackedPreference, FusedDPOConfig, FusedDPOTrainer
-from trainers.dpo import unpack_mask, unpack_shifted
+from align_losses.fused import SequenceLayout, cu_seqlens_of
 
 RTOL = 1e-4
 UPDATE_RTOL = 1e-3
@@ -135,16 +135,17 @@ def test_packed_collator_and_unpack():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3]]
     assert batch["sequence_lengths"].tolist() == [5, 3, 4, 4]
     assert "attention_mask" not in batch
-    mask = unpack_mask(batch["completion_mask"], batch["sequence_lengths"])
+    layout = SequenceLayout.of(batch["input_ids"], cu_seqlens_of(batch["sequence_lengths"]))
+    mask = layout.arrange(batch["completion_mask"])
     assert mask.tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 1, 1, 0]]
-    shifted = unpack_shifted(batch["input_ids"][:, 1:].float(), batch["sequence_lengths"])
+    shifted = layout.arrange(batch["input_ids"][:, 1:].float(), shifted=True)
     assert shifted.tolist() == [[2, 3, 4, 5], [8, 9, 0, 0], [2, 3, 6, 0], [8, 10, 11, 0]]
 
 
 def _per_sequence_logps(trainer, batch):
     with torch.no_grad():
         policy = trainer._policy_pass(trainer.model, batch)
-        return trainer._sequence_logps(policy.token_logps, policy.shift_mask)
+        return trainer._sequence_logps(policy.tokens)
 
 
 def test_padding_free_matches_padded(preference_dataset, tokenizer, tmp_path):
@@ -167,9 +168,9 @@ def test_padding_free_matches_padded(preference_dataset, tokenizer, tmp_path):
     trainer._model_inputs_orig = trainer._model_inputs
 
     def leaky_inputs(inputs):
-        kwargs, labels, lengths = trainer._model_inputs_orig(inputs)
+        kwargs, labels, layout = trainer._model_inputs_orig(inputs)
         kwargs["attention_mask"] = inputs["attention_mask"]
-        return kwargs, labels, lengths
+        return kwargs, labels, layout
 
     trainer._model_inputs = leaky_inputs
     lc, lr = _per_sequence_logps(trainer, leaky)
@@ -209,10 +210,10 @@ def test_lora_on_lm_head_trains_and_matches_unfused(preference_dataset, tokenize
     policy = trainer._policy_pass(trainer.model, batch)
     logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["input_ids"][:, 1:]
-    ref = logits[:, :-1].log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1) * policy.shift_mask
-    torch.testing.assert_close(policy.token_logps, ref, rtol=1e-5, atol=1e-5)
+    ref = logits[:, :-1].log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1) * policy.tokens.mask
+    torch.testing.assert_close(policy.tokens.logprobs, ref, rtol=1e-5, atol=1e-5)
     # ... and its gradient reaches lora_A / lora_B of the head.
-    (policy.token_logps.sum()).backward()
+    (policy.tokens.logprobs.sum()).backward()
     assert head.lora_A["default"].weight.grad.abs().sum() > 0
     assert head.lora_B["default"].weight.grad.abs().sum() > 0
     trainer.model.zero_grad()

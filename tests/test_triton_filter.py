@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from align_losses.backends.base import HeadProblem, LogitTransform
+from align_losses.problem import HeadProblem, LogitTransform
 from align_losses.backends.triton import DEFAULT_FILTER_MASS, filter_mass
 from align_losses.ops.slots import Slots
 from tests.reference import rel
@@ -423,7 +423,7 @@ def _sharded_filter_worker(rank, world, init_file, device, small_tiles, result_f
     """Two ranks with half the vocabulary each: gradients against the masks of both ranks."""
     import torch.distributed as dist
 
-    from align_losses.backends.base import VocabShard
+    from align_losses.problem import VocabShard
     from align_losses.ops import triton_filter, triton_head
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from align_losses.backends.base import HeadProblem, LogitTransform
+from align_losses.problem import HeadProblem, LogitTransform
 from tests.triton_markers import HAS_TRITON, gpu, interp
 
 DIFF = ("logprobs", "entropy", "mean_logit", "logsumexp")
@@ -458,7 +458,7 @@ def test_gpu_past_int32(shape):
 def _sharded_worker(rank, world, init_file, device, dtype, small_tiles, result_file):
     import torch.distributed as dist
 
-    from align_losses.backends.base import VocabShard
+    from align_losses.problem import VocabShard
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -554,7 +554,7 @@ def label_weight_rows_match_float64(device):
     reaches into the next shard's ids), labels on both sides of each edge and in other shards,
     repeated labels (one of them 112 times), odd sizes, hidden rows wider than D (a column slice);
     rows without a label and the memory on both sides of the shard untouched."""
-    from align_losses.ops import triton_head
+    from align_losses.ops import triton_shared
 
     g = torch.Generator(device=device).manual_seed(12)
     m, d, v, offset = 301, 300, 211, 20
@@ -567,7 +567,7 @@ def label_weight_rows_match_float64(device):
     storage = torch.randn(8 + v + 16, d, generator=g, device=device).to(torch.bfloat16)  # guard rows both sides
     before = storage.clone()
     shard = slice(8, 8 + v)
-    triton_head.add_label_weight_rows(storage[shard], entry, hidden, labels, offset)
+    triton_shared.add_label_weight_rows(storage[shard], entry, hidden, labels, offset)
     local = labels - offset
     mine = (local >= 0) & (local < v)
     added = torch.zeros(v, d, dtype=torch.float64, device=device)
@@ -598,7 +598,7 @@ def label_weight_rows_runs_match_float64(device, m: int, labels_from: int, frequ
     """`add_label_weight_rows` with runs of one label across the kernel's blocks of sorted tokens: labels
     from a few ids (runs of every length, ending on and off block edges), one label on a ``frequent``
     share of the tokens, ``m`` below, at and past a block; twice, bit for bit the same."""
-    from align_losses.ops import triton_head
+    from align_losses.ops import triton_shared
 
     g = torch.Generator(device=device).manual_seed(m + labels_from)
     d, v = 260, max(40, labels_from)
@@ -609,7 +609,7 @@ def label_weight_rows_runs_match_float64(device, m: int, labels_from: int, frequ
     start = torch.randn(v, d, generator=g, device=device).to(torch.bfloat16)
     got = [start.clone(), start.clone()]
     for out in got:
-        triton_head.add_label_weight_rows(out, entry, hidden, labels, 0)
+        triton_shared.add_label_weight_rows(out, entry, hidden, labels, 0)
     terms = entry.double()[:, None] * hidden.double()
     want = start.double().index_add(0, labels, terms)
     # what fp32 sums may lose where a row's terms cancel: 2^-20 of its terms' magnitudes
@@ -642,7 +642,7 @@ def label_rows_match_float64(device):
     """`add_label_rows` (one kernel) against float64 math: odd sizes, repeated labels, a shard
     offset with labels on both sides of each edge, labels in other shards left alone, weight rows
     wider than D (a column slice)."""
-    from align_losses.ops import triton_head
+    from align_losses.ops import triton_shared
 
     g = torch.Generator(device=device).manual_seed(11)
     m, d, v, offset = 37, 300, 53, 20
@@ -653,7 +653,7 @@ def label_rows_match_float64(device):
     labels = torch.randint(0, v + 2 * offset, (m,), generator=g, device=device)
     labels[:4] = torch.tensor([offset - 1, offset, offset + v - 1, offset + v])
     got = acc.clone()
-    triton_head.add_label_rows(got, coef, weight, labels, offset)
+    triton_shared.add_label_rows(got, coef, weight, labels, offset)
     local = labels - offset
     mine = (local >= 0) & (local < v)
     rows = weight.double()[local.clamp(0, v - 1)] * mine[:, None]

@@ -15,9 +15,9 @@ def _interpreter_requested() -> bool:
     """Whether ``TRITON_INTERPRET`` asks for the interpreter, read as Triton reads it (``1``, ``true``, ...)."""
     if not HAS_TRITON:
         return False
-    from align_losses.ops.triton_kernels import _interpreting
+    from align_losses.ops.triton_kernels import interpreting
 
-    return _interpreting()
+    return interpreting()
 
 
 INTERP = _interpreter_requested()

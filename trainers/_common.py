@@ -1,5 +1,6 @@
-"""What the fused trainers share: checks before TRL's ``__init__`` runs, installing the fused heads, the
-reference model (DPO, KTO) and the fused pass over a concatenated chosen + rejected batch (ORPO, CPO)."""
+"""What the fused trainers share: checks before TRL's ``__init__`` runs, installing the fused heads, the model's
+per-token outputs as an `align_losses.fused.TokenBatch`, the reference model (DPO, KTO) and the fused pass over a
+concatenated chosen + rejected batch (ORPO, CPO)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import torch
 from accelerate.utils import is_peft_model
 
 from align_losses import backends
+from align_losses.fused import SequenceLayout, TokenBatch
 
 from .configs import lce_options
 from .dataset_checks import check_not_empty, check_rows
 from .fused_forward import (
+    FIELD_TO_STAT,
+    FusedHeadOutput,
     FusedHeadSettings,
     allow_lm_head_adapter,
     check_impl,
@@ -37,15 +41,12 @@ PAIRED_COLUMNS = (("prompt", "chosen", "rejected"), ("chosen", "rejected"))
 def check_impl_name(args) -> None:
     """Fail now on an ``lce_impl`` that is unknown or cannot run in this environment."""
     impl = lce_options(args)["impl"]
-    if impl == "auto":
-        return
     try:
-        backend = backends.get(impl)
-    except ValueError as e:
-        raise ValueError(f"lce_impl={impl!r} is not a known backend: expected one of {backends.names()}") from e
-    reason = backend.available()
-    if reason is not None:
-        raise ValueError(f"lce_impl={impl!r} cannot run here: {reason}. Use lce_impl='auto' or another backend.")
+        backends.check(impl)  # without a call: the name and this environment ("auto" always passes)
+    except backends.BackendError as e:
+        if e.kind == "unknown":
+            raise ValueError(f"lce_impl={impl!r} is not a known backend: {e.reason}") from e
+        raise ValueError(f"lce_impl={impl!r} cannot run here: {e.reason}. Use lce_impl='auto' or another backend.") from e
 
 
 def check_model(model) -> None:
@@ -157,6 +158,34 @@ def lm_head_adapter_allowed(model, peft_config):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# TRL's fused-head names at the boundary: the core's names inside
+
+
+def head_fields(stats: Iterable[str]) -> tuple[str, ...]:
+    """The fused forward's field names (TRL's: ``mean_logits``, ``is_top1``, ...) of core statistics
+    (``mean_logit``, ``argmax_hit``, ...), for `FusedHeadSettings.outputs` and ``fused_outputs=``."""
+    field_of = {stat: name for name, stat in FIELD_TO_STAT.items()}
+    return tuple(dict.fromkeys(field_of[stat] for stat in stats))
+
+
+def token_batch(out: FusedHeadOutput, layout: SequenceLayout, mask: torch.Tensor,
+                completion: Optional[torch.Tensor] = None) -> TokenBatch:
+    """The per-token outputs of a fused forward, per sequence and under the core's names.
+
+    Args:
+        out: the model's `FusedHeadOutput`: next-token values ``[rows, W]`` under TRL's field names.
+        layout: the batch's layout (padded, or packed into one row).
+        mask: ``[rows, W']`` the scored tokens (nonzero), next-token aligned; ``W' <= W``: prompt-learning
+            PEFT prepends virtual tokens, and only the last ``W'`` positions are the batch's.
+        completion: the tokens the sequence log-probs cover, shaped like ``mask`` (default ``mask``).
+    """
+    width = mask.shape[-1]
+    values = {"logprobs": out.log_probs, **{stat: getattr(out, name, None) for name, stat in FIELD_TO_STAT.items()}}
+    values = {name: None if value is None else value[..., -width:] for name, value in values.items()}
+    return TokenBatch.of(layout, mask, values, completion=completion, shifted=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Every trainer: the fused heads, and what `compute_loss(..., return_outputs=True)` returns
 
 
@@ -178,11 +207,8 @@ class FusedTrainerMixin:
         """The head's settings; ``trained=False`` (the reference model) leaves out the filtering backward."""
         options = lce_options(self.args)
         return FusedHeadSettings(
-            outputs=tuple(outputs),
-            impl=options["impl"],
-            memory_budget=options["memory_budget"],
-            token_chunk=options["token_chunk"],
-            filter_mass=options["filter_mass"] if trained else None,
+            outputs=tuple(outputs), impl=options["impl"], memory_budget=options["memory_budget"],
+            token_chunk=options["token_chunk"], filter_mass=options["filter_mass"] if trained else None,
         )
 
     def _install_fused_heads(self) -> None:
@@ -316,18 +342,16 @@ class PairedPass:
 
     Attributes:
         outputs: the raw `trainers.fused_forward.FusedHeadOutput` (``aux_loss`` for MoE).
-        token_logps: ``[2B, T - 1]`` next-token log-probs, with gradient, 0 where not labelled.
-        completion_mask: ``[2B, T - 1]`` bool, the completion tokens (TRL's ``concatenated_labels``, shifted).
-        nll_mask: ``[B, T - 1]`` bool, the chosen tokens of the NLL term.
-        mean_logits_all: ``[2B, T]`` detached mean logit over the vocabulary at every input position.
+        tokens: ``[2B, T - 1]`` per-token values (`align_losses.fused.TokenBatch`, ``logprobs`` with gradient);
+            ``mask``: the labelled tokens (the chosen rows' NLL tokens, the rejected rows' completions),
+            ``completion``: the completion tokens (TRL's ``concatenated_labels``, shifted).
+        mean_logit_all: ``[2B, T]`` detached mean logit over the vocabulary at every input position.
         batch_size: ``B``.
     """
 
     outputs: Any
-    token_logps: torch.Tensor
-    completion_mask: torch.Tensor
-    nll_mask: torch.Tensor
-    mean_logits_all: torch.Tensor
+    tokens: TokenBatch
+    mean_logit_all: torch.Tensor
     batch_size: int
 
     def halves(self, x: torch.Tensor):
@@ -364,30 +388,16 @@ def fused_paired_pass(trainer, model, batch, *, padding_value: int, nll_over: Li
     settings = fused_settings(unwrap_transformers_model(trainer.accelerator.unwrap_model(trainer.model)))
     # With a soft-cap, `mean_logits_all` takes the labelled positions' exact mean from the main pass, which must
     # then compute it (without it those positions would read 0); without one it is the free linear identity.
-    fields = ("mean_logits",) if settings is not None and settings.quirks.softcap is not None else ()
+    fields = head_fields(("mean_logit",)) if settings is not None and settings.quirks.softcap is not None else ()
     outputs = model(
-        input_ids,
-        attention_mask=attention_mask,
-        use_cache=False,
-        labels=labels,
-        fused_lm_head=True,
-        fused_outputs=fields,
-        mean_logits_all=True,
-        **kwargs,
+        input_ids, attention_mask=attention_mask, use_cache=False, labels=labels, fused_lm_head=True,
+        fused_outputs=fields, mean_logits_all=True, **kwargs,
     )
-    width = input_ids.shape[1]
+    tokens = token_batch(outputs, SequenceLayout.of(labels), labels[:, 1:] != -100,
+                         completion=completion_labels[:, 1:] != -100)
     # Prompt-learning PEFT prepends virtual tokens: keep the real positions.
-    token_logps = outputs.log_probs[:, -(width - 1) :]
-    mean_all = outputs.mean_logits_all[:, -width:]
-    shifted = labels[:, 1:] != -100
-    return PairedPass(
-        outputs=outputs,
-        token_logps=token_logps,
-        completion_mask=completion_labels[:, 1:] != -100,
-        nll_mask=shifted[:num],
-        mean_logits_all=mean_all,
-        batch_size=num,
-    )
+    mean_all = outputs.mean_logits_all[:, -input_ids.shape[1]:]
+    return PairedPass(outputs=outputs, tokens=tokens, mean_logit_all=mean_all, batch_size=num)
 
 
 class PairedTrainerMixin(FusedTrainerMixin):

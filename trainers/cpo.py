@@ -6,10 +6,11 @@ semantics:
 * the labels of the fused call are the completion tokens of every row (CPO's NLL term, like its
   preference term, covers the chosen completions only); with ``cpo_alpha == 0`` the NLL is skipped
   and logged as 0, as TRL;
-* the loss is `align_losses.losses.cpo_loss` (``sigmoid``, ``hinge``, ``ipo``, ``simpo``; ``alphapo``
-  is TRL's config alias for ``simpo`` with ``cpo_alpha=0``; ``alpha != 0`` applies AlphaPO's reward
-  shaping to every type), or `align_losses.losses.simpo_loss` for `FusedSimPOTrainer`. ``ipo`` and
-  ``simpo`` use per-token average log-probs, the others sums, as TRL; empty completions count 1 token
+* the loss is `align_losses.fused.cpo_from_tokens` (completion sums and lengths and
+  `align_losses.losses.cpo_loss`, as in `align_losses.FusedCPOLoss`: ``sigmoid``, ``hinge``, ``ipo``,
+  ``simpo``; ``alphapo`` is TRL's config alias for ``simpo`` with ``cpo_alpha=0``; ``alpha != 0`` applies
+  AlphaPO's reward shaping to every type). ``ipo`` and ``simpo`` use per-token average log-probs
+  (`align_losses.losses.AVERAGED_LOSS_TYPES`), the others sums, as TRL; empty completions count 1 token
   (TRL divides 0 by 0);
 * ``logits/chosen``/``logits/rejected`` are, as in TRL's CPO, the mean over every element of the
   ``[B, T, V]`` logits, the last position included (ORPO drops it); soft-capped logits with a soft-cap;
@@ -30,13 +31,10 @@ from dataclasses import dataclass, field
 
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-from align_losses.losses import cpo_loss, sequence_logps, simpo_loss
+from align_losses.fused import PairLoss, cpo_from_tokens, split_pairs
 
 from ._common import PairedPass, PairedTrainerMixin, fused_paired_pass
 from .configs import LCEOptionsMixin
-
-#: CPO loss types that TRL feeds per-token average log-probs (the others get sums).
-_AVERAGED = frozenset({"ipo", "simpo"})
 
 
 @dataclass
@@ -78,42 +76,23 @@ class FusedCPOTrainer(PairedTrainerMixin, CPOTrainer):
     def _fused_pass(self, model, batch) -> PairedPass:
         return fused_paired_pass(self, model, batch, padding_value=self.pad_token_id, nll_over="completion")
 
-    def _paired_loss(self, fused: PairedPass):
-        """``(chosen logps [B], rejected logps [B], CPOOutput)``; the log-probs are TRL's (averaged for ipo/simpo)."""
-        sums = sequence_logps(fused.token_logps, fused.completion_mask)
-        counts = fused.completion_mask.sum(dim=1)
-        chosen_sum, rejected_sum = fused.halves(sums)
-        chosen_len, rejected_len = fused.halves(counts)
-        chosen_tokens, _ = fused.halves(fused.token_logps)
-        result = self._preference_loss(chosen_sum, rejected_sum, chosen_len, rejected_len, chosen_tokens, fused.nll_mask)
-        if self.loss_type in _AVERAGED:
-            chosen_logps = chosen_sum / chosen_len.clamp(min=1).to(chosen_sum.dtype)
-            rejected_logps = rejected_sum / rejected_len.clamp(min=1).to(rejected_sum.dtype)
-        else:
-            chosen_logps, rejected_logps = chosen_sum, rejected_sum
-        return chosen_logps, rejected_logps, result
-
-    def _preference_loss(self, chosen_sum, rejected_sum, chosen_len, rejected_len, chosen_tokens, nll_mask):
-        """`align_losses.losses.cpo_loss` with this trainer's settings (summed log-probs and completion lengths)."""
-        return cpo_loss(
-            chosen_sum,
-            rejected_sum,
-            beta=self.beta,
+    def _paired_loss(self, fused: PairedPass) -> PairLoss:
+        """``(chosen logps [B], rejected logps [B], CPOOutput)``: `align_losses.fused.cpo_from_tokens` with this
+        trainer's settings; the log-probs are TRL's (averaged for the `AVERAGED_LOSS_TYPES`)."""
+        return cpo_from_tokens(
+            *split_pairs(fused.tokens),
             loss_type=self.loss_type,
+            beta=self.beta,
             # TRL ignores it for hinge/ipo and warned once at init; pass 0 so that the loss does not warn every step.
             label_smoothing=0.0 if self.loss_type in ("hinge", "ipo") else self.label_smoothing,
             cpo_alpha=self.cpo_alpha,
             simpo_gamma=getattr(self, "simpo_gamma", 0.5),
             alpha=self.alpha,
-            chosen_lengths=chosen_len,
-            rejected_lengths=rejected_len,
-            chosen_token_logps=chosen_tokens if self.cpo_alpha != 0 else None,
-            chosen_token_mask=nll_mask if self.cpo_alpha != 0 else None,
         )
 
     def _mean_logit_halves(self, fused: PairedPass):
         """TRL's CPO averages the logits of every position, the last included: ``[B, T]`` each."""
-        return fused.halves(fused.mean_logits_all)
+        return fused.halves(fused.mean_logit_all)
 
 
 class FusedSimPOTrainer(FusedCPOTrainer):
@@ -121,7 +100,8 @@ class FusedSimPOTrainer(FusedCPOTrainer):
 
     ``args`` is a `FusedSimPOConfig` (default) or any `CPOConfig` with ``loss_type="simpo"`` (or
     ``"alphapo"``); a plain `CPOConfig` keeps its ``cpo_alpha=1.0`` default, i.e. CPO-SimPO, with a warning.
-    The loss is `align_losses.losses.simpo_loss` (`cpo_loss` when ``cpo_alpha != 0``).
+    The loss is `align_losses.losses.cpo_loss` with ``loss_type="simpo"`` (with ``cpo_alpha=0``, exactly
+    `align_losses.losses.simpo_loss`).
     """
 
     _tag_names = ["trl", "cpo", "simpo", "align-losses"]
@@ -139,17 +119,3 @@ class FusedSimPOTrainer(FusedCPOTrainer):
                 "paper's SimPO has cpo_alpha=0 (FusedSimPOConfig's default).",
                 stacklevel=3,
             )
-
-    def _preference_loss(self, chosen_sum, rejected_sum, chosen_len, rejected_len, chosen_tokens, nll_mask):
-        if self.cpo_alpha != 0:
-            return super()._preference_loss(chosen_sum, rejected_sum, chosen_len, rejected_len, chosen_tokens, nll_mask)
-        return simpo_loss(
-            chosen_sum,
-            rejected_sum,
-            chosen_len,
-            rejected_len,
-            beta=self.beta,
-            simpo_gamma=self.simpo_gamma,
-            label_smoothing=self.label_smoothing,
-            alpha=self.alpha,
-        )

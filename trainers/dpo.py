@@ -5,9 +5,10 @@ precomputed reference log-probs, PEFT, callbacks and logging, is TRL's):
 
 * the policy and reference forwards run through `trainers.fused_forward` (the core
   `align_losses.linear_token_stats`), never building ``[tokens, vocab]`` logits;
-* the loss is `align_losses.losses.dpo_loss` (with `sequence_logps`, `ld_sequence_logps`,
-  `wpo_weights`), computed in small overridable steps: `_policy_pass`, `_reference_logps`,
-  `_preference_loss`, `_log_metrics`;
+* the model's per-token outputs are laid out per sequence (`align_losses.fused.TokenBatch`, padded or
+  packed by `align_losses.fused.SequenceLayout`) and go to `align_losses.fused.dpo_from_tokens` (the
+  per-sequence reductions and `align_losses.losses.dpo_loss`, as in `align_losses.FusedDPOLoss`), in
+  small overridable steps: `_policy_pass`, `_reference_logps`, `_preference_loss`, `_log_metrics`;
 * ``padding_free=True`` packs the chosen and rejected sequences of a batch into one row
   (`DataCollatorForPackedPreference`), with ``position_ids`` and no attention mask, so transformers
   builds a block-diagonal causal mask; TRL 1.16 ignores the flag;
@@ -32,9 +33,19 @@ import torch
 import trl
 from transformers.data.data_collator import DataCollatorMixin
 
-from align_losses.losses import dpo_loss, ld_sequence_logps, sequence_logps, wpo_weights
+from align_losses.fused import (
+    DPO_METRIC_OUTPUTS,
+    PairLoss,
+    SequenceLayout,
+    TokenBatch,
+    cu_seqlens_of,
+    dpo_from_tokens,
+    dpo_loss_outputs,
+    pair_sequence_logps,
+    split_pairs,
+)
 
-from ._common import ReferenceTrainerMixin, outputs_with_logits
+from ._common import ReferenceTrainerMixin, head_fields, outputs_with_logits, token_batch
 
 #: Batch keys that are not model inputs.
 _NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "sequence_lengths"})
@@ -91,62 +102,25 @@ class DataCollatorForPackedPreference(DataCollatorMixin):
         return output
 
 
-def packed_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Labels of a packed row: completion tokens, -100 elsewhere and at each sequence's first token."""
-    labels = input_ids.masked_fill(completion_mask == 0, -100)
-    starts = torch.cumsum(lengths, 0) - lengths
-    labels[0, starts] = -100  # the token before a sequence start belongs to another sequence
-    return labels
-
-
-def unpack_shifted(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """``[1, N - 1]`` next-token values of a packed row -> ``[S, max_len - 1]``, zero-padded (differentiable).
-
-    Sequence ``s`` starting at ``o_s`` gets ``out[s, j] = values[0, o_s + j]`` for ``j < len_s - 1``:
-    exactly the shifted layout the padded batch has.
-    """
-    num, width = lengths.numel(), int(lengths.max()) - 1
-    starts = torch.cumsum(lengths, 0) - lengths
-    keep = lengths - 1
-    rows = torch.repeat_interleave(torch.arange(num, device=lengths.device), keep)
-    cols = torch.arange(int(keep.sum()), device=lengths.device) - torch.repeat_interleave(torch.cumsum(keep, 0) - keep, keep)
-    src = torch.repeat_interleave(starts, keep) + cols
-    out = values.new_zeros((num, width))
-    return out.index_put((rows, cols), values[0, src])
-
-
-def unpack_mask(mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """``[1, N]`` per-token mask of a packed row -> ``[S, max_len]``, zero-padded."""
-    num, width = lengths.numel(), int(lengths.max())
-    starts = torch.cumsum(lengths, 0) - lengths
-    rows = torch.repeat_interleave(torch.arange(num, device=lengths.device), lengths)
-    cols = torch.arange(int(lengths.sum()), device=lengths.device) - torch.repeat_interleave(starts, lengths)
-    out = mask.new_zeros((num, width))
-    out[rows, cols] = mask[0, : int(lengths.sum())]
-    return out
-
-
 @dataclass
 class PolicyPass:
-    """What the policy forward gives the loss and the metrics, in the padded ``[2B, T - 1]`` layout.
+    """The policy's fused forward on a batch, per sequence (``2B`` sequences, chosen first).
 
-    ``token_logps`` carries gradients. ``outputs`` is the raw fused output (``aux_loss`` for MoE).
+    Attributes:
+        outputs: the raw `trainers.fused_forward.FusedHeadOutput` (``aux_loss`` for MoE).
+        tokens: the per-token values (`align_losses.fused.TokenBatch`, ``logprobs`` with gradient).
+        lengths: ``([B], [B])`` completion lengths as TRL counts them (the unshifted completion mask).
+        model_kwargs: the model's inputs (for ``return_outputs``).
+        labels: the labels of the fused call.
+        num_tokens: ``[]`` real (non-pad) tokens of the batch.
     """
 
     outputs: Any
-    token_logps: torch.Tensor
-    entropy: Optional[torch.Tensor]
-    mean_logits: Optional[torch.Tensor]
-    is_top1: Optional[torch.Tensor]
-    log_sum_sq_probs: Optional[torch.Tensor]
-    completion_mask: torch.Tensor  # [2B, T]
-    shift_mask: torch.Tensor  # [2B, T - 1]
+    tokens: TokenBatch
+    lengths: tuple
     model_kwargs: dict
     labels: torch.Tensor
-    num_tokens: torch.Tensor  # real (non-pad) tokens of the batch
-
-    def chosen_rejected(self, x: torch.Tensor):
-        return x.chunk(2, dim=0)
+    num_tokens: torch.Tensor
 
 
 class FusedDPOTrainer(ReferenceTrainerMixin, trl.DPOTrainer):
@@ -164,9 +138,8 @@ class FusedDPOTrainer(ReferenceTrainerMixin, trl.DPOTrainer):
         hides ``padding_free=True`` from it (TRL would warn that it ignores the flag): we honour it afterwards, with
         `DataCollatorForPackedPreference` unless a collator is given."""
         packed = bool(args is not None and args.padding_free)
-        self._fused_outputs = ("entropy", "mean_logits", "is_top1")
-        if args is not None and args.use_weighting:
-            self._fused_outputs += ("log_sum_sq_probs",)
+        use_weighting = bool(args is not None and args.use_weighting)
+        self._fused_outputs = head_fields(DPO_METRIC_OUTPUTS + dpo_loss_outputs(use_weighting))
         if packed:
             args.padding_free = False
         try:
@@ -192,100 +165,77 @@ class FusedDPOTrainer(ReferenceTrainerMixin, trl.DPOTrainer):
     def compute_ref_log_probs(self, model, inputs):
         """Reference sequence log-probs ``(chosen [B], rejected [B])`` of one padded batch (precompute path)."""
         with self._precompute_context():
-            token_logps, shift_mask = self._reference_token_logps(model, inputs)
-        return self._sequence_logps(token_logps, shift_mask)
+            tokens = self._reference_tokens(model, inputs)
+        return self._sequence_logps(tokens)
 
-    def _reference_token_logps(self, model, inputs):
-        """``([2B, T - 1] log-probs, shift mask)`` of ``model`` on a batch, without extra statistics."""
-        model_kwargs, labels, lengths = self._model_inputs(inputs)
+    def _reference_tokens(self, model, inputs) -> TokenBatch:
+        """The per-token log-probs of ``model`` on a batch, without extra statistics."""
+        model_kwargs, labels, layout = self._model_inputs(inputs)
         out = model(**model_kwargs, labels=labels, fused_lm_head=True, fused_outputs=())
-        return self._to_padded(out.log_probs, inputs, lengths)
+        return self._token_batch(out, inputs, layout)
 
     def _reference_logps(self, inputs):
         """Reference ``(chosen [B], rejected [B])``: precomputed columns, the ref model, or the adapter-free policy."""
         if self.precompute_ref_logps:
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-        model_kwargs, labels, lengths = self._model_inputs(inputs)
         with self._reference_model() as ref:
-            out = ref(**model_kwargs, labels=labels, fused_lm_head=True, fused_outputs=())
-        token_logps, shift_mask = self._to_padded(out.log_probs, inputs, lengths)
-        return self._sequence_logps(token_logps, shift_mask)
+            tokens = self._reference_tokens(ref, inputs)
+        return self._sequence_logps(tokens)
 
     # ------------------------------------------------------------------------------------------------ policy
-    def _model_inputs(self, inputs):
-        """``(model kwargs, labels, sequence lengths or None)`` of a padded or packed batch."""
+    def _model_inputs(self, inputs) -> tuple[dict, torch.Tensor, SequenceLayout]:
+        """``(model kwargs, labels, layout)`` of a padded or packed batch (labels: the completion tokens, -100
+        elsewhere and, packed, at each sequence's first token)."""
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         model_kwargs["use_cache"] = False
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         lengths = inputs.get("sequence_lengths")
         if lengths is not None:
             model_kwargs.pop("attention_mask", None)  # block-diagonal masking needs attention_mask=None
-            labels = packed_labels(inputs["input_ids"], inputs["completion_mask"], lengths)
-        else:
-            labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-        return model_kwargs, labels, lengths
+        layout = SequenceLayout.of(labels, None if lengths is None else cu_seqlens_of(lengths))
+        return model_kwargs, layout.without_sequence_starts(labels, -100), layout
 
-    def _to_padded(self, values, inputs, lengths):
-        """Per-token fused values -> ``([2B, T - 1] values, shift mask)`` in the padded layout."""
-        if lengths is None:
-            shift_mask = inputs["completion_mask"][..., 1:]
-            # Prompt-learning PEFT prepends virtual tokens; keep the real positions
-            return values[:, -shift_mask.size(1):], shift_mask
-        completion_mask = unpack_mask(inputs["completion_mask"], lengths)
-        return unpack_shifted(values, lengths), completion_mask[:, 1:]
+    @staticmethod
+    def _token_batch(out, inputs, layout: SequenceLayout) -> TokenBatch:
+        """The fused forward's per-token values of a batch, per sequence, scored on the completion."""
+        return token_batch(out, layout, inputs["completion_mask"][..., 1:])
 
     def _policy_pass(self, model, inputs) -> PolicyPass:
         """The policy's fused forward: per-token log-probs (with gradient) and the statistics the metrics use."""
-        model_kwargs, labels, lengths = self._model_inputs(inputs)
+        model_kwargs, labels, layout = self._model_inputs(inputs)
         if self.aux_loss_enabled:
             model_kwargs["output_router_logits"] = True
         out = model(**model_kwargs, labels=labels, fused_lm_head=True)
-        token_logps, shift_mask = self._to_padded(out.log_probs, inputs, lengths)
-
-        def padded(x):
-            return None if x is None else self._to_padded(x, inputs, lengths)[0]
-
-        if lengths is None:
-            completion_mask, num_tokens = inputs["completion_mask"], inputs["attention_mask"].sum()
+        if layout.packed:
+            num_tokens = inputs["sequence_lengths"].sum()
         else:
-            completion_mask, num_tokens = unpack_mask(inputs["completion_mask"], lengths), lengths.sum()
+            num_tokens = inputs["attention_mask"].sum()
         return PolicyPass(
             outputs=out,
-            token_logps=token_logps,
-            entropy=padded(out.entropy),
-            mean_logits=padded(out.mean_logits),
-            is_top1=padded(out.is_top1),
-            log_sum_sq_probs=padded(out.log_sum_sq_probs),
-            completion_mask=completion_mask,
-            shift_mask=shift_mask,
+            tokens=self._token_batch(out, inputs, layout),
+            lengths=layout.arrange(inputs["completion_mask"]).sum(dim=1).chunk(2),
             model_kwargs=model_kwargs,
             labels=labels,
             num_tokens=num_tokens,
         )
 
-    def _sequence_logps(self, token_logps, shift_mask):
+    def _sequence_logps(self, tokens: TokenBatch):
         """``(chosen [B], rejected [B])`` sums over the completion, LD-DPO weighted when ``ld_alpha`` is set."""
-        if self.ld_alpha is None:
-            return sequence_logps(token_logps, shift_mask).chunk(2, dim=0)
-        chosen_t, rejected_t = token_logps.chunk(2, dim=0)
-        chosen_m, rejected_m = shift_mask.chunk(2, dim=0)
-        return ld_sequence_logps(chosen_t, chosen_m, rejected_t, rejected_m, ld_alpha=self.ld_alpha)
+        return pair_sequence_logps(*split_pairs(tokens), ld_alpha=self.ld_alpha)
 
     # ------------------------------------------------------------------------------------------------ loss
-    def _preference_loss(self, policy: PolicyPass, chosen_logps, rejected_logps, ref_chosen, ref_rejected):
-        """`align_losses.losses.dpo_loss` with this trainer's settings."""
-        chosen_tokens, _ = policy.chosen_rejected(policy.token_logps)
-        chosen_shift, rejected_shift = policy.chosen_rejected(policy.shift_mask)
-        chosen_full, rejected_full = policy.chosen_rejected(policy.completion_mask)
-        weights = None
-        if self.use_weighting:
-            c_lsp, r_lsp = policy.chosen_rejected(policy.log_sum_sq_probs)
-            _, rejected_tokens = policy.chosen_rejected(policy.token_logps)
-            weights = wpo_weights(chosen_tokens, c_lsp, chosen_shift, rejected_tokens, r_lsp, rejected_shift)
-        return dpo_loss(
-            chosen_logps,
-            rejected_logps,
-            ref_chosen.to(chosen_logps.device),
-            ref_rejected.to(chosen_logps.device),
+    def _preference_loss(self, policy: PolicyPass, chosen: TokenBatch, rejected: TokenBatch, ref_chosen,
+                         ref_rejected) -> PairLoss:
+        """`align_losses.fused.dpo_from_tokens` with this trainer's settings."""
+        device = policy.tokens.logprobs.device
+        return dpo_from_tokens(
+            chosen,
+            rejected,
+            ref_chosen.to(device),
+            ref_rejected.to(device),
+            ld_alpha=self.ld_alpha,
+            use_weighting=self.use_weighting,
+            lengths=policy.lengths,
             beta=self.beta,
             loss_type=self.loss_types,
             loss_weights=self.loss_weights,
@@ -293,11 +243,6 @@ class FusedDPOTrainer(ReferenceTrainerMixin, trl.DPOTrainer):
             f_divergence_type=self.f_divergence_type,
             f_alpha_divergence_coef=self.f_alpha_divergence_coef,
             discopop_tau=self.args.discopop_tau,
-            chosen_lengths=chosen_full.sum(dim=1),
-            rejected_lengths=rejected_full.sum(dim=1),
-            chosen_token_logps=chosen_tokens,
-            chosen_token_mask=chosen_shift,
-            wpo_weights=weights,
         )
 
     def _compute_loss(self, model, inputs, return_outputs):
@@ -305,37 +250,34 @@ class FusedDPOTrainer(ReferenceTrainerMixin, trl.DPOTrainer):
         # The reference first: its forward (under FSDP, a whole gathered model) then never meets the policy's activations
         ref_chosen, ref_rejected = self._reference_logps(inputs)
         policy = self._policy_pass(model, inputs)
-        chosen_logps, rejected_logps = self._sequence_logps(policy.token_logps, policy.shift_mask)
-        result = self._preference_loss(policy, chosen_logps, rejected_logps, ref_chosen, ref_rejected)
-        loss = self._add_aux_loss(result.loss, policy.outputs, mode)
-        self._log_metrics(mode, policy, result, chosen_logps, rejected_logps)
+        chosen, rejected = split_pairs(policy.tokens)
+        pair = self._preference_loss(policy, chosen, rejected, ref_chosen, ref_rejected)
+        loss = self._add_aux_loss(pair.result.loss, policy.outputs, mode)
+        self._log_metrics(mode, policy, chosen, rejected, pair)
         if return_outputs:
             return loss, outputs_with_logits(model, policy.model_kwargs)
         return loss
 
     # ------------------------------------------------------------------------------------------------ metrics
-    def _log_metrics(self, mode, policy: PolicyPass, result, chosen_logps, rejected_logps) -> None:
+    def _log_metrics(self, mode, policy: PolicyPass, chosen: TokenBatch, rejected: TokenBatch, pair: PairLoss) -> None:
         """TRL's DPO metrics, under TRL's names, from the fused pass."""
         acc = self.accelerator
         metrics = self._metrics[mode]
-        mask = policy.shift_mask
-        self._log_entropy_and_tokens(mode, policy.entropy, mask, policy.num_tokens)
+        self._log_entropy_and_tokens(mode, policy.tokens.entropy, policy.tokens.mask, policy.num_tokens)
 
-        chosen_mask, rejected_mask = (m.bool() for m in policy.chosen_rejected(mask))
-        chosen_ml, rejected_ml = policy.chosen_rejected(policy.mean_logits.detach())
-        for side, values, side_mask in (("chosen", chosen_ml, chosen_mask), ("rejected", rejected_ml, rejected_mask)):
-            total = acc.gather_for_metrics(values[side_mask].sum()).sum().item()
-            count = acc.gather_for_metrics(side_mask.sum()).sum().item()
+        for side, part in (("chosen", chosen), ("rejected", rejected)):
+            total = acc.gather_for_metrics(part.mean_logit.detach()[part.mask].sum()).sum().item()
+            count = acc.gather_for_metrics(part.mask.sum()).sum().item()
             metrics[f"logits/{side}"].append(total / count if count > 0 else 0.0)
 
-        chosen_top1, _ = policy.chosen_rejected(policy.is_top1)
-        correct = acc.gather_for_metrics((chosen_top1 & chosen_mask).sum()).sum()
-        count = acc.gather_for_metrics(chosen_mask.sum()).sum()
+        correct = acc.gather_for_metrics((chosen.argmax_hit & chosen.mask).sum()).sum()
+        count = acc.gather_for_metrics(chosen.mask.sum()).sum()
         metrics["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
 
+        result = pair.result
         metrics["rewards/chosen"].append(acc.gather(result.chosen_rewards).mean().item())
         metrics["rewards/rejected"].append(acc.gather(result.rejected_rewards).mean().item())
         metrics["rewards/accuracies"].append(acc.gather(result.reward_accuracies).mean().item())
         metrics["rewards/margins"].append(acc.gather(result.reward_margins).mean().item())
-        metrics["logps/chosen"].append(acc.gather(chosen_logps.detach()).mean().item())
-        metrics["logps/rejected"].append(acc.gather(rejected_logps.detach()).mean().item())
+        metrics["logps/chosen"].append(acc.gather(pair.chosen_logps.detach()).mean().item())
+        metrics["logps/rejected"].append(acc.gather(pair.rejected_logps.detach()).mean().item())

@@ -250,11 +250,12 @@ def check_impl(impl: str, model=None, settings: Optional[FusedHeadSettings] = No
     Returns the backend name that ``impl`` resolves to for the model's device and dtype.
     """
     impl = impl or "auto"
-    if impl != "auto":
-        backend = backends.get(impl)  # ValueError for an unknown name
-        reason = backend.available()
-        if reason is not None:
-            raise ValueError(f"lce_impl={impl!r} cannot run here: {reason}")
+    try:
+        backends.check(impl)  # the name and this environment, before the head is read
+    except backends.BackendError as e:
+        if e.kind != "unavailable":
+            raise
+        raise ValueError(f"lce_impl={impl!r} cannot run here: {e.reason}") from e
     if model is None:
         return impl
     head = output_head(model)
@@ -271,7 +272,7 @@ def check_impl(impl: str, model=None, settings: Optional[FusedHeadSettings] = No
         outputs=outputs,
         options=settings.backend_options,
     )
-    return backends.resolve(impl, problem).name
+    return backends.check(impl, problem).name
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Changes against `trl.KTOTrainer` (data preparation, KL completions, reference handling and logging
 stay TRL's): every forward (policy, KL completions, reference) runs through
-`trainers.fused_forward`; the loss is `align_losses.losses.kto_loss`, in overridable steps
+`trainers.fused_forward`; its per-token outputs become an `align_losses.fused.TokenBatch` and the loss
+is `align_losses.fused.kto_from_tokens` (completion sums and `align_losses.losses.kto_loss`, as in
+`align_losses.FusedKTOLoss`), in overridable steps
 (`_policy_pass`, `_kl_logps`, `_reference_logps`, `_kto_loss`, `_log_metrics`); a LoRA adapter on
 ``lm_head`` is trained; bad input fails before TRL's ``__init__``; the reference forwards run before the
 policy's (under FSDP the reference is gathered whole, and the policy's activations do not exist yet).
@@ -20,9 +22,10 @@ from typing import Any, Optional
 import torch
 import trl
 
-from align_losses.losses import kto_loss, sequence_logps
+from align_losses.fused import KTO_METRIC_OUTPUTS, KTOLoss, SequenceLayout, TokenBatch, kto_from_tokens
+from align_losses.losses import sequence_logps
 
-from ._common import ReferenceTrainerMixin, outputs_with_logits
+from ._common import ReferenceTrainerMixin, head_fields, outputs_with_logits, token_batch
 
 _NON_MODEL_KEYS = frozenset({
     "completion_mask", "KL_input_ids", "KL_attention_mask", "KL_completion_mask", "KL_token_type_ids",
@@ -38,9 +41,11 @@ UNPAIRED_COLUMNS = (
 
 @dataclass
 class KTOPolicyPass:
+    """The policy's fused forward: ``outputs`` the raw fused output (``aux_loss`` for MoE), ``tokens`` its per-token
+    values on the completions (``[B, T - 1]``, ``logprobs`` with gradient), and the model's inputs and labels."""
+
     outputs: Any
-    token_logps: torch.Tensor  # [B, T - 1], with gradient
-    shift_mask: torch.Tensor  # [B, T - 1]
+    tokens: TokenBatch
     model_kwargs: dict
     labels: torch.Tensor
 
@@ -52,19 +57,23 @@ class FusedKTOTrainer(ReferenceTrainerMixin, trl.KTOTrainer):
     """
 
     _tag_names = ["trl", "kto", "align-losses"]
-    _fused_outputs = ("entropy", "mean_logits")
+    _fused_outputs = head_fields(KTO_METRIC_OUTPUTS)
     _dataset_columns = UNPAIRED_COLUMNS
 
     # ------------------------------------------------------------------------------------------------ forwards
     @staticmethod
-    def _token_logps(model, input_ids, attention_mask, completion_mask, extra=None, **fused):
-        """``([B, T - 1] per-token log-probs, fused output)`` of the completion tokens."""
+    def _completion_tokens(out, completion_mask: torch.Tensor) -> TokenBatch:
+        """The fused forward's per-token values on the completion tokens (``completion_mask [B, T]``), per example."""
+        return token_batch(out, SequenceLayout.of(completion_mask), completion_mask[:, 1:])
+
+    def _completion_logps(self, model, input_ids, attention_mask, completion_mask, extra=None) -> torch.Tensor:
+        """``[B]`` summed log-probs of the completion tokens under ``model``, without extra statistics."""
         labels = input_ids.masked_fill(completion_mask == 0, -100)
         kwargs = dict(extra or {})
         kwargs.update(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        out = model(**kwargs, labels=labels, fused_lm_head=True, **fused)
-        # Prompt-learning PEFT prepends virtual tokens; keep the real positions
-        return out.log_probs[:, -(input_ids.size(1) - 1):], out
+        out = model(**kwargs, labels=labels, fused_lm_head=True, fused_outputs=())
+        tokens = self._completion_tokens(out, completion_mask)
+        return sequence_logps(tokens.logprobs, tokens.completion)
 
     def _kl_logps(self, model, batch) -> Optional[torch.Tensor]:
         """``[B]`` log-probs of the mismatched (KL) completions under ``model``, without gradient."""
@@ -75,11 +84,9 @@ class FusedKTOTrainer(ReferenceTrainerMixin, trl.KTOTrainer):
             if f"KL_{key}" in batch:
                 extra[key] = batch[f"KL_{key}"]
         with torch.no_grad():
-            token_logps, _ = self._token_logps(
-                model, batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"], extra,
-                fused_outputs=(),
+            return self._completion_logps(
+                model, batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"], extra
             )
-        return token_logps.sum(-1)
 
     # TRL's name for the same step (its `_compute_loss` and precompute call it)
     def _compute_kl_logps(self, model, batch):
@@ -92,11 +99,11 @@ class FusedKTOTrainer(ReferenceTrainerMixin, trl.KTOTrainer):
     def compute_ref_log_probs(self, model, inputs):
         """Reference ``(completion [B], KL [B] or None)`` log-probs of one batch (precompute path)."""
         with self._precompute_context():
-            token_logps, _ = self._token_logps(
-                model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"], fused_outputs=()
+            logps = self._completion_logps(
+                model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
             )
             kl = self._kl_logps(model, inputs)
-        return token_logps.sum(-1), kl
+        return logps, kl
 
     @staticmethod
     def _model_inputs(batch) -> tuple[dict, torch.Tensor]:
@@ -110,12 +117,8 @@ class FusedKTOTrainer(ReferenceTrainerMixin, trl.KTOTrainer):
         if self.aux_loss_enabled:
             model_kwargs["output_router_logits"] = True
         out = model(**model_kwargs, labels=labels, fused_lm_head=True)
-        seq_len = batch["input_ids"].size(1) - 1
         return KTOPolicyPass(
-            outputs=out,
-            token_logps=out.log_probs[:, -seq_len:],
-            shift_mask=batch["completion_mask"][:, 1:],
-            model_kwargs=model_kwargs,
+            outputs=out, tokens=self._completion_tokens(out, batch["completion_mask"]), model_kwargs=model_kwargs,
             labels=labels,
         )
 
@@ -127,8 +130,8 @@ class FusedKTOTrainer(ReferenceTrainerMixin, trl.KTOTrainer):
         with self._reference_model() as ref:
             ref_kl = self._kl_logps(ref, batch)
             out = ref(**model_kwargs, labels=labels, fused_lm_head=True, fused_outputs=())
-        ref_tokens = out.log_probs[:, -(batch["input_ids"].size(1) - 1):]
-        return ref_tokens.sum(-1), ref_kl
+        tokens = self._completion_tokens(out, batch["completion_mask"])
+        return sequence_logps(tokens.logprobs, tokens.completion), ref_kl
 
     # ------------------------------------------------------------------------------------------------ loss
     def _kl_estimate(self, kl_logps, ref_kl_logps) -> Optional[torch.Tensor]:
@@ -138,9 +141,10 @@ class FusedKTOTrainer(ReferenceTrainerMixin, trl.KTOTrainer):
         kl = (kl_logps - ref_kl_logps).mean().detach()
         return self.accelerator.gather_for_metrics(kl).mean()
 
-    def _kto_loss(self, logps, ref_logps, labels, kl):
-        return kto_loss(
-            logps,
+    def _kto_loss(self, tokens: TokenBatch, ref_logps, labels, kl) -> KTOLoss:
+        """`align_losses.fused.kto_from_tokens` with this trainer's settings."""
+        return kto_from_tokens(
+            tokens,
             ref_logps,
             labels,
             kl if self.loss_type == "kto" else None,
@@ -158,12 +162,12 @@ class FusedKTOTrainer(ReferenceTrainerMixin, trl.KTOTrainer):
         ref_logps, ref_kl_logps = self._reference_logps(batch)
         kl_logps = self._kl_logps(model, batch)
         policy = self._policy_pass(model, batch)
-        logps = sequence_logps(policy.token_logps, policy.shift_mask)
-        if logps.shape[0] != len(batch["label"]):
+        if policy.tokens.num_sequences != len(batch["label"]):
             raise ValueError("the batch has a different number of examples than of predicted sequences")
-        labels = torch.as_tensor(batch["label"], dtype=torch.bool, device=logps.device)
+        device = policy.tokens.logprobs.device
+        labels = torch.as_tensor(batch["label"], dtype=torch.bool, device=device)
         kl = self._kl_estimate(kl_logps, ref_kl_logps)
-        result = self._kto_loss(logps, ref_logps.to(logps.device), labels, kl)
+        logps, result = self._kto_loss(policy.tokens, ref_logps.to(device), labels, kl)
         loss = self._add_aux_loss(result.loss, policy.outputs, mode)
         self._log_metrics(mode, batch, policy, result, logps, labels, kl)
         if return_outputs:
@@ -176,15 +180,13 @@ class FusedKTOTrainer(ReferenceTrainerMixin, trl.KTOTrainer):
         metrics = self._metrics[mode]
         metrics["kl"].append(kl.clamp(min=0).item() if kl is not None else 0.0)
 
-        out = policy.outputs
-        seq_len = policy.token_logps.size(1)
-        mask = policy.shift_mask
-        self._log_entropy_and_tokens(mode, out.entropy[:, -seq_len:], mask, batch["attention_mask"].sum())
+        tokens = policy.tokens
+        self._log_entropy_and_tokens(mode, tokens.entropy, tokens.mask, batch["attention_mask"].sum())
 
-        mean_logits = out.mean_logits[:, -seq_len:].detach()
+        mean_logit = tokens.mean_logit.detach()
         for side, rows in (("chosen", labels), ("rejected", ~labels)):
-            side_mask = mask[rows].bool()
-            total = acc.gather_for_metrics(mean_logits[rows][side_mask].sum()).sum().item()
+            side_mask = tokens.mask[rows]
+            total = acc.gather_for_metrics(mean_logit[rows][side_mask].sum()).sum().item()
             count = acc.gather_for_metrics(side_mask.sum()).sum().item()
             if count > 0:
                 metrics[f"logits/{side}"].append(total / count)

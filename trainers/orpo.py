@@ -16,7 +16,9 @@ evaluation are TRL's):
   batch (chosen rows first): for the chosen rows every attended token (TRL's ORPO NLL covers the
   prompt AND the completion), for the rejected rows the completion tokens (all the odds ratio needs).
   One fused call gives both the NLL term and the per-completion average log-probs.
-* The loss is `align_losses.losses.orpo_loss` (NLL token mean minus ``beta * mean log sigmoid(log odds)``).
+* The loss is `align_losses.fused.orpo_from_tokens` (per-token average completion log-probs and
+  `align_losses.losses.orpo_loss`: NLL token mean minus ``beta * mean log sigmoid(log odds)``), as in
+  `align_losses.FusedORPOLoss`.
 * ``concatenated_forward`` returns TRL's tuple, except that the two "logits" slots hold the
   ``[B, T - 1]`` vocabulary-mean logits (whose ``.mean()`` is TRL's ``.mean()`` of the
   ``[B, T - 1, V]`` logits) instead of the logits.
@@ -42,7 +44,7 @@ from dataclasses import dataclass
 
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-from align_losses.losses import orpo_loss, sequence_logps
+from align_losses.fused import PairLoss, orpo_from_tokens, split_pairs
 
 # The paired pass is shared with CPO / SimPO and lives in `trainers._common`; the names stay importable from here.
 from ._common import PAIRED_COLUMNS, PairedPass, PairedTrainerMixin, fused_paired_pass  # noqa: F401
@@ -67,20 +69,13 @@ class FusedORPOTrainer(PairedTrainerMixin, ORPOTrainer):
     def _fused_pass(self, model, batch) -> PairedPass:
         return fused_paired_pass(self, model, batch, padding_value=self.padding_value, nll_over="sequence")
 
-    def _paired_loss(self, fused: PairedPass):
-        """``(chosen average log-probs [B], rejected [B], ORPOOutput)`` of a fused pass."""
-        average = sequence_logps(fused.token_logps, fused.completion_mask, average=True)
-        chosen_logps, rejected_logps = fused.halves(average)
-        chosen_tokens, _ = fused.halves(fused.token_logps)
-        result = orpo_loss(
-            chosen_logps, rejected_logps, beta=self.beta, chosen_token_logps=chosen_tokens,
-            chosen_token_mask=fused.nll_mask,
-        )
-        return chosen_logps, rejected_logps, result
+    def _paired_loss(self, fused: PairedPass) -> PairLoss:
+        """``(chosen average log-probs [B], rejected [B], ORPOOutput)`` of a fused pass: `orpo_from_tokens`."""
+        return orpo_from_tokens(*split_pairs(fused.tokens), beta=self.beta)
 
     def _mean_logit_halves(self, fused: PairedPass):
         """TRL's ORPO averages the logits of every position but the last: ``[B, T - 1]`` each."""
-        return fused.halves(fused.mean_logits_all[:, :-1])
+        return fused.halves(fused.mean_logit_all[:, :-1])
 
     def _extra_metrics(self, result, prefix: str) -> dict:
         m = self._metric

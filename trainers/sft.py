@@ -1,9 +1,10 @@
 """`FusedSFTTrainer`: TRL's `SFTTrainer` with the loss and metrics from one fused pass of `align_losses`.
 
 Changes against `trl.SFTTrainer` (data preparation, packing, padding-free collation, completion-only
-and assistant-only masks stay TRL's): the forward runs through `trainers.fused_forward`; the loss is
-`align_losses.losses.sft_loss` (``nll`` or ``dft``) in overridable steps (`_sft_forward`, `_sft_loss`,
-`_log_metrics`); ``label_smoothing_factor`` is computed by the fused head (``logsumexp - mean
+and assistant-only masks stay TRL's): the forward runs through `trainers.fused_forward`; its per-token
+outputs become an `align_losses.fused.TokenBatch` and the loss is `align_losses.fused.sft_from_tokens`
+(`align_losses.losses.sft_loss`, ``nll`` or ``dft``, as in `align_losses.FusedSFTLoss`) in overridable
+steps (`_sft_forward`, `_sft_loss`, `_log_metrics`); ``label_smoothing_factor`` is computed by the fused head (``logsumexp - mean
 logit`` per token, no extra full-logits forward as in TRL 1.16); an optional z-loss
 (`FusedSFTConfig.lce_z_loss`); a LoRA adapter on ``lm_head`` is trained; bad input fails before
 TRL's ``__init__``. A user ``compute_loss_func`` and DeepSpeed sequence parallelism keep TRL's paths.
@@ -19,14 +20,17 @@ import torch
 import trl
 from packaging.version import Version
 
-from align_losses.losses import sft_loss
+from align_losses.fused import SFT_METRIC_OUTPUTS, SequenceLayout, TokenBatch, sft_from_tokens
+from align_losses.losses import sft_outputs
 
 from ._common import (
     FusedTrainerMixin,
     check_before_init,
     check_prepared_datasets,
+    head_fields,
     lm_head_adapter_allowed,
     outputs_with_logits,
+    token_batch,
 )
 
 
@@ -68,11 +72,7 @@ class FusedSFTTrainer(FusedTrainerMixin, trl.SFTTrainer):
                 peft_config=peft_config, formatting_func=formatting_func,
             )
         check_prepared_datasets(self)
-        self._fused_outputs = ("entropy", "is_top1")
-        if self._label_smoothing > 0:
-            self._fused_outputs += ("mean_logits", "logsumexp")
-        elif self._z_loss > 0:
-            self._fused_outputs += ("logsumexp",)
+        self._fused_outputs = head_fields(SFT_METRIC_OUTPUTS + sft_outputs(self._label_smoothing, self._z_loss))
         self._install_fused_heads()
 
     @property
@@ -100,17 +100,19 @@ class FusedSFTTrainer(FusedTrainerMixin, trl.SFTTrainer):
         """The fused forward of a batch (labels included): per-token log-probs and statistics."""
         return model(**inputs, fused_lm_head=True)
 
-    def _sft_loss(self, outputs, num_items_in_batch):
-        """`align_losses.losses.sft_loss` on the fused outputs, with label smoothing and z-loss."""
-        return sft_loss(
-            outputs.log_probs,
-            outputs.label_mask,
+    @staticmethod
+    def _token_batch(outputs) -> TokenBatch:
+        """The fused forward's per-token values over its labelled tokens (one row per batch row)."""
+        return token_batch(outputs, SequenceLayout.of(outputs.label_mask), outputs.label_mask)
+
+    def _sft_loss(self, tokens: TokenBatch, num_items_in_batch):
+        """`align_losses.fused.sft_from_tokens` on the fused outputs, with label smoothing and z-loss."""
+        return sft_from_tokens(
+            tokens,
             loss_type=self.args.loss_type,
             num_items_in_batch=num_items_in_batch,
             label_smoothing=self._label_smoothing,
             z_loss=self._z_loss,
-            mean_logit=outputs.mean_logits,
-            logsumexp=outputs.logsumexp,
         ).loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -121,7 +123,8 @@ class FusedSFTTrainer(FusedTrainerMixin, trl.SFTTrainer):
         if self.aux_loss_enabled:
             inputs["output_router_logits"] = True
         outputs = self._sft_forward(model, inputs)
-        loss = self._sft_loss(outputs, num_items_in_batch)
+        tokens = self._token_batch(outputs)
+        loss = self._sft_loss(tokens, num_items_in_batch)
         # As `Trainer.compute_loss`: `num_items_in_batch` counts every rank's tokens and DDP averages gradients
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
@@ -129,18 +132,18 @@ class FusedSFTTrainer(FusedTrainerMixin, trl.SFTTrainer):
             # A per-micro-batch mean; with `num_items_in_batch` the accumulation is left to the loss
             steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
-        self._log_metrics(mode, inputs, outputs)
+        self._log_metrics(mode, inputs, outputs, tokens)
         if return_outputs:
             return loss, outputs_with_logits(model, inputs, drop=("labels", "output_router_logits"))
         return loss
 
     # ------------------------------------------------------------------------------------------------ metrics
-    def _log_metrics(self, mode, inputs, outputs) -> None:
+    def _log_metrics(self, mode, inputs, outputs, tokens: TokenBatch) -> None:
         acc = self.accelerator
         metrics = self._metrics[mode]
-        valid = acc.gather_for_metrics(outputs.label_mask.sum()).sum()
-        entropy_sum = acc.gather_for_metrics(outputs.entropy.detach().sum()).sum()
-        correct = acc.gather_for_metrics(outputs.is_top1.sum()).sum()
+        valid = acc.gather_for_metrics(tokens.mask.sum()).sum()
+        entropy_sum = acc.gather_for_metrics(tokens.entropy.detach().sum()).sum()
+        correct = acc.gather_for_metrics(tokens.argmax_hit.sum()).sum()
         metrics["entropy"].append((entropy_sum / valid).item() if valid > 0 else 0.0)
         metrics["mean_token_accuracy"].append((correct / valid).item() if valid > 0 else 0.0)
         if mode == "train":

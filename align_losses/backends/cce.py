@@ -35,7 +35,8 @@ from typing import Optional
 
 import torch
 
-from .base import Backend, Capabilities, HeadProblem
+from ..problem import HeadProblem
+from .base import Backend, Capabilities
 
 _PACKAGE = "cut_cross_entropy"
 _FILTER_EPS_STRINGS = ("auto", "high")

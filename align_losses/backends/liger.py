@@ -43,7 +43,8 @@ from typing import Optional
 
 import torch
 
-from .base import Backend, Capabilities, HeadProblem
+from ..problem import HeadProblem
+from .base import Backend, Capabilities
 
 logger = logging.getLogger("align_losses")
 

@@ -7,7 +7,8 @@ import numbers
 import torch
 
 from ..ops.tiled_head import tiled_head
-from .base import OUTPUTS, Backend, Capabilities, HeadProblem
+from ..problem import OUTPUTS, HeadProblem
+from .base import Backend, Capabilities
 
 #: Default bytes of fp32 tile temporaries. Large enough for big GEMMs on a GPU, small beside
 #: the ``[tokens, vocab]`` logits it replaces (8k tokens x 152k vocabulary = 4.6 GiB in fp32).

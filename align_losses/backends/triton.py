@@ -11,7 +11,8 @@ from typing import Optional
 
 import torch
 
-from .base import OUTPUTS, Backend, Capabilities, HeadProblem
+from ..problem import OUTPUTS, HeadProblem
+from .base import Backend, Capabilities
 
 
 def _available() -> Optional[str]:
@@ -24,8 +25,8 @@ def _available() -> Optional[str]:
     return None
 
 
-#: ``filter_mass=True``: each token's backward may skip up to 2^-8 of its probability. On the head
-#: benchmark's peaky logits that left grad errors within 3e-3 (benchmarks/NOTES-triton.md).
+#: ``filter_mass=True``: each token's backward may skip up to 2^-8 of its probability (the gradient
+#: errors that left on the head benchmark's logits are in benchmarks/NOTES-triton.md).
 DEFAULT_FILTER_MASS = 2.0**-8
 
 

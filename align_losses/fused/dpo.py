@@ -1,4 +1,5 @@
-"""`FusedDPOLoss`: hidden states of chosen and rejected sequences -> TRL 1.16 DPO loss and metrics."""
+"""DPO from per-token log-probs (`dpo_from_tokens`, shared with `trainers.FusedDPOTrainer`) and from hidden
+states (`FusedDPOLoss`): TRL 1.16 DPO loss and metrics."""
 
 from __future__ import annotations
 
@@ -6,26 +7,84 @@ from typing import Optional, Sequence
 
 from torch import Tensor
 
-from ..losses import check_dpo_args, check_ld_alpha, dpo_loss, ld_sequence_logps, sequence_logps, wpo_weights
+from ..losses import check_dpo_args, check_ld_alpha, dpo_loss, wpo_weights
 from .common import (
     FusedLoss,
     FusedOutput,
-    TokenBatch,
+    PairLoss,
     logits_metrics,
-    pair_count,
     per_sequence_input,
     preference_metrics,
     require_reference,
-    split_pairs,
     token_mean,
 )
+from .layout import pair_count
+from .tokens import TokenBatch, pair_sequence_logps, split_pairs
+
+#: Core outputs DPO's metrics read (``entropy``, ``logits/*``, ``mean_token_accuracy``).
+DPO_METRIC_OUTPUTS = ("entropy", "mean_logit", "argmax_hit")
+
+
+def dpo_loss_outputs(use_weighting: bool) -> tuple[str, ...]:
+    """Core outputs (beyond log-probs) DPO's loss reads: ``log_sum_p2`` for WPO weights."""
+    return ("log_sum_p2",) if use_weighting else ()
+
+
+def dpo_from_tokens(
+    chosen: TokenBatch,
+    rejected: TokenBatch,
+    ref_chosen_logps: Optional[Tensor],
+    ref_rejected_logps: Optional[Tensor],
+    *,
+    ld_alpha: Optional[float] = None,
+    use_weighting: bool = False,
+    lengths: Optional[tuple[Tensor, Tensor]] = None,
+    **loss_options,
+) -> PairLoss:
+    """Per-sequence reductions of the policy's per-token values, then `align_losses.losses.dpo_loss`.
+
+    Args:
+        chosen, rejected: the ``B`` chosen and ``B`` rejected sequences (`split_pairs`); ``log_sum_p2``
+            is read with ``use_weighting``.
+        ref_chosen_logps, ref_rejected_logps: ``[B]`` reference sequence log-probs (reduced the same
+            way, e.g. with `pair_sequence_logps` and the same ``ld_alpha``), or None (reference-free).
+        ld_alpha: LD-DPO weight of the tokens beyond the shorter completion of each pair (None: sums).
+        use_weighting: WPO pair weights (`wpo_weights`).
+        lengths: ``([B], [B])`` completion lengths for "ipo"/"sigmoid_norm"; default the completion
+            token counts of ``chosen``/``rejected`` (TRL's trainer counts its unshifted completion mask).
+        **loss_options: the rest of `dpo_loss`'s settings (``beta``, ``loss_type``, ``loss_weights``,
+            ``label_smoothing``, ``f_divergence_type``, ``f_alpha_divergence_coef``, ``discopop_tau``).
+
+    Returns:
+        `PairLoss`: the (LD-)summed ``[B]`` log-probs and the `PreferenceOutput`.
+    """
+    chosen_logps, rejected_logps = pair_sequence_logps(chosen, rejected, ld_alpha)
+    weights = None
+    if use_weighting:
+        weights = wpo_weights(
+            chosen.logprobs, chosen.log_sum_p2, chosen.completion,
+            rejected.logprobs, rejected.log_sum_p2, rejected.completion,
+        )
+    chosen_lengths, rejected_lengths = lengths if lengths is not None else (chosen.lengths, rejected.lengths)
+    result = dpo_loss(
+        chosen_logps,
+        rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        chosen_token_logps=chosen.logprobs,
+        chosen_token_mask=chosen.completion,
+        wpo_weights=weights,
+        **loss_options,
+    )
+    return PairLoss(chosen_logps, rejected_logps, result)
 
 
 class FusedDPOLoss(FusedLoss):
     """DPO from the policy's final hidden states in one fused head pass (no ``[tokens, V]`` logits).
 
-    Built as: `head_pass` -> `split_pairs` -> per-sequence sums (`sequence_logps`, or
-    `ld_sequence_logps` with ``ld_alpha``; `wpo_weights` with ``use_weighting``) -> `dpo_loss`.
+    Built as: `head_pass` -> `split_pairs` -> `dpo_from_tokens` -> metrics.
 
     Args:
         beta, loss_type, loss_weights, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
@@ -65,7 +124,7 @@ class FusedDPOLoss(FusedLoss):
     unshifted completion mask; the two differ only when a completion starts at position 0).
     """
 
-    metric_outputs = ("entropy", "mean_logit", "argmax_hit")
+    metric_outputs = DPO_METRIC_OUTPUTS
 
     def __init__(
         self,
@@ -95,15 +154,7 @@ class FusedDPOLoss(FusedLoss):
         self.ld_alpha, self.use_weighting, self.reference_free = ld_alpha, use_weighting, reference_free
 
     def loss_outputs(self) -> tuple[str, ...]:
-        return ("log_sum_p2",) if self.use_weighting else ()
-
-    def sequence_logps(self, chosen: TokenBatch, rejected: TokenBatch) -> tuple[Tensor, Tensor]:
-        """``([B], [B])`` policy sequence log-probs: completion sums, LD-weighted with ``ld_alpha``."""
-        if self.ld_alpha is None:
-            return sequence_logps(chosen.logps, chosen.completion), sequence_logps(rejected.logps, rejected.completion)
-        return ld_sequence_logps(
-            chosen.logps, chosen.completion, rejected.logps, rejected.completion, ld_alpha=self.ld_alpha
-        )
+        return dpo_loss_outputs(self.use_weighting)
 
     def forward(
         self,
@@ -124,34 +175,16 @@ class FusedDPOLoss(FusedLoss):
         ref_rejected_logps = per_sequence_input(ref_rejected_logps, "ref_rejected_logps", pairs, hidden.device)
         tokens = self.head_pass(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens)
         chosen, rejected = split_pairs(tokens)
-        chosen_logps, rejected_logps = self.sequence_logps(chosen, rejected)
-        weights = None
-        if self.use_weighting:
-            weights = wpo_weights(
-                chosen.logps, chosen.log_sum_p2, chosen.completion,
-                rejected.logps, rejected.log_sum_p2, rejected.completion,
-            )
-        result = dpo_loss(
-            chosen_logps,
-            rejected_logps,
-            ref_chosen_logps,
-            ref_rejected_logps,
-            beta=self.beta,
-            loss_type=self.loss_type,
-            loss_weights=self.loss_weights,
-            label_smoothing=self.label_smoothing,
-            f_divergence_type=self.f_divergence_type,
-            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+        pair = dpo_from_tokens(
+            chosen, rejected, ref_chosen_logps, ref_rejected_logps, ld_alpha=self.ld_alpha,
+            use_weighting=self.use_weighting, beta=self.beta, loss_type=self.loss_type,
+            loss_weights=self.loss_weights, label_smoothing=self.label_smoothing,
+            f_divergence_type=self.f_divergence_type, f_alpha_divergence_coef=self.f_alpha_divergence_coef,
             discopop_tau=self.discopop_tau,
-            chosen_lengths=chosen.lengths,
-            rejected_lengths=rejected.lengths,
-            chosen_token_logps=chosen.logps,
-            chosen_token_mask=chosen.completion,
-            wpo_weights=weights,
         )
-        metrics = preference_metrics(result, chosen_logps, rejected_logps)
+        metrics = preference_metrics(pair.result, pair.chosen_logps, pair.rejected_logps)
         if self.compute_metrics:
             metrics.update(logits_metrics(chosen, rejected))
             metrics["entropy"] = token_mean(tokens.entropy, tokens.completion)
             metrics["mean_token_accuracy"] = token_mean(chosen.argmax_hit, chosen.completion)
-        return FusedOutput(loss=result.loss, metrics=metrics, result=result)
+        return FusedOutput(loss=pair.result.loss, metrics=metrics, result=pair.result)

@@ -1,19 +1,54 @@
-"""`FusedKTOLoss`: hidden states of unpaired, labelled completions -> TRL 1.16 KTO loss and metrics."""
+"""KTO from per-token log-probs (`kto_from_tokens`, shared with `trainers.FusedKTOTrainer`) and from hidden
+states (`FusedKTOLoss`): unpaired, labelled completions -> TRL 1.16 KTO loss and metrics."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from torch import Tensor
 
-from ..losses import check_kl_estimate, check_kto_args, kto_loss, sequence_logps
-from .common import FusedLoss, FusedOutput, mean, per_sequence_input, require_reference, sequence_count, token_mean
+from ..losses import KTOOutput, check_kl_estimate, check_kto_args, kto_loss, sequence_logps
+from .common import FusedLoss, FusedOutput, mean, per_sequence_input, require_reference, token_mean
+from .layout import sequence_count
+from .tokens import TokenBatch
+
+#: Core outputs KTO's metrics read (``entropy``, ``logits/*``).
+KTO_METRIC_OUTPUTS = ("entropy", "mean_logit")
+
+
+class KTOLoss(NamedTuple):
+    """What `kto_from_tokens` returns: ``logps`` ``[B]`` the policy's completion sums (with gradient), and
+    ``result`` the `KTOOutput`."""
+
+    logps: Tensor
+    result: KTOOutput
+
+
+def kto_from_tokens(
+    tokens: TokenBatch,
+    ref_logps: Optional[Tensor],
+    desirable: Tensor,
+    kl: Optional[Tensor],
+    **loss_options,
+) -> KTOLoss:
+    """Completion sums of the policy's per-token log-probs, then `align_losses.losses.kto_loss`.
+
+    Args:
+        tokens: the ``B`` examples, desirable and undesirable mixed.
+        ref_logps: ``[B]`` reference completion sums, or None (reference-free).
+        desirable: ``[B]`` bool, True for desirable completions.
+        kl: ``[]`` the KL reference point for "kto" (see `FusedKTOLoss`), None for "apo_zero_unpaired".
+        **loss_options: the rest of `kto_loss`'s settings (``beta``, ``loss_type``, ``desirable_weight``,
+            ``undesirable_weight``).
+    """
+    logps = sequence_logps(tokens.logprobs, tokens.completion)
+    return KTOLoss(logps, kto_loss(logps, ref_logps, desirable, kl, **loss_options))
 
 
 class FusedKTOLoss(FusedLoss):
     """KTO (or unpaired APO-zero) from the policy's hidden states in one fused head pass.
 
-    Built as: `head_pass` -> completion sums (`sequence_logps`) -> `kto_loss`. Rows are examples,
+    Built as: `head_pass` -> `kto_from_tokens` -> metrics. Rows are examples,
     desirable and undesirable mixed, as TRL's ``DataCollatorForUnpairedPreference``.
 
     Args:
@@ -41,7 +76,7 @@ class FusedKTOLoss(FusedLoss):
     counts across ranks first.
     """
 
-    metric_outputs = ("entropy", "mean_logit")
+    metric_outputs = KTO_METRIC_OUTPUTS
 
     def __init__(
         self,
@@ -80,16 +115,9 @@ class FusedKTOLoss(FusedLoss):
         check_kl_estimate(kl, self.loss_type)
         good = desirable.to(device=hidden.device) != 0
         tokens = self.head_pass(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens)
-        logps = sequence_logps(tokens.logps, tokens.completion)
-        result = kto_loss(
-            logps,
-            ref_logps,
-            good,
-            kl,
-            beta=self.beta,
-            loss_type=self.loss_type,
-            desirable_weight=self.desirable_weight,
-            undesirable_weight=self.undesirable_weight,
+        logps, result = kto_from_tokens(
+            tokens, ref_logps, good, kl, beta=self.beta, loss_type=self.loss_type,
+            desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight,
         )
         metrics = {"kl": result.kl.detach().float()}
         if self.compute_metrics:

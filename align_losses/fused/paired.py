@@ -1,8 +1,10 @@
-"""`FusedORPOLoss`, `FusedCPOLoss` and `FusedSimPOLoss`: reference-free paired losses with an NLL term.
+"""ORPO and CPO (SimPO, AlphaPO): reference-free paired losses with an NLL term.
 
-TRL's ORPO and CPO trainers build full ``[2B, T, V]`` logits; these run the same losses from the
-hidden states through one fused head pass. Batches are laid out as for `FusedDPOLoss` (chosen rows
-first, then rejected; padded, or packed with ``cu_seqlens [2B + 1]``).
+`orpo_from_tokens` and `cpo_from_tokens` go from per-token log-probs to the loss; `trainers.FusedORPOTrainer`
+and `trainers.FusedCPOTrainer` call them on their model's per-token outputs, and `FusedORPOLoss`,
+`FusedCPOLoss` and `FusedSimPOLoss` on one fused head pass over the hidden states (TRL's ORPO and CPO
+trainers build full ``[2B, T, V]`` logits instead). Batches are laid out as for `FusedDPOLoss`
+(chosen rows first, then rejected; padded, or packed with ``cu_seqlens [2B + 1]``).
 """
 
 from __future__ import annotations
@@ -11,16 +13,64 @@ from typing import Optional
 
 from torch import Tensor
 
-from ..losses import check_cpo_args, cpo_loss, orpo_loss, sequence_logps
-from .common import FusedLoss, FusedOutput, logits_metrics, mean, pair_count, preference_metrics, split_pairs
+from ..losses import AVERAGED_LOSS_TYPES, check_cpo_args, cpo_loss, orpo_loss, sequence_logps
+from .common import FusedLoss, FusedOutput, PairLoss, logits_metrics, mean, preference_metrics
+from .layout import pair_count
+from .tokens import TokenBatch, pair_sequence_logps, split_pairs
+
+#: Core outputs the ORPO and CPO metrics read (``logits/*``).
+PAIRED_METRIC_OUTPUTS = ("mean_logit",)
+
+
+def orpo_from_tokens(chosen: TokenBatch, rejected: TokenBatch, *, beta: float) -> PairLoss:
+    """Per-token average completion log-probs, then `align_losses.losses.orpo_loss`.
+
+    The NLL term is the token mean of ``-log p`` over ``chosen.mask`` (every scored token of the
+    chosen rows); the odds ratio reads averages over ``completion``. Returns the ``[B]`` averages.
+    """
+    chosen_logps = sequence_logps(chosen.logprobs, chosen.completion, average=True)
+    rejected_logps = sequence_logps(rejected.logprobs, rejected.completion, average=True)
+    result = orpo_loss(
+        chosen_logps, rejected_logps, beta=beta, chosen_token_logps=chosen.logprobs, chosen_token_mask=chosen.mask
+    )
+    return PairLoss(chosen_logps, rejected_logps, result)
+
+
+def cpo_from_tokens(
+    chosen: TokenBatch, rejected: TokenBatch, *, loss_type: str = "sigmoid", **loss_options
+) -> PairLoss:
+    """Completion sums and lengths, then `align_losses.losses.cpo_loss`.
+
+    The NLL term (``cpo_alpha != 0``) is the token mean of ``-log p`` over ``chosen.mask``.
+    ``**loss_options``: the rest of `cpo_loss`'s settings (``beta``, ``label_smoothing``,
+    ``cpo_alpha``, ``simpo_gamma``, ``alpha``). Returns the log-probs the loss read, with gradient:
+    per-token averages for the `AVERAGED_LOSS_TYPES`, sums otherwise (TRL logs these).
+    """
+    chosen_sums, rejected_sums = pair_sequence_logps(chosen, rejected)
+    chosen_lengths, rejected_lengths = chosen.lengths, rejected.lengths
+    result = cpo_loss(
+        chosen_sums,
+        rejected_sums,
+        loss_type=loss_type,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        chosen_token_logps=chosen.logprobs,
+        chosen_token_mask=chosen.mask,
+        **loss_options,
+    )
+    if loss_type in AVERAGED_LOSS_TYPES:  # the per-token averages the loss read
+        return PairLoss(
+            chosen_sums / chosen_lengths.clamp(min=1), rejected_sums / rejected_lengths.clamp(min=1), result
+        )
+    return PairLoss(chosen_sums, rejected_sums, result)
 
 
 class FusedORPOLoss(FusedLoss):
     """ORPO (TRL's ORPOTrainer) from hidden states: ``NLL(chosen) - beta * mean(log sigmoid(log odds ratio))``.
 
-    Built as: `head_pass` (with ``completion_mask``) -> `split_pairs` -> per-token-average
-    completion log-probs (`sequence_logps(average=True)`) -> `orpo_loss`, whose NLL term is the
-    token mean of ``-log p`` over every scored token of the chosen rows.
+    Built as: `head_pass` (with ``completion_mask``) -> `split_pairs` -> `orpo_from_tokens` (per-token
+    average completion log-probs -> `orpo_loss`, whose NLL term is the token mean of ``-log p`` over
+    every scored token of the chosen rows).
 
     Which tokens the NLL covers is set by ``labels``: TRL's ORPO takes it over the prompt AND the
     completion (every non-padding token of the chosen rows). For that, pass ``labels`` = the input
@@ -47,7 +97,7 @@ class FusedORPOLoss(FusedLoss):
     which a fused head never sees.
     """
 
-    metric_outputs = ("mean_logit",)
+    metric_outputs = PAIRED_METRIC_OUTPUTS
 
     def __init__(self, beta: float = 0.1, compute_metrics: bool = True, **head):
         super().__init__(compute_metrics=compute_metrics, **head)
@@ -68,11 +118,7 @@ class FusedORPOLoss(FusedLoss):
             hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, completion_mask=completion_mask
         )
         chosen, rejected = split_pairs(tokens)
-        chosen_logps = sequence_logps(chosen.logps, chosen.completion, average=True)
-        rejected_logps = sequence_logps(rejected.logps, rejected.completion, average=True)
-        result = orpo_loss(
-            chosen_logps, rejected_logps, beta=self.beta, chosen_token_logps=chosen.logps, chosen_token_mask=chosen.mask
-        )
+        chosen_logps, rejected_logps, result = orpo_from_tokens(chosen, rejected, beta=self.beta)
         metrics = preference_metrics(result, chosen_logps, rejected_logps)
         metrics["nll_loss"] = result.nll_loss.detach()
         metrics["log_odds_ratio"] = mean(result.log_odds_ratio)
@@ -85,8 +131,9 @@ class FusedORPOLoss(FusedLoss):
 class FusedCPOLoss(FusedLoss):
     """CPO (TRL's CPOTrainer; SimPO and AlphaPO by ``loss_type``/``alpha``) from hidden states.
 
-    Built as: `head_pass` -> `split_pairs` -> completion sums and lengths -> `cpo_loss` (which
-    averages per token for "ipo"/"simpo", as TRL), NLL term = token mean of ``-log p`` over the
+    Built as: `head_pass` -> `split_pairs` -> `cpo_from_tokens` (completion sums and lengths ->
+    `cpo_loss`, which averages per token for the `AVERAGED_LOSS_TYPES`, as TRL),
+    NLL term = token mean of ``-log p`` over the
     chosen completion tokens, times ``cpo_alpha`` (TRL's CPO NLL covers the completion only, so
     ``labels`` are the input ids with the prompt and padding ignored, as for DPO).
 
@@ -104,7 +151,7 @@ class FusedCPOLoss(FusedLoss):
     averages its full logits over every position instead).
     """
 
-    metric_outputs = ("mean_logit",)
+    metric_outputs = PAIRED_METRIC_OUTPUTS
 
     def __init__(
         self,
@@ -134,23 +181,11 @@ class FusedCPOLoss(FusedLoss):
         pair_count(labels, cu_seqlens)
         tokens = self.head_pass(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens)
         chosen, rejected = split_pairs(tokens)
-        chosen_sums = sequence_logps(chosen.logps, chosen.completion)
-        rejected_sums = sequence_logps(rejected.logps, rejected.completion)
-        result = cpo_loss(
-            chosen_sums,
-            rejected_sums,
-            beta=self.beta,
-            loss_type=self.loss_type,
-            label_smoothing=self.label_smoothing,
-            cpo_alpha=self.cpo_alpha,
-            simpo_gamma=self.simpo_gamma,
-            alpha=self.alpha,
-            chosen_lengths=chosen.lengths,
-            rejected_lengths=rejected.lengths,
-            chosen_token_logps=chosen.logps,
-            chosen_token_mask=chosen.mask,
+        chosen_logps, rejected_logps, result = cpo_from_tokens(
+            chosen, rejected, loss_type=self.loss_type, beta=self.beta, label_smoothing=self.label_smoothing,
+            cpo_alpha=self.cpo_alpha, simpo_gamma=self.simpo_gamma, alpha=self.alpha,
         )
-        metrics = preference_metrics(result, result.chosen_logps, result.rejected_logps)
+        metrics = preference_metrics(result, chosen_logps, rejected_logps)
         metrics["nll_loss"] = result.nll_loss.detach()
         if self.compute_metrics:
             metrics.update(logits_metrics(chosen, rejected))

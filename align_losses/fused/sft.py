@@ -1,4 +1,5 @@
-"""`FusedSFTLoss`: hidden states -> TRL 1.16 SFT loss (NLL or DFT, label smoothing, z-loss) and metrics."""
+"""SFT from per-token values (`sft_from_tokens`, shared with `trainers.FusedSFTTrainer`) and from hidden states
+(`FusedSFTLoss`): TRL 1.16 SFT loss (NLL or DFT, label smoothing, z-loss) and metrics."""
 
 from __future__ import annotations
 
@@ -6,12 +7,27 @@ from typing import Optional
 
 from torch import Tensor
 
-from ..losses import check_sft_args, sft_loss, sft_outputs
+from ..losses import SFTOutput, check_sft_args, sft_loss, sft_outputs
 from .common import FusedLoss, FusedOutput, token_mean
+from .tokens import TokenBatch
+
+#: Core outputs SFT's metrics read (``entropy``, ``mean_token_accuracy``).
+SFT_METRIC_OUTPUTS = ("entropy", "argmax_hit")
+
+
+def sft_from_tokens(tokens: TokenBatch, **loss_options) -> SFTOutput:
+    """`align_losses.losses.sft_loss` over the scored tokens (``tokens.mask``), reading ``mean_logit`` and
+    ``logsumexp`` where label smoothing or z-loss need them (`sft_outputs`).
+
+    ``**loss_options``: `sft_loss`'s settings (``loss_type``, ``num_items_in_batch``, ``label_smoothing``, ``z_loss``).
+    """
+    return sft_loss(
+        tokens.logprobs, tokens.mask, mean_logit=tokens.mean_logit, logsumexp=tokens.logsumexp, **loss_options
+    )
 
 
 class FusedSFTLoss(FusedLoss):
-    """SFT from hidden states in one fused head pass: `head_pass` -> `sft_loss` over the scored tokens.
+    """SFT from hidden states in one fused head pass: `head_pass` -> `sft_from_tokens` -> metrics.
 
     Args:
         loss_type: "nll" or "dft".
@@ -33,7 +49,7 @@ class FusedSFTLoss(FusedLoss):
     ``compute_metrics``: ``entropy`` and ``mean_token_accuracy``, over all scored tokens.
     """
 
-    metric_outputs = ("entropy", "argmax_hit")
+    metric_outputs = SFT_METRIC_OUTPUTS
 
     def __init__(
         self,
@@ -61,15 +77,9 @@ class FusedSFTLoss(FusedLoss):
         cu_seqlens: Optional[Tensor] = None,
     ) -> FusedOutput:
         tokens = self.head_pass(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens)
-        result = sft_loss(
-            tokens.logps,
-            tokens.mask,
-            loss_type=self.loss_type,
-            num_items_in_batch=num_items_in_batch,
-            label_smoothing=self.label_smoothing,
-            z_loss=self.z_loss,
-            mean_logit=tokens.mean_logit,
-            logsumexp=tokens.logsumexp,
+        result = sft_from_tokens(
+            tokens, loss_type=self.loss_type, num_items_in_batch=num_items_in_batch,
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss,
         )
         metrics = {}
         if self.compute_metrics:

@@ -7,7 +7,7 @@ The ``check_*_args`` functions run a loss's configuration checks on their own, s
 """
 
 from .common import PreferenceOutput
-from .cpo import CPO_LOSS_TYPES, CPOOutput, alphapo_reward, check_cpo_args, cpo_loss, simpo_loss
+from .cpo import AVERAGED_LOSS_TYPES, CPO_LOSS_TYPES, CPOOutput, alphapo_reward, check_cpo_args, cpo_loss, simpo_loss
 from .dpo import (
     DPO_LOSS_TYPES,
     F_DIVERGENCE_LOSS_TYPES,
@@ -22,6 +22,7 @@ from .sequence import check_ld_alpha, ld_sequence_logps, sequence_logps, wpo_wei
 from .sft import SFT_LOSS_TYPES, SFTOutput, check_sft_args, sft_loss, sft_outputs, sft_token_losses
 
 __all__ = [
+    "AVERAGED_LOSS_TYPES",
     "CPO_LOSS_TYPES",
     "DPO_LOSS_TYPES",
     "F_DIVERGENCE_LOSS_TYPES",

@@ -12,8 +12,9 @@ from .common import PreferenceOutput, check_batch, check_coefficient, smoothed_s
 from .sft import chosen_nll
 
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
-# TRL feeds these types per-token AVERAGE log-probs, the others sums.
-_AVERAGING_LOSS_TYPES = frozenset({"ipo", "simpo"})
+#: CPO loss types that read per-token AVERAGE log-probs, as TRL's CPOTrainer feeds them; the others read sums
+#: ("alphapo" is "simpo" with ``cpo_alpha = 0``).
+AVERAGED_LOSS_TYPES = frozenset({"ipo", "simpo", "alphapo"})
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def cpo_loss(
         loss_type, cpo_alpha = "simpo", 0.0
     if label_smoothing > 0 and loss_type in ("hinge", "ipo"):
         warnings.warn(f"label_smoothing is ignored by CPO loss_type {loss_type!r}.", stacklevel=2)
-    if loss_type in _AVERAGING_LOSS_TYPES:
+    if loss_type in AVERAGED_LOSS_TYPES:
         chosen_logps, rejected_logps = _averaged(
             chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, loss_type
         )

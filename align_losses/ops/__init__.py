@@ -1,0 +1,14 @@
+"""The head ops behind the backends: per-token log-probs and statistics of a linear head on an
+`align_losses.problem.HeadProblem`, without ever holding the ``[M, V]`` logits.
+
+- `tiled_head`: pure PyTorch, any device (the ``"torch"`` backend).
+- `triton_head`: the ``"triton"`` backend's forward and dense backward (host side); its kernels are
+  in `triton_kernels`, and its opt-in filtering backward in `triton_filter` (with `slots`, the layout
+  that backward walks).
+- `triton_shared`: the host-side pieces both Triton backwards use.
+- `stats`: the per-token statistics and the outputs computed from them, for both ops.
+
+Imports run one way: ``triton_head -> triton_filter -> triton_shared -> triton_kernels``, both heads
+-> `stats`, and every op -> `align_losses.problem`; no op imports `align_losses.backends`. Importing
+this package imports none of them (Triton loads with the ``triton_*`` modules only).
+"""

@@ -17,13 +17,13 @@ across ranks with one max and one sum all-reduce, the hidden-state gradient with
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from ..backends.base import DIFFERENTIABLE_OUTPUTS, OUTPUTS, HeadProblem, LogitTransform
+from ..problem import DIFFERENTIABLE_OUTPUTS, OUTPUTS, HeadProblem, LogitTransform
+from .stats import Stats, finish_outputs, label_columns
 
 # Bytes of fp32 temporaries per tile element: logits, probabilities, their gradient, a cast copy.
 _BYTES_PER_TILE_ELEMENT = 16
@@ -110,120 +110,10 @@ def _raw_tile(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return a
 
 
-@dataclass
-class _Stats:
-    """Per-token running statistics over the vocabulary seen so far (fp32 ``[M]`` each).
-
-    ``sum_exp`` and the other sums are taken relative to ``max``: ``sum_exp = sum exp(z - max)``,
-    and ``sum_exp_z`` relative to it twice, so that a large offset common to a token's logits
-    cancels exactly (with ``sum exp(z - max) * z``, an offset of 500 cost the entropy up to 8e-4).
-    """
-
-    max: torch.Tensor
-    sum_exp: torch.Tensor
-    label_logit: torch.Tensor
-    sum_exp_z: Optional[torch.Tensor]  # sum exp(z - max) * (z - max), for the entropy
-    sum_z: Optional[torch.Tensor]  # for the mean logit
-    sum_exp2: Optional[torch.Tensor]  # sum exp(2 (z - max)), for log sum p^2
-    argmax: Optional[torch.Tensor]  # int64 global vocabulary index of the first maximum
-
-    @staticmethod
-    def empty(m: int, device: torch.device, outputs: frozenset) -> "_Stats":
-        def zeros():
-            return torch.zeros(m, dtype=torch.float32, device=device)
-
-        need_entropy = "entropy" in outputs
-        return _Stats(
-            max=torch.full((m,), -math.inf, dtype=torch.float32, device=device),
-            sum_exp=zeros(),
-            label_logit=zeros(),
-            sum_exp_z=zeros() if need_entropy else None,
-            sum_z=zeros() if "mean_logit" in outputs else None,
-            sum_exp2=zeros() if "log_sum_p2" in outputs else None,
-            argmax=torch.zeros(m, dtype=torch.int64, device=device) if "argmax_hit" in outputs else None,
-        )
-
-    def expected_z(self) -> Optional[torch.Tensor]:
-        """``E_p[z]`` per token (None without ``sum_exp_z``)."""
-        return self.max + self.sum_exp_z / self.sum_exp if self.sum_exp_z is not None else None
-
-    def update(self, rows: slice, z: torch.Tensor, vocab_offset: int, labels: torch.Tensor) -> None:
-        """Fold the tile ``z [rows, block]`` (vocabulary ids from ``vocab_offset``) into the stats."""
-        block_max, block_arg = z.max(dim=1)
-        old_max = self.max[rows]
-        new_max = torch.maximum(old_max, block_max)
-        # Logits of -inf only so far (a bias that masks part of the vocabulary): shift by 0, not -inf.
-        shift_to = torch.where(new_max > -math.inf, new_max, torch.zeros_like(new_max))
-        rescale = torch.exp(old_max - shift_to)
-        z_rel = z - shift_to[:, None]
-        p = torch.exp(z_rel)
-        old_sum_exp = self.sum_exp[rows].clone()  # a view, and overwritten next
-        self.sum_exp[rows] = old_sum_exp * rescale + p.sum(dim=1)
-        # Row-wise dot products: no [rows, block] product tile beyond p and z_rel.
-        if self.sum_exp_z is not None:
-            moved = _shift_sums(self.sum_exp_z[rows], old_sum_exp, old_max - shift_to, rescale)
-            z_rel.clamp_(min=torch.finfo(z_rel.dtype).min)  # where z = -inf, p = 0: adds 0, not NaN
-            self.sum_exp_z[rows] = moved + torch.einsum("ij,ij->i", p, z_rel)
-        del z_rel
-        if self.sum_exp2 is not None:
-            self.sum_exp2[rows] = self.sum_exp2[rows] * rescale * rescale + torch.einsum("ij,ij->i", p, p)
-        if self.sum_z is not None:
-            self.sum_z[rows] += z.sum(dim=1)
-        if self.argmax is not None:
-            # Blocks arrive in increasing vocabulary order: only a strictly larger maximum moves
-            # the argmax, so ties keep the first index.
-            moved = block_max > old_max
-            self.argmax[rows] = torch.where(moved, block_arg + vocab_offset, self.argmax[rows])
-        column, inside = _label_columns(labels, vocab_offset, z.shape[1])
-        self.label_logit[rows] += torch.where(inside, z.gather(1, column).squeeze(1), 0.0)
-        self.max[rows] = new_max
-
-    def all_reduce(self, group) -> None:
-        """Merge the statistics of every rank's vocabulary shard (for a vocabulary-parallel head)."""
-        import torch.distributed as dist
-
-        global_max = self.max.clone()
-        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-        rescale = torch.exp(self.max - global_max)
-        rescale = torch.nan_to_num(rescale, nan=0.0)  # an empty shard has max -inf
-        sums = [self.sum_exp * rescale, self.label_logit]
-        if self.sum_exp_z is not None:
-            sums.append(_shift_sums(self.sum_exp_z, self.sum_exp, self.max - global_max, rescale))
-        if self.sum_z is not None:
-            sums.append(self.sum_z)
-        if self.sum_exp2 is not None:
-            sums.append(self.sum_exp2 * rescale * rescale)
-        stacked = torch.stack(sums)
-        dist.all_reduce(stacked, group=group)
-        merged = iter(stacked.unbind(0))
-        self.sum_exp = next(merged)
-        self.label_logit = next(merged)
-        if self.sum_exp_z is not None:
-            self.sum_exp_z = next(merged)
-        if self.sum_z is not None:
-            self.sum_z = next(merged)
-        if self.sum_exp2 is not None:
-            self.sum_exp2 = next(merged)
-        if self.argmax is not None:
-            # The first maximum overall: the smallest index among ranks that hold the global max.
-            big = torch.iinfo(torch.int64).max
-            candidate = torch.where(self.max == global_max, self.argmax, torch.full_like(self.argmax, big))
-            dist.all_reduce(candidate, op=dist.ReduceOp.MIN, group=group)
-            self.argmax = candidate
-        self.max = global_max
-
-
-def _shift_sums(sum_exp_z: torch.Tensor, sum_exp: torch.Tensor, shift: torch.Tensor,
-                rescale: torch.Tensor) -> torch.Tensor:
-    """``sum exp(z - m) (z - m)`` re-based from the max ``m`` to ``m - shift`` (``rescale = exp(shift)``);
-    0 where nothing was summed yet (``m = -inf``)."""
-    return torch.where(rescale > 0, (sum_exp_z + shift * sum_exp) * rescale, torch.zeros_like(sum_exp_z))
-
-
-def _forward_stats(problem: HeadProblem, tiling: Tiling) -> _Stats:
+def _forward_stats(problem: HeadProblem, tiling: Tiling) -> Stats:
     hidden, weight, bias, labels = problem.hidden, problem.weight, problem.bias, problem.labels
     offset = problem.shard.start if problem.shard is not None else 0
-    stats = _Stats.empty(hidden.shape[0], hidden.device, problem.outputs)
+    stats = Stats.empty(hidden.shape[0], hidden.device, problem.outputs)
     for v0 in range(0, weight.shape[0], tiling.vocab_block):
         w = weight[v0 : v0 + tiling.vocab_block]
         b = bias[v0 : v0 + tiling.vocab_block] if bias is not None else None
@@ -234,23 +124,6 @@ def _forward_stats(problem: HeadProblem, tiling: Tiling) -> _Stats:
     if problem.shard is not None:
         stats.all_reduce(problem.shard.group)
     return stats
-
-
-def _finish(stats: _Stats, outputs: frozenset, vocab: int, labels: torch.Tensor) -> dict:
-    """Per-token outputs from the merged statistics."""
-    lse = stats.max + torch.log(stats.sum_exp)
-    result = {"logprobs": stats.label_logit - lse}
-    if "logsumexp" in outputs:
-        result["logsumexp"] = lse
-    if "entropy" in outputs:
-        result["entropy"] = torch.log(stats.sum_exp) - stats.sum_exp_z / stats.sum_exp
-    if "mean_logit" in outputs:
-        result["mean_logit"] = stats.sum_z / vocab
-    if "log_sum_p2" in outputs:
-        result["log_sum_p2"] = torch.log(stats.sum_exp2) - 2.0 * torch.log(stats.sum_exp)
-    if "argmax_hit" in outputs:
-        result["argmax_hit"] = (stats.argmax == labels).float()
-    return result
 
 
 class TiledHeadFunction(torch.autograd.Function):
@@ -266,7 +139,7 @@ class TiledHeadFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, problem: HeadProblem, tiling: Tiling, names: tuple):
         problem = HeadProblem(hidden, weight, bias, problem.labels, problem.transform, problem.outputs, problem.shard)
         stats = _forward_stats(problem, tiling)
-        result = _finish(stats, problem.outputs, problem.vocab_size, problem.labels)
+        result = finish_outputs(stats, problem.outputs, problem.vocab_size, problem.labels)
         lse = stats.max + torch.log(stats.sum_exp)
         ctx.save_for_backward(hidden, weight, bias, problem.labels, lse, stats.expected_z())
         ctx.problem_meta = (problem.transform, problem.shard, problem.vocab_size)
@@ -339,7 +212,7 @@ def _backward(hidden, weight, bias, labels, lse, expected_z, up, transform, shar
             ez = expected_z[rows] if expected_z is not None else None
             grad = _logit_grad(z, lse[rows], ez, up, rows, vocab)
             if "logprobs" in up:
-                column, inside = _label_columns(labels[rows], offset + v0, w.shape[0])
+                column, inside = label_columns(labels[rows], offset + v0, w.shape[0])
                 grad.scatter_add_(1, column, torch.where(inside, up["logprobs"][rows], 0.0)[:, None])
             grad = _dz_da_(grad, z, transform)
             del z
@@ -370,15 +243,6 @@ def _backward(hidden, weight, bias, labels, lse, expected_z, up, transform, shar
     return grad_hidden, grad_weight, grad_bias
 
 
-def _label_columns(labels: torch.Tensor, first: int, width: int):
-    """Each token's label as a column of the tile whose columns are ids ``first .. first + width - 1``:
-    ``(column [T, 1] int64, inside [T] bool)``; a label outside the tile points at column 0 or
-    ``width - 1`` with ``inside`` False, so that no step needs the host to know which tokens are inside."""
-    local = labels - first
-    inside = (local >= 0) & (local < width)
-    return local.clamp(0, width - 1)[:, None], inside
-
-
 def _take_label_entries_(grad: torch.Tensor, column: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
     """Zero each token's label entry in the tile ``grad [T, W]`` (fp32) and return it, fp32 ``[T]``
     (0 for tokens labelled outside the tile, whose entries stay)."""
@@ -394,7 +258,8 @@ def _add_label_entries(acc: torch.Tensor, entry: torch.Tensor, weight: torch.Ten
     The label entry of ``dL/da`` holds a token's whole log-prob upstream gradient, and a sequence
     loss (DPO, SFT's mean) gives every token of a sequence the same one. Rounded to bf16 as a GEMM
     operand it would have the same relative error (up to 2^-8) for the whole sequence, which no sum
-    averages out: 3.4e-3 relative on grad_hidden in the head benchmark's long shape. So the backward
+    averages out (at the head benchmark's long shape it dominated grad_hidden's error:
+    benchmarks/NOTES-triton.md). So the backward
     takes each entry out of its tile (`_take_label_entries_`) and adds its products in fp32 after the
     GEMMs: with the label's weight row into the hidden-state gradient (here), with the token's hidden
     state into the weight gradient's row (`_LabelledRows`), as the ``"triton"`` backend does.
@@ -444,7 +309,7 @@ def tiled_head(problem: HeadProblem, memory_budget: int, token_block: Optional[i
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs):
         # Reference passes: statistics only, nothing kept for a backward that will not come.
         stats = _forward_stats(problem, tiling)
-        return _finish(stats, problem.outputs, problem.vocab_size, problem.labels)
+        return finish_outputs(stats, problem.outputs, problem.vocab_size, problem.labels)
     names = tuple(n for n in OUTPUTS if n in problem.outputs)
     outs = TiledHeadFunction.apply(problem.hidden, problem.weight, problem.bias, problem, tiling, names)
     return dict(zip(names, outs))

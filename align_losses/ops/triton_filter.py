@@ -30,15 +30,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends.base import LogitTransform, VocabShard
+from ..problem import LogitTransform, VocabShard
 from .slots import Slots
-from .triton_head import (EXTRA_BUFFER_BYTES, Upstream, _dot_prec, add_label_weight_rows, hidden_grad, transform_args,
-                          transform_flags)
-from .triton_kernels import _grad_a, _logits_tile, _mma, _onehot_term, _transform
+from .triton_kernels import apply_transform, grad_a, logits_tile, mma, onehot_term
+from .triton_shared import (EXTRA_BUFFER_BYTES, Upstream, add_label_weight_rows, dot_prec, hidden_grad, transform_args,
+                            transform_flags)
 
 #: Above this fraction of (token, block) pairs in slots (kept ones and tile padding) the dense
-#: backward runs instead. On an H200 at the Qwen3-1.7B shape the two slot kernels took 4.3 ms at
-#: 11.6% kept, the dense backward ~19 ms: linear in the kept pairs they would meet near half.
+#: backward runs instead: the slot kernels' time grows linearly with the kept pairs, and from
+#: their timing against the dense backward's the two would meet near half (benchmarks/NOTES-triton.md).
 DENSE_ABOVE = 0.5
 
 
@@ -123,12 +123,12 @@ def _slot_grad_kernel(H, W, Bias, Lbl, Lse, Ez, Coef, GEnt, GMean, GLogp, SlotRo
     rn = blk * BN + cols
     col_ok = rn < V
     rn_c = tl.where(col_ok, rn, 0)
-    a = _logits_tile(H, W, rows_c, rn_c, D, stride_h, stride_w, BM, BN, BK, EVEN_K, DOT_PREC)
+    a = logits_tile(H, W, rows_c, rn_c, D, stride_h, stride_w, BM, BN, BK, EVEN_K, DOT_PREC)
     if HAS_BIAS:
         a += tl.load(Bias + rn_c).to(tl.float32)[None, :]
-    z = _transform(a, scale, softcap, inv_temp, SOFTCAP, SCALED)
+    z = apply_transform(a, scale, softcap, inv_temp, SOFTCAP, SCALED)
     local = tl.load(Lbl + rows_c) - label_offset - blk * BN
-    g = _grad_a(z, rows_c, _onehot_term(GLogp, rows_c, local, cols, HAS_LOGP), Lse, Ez, Coef, GEnt, GMean,
+    g = grad_a(z, rows_c, onehot_term(GLogp, rows_c, local, cols, HAS_LOGP), Lse, Ez, Coef, GEnt, GMean,
                 dz_factor, t_over_c, SOFTCAP, HAS_ENT, HAS_MEAN, HAS_LOGP)
     mask = row_ok[:, None] & col_ok[None, :]
     g = tl.where(mask, g, 0.0)
@@ -148,7 +148,7 @@ def _slot_grad_kernel(H, W, Bias, Lbl, Lse, Ez, Coef, GEnt, GMean, GLogp, SlotRo
             d_ok = rd < D
             w = tl.load(W + (rn_c * stride_w)[:, None] + rd[None, :], mask=col_ok[:, None] & d_ok[None, :],
                         other=0.0)
-            part = _mma(g_op, w, tl.zeros((BM, BD), dtype=tl.float32), DOT_PREC)
+            part = mma(g_op, w, tl.zeros((BM, BD), dtype=tl.float32), DOT_PREC)
             # relaxed: nothing reads Acc before the kernel ends (acq_rel made the kernel 2.5x slower)
             tl.atomic_add(Acc + (rows_c * stride_acc)[:, None] + rd[None, :], part,
                           mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
@@ -171,7 +171,7 @@ def _slot_weight_grad_kernel(H, G, SlotRows, TileStart, GW, V, D, stride_h, stri
         rows_c = tl.where(ok, rows, 0).to(tl.int64)
         g = tl.load(G + (slots - g_base)[:, None] * BN + cols[None, :])
         h = tl.load(H + (rows_c * stride_h)[:, None] + rd[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
-        acc = _mma(tl.trans(g), h, acc, DOT_PREC)
+        acc = mma(tl.trans(g), h, acc, DOT_PREC)
     rn = blk.to(tl.int64) * BN + cols
     tl.store(GW + (rn * stride_gw)[:, None] + rd[None, :], acc.to(GW.dtype.element_ty),
              mask=(rn < V)[:, None] & d_ok[None, :])
@@ -244,7 +244,7 @@ def filtered_backward(hidden, weight, bias, labels, lse, keep, up: dict, transfo
     chunks = list(slots.chunks(max_tiles)) if need_w else [(0, nb)]
     widest = max(slots.starts[b1] - slots.starts[b0] for b0, b1 in chunks)
     g_buf = torch.empty(max(widest, 1) * cfg.BM * block, dtype=hidden.dtype, device=dev) if need_w else None
-    dot_prec = _dot_prec(hidden.dtype)
+    precision = dot_prec(hidden.dtype)
     for b0, b1 in chunks:
         t0, t1 = slots.starts[b0], slots.starts[b1]
         if t1 > t0:
@@ -255,13 +255,13 @@ def filtered_backward(hidden, weight, bias, labels, lse, keep, up: dict, transfo
                 v, d, hidden.stride(0), weight.stride(0), d, offset, t0, t0 * cfg.BM, *transform_args(transform),
                 HAS_BIAS=bias is not None, **transform_flags(transform), **u.kernel_flags(),
                 HAS_LOGP=u.has_logprob, NEED_H=need_h, NEED_G=need_w, NEED_GB=need_b, TAKE_LABEL=entry is not None,
-                EVEN_K=(d % cfg.BK == 0), DOT_PREC=dot_prec, BM=cfg.BM, BN=block, BK=cfg.BK, BD=cfg.BD_H,
+                EVEN_K=(d % cfg.BK == 0), DOT_PREC=precision, BM=cfg.BM, BN=block, BK=cfg.BK, BD=cfg.BD_H,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
         if need_w:
             _slot_weight_grad_kernel[(b1 - b0, triton.cdiv(d, cfg.BD_W))](
                 hidden, g_buf, slots.rows, slots.tile_start, grad_weight, v, d, hidden.stride(0),
-                grad_weight.stride(0), b0, t0 * cfg.BM, DOT_PREC=dot_prec, BM=cfg.BM, BN=block, BD=cfg.BD_W,
+                grad_weight.stride(0), b0, t0 * cfg.BM, DOT_PREC=precision, BM=cfg.BM, BN=block, BD=cfg.BD_W,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages_w,
             )
     del g_buf

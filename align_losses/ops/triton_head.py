@@ -5,7 +5,7 @@ for 16-bit operands one program per SM walks the tiles so that the next tile's l
 tile's epilogue) whose epilogue applies bias and logit transform and reduces each tile row to
 partial statistics (max, sum exp, and what the requested outputs need); no logits reach memory.
 A second small Triton kernel merges the ``[vocab blocks, M]`` partials per token. For a
-vocabulary-parallel head the per-rank statistics are merged with `tiled_head._Stats.all_reduce`.
+vocabulary-parallel head the per-rank statistics are merged with `align_losses.ops.stats.Stats.all_reduce`.
 
 Backward, per vocabulary chunk of ``Vc`` columns (``Vc`` from a memory budget): a Triton GEMM
 recomputes the logits tile and writes ``dL/da`` (operand dtype) for the chunk over all tokens into
@@ -14,16 +14,16 @@ their one-hot term, from the forward's label logits); then two cuBLAS GEMMs: ``g
 W_chunk`` into an fp32 ``[M, D]`` accumulator and ``grad_weight[chunk] = dA^T @ hidden`` written
 once. After the chunks, the label entries are added unrounded: ``entry[t] * W[label_t]`` to the
 fp32 accumulator (`add_label_rows`), ``entry[t] * hidden[t]`` to the weight gradient's labelled
-rows (`add_label_weight_rows`). In a GEMM operand a label entry would be rounded to bf16, and a
-sequence loss gives all tokens of a sequence the same log-prob gradient, so that rounding is one
-relative error (up to 2^-8) for all of them, which no sum averages out (3.5e-3 on the weight
-gradient at the head benchmark's long shape, against 1.7e-3 for the output's own rounding). The first,
-widest chunks borrow their buffer from the weight gradient's rows that later chunks write
+rows (`add_label_weight_rows`; both in `align_losses.ops.triton_shared`). In a GEMM operand a
+label entry would be rounded to bf16, and a sequence loss gives all tokens of a sequence the same log-prob gradient, so that rounding is one
+relative error (up to 2^-8) for all of them, which no sum averages out (at the head benchmark's
+long shape, larger than the output's own rounding: benchmarks/NOTES-triton.md). The first, widest chunks borrow their buffer from the weight gradient's rows that later chunks write
 (`chunk_plan`). The bias gradient is summed in the Triton epilogues (fp32 atomics).
 
 All index arithmetic on rows is 64-bit, so ``M x V`` and ``M x D`` past 2^31 elements work. The
 kernels are in `align_losses.ops.triton_kernels`; this module holds their launches, the chunking
-and the autograd function.
+and the autograd function; what it shares with the filtering backward (`align_losses.ops.triton_filter`)
+is in `align_losses.ops.triton_shared`, and the per-token statistics in `align_losses.ops.stats`.
 """
 
 from __future__ import annotations
@@ -36,15 +36,17 @@ from typing import Optional
 import torch
 import triton
 
-from ..backends.base import DIFFERENTIABLE_OUTPUTS, OUTPUTS, HeadProblem, LogitTransform, VocabShard
-from .tiled_head import _finish, _Stats
-from .triton_kernels import (_bwd_kernel, _combine_kernel, _fwd_kernel, _interpreting, _label_entry_kernel,
-                             _label_rows_kernel, _label_weight_rows_kernel)
+from ..problem import DIFFERENTIABLE_OUTPUTS, OUTPUTS, HeadProblem, LogitTransform, VocabShard
+from . import triton_filter  # the module, so that its functions are looked up at each call (tests spy on them)
+from .stats import Stats, finish_outputs
+from .triton_kernels import bwd_kernel, combine_kernel, fwd_kernel, interpreting, label_entry_kernel
+from .triton_shared import (EXTRA_BUFFER_BYTES, Upstream, add_label_weight_rows, dot_prec, hidden_grad, transform_args,
+                            transform_flags)
 
 
 @functools.lru_cache(maxsize=None)
 def _device_properties(device_index: int):
-    """A CUDA device's properties, read once (25 us per query on the host, several per call)."""
+    """A CUDA device's properties, read once (each query costs the host time, and a call makes several)."""
     return torch.cuda.get_device_properties(device_index)
 
 
@@ -80,9 +82,9 @@ class KernelConfig:
 
 
 #: Defaults per operand dtype (Hopper); fp32 uses IEEE dots (exact mode) and smaller tiles.
-#: 16-bit configs measured on an H200 (benchmarks/NOTES-triton.md): with TMA operands,
-#: 128x256x64, GROUP_M 16, 8 warps, 3 stages, persistent with the loops flattened was the
-#: fastest (of 128x128 / 128x256, 3 / 4 stages, persistent or not, warp-specialised or not).
+#: The 16-bit config is the fastest of those timed on Hopper with TMA operands (128x128 / 128x256,
+#: 3 / 4 stages, persistent or not, warp-specialised or not; the timings are in
+#: benchmarks/NOTES-triton.md).
 FWD_CONFIGS = {
     torch.bfloat16: KernelConfig(128, 256, 64, 16, 8, 3, persistent=True),
     torch.float16: KernelConfig(128, 256, 64, 16, 8, 3, persistent=True),
@@ -90,27 +92,9 @@ FWD_CONFIGS = {
 }
 BWD_CONFIGS = dict(FWD_CONFIGS)
 
-#: Bytes of the backward's ``dL/da`` chunk buffer on top of ``M x D`` operand-dtype elements
-#: (the hidden-state gradient in the operand dtype is only allocated after the chunk loop, so
-#: the buffer may use that room too). The loop's peak is the weight gradient, the fp32
-#: hidden-state accumulator, this buffer and the core's copy of the labelled hidden states.
-#: Wider chunks are faster (fewer chunks: 1.49x / 1.52x / 1.54x the floor at 4096 / 3072 / 2048
-#: columns, 24k labelled tokens); 80 MiB (3584 columns there) keeps that peak within grads +
-#: 0.15 GiB + 4 B x M x D, which 96 MiB missed by 8 MB (benchmarks/NOTES-triton.md).
-EXTRA_BUFFER_BYTES = 80 * 2**20
-
-
 # --------------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------------
-
-
-def _dot_prec(dtype: torch.dtype) -> str:
-    if _interpreting():
-        return "interp"
-    if dtype == torch.float32:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return "ieee"  # ignored for 16-bit operands
 
 
 #: Use tensor-memory-accelerator (TMA) descriptors for the GEMM operands on Hopper and later
@@ -119,7 +103,7 @@ USE_TMA = True
 
 
 def _tma_ok(*tensors) -> bool:
-    interp = _interpreting()
+    interp = interpreting()
     if not USE_TMA or (interp and os.environ.get("ALIGN_LOSSES_TMA_INTERP") != "1"):
         return False
     t0 = tensors[0]
@@ -146,8 +130,8 @@ def _rowmajor(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-#: Tokens and vocabulary blocks per step of a `_combine_kernel` program: 64 blocks a step, not 16,
-#: took the merge from 60 to 30 us at 6k tokens and from 73 to 46 us at 24k (H200).
+#: Tokens and vocabulary blocks per step of a `combine_kernel` program: 64 blocks a step, not 16
+#: (fewer steps, a faster merge; timed in benchmarks/NOTES-triton.md).
 _COMBINE_TILE = (32, 64)
 
 
@@ -166,7 +150,7 @@ def _forward_stats(hidden, weight, bias, labels, transform: LogitTransform, outp
     f32 = dict(dtype=torch.float32, device=dev)
     nb = triton.cdiv(v, cfg.BN) if v > 0 else 0
     if m == 0 or nb == 0:
-        stats = _Stats.empty(m, dev, outputs)
+        stats = Stats.empty(m, dev, outputs)
         if stats.argmax is not None:
             stats.argmax.fill_(offset)
         return stats, None
@@ -182,13 +166,13 @@ def _forward_stats(hidden, weight, bias, labels, transform: LogitTransform, outp
     programs = cfg.programs(triton.cdiv(m, cfg.BM) * nb, dev)
     use_tma = _tma_ok(hidden, weight)
     hd, wd = _descs(hidden, weight, cfg) if use_tma else (None, None)
-    _fwd_kernel[(programs,)](
+    fwd_kernel[(programs,)](
         hidden, weight, hd, wd, bias if bias is not None else hidden,
         labels, pmax, psum, psez, psz, pse2, parg, label_logit,
         m, v, d, hidden.stride(0), weight.stride(0), offset, programs, *transform_args(transform)[:3],
         HAS_BIAS=bias is not None, **transform_flags(transform),
         NEED_EZ=need_ez, NEED_SZ=need_sz, NEED_SE2=need_se2, NEED_ARG=need_arg,
-        EVEN_K=(d % cfg.BK == 0), DOT_PREC=_dot_prec(hidden.dtype), USE_TMA=use_tma, **cfg.launch(),
+        EVEN_K=(d % cfg.BK == 0), DOT_PREC=dot_prec(hidden.dtype), USE_TMA=use_tma, **cfg.launch(),
     )
     mx = torch.empty(m, **f32)
     se = torch.empty(m, **f32)
@@ -197,7 +181,7 @@ def _forward_stats(hidden, weight, bias, labels, transform: LogitTransform, outp
     se2 = torch.empty(m, **f32) if need_se2 else None
     arg = torch.empty(m, dtype=torch.int32, device=dev) if need_arg else None
     br, bb = _COMBINE_TILE
-    _combine_kernel[(triton.cdiv(m, br),)](
+    combine_kernel[(triton.cdiv(m, br),)](
         pmax, psum, psez, psz, pse2, parg,
         mx, se, sez if need_ez else mx, sz if need_sz else mx, se2 if need_se2 else mx,
         arg if need_arg else mx, m, nb,
@@ -205,7 +189,7 @@ def _forward_stats(hidden, weight, bias, labels, transform: LogitTransform, outp
     )
     partials = (pmax, psum) if keep_partials else None
     del pmax, psum, psez, psz, pse2, parg
-    stats = _Stats(
+    stats = Stats(
         max=mx, sum_exp=se, label_logit=label_logit, sum_exp_z=sez, sum_z=sz, sum_exp2=se2,
         argmax=(arg.long() + offset) if need_arg else None,
     )
@@ -240,7 +224,7 @@ def _mm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -
             acc.addmm_(a.float(), b.float())
 
 
-#: Tokens per program of `_label_entry_kernel` (one thread each).
+#: Tokens per program of `label_entry_kernel` (one thread each).
 _LABEL_ROWS = 1024
 
 #: Elements of one output tile of cuBLAS's large bf16 GEMMs on Hopper (128 x 256 or 256 x 128).
@@ -259,9 +243,9 @@ def vocab_chunk(m: int, d: int, v: int, elem: int, block: int, memory_budget: Op
     Without a ``memory_budget``, and given the GPU's ``sms``, the width within 10% of the default
     budget's whose ``[Vc, D]`` weight-gradient GEMM fills the SMs' last wave best (the widest of
     those within 1% of the best). Narrower chunks fill waves better but cost a pass over the fp32
-    ``[M, D]`` accumulator each: on an H200, 8448 columns instead of 8704 (528 tiles on 132 SMs
-    instead of 544) took the Qwen3-1.7B-shaped step from 1.67x to 1.62x the floor, while 2048
-    instead of 3584 at 24k tokens (one full wave, 74 chunks instead of 43) made it 1% slower.
+    ``[M, D]`` accumulator each, so the search stays within 10% of the widest width; trimming to a
+    full last wave paid off where the wave was far from full, and narrowing further to one full
+    wave did not (benchmarks/NOTES-triton.md has the timings).
     """
     budget = memory_budget if memory_budget else m * d * elem + EXTRA_BUFFER_BYTES - held
     widest = max(block, (budget // max(m * elem, 1)) // block * block)
@@ -336,119 +320,6 @@ def _scratch_rows(grad_weight: torch.Tensor, row: int, m: int, ld: int) -> torch
     return grad_weight.view(-1)[start : start + m * ld].view(m, ld)
 
 
-@dataclass
-class Upstream:
-    """The per-token upstream terms of ``dL/da`` (fp32 ``[M]`` each; zeros where absent).
-
-    ``dL/dz = p * (coef - g_entropy * (z - E[z])) + g_mean / V + g_logprob * onehot(label)``.
-    """
-
-    coef: torch.Tensor  # g_logsumexp - g_logprob
-    g_entropy: torch.Tensor
-    g_mean: torch.Tensor  # already divided by the vocabulary size
-    g_logprob: torch.Tensor
-    expected_z: torch.Tensor
-    has_entropy: bool
-    has_mean: bool
-    has_logprob: bool
-
-    @staticmethod
-    def of(up: dict, m: int, expected_z: Optional[torch.Tensor], vocab: Optional[int], device) -> "Upstream":
-        """From the upstream gradients by output name; ``vocab`` (the full vocabulary size) is
-        needed only with a mean-logit gradient."""
-        up = {n: g.float().contiguous() for n, g in up.items() if n in DIFFERENTIABLE_OUTPUTS}
-        zero = torch.zeros(m, dtype=torch.float32, device=device)
-        coef = zero.clone()
-        if "logsumexp" in up:
-            coef += up["logsumexp"]
-        if "logprobs" in up:
-            coef -= up["logprobs"]
-        has_ent = "entropy" in up and expected_z is not None
-        return Upstream(
-            coef=coef, g_entropy=up["entropy"] if has_ent else zero,
-            g_mean=up["mean_logit"] / vocab if "mean_logit" in up else zero,
-            g_logprob=up.get("logprobs", zero), expected_z=expected_z if has_ent else zero,
-            has_entropy=has_ent, has_mean="mean_logit" in up, has_logprob="logprobs" in up,
-        )
-
-    def kernel_args(self) -> tuple:
-        """``Ez, Coef, GEnt, GMean`` as the kernels take them (``g_logprob`` goes apart)."""
-        return self.expected_z, self.coef, self.g_entropy, self.g_mean
-
-    def kernel_flags(self) -> dict:
-        return dict(HAS_ENT=self.has_entropy, HAS_MEAN=self.has_mean)
-
-
-def transform_flags(t: LogitTransform) -> dict:
-    """The kernels' constexpr switches for a logit transform."""
-    return dict(SOFTCAP=t.softcap is not None, SCALED=(t.logit_scale != 1.0 or t.temperature != 1.0))
-
-
-def transform_args(t: LogitTransform) -> tuple:
-    """``scale, softcap, inv_temp, dz_factor, t_over_c`` as the backward kernels take them."""
-    return (float(t.logit_scale), float(t.softcap or 1.0), 1.0 / float(t.temperature),
-            float(t.logit_scale) / float(t.temperature),
-            (float(t.temperature) / float(t.softcap)) if t.softcap is not None else 1.0)
-
-
-#: Rows and columns of one `_label_rows_kernel` program.
-_ADD_LABEL_ROWS_TILE = (16, 256)
-
-
-def add_label_rows(acc: torch.Tensor, coef: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                   offset: int) -> None:
-    """``acc[t] += coef[t] * weight[labels[t] - offset]`` in place, in one kernel (tokens labelled in
-    other shards skipped). ``acc`` fp32 ``[M, D]`` (contiguous), ``coef`` fp32 ``[M]``, ``labels``
-    ``[M]`` global ids, ``weight`` this shard's ``[V, D]`` rows from ``offset``.
-    """
-    m, d = acc.shape
-    br, bd = _ADD_LABEL_ROWS_TILE
-    _label_rows_kernel[(triton.cdiv(m, br), triton.cdiv(d, bd))](
-        acc, coef, weight, labels, m, d, weight.shape[0], weight.stride(0), offset, BR=br, BD=bd, num_warps=4,
-    )
-
-
-#: Sorted tokens and columns of one `_label_weight_rows_kernel` program, and the tokens per step of
-#: a run it sums past its block. 128 columns were 4-11% faster than 256 at every label mix measured
-#: (H200); a 128- or 256-token step shortens a frequent label's tail but slows uniform labels
-#: by 40-140% (benchmarks/NOTES-triton.md).
-_ADD_LABEL_WEIGHT_TILE = (16, 128)
-_ADD_LABEL_WEIGHT_TAIL = 64
-
-
-def add_label_weight_rows(grad_weight: torch.Tensor, entry: torch.Tensor, hidden: torch.Tensor,
-                          labels: torch.Tensor, offset: int) -> None:
-    """``grad_weight[labels[t] - offset] += entry[t] * hidden[t]`` over the tokens, summed per row in
-    fp32 and added before the row's one rounding in this kernel, in a fixed order (deterministic,
-    unlike atomics). ``grad_weight`` this shard's ``[V, D]`` rows from ``offset``; ``entry`` fp32
-    ``[M]``; ``labels`` ``[M]`` global ids (those of other shards skipped).
-    """
-    v, d = grad_weight.shape
-    m = labels.shape[0]
-    if m == 0:
-        return
-    bt, bd = _ADD_LABEL_WEIGHT_TILE
-    ordered, order = torch.sort(labels, stable=True)
-    _label_weight_rows_kernel[(triton.cdiv(m, bt), triton.cdiv(d, bd))](
-        grad_weight, hidden, entry, ordered, order, m, v, d, grad_weight.stride(0), hidden.stride(0), offset,
-        BT=bt, BD=bd, TAIL=_ADD_LABEL_WEIGHT_TAIL, num_warps=4,
-    )
-
-
-def hidden_grad(acc: torch.Tensor, label_coef: Optional[torch.Tensor], weight: torch.Tensor, labels: torch.Tensor,
-                shard: Optional[VocabShard], dtype: torch.dtype) -> torch.Tensor:
-    """The hidden-state gradient ``[M, D]`` in the operand dtype from the fp32 accumulator: each
-    token's ``label_coef`` (fp32 ``[M]``, or None) times its label's weight row added, then summed
-    over the vocabulary shards."""
-    if label_coef is not None and acc.numel() > 0:
-        add_label_rows(acc, label_coef, weight, labels, shard.start if shard is not None else 0)
-    if shard is not None:
-        import torch.distributed as dist
-
-        dist.all_reduce(acc, group=shard.group)
-    return acc.to(dtype)
-
-
 def _backward(hidden, weight, bias, labels, label_logit, lse, expected_z, up: dict, transform: LogitTransform,
               shard: Optional[VocabShard], vocab: int, cfg: KernelConfig, memory_budget, need, held: int = 0):
     """The dense backward; ``label_logit``: the forward's fp32 ``[M]`` label logits; ``held``:
@@ -475,7 +346,7 @@ def _backward(hidden, weight, bias, labels, label_logit, lse, expected_z, up: di
         plan = chunk_plan(m, d, v, vc, cfg.BN, None if memory_budget else sms, scratch)
         buf_ld = max((_buffer_row_stride(c.width, vc) for c in plan if not c.in_scratch), default=0)
         buf = None  # allocated at the first chunk that needs it
-        # Each token's label entry, fp32, 0 where the label is in another shard (see `_label_entry_kernel`).
+        # Each token's label entry, fp32, 0 where the label is in another shard (see `label_entry_kernel`).
         entry = torch.zeros(m, **f32) if u.has_logprob else None
         targs = transform_args(transform)
         first = True
@@ -494,15 +365,15 @@ def _backward(hidden, weight, bias, labels, label_logit, lse, expected_z, up: di
             hd, wd = _descs(hidden, w, cfg) if use_tma else (None, None)
             dad = _desc(da, [cfg.BM, cfg.BN // 2]) if use_tma else None
             gbias = grad_bias32[v0 : v0 + cv] if need_b else lse
-            _bwd_kernel[(programs,)](
+            bwd_kernel[(programs,)](
                 hidden, w, hd, wd, dad, bias[v0 : v0 + cv] if bias is not None else hidden, lse,
                 *u.kernel_args(), da, gbias, m, cv, d, hidden.stride(0), weight.stride(0), da.stride(0), programs,
                 *targs, HAS_BIAS=bias is not None, **transform_flags(transform), **u.kernel_flags(),
-                NEED_GB=need_b, EVEN_K=(d % cfg.BK == 0), DOT_PREC=_dot_prec(hidden.dtype), USE_TMA=use_tma,
+                NEED_GB=need_b, EVEN_K=(d % cfg.BK == 0), DOT_PREC=dot_prec(hidden.dtype), USE_TMA=use_tma,
                 **cfg.launch(),
             )
             if u.has_logprob:
-                _label_entry_kernel[(triton.cdiv(m, _LABEL_ROWS),)](
+                label_entry_kernel[(triton.cdiv(m, _LABEL_ROWS),)](
                     labels, label_logit, lse, *u.kernel_args(), u.g_logprob, da, gbias,
                     entry, m, cv, da.stride(0), offset + v0, *targs[3:],
                     SOFTCAP=transform.softcap is not None, **u.kernel_flags(), NEED_GB=need_b,
@@ -540,19 +411,17 @@ class TritonHeadFunction(torch.autograd.Function):
         stats, partials = _stats((hidden, weight, bias, labels, transform, outputs, shard), fwd_cfg,
                                  keep_partials=filter_mass is not None)
         vocab = shard.size if shard is not None else weight.shape[0]
-        result = _finish(stats, outputs, vocab, labels)
+        result = finish_outputs(stats, outputs, vocab, labels)
         lse = stats.max + torch.log(stats.sum_exp)
         expected_z = stats.expected_z()
         keep = None
         if partials is not None:
-            from .triton_filter import kept_blocks
-
             if shard is not None:  # each rank drops its share, so the token's total stays within filter_mass
                 import torch.distributed as dist
 
                 filter_mass = filter_mass / dist.get_world_size(shard.group)
-            keep = kept_blocks(*partials, lse, labels, shard.start if shard is not None else 0,
-                               weight.shape[0], fwd_cfg.BN, filter_mass)
+            keep = triton_filter.kept_blocks(*partials, lse, labels, shard.start if shard is not None else 0,
+                                             weight.shape[0], fwd_cfg.BN, filter_mass)
             del partials
         ctx.save_for_backward(hidden, weight, bias, labels, stats.label_logit, lse, expected_z, keep)
         ctx.meta = (transform, shard, vocab, bwd_cfg, memory_budget, fwd_cfg.BN)
@@ -569,10 +438,8 @@ class TritonHeadFunction(torch.autograd.Function):
         need = ctx.needs_input_grad[:3]
         result = None
         if keep is not None:
-            from .triton_filter import filtered_backward
-
-            result = filtered_backward(hidden, weight, bias, labels, lse, keep, upstream, transform, shard,
-                                       block, memory_budget, need)
+            result = triton_filter.filtered_backward(hidden, weight, bias, labels, lse, keep, upstream, transform,
+                                                     shard, block, memory_budget, need)
         if result is None:  # not filtering, or too few pairs to skip: the dense backward
             result = _backward(hidden, weight, bias, labels, label_logit, lse, expected_z, upstream, transform, shard,
                                vocab, bwd_cfg, memory_budget, need, held=keep.numel() if keep is not None else 0)
@@ -597,7 +464,7 @@ def triton_head(problem: HeadProblem, memory_budget: Optional[int] = None,
     inputs = (hidden, weight, bias)
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs):
         stats, _ = _stats((hidden, weight, bias, labels, problem.transform, problem.outputs, problem.shard), fwd_cfg)
-        return _finish(stats, problem.outputs, problem.vocab_size, labels)
+        return finish_outputs(stats, problem.outputs, problem.vocab_size, labels)
     names = tuple(n for n in OUTPUTS if n in problem.outputs)
     outs = TritonHeadFunction.apply(hidden, weight, bias, labels, problem.transform, problem.outputs,
                                     problem.shard, names, (fwd_cfg, bwd_cfg), memory_budget, filter_mass)

@@ -1,14 +1,14 @@
 """The Triton kernels of the ``"triton"`` backend (`align_losses.ops.triton_head` launches them).
 
-- `_fwd_kernel`: the logits GEMM over ``[tokens, vocab]`` tiles whose epilogue reduces each tile row
-  to partial statistics (max, sum exp, ...) and picks the label's logit; `_combine_kernel` merges
+- `fwd_kernel`: the logits GEMM over ``[tokens, vocab]`` tiles whose epilogue reduces each tile row
+  to partial statistics (max, sum exp, ...) and picks the label's logit; `combine_kernel` merges
   the ``[vocab blocks, M]`` partials per token.
-- `_bwd_kernel`: the same GEMM for one vocabulary chunk, its epilogue writing ``dL/da`` without the
-  one-hot term; `_label_entry_kernel` keeps each token's label entry in fp32 and zeroes it in
-  ``dL/da``, so that it reaches the gradients unrounded, added after the GEMMs: `_label_rows_kernel`
-  to the fp32 hidden-state gradient, `_label_weight_rows_kernel` to the weight gradient's rows.
+- `bwd_kernel`: the same GEMM for one vocabulary chunk, its epilogue writing ``dL/da`` without the
+  one-hot term; `label_entry_kernel` keeps each token's label entry in fp32 and zeroes it in
+  ``dL/da``, so that it reaches the gradients unrounded, added after the GEMMs: `label_rows_kernel`
+  to the fp32 hidden-state gradient, `label_weight_rows_kernel` to the weight gradient's rows.
 
-Shared tile pieces (`_z_tile`, `_grad_a`, ...) are also used by `align_losses.ops.triton_filter`.
+Shared tile pieces (`_z_tile`, `grad_a`, ...) are also used by `align_losses.ops.triton_filter`.
 All index arithmetic on rows is 64-bit.
 """
 
@@ -22,14 +22,14 @@ import triton.language as tl
 
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET``, read as Triton reads it)."""
     knobs = getattr(triton, "knobs", None)
     return bool(knobs.runtime.interpret) if knobs is not None else os.environ.get("TRITON_INTERPRET") == "1"
 
 
 #: Whether the kernels run in Triton's CPU interpreter (no inline PTX there).
-_INTERPRETED = tl.constexpr(_interpreting())
+_INTERPRETED = tl.constexpr(interpreting())
 
 
 @triton.jit
@@ -59,7 +59,7 @@ def _tile_coords(tile, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.con
 
 
 @triton.jit
-def _mma(a, b, acc, DOT_PREC: tl.constexpr):
+def mma(a, b, acc, DOT_PREC: tl.constexpr):
     """``acc + a @ b`` with fp32 accumulation."""
     if DOT_PREC == "interp":  # the CPU interpreter mis-multiplies 16-bit operands
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
@@ -68,9 +68,9 @@ def _mma(a, b, acc, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _logits_tile(H, W, rm_c, rn_c, D, stride_h, stride_w,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr):
+def logits_tile(H, W, rm_c, rn_c, D, stride_h, stride_w,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr):
     """``H[rm_c] @ W[rn_c]^T`` as an fp32 ``[BM, BN]`` tile (row indices already clamped, int64)."""
     rk = tl.arange(0, BK)
     h_ptrs = H + (rm_c * stride_h)[:, None] + rk[None, :]
@@ -84,7 +84,7 @@ def _logits_tile(H, W, rm_c, rn_c, D, stride_h, stride_w,
             k_ok = (k * BK + rk) < D
             a = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0)
             b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-        acc = _mma(a, b, acc, DOT_PREC)
+        acc = mma(a, b, acc, DOT_PREC)
         h_ptrs += BK
         w_ptrs += BK
     return acc
@@ -98,12 +98,12 @@ def _logits_tile_tma(HD, WD, off_m, off_n, D, BM: tl.constexpr, BN: tl.constexpr
     for k in range(0, tl.cdiv(D, BK)):
         a = HD.load([off_m, k * BK])
         b = WD.load([off_n, k * BK])
-        acc = _mma(a, b.T, acc, DOT_PREC)
+        acc = mma(a, b.T, acc, DOT_PREC)
     return acc
 
 
 @triton.jit
-def _transform(a, scale, softcap, inv_temp, SOFTCAP: tl.constexpr, SCALED: tl.constexpr):
+def apply_transform(a, scale, softcap, inv_temp, SOFTCAP: tl.constexpr, SCALED: tl.constexpr):
     """``z = softcap * tanh(a * scale / softcap) / T`` (no tanh without soft-cap; ``z = a`` when
     neither a scale nor a temperature is set: two multiplies per element fewer in the epilogues)."""
     if SOFTCAP:
@@ -129,21 +129,21 @@ def _z_tile(tile, H, W, HD, WD, Bias, M, N, D, stride_h, stride_w, scale, softca
     if USE_TMA:
         acc = _logits_tile_tma(HD, WD, pid_m * BM, pid_n * BN, D, BM, BN, BK, DOT_PREC)
     else:
-        acc = _logits_tile(H, W, rm_c, rn_c, D, stride_h, stride_w, BM, BN, BK, EVEN_K, DOT_PREC)
+        acc = logits_tile(H, W, rm_c, rn_c, D, stride_h, stride_w, BM, BN, BK, EVEN_K, DOT_PREC)
     if HAS_BIAS:
         acc += tl.load(Bias + rn_c).to(tl.float32)[None, :]
-    z = _transform(acc, scale, softcap, inv_temp, SOFTCAP, SCALED)
+    z = apply_transform(acc, scale, softcap, inv_temp, SOFTCAP, SCALED)
     return pid_m, pid_n, rm, rm < M, rm_c, rn, rn < N, z
 
 
 @triton.jit
-def _fwd_kernel(H, W, HD, WD, Bias, Lbl, PMax, PSum, PSez, PSz, PSe2, PArg, LabelLogit,
-                M, V, D, stride_h, stride_w, label_offset, num_programs,
-                scale, softcap, inv_temp,
-                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, SCALED: tl.constexpr,
-                NEED_EZ: tl.constexpr, NEED_SZ: tl.constexpr, NEED_SE2: tl.constexpr, NEED_ARG: tl.constexpr,
-                EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, FLATTEN: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+def fwd_kernel(H, W, HD, WD, Bias, Lbl, PMax, PSum, PSez, PSz, PSe2, PArg, LabelLogit,
+               M, V, D, stride_h, stride_w, label_offset, num_programs,
+               scale, softcap, inv_temp,
+               HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, SCALED: tl.constexpr,
+               NEED_EZ: tl.constexpr, NEED_SZ: tl.constexpr, NEED_SE2: tl.constexpr, NEED_ARG: tl.constexpr,
+               EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, FLATTEN: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     cols = tl.arange(0, BN)
     num_tiles = tl.cdiv(M, BM) * tl.cdiv(V, BN)
     for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=FLATTEN):
@@ -180,9 +180,9 @@ def _fwd_kernel(H, W, HD, WD, Bias, Lbl, PMax, PSum, PSez, PSz, PSe2, PArg, Labe
 
 
 @triton.jit
-def _combine_kernel(PMax, PSum, PSez, PSz, PSe2, PArg, Max, Sum, Sez, Sz, Se2, Arg, M, NB,
-                    NEED_EZ: tl.constexpr, NEED_SZ: tl.constexpr, NEED_SE2: tl.constexpr, NEED_ARG: tl.constexpr,
-                    BR: tl.constexpr, BB: tl.constexpr):
+def combine_kernel(PMax, PSum, PSez, PSz, PSe2, PArg, Max, Sum, Sez, Sz, Se2, Arg, M, NB,
+                   NEED_EZ: tl.constexpr, NEED_SZ: tl.constexpr, NEED_SE2: tl.constexpr, NEED_ARG: tl.constexpr,
+                   BR: tl.constexpr, BB: tl.constexpr):
     """Merge the ``[NB, M]`` per-block partial statistics into per-token ones (blocks in order)."""
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BR + tl.arange(0, BR)
@@ -233,7 +233,7 @@ def _combine_kernel(PMax, PSum, PSez, PSz, PSe2, PArg, Max, Sum, Sez, Sz, Se2, A
 
 
 @triton.jit
-def _onehot_term(GLogp, rows, local, cols, HAS_LOGP: tl.constexpr):
+def onehot_term(GLogp, rows, local, cols, HAS_LOGP: tl.constexpr):
     """The log-prob gradient's one-hot part of a tile's ``dL/dz``: ``g_logprob`` at each token's
     label column (``local``, relative to the tile's first column), 0 elsewhere."""
     if HAS_LOGP:
@@ -253,10 +253,10 @@ def _softcap_slope(g, z, t_over_c, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _grad_a(z, rows, onehot, Lse, Ez, Coef, GEnt, GMean, dz_factor, t_over_c,
-            SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr, HAS_MEAN: tl.constexpr, HAS_ONEHOT: tl.constexpr):
+def grad_a(z, rows, onehot, Lse, Ez, Coef, GEnt, GMean, dz_factor, t_over_c,
+           SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr, HAS_MEAN: tl.constexpr, HAS_ONEHOT: tl.constexpr):
     """``dL/da`` (fp32) of a tile from its logits ``z``: ``rows`` are the tile's token indices,
-    ``onehot`` the one-hot part of ``dL/dz`` (`_onehot_term`; not added without ``HAS_ONEHOT``).
+    ``onehot`` the one-hot part of ``dL/dz`` (`onehot_term`; not added without ``HAS_ONEHOT``).
     ``dz_factor`` scales the per-token terms, not the tile: one multiply per row, not per element."""
     p = _exp(z - tl.load(Lse + rows)[:, None])
     coef = tl.load(Coef + rows) * dz_factor
@@ -274,22 +274,22 @@ def _grad_a(z, rows, onehot, Lse, Ez, Coef, GEnt, GMean, dz_factor, t_over_c,
 
 
 @triton.jit
-def _bwd_kernel(H, W, HD, WD, DAD, Bias, Lse, Ez, Coef, GEnt, GMean, DA, GBias,
-                M, Vc, D, stride_h, stride_w, stride_da, num_programs,
-                scale, softcap, inv_temp, dz_factor, t_over_c,
-                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, SCALED: tl.constexpr, HAS_ENT: tl.constexpr,
-                HAS_MEAN: tl.constexpr, NEED_GB: tl.constexpr,
-                EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, FLATTEN: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+def bwd_kernel(H, W, HD, WD, DAD, Bias, Lse, Ez, Coef, GEnt, GMean, DA, GBias,
+               M, Vc, D, stride_h, stride_w, stride_da, num_programs,
+               scale, softcap, inv_temp, dz_factor, t_over_c,
+               HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, SCALED: tl.constexpr, HAS_ENT: tl.constexpr,
+               HAS_MEAN: tl.constexpr, NEED_GB: tl.constexpr,
+               EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, FLATTEN: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """``dL/da`` for one vocabulary chunk ``[M, Vc]`` (W, Bias, DA, GBias point at the chunk),
-    without the log-prob gradient's one-hot part: `_label_entry_kernel` then takes the label entries
+    without the log-prob gradient's one-hot part: `label_entry_kernel` then takes the label entries
     out (a per-element label test and its row sums cost this epilogue ~10%)."""
     num_tiles = tl.cdiv(M, BM) * tl.cdiv(Vc, BN)
     for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=FLATTEN):
         pid_m, pid_n, rm, row_ok, rm_c, rn, col_ok, z = _z_tile(
             tile, H, W, HD, WD, Bias, M, Vc, D, stride_h, stride_w, scale, softcap, inv_temp,
             HAS_BIAS, SOFTCAP, SCALED, EVEN_K, DOT_PREC, USE_TMA, BM, BN, BK, GROUP_M)
-        g = _grad_a(z, rm_c, 0.0, Lse, Ez, Coef, GEnt, GMean, dz_factor, t_over_c, SOFTCAP, HAS_ENT, HAS_MEAN, False)
+        g = grad_a(z, rm_c, 0.0, Lse, Ez, Coef, GEnt, GMean, dz_factor, t_over_c, SOFTCAP, HAS_ENT, HAS_MEAN, False)
         g_op = g.to(DA.dtype.element_ty)
         if USE_TMA:  # two half-width stores: half the staging buffer in shared memory
             halves = tl.split(tl.permute(tl.reshape(g_op, (BM, 2, BN // 2)), (0, 2, 1)))
@@ -303,12 +303,12 @@ def _bwd_kernel(H, W, HD, WD, DAD, Bias, Lse, Ez, Coef, GEnt, GMean, DA, GBias,
 
 
 @triton.jit
-def _label_entry_kernel(Lbl, LabelZ, Lse, Ez, Coef, GEnt, GMean, GLogp, DA, GBias, Entry,
-                        M, Vc, stride_da, label_offset, dz_factor, t_over_c,
-                        SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr, HAS_MEAN: tl.constexpr,
-                        NEED_GB: tl.constexpr, BR: tl.constexpr):
+def label_entry_kernel(Lbl, LabelZ, Lse, Ez, Coef, GEnt, GMean, GLogp, DA, GBias, Entry,
+                       M, Vc, stride_da, label_offset, dz_factor, t_over_c,
+                       SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr, HAS_MEAN: tl.constexpr,
+                       NEED_GB: tl.constexpr, BR: tl.constexpr):
     """Each token's label entry of ``dL/da`` in one vocabulary chunk, from the forward's label logit
-    ``LabelZ``: kept in fp32 in ``Entry`` and zeroed in ``DA`` (where `_bwd_kernel` left the entry
+    ``LabelZ``: kept in fp32 in ``Entry`` and zeroed in ``DA`` (where `bwd_kernel` left the entry
     without ``g_logprob``); with ``NEED_GB`` its one-hot part is added to the bias gradient.
     """
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
@@ -318,7 +318,7 @@ def _label_entry_kernel(Lbl, LabelZ, Lse, Ez, Coef, GEnt, GMean, GLogp, DA, GBia
     hit = ok & (local >= 0) & (local < Vc)
     z = tl.load(LabelZ + rows_c)[:, None]
     glogp = tl.load(GLogp + rows_c)[:, None]
-    g = tl.sum(_grad_a(z, rows_c, glogp, Lse, Ez, Coef, GEnt, GMean, dz_factor, t_over_c,
+    g = tl.sum(grad_a(z, rows_c, glogp, Lse, Ez, Coef, GEnt, GMean, dz_factor, t_over_c,
                        SOFTCAP, HAS_ENT, HAS_MEAN, True), 1)
     tl.store(DA + rows_c * stride_da + tl.where(hit, local, 0), tl.zeros_like(g).to(DA.dtype.element_ty), mask=hit)
     tl.store(Entry + rows_c, g, mask=hit)
@@ -328,8 +328,8 @@ def _label_entry_kernel(Lbl, LabelZ, Lse, Ez, Coef, GEnt, GMean, GLogp, DA, GBia
 
 
 @triton.jit
-def _label_rows_kernel(Acc, LblCoef, W, Lbl, M, D, V, stride_w, label_offset,
-                       BR: tl.constexpr, BD: tl.constexpr):
+def label_rows_kernel(Acc, LblCoef, W, Lbl, M, D, V, stride_w, label_offset,
+                      BR: tl.constexpr, BD: tl.constexpr):
     """``Acc[t] += LblCoef[t] * W[label_t - label_offset]`` in place, for ``[BR, BD]`` of the fp32
     ``[M, D]`` accumulator, without a gathered ``[M, D]`` copy of weight rows (tokens whose label is
     not among this shard's ``V`` rows skipped)."""
@@ -360,8 +360,8 @@ def _pick(x, at):
 
 
 @triton.jit
-def _label_weight_rows_kernel(GW, H, Entry, SortedLbl, Order, M, V, D, stride_gw, stride_h, label_offset,
-                              BT: tl.constexpr, BD: tl.constexpr, TAIL: tl.constexpr):
+def label_weight_rows_kernel(GW, H, Entry, SortedLbl, Order, M, V, D, stride_gw, stride_h, label_offset,
+                             BT: tl.constexpr, BD: tl.constexpr, TAIL: tl.constexpr):
     """``GW[r] += sum over the tokens t labelled r of Entry[t] * H[t]``, the sum and the addition in
     fp32, rounded once with the row (whose GEMM part was rounded before, but holds only the other
     tokens' small probability terms). ``SortedLbl`` ``[M]``: the labels sorted (global ids; this
