@@ -394,3 +394,33 @@ def test_pipeline_example_without_torchrun_says_how_to_launch_it(monkeypatch, ca
     with pytest.raises(SystemExit):
         module.main([])
     assert "expected at least 2 ranks (one pipeline stage each); got WORLD_SIZE=1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The fused losses refuse bad coefficients when built, and bad KTO labels before the head runs
+
+
+def test_fused_losses_refuse_bad_beta_when_built():
+    from align_losses import fused
+
+    with pytest.raises(ValueError, match=r"`beta` must be a finite number > 0 \(loss_type \['ipo'\] divides by it\); got 0"):
+        fused.FusedDPOLoss(beta=0, loss_type="ipo")
+    with pytest.raises(ValueError, match=r"`beta` must be a finite number >= 0; got -1"):
+        fused.FusedKTOLoss(beta=-1)
+    with pytest.raises(ValueError, match=r"`undesirable_weight` must be a finite number >= 0; got nan"):
+        fused.FusedKTOLoss(undesirable_weight=float("nan"))
+    with pytest.raises(TypeError, match=r"`beta` must be a real number; got True"):
+        fused.FusedORPOLoss(beta=True)
+    with pytest.raises(ValueError, match=r"`beta` must be a finite number > 0 \(loss_type 'ipo' divides by it\); got 0.0"):
+        fused.FusedCPOLoss(beta=0.0, loss_type="ipo")
+
+
+def test_fused_kto_refuses_labels_other_than_0_and_1(monkeypatch):
+    from align_losses import fused
+
+    loss = fused.FusedKTOLoss(impl="torch")
+    monkeypatch.setattr(type(loss), "head_pass", lambda *a, **k: pytest.fail("the head ran before the labels were checked"))
+    hidden, weight = torch.randn(3, 6, 8), torch.randn(30, 8)
+    labels = torch.randint(0, 30, (3, 6))
+    with pytest.raises(ValueError, match=r"`labels` must be True/False or 0/1.*found \[2\]"):
+        loss(hidden, weight, labels, torch.tensor([1, 2, 0]), ref_logps=torch.zeros(3), kl=torch.tensor(0.0))
