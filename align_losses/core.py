@@ -99,8 +99,8 @@ def linear_token_stats(
     Returns a `TokenStats`; see `linear_logprobs` for the other arguments.
     """
     transform = check_head_arguments(
-        outputs=outputs, impl=impl, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-        process_group=process_group, backend_options=backend_options,
+        outputs=outputs, ignore_index=ignore_index, shift=shift, impl=impl, temperature=temperature, softcap=softcap,
+        logit_scale=logit_scale, process_group=process_group, backend_options=backend_options,
     )
     wanted = frozenset(("logprobs", *outputs))
     options = dict(backend_options or {})
@@ -274,6 +274,8 @@ MAX_LOGIT_FACTOR = 2.0**100
 def check_head_arguments(
     *,
     outputs: Sequence[str] = (),
+    ignore_index: int = -100,
+    shift: bool = False,
     impl: str = "auto",
     temperature: float = 1.0,
     softcap: Optional[float] = None,
@@ -288,6 +290,10 @@ def check_head_arguments(
     each naming what was expected and what was given.
     """
     _check_arguments(outputs, impl, temperature, softcap, logit_scale, process_group, backend_options)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int (the label value of unscored tokens); got {ignore_index!r}")
+    if not isinstance(shift, bool):
+        raise TypeError(f"shift must be True or False; got {shift!r}")
     transform = LogitTransform(
         logit_scale=float(logit_scale), softcap=None if softcap is None else float(softcap), temperature=float(temperature)
     )
@@ -344,6 +350,8 @@ def _check_inputs(hidden, weight, labels, bias, transform: LogitTransform, proce
         raise ValueError(f"labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}; got {tuple(labels.shape)}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor; got {labels.dtype}")
+    if bias is not None and not bias.dtype.is_floating_point:
+        raise ValueError(f"bias must be a floating tensor; got {bias.dtype}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape [V] = ({weight.shape[0]},); got {tuple(bias.shape)}")
     if not hidden.dtype.is_floating_point or hidden.dtype != weight.dtype:

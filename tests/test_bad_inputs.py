@@ -205,6 +205,10 @@ def _no_work(monkeypatch):
     (dict(temperature=1e-38), ValueError, r"expected <= 2\*\*100.*got temperature=1e-38"),
     (dict(logit_scale=1e38), ValueError, r"expected <= 2\*\*100.*logit_scale=1e\+38"),
     (dict(softcap=1e35, temperature=1e-5), ValueError, r"softcap / temperature = 1e\+40.*softcap=1e\+35"),
+    (dict(shift="no"), TypeError, r"shift must be True or False; got 'no'"),
+    (dict(ignore_index=1.5), TypeError, r"ignore_index must be an int \(the label value of unscored tokens\); got 1.5"),
+    (dict(ignore_index=None), TypeError, r"ignore_index must be an int.*got None"),
+    (dict(bias=torch.zeros(30, dtype=torch.int64)), ValueError, r"bias must be a floating tensor; got torch.int64"),
 ])
 def test_core_refuses_bad_arguments_before_any_work(monkeypatch, kwargs, error, message):
     h, w, y = _head()
@@ -258,7 +262,7 @@ def test_lce_module_refuses_bad_settings_when_built():
         align_losses.LinearCrossEntropyLoss(head, label_smoothing=True)
     with pytest.raises(ValueError, match=r"z_loss must be >= 0 and finite; got nan"):
         align_losses.LinearCrossEntropyLoss(head, z_loss=float("nan"))
-    with pytest.raises(TypeError, match=r"ignore_index must be an int; got -100.0"):
+    with pytest.raises(TypeError, match=r"ignore_index must be an int \(the label value of unscored tokens\); got -100.0"):
         align_losses.LinearCrossEntropyLoss(head, ignore_index=-100.0)
     with pytest.raises(ValueError, match=r"memory_budget'\].*got -1"):
         align_losses.LinearCrossEntropyLoss(head, impl="torch", backend_options={"memory_budget": -1})(
@@ -424,3 +428,18 @@ def test_fused_kto_refuses_labels_other_than_0_and_1(monkeypatch):
     labels = torch.randint(0, 30, (3, 6))
     with pytest.raises(ValueError, match=r"`labels` must be True/False or 0/1.*found \[2\]"):
         loss(hidden, weight, labels, torch.tensor([1, 2, 0]), ref_logps=torch.zeros(3), kl=torch.tensor(0.0))
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(cpo_alpha=-1.0), ValueError, r"`cpo_alpha` must be a finite number >= 0; got -1.0"),
+    (dict(simpo_gamma=float("nan")), ValueError, r"`simpo_gamma` must be a finite number; got nan"),
+    (dict(alpha=True), TypeError, r"`alpha` must be a real number; got True"),
+])
+def test_cpo_coefficients(kwargs, error, message):
+    from align_losses import fused
+
+    c, r, _, _ = _pairs()
+    with pytest.raises(error, match=message):
+        L.cpo_loss(c, r, nll_loss=torch.tensor(1.0), **kwargs)
+    with pytest.raises(error, match=message):
+        fused.FusedCPOLoss(**kwargs)

@@ -166,7 +166,7 @@ class FusedCPOLoss(FusedLoss):
         **head,
     ):
         super().__init__(compute_metrics=compute_metrics, **head)
-        check_cpo_args(loss_type, beta=beta)
+        check_cpo_args(loss_type, beta=beta, cpo_alpha=cpo_alpha, simpo_gamma=simpo_gamma, alpha=alpha)
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.cpo_alpha, self.simpo_gamma, self.alpha = cpo_alpha, simpo_gamma, alpha
 
