@@ -266,6 +266,11 @@ def _vocab_shard(weight: torch.Tensor, process_group) -> Optional[VocabShard]:
     return VocabShard(start=int(sizes[:rank].sum()), size=int(sizes.sum()), group=process_group)
 
 
+#: Size options that several backends take ("torch" both, "triton" the budget), checked here once for all:
+#: ``-1`` would run hundreds of times slower with one-token tiles, ``0`` silently mean the default, and
+#: ``"512MB"`` or ``2.5`` fail deep inside a backend.
+SIZE_OPTIONS = {"memory_budget": "a positive int of bytes, e.g. 512 * 2**20", "token_chunk": "a positive int of tokens"}
+
 #: Largest factor ``|logit_scale| / temperature`` (and ``softcap / temperature``) accepted: it leaves float32
 #: (max 3.4e38) room for raw logits up to 2**27 before the logits overflow to inf and every result is NaN.
 MAX_LOGIT_FACTOR = 2.0**100
@@ -321,6 +326,10 @@ def _check_arguments(outputs, impl, temperature, softcap, logit_scale, process_g
             raise TypeError(f"{name} must be {expected} (a bool is not a number); got {value!r}")
     if backend_options is not None and not isinstance(backend_options, Mapping):
         raise TypeError(f"backend_options must be a mapping of option names to values, or None; got {backend_options!r}")
+    for key, what in SIZE_OPTIONS.items():
+        value = (backend_options or {}).get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            raise ValueError(f"backend_options[{key!r}] must be None or {what}; got {value!r}")
     if process_group is not None:
         import torch.distributed as dist
 

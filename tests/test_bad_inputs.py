@@ -186,8 +186,10 @@ def _no_work(monkeypatch):
 
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(backend_options={"memory_budget": -1}), ValueError,
-     r"backend_options\['memory_budget'\] of impl 'torch' must be None or a positive int of bytes.*got -1"),
+     r"backend_options\['memory_budget'\] must be None or a positive int of bytes.*got -1"),
     (dict(backend_options={"memory_budget": 0}), ValueError, r"memory_budget'\].*positive int of bytes.*got 0"),
+    # checked for every backend that takes it (the triton one too), before the backend is chosen
+    (dict(impl="triton", backend_options={"memory_budget": -1}), ValueError, r"memory_budget'\].*got -1"),
     (dict(backend_options={"memory_budget": "512MB"}), ValueError, r"memory_budget'\].*positive int of bytes.*got '512MB'"),
     (dict(backend_options={"token_chunk": 2.5}), ValueError, r"token_chunk'\].*positive int of tokens; got 2.5"),
     (dict(backend_options={"token_chunk": True}), ValueError, r"token_chunk'\].*positive int of tokens; got True"),
