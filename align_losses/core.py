@@ -68,6 +68,10 @@ def linear_logprobs(
         impl: ``"auto"`` or a backend name (``backends.names()``).
         process_group: for a vocabulary-parallel head, the group whose ranks hold the shards.
         backend_options: backend-specific settings, e.g. ``{"memory_budget": bytes}`` for ``"torch"``.
+
+    Every argument is checked before any work (`check_head_arguments` runs the checks of the non-tensor
+    ones on their own). The result has a first-order backward only: a backward with ``create_graph=True``
+    through it raises a RuntimeError saying so.
     """
     return linear_token_stats(
         hidden, weight, labels, outputs=(), bias=bias, ignore_index=ignore_index, shift=shift,
