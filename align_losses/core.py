@@ -68,6 +68,10 @@ def linear_logprobs(
         impl: ``"auto"`` or a backend name (``backends.names()``).
         process_group: for a vocabulary-parallel head, the group whose ranks hold the shards.
         backend_options: backend-specific settings, e.g. ``{"memory_budget": bytes}`` for ``"torch"``.
+
+    Every argument is checked before any work (`check_head_arguments` runs the checks of the non-tensor
+    ones on their own). The result has a first-order backward only: a backward with ``create_graph=True``
+    through it raises a RuntimeError saying so.
     """
     return linear_token_stats(
         hidden, weight, labels, outputs=(), bias=bias, ignore_index=ignore_index, shift=shift,
@@ -99,8 +103,8 @@ def linear_token_stats(
     Returns a `TokenStats`; see `linear_logprobs` for the other arguments.
     """
     transform = check_head_arguments(
-        outputs=outputs, impl=impl, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-        process_group=process_group, backend_options=backend_options,
+        outputs=outputs, ignore_index=ignore_index, shift=shift, impl=impl, temperature=temperature, softcap=softcap,
+        logit_scale=logit_scale, process_group=process_group, backend_options=backend_options,
     )
     wanted = frozenset(("logprobs", *outputs))
     options = dict(backend_options or {})
@@ -266,6 +270,11 @@ def _vocab_shard(weight: torch.Tensor, process_group) -> Optional[VocabShard]:
     return VocabShard(start=int(sizes[:rank].sum()), size=int(sizes.sum()), group=process_group)
 
 
+#: Size options that several backends take ("torch" both, "triton" the budget), checked here once for all:
+#: ``-1`` would run hundreds of times slower with one-token tiles, ``0`` silently mean the default, and
+#: ``"512MB"`` or ``2.5`` fail deep inside a backend.
+SIZE_OPTIONS = {"memory_budget": "a positive int of bytes, e.g. 512 * 2**20", "token_chunk": "a positive int of tokens"}
+
 #: Largest factor ``|logit_scale| / temperature`` (and ``softcap / temperature``) accepted: it leaves float32
 #: (max 3.4e38) room for raw logits up to 2**27 before the logits overflow to inf and every result is NaN.
 MAX_LOGIT_FACTOR = 2.0**100
@@ -274,6 +283,8 @@ MAX_LOGIT_FACTOR = 2.0**100
 def check_head_arguments(
     *,
     outputs: Sequence[str] = (),
+    ignore_index: int = -100,
+    shift: bool = False,
     impl: str = "auto",
     temperature: float = 1.0,
     softcap: Optional[float] = None,
@@ -288,6 +299,10 @@ def check_head_arguments(
     each naming what was expected and what was given.
     """
     _check_arguments(outputs, impl, temperature, softcap, logit_scale, process_group, backend_options)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int (the label value of unscored tokens); got {ignore_index!r}")
+    if not isinstance(shift, bool):
+        raise TypeError(f"shift must be True or False; got {shift!r}")
     transform = LogitTransform(
         logit_scale=float(logit_scale), softcap=None if softcap is None else float(softcap), temperature=float(temperature)
     )
@@ -315,6 +330,10 @@ def _check_arguments(outputs, impl, temperature, softcap, logit_scale, process_g
             raise TypeError(f"{name} must be {expected} (a bool is not a number); got {value!r}")
     if backend_options is not None and not isinstance(backend_options, Mapping):
         raise TypeError(f"backend_options must be a mapping of option names to values, or None; got {backend_options!r}")
+    for key, what in SIZE_OPTIONS.items():
+        value = (backend_options or {}).get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            raise ValueError(f"backend_options[{key!r}] must be None or {what}; got {value!r}")
     if process_group is not None:
         import torch.distributed as dist
 
@@ -344,6 +363,8 @@ def _check_inputs(hidden, weight, labels, bias, transform: LogitTransform, proce
         raise ValueError(f"labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}; got {tuple(labels.shape)}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor; got {labels.dtype}")
+    if bias is not None and not bias.dtype.is_floating_point:
+        raise ValueError(f"bias must be a floating tensor; got {bias.dtype}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape [V] = ({weight.shape[0]},); got {tuple(bias.shape)}")
     if not hidden.dtype.is_floating_point or hidden.dtype != weight.dtype:

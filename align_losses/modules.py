@@ -68,12 +68,9 @@ class LinearCrossEntropyLoss(nn.Module):
             raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
         check_sft_args("nll", label_smoothing, z_loss)
         check_head_arguments(
-            impl=impl, temperature=temperature, softcap=softcap, logit_scale=logit_scale, backend_options=backend_options
+            ignore_index=ignore_index, shift=shift, impl=impl, temperature=temperature, softcap=softcap,
+            logit_scale=logit_scale, backend_options=backend_options,
         )
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index must be an int; got {ignore_index!r}")
-        if not isinstance(shift, bool):
-            raise TypeError(f"shift must be True or False; got {shift!r}")
         options = dict(backend_options or {})
         if chunk_size is not None:
             if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:

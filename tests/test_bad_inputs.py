@@ -186,8 +186,10 @@ def _no_work(monkeypatch):
 
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(backend_options={"memory_budget": -1}), ValueError,
-     r"backend_options\['memory_budget'\] of impl 'torch' must be None or a positive int of bytes.*got -1"),
+     r"backend_options\['memory_budget'\] must be None or a positive int of bytes.*got -1"),
     (dict(backend_options={"memory_budget": 0}), ValueError, r"memory_budget'\].*positive int of bytes.*got 0"),
+    # checked for every backend that takes it (the triton one too), before the backend is chosen
+    (dict(impl="triton", backend_options={"memory_budget": -1}), ValueError, r"memory_budget'\].*got -1"),
     (dict(backend_options={"memory_budget": "512MB"}), ValueError, r"memory_budget'\].*positive int of bytes.*got '512MB'"),
     (dict(backend_options={"token_chunk": 2.5}), ValueError, r"token_chunk'\].*positive int of tokens; got 2.5"),
     (dict(backend_options={"token_chunk": True}), ValueError, r"token_chunk'\].*positive int of tokens; got True"),
@@ -205,6 +207,10 @@ def _no_work(monkeypatch):
     (dict(temperature=1e-38), ValueError, r"expected <= 2\*\*100.*got temperature=1e-38"),
     (dict(logit_scale=1e38), ValueError, r"expected <= 2\*\*100.*logit_scale=1e\+38"),
     (dict(softcap=1e35, temperature=1e-5), ValueError, r"softcap / temperature = 1e\+40.*softcap=1e\+35"),
+    (dict(shift="no"), TypeError, r"shift must be True or False; got 'no'"),
+    (dict(ignore_index=1.5), TypeError, r"ignore_index must be an int \(the label value of unscored tokens\); got 1.5"),
+    (dict(ignore_index=None), TypeError, r"ignore_index must be an int.*got None"),
+    (dict(bias=torch.zeros(30, dtype=torch.int64)), ValueError, r"bias must be a floating tensor; got torch.int64"),
 ])
 def test_core_refuses_bad_arguments_before_any_work(monkeypatch, kwargs, error, message):
     h, w, y = _head()
@@ -258,7 +264,7 @@ def test_lce_module_refuses_bad_settings_when_built():
         align_losses.LinearCrossEntropyLoss(head, label_smoothing=True)
     with pytest.raises(ValueError, match=r"z_loss must be >= 0 and finite; got nan"):
         align_losses.LinearCrossEntropyLoss(head, z_loss=float("nan"))
-    with pytest.raises(TypeError, match=r"ignore_index must be an int; got -100.0"):
+    with pytest.raises(TypeError, match=r"ignore_index must be an int \(the label value of unscored tokens\); got -100.0"):
         align_losses.LinearCrossEntropyLoss(head, ignore_index=-100.0)
     with pytest.raises(ValueError, match=r"memory_budget'\].*got -1"):
         align_losses.LinearCrossEntropyLoss(head, impl="torch", backend_options={"memory_budget": -1})(
@@ -394,3 +400,48 @@ def test_pipeline_example_without_torchrun_says_how_to_launch_it(monkeypatch, ca
     with pytest.raises(SystemExit):
         module.main([])
     assert "expected at least 2 ranks (one pipeline stage each); got WORLD_SIZE=1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The fused losses refuse bad coefficients when built, and bad KTO labels before the head runs
+
+
+def test_fused_losses_refuse_bad_beta_when_built():
+    from align_losses import fused
+
+    with pytest.raises(ValueError, match=r"`beta` must be a finite number > 0 \(loss_type \['ipo'\] divides by it\); got 0"):
+        fused.FusedDPOLoss(beta=0, loss_type="ipo")
+    with pytest.raises(ValueError, match=r"`beta` must be a finite number >= 0; got -1"):
+        fused.FusedKTOLoss(beta=-1)
+    with pytest.raises(ValueError, match=r"`undesirable_weight` must be a finite number >= 0; got nan"):
+        fused.FusedKTOLoss(undesirable_weight=float("nan"))
+    with pytest.raises(TypeError, match=r"`beta` must be a real number; got True"):
+        fused.FusedORPOLoss(beta=True)
+    with pytest.raises(ValueError, match=r"`beta` must be a finite number > 0 \(loss_type 'ipo' divides by it\); got 0.0"):
+        fused.FusedCPOLoss(beta=0.0, loss_type="ipo")
+
+
+def test_fused_kto_refuses_labels_other_than_0_and_1(monkeypatch):
+    from align_losses import fused
+
+    loss = fused.FusedKTOLoss(impl="torch")
+    monkeypatch.setattr(type(loss), "head_pass", lambda *a, **k: pytest.fail("the head ran before the labels were checked"))
+    hidden, weight = torch.randn(3, 6, 8), torch.randn(30, 8)
+    labels = torch.randint(0, 30, (3, 6))
+    with pytest.raises(ValueError, match=r"`labels` must be True/False or 0/1.*found \[2\]"):
+        loss(hidden, weight, labels, torch.tensor([1, 2, 0]), ref_logps=torch.zeros(3), kl=torch.tensor(0.0))
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(cpo_alpha=-1.0), ValueError, r"`cpo_alpha` must be a finite number >= 0; got -1.0"),
+    (dict(simpo_gamma=float("nan")), ValueError, r"`simpo_gamma` must be a finite number; got nan"),
+    (dict(alpha=True), TypeError, r"`alpha` must be a real number; got True"),
+])
+def test_cpo_coefficients(kwargs, error, message):
+    from align_losses import fused
+
+    c, r, _, _ = _pairs()
+    with pytest.raises(error, match=message):
+        L.cpo_loss(c, r, nll_loss=torch.tensor(1.0), **kwargs)
+    with pytest.raises(error, match=message):
+        fused.FusedCPOLoss(**kwargs)

@@ -430,3 +430,74 @@ def test_device_defaults_to_cuda_when_available(workdir, tmp_path, monkeypatch, 
     assert "stopped before loading" in capsys.readouterr().err
     assert seen == ["cuda"]
     assert _files(tmp_path) == []  # the partial file of a run that scored nothing is removed
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_real_interrupt_keeps_the_scored_chunks_and_resume_completes_the_file(workdir, tmp_path, sig):
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM to a running command: exit status 130 or 143, no temporary file,
+    the chunks kept; ``--resume`` then writes the file an uninterrupted run writes."""
+    import signal
+    import time
+
+    from trainers.cli import main
+
+    lines = (workdir / "pref.jsonl").read_text().splitlines()
+    data = tmp_path / "many.jsonl"
+    data.write_text("".join(lines[i % len(lines)] + "\n" for i in range(120)))
+
+    def args(out, *extra):
+        a = _logps_args(workdir, out, *extra)
+        a[a.index("--data") + 1] = str(data)
+        a[a.index("--chunk-rows") + 1] = "2"
+        return a
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    out = folder / "scored.jsonl"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "trainers.cli", *args(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial = folder / "scored.jsonl.partial"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if partial.exists() and partial.read_text().count("\n") >= 3:  # the header and two chunks
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == {"SIGINT": 130, "SIGTERM": 143}[sig], err
+    assert "rows are scored and kept in" in err and "--resume" in err
+    assert _files(folder) == [partial.name]  # no temporary file, no output
+    assert main(args(out, "--resume")) == 0
+    whole = tmp_path / "whole.jsonl"
+    assert main(args(whole)) == 0
+    _same_output(out, whole)
+
+
+def test_max_length_none_means_no_truncation(workdir, tmp_path, capsys):
+    from trainers.cli import main
+
+    args = _logps_args(workdir, tmp_path / "o.jsonl")
+    args[args.index("--max-length") + 1] = "none"
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "truncated 0" in out and "max_length=None" in out
+
+
+@pytest.mark.parametrize("target, message", [("data", "is the --data file; write the scored rows to another file"),
+                                             ("folder", "is a directory; expected a file name")])
+def test_out_that_is_the_input_or_a_folder(workdir, tmp_path, capsys, target, message):
+    from trainers.cli import main
+
+    data = tmp_path / "in.jsonl"
+    data.write_text((workdir / "pref.jsonl").read_text())
+    out = data if target == "data" else tmp_path / "sub.jsonl"
+    if target == "folder":
+        out.mkdir()
+    args = _logps_args(workdir, out)
+    args[args.index("--data") + 1] = str(data)
+    code = main(args)
+    captured = capsys.readouterr()
+    _check_one_line_error(code, captured.out, captured.err, message)
+    assert data.read_text() == (workdir / "pref.jsonl").read_text()

@@ -5,8 +5,10 @@
 
 ``logps`` adds per-sequence log-probs (and reference log-probs, implicit rewards and margins) to a
 JSON-lines or Parquet file through `trainers.extract.extract_logps`; ``align-losses logps --help``
-documents it. Errors a user can fix (a missing file or model, missing columns, an unknown format or
-backend) end the command with exit status 1 and one line on stderr, no traceback.
+documents it. Errors a user can fix (a missing file or model, missing columns, a null value, an unknown
+format or backend) end the command with exit status 1 and one line on stderr, no traceback. Scored rows are
+kept chunk by chunk in ``OUT.partial`` so that ``--resume`` continues an interrupted run
+(`trainers.scored_file`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -145,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "settings --resume checks; default %(default)s")
     p.add_argument("--ref-model", metavar="PATH", help="local directory of a reference model: adds ref_*logps columns")
     p.add_argument("--beta", type=_beta, metavar="B",
-                   help="with --ref-model: add implicit rewards beta * (logps - ref_logps) and the margin")
+                   help="with --ref-model: add implicit rewards beta * (logps - ref_logps) and the margin; a finite "
+                   "number >= 0")
     p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
                    help="rows per forward pass (a preference row is two sequences); default %(default)s")
     p.add_argument("--max-length", type=_max_length, default=None, metavar="L",
@@ -350,8 +355,9 @@ def run_logps(args) -> int:
 
     settings = _settings(args, device, kind, len(dataset))
     path = partial_path(args.out)
+    created = not (args.resume and os.path.lexists(path))
     try:
-        if args.resume and os.path.lexists(path):
+        if not created:
             partial = PartialFile.resume(path, settings, len(dataset), args.chunk_rows)
         else:
             if args.resume:
@@ -363,7 +369,7 @@ def run_logps(args) -> int:
         code = _score_and_write(args, dataset, kind, device, partial)
     except BaseException:
         partial.close()
-        if partial.rows_done == 0 and not args.resume:
+        if created and partial.rows_done == 0:
             partial.remove()  # nothing worth keeping
         else:
             print(f"{PROG}: {partial.rows_done} of {len(dataset)} rows are scored and kept in {path}; rerun the same "
@@ -446,6 +452,7 @@ def main(argv=None) -> int:
         return 2
     _log_to_stderr()
     _quiet_libraries()
+    previous = _exit_on_sigterm()
     try:
         return run_logps(args)
     except CLIError as e:
@@ -460,6 +467,21 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm():
+    """Turn SIGTERM (a scheduler or ``kill``) into SystemExit(143), so that the temporary file is removed and the
+    scored chunks are reported as on Ctrl-C; returns the previous handler (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 if __name__ == "__main__":

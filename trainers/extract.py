@@ -621,6 +621,8 @@ def prepare_logps(
         check_coefficient(beta, "beta")
     if ref_model is not None and ref_model is model:
         raise ValueError("ref_model is the same object as model; pass a separate copy or leave ref_model out")
+    if not isinstance(lce_impl, str) or not lce_impl:
+        raise ValueError(f"lce_impl must be 'auto' or a backend name (align_losses.backends.names()); got {lce_impl!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
     if truncation_mode not in ("keep_start", "keep_end"):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from ..ops.tiled_head import tiled_head
@@ -20,18 +18,6 @@ def _run(problem: HeadProblem) -> dict:
     return tiled_head(problem, memory_budget=int(budget), token_block=problem.options.get("token_chunk"))
 
 
-def _check_options(problem: HeadProblem) -> list:
-    """Refuse a malformed ``memory_budget`` or ``token_chunk`` before any work (``-1`` would otherwise run
-    hundreds of times slower with one-token tiles, ``"512MB"`` or ``2.5`` fail deep in the tiling).
-    Returns no missing feature: every well-formed value is supported."""
-    wanted = {"memory_budget": "a positive int of bytes, e.g. 512 * 2**20", "token_chunk": "a positive int of tokens"}
-    for key, what in wanted.items():
-        value = problem.options.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
-            raise ValueError(f"backend_options[{key!r}] of impl 'torch' must be None or {what}; got {value!r}")
-    return []
-
-
 BACKEND = Backend(
     name="torch",
     capabilities=Capabilities(
@@ -46,5 +32,4 @@ BACKEND = Backend(
         options=frozenset({"memory_budget", "token_chunk"}),
     ),
     run=_run,
-    extra_check=_check_options,
 )

@@ -144,7 +144,7 @@ class FusedDPOLoss(FusedLoss):
         super().__init__(compute_metrics=compute_metrics, **head)
         check_dpo_args(
             loss_type, loss_weights, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
-            use_weighting=use_weighting,
+            use_weighting=use_weighting, beta=beta, discopop_tau=discopop_tau,
         )
         if ld_alpha is not None:
             check_ld_alpha(ld_alpha)

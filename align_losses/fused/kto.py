@@ -7,7 +7,7 @@ from typing import NamedTuple, Optional
 
 from torch import Tensor
 
-from ..losses import KTOOutput, check_kl_estimate, check_kto_args, kto_loss, sequence_logps
+from ..losses import KTOOutput, check_kl_estimate, check_kto_args, check_kto_labels, kto_loss, sequence_logps
 from .common import FusedLoss, FusedOutput, mean, per_sequence_input, require_reference, token_mean
 from .layout import sequence_count
 from .tokens import TokenBatch
@@ -89,7 +89,9 @@ class FusedKTOLoss(FusedLoss):
         **head,
     ):
         super().__init__(compute_metrics=compute_metrics, **head)
-        check_kto_args(loss_type)
+        check_kto_args(
+            loss_type, beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight
+        )
         self.beta, self.loss_type = beta, loss_type
         self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
         self.reference_free = reference_free
@@ -113,7 +115,7 @@ class FusedKTOLoss(FusedLoss):
             raise ValueError(f"`desirable` must be a [{n}] tensor, one flag per sequence; got {shape}")
         ref_logps = per_sequence_input(ref_logps, "ref_logps", n, hidden.device)
         check_kl_estimate(kl, self.loss_type)
-        good = desirable.to(device=hidden.device) != 0
+        good = check_kto_labels(desirable.to(device=hidden.device))  # 2, -1 or 0.5 refused, not desirable
         tokens = self.head_pass(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens)
         logps, result = kto_from_tokens(
             tokens, ref_logps, good, kl, beta=self.beta, loss_type=self.loss_type,

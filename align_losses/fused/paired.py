@@ -13,7 +13,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from ..losses import AVERAGED_LOSS_TYPES, check_cpo_args, cpo_loss, orpo_loss, sequence_logps
+from ..losses import AVERAGED_LOSS_TYPES, check_cpo_args, check_orpo_args, cpo_loss, orpo_loss, sequence_logps
 from .common import FusedLoss, FusedOutput, PairLoss, logits_metrics, mean, preference_metrics
 from .layout import pair_count
 from .tokens import TokenBatch, pair_sequence_logps, split_pairs
@@ -101,6 +101,7 @@ class FusedORPOLoss(FusedLoss):
 
     def __init__(self, beta: float = 0.1, compute_metrics: bool = True, **head):
         super().__init__(compute_metrics=compute_metrics, **head)
+        check_orpo_args(beta)
         self.beta = beta
 
     def forward(
@@ -165,7 +166,7 @@ class FusedCPOLoss(FusedLoss):
         **head,
     ):
         super().__init__(compute_metrics=compute_metrics, **head)
-        check_cpo_args(loss_type)
+        check_cpo_args(loss_type, beta=beta, cpo_alpha=cpo_alpha, simpo_gamma=simpo_gamma, alpha=alpha)
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.cpo_alpha, self.simpo_gamma, self.alpha = cpo_alpha, simpo_gamma, alpha
 

@@ -17,7 +17,7 @@ from .dpo import (
     f_divergence_scores,
 )
 from .kto import KTO_LOSS_TYPES, KTOOutput, check_kl_estimate, check_kto_args, check_kto_labels, kto_loss
-from .orpo import ORPOOutput, orpo_loss
+from .orpo import ORPOOutput, check_orpo_args, orpo_loss
 from .sequence import check_ld_alpha, ld_sequence_logps, sequence_logps, wpo_weights
 from .sft import SFT_LOSS_TYPES, SFTOutput, check_sft_args, sft_loss, sft_outputs, sft_token_losses
 
@@ -41,6 +41,7 @@ __all__ = [
     "check_kto_args",
     "check_kto_labels",
     "check_ld_alpha",
+    "check_orpo_args",
     "check_sft_args",
     "cpo_loss",
     "dpo_loss",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .common import PreferenceOutput, check_batch, check_coefficient, smoothed_sigmoid_loss, token_counts
+from .common import PreferenceOutput, check_batch, check_coefficient, check_real, smoothed_sigmoid_loss, token_counts
 from .sft import chosen_nll
 
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
@@ -46,14 +47,29 @@ def alphapo_reward(logps: Tensor, alpha: float) -> Tensor:
     return -torch.expm1(-alpha * logps) / alpha
 
 
-def check_cpo_args(loss_type: str, *, beta: float | None = None) -> None:
-    """Raise ValueError unless ``loss_type`` is one of `CPO_LOSS_TYPES` and the given ``beta`` is a finite
-    number ``>= 0`` (``> 0`` for "ipo", which divides by it; TypeError for a bool or a non-number)."""
+def check_cpo_args(
+    loss_type: str,
+    *,
+    beta: float | None = None,
+    cpo_alpha: float | None = None,
+    simpo_gamma: float | None = None,
+    alpha: float | None = None,
+) -> None:
+    """Raise ValueError unless ``loss_type`` is one of `CPO_LOSS_TYPES` and the given ``beta`` and ``cpo_alpha``
+    are finite numbers ``>= 0`` (``beta > 0`` for "ipo", which divides by it) and ``simpo_gamma`` and ``alpha``
+    finite numbers; TypeError for a bool or a non-number."""
     if loss_type not in CPO_LOSS_TYPES:
         raise ValueError(f"Unknown CPO loss_type {loss_type!r}; expected one of {CPO_LOSS_TYPES}.")
     if beta is not None:
         ipo = loss_type == "ipo"
         check_coefficient(beta, "beta", positive=ipo, needed_by="loss_type 'ipo' divides by it" if ipo else "")
+    if cpo_alpha is not None:
+        check_coefficient(cpo_alpha, "cpo_alpha")
+    for name, value in (("simpo_gamma", simpo_gamma), ("alpha", alpha)):
+        if value is not None:
+            check_real(value, name)
+            if not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number; got {value!r}.")
 
 
 def cpo_loss(
@@ -97,7 +113,7 @@ def cpo_loss(
     Returns:
         `CPOOutput`, with the (possibly averaged) log-probs it used.
     """
-    check_cpo_args(loss_type, beta=beta)
+    check_cpo_args(loss_type, beta=beta, cpo_alpha=cpo_alpha, simpo_gamma=simpo_gamma, alpha=alpha)
     check_batch(("chosen_logps", chosen_logps), ("rejected_logps", rejected_logps))
     if loss_type == "alphapo":
         loss_type, cpo_alpha = "simpo", 0.0

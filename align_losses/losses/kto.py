@@ -46,15 +46,16 @@ def check_kto_args(
             check_coefficient(value, name)
 
 
-def check_kto_labels(labels: Tensor, like: Tensor) -> Tensor:
-    """``labels`` as a bool tensor, after checking that it has the shape of ``like`` and holds only 0 and 1
-    (True/False): a label of 2, -1 or 0.5 is refused rather than counted as desirable.
+def check_kto_labels(labels: Tensor, like: Tensor | None = None) -> Tensor:
+    """``labels`` as a bool tensor, after checking that it has the shape of ``like`` (when given) and holds only
+    0 and 1 (True/False): a label of 2, -1 or 0.5 is refused rather than counted as desirable.
 
     A bool tensor needs no value check; any other dtype costs one host synchronisation.
     """
     if not isinstance(labels, Tensor):
         raise TypeError(f"`labels` must be a [B] bool (or 0/1) tensor; got {type(labels).__name__}.")
-    check_batch(("logps", like), ("labels", labels))
+    if like is not None:
+        check_batch(("logps", like), ("labels", labels))
     if labels.dtype == torch.bool:
         return labels
     valid = (labels == 0) | (labels == 1)

@@ -42,6 +42,11 @@ def _log1mexp(x: Tensor) -> Tensor:
     return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
+def check_orpo_args(beta: float) -> None:
+    """Raise unless ``beta`` (the odds-ratio weight) is a finite number >= 0 (TypeError for a bool or a non-number)."""
+    check_coefficient(beta, "beta")
+
+
 def orpo_loss(
     chosen_logps: Tensor,
     rejected_logps: Tensor,
@@ -70,7 +75,7 @@ def orpo_loss(
     Returns:
         `ORPOOutput`.
     """
-    check_coefficient(beta, "beta")
+    check_orpo_args(beta)
     check_batch(("chosen_logps", chosen_logps), ("rejected_logps", rejected_logps))
     nll = chosen_nll(nll_loss, chosen_token_logps, chosen_token_mask, needed_by="orpo_loss")
     chosen, rejected = at_least_float32(chosen_logps), at_least_float32(rejected_logps)
