@@ -32,6 +32,8 @@ _WHERE = {
     "FusedHeadSettings": "fused_forward",
     "install_fused_head": "fused_forward",
     "read_head_quirks": "fused_forward",
+    "apply_fused_head": "patch",
+    "remove_fused_head": "patch",
 }
 
 __all__ = sorted(_WHERE)
