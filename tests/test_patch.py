@@ -319,3 +319,5 @@ def test_option_errors():
         apply_fused_head(transformers.Qwen3Model(model.config))
     with pytest.raises(ValueError, match="expects a transformers PreTrainedModel"):
         apply_fused_head(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="got the class Linear"):
+        apply_fused_head(torch.nn.Linear)

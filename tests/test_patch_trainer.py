@@ -85,6 +85,16 @@ def test_trainer_gradient_accumulation_matches_unpatched(family, tmp_path):
     assert update_diff(before, after, ref_before, ref_after) <= RTOL
 
 
+def test_trainer_evaluate_matches_unpatched(tmp_path):
+    ref = tiny_family("qwen3")
+    model = apply_fused_head(copy.deepcopy(ref))
+    losses = []
+    for m in (model, ref):
+        args = transformers.TrainingArguments(**base_args(tmp_path, per_device_eval_batch_size=3))
+        losses.append(transformers.Trainer(model=m, args=args, eval_dataset=_Rows(), data_collator=_collate).evaluate()["eval_loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=RTOL)
+
+
 def test_trainer_label_smoothing_keeps_working(tmp_path):
     """`Trainer` with `label_smoothing_factor` takes the labels out of the call and smooths the logits: the patched
     model then answers with its logits (same result, no saving) and warns, pointing at `label_smoothing=`."""

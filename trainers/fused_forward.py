@@ -559,6 +559,13 @@ def _fused_call(self, text_config, settings, kwargs, labels, shift_labels, num_i
     )
 
 
+def labels_loss_fields(settings: FusedHeadSettings) -> tuple:
+    """The per-token fields (beyond ``log_probs``) the loss of a call with ``labels`` needs (``labels_loss``)."""
+    if settings.label_smoothing > 0:
+        return ("mean_logits", "logsumexp")
+    return ("logsumexp",) if settings.z_loss > 0 else ()
+
+
 def _loss_call(self, text_config, settings, kwargs, labels, shift_labels, num_items_in_batch):
     """The model's own causal-LM output with ``labels``, its loss from the fused head and ``logits=None``.
 
@@ -567,11 +574,7 @@ def _loss_call(self, text_config, settings, kwargs, labels, shift_labels, num_it
     smoothing and z-loss, plus the MoE router loss times ``router_aux_loss_coef`` as the model adds it.
     """
     return_dict = kwargs.pop("return_dict", None)
-    if settings.label_smoothing > 0:
-        fields = ("mean_logits", "logsumexp")
-    else:
-        fields = ("logsumexp",) if settings.z_loss > 0 else ()
-    run = _head_pass(self, text_config, settings, kwargs, labels, shift_labels, fields, False)
+    run = _head_pass(self, text_config, settings, kwargs, labels, shift_labels, labels_loss_fields(settings), False)
     loss = sft_loss(
         run.per_token["log_probs"],
         run.label_mask,

@@ -28,6 +28,7 @@ outside TRL's). In no order do both heads run for one call.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, TypeVar
 
 import torch
@@ -35,9 +36,11 @@ import torch
 from .fused_forward import (
     FusedHeadSettings,
     check_impl,
-    fused_settings,
     install_fused_head,
     install_fused_head_on_class,
+    labels_loss_fields,
+    output_head,
+    read_head_quirks,
     uninstall_fused_head,
     unwrap_transformers_model,
 )
@@ -121,19 +124,14 @@ def apply_fused_head(
     inner = unwrap_transformers_model(model)
     if not isinstance(inner, torch.nn.Module) or not hasattr(inner, "config"):
         raise ValueError(
-            f"apply_fused_head expects a transformers PreTrainedModel instance or class, got {type(model).__name__}"
+            "apply_fused_head expects a transformers PreTrainedModel instance or class, got "
+            + (f"the class {model.__name__}" if isinstance(model, type) else f"a {type(model).__name__}")
         )
-    check_impl(impl)  # the name, before anything is installed
-    previous = fused_settings(inner) if "forward" in inner.__dict__ else None
-    install_fused_head(inner, settings, route_fused_calls=True)  # checks the head
-    try:
-        check_impl(impl, inner, fused_settings(inner))  # the backend supports this head (bias, soft-cap, dtype)
-    except ValueError:
-        if previous is None:
-            uninstall_fused_head(inner)
-        else:
-            install_fused_head(inner, previous)
-        raise
+    # Before anything is installed: the backend runs here and supports this head (bias, soft-cap, dtype) for the loss
+    output_head(inner)
+    probe = dataclasses.replace(settings, outputs=labels_loss_fields(settings), quirks=read_head_quirks(inner.config))
+    check_impl(impl, inner, probe)
+    install_fused_head(inner, settings, route_fused_calls=True)
     return model
 
 
