@@ -256,3 +256,25 @@ def test_save_pretrained_adds_no_keys(tmp_path):
     assert ours.keys() == theirs.keys()
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
     assert "forward" not in loaded.__dict__  # the instance patch does not travel with the checkpoint
+
+
+def test_example_train_sft_hf_trainer_smoke(tmp_path):
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("train_sft_hf_trainer", ROOT / "examples" / "train_sft_hf_trainer.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    summary = example.main(["--smoke", "--steps", "5", "--batch-size", "4", "--output-dir", str(tmp_path)])
+    assert summary["backend"] == "torch" and summary["steps"] == 5
+    assert summary["loss_end"] < summary["loss_start"]
+
+
+def test_fused_head_backend():
+    from trainers import fused_head_backend
+
+    model = tiny_family("qwen3")
+    with pytest.raises(ValueError, match="apply_fused_head was not applied"):
+        fused_head_backend(model)
+    assert fused_head_backend(apply_fused_head(model)) == "torch"

@@ -34,6 +34,7 @@ _WHERE = {
     "read_head_quirks": "fused_forward",
     "apply_fused_head": "patch",
     "remove_fused_head": "patch",
+    "fused_head_backend": "patch",
 }
 
 __all__ = sorted(_WHERE)

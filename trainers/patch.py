@@ -36,6 +36,7 @@ import torch
 from .fused_forward import (
     FusedHeadSettings,
     check_impl,
+    fused_settings,
     install_fused_head,
     install_fused_head_on_class,
     labels_loss_fields,
@@ -133,6 +134,16 @@ def apply_fused_head(
     check_impl(impl, inner, probe)
     install_fused_head(inner, settings, route_fused_calls=True)
     return model
+
+
+def fused_head_backend(model) -> str:
+    """The backend the patched ``model``'s loss runs on for its device and dtype (``"torch"``, ``"triton"``, ...)."""
+    inner = unwrap_transformers_model(model)
+    settings = fused_settings(inner)
+    if settings is None or not settings.labels_loss:
+        raise ValueError(f"apply_fused_head was not applied to this {type(inner).__name__} (nor to its class)")
+    probe = dataclasses.replace(settings, outputs=labels_loss_fields(settings), quirks=read_head_quirks(inner.config))
+    return check_impl(settings.impl, inner, probe)
 
 
 def remove_fused_head(model_or_class):
