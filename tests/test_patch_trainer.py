@@ -278,3 +278,19 @@ def test_fused_head_backend():
     with pytest.raises(ValueError, match="apply_fused_head was not applied"):
         fused_head_backend(model)
     assert fused_head_backend(apply_fused_head(model)) == "torch"
+
+
+def test_benchmark_hf_trainer_quick(tmp_path):
+    """`benchmarks/hf_trainer.py --quick` on CPU: one configuration, one length, one subprocess."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "hf_trainer.py"), "--quick", "--configs", "ours", "--lengths", "16",
+           "--grad-accum", "2", "--timed-steps", "1", "--commit", "test", "--out", str(tmp_path)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    (row,) = json.loads((tmp_path / "hf-trainer-latest.json").read_text())
+    assert row["error"] is None and row["config"] == "ours" and row["backend"] == "torch" and row["tokens_per_s"] > 0
+    assert "| 16 | ours |" in (tmp_path / "hf-trainer-latest.md").read_text()
