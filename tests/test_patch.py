@@ -321,3 +321,24 @@ def test_option_errors():
         apply_fused_head(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="got the class Linear"):
         apply_fused_head(torch.nn.Linear)
+
+
+def test_head_check_tied_embedding_and_adapters():
+    """`output_head` accepts an `nn.Embedding` head only when it is the model's input embedding (tied)."""
+    from trainers.fused_forward import output_head
+
+    class TiedLM(torch.nn.Module):
+        def __init__(self, tied: bool):
+            super().__init__()
+            self.embed = torch.nn.Embedding(VOCAB, 8)
+            self.out = self.embed if tied else torch.nn.Embedding(VOCAB, 8)
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def get_output_embeddings(self):
+            return self.out
+
+    assert output_head(TiedLM(tied=True)) is not None
+    with pytest.raises(ValueError, match="is a torch.nn.modules.sparse.Embedding"):
+        output_head(TiedLM(tied=False))

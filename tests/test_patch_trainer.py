@@ -195,12 +195,15 @@ def test_trl_sft_trainer_under_peft(head_runs, tokenizer, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- PEFT, checkpointing, ...
-@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "lm_head"]])
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "lm_head"], "modules_to_save"])
 @pytest.mark.parametrize("when", ["before-peft", "after-peft"])
 def test_peft_lora(targets, when):
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    if targets == "modules_to_save":  # a trained copy of the head, behind PEFT's wrapper
+        config = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False)
+    else:
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
     torch.manual_seed(0)
     ref = get_peft_model(tiny_family("qwen3"), config)
     model = copy.deepcopy(ref)

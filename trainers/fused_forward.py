@@ -1,10 +1,14 @@
 """The model-side half of the fused trainers: a forward that returns per-token statistics, not logits.
 
 `install_fused_head(model, settings)` replaces ``model.forward`` (on the instance, as TRL's own
-``add_fused_lm_head`` does) with a forward that, when called with ``fused_lm_head=True``, runs the
-model's backbone and hands its last hidden states and the LM head's parameters to
-`align_losses.linear_token_stats`. Every other call goes to the forward it replaced, so generation
-and ``model(**inputs).logits`` are unchanged. Because the patch sits on the transformers model itself,
+``add_fused_lm_head`` does; `install_fused_head_on_class` on a class) with a forward that, when called
+with ``fused_lm_head=True``, runs the model's backbone and hands its last hidden states and the LM
+head's parameters to `align_losses.linear_token_stats`. With ``settings.labels_loss`` (what
+`trainers.patch.apply_fused_head` installs), a call with ``labels`` also goes there and returns the
+model's own causal-LM output with the loss and no logits. Every other call goes to the forward it
+replaced, so generation and ``model(**inputs).logits`` are unchanged. `uninstall_fused_head` puts back
+what was there. Heads whose output is not ``h W^T + b`` of their own parameters are refused
+(`output_head`): the fused head reads the parameters and never calls the head. Because the patch sits on the transformers model itself,
 every call still goes through the wrappers around it: DDP/FSDP hooks, PEFT's ``PeftModel.forward``
 and its adapter layers, accelerate's autocast.
 
