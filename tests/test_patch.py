@@ -305,9 +305,11 @@ def test_accepts_linear_subclass_without_forward():
 def test_option_errors():
     model = tiny_family("qwen3")
     for kwargs, match in (
-        ({"label_smoothing": -0.1}, "label_smoothing must be a number >= 0"),
+        ({"label_smoothing": -0.1}, "label_smoothing must be a finite number >= 0"),
         ({"label_smoothing": 1.5}, r"label_smoothing must be in \[0, 1\]"),
-        ({"z_loss": "x"}, "z_loss must be a number"),
+        ({"z_loss": "x"}, "z_loss must be a finite number"),
+        ({"z_loss": float("inf")}, "z_loss must be a finite number"),
+        ({"backend_options": ["filter_mass"]}, "backend_options must be a dict"),
         ({"backend_options": {"chunk": 3}}, "unknown backend_options"),
         ({"impl": "nope"}, "nope"),
         ({"label_smoothing": 0.1, "backend_options": {"filter_mass": True}}, "filter_mass cannot be combined"),

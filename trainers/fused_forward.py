@@ -431,7 +431,13 @@ def uninstall_fused_head(target) -> bool:
 
 
 def fused_settings(model) -> Optional[FusedHeadSettings]:
-    """The settings of an installed fused head (on the instance, else on its class), or None."""
+    """The settings of a fused head installed on the instance ``model``, or None."""
+    entry = model.__dict__.get(_MARKER)
+    return None if entry is None else entry.settings
+
+
+def active_settings(model) -> Optional[FusedHeadSettings]:
+    """The settings ``model``'s calls run with: its own install, else its class's (`install_fused_head_on_class`)."""
     entry = model.__dict__.get(_MARKER)
     if entry is None:
         for klass in type(model).__mro__:

@@ -29,14 +29,15 @@ outside TRL's). In no order do both heads run for one call.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional, TypeVar
 
 import torch
 
 from .fused_forward import (
     FusedHeadSettings,
+    active_settings,
     check_impl,
-    fused_settings,
     install_fused_head,
     install_fused_head_on_class,
     labels_loss_fields,
@@ -59,10 +60,12 @@ def _settings(impl: str, label_smoothing: float, z_loss: float, backend_options:
     if not isinstance(impl, str) or not impl:
         raise ValueError(f"impl must be 'auto' or a backend name, got {impl!r}")
     for name, value in (("label_smoothing", label_smoothing), ("z_loss", z_loss)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     if label_smoothing > 1:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if backend_options is not None and not isinstance(backend_options, dict):
+        raise ValueError(f"backend_options must be a dict or None, got {type(backend_options).__name__}")
     options = dict(backend_options or {})
     unknown = set(options) - set(BACKEND_OPTIONS)
     if unknown:
@@ -139,7 +142,7 @@ def apply_fused_head(
 def fused_head_backend(model) -> str:
     """The backend the patched ``model``'s loss runs on for its device and dtype (``"torch"``, ``"triton"``, ...)."""
     inner = unwrap_transformers_model(model)
-    settings = fused_settings(inner)
+    settings = active_settings(inner)
     if settings is None or not settings.labels_loss:
         raise ValueError(f"apply_fused_head was not applied to this {type(inner).__name__} (nor to its class)")
     probe = dataclasses.replace(settings, outputs=labels_loss_fields(settings), quirks=read_head_quirks(inner.config))
