@@ -5,6 +5,8 @@ trainers' refusal of heads the core cannot reproduce."""
 from __future__ import annotations
 
 import copy
+import math
+import warnings
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from test_patch import VOCAB, HeadCalls, ScaledLinear, _with_head, assert_same, 
 from trainers import apply_fused_head, remove_fused_head
 
 RTOL = 1e-5
+QUICK_VOCAB = 4096  # benchmarks/_common.py QUICK_MODEL
 
 
 class _Rows(torch.utils.data.Dataset):
@@ -284,16 +287,25 @@ def test_fused_head_backend():
 
 
 def test_benchmark_hf_trainer_quick(tmp_path):
-    """`benchmarks/hf_trainer.py --quick` on CPU: one configuration, one length, one subprocess."""
+    """`benchmarks/hf_trainer.py --quick` on CPU: one run of ours, in this process (as the driver's subprocess runs
+    it), and the table its row renders to. The driver was run by hand: `python benchmarks/hf_trainer.py --quick`."""
+    import importlib.util
     import json
-    import subprocess
-    import sys
 
     from conftest import ROOT
 
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "hf_trainer.py"), "--quick", "--configs", "ours", "--lengths", "16",
-           "--grad-accum", "2", "--timed-steps", "1", "--commit", "test", "--out", str(tmp_path)]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
-    (row,) = json.loads((tmp_path / "hf-trainer-latest.json").read_text())
+    spec = importlib.util.spec_from_file_location("hf_trainer_bench", ROOT / "benchmarks" / "hf_trainer.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = tmp_path / "row.json"
+    verbosity = transformers.logging.get_verbosity()
+    with warnings.catch_warnings():  # the benchmark's set-up silences warnings and logs for its process
+        assert bench.main(["--worker", "ours", "--length", "16", "--result", str(result), "--quick", "--grad-accum",
+                           "2", "--timed-steps", "1"]) == 0
+    transformers.logging.set_verbosity(verbosity)
+    row = json.loads(result.read_text())
     assert row["error"] is None and row["config"] == "ours" and row["backend"] == "torch" and row["tokens_per_s"] > 0
-    assert "| 16 | ours |" in (tmp_path / "hf-trainer-latest.md").read_text()
+    assert row["first_loss"] == pytest.approx(math.log(QUICK_VOCAB), rel=0.05)  # random init: about log V
+    meta = {"model_desc": "tiny", "date": "d", "commit": "c", "device": "cpu", "versions": {}, "command": "x",
+            "grad_accum": 2, "timed_steps": 1, "dtype": "fp32"}
+    assert "| 16 | ours | - |" in bench.render([row], meta)
