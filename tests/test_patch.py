@@ -344,3 +344,20 @@ def test_head_check_tied_embedding_and_adapters():
     assert output_head(TiedLM(tied=True)) is not None
     with pytest.raises(ValueError, match="is a torch.nn.modules.sparse.Embedding"):
         output_head(TiedLM(tied=False))
+
+
+def test_class_removed_under_an_instance_install():
+    """A fused trainer's instance install over a patched class keeps working after the class patch is removed."""
+    from trainers.fused_forward import FusedHeadSettings, install_fused_head
+
+    ref = tiny_family("qwen3")
+    model = copy.deepcopy(ref)
+    apply_fused_head(type(model))
+    try:
+        install_fused_head(model, FusedHeadSettings())  # what the fused trainers do (no loss on labels)
+    finally:
+        remove_fused_head(type(model))
+    ids, mask, labels = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, ref(input_ids=ids, labels=labels).loss)
+        assert model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs is not None

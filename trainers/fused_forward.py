@@ -8,9 +8,9 @@ head's parameters to `align_losses.linear_token_stats`. With ``settings.labels_l
 model's own causal-LM output with the loss and no logits. Every other call goes to the forward it
 replaced, so generation and ``model(**inputs).logits`` are unchanged. `uninstall_fused_head` puts back
 what was there. Heads whose output is not ``h W^T + b`` of their own parameters are refused
-(`output_head`): the fused head reads the parameters and never calls the head. Because the patch sits on the transformers model itself,
-every call still goes through the wrappers around it: DDP/FSDP hooks, PEFT's ``PeftModel.forward``
-and its adapter layers, accelerate's autocast.
+(`output_head`): the fused head reads the parameters and never calls the head. Because the patch
+sits on the transformers model itself, every call still goes through the wrappers around it: DDP/FSDP
+hooks, PEFT's ``PeftModel.forward`` and its adapter layers, accelerate's autocast.
 
 The fused call returns a `FusedHeadOutput` carrying the fields TRL's trainers read from its own
 fused head (``log_probs``, ``entropy``, ``log_sum_sq_probs``, ``mean_logits``, ``is_top1``,
@@ -396,7 +396,9 @@ def install_fused_head_on_class(cls: type, settings: FusedHeadSettings) -> None:
     setattr(cls, _CLASS_MARKER, _Installed(original, settings, previous=cls.__dict__.get("forward")))
 
     def entry_of(self):
-        found = cls.__dict__[_CLASS_MARKER]
+        found = cls.__dict__.get(_CLASS_MARKER)
+        if found is None:  # removed while an instance install still wraps this function: the original answers
+            return _Installed(types.MethodType(original, self), FusedHeadSettings())
         return dataclasses.replace(found, inner=types.MethodType(found.inner, self))
 
     cls.forward = _patched_forward(original, entry_of, per_call_quirks=True)
@@ -481,7 +483,8 @@ def _patched_forward(template, entry_of, per_call_quirks: bool):
 
     ``entry_of(self)`` gives the `_Installed` in force. A call is answered here when it asks for the
     fused statistics (``fused_lm_head=True`` or the routed flag), or when it carries ``labels`` and the
-    settings ask for the loss (``labels_loss``); every other call goes to the forward it replaced.
+    settings ask for the loss (``labels_loss``); every other call goes to the forward it replaced, as
+    does a call with ``labels`` and a ``logits_to_keep`` other than 0 (it asks for logits).
     Positional arguments are named after ``template``: the backbone's positional order differs.
     """
     names = _positional_names(template)
