@@ -187,6 +187,22 @@ def test_trl_sft_trainer_runs_ours_not_its_head(order, head_runs, tokenizer, tmp
     assert update_diff(before, snapshot(trainer.model), ref_before, snapshot(ref_trainer.model)) <= 1e-4
 
 
+def test_trl_sft_trainer_with_a_patched_class(head_runs, tokenizer, tmp_path):
+    """TRL's head sits on the instance, outside a class patch: it runs alone, until the instance is patched too."""
+    model = _sft_model(tokenizer)
+    apply_fused_head(type(model))
+    try:
+        trainer = _sft(model, tokenizer, tmp_path)
+        trainer.train()
+        assert head_runs == {"ours": 0, "trl": 2}
+        apply_fused_head(trainer.model)
+        trainer.args.max_steps = 3
+        trainer.train(resume_from_checkpoint=False)
+    finally:
+        remove_fused_head(type(model))
+    assert head_runs["ours"] == 3 and head_runs["trl"] == 2
+
+
 def test_trl_sft_trainer_under_peft(head_runs, tokenizer, tmp_path):
     """Under PEFT, TRL's head sits on the base model and PEFT calls its `forward` directly: patch after building."""
     from peft import LoraConfig

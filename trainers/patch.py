@@ -22,8 +22,8 @@ the core cannot reproduce (`trainers.fused_forward.output_head`).
 With TRL's ``SFTTrainer`` (which installs its own chunked head on the instance and calls
 ``model(..., fused_lm_head=True)``): on an instance patched here, a forward pre-hook routes those calls
 to our forward, so ours runs and TRL's head does not. The hook fires on ``model(...)``; under PEFT, or
-with a patched class, call ``apply_fused_head(trainer.model)`` after building the trainer (ours then sits
-outside TRL's). In no order do both heads run for one call.
+with only the class patched, TRL's head runs alone until ``apply_fused_head(trainer.model)`` is called after
+building the trainer (ours then sits outside TRL's). In no order do both heads run for one call.
 """
 
 from __future__ import annotations
