@@ -19,6 +19,13 @@ to bf16 rounding. Writes ``hf-trainer-latest.json`` and ``.md`` (date, commit, d
     python benchmarks/hf_trainer.py --quick            # CPU smoke test: a tiny model, lengths 64 and 128
 
 A configuration that fails (out of memory, a missing package) is recorded with its error; the others run.
+On the GPU machine, carry `.whl/` (TRL 1.16, datasets and what it needs, liger-kernel, the newer transformers;
+benchmarks/README.md) and, from the repo root:
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 benchmarks/hf_trainer.py --commit COMMIT --out $OUT
+
+About 4-6 minutes on one H100 (8 runs, each importing, building the model and training 24 micro-batches).
 """
 
 from __future__ import annotations
