@@ -280,14 +280,31 @@ def test_save_pretrained_adds_no_keys(tmp_path):
     assert "forward" not in loaded.__dict__  # the instance patch does not travel with the checkpoint
 
 
-def test_example_train_sft_hf_trainer_smoke(tmp_path):
+def _load_script(relative: str):
+    """Import a script of examples/ or benchmarks/ by path. Both folders have a `_common` module that their scripts
+    import by that name: the one of the script's folder is put in `sys.modules` while it loads, then the previous."""
     import importlib.util
+    import sys
 
     from conftest import ROOT
 
-    spec = importlib.util.spec_from_file_location("train_sft_hf_trainer", ROOT / "examples" / "train_sft_hf_trainer.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    path = ROOT / relative
+    saved, saved_path = sys.modules.pop("_common", None), list(sys.path)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(path.stem + "_under_test", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved_path
+        sys.modules.pop("_common", None)
+        if saved is not None:
+            sys.modules["_common"] = saved
+    return module
+
+
+def test_example_train_sft_hf_trainer_smoke(tmp_path):
+    example = _load_script("examples/train_sft_hf_trainer.py")
     summary = example.main(["--smoke", "--steps", "5", "--batch-size", "4", "--output-dir", str(tmp_path)])
     assert summary["backend"] == "torch" and summary["steps"] == 5
     assert summary["loss_end"] < summary["loss_start"]
@@ -305,14 +322,9 @@ def test_fused_head_backend():
 def test_benchmark_hf_trainer_quick(tmp_path):
     """`benchmarks/hf_trainer.py --quick` on CPU: one run of ours, in this process (as the driver's subprocess runs
     it), and the table its row renders to. The driver was run by hand: `python benchmarks/hf_trainer.py --quick`."""
-    import importlib.util
     import json
 
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("hf_trainer_bench", ROOT / "benchmarks" / "hf_trainer.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_script("benchmarks/hf_trainer.py")
     result = tmp_path / "row.json"
     verbosity = transformers.logging.get_verbosity()
     with warnings.catch_warnings():  # the benchmark's set-up silences warnings and logs for its process
