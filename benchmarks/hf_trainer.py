@@ -40,7 +40,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_common.py
 
 from _common import (  # noqa: E402
-    GiB, MODELS, QUICK_MODEL, QWEN3_1_7B, add_commit_arg, add_output_args, build_model, command_line, device_name,
+    GiB, QUICK_MODEL, QWEN3_1_7B, add_commit_arg, add_output_args, build_model, command_line, device_name,
     doc_parser, fmt, load_tokenizer, log, md_escape, model_desc, run_meta, setup_torch, sync, versions, write_outputs,
 )
 

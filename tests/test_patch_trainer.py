@@ -94,7 +94,8 @@ def test_trainer_evaluate_matches_unpatched(tmp_path):
     losses = []
     for m in (model, ref):
         args = transformers.TrainingArguments(**base_args(tmp_path, per_device_eval_batch_size=3))
-        losses.append(transformers.Trainer(model=m, args=args, eval_dataset=_Rows(), data_collator=_collate).evaluate()["eval_loss"])
+        trainer = transformers.Trainer(model=m, args=args, eval_dataset=_Rows(), data_collator=_collate)
+        losses.append(trainer.evaluate()["eval_loss"])
     assert losses[0] == pytest.approx(losses[1], rel=RTOL)
 
 
