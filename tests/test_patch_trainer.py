@@ -267,6 +267,17 @@ def test_bf16_autocast_is_closer_to_fp32_than_the_model_itself():
     assert abs(float(ours.loss) - float(theirs)) <= 2e-2 * float(exact)
 
 
+def test_trainer_bf16(tmp_path):
+    """`Trainer(bf16=True)`: accelerate wraps the patched forward in autocast; the head still never runs."""
+    ref = tiny_family("qwen3")
+    model = apply_fused_head(copy.deepcopy(ref))
+    calls = HeadCalls(model)
+    ours, *_ = _train(model, tmp_path / "ours", bf16=True, max_steps=1)
+    theirs, *_ = _train(ref, tmp_path / "ref", bf16=True, max_steps=1)
+    assert calls.count == 0
+    torch.testing.assert_close(torch.tensor(ours.step_losses), torch.tensor(theirs.step_losses), rtol=1e-2, atol=0)
+
+
 def test_save_pretrained_adds_no_keys(tmp_path):
     from safetensors.torch import load_file
 
