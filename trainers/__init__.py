@@ -3,7 +3,8 @@
     from trainers import FusedDPOTrainer, FusedDPOConfig
 
 Each trainer takes the arguments of the TRL trainer it subclasses and either its Fused*Config or the
-plain TRL config. See `trainers.fused_forward` for how the hidden states reach `align_losses`.
+plain TRL config. Any other script that calls ``model(**batch, labels=labels).loss``: ``apply_fused_head(model)``
+(`trainers.patch`). See `trainers.fused_forward` for how the hidden states reach `align_losses`.
 Names load on first use: importing TRL's trainers takes seconds (the ``align-losses`` command
 answers ``--help`` and bad arguments without them), and ORPO/CPO live in `trl.experimental`,
 whose import warns.
@@ -36,6 +37,9 @@ _WHERE = {
     "FusedHeadSettings": "fused_forward",
     "install_fused_head": "fused_forward",
     "read_head_quirks": "fused_forward",
+    "apply_fused_head": "patch",
+    "remove_fused_head": "patch",
+    "fused_head_backend": "patch",
 }
 
 __all__ = sorted(_WHERE)

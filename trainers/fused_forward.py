@@ -1,12 +1,16 @@
 """The model-side half of the fused trainers: a forward that returns per-token statistics, not logits.
 
 `install_fused_head(model, settings)` replaces ``model.forward`` (on the instance, as TRL's own
-``add_fused_lm_head`` does) with a forward that, when called with ``fused_lm_head=True``, runs the
-model's backbone and hands its last hidden states and the LM head's parameters to
-`align_losses.linear_token_stats`. Every other call goes to the forward it replaced, so generation
-and ``model(**inputs).logits`` are unchanged. Because the patch sits on the transformers model itself,
-every call still goes through the wrappers around it: DDP/FSDP hooks, PEFT's ``PeftModel.forward``
-and its adapter layers, accelerate's autocast.
+``add_fused_lm_head`` does; `install_fused_head_on_class` on a class) with a forward that, when called
+with ``fused_lm_head=True``, runs the model's backbone and hands its last hidden states and the LM
+head's parameters to `align_losses.linear_token_stats`. With ``settings.labels_loss`` (what
+`trainers.patch.apply_fused_head` installs), a call with ``labels`` also goes there and returns the
+model's own causal-LM output with the loss and no logits. Every other call goes to the forward it
+replaced, so generation and ``model(**inputs).logits`` are unchanged. `uninstall_fused_head` puts back
+what was there. Heads whose output is not ``h W^T + b`` of their own parameters are refused
+(`output_head`): the fused head reads the parameters and never calls the head. Because the patch
+sits on the transformers model itself, every call still goes through the wrappers around it: DDP/FSDP
+hooks, PEFT's ``PeftModel.forward`` and its adapter layers, accelerate's autocast.
 
 The fused call returns a `FusedHeadOutput` carrying the fields TRL's trainers read from its own
 fused head (``log_probs``, ``entropy``, ``log_sum_sq_probs``, ``mean_logits``, ``is_top1``,
@@ -46,18 +50,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import logging
 import types
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 import align_losses
 from align_losses import backends
 from align_losses.backends.base import HeadProblem, LogitTransform
+from align_losses.losses import sft_loss
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +80,9 @@ FIELD_TO_STAT = {
 FIELDS = ("log_probs", *FIELD_TO_STAT)
 
 _MARKER = "_align_losses_head"
+_CLASS_MARKER = "_align_losses_class_head"
+#: A fused call routed past another forward wrapper (`_route_fused_calls`).
+_FUSED_FLAG = "_align_losses_fused"
 
 
 @dataclass
@@ -127,6 +138,10 @@ class FusedHeadSettings:
             sampling temperature).
         fp32_head: run the head in float32 outside autocast, the hidden states cast up (TRL's
             ``cast_lm_head_to_fp32``, which leaves the head's weight in float32).
+        labels_loss: calls with ``labels`` (and no ``fused_lm_head``) return the model's own causal-LM
+            output with the loss from the fused head and no logits (`trainers.patch`); otherwise they
+            go to the forward it replaced, as calls without labels always do.
+        label_smoothing, z_loss: of that loss (``labels_loss`` only).
     """
 
     outputs: tuple = ()
@@ -137,6 +152,9 @@ class FusedHeadSettings:
     temperature: float = 1.0
     quirks: HeadQuirks = field(default_factory=HeadQuirks)
     fp32_head: bool = False
+    labels_loss: bool = False
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
 
     @property
     def backend_options(self) -> dict:
@@ -226,17 +244,69 @@ def head_operands(head: torch.nn.Module, hidden: torch.Tensor):
     return torch.cat(hidden_parts, dim=-1), torch.cat(weight_parts, dim=1), bias
 
 
+def _modules_to_save_type():
+    try:
+        from peft.utils import ModulesToSaveWrapper
+    except ImportError:  # peft not installed
+        return None
+    return ModulesToSaveWrapper
+
+
+def _reading_module(head: torch.nn.Module) -> torch.nn.Module:
+    """The module whose ``weight``/``bias`` the fused head reads: under a LoRA layer its base layer, under
+    PEFT's ``modules_to_save`` wrapper the copy that is active (or the original when adapters are off)."""
+    if is_adapter_layer(head):
+        return head.get_base_layer()
+    wrapper = _modules_to_save_type()
+    if wrapper is not None and isinstance(head, wrapper):
+        if head.disable_adapters or not head.active_adapters:
+            return head.original_module
+        return head.modules_to_save[head.active_adapters[0]]
+    return head
+
+
+def _is_plain(module: torch.nn.Module, kind: type) -> bool:
+    """``module`` is a ``kind`` whose own class keeps ``kind.forward`` (so its output is its weight's product)."""
+    return isinstance(module, kind) and type(module).forward is kind.forward
+
+
 def output_head(model) -> torch.nn.Module:
-    """The LM head of ``model``, or a ValueError saying why the fused head cannot use it."""
+    """The LM head of ``model``, or a ValueError saying why the fused head cannot reproduce it.
+
+    The fused head never calls the head: it reads ``weight`` and ``bias`` and computes ``h W^T + b``.
+    That is the head's output only for a plain ``nn.Linear`` (its type, or a subclass that keeps
+    ``nn.Linear.forward``), a PEFT LoRA layer or ``modules_to_save`` copy of one, or the model's own
+    input ``nn.Embedding`` used as a tied head. Anything else (a subclass whose forward scales its
+    output, a norm before the projection, a quantised layer) would train on wrong log-probs and leave
+    the extra parameters without gradient, so it is refused.
+    """
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     if head is None:
         raise ValueError(
             f"{type(model).__name__} has no output embeddings (`get_output_embeddings()` returned None): the fused "
-            "trainers need a causal LM with a linear LM head, e.g. an `AutoModelForCausalLM` model, not a bare backbone "
+            "head needs a causal LM with a linear LM head, e.g. an `AutoModelForCausalLM` model, not a bare backbone "
             "(`AutoModel`) or a classification model."
         )
-    base = head.get_base_layer() if is_adapter_layer(head) else head
+    if is_adapter_layer(head) and getattr(head, "lora_A", None) is None:
+        raise ValueError(
+            f"the LM head of {type(model).__name__} is wrapped by {type(head).__name__}, which the fused head cannot "
+            "read; only LoRA is supported on `lm_head` (or leave it out of `target_modules`)."
+        )
+    base = _reading_module(head)
+    tied_input = False
+    if _is_plain(base, torch.nn.Embedding):
+        get_in = getattr(model, "get_input_embeddings", None)
+        inputs = get_in() if callable(get_in) else None
+        tied_input = inputs is base or getattr(inputs, "weight", None) is base.weight
+    if not (_is_plain(base, torch.nn.Linear) or tied_input):
+        raise ValueError(
+            f"the LM head of {type(model).__name__} is a {type(base).__module__}.{type(base).__qualname__}, which the "
+            "fused head cannot reproduce: it reads the head's `weight` and `bias` and never calls its forward, so it "
+            "supports only a plain `nn.Linear` (or a subclass that does not override `forward`), a PEFT LoRA wrapper "
+            "of one, or the tied input embedding. Fold what the head does into a plain `nn.Linear` (a scale into its "
+            "weight, a norm into the backbone), or train this model without the fused head."
+        )
     weight = getattr(base, "weight", None)
     # ZeRO-3 leaves an empty placeholder between gathers; `ds_shape` keeps the real shape.
     shape = getattr(weight, "ds_shape", None) or getattr(weight, "shape", ())
@@ -283,22 +353,148 @@ def check_impl(impl: str, model=None, settings: Optional[FusedHeadSettings] = No
 # The patched forward
 
 
-def install_fused_head(model, settings: FusedHeadSettings) -> None:
+@dataclass(frozen=True)
+class _Installed:
+    """One patch of a model instance (stored in its ``__dict__``) or of a class (in the class's ``__dict__``).
+
+    ``inner`` answers every call the patch does not: the instance's bound forward it replaced, or the
+    class's function. ``previous`` is what the instance's (class's) own ``__dict__`` held under
+    ``forward`` (None: nothing, the forward came from the class), restored on removal.
+    """
+
+    inner: Callable
+    settings: FusedHeadSettings
+    previous: Optional[Callable] = None
+    hook: Any = None  # the handle of `_route_fused_calls`, if registered
+
+
+def install_fused_head(model, settings: FusedHeadSettings, route_fused_calls: bool = False) -> None:
     """Patch ``model.forward`` (a transformers causal LM, not a PEFT or DDP wrapper) with the fused forward.
 
-    Installing again replaces the settings and keeps the forward it first wrapped.
+    Installing again replaces the settings and keeps the forward it first wrapped (and its routing hook).
+    ``route_fused_calls``: also register `_route_fused_calls` (for a forward installed later outside ours).
     """
     output_head(model)
     settings = dataclasses.replace(settings, quirks=read_head_quirks(model.config))
-    previous = getattr(model, _MARKER, None)
-    if previous is not None:
-        setattr(model, _MARKER, (previous[0], settings))
+    entry = model.__dict__.get(_MARKER)
+    if entry is not None:
+        model.__dict__[_MARKER] = dataclasses.replace(entry, settings=settings)  # a new object: callers may restore the old
         return
-    wrapped = model.forward  # TRL's patched forward (which itself falls back to the original) or the original
-    setattr(model, _MARKER, (wrapped, settings))
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    # TRL's patched forward (which itself falls back to the original) or the original
+    hook = _route_fused_calls(model) if route_fused_calls else None
+    model.__dict__[_MARKER] = _Installed(model.forward, settings, previous=model.__dict__.get("forward"), hook=hook)
+    forward = _patched_forward(type(model).forward, _instance_entry, per_call_quirks=False)
+    model.forward = types.MethodType(forward, model)
 
-    @functools.wraps(type(model).forward)
+
+def install_fused_head_on_class(cls: type, settings: FusedHeadSettings) -> None:
+    """Patch ``cls.forward`` so that every instance, also those built later by other code, gets the fused forward.
+
+    The head is checked on each call (there is no instance yet) and the quirks read from each instance's config.
+    Installing again replaces the settings.
+    """
+    entry = cls.__dict__.get(_CLASS_MARKER)
+    if entry is not None:
+        setattr(cls, _CLASS_MARKER, dataclasses.replace(entry, settings=settings))
+        return
+    original = cls.forward
+    setattr(cls, _CLASS_MARKER, _Installed(original, settings, previous=cls.__dict__.get("forward")))
+
+    def entry_of(self):
+        found = cls.__dict__.get(_CLASS_MARKER)
+        if found is None:  # removed while an instance install still wraps this function: the original answers
+            return _Installed(types.MethodType(original, self), FusedHeadSettings())
+        return dataclasses.replace(found, inner=types.MethodType(found.inner, self))
+
+    cls.forward = _patched_forward(original, entry_of, per_call_quirks=True)
+
+
+def uninstall_fused_head(target) -> bool:
+    """Undo `install_fused_head` (an instance) or `install_fused_head_on_class` (a class); False if none was there.
+
+    The instance's (class's) ``forward`` is what it was before: its own earlier one (e.g. TRL's fused head)
+    or none, so that the class's forward answers again.
+    """
+    is_class = isinstance(target, type)
+    store = target.__dict__
+    entry = store.get(_CLASS_MARKER if is_class else _MARKER)
+    if entry is None:
+        return False
+    if entry.hook is not None:
+        entry.hook.remove()
+    if is_class:
+        delattr(target, _CLASS_MARKER)
+        if entry.previous is None:
+            delattr(target, "forward")
+        else:
+            target.forward = entry.previous
+    else:
+        del store[_MARKER]
+        if entry.previous is None:
+            store.pop("forward", None)
+        else:
+            store["forward"] = entry.previous
+    return True
+
+
+def fused_settings(model) -> Optional[FusedHeadSettings]:
+    """The settings of a fused head installed on the instance ``model``, or None."""
+    entry = model.__dict__.get(_MARKER)
+    return None if entry is None else entry.settings
+
+
+def active_settings(model) -> Optional[FusedHeadSettings]:
+    """The settings ``model``'s calls run with: its own install, else its class's (`install_fused_head_on_class`)."""
+    entry = model.__dict__.get(_MARKER)
+    if entry is None:
+        for klass in type(model).__mro__:
+            entry = klass.__dict__.get(_CLASS_MARKER)
+            if entry is not None:
+                break
+    return None if entry is None else entry.settings
+
+
+def _instance_entry(self) -> _Installed:
+    return self.__dict__[_MARKER]
+
+
+def _route_fused_calls(model) -> Any:
+    """Make ``model`` answer ``fused_lm_head=True`` with this module's fused forward even when a forward
+    installed later sits outside it (TRL's ``SFTTrainer`` puts its own chunked head there with
+    ``add_fused_lm_head``); returns the hook's handle.
+
+    A forward pre-hook turns the call into ``fused_lm_head=False`` plus a private flag: a wrapper outside
+    ours then takes its ordinary path, which hands the keyword arguments on, and our forward answers the
+    flag. It fires on ``model(...)`` only: PEFT calls the base model's ``forward`` directly, so under PEFT
+    the outermost forward answers (see `trainers.patch`).
+    """
+
+    def hook(module, args, kwargs):
+        if not kwargs.get("fused_lm_head"):
+            return None
+        return args, {**kwargs, "fused_lm_head": False, _FUSED_FLAG: True}
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _positional_names(forward) -> tuple:
+    """The names of ``forward``'s positional parameters after ``self``."""
+    params = list(inspect.signature(forward).parameters.values())[1:]
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def _patched_forward(template, entry_of, per_call_quirks: bool):
+    """The fused forward, with ``template``'s signature (``generate`` validates its kwargs against it).
+
+    ``entry_of(self)`` gives the `_Installed` in force. A call is answered here when it asks for the
+    fused statistics (``fused_lm_head=True`` or the routed flag), or when it carries ``labels`` and the
+    settings ask for the loss (``labels_loss``); every other call goes to the forward it replaced, as
+    does a call with ``labels`` and a ``logits_to_keep`` other than 0 (it asks for logits).
+    Positional arguments are named after ``template``: the backbone's positional order differs.
+    """
+    names = _positional_names(template)
+
+    @functools.wraps(template)
     def forward(
         self,
         *args,
@@ -310,26 +506,59 @@ def install_fused_head(model, settings: FusedHeadSettings) -> None:
         mean_logits_all: bool = False,
         **kwargs,
     ):
-        original, current = getattr(self, _MARKER)
-        if not fused_lm_head:
+        entry = entry_of(self)
+        settings = entry.settings
+        fused = bool(fused_lm_head) or bool(kwargs.pop(_FUSED_FLAG, False))
+        if args:
+            if len(args) > len(names):
+                raise TypeError(f"{type(self).__name__}.forward takes {len(names)} positional arguments, {len(args)} given")
+            for name, value in zip(names, args):
+                if name in kwargs or (name == "labels" and labels is not None):
+                    raise TypeError(f"{type(self).__name__}.forward got multiple values for argument {name!r}")
+                kwargs[name] = value
+        if labels is None:
+            labels = kwargs.pop("labels", None)
+        keep = kwargs.get("logits_to_keep", 0)
+        keeps_all = isinstance(keep, int) and keep == 0
+        if not fused and not (settings.labels_loss and labels is not None and keeps_all):
+            if settings.labels_loss and labels is None and self.training and torch.is_grad_enabled():
+                warnings.warn(
+                    "the fused head was called with gradients but without `labels`, so the model built its logits as "
+                    "before (no memory saved). A `Trainer` with `label_smoothing_factor` or `compute_loss_func` takes "
+                    "the labels out of the call: pass `label_smoothing=` to `apply_fused_head` instead, or compute "
+                    "a custom loss from `model(..., labels=labels, fused_lm_head=True).log_probs`.",
+                    stacklevel=2,
+                )
             for key, value in (("labels", labels), ("shift_labels", shift_labels), ("num_items_in_batch", num_items_in_batch)):
                 if value is not None:
                     kwargs[key] = value
-            return original(*args, **kwargs)
-        return _fused_call(
-            self, text_config, current, args, kwargs, labels, shift_labels, num_items_in_batch, fused_outputs, mean_logits_all
-        )
+            return entry.inner(**kwargs)
+        if per_call_quirks:
+            output_head(self)
+            settings = dataclasses.replace(settings, quirks=read_head_quirks(self.config))
+        kwargs.pop("logits_to_keep", None)
+        text_config = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        if fused:
+            return _fused_call(
+                self, text_config, settings, kwargs, labels, shift_labels, num_items_in_batch, fused_outputs, mean_logits_all
+            )
+        return _loss_call(self, text_config, settings, kwargs, labels, shift_labels, num_items_in_batch)
 
-    model.forward = types.MethodType(forward, model)
+    return forward
 
 
-def fused_settings(model) -> Optional[FusedHeadSettings]:
-    """The settings of an installed fused head, or None."""
-    entry = getattr(model, _MARKER, None)
-    return None if entry is None else entry[1]
+@dataclass
+class _HeadPass:
+    """The backbone's output and the head's per-token statistics of one fused call."""
+
+    per_token: dict
+    label_mask: torch.Tensor
+    backbone: Any
+    aux_loss: Optional[torch.Tensor]
+    mean_logits_all: Optional[torch.Tensor]
 
 
-def _fused_call(self, text_config, settings, args, kwargs, labels, shift_labels, num_items_in_batch, fields, want_all):
+def _fused_call(self, text_config, settings, kwargs, labels, shift_labels, num_items_in_batch, fields, want_all):
     if labels is None and shift_labels is None:
         raise ValueError("a fused_lm_head=True call needs `labels` (or `shift_labels`)")
     fields = tuple(settings.outputs if fields is None else fields)
@@ -337,6 +566,55 @@ def _fused_call(self, text_config, settings, args, kwargs, labels, shift_labels,
     if unknown:
         raise ValueError(f"unknown fused outputs {sorted(unknown)}; expected a subset of {list(FIELDS)}")
     kwargs["use_cache"] = False
+    kwargs.pop("return_dict", None)
+    run = _head_pass(self, text_config, settings, kwargs, labels, shift_labels, fields, want_all)
+    count = run.label_mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    loss = -run.per_token["log_probs"].sum() / count
+    if run.aux_loss is not None:
+        loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * run.aux_loss
+    return FusedHeadOutput(
+        loss=loss, label_mask=run.label_mask, aux_loss=run.aux_loss, mean_logits_all=run.mean_logits_all, **run.per_token
+    )
+
+
+def labels_loss_fields(settings: FusedHeadSettings) -> tuple:
+    """The per-token fields (beyond ``log_probs``) the loss of a call with ``labels`` needs (``labels_loss``)."""
+    if settings.label_smoothing > 0:
+        return ("mean_logits", "logsumexp")
+    return ("logsumexp",) if settings.z_loss > 0 else ()
+
+
+def _loss_call(self, text_config, settings, kwargs, labels, shift_labels, num_items_in_batch):
+    """The model's own causal-LM output with ``labels``, its loss from the fused head and ``logits=None``.
+
+    The loss is transformers' ``ForCausalLMLoss`` (shifted labels or ``shift_labels``, -100 ignored, the sum
+    over scored tokens divided by their count or ``num_items_in_batch``), with the settings' label
+    smoothing and z-loss, plus the MoE router loss times ``router_aux_loss_coef`` as the model adds it.
+    """
+    return_dict = kwargs.pop("return_dict", None)
+    run = _head_pass(self, text_config, settings, kwargs, labels, shift_labels, labels_loss_fields(settings), False)
+    loss = sft_loss(
+        run.per_token["log_probs"],
+        run.label_mask,
+        num_items_in_batch=num_items_in_batch,
+        label_smoothing=settings.label_smoothing,
+        z_loss=settings.z_loss,
+        mean_logit=run.per_token["mean_logits"],
+        logsumexp=run.per_token["logsumexp"],
+    ).loss
+    values = dict(run.backbone.items())
+    if run.aux_loss is not None:
+        loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * run.aux_loss.to(loss.device)
+        values["aux_loss"] = run.aux_loss
+    moe = run.aux_loss is not None or values.get("router_logits") is not None
+    out_type = MoeCausalLMOutputWithPast if moe else CausalLMOutputWithPast
+    names = {f.name for f in dataclasses.fields(out_type)} - {"loss", "logits"}
+    output = out_type(loss=loss, logits=None, **{k: v for k, v in values.items() if k in names})
+    return output.to_tuple() if return_dict is False else output
+
+
+def _head_pass(self, text_config, settings, kwargs, labels, shift_labels, fields, want_all) -> _HeadPass:
+    """Run the backbone on ``kwargs`` (named inputs) and the fused head on its last hidden states."""
     if getattr(text_config, "output_router_logits", False):
         kwargs.setdefault("output_router_logits", True)
     head = self.get_output_embeddings()
@@ -347,7 +625,7 @@ def _fused_call(self, text_config, settings, args, kwargs, labels, shift_labels,
             "the parameters of the module called, not its children's); leave `lm_head` out of `target_modules` / "
             "`modules_to_save`, or use FSDP2."
         )
-    backbone_out = self.base_model(*args, **kwargs)
+    backbone_out = self.base_model(**kwargs)
     hidden = backbone_out.last_hidden_state
     device = (head.get_base_layer() if is_adapter_layer(head) else head).weight.device
     hidden = hidden.to(device)
@@ -395,17 +673,11 @@ def _fused_call(self, text_config, settings, args, kwargs, labels, shift_labels,
         "logsumexp": cut(result.logsumexp),
     }
     label_mask = (targets[:, 1:] if shift else targets) != -100
-    count = label_mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-    loss = -per_token["log_probs"].sum() / count
 
     aux_loss = None
     if kwargs.get("output_router_logits") and getattr(backbone_out, "router_logits", None) is not None:
         aux_loss = _load_balancing_loss(backbone_out.router_logits, text_config, kwargs.get("attention_mask"))
-        loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
-
-    return FusedHeadOutput(
-        loss=loss, label_mask=label_mask, aux_loss=aux_loss, mean_logits_all=all_means, **per_token
-    )
+    return _HeadPass(per_token, label_mask, backbone_out, aux_loss, all_means)
 
 
 def _run_as_head_call(head, fn, hidden):

@@ -1,0 +1,363 @@
+"""`trainers.apply_fused_head` on tiny random models of each family: the loss and every parameter gradient
+equal to the unpatched model's (fp32, relative 1e-5), the LM head's forward never run with labels,
+instance and class patches, `remove_fused_head`, generation, refused heads, and the options."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+from trainers import apply_fused_head, remove_fused_head
+
+VOCAB = 160
+RTOL = 1e-5
+
+_COMMON = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+    vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+
+#: family -> (model class, config class, config overrides). Quirks set so that they matter: soft-caps small
+#: enough to bend the logits, logit scales far from 1, MoE router loss weighted 0.5.
+FAMILIES = {
+    "llama": ("LlamaForCausalLM", "LlamaConfig", {}),
+    "mistral": ("MistralForCausalLM", "MistralConfig", {"sliding_window": None}),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", {}),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", {"head_dim": 8, "tie_word_embeddings": False}),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", {
+        "head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+        "decoder_sparse_step": 1, "output_router_logits": True, "router_aux_loss_coef": 0.5}),
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig", {
+        "num_local_experts": 4, "num_experts_per_tok": 2, "output_router_logits": True, "router_aux_loss_coef": 0.5,
+        "sliding_window": None}),
+    "gemma": ("GemmaForCausalLM", "GemmaConfig", {"head_dim": 8}),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", {"head_dim": 8, "final_logit_softcapping": 2.0}),
+    "gemma3_text": ("Gemma3ForCausalLM", "Gemma3TextConfig", {"head_dim": 8, "final_logit_softcapping": 3.0}),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", {}),
+    "cohere": ("CohereForCausalLM", "CohereConfig", {"logit_scale": 0.5}),
+    "granite": ("GraniteForCausalLM", "GraniteConfig", {"logits_scaling": 4.0}),
+    "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", {}),
+    "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", {}),
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", {}),
+}
+
+
+def tiny_family(family: str, seed: int = 0):
+    """A 2-layer random model of ``family``, fp32, eager attention, no dropout, head weights large enough that
+    the logits are far from flat (so that a wrong head shows)."""
+    model_name, config_name, extra = FAMILIES[family]
+    if family == "gpt2":
+        config = transformers.GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )
+    else:
+        common = {k: v for k, v in _COMMON.items() if family != "gpt_neox" or k != "num_key_value_heads"}
+        config = getattr(transformers, config_name)(**{**common, **extra})
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).float()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0, 0.3)
+    return model
+
+
+def batch(seed: int = 1, shape=(2, 11)):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, shape, generator=g)
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt
+    labels[1, -2:] = -100  # padding
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    return ids, mask, labels
+
+
+def loss_and_grads(model, **inputs):
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs)
+    out.loss.backward()
+    return out, {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(out, grads, ref_out, ref_grads):
+    torch.testing.assert_close(out.loss, ref_out.loss, rtol=RTOL, atol=0)
+    assert grads.keys() == ref_grads.keys()
+    for name, ref in ref_grads.items():
+        err = (grads[name] - ref).norm() / ref.norm().clamp(min=1e-30)
+        assert err <= RTOL, f"{name}: relative gradient error {err:.2e}"
+
+
+class HeadCalls:
+    """Records the calls of the LM head's forward (the patched forward must never make one with labels)."""
+
+    def __init__(self, model):
+        self.count = 0
+        self.handle = model.get_output_embeddings().register_forward_hook(self._hook)
+
+    def _hook(self, *_):
+        self.count += 1
+
+
+@pytest.mark.parametrize("mode", ["instance", "class"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_loss_and_grads_match_unpatched(family, mode):
+    ref = tiny_family(family)
+    model = copy.deepcopy(ref)
+    ids, mask, labels = batch()
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    ref.train()
+    model.train()
+    ref_out, ref_grads = loss_and_grads(ref, **inputs)
+    assert ref_out.logits is not None
+    target = type(model) if mode == "class" else model
+    calls = HeadCalls(model)
+    apply_fused_head(target)
+    try:
+        out, grads = loss_and_grads(model, **inputs)
+        assert calls.count == 0, "the LM head's forward ran on a call with labels"
+        assert out.logits is None
+        assert_same(out, grads, ref_out, ref_grads)
+        if getattr(model.config, "output_router_logits", False):
+            torch.testing.assert_close(out.aux_loss, ref_out.aux_loss, rtol=RTOL, atol=0)
+            assert out.router_logits is not None
+        # Without labels: the model's own forward, head and logits included.
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            torch.testing.assert_close(logits, ref(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)
+        assert calls.count == 1
+    finally:
+        remove_fused_head(target)
+    with torch.no_grad():
+        assert model(**inputs).logits is not None  # removed: the original forward again
+    assert calls.count == 2
+
+
+def test_class_patch_reaches_models_loaded_later(tmp_path):
+    """What Axolotl-style code does: patch the class, then someone else loads the model."""
+    ref = tiny_family("qwen3")
+    ref.save_pretrained(tmp_path)
+    ids, mask, labels = batch()
+    ref_out, ref_grads = loss_and_grads(ref, input_ids=ids, attention_mask=mask, labels=labels)
+    cls = transformers.Qwen3ForCausalLM
+    original = cls.__dict__["forward"]
+    apply_fused_head(cls)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+        model.config._attn_implementation = "eager"
+        calls = HeadCalls(model)
+        out, grads = loss_and_grads(model, input_ids=ids, attention_mask=mask, labels=labels)
+        assert calls.count == 0 and out.logits is None
+        assert_same(out, grads, ref_out, ref_grads)
+    finally:
+        remove_fused_head(cls)
+    assert cls.__dict__["forward"] is original
+
+
+def test_remove_restores_exactly():
+    model = tiny_family("qwen3")
+    assert "forward" not in model.__dict__
+    hooks = len(model._forward_pre_hooks)
+    apply_fused_head(model)
+    apply_fused_head(model, z_loss=1e-3)  # again: new options, one patch
+    remove_fused_head(model)
+    assert "forward" not in model.__dict__ and len(model._forward_pre_hooks) == hooks
+    assert not any(k.startswith("_align_losses") for k in model.__dict__)
+    with pytest.raises(ValueError, match="no fused head was applied"):
+        remove_fused_head(model)
+    with pytest.raises(ValueError, match="no fused head was applied"):
+        remove_fused_head(transformers.LlamaForCausalLM)
+
+
+def test_generate_gives_the_same_tokens():
+    ref = tiny_family("llama")
+    model = apply_fused_head(copy.deepcopy(ref))
+    ids = torch.randint(3, VOCAB, (2, 5))
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(model.generate(ids, **kwargs), ref.generate(ids, **kwargs), rtol=0, atol=0)
+
+
+def test_num_items_shift_labels_tuple_and_positional():
+    ref = tiny_family("qwen3")
+    model = apply_fused_head(copy.deepcopy(ref))
+    ids, mask, labels = batch()
+    # num_items_in_batch: the sum over scored tokens divided by it (gradient accumulation)
+    for n in (7, torch.tensor(23)):
+        a = model(input_ids=ids, labels=labels, num_items_in_batch=n).loss
+        b = ref(input_ids=ids, labels=labels, num_items_in_batch=n).loss
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=0)
+    # shift_labels (context parallelism): used as they are; the unpatched model also needs `labels` to score
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].contiguous()
+    a = model(input_ids=ids, labels=labels, shift_labels=shifted).loss
+    torch.testing.assert_close(a, ref(input_ids=ids, labels=labels, shift_labels=shifted).loss, rtol=RTOL, atol=0)
+    # return_dict=False: a tuple, the loss first
+    a = model(input_ids=ids, labels=labels, return_dict=False)
+    assert isinstance(a, tuple)
+    torch.testing.assert_close(a[0], ref(input_ids=ids, labels=labels).loss, rtol=RTOL, atol=0)
+    # positional arguments are named as the model's forward names them (labels is the 6th)
+    a = model(ids, mask, None, None, None, labels)
+    torch.testing.assert_close(a.loss, ref(input_ids=ids, attention_mask=mask, labels=labels).loss, rtol=RTOL, atol=0)
+
+
+def test_label_smoothing_and_z_loss():
+    ref = tiny_family("gemma2")  # soft-capped: the mean logit is of the capped logits
+    ids, mask, labels = batch()
+    eps, z = 0.1, 1e-2
+    model = apply_fused_head(copy.deepcopy(ref), label_smoothing=eps, z_loss=z)
+    out, grads = loss_and_grads(model, input_ids=ids, attention_mask=mask, labels=labels)
+
+    ref.zero_grad(set_to_none=True)
+    logits = ref(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    target = labels[:, 1:]
+    keep = target != -100
+    per_token = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), target, ignore_index=-100, reduction="none", label_smoothing=eps
+    )
+    lse = torch.logsumexp(logits, dim=-1)
+    ref_loss = ((per_token + z * lse**2) * keep).sum() / keep.sum()
+    ref_loss.backward()
+    ref_grads = {n: p.grad.detach().clone() for n, p in ref.named_parameters() if p.grad is not None}
+    assert_same(out, grads, type(out)(loss=ref_loss), ref_grads)
+
+
+def test_fused_lm_head_gives_per_token_log_probs():
+    """The opt-in path for custom losses: per-token log-probs and entropy, differentiable, instead of the loss."""
+    ref = tiny_family("cohere")
+    model = apply_fused_head(copy.deepcopy(ref))
+    ids, mask, labels = batch()
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, fused_outputs=("entropy",))
+    logp = torch.log_softmax(ref(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), dim=-1)
+    target = labels[:, 1:]
+    keep = target != -100
+    want = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
+    torch.testing.assert_close(out.log_probs, want, rtol=RTOL, atol=1e-6)
+    entropy = -(logp.exp() * logp).sum(-1) * keep
+    torch.testing.assert_close(out.entropy, entropy, rtol=RTOL, atol=1e-6)
+    assert out.log_probs.requires_grad and out.is_top1 is None
+    torch.testing.assert_close(out.label_mask, keep)
+
+
+def test_no_labels_with_grad_in_training_warns():
+    model = apply_fused_head(tiny_family("qwen3"))
+    model.train()
+    ids, mask, _ = batch()
+    with pytest.warns(UserWarning, match="without `labels`"):
+        assert model(input_ids=ids).logits is not None
+
+
+# -------------------------------------------------------------------------------------------------------------- heads
+class ScaledLinear(torch.nn.Linear):
+    """A head whose forward is not its weight's product: the fused core could not reproduce it."""
+
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+class QuietLinear(torch.nn.Linear):
+    """A subclass that keeps `nn.Linear.forward`: accepted."""
+
+
+def _with_head(model, head):
+    old = model.get_output_embeddings()
+    with torch.no_grad():
+        head[-1].weight.copy_(old.weight) if isinstance(head, torch.nn.Sequential) else head.weight.copy_(old.weight)
+    model.set_output_embeddings(head)
+    return model
+
+
+def _bad_heads():
+    return {
+        "ScaledLinear": lambda: ScaledLinear(32, VOCAB, bias=False),
+        "Sequential": lambda: torch.nn.Sequential(torch.nn.LayerNorm(32), torch.nn.Linear(32, VOCAB, bias=False)),
+    }
+
+
+@pytest.mark.parametrize("head", sorted(_bad_heads()))
+@pytest.mark.parametrize("mode", ["instance", "class"])
+def test_refuses_a_head_it_cannot_reproduce(head, mode):
+    model = _with_head(tiny_family("qwen3"), _bad_heads()[head]())
+    ids, _, labels = batch()
+    if mode == "instance":
+        with pytest.raises(ValueError, match=rf"LM head of Qwen3ForCausalLM is a .*{head}.*plain `nn.Linear`"):
+            apply_fused_head(model)
+        assert "forward" not in model.__dict__  # nothing installed
+        return
+    apply_fused_head(type(model))
+    try:
+        with pytest.raises(ValueError, match=rf"is a .*{head}"):
+            model(input_ids=ids, labels=labels)
+        with torch.no_grad():
+            assert model(input_ids=ids).logits is not None  # without labels the model's own forward
+    finally:
+        remove_fused_head(type(model))
+
+
+def test_accepts_linear_subclass_without_forward():
+    ref = _with_head(tiny_family("qwen3"), QuietLinear(32, VOCAB, bias=False))
+    model = apply_fused_head(copy.deepcopy(ref))
+    ids, mask, labels = batch()
+    assert_same(*loss_and_grads(model, input_ids=ids, labels=labels), *loss_and_grads(ref, input_ids=ids, labels=labels))
+
+
+def test_option_errors():
+    model = tiny_family("qwen3")
+    for kwargs, match in (
+        ({"label_smoothing": -0.1}, "label_smoothing must be a finite number >= 0"),
+        ({"label_smoothing": 1.5}, r"label_smoothing must be in \[0, 1\]"),
+        ({"z_loss": "x"}, "z_loss must be a finite number"),
+        ({"z_loss": float("inf")}, "z_loss must be a finite number"),
+        ({"backend_options": ["filter_mass"]}, "backend_options must be a dict"),
+        ({"backend_options": {"chunk": 3}}, "unknown backend_options"),
+        ({"impl": "nope"}, "nope"),
+        ({"label_smoothing": 0.1, "backend_options": {"filter_mass": True}}, "filter_mass cannot be combined"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            apply_fused_head(model, **kwargs)
+        assert "forward" not in model.__dict__
+    with pytest.raises(ValueError, match="no output embeddings"):
+        apply_fused_head(transformers.Qwen3Model(model.config))
+    with pytest.raises(ValueError, match="expects a transformers PreTrainedModel"):
+        apply_fused_head(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="got the class Linear"):
+        apply_fused_head(torch.nn.Linear)
+
+
+def test_head_check_tied_embedding_and_adapters():
+    """`output_head` accepts an `nn.Embedding` head only when it is the model's input embedding (tied)."""
+    from trainers.fused_forward import output_head
+
+    class TiedLM(torch.nn.Module):
+        def __init__(self, tied: bool):
+            super().__init__()
+            self.embed = torch.nn.Embedding(VOCAB, 8)
+            self.out = self.embed if tied else torch.nn.Embedding(VOCAB, 8)
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def get_output_embeddings(self):
+            return self.out
+
+    assert output_head(TiedLM(tied=True)) is not None
+    with pytest.raises(ValueError, match="is a torch.nn.modules.sparse.Embedding"):
+        output_head(TiedLM(tied=False))
+
+
+def test_class_removed_under_an_instance_install():
+    """A fused trainer's instance install over a patched class keeps working after the class patch is removed."""
+    from trainers.fused_forward import FusedHeadSettings, install_fused_head
+
+    ref = tiny_family("qwen3")
+    model = copy.deepcopy(ref)
+    apply_fused_head(type(model))
+    try:
+        install_fused_head(model, FusedHeadSettings())  # what the fused trainers do (no loss on labels)
+    finally:
+        remove_fused_head(type(model))
+    ids, mask, labels = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, ref(input_ids=ids, labels=labels).loss)
+        assert model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs is not None
