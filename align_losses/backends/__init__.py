@@ -40,6 +40,7 @@ _MODULES = {
     "liger": ".liger",
 }
 _ALIASES = {"pytorch": "torch"}
+_LOADED: dict = {}  # name -> the module defining its BACKEND, filled by `get`
 ENV_VAR = "ALIGN_LOSSES_IMPL"
 
 _logged_choices: set = set()
@@ -73,7 +74,9 @@ def get(name: str) -> Backend:
     if key not in _MODULES:
         expected = f"expected one of {names()}"
         raise BackendError(f"unknown impl {name!r}: {expected}", impl=name, kind="unknown", reason=expected)
-    return importlib.import_module(_MODULES[key], __name__).BACKEND
+    if key not in _LOADED:  # once per backend: a dict hit afterwards, which torch.compile traces without a break
+        _LOADED[key] = importlib.import_module(_MODULES[key], __name__)
+    return _LOADED[key].BACKEND
 
 
 def check(impl: Optional[str], problem: Optional[HeadProblem] = None) -> Optional[Backend]:

@@ -6,6 +6,7 @@ import numbers
 
 import torch
 
+from ..ops import library
 from ..ops.tiled_head import tiled_head
 from ..problem import OUTPUTS, HeadProblem
 from .base import Backend, Capabilities
@@ -18,6 +19,12 @@ DEFAULT_MEMORY_BUDGET = 512 * 2**20
 def _run(problem: HeadProblem) -> dict:
     budget = problem.options.get("memory_budget") or DEFAULT_MEMORY_BUDGET
     return tiled_head(problem, memory_budget=int(budget), token_block=problem.options.get("token_chunk"))
+
+
+def _run_traceable(problem: HeadProblem, ignore_index: int) -> dict:
+    budget = problem.options.get("memory_budget") or DEFAULT_MEMORY_BUDGET
+    return library.head(problem, ignore_index, "torch", memory_budget=int(budget),
+                        token_chunk=problem.options.get("token_chunk"))
 
 
 def _check_options(problem: HeadProblem) -> list:
@@ -47,4 +54,5 @@ BACKEND = Backend(
     ),
     run=_run,
     extra_check=_check_options,
+    run_traceable=_run_traceable,
 )

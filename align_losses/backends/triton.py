@@ -55,6 +55,15 @@ def _run(problem: HeadProblem) -> dict:
                        filter_mass=filter_mass(problem.options.get("filter_mass")))
 
 
+def _run_traceable(problem: HeadProblem, ignore_index: int) -> Optional[dict]:
+    if filter_mass(problem.options.get("filter_mass")) is not None:
+        return None  # the filtering backward keeps per-call state the registered op does not carry
+    from ..ops import library
+
+    budget = problem.options.get("memory_budget")
+    return library.head(problem, ignore_index, "triton", memory_budget=int(budget) if budget else None)
+
+
 BACKEND = Backend(
     name="triton",
     capabilities=Capabilities(
@@ -70,4 +79,5 @@ BACKEND = Backend(
     ),
     run=_run,
     available=_available,
+    run_traceable=_run_traceable,
 )

@@ -1,0 +1,325 @@
+"""The fused head under `torch.compile(fullgraph=True)` and without host synchronisation (issue #28).
+
+The head runs behind registered operators (`align_losses.ops.library`), so Dynamo traces a call of
+`linear_logprobs` / `linear_token_stats` / `LinearCrossEntropyLoss` and a loss after it as one graph. Each
+compiled result is compared with the eager call and with float64 full-logits math (`reference`), on fresh
+random inputs with odd sizes, ignored tokens and non-uniform upstream gradients. The sync-free path (what a
+CUDA-graph capture runs) is forced on the CPU by pretending to capture, with every host read made to fail.
+Compiles are few and tiny (CPU compile time is the cost): most use the ``aot_eager`` backend, one Inductor.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import full_logits, rel, token_stats
+from triton_markers import gpu
+
+import align_losses
+from align_losses import LinearCrossEntropyLoss, dpo_loss, linear_logprobs, linear_token_stats, sequence_logps
+from align_losses.ops import library
+
+IGNORE = -100
+
+
+def _inputs(n_seq=4, t=13, d=24, v=67, seed=0, ignored=3, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n_seq, t, d, generator=g).to(device, dtype).requires_grad_()
+    weight = (torch.randn(v, d, generator=g) * 0.3).to(device, dtype).requires_grad_()
+    bias = (torch.randn(v, generator=g) * 0.5).to(device, dtype).requires_grad_()
+    labels = torch.randint(0, v, (n_seq, t), generator=g)
+    labels[:, :ignored] = IGNORE  # prompt tokens
+    labels[-1, -2] = IGNORE  # and one inside a completion
+    return hidden, weight, bias, labels.to(device)
+
+
+def _grads(loss, tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+def _one_graph(fn, *args):
+    explained = torch._dynamo.explain(fn)(*args)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), [b.reason for b in explained.break_reasons]
+
+
+def _dpo(hidden, weight, labels, ref_logps):
+    """hidden -> linear_logprobs -> sequence log-probs -> DPO (chosen rows first, then rejected)."""
+    token_logps = linear_logprobs(hidden, weight, labels, shift=True, impl="torch")
+    mask = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1) != IGNORE
+    seq = sequence_logps(token_logps, mask)
+    half = seq.shape[0] // 2
+    return dpo_loss(seq[:half], seq[half:], ref_logps[:half], ref_logps[half:], beta=0.3).loss
+
+
+def _dpo_reference(hidden, weight, labels, ref_logps):
+    z = full_logits(hidden, weight)
+    token = token_stats(z, labels, IGNORE, shift=True)["logprobs"]
+    seq = token.sum(-1)
+    half = seq.shape[0] // 2
+    margin = 0.3 * ((seq[:half] - ref_logps[:half].double()) - (seq[half:] - ref_logps[half:].double()))
+    return -F.logsigmoid(margin).mean()
+
+
+def test_dpo_compiles_to_one_graph_and_matches_eager_and_float64():
+    hidden, weight, _, labels = _inputs(seed=1)
+    ref_logps = torch.randn(4, generator=torch.Generator().manual_seed(2)) * 3
+    _one_graph(_dpo, hidden, weight, labels, ref_logps)
+    compiled = torch.compile(_dpo, fullgraph=True)  # Inductor, as a user would compile it
+    got = compiled(hidden, weight, labels, ref_logps)
+    eager = _dpo(hidden, weight, labels, ref_logps)
+    expected = _dpo_reference(hidden, weight, labels, ref_logps)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, eager, rtol=1e-6, atol=1e-6)
+    assert rel(got, expected) < 1e-5
+    got_grads = _grads(got, (hidden, weight))
+    eager_grads = _grads(eager, (hidden, weight))
+    ref_grads = _grads(expected, (hidden, weight))
+    for g, e, r in zip(got_grads, eager_grads, ref_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+        assert rel(g, r) < 1e-4
+        assert g.abs().sum() > 0
+
+
+def test_sft_module_with_smoothing_and_z_loss_compiles_and_matches():
+    hidden, weight, bias, labels = _inputs(n_seq=3, t=11, d=20, v=53, seed=3)
+    head = torch.nn.Linear(20, 53)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    loss_fn = LinearCrossEntropyLoss(head, impl="torch", label_smoothing=0.1, z_loss=1e-2, softcap=4.0)
+    _one_graph(loss_fn, hidden, labels)
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    got = compiled(hidden, labels)
+    eager = loss_fn(hidden, labels)
+    z = full_logits(hidden, head.weight, head.bias, softcap=4.0).flatten(0, -2)
+    flat = labels.flatten()
+    expected = F.cross_entropy(z, flat, ignore_index=IGNORE, label_smoothing=0.1)
+    keep = flat != IGNORE
+    expected = expected + 1e-2 * (torch.logsumexp(z, -1)[keep] ** 2).mean()
+    torch.testing.assert_close(got, eager, rtol=1e-6, atol=1e-6)
+    assert rel(got, expected) < 1e-5
+    tensors = (hidden, head.weight, head.bias)
+    for g, e, r in zip(_grads(got, tensors), _grads(eager, tensors), _grads(expected, tensors)):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+        assert rel(g, r) < 1e-4
+
+
+#: 8 tokens x 16 ids a tile (16 bytes an element): several token and vocabulary blocks at these sizes.
+TILES = {"memory_budget": 16 * 8 * 16, "token_chunk": 8}
+STATS = ("entropy", "mean_logit", "logsumexp", "argmax_hit", "log_sum_p2")
+DIFFERENTIABLE = ("logprobs", "entropy", "mean_logit", "logsumexp")
+
+
+def _weighted(stats, weights):
+    """``sum_n sum_t weights[n][t] * stats[n][t]``: a random non-uniform upstream gradient for each output."""
+    return sum((getattr(stats, n) * weights[n]).sum() for n in DIFFERENTIABLE)
+
+
+def _stats_call(hidden, weight, bias, labels, weights):
+    stats = linear_token_stats(hidden, weight, labels, bias=bias, outputs=STATS, impl="torch", temperature=0.7,
+                               logit_scale=1.3, softcap=5.0, backend_options=TILES)
+    return _weighted(stats, weights), stats
+
+
+def _reference_stats(hidden, weight, bias, labels):
+    z = full_logits(hidden, weight, bias, logit_scale=1.3, softcap=5.0, temperature=0.7)
+    return token_stats(z, labels, IGNORE)
+
+
+def test_token_stats_compile_to_one_graph_with_every_output():
+    """Every output, with bias, soft-cap, temperature, logit scale and small tiles (several blocks of each)."""
+    hidden, weight, bias, labels = _inputs(n_seq=2, t=9, d=16, v=41, seed=4)
+    g = torch.Generator().manual_seed(5)
+    weights = {n: torch.rand(labels.shape, generator=g) * 2 - 0.5 for n in DIFFERENTIABLE}
+    _one_graph(lambda *a: _stats_call(*a)[0], hidden, weight, bias, labels, weights)
+    compiled = torch.compile(_stats_call, fullgraph=True, backend="aot_eager")
+    got, got_stats = compiled(hidden, weight, bias, labels, weights)
+    eager, eager_stats = _stats_call(hidden, weight, bias, labels, weights)
+    reference = _reference_stats(hidden, weight, bias, labels)
+    for name in ("logprobs", *STATS):
+        torch.testing.assert_close(getattr(got_stats, name), getattr(eager_stats, name), rtol=1e-6, atol=1e-6)
+        assert rel(getattr(got_stats, name), reference[name]) < 1e-5, name
+    assert not got_stats.argmax_hit.requires_grad and not got_stats.log_sum_p2.requires_grad
+    assert (got_stats.logprobs[labels == IGNORE] == 0).all()
+    expected = _weighted(type("S", (), reference), weights)
+    tensors = (hidden, weight, bias)
+    for g_, e, r in zip(_grads(got, tensors), _grads(eager, tensors), _grads(expected, tensors)):
+        torch.testing.assert_close(g_, e, rtol=1e-5, atol=1e-6)
+        assert rel(g_, r) < 1e-4
+
+
+def test_bad_label_under_compile_gives_the_eager_error():
+    hidden, weight, _, labels = _inputs(n_seq=2, t=5, d=8, v=11, seed=6, ignored=1)
+    labels[1, 3] = 11
+    compiled = torch.compile(lambda h, w, y: linear_logprobs(h, w, y, impl="torch").sum(), fullgraph=True,
+                             backend="aot_eager")
+    message = r"labels must be in \[0, 11\) or equal ignore_index=-100; found \[11\]"
+    with pytest.raises(ValueError, match=message):
+        linear_logprobs(hidden, weight, labels, impl="torch")
+    with pytest.raises(ValueError, match=message):
+        compiled(hidden, weight, labels)
+
+
+def test_compiled_call_runs_the_registered_op_and_eager_does_not(monkeypatch):
+    """The compiled graph calls ``align_losses::head_forward`` / ``head_backward``; an eager call keeps the
+    eager path (its autograd function, gathered rows), so eager speed is unchanged."""
+    calls = []
+    from align_losses.ops import tiled_head
+
+    real = tiled_head.forward_outputs
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].hidden.shape[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tiled_head, "forward_outputs", spy)
+    hidden, weight, _, labels = _inputs(n_seq=2, t=7, d=8, v=13, seed=7)
+    linear_logprobs(hidden, weight, labels, impl="torch").sum().backward()
+    assert calls == [int((labels != IGNORE).sum())]  # the eager autograd function, on the labelled rows
+    graph = torch.compile(lambda h, w, y: linear_logprobs(h, w, y, impl="torch").sum(), fullgraph=True,
+                          backend="aot_eager")
+    captured = []
+
+    def backend(gm, example_inputs):
+        captured.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm
+
+    torch.compile(lambda h, w, y: linear_logprobs(h, w, y, impl="torch").sum(), fullgraph=True,
+                  backend=backend)(hidden, weight, labels)
+    assert "align_losses.head_forward" in captured, captured
+    calls.clear()
+    graph(hidden, weight, labels).backward()
+    assert calls == [int((labels != IGNORE).sum())]  # the op gathers the labelled rows too
+
+
+def test_registered_ops_pass_opcheck():
+    """`torch.library.opcheck`: schema, fake (meta) implementation against the real one, autograd registration
+    and AOT dispatch, with and without bias and entropy, and with ignored rows."""
+    hidden, weight, bias, labels = _inputs(n_seq=1, t=10, d=8, v=19, seed=8)
+    hidden = hidden.detach().flatten(0, 1).requires_grad_()
+    flat = labels.flatten()
+    for b, outputs in ((bias, ("logprobs", "entropy", "argmax_hit")), (None, ("logprobs",))):
+        args = (hidden, weight, b, flat, "torch", IGNORE, 1.0, None, 1.0, library.output_mask(outputs), 2**20, 0)
+        torch.library.opcheck(torch.ops.align_losses.head_forward.default, args)
+
+
+def _no_host_reads(monkeypatch):
+    """Pretend a CUDA graph is being captured, and make every host read of a device value fail."""
+    from align_losses import core
+
+    monkeypatch.setattr(core, "capturing", lambda device: True)
+    monkeypatch.setattr(library, "capturing", lambda device: True)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a host synchronisation on the sync-free path")
+
+    for name in ("tolist", "item", "nonzero", "__bool__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    monkeypatch.setattr(torch, "nonzero", refuse)
+    monkeypatch.setattr(torch, "nonzero_static", refuse)
+
+
+def test_sync_free_path_matches_float64_and_reads_nothing_back(monkeypatch):
+    """What a CUDA-graph capture runs: all rows through the op, ignored rows masked, the weight gradient's
+    label rows without the sorted bounds, labels checked by an assertion; no value read by the host."""
+    hidden, weight, bias, labels = _inputs(n_seq=3, t=8, d=12, v=37, seed=9)
+    g = torch.Generator().manual_seed(10)
+    weights = {n: torch.rand(labels.shape, generator=g) * 2 - 0.5 for n in DIFFERENTIABLE}
+    reference = _reference_stats(hidden, weight, bias, labels)
+    expected_grads = _grads(_weighted(type("S", (), reference), weights), (hidden, weight, bias))
+    with monkeypatch.context() as patch:
+        _no_host_reads(patch)
+        loss, stats = _stats_call(hidden, weight, bias, labels, weights)
+        grads = _grads(loss, (hidden, weight, bias))
+    for name in ("logprobs", *STATS):
+        assert rel(getattr(stats, name), reference[name]) < 1e-5, name
+    assert (stats.entropy[labels == IGNORE] == 0).all()
+    for got, expected in zip(grads, expected_grads):
+        assert rel(got, expected) < 1e-4
+    assert (grads[0][labels == IGNORE] == 0).all()
+
+
+def test_sync_free_path_refuses_a_bad_label(monkeypatch):
+    hidden, weight, _, labels = _inputs(n_seq=1, t=6, d=8, v=11, seed=11, ignored=1)
+    labels[0, 2] = -3
+    _no_host_reads(monkeypatch)
+    with pytest.raises(RuntimeError, match=r"labels must be in \[0, 11\) or equal ignore_index=-100"):
+        linear_logprobs(hidden, weight, labels, impl="torch")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CUDA: the "triton" backend behind the same ops, compiled and captured in a CUDA graph.
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_compiles_to_one_graph_and_matches_eager(dtype):
+    hidden, weight, _, labels = _inputs(n_seq=4, t=97, d=64, v=1031, seed=12, dtype=dtype, device="cuda")
+    ref_logps = torch.randn(4, device="cuda")
+
+    def dpo(h, w, y, r):
+        token_logps = linear_logprobs(h, w, y, shift=True, impl="triton")
+        mask = torch.cat([y[:, 1:], torch.full_like(y[:, :1], IGNORE)], dim=1) != IGNORE
+        seq = sequence_logps(token_logps, mask)
+        return dpo_loss(seq[:2], seq[2:], r[:2], r[2:], beta=0.3).loss
+
+    _one_graph(dpo, hidden, weight, labels, ref_logps)
+    got = torch.compile(dpo, fullgraph=True)(hidden, weight, labels, ref_logps)
+    eager = dpo(hidden, weight, labels, ref_logps)
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+    for g, e in zip(_grads(got, (hidden, weight)), _grads(eager, (hidden, weight))):
+        assert rel(g.float(), e.float()) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@gpu
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_cuda_graph_replays_forward_and_backward_with_new_inputs(impl):
+    """Capture one forward + backward of an SFT loss in a CUDA graph, then replay it on new hidden states and
+    labels copied into the static inputs: the same loss and gradients as eager calls on those inputs."""
+    hidden, weight, bias, labels = _inputs(n_seq=2, t=61, d=64, v=517, seed=13, dtype=torch.bfloat16, device="cuda")
+    static_h = hidden.detach().clone().requires_grad_()
+    static_y = labels.clone()
+    w = weight.detach().clone().requires_grad_()
+
+    def step():
+        token = linear_logprobs(static_h, w, static_y, impl=impl)
+        total = -(token.sum() / (static_y != IGNORE).sum().clamp(min=1))
+        gh, gw = torch.autograd.grad(total, (static_h, w))
+        return total, gh, gw
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm up (Triton compiles, cuBLAS workspaces) outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for seed in (14, 15):
+        new_h, _, _, new_y = _inputs(n_seq=2, t=61, d=64, v=517, seed=seed, dtype=torch.bfloat16, device="cuda")
+        new_y[0, 5:9] = IGNORE  # a different mask from the captured one
+        with torch.no_grad():
+            static_h.copy_(new_h)
+        static_y.copy_(new_y)
+        graph.replay()
+        h = new_h.detach().clone().requires_grad_()
+        w2 = w.detach().clone().requires_grad_()
+        token = linear_logprobs(h, w2, new_y, impl=impl)
+        expected = -(token.sum() / (new_y != IGNORE).sum().clamp(min=1))
+        eg = torch.autograd.grad(expected, (h, w2))
+        torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-5)
+        assert rel(out[1].float(), eg[0].float()) < 1e-2 and rel(out[2].float(), eg[1].float()) < 1e-2
+        assert (out[1][new_y == IGNORE] == 0).all()
+
+
+def test_backend_choice_is_marked_constant_as_torch_marks_it():
+    """The core marks its backend check as `torch.compiler.assume_constant_result` would, without importing
+    Dynamo at import time; this fails if torch changes the mark."""
+    from align_losses import core
+
+    marked = torch.compiler.assume_constant_result(lambda: 0)
+    extra = set(vars(marked)) - set(vars(lambda: 0))
+    assert extra == {"_dynamo_marked_constant"}
+    assert core._checked_backend_name._dynamo_marked_constant is True
