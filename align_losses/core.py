@@ -16,7 +16,7 @@ import torch
 
 from . import backends
 from .ops.labels import labelled_positions
-from .ops.library import capturing
+from .ops.library import sync_free
 from .problem import DIFFERENTIABLE_OUTPUTS, OUTPUTS, HeadProblem, LogitTransform, VocabShard
 
 STATS = tuple(n for n in OUTPUTS if n != "logprobs")  # what `outputs=` may name
@@ -144,9 +144,9 @@ def linear_token_stats(
 
 def _no_host_reads(device: torch.device) -> bool:
     """Whether the call must not read device values on the host: under `torch.compile` (a read breaks the
-    graph) or while a CUDA graph is captured (a read fails the capture). The labels are then checked, and
+    graph), while a CUDA graph is captured (a read fails the capture) or in a `library.no_host_sync` block. The labels are then checked, and
     the labelled rows found, inside the registered op (`align_losses.ops.library`)."""
-    return torch.compiler.is_compiling() or capturing(device)
+    return torch.compiler.is_compiling() or sync_free(device)
 
 
 def _run_traceable(backend, hidden, weight, bias, flat_targets, ignore_index, transform, wanted, options):
@@ -159,7 +159,7 @@ def _run_traceable(backend, hidden, weight, bias, flat_targets, ignore_index, tr
         per_token = backend.run_traceable(problem, ignore_index)
     if per_token is None:
         return None
-    if not torch.compiler.is_compiling():  # a CUDA-graph capture runs eagerly: the same guard as eager calls
+    if not torch.compiler.is_compiling():  # the sync-free path runs eagerly: the same guard as eager calls
         _refuse_double_backward(per_token)
     return {n: (v if n in DIFFERENTIABLE_OUTPUTS else v.detach()) for n, v in per_token.items()}
 

@@ -12,7 +12,7 @@ Inside the ops, not in the traced code, are what reads values: the label range c
 Eagerly (and when a compiled graph runs) the forward finds them with one host synchronisation (the eager
 core's `align_losses.ops.labels.labelled_positions`: same error for a bad label), runs the backend on
 those rows only and scatters the outputs back; the backward finds them again with one synchronisation.
-While a CUDA graph is being captured, nothing waits for the device: the labels are checked by a device-side
+While a CUDA graph is being captured (or in a `no_host_sync` block), nothing waits for the device: the labels are checked by a device-side
 assertion and the backend runs on all rows, ignored rows masked out (their outputs 0, their upstream
 gradients 0, so they add nothing to any gradient).
 
@@ -23,8 +23,8 @@ without the entropy) and ``label_logit [N]``, fp32. No vocabulary-parallel head 
 operator argument) and no filtering backward behind the ops.
 """
 
-from __future__ import annotations
 
+import contextlib
 import importlib
 from typing import Optional
 
@@ -48,15 +48,32 @@ def _names(mask: int) -> tuple:
     return tuple(n for i, n in enumerate(OUTPUTS) if mask >> i & 1)
 
 
-def capturing(device: torch.device) -> bool:
-    """Whether a CUDA graph is being captured on ``device``'s current stream (then nothing may wait for it)."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+_no_sync_depth = 0  # open `no_host_sync` blocks
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Run the head on the sync-free path eagerly too, as while a CUDA graph is captured: all rows through
+    the op, labels checked by a device-side assertion. Warm up a step in this block before capturing it, so
+    that the captured kernels (Triton's included) are compiled outside the capture."""
+    global _no_sync_depth
+    _no_sync_depth += 1
+    try:
+        yield
+    finally:
+        _no_sync_depth -= 1
+
+
+def sync_free(device: torch.device) -> bool:
+    """Whether nothing may wait for ``device``: a CUDA graph is being captured on its current stream, or a
+    `no_host_sync` block is open."""
+    return _no_sync_depth > 0 or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def _rows(labels: Tensor, ignore_index: int, vocab: int, check: bool) -> Optional[Tensor]:
     """The labelled rows (int64 ``[M]``, after the range check when ``check``), or None for all rows: while
     capturing (checked on the device instead), or when every row is labelled (no gather needed)."""
-    if capturing(labels.device):
+    if sync_free(labels.device):
         if check:
             assert_labels_async(labels, ignore_index, vocab)
         return None
@@ -153,7 +170,7 @@ def head_backward(grad_values: Tensor, hidden: Tensor, weight: Tensor, bias: Opt
     if backend == "torch":
         tiling = module.Tiling.plan(hidden_rows.shape[0], vocab, memory_budget, token_chunk or None)
         grads = module.backward_grads(hidden_rows, weight, bias, labels_rows, lse_rows, ez_rows, up, transform, None,
-                                      vocab, tiling, need, sync_free=capturing(hidden.device))
+                                      vocab, tiling, need, sync_free=sync_free(hidden.device))
     else:
         cfg = module.BWD_CONFIGS[hidden.dtype]
         grads = module.backward_grads(hidden_rows, _rowmajor(weight), bias, labels_rows, _take(label_logit, rows),
