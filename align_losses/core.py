@@ -109,9 +109,15 @@ def linear_token_stats(
     _check_inputs(hidden, weight, labels, bias, transform, process_group)
     labels = labels.long()  # a narrower dtype would wrap ignore_index (-100 is 156 in uint8)
     if torch.compiler.is_compiling():
-        backend = backends.get(_checked_backend_name(
+        name, refusal = _checked_backend_name(
             impl, hidden.device, _call_dtype(hidden), bias is not None, transform, tuple(sorted(wanted)),
-            process_group is not None or _row_sharded(weight), tuple(sorted(options.items()))))
+            process_group is not None or _row_sharded(weight), tuple(sorted(options.items())))
+        if refusal is not None:
+            message, kind, reason = refusal
+            if kind is None:  # a malformed option value
+                raise ValueError(message)
+            backends.raise_backend_error(message, impl=name, kind=kind, reason=reason)
+        backend = backends.get(name)
     else:
         backend = backends.check(impl, _probe(hidden, weight, bias, labels, transform, wanted, process_group, options))
 
@@ -192,12 +198,15 @@ def _no_double_backward(grad_outputs):
 
 
 def _checked_backend_name(impl: str, device: torch.device, dtype: torch.dtype, has_bias: bool,
-                          transform: LogitTransform, outputs: tuple, sharded: bool, options: tuple) -> str:
-    """`backends.check` on a tensor-free description of the call, for `torch.compile`: the name of the backend.
+                          transform: LogitTransform, outputs: tuple, sharded: bool, options: tuple) -> tuple:
+    """`backends.check` on a tensor-free description of the call, for `torch.compile`: ``(backend name, None)``,
+    or ``(impl, (message, kind, reason))`` of the `backends.BackendError` it raised (kind None for another
+    ValueError), raised again by the caller in the traced code: one raised in here would reach the user
+    wrapped in Dynamo's internal error.
 
     Dynamo runs it once, when it traces the call (the registry imports modules and probes the environment,
-    which it cannot trace), and keeps the name as a constant of the graph; the same settings give the same
-    backend. The same errors as `backends.check`.
+    which it cannot trace), and keeps the result as a constant of the graph; the same settings give the same
+    backend.
     """
     probe = HeadProblem(
         hidden=torch.empty(0, 1, dtype=dtype, device=device), weight=torch.empty(0, 1, dtype=dtype, device=device),
@@ -205,7 +214,12 @@ def _checked_backend_name(impl: str, device: torch.device, dtype: torch.dtype, h
         labels=torch.empty(0, dtype=torch.int64, device=device), transform=transform, outputs=frozenset(outputs),
         shard=VocabShard(start=0, size=0, group=None) if sharded else None, options=dict(options),
     )
-    return backends.check(impl, probe).name
+    try:
+        return backends.check(impl, probe).name, None
+    except backends.BackendError as error:
+        return error.impl, (str(error), error.kind, error.reason)
+    except ValueError as error:  # a backend's option check
+        return impl, (str(error), None, None)
 
 
 # `torch.compiler.assume_constant_result` sets this mark; it imports Dynamo (and with it Triton) to do so,

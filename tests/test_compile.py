@@ -163,6 +163,26 @@ def test_bad_label_under_compile_gives_the_eager_error():
         compiled(hidden, weight, labels)
 
 
+def test_refused_backend_under_compile_gives_the_eager_error():
+    """The backend check runs once at trace time; its refusal reaches the user as eagerly (BackendError, same
+    message) without fullgraph, and in Dynamo's report with fullgraph=True."""
+    from align_losses.backends import BackendError
+
+    hidden, weight, _, labels = _inputs(n_seq=1, t=5, d=8, v=11, seed=19, ignored=1)
+    message = "impl 'triton' does not support device 'cpu'"
+    call = lambda h, w, y: linear_logprobs(h, w, y, impl="triton")  # noqa: E731
+    with pytest.raises(BackendError, match=message) as eager:
+        call(hidden, weight, labels)
+    with pytest.raises(BackendError, match=message) as compiled:
+        torch.compile(call, backend="aot_eager")(hidden, weight, labels)
+    assert (compiled.value.impl, compiled.value.kind) == (eager.value.impl, eager.value.kind) == ("triton", "unsupported")
+    with pytest.raises(Exception, match=message):
+        torch.compile(call, fullgraph=True, backend="aot_eager")(hidden, weight, labels)
+    with pytest.raises(ValueError, match=r"memory_budget'\] of impl 'torch' must be None or a positive int"):
+        torch.compile(lambda h, w, y: linear_logprobs(h, w, y, impl="torch", backend_options={"memory_budget": -1}),
+                      backend="aot_eager")(hidden, weight, labels)
+
+
 def test_compiled_call_runs_the_registered_op_and_eager_does_not(monkeypatch):
     """The compiled graph calls ``align_losses::head_forward`` / ``head_backward``; an eager call keeps the
     eager path (its autograd function, gathered rows), so eager speed is unchanged."""

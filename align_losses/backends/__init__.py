@@ -68,6 +68,20 @@ class BackendError(ValueError):
         self.reason = reason
 
 
+class _TracedBackendError(BackendError):
+    """A `BackendError` built without its ``__init__``, which Dynamo cannot trace (see `raise_backend_error`)."""
+
+    __init__ = ValueError.__init__
+
+
+def raise_backend_error(message: str, *, impl: str, kind: str, reason: str) -> None:
+    """Raise `BackendError` from code that `torch.compile` traces: without ``fullgraph`` the compiled call
+    raises it as an eager one does; with ``fullgraph`` Dynamo reports it (message included) as unsupported."""
+    error = _TracedBackendError(message)
+    error.impl, error.kind, error.reason = impl, kind, reason
+    raise error
+
+
 def get(name: str) -> Backend:
     """The backend registered under ``name`` (an alias is resolved). Raises `BackendError` if unknown."""
     key = _ALIASES.get(name, name)
