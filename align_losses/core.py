@@ -3,6 +3,12 @@
 Both take ``hidden [..., D]``, ``weight [V, D]`` and integer ``labels`` shaped ``hidden.shape[:-1]``
 and compute ``softmax(z)`` with ``z = transform(hidden @ weight.T + bias)`` for the labelled tokens
 only, without building the ``[tokens, V]`` logits. Ignored tokens come back as 0 with zero gradient.
+
+Eagerly, a call checks its labels and finds the labelled rows with one host synchronisation, then runs the
+backend on those rows. Under `torch.compile`, while a CUDA graph is captured, or in an
+`align_losses.ops.library.no_host_sync` block, the ``"torch"`` and ``"triton"`` backends run instead behind
+registered operators (`align_losses.ops.library`) that take every row: the traced code reads no device value,
+and a compiled ``hidden -> head -> loss -> backward`` is one graph.
 """
 
 from __future__ import annotations
@@ -150,8 +156,9 @@ def linear_token_stats(
 
 def _no_host_reads(device: torch.device) -> bool:
     """Whether the call must not read device values on the host: under `torch.compile` (a read breaks the
-    graph), while a CUDA graph is captured (a read fails the capture) or in a `library.no_host_sync` block. The labels are then checked, and
-    the labelled rows found, inside the registered op (`align_losses.ops.library`)."""
+    graph), while a CUDA graph is captured (a read fails the capture) or in a `library.no_host_sync` block.
+    The labels are then checked, and the labelled rows found, inside the registered op
+    (`align_losses.ops.library`)."""
     return torch.compiler.is_compiling() or sync_free(device)
 
 
@@ -205,8 +212,8 @@ def _checked_backend_name(impl: str, device: torch.device, dtype: torch.dtype, h
     wrapped in Dynamo's internal error.
 
     Dynamo runs it once, when it traces the call (the registry imports modules and probes the environment,
-    which it cannot trace), and keeps the result as a constant of the graph; the same settings give the same
-    backend.
+    which it cannot trace), and keeps the result as a constant of the graph: the same settings give the same
+    backend, and ``$ALIGN_LOSSES_IMPL`` is read when the call is traced, not at every call of the graph.
     """
     probe = HeadProblem(
         hidden=torch.empty(0, 1, dtype=dtype, device=device), weight=torch.empty(0, 1, dtype=dtype, device=device),

@@ -175,7 +175,8 @@ def test_refused_backend_under_compile_gives_the_eager_error():
         call(hidden, weight, labels)
     with pytest.raises(BackendError, match=message) as compiled:
         torch.compile(call, backend="aot_eager")(hidden, weight, labels)
-    assert (compiled.value.impl, compiled.value.kind) == (eager.value.impl, eager.value.kind) == ("triton", "unsupported")
+    expected = ("triton", "unsupported")
+    assert (compiled.value.impl, compiled.value.kind) == (eager.value.impl, eager.value.kind) == expected
     with pytest.raises(Exception, match=message):
         torch.compile(call, fullgraph=True, backend="aot_eager")(hidden, weight, labels)
     with pytest.raises(ValueError, match=r"memory_budget'\] of impl 'torch' must be None or a positive int"):

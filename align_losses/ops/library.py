@@ -12,9 +12,9 @@ Inside the ops, not in the traced code, are what reads values: the label range c
 Eagerly (and when a compiled graph runs) the forward finds them with one host synchronisation (the eager
 core's `align_losses.ops.labels.labelled_positions`: same error for a bad label), runs the backend on
 those rows only and scatters the outputs back; the backward finds them again with one synchronisation.
-While a CUDA graph is being captured (or in a `no_host_sync` block), nothing waits for the device: the labels are checked by a device-side
-assertion and the backend runs on all rows, ignored rows masked out (their outputs 0, their upstream
-gradients 0, so they add nothing to any gradient).
+While a CUDA graph is being captured (or in a `no_host_sync` block), nothing waits for the device: the
+labels are checked by a device-side assertion and the backend runs on all rows, ignored rows masked out
+(their outputs 0, their upstream gradients 0, so they add nothing to any gradient).
 
 Shapes and dtypes: ``hidden [N, D]`` (fp32/bf16/fp16), ``weight [V, D]``, ``bias [V]`` or None, ``labels [N]``
 int64; ``head_forward`` returns ``values`` fp32 ``[K, N]`` (one row per output named in the ``outputs`` bit
@@ -23,7 +23,7 @@ without the entropy) and ``label_logit [N]``, fp32. No vocabulary-parallel head 
 operator argument) and no filtering backward behind the ops.
 """
 
-
+# No `from __future__ import annotations` here: `custom_op` reads the operators' schemas from the annotations.
 import contextlib
 import importlib
 from typing import Optional
@@ -116,7 +116,8 @@ def head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels:
                  ignore_index: int, logit_scale: float, softcap: Optional[float], temperature: float, outputs: int,
                  memory_budget: int, token_chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """See the module docstring. ``memory_budget``: bytes of the backend's temporaries (required for
-    ``"torch"``; 0 for ``"triton"``'s default); ``token_chunk``: the ``"torch"`` backend's token block, 0 for its plan."""
+    ``"torch"``; 0 for ``"triton"``'s default); ``token_chunk``: the ``"torch"`` backend's token block, 0 for
+    its plan."""
     names = _names(outputs)
     n, vocab = labels.shape[0], weight.shape[0]
     rows = _rows(labels, ignore_index, vocab, check=True)

@@ -192,8 +192,8 @@ def _logit_grad(z, lse_rows, expected_z_rows, up: dict, rows: slice, vocab: int)
     return grad
 
 
-def backward_grads(hidden, weight, bias, labels, lse, expected_z, up: dict, transform: LogitTransform, shard, vocab: int,
-             tiling: Tiling, need, sync_free: bool = False):
+def backward_grads(hidden, weight, bias, labels, lse, expected_z, up: dict, transform: LogitTransform, shard,
+                   vocab: int, tiling: Tiling, need, sync_free: bool = False):
     """The backward of `TiledHeadFunction` and of the registered op: ``(grad_hidden [M, D] | None,
     grad_weight [V_local, D] | None, grad_bias [V_local] | None)`` in the inputs' dtypes, for the upstream
     gradients ``up`` ({output name: [M]}) and the forward's ``lse`` and ``expected_z`` (`forward_outputs`).

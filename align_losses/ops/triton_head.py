@@ -450,8 +450,9 @@ class TritonHeadFunction(torch.autograd.Function):
             result = triton_filter.filtered_backward(hidden, weight, bias, labels, lse, keep, upstream, transform,
                                                      shard, block, memory_budget, need)
         if result is None:  # not filtering, or too few pairs to skip: the dense backward
-            result = backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, upstream, transform, shard,
-                               vocab, bwd_cfg, memory_budget, need, held=keep.numel() if keep is not None else 0)
+            result = backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, upstream, transform,
+                                    shard, vocab, bwd_cfg, memory_budget, need,
+                                    held=keep.numel() if keep is not None else 0)
         return (*result, None, None, None, None, None, None, None, None)
 
 
