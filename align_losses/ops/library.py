@@ -122,6 +122,7 @@ def head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels:
     n, vocab = labels.shape[0], weight.shape[0]
     rows = _rows(labels, ignore_index, vocab, check=True)
     safe = labels if rows is not None else torch.where(labels == ignore_index, 0, labels)
+    bias = bias.contiguous() if bias is not None else None
     problem = HeadProblem(_rowmajor(_take(hidden, rows)), _rowmajor(weight), bias, _take(safe, rows),
                           LogitTransform(logit_scale, softcap, temperature), frozenset(names))
     result, lse, expected_z, label_logit = _run_forward(backend, problem, memory_budget, token_chunk)
@@ -167,6 +168,7 @@ def head_backward(grad_values: Tensor, hidden: Tensor, weight: Tensor, bias: Opt
     lse_rows, ez_rows = _take(lse, rows), (_take(expected_z, rows) if expected_z.numel() else None)
     transform = LogitTransform(logit_scale, softcap, temperature)
     need = (need_hidden, need_weight, need_bias and bias is not None)
+    bias = bias.contiguous() if bias is not None else None
     module = importlib.import_module(_MODULES[backend], __package__)
     if backend == "torch":
         tiling = module.Tiling.plan(hidden_rows.shape[0], vocab, memory_budget, token_chunk or None)
@@ -177,19 +179,18 @@ def head_backward(grad_values: Tensor, hidden: Tensor, weight: Tensor, bias: Opt
         grads = module.backward_grads(hidden_rows, _rowmajor(weight), bias, labels_rows, _take(label_logit, rows),
                                       lse_rows, ez_rows, up, transform, None, vocab, cfg, memory_budget or None, need)
     grad_hidden, grad_weight, grad_bias = grads
-    empty = hidden.new_empty(0)
-    grad_hidden = _put(grad_hidden, rows, n) if grad_hidden is not None else empty
-    return grad_hidden, (grad_weight if grad_weight is not None else empty), \
-        (grad_bias if grad_bias is not None else empty)
+    grad_hidden = _put(grad_hidden, rows, n) if grad_hidden is not None else None
+    # a fresh empty tensor for each gradient not needed: an operator's outputs may not alias one another
+    return tuple(g if g is not None else hidden.new_empty(0) for g in (grad_hidden, grad_weight, grad_bias))
 
 
 @head_backward.register_fake
 def _head_backward_fake(grad_values, hidden, weight, bias, labels, lse, expected_z, label_logit, backend,
                         ignore_index, logit_scale, softcap, temperature, outputs, memory_budget, token_chunk,
                         need_hidden, need_weight, need_bias):
-    empty = hidden.new_empty(0)
-    return (torch.empty_like(hidden) if need_hidden else empty, torch.empty_like(weight) if need_weight else empty,
-            torch.empty_like(bias) if (need_bias and bias is not None) else empty)
+    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else hidden.new_empty(0),
+            torch.empty_like(bias) if (need_bias and bias is not None) else hidden.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output) -> None:
