@@ -14,6 +14,7 @@ import contextlib
 
 import pytest
 import torch
+import torch._dynamo.testing
 import torch.nn.functional as F
 from reference import full_logits, rel, token_stats
 from triton_markers import gpu, interp
@@ -149,6 +150,25 @@ def test_token_stats_compile_to_one_graph_with_every_output():
     for g_, e, r in zip(_grads(got, tensors), _grads(eager, tensors), _grads(expected, tensors)):
         torch.testing.assert_close(g_, e, rtol=1e-5, atol=1e-6)
         assert rel(g_, r) < 1e-4
+
+
+def test_dynamic_lengths_one_graph_for_two_lengths():
+    """With the sequence length marked dynamic the fake implementations take symbolic sizes: one graph serves
+    two lengths (what automatic dynamic shapes do after a length changes)."""
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(lambda h, w, y: linear_logprobs(h, w, y, impl="torch", shift=True), fullgraph=True,
+                             backend=counter)
+    for t, seed in ((9, 20), (14, 21)):
+        hidden, weight, _, labels = _inputs(n_seq=2, t=t, d=8, v=29, seed=seed)
+        torch._dynamo.mark_dynamic(hidden, 1)
+        torch._dynamo.mark_dynamic(labels, 1)
+        got = compiled(hidden, weight, labels)
+        expected = token_stats(full_logits(hidden, weight), labels, IGNORE, shift=True)["logprobs"]
+        assert rel(got, expected) < 1e-5
+        g = torch.rand(labels.shape, generator=torch.Generator().manual_seed(seed))
+        for a, b in zip(_grads((got * g).sum(), (hidden, weight)), _grads((expected * g).sum(), (hidden, weight))):
+            assert rel(a, b) < 1e-5
+    assert counter.frame_count == 1
 
 
 def test_bad_label_under_compile_gives_the_eager_error():
