@@ -111,7 +111,12 @@ def _run_forward(backend: str, problem: HeadProblem, memory_budget: int, token_c
     return result, lse, expected_z, label_logit
 
 
-@torch.library.custom_op("align_losses::head_forward", mutates_args=())
+#: The operators' namespace: the package's name, so that a copy of the package under another name registers
+#: its own operators instead of failing on names already taken.
+NAMESPACE = __name__.split(".")[0]
+
+
+@torch.library.custom_op(f"{NAMESPACE}::head_forward", mutates_args=())
 def head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, backend: str,
                  ignore_index: int, logit_scale: float, softcap: Optional[float], temperature: float, outputs: int,
                  memory_budget: int, token_chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -148,7 +153,7 @@ def _head_forward_fake(hidden, weight, bias, labels, backend, ignore_index, logi
             hidden.new_empty((n,), **f32))
 
 
-@torch.library.custom_op("align_losses::head_backward", mutates_args=())
+@torch.library.custom_op(f"{NAMESPACE}::head_backward", mutates_args=())
 def head_backward(grad_values: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                   lse: Tensor, expected_z: Tensor, label_logit: Tensor, backend: str, ignore_index: int,
                   logit_scale: float, softcap: Optional[float], temperature: float, outputs: int, memory_budget: int,
@@ -225,7 +230,7 @@ def head(problem: HeadProblem, ignore_index: int, backend: str, memory_budget: O
         raise ValueError("the registered head ops take no vocabulary-parallel head (got a vocabulary shard)")
     names = _names(output_mask(problem.outputs))
     t = problem.transform
-    values, _, _, _ = torch.ops.align_losses.head_forward(
+    values, _, _, _ = getattr(torch.ops, NAMESPACE).head_forward(
         problem.hidden, problem.weight, problem.bias, problem.labels, backend, ignore_index, t.logit_scale, t.softcap,
         t.temperature, output_mask(names), int(memory_budget or 0), int(token_chunk or 0))
     return dict(zip(names, values.unbind(0)))
