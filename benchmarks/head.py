@@ -534,8 +534,9 @@ class Impls:
         if self.device != "cuda":
             raise RuntimeError("a CUDA graph needs --device cuda")
         self._ours_triton()
-        return GraphedStep("triton"), {"cuda_graph": "captured per shape after 2 sync-free warm-ups; each step "
-                                                     "copies hidden and labels into the static inputs, then replays"}
+        return GraphedStep("triton"), {"cuda_graph": "captured per shape after 2 sync-free warm-ups, max_labelled = "
+                                                     "the labelled count; each step copies hidden and labels into "
+                                                     "the static inputs, then replays"}
 
 
 class GraphedStep:
@@ -545,8 +546,9 @@ class GraphedStep:
     it (capturing first for a new shape or weight), returning ``(loss, grad_h, grad_w, sequence log-probs)``,
     static tensors that the next replay overwrites. Calling the object runs the head eagerly (the harness's
     head-alone error columns). ``graph_gib``: the peak of the capture's allocations (the graph's private pool,
-    held between replays), reported as the row's peak. While captured, the head runs every row, prompt rows
-    included (a graph has fixed shapes: the labelled rows cannot be gathered), and checks labels on the device.
+    held between replays), reported as the row's peak. While captured, the head checks the labels on the device
+    and runs ``max_labelled`` rows (a graph has fixed shapes; the bound is the labelled count, the same at every
+    repetition here), found by ``nonzero_static``.
     """
 
     def __init__(self, impl: str):
@@ -584,9 +586,13 @@ class GraphedStep:
         _common.free_memory("cuda")
         static_h = h.detach().clone().requires_grad_(True)
         static_labels = labels.clone()
+        # The harness's labels hold the same number of labelled tokens at every repetition (the prompt share is
+        # fixed): with that bound the graph runs those rows only, as an eager call does, not every row.
+        options = {"max_labelled": int((labels != IGNORE).sum())}
 
         def go():
-            per_token = align_losses.linear_logprobs(static_h, w, static_labels, impl=self.impl)
+            per_token = align_losses.linear_logprobs(static_h, w, static_labels, impl=self.impl,
+                                                     backend_options=options)
             loss = dpo_loss(per_token, pairs)
             gh, gw = torch.autograd.grad(loss, (static_h, w))
             return loss.detach(), gh, gw, per_token.detach().float().sum(-1)

@@ -243,15 +243,20 @@ def test_registered_ops_pass_opcheck():
     hidden = hidden.detach().flatten(0, 1).requires_grad_()
     flat = labels.flatten()
     frozen = weight.detach()  # with no bias either: two gradients not needed
-    for w, b, outputs in ((weight, bias, ("logprobs", "entropy", "argmax_hit")), (frozen, None, ("logprobs",))):
-        args = (hidden, w, b, flat, "torch", IGNORE, 1.0, None, 1.0, library.output_mask(outputs), 2**20, 0)
-        torch.library.opcheck(torch.ops.align_losses.head_forward.default, args)
+    bound = int((flat != IGNORE).sum()) + 2
+    cases = ((weight, bias, ("logprobs", "entropy", "argmax_hit"), 0, False), (frozen, None, ("logprobs",), 0, False),
+             (weight, bias, ("logprobs", "entropy"), 0, True), (weight, None, ("logprobs", "entropy"), bound, True))
+    for w, b, outputs, max_labelled, sync_free in cases:
+        args = (hidden, w, b, flat, "torch", IGNORE, 1.0, None, 1.0, library.output_mask(outputs), 2**20, 0,
+                max_labelled)
+        with library.no_host_sync() if sync_free else contextlib.nullcontext():
+            torch.library.opcheck(torch.ops.align_losses.head_forward.default, args)
 
 
 @contextlib.contextmanager
-def _sync_free_without_host_reads(monkeypatch):
+def _sync_free_without_host_reads(monkeypatch, static_rows: bool = False):
     """The sync-free path (`library.no_host_sync`, as while a CUDA graph is captured), with every host read of
-    a device value made to fail."""
+    a device value made to fail; ``nonzero_static`` (which reads nothing back) allowed with ``static_rows``."""
     def refuse(*args, **kwargs):
         raise AssertionError("a host synchronisation on the sync-free path")
 
@@ -259,7 +264,8 @@ def _sync_free_without_host_reads(monkeypatch):
         for name in ("tolist", "item", "nonzero", "__bool__", "__int__"):
             patch.setattr(torch.Tensor, name, refuse)
         patch.setattr(torch, "nonzero", refuse)
-        patch.setattr(torch, "nonzero_static", refuse)
+        if not static_rows:
+            patch.setattr(torch, "nonzero_static", refuse)
         yield
 
 
@@ -282,6 +288,48 @@ def test_sync_free_path_matches_float64_and_reads_nothing_back(monkeypatch):
     assert (grads[0][labels == IGNORE] == 0).all()
 
 
+@pytest.mark.parametrize("slack", [0, 5])
+def test_sync_free_path_with_a_row_bound(monkeypatch, slack):
+    """``max_labelled``: the sync-free path runs that many rows (labelled ones first, then padding) instead of
+    all; exactly as many as the labelled tokens, or more. Against float64, with every output and gradient."""
+    hidden, weight, bias, labels = _inputs(n_seq=3, t=8, d=12, v=37, seed=22)
+    count = int((labels != IGNORE).sum())
+    g = torch.Generator().manual_seed(23)
+    weights = {n: torch.rand(labels.shape, generator=g) * 2 - 0.5 for n in DIFFERENTIABLE}
+    reference = _reference_stats(hidden, weight, bias, labels)
+    expected_grads = _grads(_weighted(type("S", (), reference), weights), (hidden, weight, bias))
+    from align_losses.ops import tiled_head
+
+    seen = []
+    real = tiled_head.forward_outputs
+    monkeypatch.setattr(tiled_head, "forward_outputs", lambda p, t: seen.append(p.hidden.shape[0]) or real(p, t))
+    with _sync_free_without_host_reads(monkeypatch, static_rows=True):
+        stats = linear_token_stats(hidden, weight, labels, bias=bias, outputs=STATS, impl="torch", temperature=0.7,
+                                   logit_scale=1.3, softcap=5.0, backend_options={**TILES, "max_labelled": count + slack})
+        grads = _grads(_weighted(stats, weights), (hidden, weight, bias))
+    assert seen == [count + slack]
+    for name in ("logprobs", *STATS):
+        assert rel(getattr(stats, name), reference[name]) < 1e-5, name
+        assert (getattr(stats, name)[labels == IGNORE] == 0).all()
+    for got, expected in zip(grads, expected_grads):
+        assert rel(got, expected) < 1e-4
+    assert (grads[0][labels == IGNORE] == 0).all()
+
+
+def test_row_bound_too_small_or_malformed_is_refused(monkeypatch):
+    hidden, weight, _, labels = _inputs(n_seq=2, t=6, d=8, v=11, seed=24, ignored=2)
+    count = int((labels != IGNORE).sum())
+    with _sync_free_without_host_reads(monkeypatch, static_rows=True), pytest.raises(
+            RuntimeError, match=rf"more labelled tokens than backend_options\['max_labelled'\] = {count - 1}"):
+        linear_logprobs(hidden, weight, labels, impl="torch", backend_options={"max_labelled": count - 1})
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match=r"backend_options\['max_labelled'\] must be None or a positive int"):
+            linear_logprobs(hidden, weight, labels, impl="torch", backend_options={"max_labelled": bad})
+    # eagerly the bound is not read: the labelled rows are found exactly
+    torch.testing.assert_close(linear_logprobs(hidden, weight, labels, impl="torch", backend_options={"max_labelled": 1}),
+                               linear_logprobs(hidden, weight, labels, impl="torch"))
+
+
 def test_sync_free_path_refuses_a_bad_label(monkeypatch):
     hidden, weight, _, labels = _inputs(n_seq=1, t=6, d=8, v=11, seed=11, ignored=1)
     labels[0, 2] = -3
@@ -296,24 +344,25 @@ def test_sync_free_path_refuses_a_bad_label(monkeypatch):
 
 
 @interp
-@pytest.mark.parametrize("sync_free", [False, True])
-def test_triton_behind_the_op_on_the_interpreter(monkeypatch, sync_free):
+@pytest.mark.parametrize("sync_free, bound", [(False, None), (True, None), (True, 3)])
+def test_triton_behind_the_op_on_the_interpreter(monkeypatch, sync_free, bound):
     """`library.head` with backend "triton" (the registration the CUDA path uses), compiled, against float64:
-    gathered rows, or all rows masked as while capturing."""
+    gathered rows, or as while capturing all rows masked, or a bound on the labelled rows (3 to spare)."""
     from align_losses.problem import HeadProblem, LogitTransform
 
     hidden, weight, bias, labels = _inputs(n_seq=3, t=7, d=16, v=45, seed=16)
     hidden, labels = hidden.detach().flatten(0, 1).requires_grad_(), labels.flatten()
     transform = LogitTransform(logit_scale=1.2, softcap=4.0, temperature=0.8)
     up = {n: torch.rand(labels.shape, generator=torch.Generator().manual_seed(17)) for n in ("logprobs", "entropy")}
+    max_labelled = bound and int((labels != IGNORE).sum()) + bound
 
     def call(h, w, b, y):
         problem = HeadProblem(h, w, b, y, transform, frozenset(("logprobs", "entropy", "argmax_hit")))
-        out = library.head(problem, IGNORE, "triton")
+        out = library.head(problem, IGNORE, "triton", max_labelled=max_labelled)
         return (out["logprobs"] * up["logprobs"]).sum() + (out["entropy"] * up["entropy"]).sum(), out
 
     compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
-    with _sync_free_without_host_reads(monkeypatch) if sync_free else contextlib.nullcontext():
+    with _sync_free_without_host_reads(monkeypatch, bound is not None) if sync_free else contextlib.nullcontext():
         loss, out = compiled(hidden, weight, bias, labels)
         grads = _grads(loss, (hidden, weight, bias))
     reference = token_stats(full_logits(hidden, weight, bias, logit_scale=1.2, softcap=4.0, temperature=0.8), labels)
@@ -351,22 +400,26 @@ def test_registered_ops_pass_opcheck_on_cuda(backend):
     hidden, weight, bias, labels = _inputs(n_seq=2, t=37, d=64, v=301, seed=18, dtype=torch.bfloat16, device="cuda")
     hidden = hidden.detach().flatten(0, 1).requires_grad_()
     outputs = library.output_mask(("logprobs", "entropy", "logsumexp"))
-    args = (hidden, weight, bias, labels.flatten(), backend, IGNORE, 1.0, 30.0, 1.0, outputs, 2**24, 0)
-    torch.library.opcheck(torch.ops.align_losses.head_forward.default, args)
+    for max_labelled in (0, 61):  # the bound for the sync-free path only: not read here
+        args = (hidden, weight, bias, labels.flatten(), backend, IGNORE, 1.0, 30.0, 1.0, outputs, 2**24, 0, max_labelled)
+        torch.library.opcheck(torch.ops.align_losses.head_forward.default, args)
 
 
 @gpu
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_cuda_graph_replays_forward_and_backward_with_new_inputs(impl):
+@pytest.mark.parametrize("bounded", [False, True])
+def test_cuda_graph_replays_forward_and_backward_with_new_inputs(impl, bounded):
     """Capture one forward + backward of an SFT loss in a CUDA graph, then replay it on new hidden states and
-    labels copied into the static inputs: the same loss and gradients as eager calls on those inputs."""
+    labels copied into the static inputs: the same loss and gradients as eager calls on those inputs. All rows
+    through the head, or ``max_labelled`` rows (8 more than the captured labels hold)."""
     hidden, weight, bias, labels = _inputs(n_seq=2, t=61, d=64, v=517, seed=13, dtype=torch.bfloat16, device="cuda")
     static_h = hidden.detach().clone().requires_grad_()
     static_y = labels.clone()
     w = weight.detach().clone().requires_grad_()
+    options = {"max_labelled": int((labels != IGNORE).sum()) + 8} if bounded else None
 
     def step():
-        token = linear_logprobs(static_h, w, static_y, impl=impl)
+        token = linear_logprobs(static_h, w, static_y, impl=impl, backend_options=options)
         total = -(token.sum() / (static_y != IGNORE).sum().clamp(min=1))
         gh, gw = torch.autograd.grad(total, (static_h, w))
         return total, gh, gw

@@ -24,7 +24,8 @@ def _run(problem: HeadProblem) -> dict:
 def _run_traceable(problem: HeadProblem, ignore_index: int) -> dict:
     budget = problem.options.get("memory_budget") or DEFAULT_MEMORY_BUDGET
     return library.head(problem, ignore_index, "torch", memory_budget=int(budget),
-                        token_chunk=problem.options.get("token_chunk"))
+                        token_chunk=problem.options.get("token_chunk"),
+                        max_labelled=problem.options.get(library.MAX_LABELLED))
 
 
 def _check_options(problem: HeadProblem) -> list:
@@ -36,6 +37,7 @@ def _check_options(problem: HeadProblem) -> list:
         value = problem.options.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
             raise ValueError(f"backend_options[{key!r}] of impl 'torch' must be None or {what}; got {value!r}")
+    library.check_max_labelled(problem.options.get(library.MAX_LABELLED))
     return []
 
 
@@ -50,7 +52,7 @@ BACKEND = Backend(
         temperature=True,
         outputs=frozenset(OUTPUTS),
         vocab_parallel=True,
-        options=frozenset({"memory_budget", "token_chunk"}),
+        options=frozenset({"memory_budget", "token_chunk", library.MAX_LABELLED}),
     ),
     run=_run,
     extra_check=_check_options,

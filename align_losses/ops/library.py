@@ -14,7 +14,8 @@ core's `align_losses.ops.labels.labelled_positions`: same error for a bad label)
 those rows only and scatters the outputs back; the backward finds them again with one synchronisation.
 While a CUDA graph is being captured (or in a `no_host_sync` block), nothing waits for the device: the
 labels are checked by a device-side assertion and the backend runs on all rows, ignored rows masked out
-(their outputs 0, their upstream gradients 0, so they add nothing to any gradient).
+(their outputs 0, their upstream gradients 0, so they add nothing to any gradient), or, given a bound
+`MAX_LABELLED`, on that many rows found by ``nonzero_static`` (labelled rows first, padding masked out).
 
 Shapes and dtypes: ``hidden [N, D]`` (fp32/bf16/fp16), ``weight [V, D]``, ``bias [V]`` or None, ``labels [N]``
 int64; ``head_forward`` returns ``values`` fp32 ``[K, N]`` (one row per output named in the ``outputs`` bit
@@ -26,6 +27,7 @@ operator argument) and no filtering backward behind the ops.
 # No `from __future__ import annotations` here: `custom_op` reads the operators' schemas from the annotations.
 import contextlib
 import importlib
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -48,13 +50,27 @@ def _names(mask: int) -> tuple:
     return tuple(n for i, n in enumerate(OUTPUTS) if mask >> i & 1)
 
 
+#: The backend option bounding the labelled tokens of a call on the sync-free path, which then runs that many
+#: rows, labelled ones first, instead of all of them (a CUDA graph has fixed shapes, so without a bound every
+#: row, ignored ones included, goes through the GEMMs). More labelled tokens than the bound is an error
+#: raised on the device. Eager and compiled calls, which find the labelled rows exactly, do not read it.
+MAX_LABELLED = "max_labelled"
+
+
+def check_max_labelled(value) -> None:
+    """Refuse a ``max_labelled`` option that is not None or a positive int."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"backend_options[{MAX_LABELLED!r}] must be None or a positive int of tokens (a bound on "
+                         f"the labelled tokens of a call on the sync-free path); got {value!r}")
+
+
 _no_sync_depth = 0  # open `no_host_sync` blocks
 
 
 @contextlib.contextmanager
 def no_host_sync():
-    """Run the head on the sync-free path eagerly too, as while a CUDA graph is captured: all rows through
-    the op, labels checked by a device-side assertion. Warm up a step in this block before capturing it, so
+    """Run the head on the sync-free path eagerly too, as while a CUDA graph is captured: all rows (or
+    `MAX_LABELLED` rows) through the op, labels checked by a device-side assertion. Warm up a step in this block before capturing it, so
     that the captured kernels (Triton's included) are compiled outside the capture."""
     global _no_sync_depth
     _no_sync_depth += 1
@@ -70,31 +86,64 @@ def sync_free(device: torch.device) -> bool:
     return _no_sync_depth > 0 or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
-def _rows(labels: Tensor, ignore_index: int, vocab: int, check: bool) -> Optional[Tensor]:
-    """The labelled rows (int64 ``[M]``, after the range check when ``check``), or None for all rows: while
-    capturing (checked on the device instead), or when every row is labelled (no gather needed)."""
+@dataclass(frozen=True)
+class _Rows:
+    """The rows of a flat problem ``[N]`` that the backend runs, and how its outputs go back.
+
+    ``index`` int64 ``[M]``: the rows run (None: all ``N``); ``valid`` bool (``[M]``, or ``[N]`` with all rows):
+    False where a row's outputs and gradients must be 0 (an ignored label, or padding up to ``max_labelled``;
+    None when every row run is labelled). Padding entries of ``index`` hold ``N``: gathered as row ``N - 1``,
+    scattered into a spare slot that is dropped.
+    """
+
+    index: Optional[Tensor]
+    valid: Optional[Tensor]
+    n: int
+
+    def take(self, t: Tensor, dim: int = 0) -> Tensor:
+        if self.index is None or t.numel() == 0:
+            return t
+        return t.index_select(dim, self.index.clamp(max=self.n - 1) if self.valid is not None else self.index)
+
+    def put(self, values: Tensor, dim: int = 0) -> Tensor:
+        """``values`` (``M`` along ``dim``) scattered into zeros of ``N`` along ``dim``."""
+        if self.index is None or values.numel() == 0:
+            return values
+        shape = list(values.shape)
+        shape[dim] = self.n + (self.valid is not None)  # the spare slot of the padding
+        out = values.new_zeros(shape).index_copy_(dim, self.index, values)
+        return out.narrow(dim, 0, self.n).contiguous() if self.valid is not None else out
+
+    def mask(self, t: Tensor, fill) -> Tensor:
+        """``t`` (rows run, along the last dimension) with ``fill`` at the rows that are not valid."""
+        return t if self.valid is None else torch.where(self.valid, t, fill)
+
+
+def _rows(labels: Tensor, ignore_index: int, vocab: int, check: bool, max_labelled: int) -> _Rows:
+    """The rows to run: eagerly the labelled rows (after the range check when ``check``; one host
+    synchronisation), all rows when every row is labelled; without host synchronisation (`sync_free`) all rows,
+    or ``max_labelled`` rows holding the labelled ones first, the labels checked on the device."""
+    n = labels.shape[0]
+    labelled = labels != ignore_index
     if sync_free(labels.device):
         if check:
             assert_labels_async(labels, ignore_index, vocab)
-        return None
+        if not max_labelled or n == 0:
+            return _Rows(None, labelled, n)
+        if check:
+            torch._assert_async(labelled.sum() <= max_labelled,
+                                f"more labelled tokens than backend_options['max_labelled'] = {max_labelled}")
+        index = torch.nonzero_static(labelled, size=max_labelled, fill_value=n).squeeze(1)
+        return _Rows(index, index < n, n)
     if check:
-        rows = labelled_positions(labels, ignore_index, vocab)
+        index = labelled_positions(labels, ignore_index, vocab)
     else:
-        rows = torch.nonzero(labels != ignore_index).squeeze(1)
-    return None if rows.numel() == labels.numel() else rows
+        index = torch.nonzero(labelled).squeeze(1)
+    return _Rows(None if index.numel() == n else index, None, n)
 
 
-def _take(t: Optional[Tensor], rows: Optional[Tensor], dim: int = 0) -> Optional[Tensor]:
-    return t if t is None or rows is None or t.numel() == 0 else t.index_select(dim, rows)
-
-
-def _put(values: Tensor, rows: Optional[Tensor], n: int, dim: int = 0) -> Tensor:
-    """``values`` (``[..., M]`` along ``dim``) scattered into zeros of ``n`` along ``dim``."""
-    if rows is None or values.numel() == 0:
-        return values
-    shape = list(values.shape)
-    shape[dim] = n
-    return values.new_zeros(shape).index_copy_(dim, rows, values)
+def _rowmajor(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _run_forward(backend: str, problem: HeadProblem, memory_budget: int, token_chunk: int):
@@ -119,32 +168,24 @@ NAMESPACE = __name__.split(".")[0]
 @torch.library.custom_op(f"{NAMESPACE}::head_forward", mutates_args=())
 def head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, backend: str,
                  ignore_index: int, logit_scale: float, softcap: Optional[float], temperature: float, outputs: int,
-                 memory_budget: int, token_chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 memory_budget: int, token_chunk: int, max_labelled: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """See the module docstring. ``memory_budget``: bytes of the backend's temporaries (required for
     ``"torch"``; 0 for ``"triton"``'s default); ``token_chunk``: the ``"torch"`` backend's token block, 0 for
-    its plan."""
+    its plan; ``max_labelled``: a bound on the labelled rows for the sync-free path, 0 for none (all rows)."""
     names = _names(outputs)
-    n, vocab = labels.shape[0], weight.shape[0]
-    rows = _rows(labels, ignore_index, vocab, check=True)
-    safe = labels if rows is not None else torch.where(labels == ignore_index, 0, labels)
+    rows = _rows(labels, ignore_index, weight.shape[0], check=True, max_labelled=max_labelled)
     bias = bias.contiguous() if bias is not None else None
-    problem = HeadProblem(_rowmajor(_take(hidden, rows)), _rowmajor(weight), bias, _take(safe, rows),
+    problem = HeadProblem(_rowmajor(rows.take(hidden)), _rowmajor(weight), bias, rows.mask(rows.take(labels), 0),
                           LogitTransform(logit_scale, softcap, temperature), frozenset(names))
     result, lse, expected_z, label_logit = _run_forward(backend, problem, memory_budget, token_chunk)
-    values = torch.stack([result[name] for name in names])
-    if rows is None and n:
-        values = torch.where(labels != ignore_index, values, 0.0)
+    values = rows.mask(torch.stack([result[name] for name in names]), 0.0)
     expected_z = expected_z if expected_z is not None else lse.new_empty(0)
-    return (_put(values, rows, n, 1), _put(lse, rows, n), _put(expected_z, rows, n), _put(label_logit, rows, n))
-
-
-def _rowmajor(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return rows.put(values, 1), rows.put(lse), rows.put(expected_z), rows.put(label_logit)
 
 
 @head_forward.register_fake
 def _head_forward_fake(hidden, weight, bias, labels, backend, ignore_index, logit_scale, softcap, temperature,
-                       outputs, memory_budget, token_chunk):
+                       outputs, memory_budget, token_chunk, max_labelled):
     n = labels.shape[0]
     k = len(_names(outputs))
     f32 = dict(dtype=torch.float32)
@@ -157,20 +198,17 @@ def _head_forward_fake(hidden, weight, bias, labels, backend, ignore_index, logi
 def head_backward(grad_values: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                   lse: Tensor, expected_z: Tensor, label_logit: Tensor, backend: str, ignore_index: int,
                   logit_scale: float, softcap: Optional[float], temperature: float, outputs: int, memory_budget: int,
-                  token_chunk: int, need_hidden: bool, need_weight: bool, need_bias: bool
+                  token_chunk: int, max_labelled: int, need_hidden: bool, need_weight: bool, need_bias: bool
                   ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``sum(grad_values * values)`` for `head_forward`'s inputs: ``grad_hidden [N, D]``,
     ``grad_weight [V, D]``, ``grad_bias [V]`` in the inputs' dtypes; ``[0]`` for one not needed."""
     names = _names(outputs)
     n, vocab = labels.shape[0], weight.shape[0]
-    rows = _rows(labels, ignore_index, vocab, check=False)
-    grad_values = grad_values.float()
-    if rows is None:  # ignored rows (all rows while capturing): no upstream gradient, label 0 in range
-        grad_values = torch.where(labels != ignore_index, grad_values, 0.0)
-        labels = torch.where(labels == ignore_index, 0, labels)
-    up = {name: _take(grad_values[i], rows) for i, name in enumerate(names) if name in DIFFERENTIABLE_OUTPUTS}
-    hidden_rows, labels_rows = _rowmajor(_take(hidden, rows)), _take(labels, rows)
-    lse_rows, ez_rows = _take(lse, rows), (_take(expected_z, rows) if expected_z.numel() else None)
+    rows = _rows(labels, ignore_index, vocab, check=False, max_labelled=max_labelled)
+    grad_values = rows.mask(rows.take(grad_values.float(), 1), 0.0)  # no upstream gradient at rows not valid
+    up = {name: grad_values[i] for i, name in enumerate(names) if name in DIFFERENTIABLE_OUTPUTS}
+    hidden_rows, labels_rows = _rowmajor(rows.take(hidden)), rows.mask(rows.take(labels), 0)
+    lse_rows, ez_rows = rows.take(lse), (rows.take(expected_z) if expected_z.numel() else None)
     transform = LogitTransform(logit_scale, softcap, temperature)
     need = (need_hidden, need_weight, need_bias and bias is not None)
     bias = bias.contiguous() if bias is not None else None
@@ -181,10 +219,10 @@ def head_backward(grad_values: Tensor, hidden: Tensor, weight: Tensor, bias: Opt
                                       vocab, tiling, need, sync_free=sync_free(hidden.device))
     else:
         cfg = module.BWD_CONFIGS[hidden.dtype]
-        grads = module.backward_grads(hidden_rows, _rowmajor(weight), bias, labels_rows, _take(label_logit, rows),
+        grads = module.backward_grads(hidden_rows, _rowmajor(weight), bias, labels_rows, rows.take(label_logit),
                                       lse_rows, ez_rows, up, transform, None, vocab, cfg, memory_budget or None, need)
     grad_hidden, grad_weight, grad_bias = grads
-    grad_hidden = _put(grad_hidden, rows, n) if grad_hidden is not None else None
+    grad_hidden = rows.put(grad_hidden) if grad_hidden is not None else None
     # a fresh empty tensor for each gradient not needed: an operator's outputs may not alias one another
     return tuple(g if g is not None else hidden.new_empty(0) for g in (grad_hidden, grad_weight, grad_bias))
 
@@ -192,7 +230,7 @@ def head_backward(grad_values: Tensor, hidden: Tensor, weight: Tensor, bias: Opt
 @head_backward.register_fake
 def _head_backward_fake(grad_values, hidden, weight, bias, labels, lse, expected_z, label_logit, backend,
                         ignore_index, logit_scale, softcap, temperature, outputs, memory_budget, token_chunk,
-                        need_hidden, need_weight, need_bias):
+                        max_labelled, need_hidden, need_weight, need_bias):
     return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if need_weight else hidden.new_empty(0),
             torch.empty_like(bias) if (need_bias and bias is not None) else hidden.new_empty(0))
@@ -202,13 +240,13 @@ def _setup_context(ctx, inputs, output) -> None:
     hidden, weight, bias, labels, *settings = inputs
     _, lse, expected_z, label_logit = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse, expected_z, label_logit)
-    ctx.settings = tuple(settings)  # backend, ignore_index, logit_scale, softcap, temperature, outputs, budget, chunk
+    ctx.settings = tuple(settings)  # backend ... max_labelled: head_forward's arguments after the tensors
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad_values, grad_lse, grad_expected_z, grad_label_logit):
     # lse, expected_z and label_logit are saved for this backward only; nothing upstream differentiates them.
-    none = (None,) * 8
+    none = (None,) * 9
     if grad_values is None:
         return (None, None, None, None, *none)
     hidden, weight, bias, labels, lse, expected_z, label_logit = ctx.saved_tensors
@@ -222,15 +260,15 @@ head_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def head(problem: HeadProblem, ignore_index: int, backend: str, memory_budget: Optional[int] = None,
-         token_chunk: Optional[int] = None) -> dict:
+         token_chunk: Optional[int] = None, max_labelled: Optional[int] = None) -> dict:
     """Run ``backend`` (``"torch"`` or ``"triton"``) through `head_forward` on every row of ``problem``, whose
     ``labels [N]`` may hold ``ignore_index`` (checked inside the op); returns ``{output name: fp32 [N]}``, 0 and
-    no gradient at the ignored rows. ``problem.shard`` must be None."""
+    no gradient at the ignored rows. ``problem.shard`` must be None. ``max_labelled``: see `MAX_LABELLED`."""
     if problem.shard is not None:
         raise ValueError("the registered head ops take no vocabulary-parallel head (got a vocabulary shard)")
     names = _names(output_mask(problem.outputs))
     t = problem.transform
     values, _, _, _ = getattr(torch.ops, NAMESPACE).head_forward(
         problem.hidden, problem.weight, problem.bias, problem.labels, backend, ignore_index, t.logit_scale, t.softcap,
-        t.temperature, output_mask(names), int(memory_budget or 0), int(token_chunk or 0))
+        t.temperature, output_mask(names), int(memory_budget or 0), int(token_chunk or 0), int(max_labelled or 0))
     return dict(zip(names, values.unbind(0)))
