@@ -171,6 +171,22 @@ def test_dynamic_lengths_one_graph_for_two_lengths():
     assert counter.frame_count == 1
 
 
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_no_labelled_token_under_compile(monkeypatch, sync_free):
+    """Every label ignored: zeros, and zero gradients, compiled as eagerly (gathered rows: none; sync-free: all
+    masked)."""
+    hidden, weight, bias, labels = _inputs(n_seq=2, t=5, d=8, v=11, seed=25)
+    labels[:] = IGNORE
+    compiled = torch.compile(lambda h, w, b, y: linear_token_stats(h, w, y, bias=b, impl="torch"), fullgraph=True,
+                             backend="aot_eager")
+    with library.no_host_sync() if sync_free else contextlib.nullcontext():
+        stats = compiled(hidden, weight, bias, labels)
+    assert stats.logprobs.shape == stats.entropy.shape == labels.shape
+    assert (stats.logprobs == 0).all() and (stats.entropy == 0).all()
+    grads = _grads(stats.logprobs.sum() + stats.entropy.sum(), (hidden, weight, bias))
+    assert all((g == 0).all() for g in grads)
+
+
 def test_bad_label_under_compile_gives_the_eager_error():
     hidden, weight, _, labels = _inputs(n_seq=2, t=5, d=8, v=11, seed=6, ignored=1)
     labels[1, 3] = 11

@@ -101,13 +101,14 @@ class _Rows:
     n: int
 
     def take(self, t: Tensor, dim: int = 0) -> Tensor:
-        if self.index is None or t.numel() == 0:
+        """The rows run of ``t`` (``N`` along ``dim``)."""
+        if self.index is None:
             return t
         return t.index_select(dim, self.index.clamp(max=self.n - 1) if self.valid is not None else self.index)
 
     def put(self, values: Tensor, dim: int = 0) -> Tensor:
         """``values`` (``M`` along ``dim``) scattered into zeros of ``N`` along ``dim``."""
-        if self.index is None or values.numel() == 0:
+        if self.index is None:
             return values
         shape = list(values.shape)
         shape[dim] = self.n + (self.valid is not None)  # the spare slot of the padding
@@ -179,8 +180,8 @@ def head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels:
                           LogitTransform(logit_scale, softcap, temperature), frozenset(names))
     result, lse, expected_z, label_logit = _run_forward(backend, problem, memory_budget, token_chunk)
     values = rows.mask(torch.stack([result[name] for name in names]), 0.0)
-    expected_z = expected_z if expected_z is not None else lse.new_empty(0)
-    return rows.put(values, 1), rows.put(lse), rows.put(expected_z), rows.put(label_logit)
+    expected_z = rows.put(expected_z) if expected_z is not None else lse.new_empty(0)  # [0] without the entropy
+    return rows.put(values, 1), rows.put(lse), expected_z, rows.put(label_logit)
 
 
 @head_forward.register_fake
