@@ -321,7 +321,9 @@ class _LabelledRows:
 @dataclass(frozen=True)
 class _AllRows:
     """`_LabelledRows` without the host synchronisation: every block walks all tokens, those labelled
-    outside it adding zero rows (a CUDA graph cannot wait for the device to learn the blocks' bounds)."""
+    outside it adding zero rows (a CUDA graph cannot wait for the device to learn the blocks' bounds). The rows
+    are added with ``index_add_`` on every device: CUDA's ``index_put_(accumulate=True)`` (the deterministic
+    order `_LabelledRows` uses there) fails under CUDA-graph capture, so repeated labels sum in atomics' order."""
 
     labels: torch.Tensor  # int64 [M]
 
@@ -329,11 +331,7 @@ class _AllRows:
                      hidden: torch.Tensor) -> None:
         """As `_LabelledRows.add_to_block`, over all tokens (``index`` unused)."""
         column, inside = label_columns(self.labels, first, rows.shape[0])
-        products = hidden.float() * torch.where(inside, entry, 0.0)[:, None]
-        if rows.is_cuda:
-            rows.index_put_((column.squeeze(1),), products, accumulate=True)
-        else:
-            rows.index_add_(0, column.squeeze(1), products)
+        rows.index_add_(0, column.squeeze(1), hidden.float() * torch.where(inside, entry, 0.0)[:, None])
 
 
 def tiled_head(problem: HeadProblem, memory_budget: int, token_block: Optional[int] = None) -> dict:
