@@ -3,6 +3,12 @@
 Both take ``hidden [..., D]``, ``weight [V, D]`` and integer ``labels`` shaped ``hidden.shape[:-1]``
 and compute ``softmax(z)`` with ``z = transform(hidden @ weight.T + bias)`` for the labelled tokens
 only, without building the ``[tokens, V]`` logits. Ignored tokens come back as 0 with zero gradient.
+
+Eagerly, a call checks its labels and finds the labelled rows with one host synchronisation, then runs the
+backend on those rows. Under `torch.compile`, while a CUDA graph is captured, or in an
+`align_losses.ops.library.no_host_sync` block, the ``"torch"`` and ``"triton"`` backends run instead behind
+registered operators (`align_losses.ops.library`) that take every row: the traced code reads no device value,
+and a compiled ``hidden -> head -> loss -> backward`` is one graph.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from . import backends
+from .ops.labels import labelled_positions
+from .ops.library import sync_free
 from .problem import DIFFERENTIABLE_OUTPUTS, OUTPUTS, HeadProblem, LogitTransform, VocabShard
 
 STATS = tuple(n for n in OUTPUTS if n != "logprobs")  # what `outputs=` may name
@@ -110,12 +118,27 @@ def linear_token_stats(
     options = dict(backend_options or {})
     _check_inputs(hidden, weight, labels, bias, transform, process_group)
     labels = labels.long()  # a narrower dtype would wrap ignore_index (-100 is 156 in uint8)
-    backend = backends.check(impl, _probe(hidden, weight, bias, labels, transform, wanted, process_group, options))
+    if torch.compiler.is_compiling():
+        name, refusal = _checked_backend_name(
+            impl, hidden.device, _call_dtype(hidden), bias is not None, transform, tuple(sorted(wanted)),
+            process_group is not None or _row_sharded(weight), tuple(sorted(options.items())))
+        if refusal is not None:
+            message, kind, reason = refusal
+            if kind is None:  # a malformed option value
+                raise ValueError(message)
+            backends.raise_backend_error(message, impl=name, kind=kind, reason=reason)
+        backend = backends.get(name)
+    else:
+        backend = backends.check(impl, _probe(hidden, weight, bias, labels, transform, wanted, process_group, options))
 
     weight, bias, process_group = _local_head(weight, bias, process_group)
     shard = _vocab_shard(weight, process_group)
     targets = _shift(labels, ignore_index) if shift else labels
     flat_targets = targets.reshape(-1)
+    if shard is None and backend.run_traceable is not None and _no_host_reads(hidden.device):
+        traced = _run_traceable(backend, hidden, weight, bias, flat_targets, ignore_index, transform, wanted, options)
+        if traced is not None:
+            return TokenStats(**{n: v.view(labels.shape) for n, v in traced.items()})
     kept = _labelled_positions(flat_targets, ignore_index, shard.size if shard else weight.shape[0])
     hidden_kept, weight, bias = _compute_dtype(_gather_rows(hidden.reshape(-1, hidden.shape[-1]), kept), weight, bias)
     problem = HeadProblem(
@@ -133,6 +156,29 @@ def linear_token_stats(
     _refuse_double_backward(per_token)
     scattered = {n: _scatter(v, kept, labels.shape, n in DIFFERENTIABLE_OUTPUTS) for n, v in per_token.items()}
     return TokenStats(**scattered)
+
+
+def _no_host_reads(device: torch.device) -> bool:
+    """Whether the call must not read device values on the host: under `torch.compile` (a read breaks the
+    graph), while a CUDA graph is captured (a read fails the capture) or in a `library.no_host_sync` block.
+    The labels are then checked, and the labelled rows found, inside the registered op
+    (`align_losses.ops.library`)."""
+    return torch.compiler.is_compiling() or sync_free(device)
+
+
+def _run_traceable(backend, hidden, weight, bias, flat_targets, ignore_index, transform, wanted, options):
+    """The call through ``backend.run_traceable``, on every row (ignored ones give 0); None where that backend
+    has no such path for these options. Outputs ``{name: fp32 [N]}``, the non-differentiable ones detached."""
+    hidden_all, weight, bias = _compute_dtype(hidden.reshape(-1, hidden.shape[-1]), weight, bias)
+    problem = HeadProblem(hidden=hidden_all, weight=weight, bias=bias, labels=flat_targets, transform=transform,
+                          outputs=wanted, shard=None, options=options)
+    with torch.autocast(hidden.device.type, enabled=False):
+        per_token = backend.run_traceable(problem, ignore_index)
+    if per_token is None:
+        return None
+    if not torch.compiler.is_compiling():  # the sync-free path runs eagerly: the same guard as eager calls
+        _refuse_double_backward(per_token)
+    return {n: (v if n in DIFFERENTIABLE_OUTPUTS else v.detach()) for n, v in per_token.items()}
 
 
 def _refuse_double_backward(per_token: Mapping[str, torch.Tensor]) -> None:
@@ -162,13 +208,48 @@ def _no_double_backward(grad_outputs):
     return None
 
 
+def _checked_backend_name(impl: str, device: torch.device, dtype: torch.dtype, has_bias: bool,
+                          transform: LogitTransform, outputs: tuple, sharded: bool, options: tuple) -> tuple:
+    """`backends.check` on a tensor-free description of the call, for `torch.compile`: ``(backend name, None)``,
+    or ``(impl, (message, kind, reason))`` of the `backends.BackendError` it raised (kind None for another
+    ValueError), raised again by the caller in the traced code: one raised in here would reach the user
+    wrapped in Dynamo's internal error.
+
+    Dynamo runs it once, when it traces the call (the registry imports modules and probes the environment,
+    which it cannot trace), and keeps the result as a constant of the graph: the same settings give the same
+    backend, and ``$ALIGN_LOSSES_IMPL`` is read when the call is traced, not at every call of the graph.
+    """
+    probe = HeadProblem(
+        hidden=torch.empty(0, 1, dtype=dtype, device=device), weight=torch.empty(0, 1, dtype=dtype, device=device),
+        bias=torch.empty(0, dtype=dtype, device=device) if has_bias else None,
+        labels=torch.empty(0, dtype=torch.int64, device=device), transform=transform, outputs=frozenset(outputs),
+        shard=VocabShard(start=0, size=0, group=None) if sharded else None, options=dict(options),
+    )
+    try:
+        return backends.check(impl, probe).name, None
+    except backends.BackendError as error:
+        return error.impl, (str(error), error.kind, error.reason)
+    except ValueError as error:  # a backend's option check
+        return impl, (str(error), None, None)
+
+
+# `torch.compiler.assume_constant_result` sets this mark; it imports Dynamo (and with it Triton) to do so,
+# which importing the package must not (tests/test_compile.py checks the mark is still the one it sets).
+_checked_backend_name._dynamo_marked_constant = True
+
+
+def _call_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The compute dtype of a call: autocast's where it is on, else the hidden states'."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+
+
 def _probe(hidden, weight, bias, labels, transform, outputs, process_group, options) -> HeadProblem:
     """A stand-in for the call that the backend check (`backends.check`) reads before any work: its
     tensors give the compute dtype and the device (their shapes and values are not read, so the
     inputs themselves serve where the dtype matches: each new tensor costs the host time before the
     first kernel)."""
-    device = hidden.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    dtype = _call_dtype(hidden)
     sharded = process_group is not None or _row_sharded(weight)
     return HeadProblem(
         hidden=hidden if hidden.dtype == dtype else hidden.new_empty((0, hidden.shape[-1]), dtype=dtype),
@@ -404,19 +485,6 @@ def _check_transform(transform: LogitTransform) -> None:
 
 
 def _labelled_positions(targets: torch.Tensor, ignore_index: int, vocab: int) -> torch.Tensor:
-    """Indices of the labelled entries of the flat ``targets``, after checking their range.
-
-    One host synchronisation for both the count and the range check (each one drains the GPU queue),
-    in few operations (each costs the host ~10 us before the forward kernel can start).
-    """
-    labelled = targets != ignore_index
-    in_range = targets.clamp(0, vocab - 1) == targets
-    count, count_in_range = torch.stack((labelled, in_range)).sum(1).tolist()
-    # Ignored entries are in range only when ignore_index is a vocabulary id.
-    ignored_in_range = targets.numel() - count if 0 <= ignore_index < vocab else 0
-    if count_in_range - ignored_in_range != count:
-        found = targets[labelled & ~in_range][:5].tolist()
-        raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; found {found}")
-    if labelled.device.type in ("cpu", "cuda"):  # where nonzero_static exists; it does not sync again
-        return torch.nonzero_static(labelled, size=count).squeeze(1)
-    return torch.nonzero(labelled).squeeze(1)
+    """Indices of the labelled entries of the flat ``targets``, after checking their range (one host
+    synchronisation: `align_losses.ops.labels.labelled_positions`, which the registered ops share)."""
+    return labelled_positions(targets, ignore_index, vocab)

@@ -119,8 +119,12 @@ IMPLS = {
     "ours-torch": "ours impl='torch'",
     "ours-triton": "ours impl='triton'",
     "ours-triton-filter": "ours impl='triton', filtering mode",
+    "ours-torch-compiled": "ours impl='torch' under torch.compile(fullgraph=True)",
+    "ours-triton-compiled": "ours impl='triton' under torch.compile(fullgraph=True)",
+    "ours-triton-cudagraph": "ours impl='triton', forward + DPO + backward replayed from a CUDA graph",
 }
-OURS = ("ours-torch", "ours-triton", "ours-triton-filter")
+OURS = ("ours-torch", "ours-triton", "ours-triton-filter", "ours-torch-compiled", "ours-triton-compiled",
+        "ours-triton-cudagraph")
 #: Timed in the rotation like an impl: the floor's three cuBLAS GEMMs plus the logits GEMM again, the
 #: four GEMMs of an exact head that keeps no [N, V] tensor (its time / floor is where such a head can get).
 BOUND = "four-gemm-bound"
@@ -528,6 +532,103 @@ class Impls:
         fn, info = self._ours("triton", options)
         return fn, {**info, "filtering": True}
 
+    # -- ours under torch.compile and CUDA graphs (the registered ops, align_losses/ops/library.py); the
+    # anchor of the compiled column is CCE's own `torch_compile` impl ("cce-torch-compile").
+    def _ours_compiled(self, impl: str):
+        torch = _torch()
+        fn, _ = self._ours(impl)
+        return torch.compile(fn, fullgraph=True), {"torch.compile": "fullgraph=True, the head call only"}
+
+    def _ours_torch_compiled(self):
+        return self._ours_compiled("torch")
+
+    def _ours_triton_compiled(self):
+        self._ours_triton()  # the same availability check
+        return self._ours_compiled("triton")
+
+    def _ours_triton_cudagraph(self):
+        if self.device != "cuda":
+            raise RuntimeError("a CUDA graph needs --device cuda")
+        self._ours_triton()
+        return GraphedStep("triton"), {"cuda_graph": "captured per shape after 2 sync-free warm-ups, max_labelled = "
+                                                     "the labelled count; each step copies hidden and labels into "
+                                                     "the static inputs, then replays"}
+
+
+class GraphedStep:
+    """One training step of the head (log-probs, `dpo_loss`, gradients of hidden and W) captured in a CUDA graph.
+
+    ``whole_step(h, w, labels, pairs)`` copies ``h`` and ``labels`` into the graph's static inputs and replays
+    it (capturing first for a new shape or weight), returning ``(loss, grad_h, grad_w, sequence log-probs)``,
+    static tensors that the next replay overwrites. Calling the object runs the head eagerly (the harness's
+    head-alone error columns). ``graph_gib``: the peak of the capture's allocations (the graph's private pool,
+    held between replays), reported as the row's peak. While captured, the head checks the labels on the device
+    and runs ``max_labelled`` rows (a graph has fixed shapes; the bound is the labelled count, the same at every
+    repetition here), found by ``nonzero_static``.
+    """
+
+    def __init__(self, impl: str):
+        self.impl = impl
+        self.graph_gib = None
+        self.release()
+
+    def __call__(self, h, w, labels):
+        import align_losses
+
+        return align_losses.linear_logprobs(h, w, labels, impl=self.impl)
+
+    def release(self) -> None:
+        """Drop the graph and its pool (at the end of a shape's runs)."""
+        self.key = self.graph = self.out = self.static_h = self.static_labels = None
+
+    def whole_step(self, h, w, labels, pairs: int):
+        torch = _torch()
+        key = (tuple(h.shape), h.dtype, w.data_ptr(), tuple(w.shape), pairs)
+        if key != self.key:
+            self._capture(h, w, labels, pairs)
+            self.key = key
+        with torch.no_grad():
+            self.static_h.copy_(h)
+        self.static_labels.copy_(labels)
+        self.graph.replay()
+        return self.out
+
+    def _capture(self, h, w, labels, pairs: int) -> None:
+        torch = _torch()
+        import align_losses
+        from align_losses.ops import library
+
+        self.release()  # the previous shape's pool goes first
+        _common.free_memory("cuda")
+        static_h = h.detach().clone().requires_grad_(True)
+        static_labels = labels.clone()
+        # The harness's labels hold the same number of labelled tokens at every repetition (the prompt share is
+        # fixed): with that bound the graph runs those rows only, as an eager call does, not every row.
+        options = {"max_labelled": int((labels != IGNORE).sum())}
+
+        def go():
+            per_token = align_losses.linear_logprobs(static_h, w, static_labels, impl=self.impl,
+                                                     backend_options=options)
+            loss = dpo_loss(per_token, pairs)
+            gh, gw = torch.autograd.grad(loss, (static_h, w))
+            return loss.detach(), gh, gw, per_token.detach().float().sum(-1)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), library.no_host_sync():  # compile the captured path's kernels first
+            for _ in range(2):
+                go()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = go()
+        torch.cuda.synchronize()
+        self.graph_gib = (torch.cuda.max_memory_allocated() - before) / GiB
+        self.graph, self.out, self.static_h, self.static_labels = graph, out, static_h, static_labels
+
 
 def dpo_loss(per_token, pairs: int):
     """DPO sigmoid loss without a reference model: -logsigmoid(beta (chosen - rejected)), mean over pairs."""
@@ -730,6 +831,10 @@ def run_config(config: str, shape: Shape, regime: str, impl_names: list, reps: i
     fns = {}
 
     def step(fn, labels):
+        whole_step = getattr(fn, "whole_step", None)  # GraphedStep: the whole step is one graph replay
+        if whole_step is not None:
+            return lambda: whole_step(h, w, labels, shape.pairs)
+
         def go():
             per_token = fn(h, w, labels)
             loss = dpo_loss(per_token, shape.pairs)
@@ -747,6 +852,8 @@ def run_config(config: str, shape: Shape, regime: str, impl_names: list, reps: i
         for i in range(args.warmup):
             clock.time(step(fn, label_sets[i]))
         (loss, gh, gw, seq), peak = clock.peak(step(fn, labels_ref))
+        if getattr(fn, "graph_gib", None) is not None:  # a replay allocates nothing; its graph holds its pool
+            peak = max(peak or 0.0, fn.graph_gib)
         out = {
             "peak_gib": peak,
             "grads_gib": (gh.numel() * gh.element_size() + gw.numel() * gw.element_size()) / GiB,
@@ -812,6 +919,8 @@ def run_config(config: str, shape: Shape, regime: str, impl_names: list, reps: i
                 log(f"  {name}: FAILED while timing {results[name]['error'][:200]}")
                 _cleanup(device)
     floor_ms.append(clock.time(floor)[0])
+    for fn in fns.values():
+        getattr(fn, "release", lambda: None)()  # a CUDA graph's pool, held between its replays
     fl, bd = median(floor_ms), median(bound_ms)
     log(f"  floor {fmt_ms(fl)} (runs: {', '.join(f'{x:.2f}' for x in floor_ms)})")
     log(f"  four-GEMM bound {fmt_ms(bd)} = x{bd / fl:.2f} (runs: {', '.join(f'{x:.2f}' for x in bound_ms)})")

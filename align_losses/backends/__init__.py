@@ -40,6 +40,7 @@ _MODULES = {
     "liger": ".liger",
 }
 _ALIASES = {"pytorch": "torch"}
+_LOADED: dict = {}  # name -> the module defining its BACKEND, filled by `get`
 ENV_VAR = "ALIGN_LOSSES_IMPL"
 
 _logged_choices: set = set()
@@ -67,13 +68,29 @@ class BackendError(ValueError):
         self.reason = reason
 
 
+class _TracedBackendError(BackendError):
+    """A `BackendError` built without its ``__init__``, which Dynamo cannot trace (see `raise_backend_error`)."""
+
+    __init__ = ValueError.__init__
+
+
+def raise_backend_error(message: str, *, impl: str, kind: str, reason: str) -> None:
+    """Raise `BackendError` from code that `torch.compile` traces: without ``fullgraph`` the compiled call
+    raises it as an eager one does; with ``fullgraph`` Dynamo reports it (message included) as unsupported."""
+    error = _TracedBackendError(message)
+    error.impl, error.kind, error.reason = impl, kind, reason
+    raise error
+
+
 def get(name: str) -> Backend:
     """The backend registered under ``name`` (an alias is resolved). Raises `BackendError` if unknown."""
     key = _ALIASES.get(name, name)
     if key not in _MODULES:
         expected = f"expected one of {names()}"
         raise BackendError(f"unknown impl {name!r}: {expected}", impl=name, kind="unknown", reason=expected)
-    return importlib.import_module(_MODULES[key], __name__).BACKEND
+    if key not in _LOADED:  # once per backend: a dict hit afterwards, which torch.compile traces without a break
+        _LOADED[key] = importlib.import_module(_MODULES[key], __name__)
+    return _LOADED[key].BACKEND
 
 
 def check(impl: Optional[str], problem: Optional[HeadProblem] = None) -> Optional[Backend]:

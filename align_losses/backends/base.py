@@ -48,6 +48,11 @@ class Backend:
     #: A finer check than `capabilities` (feature combinations, option-dependent limits):
     #: ``problem -> [missing features]``.
     extra_check: Optional[Callable[[HeadProblem], list]] = None
+    #: The computation as a registered operator (`align_losses.ops.library`), which `torch.compile` traces
+    #: as one node and a CUDA graph can capture: ``(problem, ignore_index) -> dict | None`` on every row of
+    #: a problem whose labels may hold ``ignore_index`` (outputs ``[N]``, 0 there), checking the labels
+    #: inside the op; None where the backend or this call's options have no such path.
+    run_traceable: Optional[Callable[[HeadProblem, int], Optional[dict]]] = None
 
     def unsupported(self, problem: HeadProblem) -> list[str]:
         """The features of ``problem`` this backend cannot provide (empty when it can run it)."""

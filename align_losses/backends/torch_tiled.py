@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops import library
 from ..ops.tiled_head import tiled_head
 from ..problem import OUTPUTS, HeadProblem
 from .base import Backend, Capabilities
@@ -18,6 +19,20 @@ def _run(problem: HeadProblem) -> dict:
     return tiled_head(problem, memory_budget=int(budget), token_block=problem.options.get("token_chunk"))
 
 
+def _run_traceable(problem: HeadProblem, ignore_index: int) -> dict:
+    budget = problem.options.get("memory_budget") or DEFAULT_MEMORY_BUDGET
+    return library.head(problem, ignore_index, "torch", memory_budget=int(budget),
+                        token_chunk=problem.options.get("token_chunk"),
+                        max_labelled=problem.options.get(library.MAX_LABELLED))
+
+
+def _check_options(problem: HeadProblem) -> list:
+    """The sync-free path's ``max_labelled`` bound (the core checks ``memory_budget`` and ``token_chunk``
+    for every backend). Returns no missing feature: every well-formed value is supported."""
+    library.check_max_labelled(problem.options.get(library.MAX_LABELLED))
+    return []
+
+
 BACKEND = Backend(
     name="torch",
     capabilities=Capabilities(
@@ -29,7 +44,9 @@ BACKEND = Backend(
         temperature=True,
         outputs=frozenset(OUTPUTS),
         vocab_parallel=True,
-        options=frozenset({"memory_budget", "token_chunk"}),
+        options=frozenset({"memory_budget", "token_chunk", library.MAX_LABELLED}),
     ),
     run=_run,
+    extra_check=_check_options,
+    run_traceable=_run_traceable,
 )

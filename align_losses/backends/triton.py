@@ -1,8 +1,9 @@
 """The ``"triton"`` backend: CUDA, Triton GEMMs with fused softmax epilogues plus cuBLAS GEMMs
 (see `align_losses.ops.triton_head`). Triton is imported only when the backend runs.
 
-Options: ``memory_budget`` (bytes of the backward's chunk buffer) and ``filter_mass`` (opt-in
-filtering backward, `align_losses.ops.triton_filter`)."""
+Options: ``memory_budget`` (bytes of the backward's chunk buffer), ``filter_mass`` (opt-in
+filtering backward, `align_losses.ops.triton_filter`) and ``max_labelled`` (a bound on the labelled tokens
+for the sync-free path of a CUDA-graph capture: `align_losses.ops.library.MAX_LABELLED`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from ..ops import library
 from ..problem import OUTPUTS, HeadProblem
 from .base import Backend, Capabilities
 
@@ -55,6 +57,20 @@ def _run(problem: HeadProblem) -> dict:
                        filter_mass=filter_mass(problem.options.get("filter_mass")))
 
 
+def _run_traceable(problem: HeadProblem, ignore_index: int) -> Optional[dict]:
+    if filter_mass(problem.options.get("filter_mass")) is not None:
+        return None  # the filtering backward keeps per-call state the registered op does not carry
+    budget = problem.options.get("memory_budget")
+    return library.head(problem, ignore_index, "triton", memory_budget=int(budget) if budget else None,
+                        max_labelled=problem.options.get(library.MAX_LABELLED))
+
+
+def _check_options(problem: HeadProblem) -> list:
+    """Refuse a malformed ``max_labelled`` before any work; every well-formed value is supported."""
+    library.check_max_labelled(problem.options.get(library.MAX_LABELLED))
+    return []
+
+
 BACKEND = Backend(
     name="triton",
     capabilities=Capabilities(
@@ -66,8 +82,10 @@ BACKEND = Backend(
         temperature=True,
         outputs=frozenset(OUTPUTS),
         vocab_parallel=True,
-        options=frozenset({"memory_budget", "filter_mass"}),
+        options=frozenset({"memory_budget", "filter_mass", library.MAX_LABELLED}),
     ),
     run=_run,
     available=_available,
+    extra_check=_check_options,
+    run_traceable=_run_traceable,
 )

@@ -138,10 +138,8 @@ class TiledHeadFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, problem: HeadProblem, tiling: Tiling, names: tuple):
         problem = HeadProblem(hidden, weight, bias, problem.labels, problem.transform, problem.outputs, problem.shard)
-        stats = _forward_stats(problem, tiling)
-        result = finish_outputs(stats, problem.outputs, problem.vocab_size, problem.labels)
-        lse = stats.max + torch.log(stats.sum_exp)
-        ctx.save_for_backward(hidden, weight, bias, problem.labels, lse, stats.expected_z())
+        result, lse, expected_z = forward_outputs(problem, tiling)
+        ctx.save_for_backward(hidden, weight, bias, problem.labels, lse, expected_z)
         ctx.problem_meta = (problem.transform, problem.shard, problem.vocab_size)
         ctx.tiling = tiling
         ctx.names = names
@@ -154,11 +152,21 @@ class TiledHeadFunction(torch.autograd.Function):
         hidden, weight, bias, labels, lse, expected_z = ctx.saved_tensors
         transform, shard, vocab = ctx.problem_meta
         upstream = {n: g for n, g in zip(ctx.names, grads) if g is not None}
-        grad_hidden, grad_weight, grad_bias = _backward(
+        grad_hidden, grad_weight, grad_bias = backward_grads(
             hidden, weight, bias, labels, lse, expected_z, upstream, transform, shard, vocab, ctx.tiling,
             need=ctx.needs_input_grad[:3],
         )
         return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def forward_outputs(problem: HeadProblem, tiling: Tiling) -> tuple[dict, torch.Tensor, Optional[torch.Tensor]]:
+    """The forward of `TiledHeadFunction` and of the registered op (`align_losses.ops.library`):
+    ``({output name: fp32 [M]}, logsumexp fp32 [M], E_p[z] fp32 [M] or None without the entropy)``,
+    the last two being what `backward_grads` needs."""
+    stats = _forward_stats(problem, tiling)
+    result = finish_outputs(stats, problem.outputs, problem.vocab_size, problem.labels)
+    lse = stats.max + torch.log(stats.sum_exp)
+    return result, lse, stats.expected_z()
 
 
 def _logit_grad(z, lse_rows, expected_z_rows, up: dict, rows: slice, vocab: int) -> torch.Tensor:
@@ -184,7 +192,14 @@ def _logit_grad(z, lse_rows, expected_z_rows, up: dict, rows: slice, vocab: int)
     return grad
 
 
-def _backward(hidden, weight, bias, labels, lse, expected_z, up, transform, shard, vocab, tiling, need):
+def backward_grads(hidden, weight, bias, labels, lse, expected_z, up: dict, transform: LogitTransform, shard,
+                   vocab: int, tiling: Tiling, need, sync_free: bool = False):
+    """The backward of `TiledHeadFunction` and of the registered op: ``(grad_hidden [M, D] | None,
+    grad_weight [V_local, D] | None, grad_bias [V_local] | None)`` in the inputs' dtypes, for the upstream
+    gradients ``up`` ({output name: [M]}) and the forward's ``lse`` and ``expected_z`` (`forward_outputs`).
+    ``need``: which of the three to compute. ``sync_free``: never wait for the device (for a CUDA-graph
+    capture), at the cost of a masked pass over all tokens per vocabulary block for the labelled weight rows.
+    """
     need_h, need_w, need_b = need
     up = {n: g.float() for n, g in up.items() if n in DIFFERENTIABLE_OUTPUTS}
     offset = shard.start if shard is not None else 0
@@ -199,7 +214,8 @@ def _backward(hidden, weight, bias, labels, lse, expected_z, up, transform, shar
     entry = torch.zeros(m, dtype=torch.float32, device=hidden.device) if has_entries else None
     labelled = None
     if has_entries and need_w:
-        labelled = _LabelledRows.of(labels, offset, weight.shape[0], tiling.vocab_block)
+        labelled = (_AllRows(labels) if sync_free else
+                    _LabelledRows.of(labels, offset, weight.shape[0], tiling.vocab_block))
     for block_index, v0 in enumerate(range(0, weight.shape[0], tiling.vocab_block)):
         w = weight[v0 : v0 + tiling.vocab_block]
         b = bias[v0 : v0 + tiling.vocab_block] if bias is not None else None
@@ -300,6 +316,22 @@ class _LabelledRows:
             rows.index_put_((self.sorted_labels[lo:hi] - first,), products, accumulate=True)
         else:
             rows.index_add_(0, self.sorted_labels[lo:hi] - first, products)
+
+
+@dataclass(frozen=True)
+class _AllRows:
+    """`_LabelledRows` without the host synchronisation: every block walks all tokens, those labelled
+    outside it adding zero rows (a CUDA graph cannot wait for the device to learn the blocks' bounds). The rows
+    are added with ``index_add_`` on every device: CUDA's ``index_put_(accumulate=True)`` (the deterministic
+    order `_LabelledRows` uses there) fails under CUDA-graph capture, so repeated labels sum in atomics' order."""
+
+    labels: torch.Tensor  # int64 [M]
+
+    def add_to_block(self, rows: torch.Tensor, index: int, first: int, entry: torch.Tensor,
+                     hidden: torch.Tensor) -> None:
+        """As `_LabelledRows.add_to_block`, over all tokens (``index`` unused)."""
+        column, inside = label_columns(self.labels, first, rows.shape[0])
+        rows.index_add_(0, column.squeeze(1), hidden.float() * torch.where(inside, entry, 0.0)[:, None])
 
 
 def tiled_head(problem: HeadProblem, memory_budget: int, token_block: Optional[int] = None) -> dict:

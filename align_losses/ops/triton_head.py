@@ -320,7 +320,7 @@ def _scratch_rows(grad_weight: torch.Tensor, row: int, m: int, ld: int) -> torch
     return grad_weight.view(-1)[start : start + m * ld].view(m, ld)
 
 
-def _backward(hidden, weight, bias, labels, label_logit, lse, expected_z, up: dict, transform: LogitTransform,
+def backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, up: dict, transform: LogitTransform,
               shard: Optional[VocabShard], vocab: int, cfg: KernelConfig, memory_budget, need, held: int = 0):
     """The dense backward; ``label_logit``: the forward's fp32 ``[M]`` label logits; ``held``:
     bytes kept beside it (a filter's mask) that the default chunk buffer gives back."""
@@ -400,6 +400,18 @@ def _backward(hidden, weight, bias, labels, label_logit, lse, expected_z, up: di
     return grad_hidden, grad_weight, grad_bias
 
 
+def forward_outputs(hidden, weight, bias, labels, transform: LogitTransform, outputs: frozenset,
+                    shard: Optional[VocabShard], cfg: KernelConfig, keep_partials: bool = False):
+    """The forward of `TritonHeadFunction` and of the registered op (`align_losses.ops.library`):
+    ``({output name: fp32 [M]}, logsumexp [M], E_p[z] [M] or None, label logit [M], partials or None)``,
+    fp32; the middle three are what `backward_grads` needs, the partials what the filtering backward needs."""
+    stats, partials = _stats((hidden, weight, bias, labels, transform, outputs, shard), cfg, keep_partials)
+    vocab = shard.size if shard is not None else weight.shape[0]
+    result = finish_outputs(stats, outputs, vocab, labels)
+    lse = stats.max + torch.log(stats.sum_exp)
+    return result, lse, stats.expected_z(), stats.label_logit, partials
+
+
 class TritonHeadFunction(torch.autograd.Function):
     """Autograd function behind the ``"triton"`` backend (see the module docstring)."""
 
@@ -408,12 +420,9 @@ class TritonHeadFunction(torch.autograd.Function):
                 filter_mass):
         fwd_cfg, bwd_cfg = cfgs
         ctx.set_materialize_grads(False)  # an output without a gradient needs no epilogue term
-        stats, partials = _stats((hidden, weight, bias, labels, transform, outputs, shard), fwd_cfg,
-                                 keep_partials=filter_mass is not None)
+        result, lse, expected_z, label_logit, partials = forward_outputs(
+            hidden, weight, bias, labels, transform, outputs, shard, fwd_cfg, keep_partials=filter_mass is not None)
         vocab = shard.size if shard is not None else weight.shape[0]
-        result = finish_outputs(stats, outputs, vocab, labels)
-        lse = stats.max + torch.log(stats.sum_exp)
-        expected_z = stats.expected_z()
         keep = None
         if partials is not None:
             if shard is not None:  # each rank drops its share, so the token's total stays within filter_mass
@@ -423,7 +432,7 @@ class TritonHeadFunction(torch.autograd.Function):
             keep = triton_filter.kept_blocks(*partials, lse, labels, shard.start if shard is not None else 0,
                                              weight.shape[0], fwd_cfg.BN, filter_mass)
             del partials
-        ctx.save_for_backward(hidden, weight, bias, labels, stats.label_logit, lse, expected_z, keep)
+        ctx.save_for_backward(hidden, weight, bias, labels, label_logit, lse, expected_z, keep)
         ctx.meta = (transform, shard, vocab, bwd_cfg, memory_budget, fwd_cfg.BN)
         ctx.names = names
         outs = tuple(result[n] for n in names)
@@ -441,8 +450,9 @@ class TritonHeadFunction(torch.autograd.Function):
             result = triton_filter.filtered_backward(hidden, weight, bias, labels, lse, keep, upstream, transform,
                                                      shard, block, memory_budget, need)
         if result is None:  # not filtering, or too few pairs to skip: the dense backward
-            result = _backward(hidden, weight, bias, labels, label_logit, lse, expected_z, upstream, transform, shard,
-                               vocab, bwd_cfg, memory_budget, need, held=keep.numel() if keep is not None else 0)
+            result = backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, upstream, transform,
+                                    shard, vocab, bwd_cfg, memory_budget, need,
+                                    held=keep.numel() if keep is not None else 0)
         return (*result, None, None, None, None, None, None, None, None)
 
 
