@@ -215,7 +215,7 @@ def test_refused_backend_under_compile_gives_the_eager_error():
     assert (compiled.value.impl, compiled.value.kind) == (eager.value.impl, eager.value.kind) == expected
     with pytest.raises(Exception, match=message):
         torch.compile(call, fullgraph=True, backend="aot_eager")(hidden, weight, labels)
-    with pytest.raises(ValueError, match=r"memory_budget'\] of impl 'torch' must be None or a positive int"):
+    with pytest.raises(ValueError, match=r"backend_options\['memory_budget'\] must be None or a positive int"):
         torch.compile(lambda h, w, y: linear_logprobs(h, w, y, impl="torch", backend_options={"memory_budget": -1}),
                       backend="aot_eager")(hidden, weight, labels)
 
