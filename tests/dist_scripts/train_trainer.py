@@ -192,6 +192,10 @@ def main(argv=None):
         accelerator.wait_for_everyone()
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(results, args.out)
+    if torch.distributed.is_initialized():
+        # Without it the gloo threads can still be running when the interpreter exits, and the process aborts
+        # ("terminate called without an active exception") after the run has finished.
+        torch.distributed.destroy_process_group()
 
 if __name__ == "__main__":
     main()
