@@ -22,5 +22,12 @@ def _interpreter_requested() -> bool:
 
 INTERP = _interpreter_requested()
 
-gpu = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
+_needs_gpu = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
+
+
+def gpu(test):
+    """The ``gpu`` mark (so that ``pytest -m gpu`` selects the test) and a skip without CUDA and Triton."""
+    return pytest.mark.gpu(_needs_gpu(test))
+
+
 interp = pytest.mark.skipif(not INTERP, reason="set TRITON_INTERPRET=1 (and install triton) to run on the CPU")
