@@ -330,12 +330,12 @@ def run_logps(args) -> int:
 
     from align_losses import backends
 
-    if args.impl not in backends.names():
-        raise CLIError(f"--impl {args.impl}: unknown backend; expected one of {', '.join(backends.names())}")
-    if args.impl != "auto":
-        reason = backends.get(args.impl).available()
-        if reason is not None:
-            raise CLIError(f"--impl {args.impl}: cannot run here ({_one_line(reason)})")
+    try:
+        backends.check(args.impl)  # without a call: the name and this environment ("auto" always passes)
+    except backends.BackendError as e:
+        if e.kind == "unknown":
+            raise CLIError(f"--impl {args.impl}: unknown backend; expected one of {', '.join(backends.names())}") from None
+        raise CLIError(f"--impl {args.impl}: cannot run here ({_one_line(e.reason)})") from None
 
     from .extract import check_dataset
 
