@@ -35,6 +35,7 @@ from .fused import (
     fused_sequence_logps,
 )
 from .modules import LinearCrossEntropyLoss
+from .ops.library import MAX_LABELLED, no_host_sync
 
 __all__ = [
     "FusedCPOLoss",
@@ -45,6 +46,7 @@ __all__ = [
     "FusedSFTLoss",
     "FusedSimPOLoss",
     "LinearCrossEntropyLoss",
+    "MAX_LABELLED",
     "fused_sequence_logps",
     "CPO_LOSS_TYPES",
     "DPO_LOSS_TYPES",
@@ -58,6 +60,7 @@ __all__ = [
     "ld_sequence_logps",
     "linear_logprobs",
     "linear_token_stats",
+    "no_host_sync",
     "orpo_loss",
     "sequence_logps",
     "sft_loss",
