@@ -501,3 +501,39 @@ def test_out_that_is_the_input_or_a_folder(workdir, tmp_path, capsys, target, me
     captured = capsys.readouterr()
     _check_one_line_error(code, captured.out, captured.err, message)
     assert data.read_text() == (workdir / "pref.jsonl").read_text()
+
+
+def test_json_lines_may_hold_unicode_line_separators(tmp_path):
+    """U+2028, U+2029 and U+0085 are valid unescaped in a JSON string (and this command writes them so): they do
+    not end a line of a JSON Lines file."""
+    from trainers.cli import read_rows
+
+    rows = [{"prompt": "a\u2028b", "chosen": "c\u0085", "rejected": "d\u2029e"}, {"prompt": "x", "chosen": "y",
+                                                                                     "rejected": "z"}]
+    path = tmp_path / "sep.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert read_rows(str(path)).to_list() == rows
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a"}],
+     "rejected": [{"role": "assistant", "content": "b"}]},
+    {"prompt_ids": [1, 2], "chosen_ids": [3, 4], "rejected_ids": [5, 6]},
+])
+def test_a_json_file_of_one_row_whose_values_are_lists_is_one_row(tmp_path, row):
+    """One conversational or tokenised row in a .json file: its lists (all of one length) are not columns."""
+    from trainers.cli import read_rows
+
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(row))
+    assert read_rows(str(path)).to_list() == [row]
+
+
+def test_a_json_file_of_columns_is_read_as_rows(tmp_path):
+    from trainers.cli import read_rows
+
+    columns = {"prompt": ["p0", "p1"], "completion": ["c0", "c1"], "label": [True, False]}
+    path = tmp_path / "columns.json"
+    path.write_text(json.dumps(columns))
+    assert read_rows(str(path)).to_list() == [{"prompt": "p0", "completion": "c0", "label": True},
+                                              {"prompt": "p1", "completion": "c1", "label": False}]

@@ -214,13 +214,14 @@ def read_rows(path: str):
             if isinstance(document, list):
                 rows = document
             elif isinstance(document, dict):
-                columns = list(document.values())
-                if columns and all(isinstance(c, list) for c in columns) and len({len(c) for c in columns}) == 1:
+                if _is_columns(document):
                     return Dataset.from_dict(document)
                 rows = [document]
         if rows is None:
             rows = []
-            for number, line in enumerate(text.splitlines(), 1):
+            # split on "\n" only: str.splitlines also splits on U+2028, U+0085 and others, which JSON strings
+            # may hold unescaped (this command's own output does, with ensure_ascii=False)
+            for number, line in enumerate(text.split("\n"), 1):
                 if line.strip():
                     try:
                         rows.append(json.loads(line))
@@ -233,6 +234,23 @@ def read_rows(path: str):
         raise
     except Exception as e:  # pyarrow / datasets errors: one line
         raise CLIError(f"--data {path}: cannot read it ({type(e).__name__}: {_one_line(e)})") from None
+
+
+def _is_columns(document: dict) -> bool:
+    """Whether a .json file's one object holds columns (``{"prompt": [p0, p1, ...], ...}``) rather than one row.
+
+    Columns are equal-length lists whose items are never messages (dicts) and, for ``*_ids``, are lists; so a
+    row whose values are message lists or token ids (lists too, maybe of one length) stays one row.
+    """
+    values = list(document.values())
+    if not values or not all(isinstance(v, list) for v in values) or len({len(v) for v in values}) != 1:
+        return False
+    for name, column in document.items():
+        if any(isinstance(item, dict) for item in column):
+            return False
+        if name.endswith("_ids") and not all(isinstance(item, list) for item in column):
+            return False
+    return True
 
 
 def write_rows(dataset, path: str) -> None:
