@@ -503,6 +503,62 @@ def test_out_that_is_the_input_or_a_folder(workdir, tmp_path, capsys, target, me
     assert data.read_text() == (workdir / "pref.jsonl").read_text()
 
 
+def test_a_second_run_resuming_a_partial_file_in_use_is_refused(workdir, uninterrupted, tmp_path, monkeypatch,
+                                                                 capsys):
+    """Two runs racing on one --out: the one that finds OUT.partial held by the other stops before appending."""
+    fcntl = pytest.importorskip("fcntl")
+    from trainers.cli import main
+
+    out = tmp_path / "scored.jsonl"
+    _interrupt_after(monkeypatch, 1)
+    assert main(_logps_args(workdir, out)) == 130
+    monkeypatch.undo()
+    partial = tmp_path / "scored.jsonl.partial"
+    before = partial.read_bytes()
+    held = os.open(partial, os.O_RDWR)  # the other run, still scoring
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        capsys.readouterr()
+        code = main(_logps_args(workdir, out, "--resume"))
+        captured = capsys.readouterr()
+        _check_one_line_error(code, captured.out, captured.err, f"{partial} is in use by another run writing the "
+                              "same --out")
+        assert partial.read_bytes() == before and not out.exists()
+    finally:
+        os.close(held)
+    assert main(_logps_args(workdir, out, "--resume")) == 0  # once it is free, the run continues
+    _same_output(out, uninterrupted[".jsonl"])
+
+
+def test_out_that_is_a_link_to_another_folder_is_written_in_its_own_folder(workdir, uninterrupted, tmp_path,
+                                                                             monkeypatch):
+    """The temporary file goes next to --out, not next to the file a link at --out points to."""
+    import tempfile
+
+    from trainers.cli import main
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    victim = elsewhere / "victim.jsonl"
+    victim.write_text("keep me\n")
+    here = tmp_path / "here"
+    here.mkdir()
+    out = here / "scored.jsonl"
+    out.symlink_to(victim)
+    folders = []
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, **kwargs):
+        folders.append(os.path.realpath(kwargs["dir"]))
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    assert main(_logps_args(workdir, out)) == 0
+    assert folders == [os.path.realpath(here)], f"temporary file made in {folders}, expected {here}"
+    assert victim.read_text() == "keep me\n" and _files(elsewhere) == ["victim.jsonl"]
+    _same_output(out, uninterrupted[".jsonl"])
+
+
 def test_json_lines_may_hold_unicode_line_separators(tmp_path):
     """U+2028, U+2029 and U+0085 are valid unescaped in a JSON string (and this command writes them so): they do
     not end a line of a JSON Lines file."""

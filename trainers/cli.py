@@ -299,8 +299,10 @@ def _load_tokenizer(path: str, flag: str):
 
 
 def _check_out(args) -> None:
+    from .scored_file import output_folder
+
     out = Path(args.out)
-    out_dir = out.resolve().parent
+    out_dir = output_folder(args.out)
     if not out_dir.is_dir():
         raise CLIError(f"--out {args.out}: directory {out_dir} does not exist")
     if out.is_dir():
@@ -386,10 +388,10 @@ def run_logps(args) -> int:
     try:
         code = _score_and_write(args, dataset, kind, device, partial)
     except BaseException:
-        partial.close()
         if created and partial.rows_done == 0:
             partial.remove()  # nothing worth keeping
         else:
+            partial.close()
             print(f"{PROG}: {partial.rows_done} of {len(dataset)} rows are scored and kept in {path}; rerun the same "
                   f"command with --resume to continue from there", file=sys.stderr)
         raise

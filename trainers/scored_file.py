@@ -24,6 +24,11 @@ import os
 import stat
 import tempfile
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; the exclusive creation still guards a fresh run
+    fcntl = None
 from typing import Callable, Optional
 
 #: First key of the partial file's header line, with the format's version.
@@ -33,6 +38,19 @@ VERSION = 1
 
 class PartialFileError(Exception):
     """The partial file cannot be used (a link, someone else's file, other settings): a message for the user."""
+
+
+def _lock(fd: int, path: Path) -> None:
+    """Hold an exclusive advisory lock on the open partial file for the run, so that a second run on the same
+    --out (a racing ``--resume``) is refused instead of appending the same rows to it."""
+    if fcntl is None:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise PartialFileError(
+            f"{path} is in use by another run writing the same --out; wait for it to end, or choose another --out"
+        ) from None
 
 
 def partial_path(out: str) -> Path:
@@ -59,6 +77,11 @@ class PartialFile:
                 f"{path} exists: an earlier run writing the same --out was interrupted (or it is another file); "
                 f"pass --resume to continue that run, or remove {path}"
             ) from None
+        try:
+            _lock(fd, path)
+        except BaseException:  # another run opened it first with --resume: its file, left in place
+            os.close(fd)
+            raise
         settings = normalised(settings)
         partial = cls(path, fd, settings, [])
         try:
@@ -85,6 +108,7 @@ class PartialFile:
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise PartialFileError(f"--resume: {path} is not a regular file")
+            _lock(fd, path)
             data = _read_all(fd)
             chunks, good_bytes = _parse(path, data, settings, row_count, chunk_rows)
             if good_bytes < len(data):  # an interrupted write: drop the torn line
@@ -120,8 +144,9 @@ class PartialFile:
             self._fd = None
 
     def remove(self) -> None:
-        self.close()
+        """Remove the file, then let go of it (and of its lock): a run waiting on it never reads a removed file."""
         self.path.unlink(missing_ok=True)
+        self.close()
 
     def _write(self, record: dict) -> None:
         data = (json.dumps(record, ensure_ascii=False, allow_nan=True) + "\n").encode("utf-8")
@@ -189,7 +214,7 @@ def write_output(path: str, write: Callable[[object], None], binary: bool) -> No
     in ``path``'s folder, which then replaces ``path`` (a link at ``path`` is replaced, not followed). The
     temporary file is removed on any failure or interrupt."""
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.resolve().parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=output_folder(path))
     try:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
             write(f)
@@ -202,6 +227,12 @@ def write_output(path: str, write: Callable[[object], None], binary: bool) -> No
         except FileNotFoundError:
             pass
         raise
+
+
+def output_folder(path: str) -> Path:
+    """The folder ``path`` is written in: its parent, resolved, not the folder of a link's target (a link at
+    ``path`` is replaced, so its target's folder is never written)."""
+    return Path(path).parent.resolve()
 
 
 def folder_fingerprint(path: Optional[str], exclude=()) -> Optional[dict]:
