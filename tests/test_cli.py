@@ -390,7 +390,12 @@ def test_bad_beta_and_chunk_rows_are_usage_errors(workdir, capsys):
 
     for flag, value, message in (("--beta", "nan", "expected a finite number >= 0, got 'nan'"),
                                  ("--beta", "-1", "expected a finite number >= 0, got '-1'"),
-                                 ("--chunk-rows", "0", "expected a positive integer, got '0'")):
+                                 ("--chunk-rows", "0", "expected a positive integer, got '0'"),
+                                 ("--chunk-rows", "-5", "expected a positive integer, got '-5'"),
+                                 ("--chunk-rows", "2.5", "expected a positive integer, got '2.5'"),
+                                 ("--batch-size", "x", "expected a positive integer, got 'x'"),
+                                 ("--max-length", "-3", "expected a positive integer or 'none', got '-3'"),
+                                 ("--max-length", "big", "expected a positive integer or 'none', got 'big'")):
         args = _logps_args(workdir, workdir / "x.jsonl")
         args[args.index(flag) + 1] = value
         with pytest.raises(SystemExit) as exit_info:

@@ -83,26 +83,22 @@ class CLIError(Exception):
     """A problem the user can fix: printed as one line, exit status 1."""
 
 
+def _positive_int(text: str, expected: str = "a positive integer") -> int:
+    """An argparse type: ``text`` as an int >= 1; the error says ``expected`` and what was given."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
 def _max_length(text: str):
+    """An argparse type: a positive int, or `NO_TRUNCATION` for 'none' (also '0' and 'off')."""
     if text.lower() in ("none", "0", "off"):
         return NO_TRUNCATION
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'none', got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'none', got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    return _positive_int(text, "a positive integer or 'none'")
 
 
 def _beta(text: str) -> float:
