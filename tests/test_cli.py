@@ -414,6 +414,7 @@ def test_help_says_how_files_are_written_and_lists_every_backend(capsys):
         assert name in text, name
     for phrase in ("--resume", "--chunk-rows", "OUT.partial", "temporary file with a unique name",
                    "removed on any failure", "identical to an uninterrupted run",
+                   "a second run on the same --out stops with an error",
                    "default: cuda when a CUDA device is available, else cpu"):
         assert phrase in text, phrase
 

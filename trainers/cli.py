@@ -62,7 +62,8 @@ the temporary file is removed on any failure. Nothing else is written. OUT.parti
 is written; after an interrupt (Ctrl-C) or a failure it is kept, and the same command with --resume
 continues from the rows it holds, giving a file identical to an uninterrupted run (same rows, values and
 order). --resume refuses a partial file written with other arguments or input files, a link, or a file
-that is not its own; without --resume an existing OUT.partial is an error, never overwritten.
+that is not its own; without --resume an existing OUT.partial is an error, never overwritten. A run holds
+OUT.partial locked: a second run on the same --out stops with an error instead of writing into it.
 
 A closing summary gives rows, tokens, tokens/s (of this run), truncated rows, and with --ref-model the
 reward accuracy and mean margin. Exit status 1 with a one-line message on a usage error, 130 on an

@@ -8,7 +8,8 @@ The command writes only two paths besides ``--out`` itself:
   (``O_CREAT | O_EXCL``: an existing file or link of that name is never replaced or followed), kept when the
   run is interrupted or fails, so that ``--resume`` continues from it, and removed once ``--out`` is written.
   ``--resume`` opens it without following a link and only when its header is this command's and its
-  settings are the run's.
+  settings are the run's. The run holds an exclusive advisory lock (``flock``) on it, so that a second run
+  on the same ``--out`` is refused rather than appending the same rows.
 * a temporary file with a unique name in the output's folder (``tempfile.mkstemp``: exclusive, no link
   followed), holding the whole output until it atomically replaces ``--out``; removed on any failure.
 
