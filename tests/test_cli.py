@@ -599,3 +599,23 @@ def test_a_json_file_of_columns_is_read_as_rows(tmp_path):
     path.write_text(json.dumps(columns))
     assert read_rows(str(path)).to_list() == [{"prompt": "p0", "completion": "c0", "label": True},
                                               {"prompt": "p1", "completion": "c1", "label": False}]
+
+
+@pytest.mark.parametrize("line", ['{"rows": [0, 3], "columns": [1, 2, 3]}',
+                                  '{"rows": [0, 3], "columns": {"chosen_logps": 5}}',
+                                  '{"rows": 3, "columns": {}}', '[1, 2]'])
+def test_resume_names_a_damaged_line_of_the_partial_file(workdir, tmp_path, monkeypatch, capsys, line):
+    from trainers.cli import main
+
+    out = tmp_path / "scored.jsonl"
+    _interrupt_after(monkeypatch, 1)
+    assert main(_logps_args(workdir, out)) == 130
+    monkeypatch.undo()
+    partial = tmp_path / "scored.jsonl.partial"
+    header = partial.read_text().splitlines()[0]
+    partial.write_text(header + "\n" + line + "\n")
+    capsys.readouterr()
+    code = main(_logps_args(workdir, out, "--resume"))
+    captured = capsys.readouterr()
+    _check_one_line_error(code, captured.out, captured.err, f"--resume: {partial} line 2 is damaged; remove {partial}")
+    assert partial.read_text() == header + "\n" + line + "\n" and not out.exists()

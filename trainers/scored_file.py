@@ -198,6 +198,8 @@ def _parse(path: Path, data: bytes, settings: dict, row_count: int, chunk_rows: 
             record = json.loads(line)
             lo, hi = record["rows"]
             columns = record["columns"]
+            if not isinstance(columns, dict) or not all(isinstance(v, list) for v in columns.values()):
+                raise TypeError("columns must map names to lists of values")
         except (ValueError, KeyError, TypeError):
             raise PartialFileError(f"--resume: {path} line {number} is damaged; remove {path} to start again") from None
         if (lo, hi) != (start, min(start + chunk_rows, row_count)) or any(len(v) != hi - lo for v in columns.values()):
