@@ -619,3 +619,16 @@ def test_resume_names_a_damaged_line_of_the_partial_file(workdir, tmp_path, monk
     captured = capsys.readouterr()
     _check_one_line_error(code, captured.out, captured.err, f"--resume: {partial} line 2 is damaged; remove {partial}")
     assert partial.read_text() == header + "\n" + line + "\n" and not out.exists()
+
+
+def test_a_partial_path_that_is_a_directory_is_named(workdir, tmp_path, capsys):
+    from trainers.cli import main
+
+    out = tmp_path / "scored.jsonl"
+    (tmp_path / "scored.jsonl.partial").mkdir()
+    for extra, message in (((), "scored.jsonl.partial exists"),
+                           (("--resume",), "scored.jsonl.partial is not a regular file (a directory)")):
+        code = main(_logps_args(workdir, out, *extra))
+        captured = capsys.readouterr()
+        _check_one_line_error(code, captured.out, captured.err, message)
+    assert (tmp_path / "scored.jsonl.partial").is_dir() and not out.exists()

@@ -102,6 +102,8 @@ class PartialFile:
             fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
         except FileNotFoundError:
             raise PartialFileError(f"--resume: there is no partial run to continue ({path} does not exist)") from None
+        except IsADirectoryError:
+            raise PartialFileError(f"--resume: {path} is not a regular file (a directory); it is left as it is") from None
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise PartialFileError(f"--resume: {path} is a symbolic link; it is not followed") from None
