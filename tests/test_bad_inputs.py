@@ -6,6 +6,7 @@ The CLI's file handling and ``--resume`` are in tests/test_cli.py; the trainers'
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -445,3 +446,19 @@ def test_cpo_coefficients(kwargs, error, message):
         L.cpo_loss(c, r, nll_loss=torch.tensor(1.0), **kwargs)
     with pytest.raises(error, match=message):
         fused.FusedCPOLoss(**kwargs)
+
+
+@pytest.mark.parametrize("cu_seqlens, given", [
+    (torch.tensor([[0, 5, 10]]), "got shape (1, 3)"),
+    (torch.tensor([0]), "got shape (1,)"),
+    ([0, 5, 10], "got list"),
+])
+def test_fused_loss_names_the_cu_seqlens_given(cu_seqlens, given):
+    """A malformed ``cu_seqlens`` is refused naming what was expected and what was given."""
+    from align_losses.fused import FusedSFTLoss
+
+    hidden, weight = torch.randn(1, 10, 8), torch.randn(16, 8)
+    labels = torch.randint(0, 16, (1, 10))
+    with pytest.raises(ValueError, match=re.escape(f"cu_seqlens must be a 1-D integer tensor [N + 1] of sequence "
+                                                   f"boundaries (N >= 1); {given}")):
+        FusedSFTLoss()(hidden, weight, labels, cu_seqlens=cu_seqlens)

@@ -122,7 +122,10 @@ def sequence_count(labels: Tensor, cu_seqlens: Optional[Tensor] = None) -> int:
             f"got labels of shape {tuple(labels.shape)}"
         )
     if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError("cu_seqlens must be a 1-D integer tensor [N + 1] of sequence boundaries")
+        given = f"shape {tuple(cu_seqlens.shape)}" if isinstance(cu_seqlens, Tensor) else type(cu_seqlens).__name__
+        raise ValueError(
+            f"cu_seqlens must be a 1-D integer tensor [N + 1] of sequence boundaries (N >= 1); got {given}"
+        )
     if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex or cu_seqlens.dtype == torch.bool:
         raise ValueError(f"cu_seqlens must be an integer tensor; got {cu_seqlens.dtype}")
     return cu_seqlens.numel() - 1
