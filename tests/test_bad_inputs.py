@@ -462,3 +462,39 @@ def test_fused_loss_names_the_cu_seqlens_given(cu_seqlens, given):
     with pytest.raises(ValueError, match=re.escape(f"cu_seqlens must be a 1-D integer tensor [N + 1] of sequence "
                                                    f"boundaries (N >= 1); {given}")):
         FusedSFTLoss()(hidden, weight, labels, cu_seqlens=cu_seqlens)
+
+
+@pytest.mark.parametrize("name, kwargs, error, message", [
+    ("dpo", dict(beta=float("nan")), ValueError, "`beta` must be a finite number >= 0; got nan."),
+    ("dpo", dict(beta="0.1"), TypeError, "`beta` must be a real number; got '0.1' (str)."),
+    ("kto", dict(undesirable_weight=-2.0), ValueError, "`undesirable_weight` must be a finite number >= 0; got -2.0."),
+    ("orpo", dict(beta=float("inf")), ValueError, "`beta` must be a finite number >= 0; got inf."),
+])
+def test_trainers_refuse_a_plain_trl_configs_bad_numbers_before_init(name, kwargs, error, message, tokenizer,
+                                                                       tmp_path, monkeypatch):
+    """A plain TRL config (not a Fused*Config, whose own checks run when it is built) is checked by the trainer
+    before TRL's ``__init__``, not at the first training step."""
+    from conftest import base_args, tiny_causal_lm
+    from datasets import Dataset
+    from trl.experimental import orpo
+
+    import trainers
+    import trl
+
+    ours, theirs, config = {
+        "dpo": (trainers.FusedDPOTrainer, trl.DPOTrainer, trl.DPOConfig),
+        "kto": (trainers.FusedKTOTrainer, trl.KTOTrainer, trl.KTOConfig),
+        "orpo": (trainers.FusedORPOTrainer, orpo.ORPOTrainer, orpo.ORPOConfig),
+    }[name]
+
+    def trl_init(*args, **kw):
+        pytest.fail("TRL's __init__ ran before the config was checked")
+
+    monkeypatch.setattr(theirs, "__init__", trl_init)
+    args = config(**dict(base_args(tmp_path, max_steps=1), max_length=64))
+    for key, value in kwargs.items():
+        setattr(args, key, value)  # a config edited after it was built
+    extra = {"ref_model": tiny_causal_lm(seed=1)} if name in ("dpo", "kto") else {}
+    with pytest.raises(error, match=re.escape(message)):
+        ours(model=tiny_causal_lm(), args=args, train_dataset=Dataset.from_dict(_rows(name)),
+             processing_class=tokenizer, **extra)

@@ -15,7 +15,7 @@ from accelerate.utils import is_peft_model
 from align_losses import backends
 from align_losses.fused import SequenceLayout, TokenBatch
 
-from .configs import lce_options
+from .configs import check_lce_numbers, lce_options
 from .dataset_checks import check_not_empty, check_rows
 from .fused_forward import (
     FIELD_TO_STAT,
@@ -102,10 +102,12 @@ def check_before_init(
     *,
     decoder_only: bool = False,
 ) -> None:
-    """The checks every fused trainer runs before TRL's ``__init__``, in this order: ``args.lce_impl``
-    (`check_impl_name`), each model's LM head (`check_model`), with ``decoder_only`` the first model's
+    """The checks every fused trainer runs before TRL's ``__init__``, in this order: the config's numbers
+    (`trainers.configs.check_lce_numbers`: also a plain TRL config's ``beta`` and KTO weights, which the loss
+    would otherwise refuse only at the first step), ``args.lce_impl`` (`check_impl_name`), each model's LM head (`check_model`), with ``decoder_only`` the first model's
     architecture, then the datasets' columns (`check_columns`; ``columns=None`` skips them)."""
     if args is not None:
+        check_lce_numbers(args)
         check_impl_name(args)
     for model in models:
         check_model(model)
