@@ -632,3 +632,19 @@ def test_a_partial_path_that_is_a_directory_is_named(workdir, tmp_path, capsys):
         captured = capsys.readouterr()
         _check_one_line_error(code, captured.out, captured.err, message)
     assert (tmp_path / "scored.jsonl.partial").is_dir() and not out.exists()
+
+
+def test_a_file_system_without_locks_still_runs(workdir, uninterrupted, tmp_path, monkeypatch):
+    """Where ``flock`` is not supported (ENOLCK on some network mounts) the run goes on unlocked."""
+    import errno
+
+    fcntl = pytest.importorskip("fcntl")
+    from trainers.cli import main
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    out = tmp_path / "scored.jsonl"
+    assert main(_logps_args(workdir, out)) == 0
+    _same_output(out, uninterrupted[".jsonl"])

@@ -52,6 +52,9 @@ def _lock(fd: int, path: Path) -> None:
         raise PartialFileError(
             f"{path} is in use by another run writing the same --out; wait for it to end, or choose another --out"
         ) from None
+    except OSError as e:  # a file system without locks (some network mounts): run unlocked, as without fcntl
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
 
 
 def partial_path(out: str) -> Path:
