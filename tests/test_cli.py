@@ -414,7 +414,7 @@ def test_help_says_how_files_are_written_and_lists_every_backend(capsys):
         assert name in text, name
     for phrase in ("--resume", "--chunk-rows", "OUT.partial", "temporary file with a unique name",
                    "removed on any failure", "identical to an uninterrupted run",
-                   "a second run on the same --out stops with an error",
+                   "a second run on the same --out stops with an error", "input files or library versions",
                    "default: cuda when a CUDA device is available, else cpu"):
         assert phrase in text, phrase
 
@@ -648,3 +648,23 @@ def test_a_file_system_without_locks_still_runs(workdir, uninterrupted, tmp_path
     out = tmp_path / "scored.jsonl"
     assert main(_logps_args(workdir, out)) == 0
     _same_output(out, uninterrupted[".jsonl"])
+
+
+def test_resume_refuses_a_partial_run_made_with_other_library_versions(workdir, tmp_path, monkeypatch, capsys):
+    """An upgrade of torch (or transformers, TRL, align-losses) between the interrupted run and --resume could
+    change the values: the rows of the two parts would not be those of one run."""
+    from importlib import metadata
+
+    from trainers.cli import main
+
+    out = tmp_path / "scored.jsonl"
+    _interrupt_after(monkeypatch, 1)
+    assert main(_logps_args(workdir, out)) == 130
+    monkeypatch.undo()
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "99.0" if name == "torch" else real(name))
+    capsys.readouterr()
+    code = main(_logps_args(workdir, out, "--resume"))
+    captured = capsys.readouterr()
+    _check_one_line_error(code, captured.out, captured.err, "other settings or inputs (versions ")
+    assert "'torch': '99.0'" in captured.err and not out.exists()

@@ -61,9 +61,10 @@ link is followed or replaced) that atomically replaces it; an earlier --out stay
 the temporary file is removed on any failure. Nothing else is written. OUT.partial is removed once --out
 is written; after an interrupt (Ctrl-C) or a failure it is kept, and the same command with --resume
 continues from the rows it holds, giving a file identical to an uninterrupted run (same rows, values and
-order). --resume refuses a partial file written with other arguments or input files, a link, or a file
-that is not its own; without --resume an existing OUT.partial is an error, never overwritten. A run holds
-OUT.partial locked: a second run on the same --out stops with an error instead of writing into it.
+order). --resume refuses a partial file written with other arguments, input files or library versions,
+a link, or a file that is not its own; without --resume an existing OUT.partial is an error, never
+overwritten. A run holds OUT.partial locked: a second run on the same --out stops with an error instead of
+writing into it.
 
 A closing summary gives rows, tokens, tokens/s (of this run), truncated rows, and with --ref-model the
 reward accuracy and mean margin. Exit status 1 with a one-line message on a usage error, 130 on an
@@ -311,9 +312,18 @@ def _check_out(args) -> None:
 
 
 def _settings(args, device: str, kind: str, rows: int) -> dict:
-    """What must be the same for --resume to continue a run: the arguments that change values or rows, and the
-    content of the input files (the data's hash; the models' and tokenizer's file sizes and times)."""
+    """What must be the same for --resume to continue a run: the arguments that change values or rows, the
+    content of the input files (the data's hash; the models' and tokenizer's file sizes and times) and the
+    versions of the libraries that compute the values (an upgrade between the two parts could change them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     from .scored_file import folder_fingerprint, partial_path
+
+    def installed(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
 
     own = (args.out, partial_path(args.out))
     digest = hashlib.sha256()
@@ -327,6 +337,7 @@ def _settings(args, device: str, kind: str, rows: int) -> dict:
         "beta": args.beta, "batch_size": args.batch_size, "max_length": args.max_length,
         "truncation_mode": args.truncation_mode, "impl": args.impl, "device": device, "dtype": args.dtype,
         "chunk_rows": args.chunk_rows,
+        "versions": {name: installed(name) for name in ("align-losses", "torch", "transformers", "trl")},
     }
 
 
