@@ -468,7 +468,9 @@ def _check_inputs(hidden, weight, labels, bias, transform: LogitTransform, proce
 def _check_transform(transform: LogitTransform) -> None:
     if not 0 < transform.temperature < math.inf:
         raise ValueError(f"temperature must be > 0 and finite; got {transform.temperature}")
-    if not math.isfinite(transform.logit_scale):
+    # comparisons, not math.isfinite: under torch.compile(dynamic=True) the values may be SymFloats, which
+    # Dynamo compares (guarding on the result) but cannot pass to math.isfinite
+    if not -math.inf < transform.logit_scale < math.inf:
         raise ValueError(f"logit_scale must be finite; got {transform.logit_scale}")
     if transform.softcap is not None and not 0 < transform.softcap < math.inf:
         raise ValueError(f"softcap must be None or > 0 and finite; got {transform.softcap}")

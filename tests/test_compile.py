@@ -171,6 +171,36 @@ def test_dynamic_lengths_one_graph_for_two_lengths():
     assert counter.frame_count == 1
 
 
+def test_dynamic_true_with_the_transform_as_arguments():
+    """``torch.compile(dynamic=True)`` makes float arguments symbolic: the transform's checks trace on them (a
+    ``math.isfinite`` of a SymFloat did not), the result matches eager for two sets of values, and a bad value
+    still gives the eager ValueError."""
+    hidden, weight, _, labels = _inputs(n_seq=2, t=5, d=8, v=11, seed=26, ignored=1)
+
+    def call(h, w, y, temperature, logit_scale, softcap):
+        return linear_token_stats(h, w, y, impl="torch", temperature=temperature, logit_scale=logit_scale,
+                                  softcap=softcap, outputs=("entropy",))
+
+    fullgraph = torch.compile(call, dynamic=True, fullgraph=True, backend="aot_eager")
+    for values in ((0.7, 1.3, 5.0), (0.9, -0.5, 3.0)):
+        got, eager = fullgraph(hidden, weight, labels, *values), call(hidden, weight, labels, *values)
+        torch.testing.assert_close(got.logprobs, eager.logprobs, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got.entropy, eager.entropy, rtol=1e-6, atol=1e-6)
+        got_grads = _grads(got.logprobs.sum() + got.entropy.sum(), (hidden, weight))
+        for g, e in zip(got_grads, _grads(eager.logprobs.sum() + eager.entropy.sum(), (hidden, weight))):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    # without fullgraph (and a frame of its own): the eager exception
+    compiled = torch.compile(lambda *args: call(*args), dynamic=True, backend="aot_eager")
+    compiled(hidden, weight, labels, 0.7, 1.3, 5.0)  # the bad values then fail the guards of this graph
+    for values, message in (((0.0, 1.0, 5.0), "temperature must be > 0"), ((0.7, float("nan"), 5.0), "logit_scale must"),
+                            ((0.7, 1.0, float("inf")), "softcap must be None or > 0"),
+                            ((1e-30, 1e10, 5.0), r"\|logit_scale\| / temperature = 1e\+40 scales")):
+        with pytest.raises(ValueError, match=message):
+            compiled(hidden, weight, labels, *values)
+    with pytest.raises(Exception, match="scales the logits beyond"):  # fullgraph: Dynamo's report of the same error
+        fullgraph(hidden, weight, labels, 1e-30, 1e10, 5.0)
+
+
 @pytest.mark.parametrize("sync_free", [False, True])
 def test_no_labelled_token_under_compile(monkeypatch, sync_free):
     """Every label ignored: zeros, and zero gradients, compiled as eagerly (gathered rows: none; sync-free: all
