@@ -116,7 +116,7 @@ def linear_token_stats(
     )
     wanted = frozenset(("logprobs", *outputs))
     options = dict(backend_options or {})
-    _check_inputs(hidden, weight, labels, bias, transform, process_group)
+    _check_inputs(hidden, weight, labels, bias, process_group)  # the transform: checked by check_head_arguments
     labels = labels.long()  # a narrower dtype would wrap ignore_index (-100 is 156 in uint8)
     if torch.compiler.is_compiling():
         name, refusal = _checked_backend_name(
@@ -425,7 +425,7 @@ def _check_arguments(outputs, impl, temperature, softcap, logit_scale, process_g
             )
 
 
-def _check_inputs(hidden, weight, labels, bias, transform: LogitTransform, process_group) -> None:
+def _check_inputs(hidden, weight, labels, bias, process_group) -> None:
     for name, value in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
@@ -455,7 +455,6 @@ def _check_inputs(hidden, weight, labels, bias, transform: LogitTransform, proce
         raise ValueError(f"hidden, weight and labels must be on one device; got {hidden.device}, {weight.device}, {labels.device}")
     if bias is not None and bias.device != weight.device:
         raise ValueError(f"bias must be on the weight's device {weight.device}; got {bias.device}")
-    _check_transform(transform)
     if weight.shape[0] == 0 and process_group is None:
         raise ValueError("weight has an empty vocabulary (V = 0)")
     if process_group is not None and type(weight).__name__ == "DTensor":

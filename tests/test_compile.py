@@ -282,6 +282,19 @@ def test_compiled_call_runs_the_registered_op_and_eager_does_not(monkeypatch):
     assert calls == [int((labels != IGNORE).sum())]  # the op gathers the labelled rows too
 
 
+def test_eager_call_checks_the_transform_once(monkeypatch):
+    """The eager path's host time before the first kernel: the transform is checked once a call (by
+    `check_head_arguments`), not again with the tensors."""
+    from align_losses import core
+
+    calls = []
+    real = core._check_transform
+    monkeypatch.setattr(core, "_check_transform", lambda t: calls.append(t) or real(t))
+    hidden, weight, _, labels = _inputs(n_seq=1, t=5, d=8, v=11, seed=27, ignored=1)
+    linear_token_stats(hidden, weight, labels, impl="torch", temperature=0.5)
+    assert len(calls) == 1 and calls[0].temperature == 0.5
+
+
 def test_registered_ops_pass_opcheck():
     """`torch.library.opcheck`: schema, fake (meta) implementation against the real one, autograd registration
     and AOT dispatch, with and without bias and entropy, and with ignored rows."""
