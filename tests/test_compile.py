@@ -375,6 +375,36 @@ def test_sync_free_path_with_a_row_bound(monkeypatch, slack):
     assert (grads[0][labels == IGNORE] == 0).all()
 
 
+@pytest.mark.parametrize("bound", [None, 3])
+def test_sync_free_path_ignores_nan_and_inf_in_ignored_rows(monkeypatch, bound):
+    """Ignored rows add nothing to any gradient on the sync-free path even when their hidden states hold NaN or
+    inf (a masked product ``0 * NaN`` would spread them into the weight and bias gradients): the results and
+    gradients of the eager call, which drops those rows. All rows, or a bound whose padding gathers an ignored
+    row."""
+    hidden, weight, bias, labels = _inputs(n_seq=2, t=9, d=12, v=37, seed=28)
+    labels[-1, -1] = IGNORE  # the last row, which the padding of a bound gathers
+    with torch.no_grad():
+        hidden[labels == IGNORE] = float("nan")
+        hidden[0, 0] = float("inf")
+    options = {"max_labelled": int((labels != IGNORE).sum()) + bound} if bound else None
+
+    def call():
+        stats = linear_token_stats(hidden, weight, labels, bias=bias, outputs=("entropy", "logsumexp"), impl="torch",
+                                   softcap=5.0, backend_options=options)
+        loss = stats.logprobs.sum() + stats.entropy.sum() + (stats.logsumexp * 0.5).sum()
+        return stats, _grads(loss, (hidden, weight, bias))
+
+    eager, eager_grads = call()
+    with _sync_free_without_host_reads(monkeypatch, static_rows=bound is not None):
+        got, got_grads = call()
+    for name in ("logprobs", "entropy", "logsumexp"):
+        torch.testing.assert_close(getattr(got, name), getattr(eager, name), rtol=1e-5, atol=1e-6)
+    for g, e in zip(got_grads, eager_grads):
+        assert torch.isfinite(e).all()
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    assert (got_grads[0][labels == IGNORE] == 0).all()
+
+
 def test_row_bound_too_small_or_malformed_is_refused(monkeypatch):
     hidden, weight, _, labels = _inputs(n_seq=2, t=6, d=8, v=11, seed=24, ignored=2)
     count = int((labels != IGNORE).sum())
