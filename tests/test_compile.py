@@ -463,6 +463,25 @@ def test_triton_behind_the_op_on_the_interpreter(monkeypatch, sync_free, bound):
     assert (grads[0][labels == IGNORE] == 0).all()
 
 
+@interp
+def test_triton_behind_the_op_takes_strided_labels():
+    """Labels that are a strided view (every row labelled, so the op runs them as given): the Triton kernels
+    index labels as contiguous, so the op makes them so (before, the results were those of other labels)."""
+    from align_losses.problem import HeadProblem, LogitTransform
+
+    g = torch.Generator().manual_seed(29)
+    hidden = torch.randn(10, 16, generator=g, requires_grad=True)
+    weight = torch.randn(45, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, 45, (20,), generator=g)[::2]
+    assert labels.stride() == (2,)
+    out = library.head(HeadProblem(hidden, weight, None, labels, LogitTransform(), frozenset({"logprobs"})), IGNORE,
+                       "triton")["logprobs"]
+    reference = token_stats(full_logits(hidden, weight), labels, IGNORE)["logprobs"]
+    assert rel(out, reference) < 1e-5
+    for got, want in zip(_grads(out.sum(), (hidden, weight)), _grads(reference.sum(), (hidden, weight))):
+        assert rel(got, want) < 1e-5
+
+
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_triton_compiles_to_one_graph_and_matches_eager(dtype):

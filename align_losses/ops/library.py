@@ -182,8 +182,10 @@ def head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels:
     names = _names(outputs)
     rows = _rows(labels, ignore_index, weight.shape[0], check=True, max_labelled=max_labelled)
     bias = bias.contiguous() if bias is not None else None
+    # labels contiguous: the Triton kernels index them as such (a strided [N] view reaches here unchanged when
+    # every row is labelled)
     problem = HeadProblem(_rowmajor(rows.zero_rows(rows.take(hidden))), _rowmajor(weight), bias,
-                          rows.mask(rows.take(labels), 0),
+                          _rowmajor(rows.mask(rows.take(labels), 0)),
                           LogitTransform(logit_scale, softcap, temperature), frozenset(names))
     result, lse, expected_z, label_logit = _run_forward(backend, problem, memory_budget, token_chunk)
     values = rows.mask(torch.stack([result[name] for name in names]), 0.0)
@@ -215,7 +217,7 @@ def head_backward(grad_values: Tensor, hidden: Tensor, weight: Tensor, bias: Opt
     rows = _rows(labels, ignore_index, vocab, check=False, max_labelled=max_labelled)
     grad_values = rows.mask(rows.take(grad_values.float(), 1), 0.0)  # no upstream gradient at rows not valid
     up = {name: grad_values[i] for i, name in enumerate(names) if name in DIFFERENTIABLE_OUTPUTS}
-    hidden_rows, labels_rows = _rowmajor(rows.zero_rows(rows.take(hidden))), rows.mask(rows.take(labels), 0)
+    hidden_rows, labels_rows = _rowmajor(rows.zero_rows(rows.take(hidden))), _rowmajor(rows.mask(rows.take(labels), 0))
     lse_rows, ez_rows = rows.take(lse), (rows.take(expected_z) if expected_z.numel() else None)
     transform = LogitTransform(logit_scale, softcap, temperature)
     need = (need_hidden, need_weight, need_bias and bias is not None)
