@@ -312,6 +312,28 @@ def test_registered_ops_pass_opcheck():
             torch.library.opcheck(torch.ops.align_losses.head_forward.default, args)
 
 
+def test_backward_op_passes_opcheck():
+    """`torch.library.opcheck` of ``head_backward`` itself (the forward's opcheck reaches it only through
+    autograd): its fake implementation against the real one for each combination of gradients needed, with and
+    without bias, gathered rows, all rows masked and a row bound."""
+    hidden, weight, bias, labels = _inputs(n_seq=1, t=10, d=8, v=19, seed=30)
+    hidden, weight, bias, flat = hidden.detach().flatten(0, 1), weight.detach(), bias.detach(), labels.flatten()
+    bound = int((flat != IGNORE).sum()) + 2
+    cases = ((bias, ("logprobs", "entropy", "argmax_hit"), 0, False, (True, True, True)),
+             (None, ("logprobs",), 0, False, (True, False, False)),
+             (bias, ("logprobs", "entropy", "mean_logit"), 0, True, (False, True, True)),
+             (None, ("logprobs", "logsumexp"), bound, True, (True, True, False)))
+    g = torch.Generator().manual_seed(31)
+    for b, outputs, max_labelled, sync_free, need in cases:
+        settings = ("torch", IGNORE, 1.0, 3.0, 0.8, library.output_mask(outputs), 2**20, 0, max_labelled)
+        with library.no_host_sync() if sync_free else contextlib.nullcontext():
+            values, lse, expected_z, label_logit = torch.ops.align_losses.head_forward(hidden, weight, b, flat,
+                                                                                       *settings)
+            grad_values = torch.randn(values.shape, generator=g)
+            torch.library.opcheck(torch.ops.align_losses.head_backward.default,
+                                  (grad_values, hidden, weight, b, flat, lse, expected_z, label_logit, *settings, *need))
+
+
 @contextlib.contextmanager
 def _sync_free_without_host_reads(monkeypatch, static_rows: bool = False):
     """The sync-free path (`library.no_host_sync`, as while a CUDA graph is captured), with every host read of
