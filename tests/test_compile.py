@@ -201,6 +201,30 @@ def test_dynamic_true_with_the_transform_as_arguments():
         fullgraph(hidden, weight, labels, 1e-30, 1e10, 5.0)
 
 
+def test_autocast_compiled_and_sync_free_match_eager(monkeypatch):
+    """Under autocast (bf16 on the CPU) the core casts once before the op, which runs with autocast off: the
+    compiled call and the sync-free path give the eager call's fp32 outputs and fp32 parameter gradients."""
+    hidden, weight, bias, labels = _inputs(n_seq=2, t=9, d=16, v=37, seed=32)
+
+    def call(h, w, b, y):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            stats = linear_token_stats(h, w, y, bias=b, impl="torch", outputs=("entropy",))
+        return stats.logprobs, stats.entropy
+
+    def run(fn):
+        out = fn(hidden, weight, bias, labels)
+        return out, _grads(out[0].sum() + 0.5 * out[1].sum(), (hidden, weight, bias))
+
+    eager, eager_grads = run(call)
+    compiled = run(torch.compile(call, fullgraph=True, backend="aot_eager"))
+    with _sync_free_without_host_reads(monkeypatch):
+        sync_free = run(call)
+    for out, grads in (compiled, sync_free):
+        for got, want in zip((*out, *grads), (*eager, *eager_grads)):
+            assert got.dtype == want.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("sync_free", [False, True])
 def test_no_labelled_token_under_compile(monkeypatch, sync_free):
     """Every label ignored: zeros, and zero gradients, compiled as eagerly (gathered rows: none; sync-free: all
