@@ -460,6 +460,9 @@ def test_row_bound_too_small_or_malformed_is_refused(monkeypatch):
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match=r"backend_options\['max_labelled'\] must be None or a positive int"):
             linear_logprobs(hidden, weight, labels, impl="torch", backend_options={"max_labelled": bad})
+    numpy = pytest.importorskip("numpy")  # an integer of NumPy's is an int, as for memory_budget and token_chunk
+    with _sync_free_without_host_reads(monkeypatch, static_rows=True):
+        linear_logprobs(hidden, weight, labels, impl="torch", backend_options={"max_labelled": numpy.int64(count)})
     # eagerly the bound is not read: the labelled rows are found exactly
     torch.testing.assert_close(linear_logprobs(hidden, weight, labels, impl="torch", backend_options={"max_labelled": 1}),
                                linear_logprobs(hidden, weight, labels, impl="torch"))

@@ -27,6 +27,7 @@ operator argument) and no filtering backward behind the ops.
 # No `from __future__ import annotations` here: `custom_op` reads the operators' schemas from the annotations.
 import contextlib
 import importlib
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -59,7 +60,8 @@ MAX_LABELLED = "max_labelled"
 
 def check_max_labelled(value) -> None:
     """Refuse a ``max_labelled`` option that is not None or a positive int."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+    # numbers.Integral, as the core's checks of the other size options: a NumPy integer is an int here too
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
         raise ValueError(f"backend_options[{MAX_LABELLED!r}] must be None or a positive int of tokens (a bound on "
                          f"the labelled tokens of a call on the sync-free path); got {value!r}")
 
