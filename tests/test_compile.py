@@ -358,6 +358,28 @@ def test_backward_op_passes_opcheck():
                                   (grad_values, hidden, weight, b, flat, lse, expected_z, label_logit, *settings, *need))
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interp)])
+def test_ops_pass_opcheck_with_transposed_hidden_and_weight(backend):
+    """Column-major ``hidden [N, D]`` and ``weight [V, D]`` (a weight kept as ``[D, V]``, used transposed): the
+    ops' gradients are row-major as the backends return them, and the fakes say so (they followed the inputs'
+    layout, which a compiled graph would have trusted)."""
+    g = torch.Generator().manual_seed(33)
+    hidden = torch.randn(16, 10, generator=g).t()
+    weight = torch.randn(16, 45, generator=g).t()
+    labels = torch.randint(0, 45, (10,), generator=g)
+    labels[:3] = IGNORE
+    settings = (backend, IGNORE, 1.0, None, 1.0, library.output_mask(("logprobs", "entropy")), 2**20, 0, 0)
+    torch.library.opcheck(torch.ops.align_losses.head_forward.default,
+                          (hidden.requires_grad_(), weight.requires_grad_(), None, labels, *settings))
+    with torch.no_grad():
+        values, lse, expected_z, label_logit = torch.ops.align_losses.head_forward(hidden, weight, None, labels,
+                                                                                   *settings)
+    grad_values = torch.randn(values.shape, generator=g)
+    torch.library.opcheck(torch.ops.align_losses.head_backward.default,
+                          (grad_values, hidden.detach(), weight.detach(), None, labels, lse, expected_z, label_logit,
+                           *settings, True, True, False))
+
+
 @contextlib.contextmanager
 def _sync_free_without_host_reads(monkeypatch, static_rows: bool = False):
     """The sync-free path (`library.no_host_sync`, as while a CUDA graph is captured), with every host read of

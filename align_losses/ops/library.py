@@ -224,6 +224,7 @@ def head_backward(grad_values: Tensor, hidden: Tensor, weight: Tensor, bias: Opt
     transform = LogitTransform(logit_scale, softcap, temperature)
     need = (need_hidden, need_weight, need_bias and bias is not None)
     bias = bias.contiguous() if bias is not None else None
+    weight = _rowmajor(weight)  # as in the forward: every gradient then is row-major, as the fake says
     module = importlib.import_module(_MODULES[backend], __package__)
     if backend == "torch":
         tiling = module.Tiling.plan(hidden_rows.shape[0], vocab, memory_budget, token_chunk or None)
@@ -231,7 +232,7 @@ def head_backward(grad_values: Tensor, hidden: Tensor, weight: Tensor, bias: Opt
                                       vocab, tiling, need, sync_free=sync_free(hidden.device))
     else:
         cfg = module.BWD_CONFIGS[hidden.dtype]
-        grads = module.backward_grads(hidden_rows, _rowmajor(weight), bias, labels_rows, rows.take(label_logit),
+        grads = module.backward_grads(hidden_rows, weight, bias, labels_rows, rows.take(label_logit),
                                       lse_rows, ez_rows, up, transform, None, vocab, cfg, memory_budget or None, need)
     grad_hidden, grad_weight, grad_bias = grads
     grad_hidden = rows.put(grad_hidden) if grad_hidden is not None else None
@@ -243,9 +244,10 @@ def head_backward(grad_values: Tensor, hidden: Tensor, weight: Tensor, bias: Opt
 def _head_backward_fake(grad_values, hidden, weight, bias, labels, lse, expected_z, label_logit, backend,
                         ignore_index, logit_scale, softcap, temperature, outputs, memory_budget, token_chunk,
                         max_labelled, need_hidden, need_weight, need_bias):
-    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
-            torch.empty_like(weight) if need_weight else hidden.new_empty(0),
-            torch.empty_like(bias) if (need_bias and bias is not None) else hidden.new_empty(0))
+    # row-major, as the backends return them from row-major inputs (empty_like would follow a transposed weight)
+    return (hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0),
+            weight.new_empty(weight.shape) if need_weight else hidden.new_empty(0),
+            bias.new_empty(bias.shape) if (need_bias and bias is not None) else hidden.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output) -> None:
