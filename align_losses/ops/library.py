@@ -14,7 +14,8 @@ core's `align_losses.ops.labels.labelled_positions`: same error for a bad label)
 those rows only and scatters the outputs back; the backward finds them again with one synchronisation.
 While a CUDA graph is being captured (or in a `no_host_sync` block), nothing waits for the device: the
 labels are checked by a device-side assertion and the backend runs on all rows, ignored rows masked out
-(their outputs 0, their upstream gradients 0, so they add nothing to any gradient), or, given a bound
+(their hidden states selected away to 0, their outputs 0, their upstream gradients 0, so they add nothing to
+any gradient even where their hidden states hold NaN or inf), or, given a bound
 `MAX_LABELLED`, on that many rows found by ``nonzero_static`` (labelled rows first, padding masked out).
 
 Shapes and dtypes: ``hidden [N, D]`` (fp32/bf16/fp16), ``weight [V, D]``, ``bias [V]`` or None, ``labels [N]``
