@@ -118,18 +118,7 @@ def linear_token_stats(
     options = dict(backend_options or {})
     _check_inputs(hidden, weight, labels, bias, process_group)  # the transform: checked by check_head_arguments
     labels = labels.long()  # a narrower dtype would wrap ignore_index (-100 is 156 in uint8)
-    if torch.compiler.is_compiling():
-        name, refusal = _checked_backend_name(
-            impl, hidden.device, _call_dtype(hidden), bias is not None, transform, tuple(sorted(wanted)),
-            process_group is not None or _row_sharded(weight), tuple(sorted(options.items())))
-        if refusal is not None:
-            message, kind, reason = refusal
-            if kind is None:  # a malformed option value
-                raise ValueError(message)
-            backends.raise_backend_error(message, impl=name, kind=kind, reason=reason)
-        backend = backends.get(name)
-    else:
-        backend = backends.check(impl, _probe(hidden, weight, bias, labels, transform, wanted, process_group, options))
+    backend = _checked_backend(impl, hidden, weight, bias, labels, transform, wanted, process_group, options)
 
     weight, bias, process_group = _local_head(weight, bias, process_group)
     shard = _vocab_shard(weight, process_group)
@@ -156,6 +145,22 @@ def linear_token_stats(
     _refuse_double_backward(per_token)
     scattered = {n: _scatter(v, kept, labels.shape, n in DIFFERENTIABLE_OUTPUTS) for n, v in per_token.items()}
     return TokenStats(**scattered)
+
+
+def _checked_backend(impl, hidden, weight, bias, labels, transform, wanted, process_group, options) -> backends.Backend:
+    """The backend of the call, after `backends.check` (which raises `backends.BackendError`, or a backend's
+    option check's ValueError): eagerly on a probe of the call, under `torch.compile` once at trace time."""
+    if not torch.compiler.is_compiling():
+        return backends.check(impl, _probe(hidden, weight, bias, labels, transform, wanted, process_group, options))
+    name, refusal = _checked_backend_name(
+        impl, hidden.device, _call_dtype(hidden), bias is not None, transform, tuple(sorted(wanted)),
+        process_group is not None or _row_sharded(weight), tuple(sorted(options.items())))
+    if refusal is not None:
+        message, kind, reason = refusal
+        if kind is None:  # a malformed option value
+            raise ValueError(message)
+        backends.raise_backend_error(message, impl=name, kind=kind, reason=reason)
+    return backends.get(name)
 
 
 def _no_host_reads(device: torch.device) -> bool:
