@@ -116,20 +116,9 @@ def linear_token_stats(
     )
     wanted = frozenset(("logprobs", *outputs))
     options = dict(backend_options or {})
-    _check_inputs(hidden, weight, labels, bias, transform, process_group)
+    _check_inputs(hidden, weight, labels, bias, process_group)  # the transform: checked by check_head_arguments
     labels = labels.long()  # a narrower dtype would wrap ignore_index (-100 is 156 in uint8)
-    if torch.compiler.is_compiling():
-        name, refusal = _checked_backend_name(
-            impl, hidden.device, _call_dtype(hidden), bias is not None, transform, tuple(sorted(wanted)),
-            process_group is not None or _row_sharded(weight), tuple(sorted(options.items())))
-        if refusal is not None:
-            message, kind, reason = refusal
-            if kind is None:  # a malformed option value
-                raise ValueError(message)
-            backends.raise_backend_error(message, impl=name, kind=kind, reason=reason)
-        backend = backends.get(name)
-    else:
-        backend = backends.check(impl, _probe(hidden, weight, bias, labels, transform, wanted, process_group, options))
+    backend = _checked_backend(impl, hidden, weight, bias, labels, transform, wanted, process_group, options)
 
     weight, bias, process_group = _local_head(weight, bias, process_group)
     shard = _vocab_shard(weight, process_group)
@@ -156,6 +145,22 @@ def linear_token_stats(
     _refuse_double_backward(per_token)
     scattered = {n: _scatter(v, kept, labels.shape, n in DIFFERENTIABLE_OUTPUTS) for n, v in per_token.items()}
     return TokenStats(**scattered)
+
+
+def _checked_backend(impl, hidden, weight, bias, labels, transform, wanted, process_group, options) -> backends.Backend:
+    """The backend of the call, after `backends.check` (which raises `backends.BackendError`, or a backend's
+    option check's ValueError): eagerly on a probe of the call, under `torch.compile` once at trace time."""
+    if not torch.compiler.is_compiling():
+        return backends.check(impl, _probe(hidden, weight, bias, labels, transform, wanted, process_group, options))
+    name, refusal = _checked_backend_name(
+        impl, hidden.device, _call_dtype(hidden), bias is not None, transform, tuple(sorted(wanted)),
+        process_group is not None or _row_sharded(weight), tuple(sorted(options.items())))
+    if refusal is not None:
+        message, kind, reason = refusal
+        if kind is None:  # a malformed option value
+            raise ValueError(message)
+        backends.raise_backend_error(message, impl=name, kind=kind, reason=reason)
+    return backends.get(name)
 
 
 def _no_host_reads(device: torch.device) -> bool:
@@ -425,7 +430,7 @@ def _check_arguments(outputs, impl, temperature, softcap, logit_scale, process_g
             )
 
 
-def _check_inputs(hidden, weight, labels, bias, transform: LogitTransform, process_group) -> None:
+def _check_inputs(hidden, weight, labels, bias, process_group) -> None:
     for name, value in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
@@ -455,7 +460,6 @@ def _check_inputs(hidden, weight, labels, bias, transform: LogitTransform, proce
         raise ValueError(f"hidden, weight and labels must be on one device; got {hidden.device}, {weight.device}, {labels.device}")
     if bias is not None and bias.device != weight.device:
         raise ValueError(f"bias must be on the weight's device {weight.device}; got {bias.device}")
-    _check_transform(transform)
     if weight.shape[0] == 0 and process_group is None:
         raise ValueError("weight has an empty vocabulary (V = 0)")
     if process_group is not None and type(weight).__name__ == "DTensor":
@@ -468,7 +472,9 @@ def _check_inputs(hidden, weight, labels, bias, transform: LogitTransform, proce
 def _check_transform(transform: LogitTransform) -> None:
     if not 0 < transform.temperature < math.inf:
         raise ValueError(f"temperature must be > 0 and finite; got {transform.temperature}")
-    if not math.isfinite(transform.logit_scale):
+    # comparisons, not math.isfinite: under torch.compile(dynamic=True) the values may be SymFloats, which
+    # Dynamo compares (guarding on the result) but cannot pass to math.isfinite
+    if not -math.inf < transform.logit_scale < math.inf:
         raise ValueError(f"logit_scale must be finite; got {transform.logit_scale}")
     if transform.softcap is not None and not 0 < transform.softcap < math.inf:
         raise ValueError(f"softcap must be None or > 0 and finite; got {transform.softcap}")

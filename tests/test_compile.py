@@ -171,6 +171,60 @@ def test_dynamic_lengths_one_graph_for_two_lengths():
     assert counter.frame_count == 1
 
 
+def test_dynamic_true_with_the_transform_as_arguments():
+    """``torch.compile(dynamic=True)`` makes float arguments symbolic: the transform's checks trace on them (a
+    ``math.isfinite`` of a SymFloat did not), the result matches eager for two sets of values, and a bad value
+    still gives the eager ValueError."""
+    hidden, weight, _, labels = _inputs(n_seq=2, t=5, d=8, v=11, seed=26, ignored=1)
+
+    def call(h, w, y, temperature, logit_scale, softcap):
+        return linear_token_stats(h, w, y, impl="torch", temperature=temperature, logit_scale=logit_scale,
+                                  softcap=softcap, outputs=("entropy",))
+
+    fullgraph = torch.compile(call, dynamic=True, fullgraph=True, backend="aot_eager")
+    for values in ((0.7, 1.3, 5.0), (0.9, -0.5, 3.0)):
+        got, eager = fullgraph(hidden, weight, labels, *values), call(hidden, weight, labels, *values)
+        torch.testing.assert_close(got.logprobs, eager.logprobs, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got.entropy, eager.entropy, rtol=1e-6, atol=1e-6)
+        got_grads = _grads(got.logprobs.sum() + got.entropy.sum(), (hidden, weight))
+        for g, e in zip(got_grads, _grads(eager.logprobs.sum() + eager.entropy.sum(), (hidden, weight))):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    # without fullgraph (and a frame of its own): the eager exception
+    compiled = torch.compile(lambda *args: call(*args), dynamic=True, backend="aot_eager")
+    compiled(hidden, weight, labels, 0.7, 1.3, 5.0)  # the bad values then fail the guards of this graph
+    for values, message in (((0.0, 1.0, 5.0), "temperature must be > 0"), ((0.7, float("nan"), 5.0), "logit_scale must"),
+                            ((0.7, 1.0, float("inf")), "softcap must be None or > 0"),
+                            ((1e-30, 1e10, 5.0), r"\|logit_scale\| / temperature = 1e\+40 scales")):
+        with pytest.raises(ValueError, match=message):
+            compiled(hidden, weight, labels, *values)
+    with pytest.raises(Exception, match="scales the logits beyond"):  # fullgraph: Dynamo's report of the same error
+        fullgraph(hidden, weight, labels, 1e-30, 1e10, 5.0)
+
+
+def test_autocast_compiled_and_sync_free_match_eager(monkeypatch):
+    """Under autocast (bf16 on the CPU) the core casts once before the op, which runs with autocast off: the
+    compiled call and the sync-free path give the eager call's fp32 outputs and fp32 parameter gradients."""
+    hidden, weight, bias, labels = _inputs(n_seq=2, t=9, d=16, v=37, seed=32)
+
+    def call(h, w, b, y):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            stats = linear_token_stats(h, w, y, bias=b, impl="torch", outputs=("entropy",))
+        return stats.logprobs, stats.entropy
+
+    def run(fn):
+        out = fn(hidden, weight, bias, labels)
+        return out, _grads(out[0].sum() + 0.5 * out[1].sum(), (hidden, weight, bias))
+
+    eager, eager_grads = run(call)
+    compiled = run(torch.compile(call, fullgraph=True, backend="aot_eager"))
+    with _sync_free_without_host_reads(monkeypatch):
+        sync_free = run(call)
+    for out, grads in (compiled, sync_free):
+        for got, want in zip((*out, *grads), (*eager, *eager_grads)):
+            assert got.dtype == want.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("sync_free", [False, True])
 def test_no_labelled_token_under_compile(monkeypatch, sync_free):
     """Every label ignored: zeros, and zero gradients, compiled as eagerly (gathered rows: none; sync-free: all
@@ -252,6 +306,19 @@ def test_compiled_call_runs_the_registered_op_and_eager_does_not(monkeypatch):
     assert calls == [int((labels != IGNORE).sum())]  # the op gathers the labelled rows too
 
 
+def test_eager_call_checks_the_transform_once(monkeypatch):
+    """The eager path's host time before the first kernel: the transform is checked once a call (by
+    `check_head_arguments`), not again with the tensors."""
+    from align_losses import core
+
+    calls = []
+    real = core._check_transform
+    monkeypatch.setattr(core, "_check_transform", lambda t: calls.append(t) or real(t))
+    hidden, weight, _, labels = _inputs(n_seq=1, t=5, d=8, v=11, seed=27, ignored=1)
+    linear_token_stats(hidden, weight, labels, impl="torch", temperature=0.5)
+    assert len(calls) == 1 and calls[0].temperature == 0.5
+
+
 def test_registered_ops_pass_opcheck():
     """`torch.library.opcheck`: schema, fake (meta) implementation against the real one, autograd registration
     and AOT dispatch, with and without bias and entropy, and with ignored rows."""
@@ -267,6 +334,50 @@ def test_registered_ops_pass_opcheck():
                 max_labelled)
         with library.no_host_sync() if sync_free else contextlib.nullcontext():
             torch.library.opcheck(torch.ops.align_losses.head_forward.default, args)
+
+
+def test_backward_op_passes_opcheck():
+    """`torch.library.opcheck` of ``head_backward`` itself (the forward's opcheck reaches it only through
+    autograd): its fake implementation against the real one for each combination of gradients needed, with and
+    without bias, gathered rows, all rows masked and a row bound."""
+    hidden, weight, bias, labels = _inputs(n_seq=1, t=10, d=8, v=19, seed=30)
+    hidden, weight, bias, flat = hidden.detach().flatten(0, 1), weight.detach(), bias.detach(), labels.flatten()
+    bound = int((flat != IGNORE).sum()) + 2
+    cases = ((bias, ("logprobs", "entropy", "argmax_hit"), 0, False, (True, True, True)),
+             (None, ("logprobs",), 0, False, (True, False, False)),
+             (bias, ("logprobs", "entropy", "mean_logit"), 0, True, (False, True, True)),
+             (None, ("logprobs", "logsumexp"), bound, True, (True, True, False)))
+    g = torch.Generator().manual_seed(31)
+    for b, outputs, max_labelled, sync_free, need in cases:
+        settings = ("torch", IGNORE, 1.0, 3.0, 0.8, library.output_mask(outputs), 2**20, 0, max_labelled)
+        with library.no_host_sync() if sync_free else contextlib.nullcontext():
+            values, lse, expected_z, label_logit = torch.ops.align_losses.head_forward(hidden, weight, b, flat,
+                                                                                       *settings)
+            grad_values = torch.randn(values.shape, generator=g)
+            torch.library.opcheck(torch.ops.align_losses.head_backward.default,
+                                  (grad_values, hidden, weight, b, flat, lse, expected_z, label_logit, *settings, *need))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interp)])
+def test_ops_pass_opcheck_with_transposed_hidden_and_weight(backend):
+    """Column-major ``hidden [N, D]`` and ``weight [V, D]`` (a weight kept as ``[D, V]``, used transposed): the
+    ops' gradients are row-major as the backends return them, and the fakes say so (they followed the inputs'
+    layout, which a compiled graph would have trusted)."""
+    g = torch.Generator().manual_seed(33)
+    hidden = torch.randn(16, 10, generator=g).t()
+    weight = torch.randn(16, 45, generator=g).t()
+    labels = torch.randint(0, 45, (10,), generator=g)
+    labels[:3] = IGNORE
+    settings = (backend, IGNORE, 1.0, None, 1.0, library.output_mask(("logprobs", "entropy")), 2**20, 0, 0)
+    torch.library.opcheck(torch.ops.align_losses.head_forward.default,
+                          (hidden.requires_grad_(), weight.requires_grad_(), None, labels, *settings))
+    with torch.no_grad():
+        values, lse, expected_z, label_logit = torch.ops.align_losses.head_forward(hidden, weight, None, labels,
+                                                                                   *settings)
+    grad_values = torch.randn(values.shape, generator=g)
+    torch.library.opcheck(torch.ops.align_losses.head_backward.default,
+                          (grad_values, hidden.detach(), weight.detach(), None, labels, lse, expected_z, label_logit,
+                           *settings, True, True, False))
 
 
 @contextlib.contextmanager
@@ -332,6 +443,36 @@ def test_sync_free_path_with_a_row_bound(monkeypatch, slack):
     assert (grads[0][labels == IGNORE] == 0).all()
 
 
+@pytest.mark.parametrize("bound", [None, 3])
+def test_sync_free_path_ignores_nan_and_inf_in_ignored_rows(monkeypatch, bound):
+    """Ignored rows add nothing to any gradient on the sync-free path even when their hidden states hold NaN or
+    inf (a masked product ``0 * NaN`` would spread them into the weight and bias gradients): the results and
+    gradients of the eager call, which drops those rows. All rows, or a bound whose padding gathers an ignored
+    row."""
+    hidden, weight, bias, labels = _inputs(n_seq=2, t=9, d=12, v=37, seed=28)
+    labels[-1, -1] = IGNORE  # the last row, which the padding of a bound gathers
+    with torch.no_grad():
+        hidden[labels == IGNORE] = float("nan")
+        hidden[0, 0] = float("inf")
+    options = {"max_labelled": int((labels != IGNORE).sum()) + bound} if bound else None
+
+    def call():
+        stats = linear_token_stats(hidden, weight, labels, bias=bias, outputs=("entropy", "logsumexp"), impl="torch",
+                                   softcap=5.0, backend_options=options)
+        loss = stats.logprobs.sum() + stats.entropy.sum() + (stats.logsumexp * 0.5).sum()
+        return stats, _grads(loss, (hidden, weight, bias))
+
+    eager, eager_grads = call()
+    with _sync_free_without_host_reads(monkeypatch, static_rows=bound is not None):
+        got, got_grads = call()
+    for name in ("logprobs", "entropy", "logsumexp"):
+        torch.testing.assert_close(getattr(got, name), getattr(eager, name), rtol=1e-5, atol=1e-6)
+    for g, e in zip(got_grads, eager_grads):
+        assert torch.isfinite(e).all()
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    assert (got_grads[0][labels == IGNORE] == 0).all()
+
+
 def test_row_bound_too_small_or_malformed_is_refused(monkeypatch):
     hidden, weight, _, labels = _inputs(n_seq=2, t=6, d=8, v=11, seed=24, ignored=2)
     count = int((labels != IGNORE).sum())
@@ -341,6 +482,9 @@ def test_row_bound_too_small_or_malformed_is_refused(monkeypatch):
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match=r"backend_options\['max_labelled'\] must be None or a positive int"):
             linear_logprobs(hidden, weight, labels, impl="torch", backend_options={"max_labelled": bad})
+    numpy = pytest.importorskip("numpy")  # an integer of NumPy's is an int, as for memory_budget and token_chunk
+    with _sync_free_without_host_reads(monkeypatch, static_rows=True):
+        linear_logprobs(hidden, weight, labels, impl="torch", backend_options={"max_labelled": numpy.int64(count)})
     # eagerly the bound is not read: the labelled rows are found exactly
     torch.testing.assert_close(linear_logprobs(hidden, weight, labels, impl="torch", backend_options={"max_labelled": 1}),
                                linear_logprobs(hidden, weight, labels, impl="torch"))
@@ -388,6 +532,25 @@ def test_triton_behind_the_op_on_the_interpreter(monkeypatch, sync_free, bound):
     for got, want in zip(grads, _grads(expected, (hidden, weight, bias))):
         assert rel(got, want) < 1e-5
     assert (grads[0][labels == IGNORE] == 0).all()
+
+
+@interp
+def test_triton_behind_the_op_takes_strided_labels():
+    """Labels that are a strided view (every row labelled, so the op runs them as given): the Triton kernels
+    index labels as contiguous, so the op makes them so (before, the results were those of other labels)."""
+    from align_losses.problem import HeadProblem, LogitTransform
+
+    g = torch.Generator().manual_seed(29)
+    hidden = torch.randn(10, 16, generator=g, requires_grad=True)
+    weight = torch.randn(45, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, 45, (20,), generator=g)[::2]
+    assert labels.stride() == (2,)
+    out = library.head(HeadProblem(hidden, weight, None, labels, LogitTransform(), frozenset({"logprobs"})), IGNORE,
+                       "triton")["logprobs"]
+    reference = token_stats(full_logits(hidden, weight), labels, IGNORE)["logprobs"]
+    assert rel(out, reference) < 1e-5
+    for got, want in zip(_grads(out.sum(), (hidden, weight)), _grads(reference.sum(), (hidden, weight))):
+        assert rel(got, want) < 1e-5
 
 
 @gpu

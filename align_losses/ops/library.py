@@ -14,7 +14,8 @@ core's `align_losses.ops.labels.labelled_positions`: same error for a bad label)
 those rows only and scatters the outputs back; the backward finds them again with one synchronisation.
 While a CUDA graph is being captured (or in a `no_host_sync` block), nothing waits for the device: the
 labels are checked by a device-side assertion and the backend runs on all rows, ignored rows masked out
-(their outputs 0, their upstream gradients 0, so they add nothing to any gradient), or, given a bound
+(their hidden states selected away to 0, their outputs 0, their upstream gradients 0, so they add nothing to
+any gradient even where their hidden states hold NaN or inf), or, given a bound
 `MAX_LABELLED`, on that many rows found by ``nonzero_static`` (labelled rows first, padding masked out).
 
 Shapes and dtypes: ``hidden [N, D]`` (fp32/bf16/fp16), ``weight [V, D]``, ``bias [V]`` or None, ``labels [N]``
@@ -27,6 +28,7 @@ operator argument) and no filtering backward behind the ops.
 # No `from __future__ import annotations` here: `custom_op` reads the operators' schemas from the annotations.
 import contextlib
 import importlib
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -59,7 +61,8 @@ MAX_LABELLED = "max_labelled"
 
 def check_max_labelled(value) -> None:
     """Refuse a ``max_labelled`` option that is not None or a positive int."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+    # numbers.Integral, as the core's checks of the other size options: a NumPy integer is an int here too
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
         raise ValueError(f"backend_options[{MAX_LABELLED!r}] must be None or a positive int of tokens (a bound on "
                          f"the labelled tokens of a call on the sync-free path); got {value!r}")
 
@@ -119,6 +122,12 @@ class _Rows:
         """``t`` (rows run, along the last dimension) with ``fill`` at the rows that are not valid."""
         return t if self.valid is None else torch.where(self.valid, t, fill)
 
+    def zero_rows(self, hidden: Tensor) -> Tensor:
+        """``hidden`` (rows run, ``[M, D]``) with zeros at the rows that are not valid, by a select, not a
+        product: a NaN or inf in an ignored row (or the row a padding entry gathers) would otherwise reach
+        the logits there and, through ``0 * NaN``, every gradient. Costs a copy on the sync-free path only."""
+        return hidden if self.valid is None else torch.where(self.valid[:, None], hidden, 0)
+
 
 def _rows(labels: Tensor, ignore_index: int, vocab: int, check: bool, max_labelled: int) -> _Rows:
     """The rows to run: eagerly the labelled rows (after the range check when ``check``; one host
@@ -176,7 +185,10 @@ def head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels:
     names = _names(outputs)
     rows = _rows(labels, ignore_index, weight.shape[0], check=True, max_labelled=max_labelled)
     bias = bias.contiguous() if bias is not None else None
-    problem = HeadProblem(_rowmajor(rows.take(hidden)), _rowmajor(weight), bias, rows.mask(rows.take(labels), 0),
+    # labels contiguous: the Triton kernels index them as such (a strided [N] view reaches here unchanged when
+    # every row is labelled)
+    problem = HeadProblem(_rowmajor(rows.zero_rows(rows.take(hidden))), _rowmajor(weight), bias,
+                          _rowmajor(rows.mask(rows.take(labels), 0)),
                           LogitTransform(logit_scale, softcap, temperature), frozenset(names))
     result, lse, expected_z, label_logit = _run_forward(backend, problem, memory_budget, token_chunk)
     values = rows.mask(torch.stack([result[name] for name in names]), 0.0)
@@ -208,11 +220,12 @@ def head_backward(grad_values: Tensor, hidden: Tensor, weight: Tensor, bias: Opt
     rows = _rows(labels, ignore_index, vocab, check=False, max_labelled=max_labelled)
     grad_values = rows.mask(rows.take(grad_values.float(), 1), 0.0)  # no upstream gradient at rows not valid
     up = {name: grad_values[i] for i, name in enumerate(names) if name in DIFFERENTIABLE_OUTPUTS}
-    hidden_rows, labels_rows = _rowmajor(rows.take(hidden)), rows.mask(rows.take(labels), 0)
+    hidden_rows, labels_rows = _rowmajor(rows.zero_rows(rows.take(hidden))), _rowmajor(rows.mask(rows.take(labels), 0))
     lse_rows, ez_rows = rows.take(lse), (rows.take(expected_z) if expected_z.numel() else None)
     transform = LogitTransform(logit_scale, softcap, temperature)
     need = (need_hidden, need_weight, need_bias and bias is not None)
     bias = bias.contiguous() if bias is not None else None
+    weight = _rowmajor(weight)  # as in the forward: every gradient then is row-major, as the fake says
     module = importlib.import_module(_MODULES[backend], __package__)
     if backend == "torch":
         tiling = module.Tiling.plan(hidden_rows.shape[0], vocab, memory_budget, token_chunk or None)
@@ -220,7 +233,7 @@ def head_backward(grad_values: Tensor, hidden: Tensor, weight: Tensor, bias: Opt
                                       vocab, tiling, need, sync_free=sync_free(hidden.device))
     else:
         cfg = module.BWD_CONFIGS[hidden.dtype]
-        grads = module.backward_grads(hidden_rows, _rowmajor(weight), bias, labels_rows, rows.take(label_logit),
+        grads = module.backward_grads(hidden_rows, weight, bias, labels_rows, rows.take(label_logit),
                                       lse_rows, ez_rows, up, transform, None, vocab, cfg, memory_budget or None, need)
     grad_hidden, grad_weight, grad_bias = grads
     grad_hidden = rows.put(grad_hidden) if grad_hidden is not None else None
@@ -232,9 +245,10 @@ def head_backward(grad_values: Tensor, hidden: Tensor, weight: Tensor, bias: Opt
 def _head_backward_fake(grad_values, hidden, weight, bias, labels, lse, expected_z, label_logit, backend,
                         ignore_index, logit_scale, softcap, temperature, outputs, memory_budget, token_chunk,
                         max_labelled, need_hidden, need_weight, need_bias):
-    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
-            torch.empty_like(weight) if need_weight else hidden.new_empty(0),
-            torch.empty_like(bias) if (need_bias and bias is not None) else hidden.new_empty(0))
+    # row-major, as the backends return them from row-major inputs (empty_like would follow a transposed weight)
+    return (hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0),
+            weight.new_empty(weight.shape) if need_weight else hidden.new_empty(0),
+            bias.new_empty(bias.shape) if (need_bias and bias is not None) else hidden.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output) -> None:
