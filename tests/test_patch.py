@@ -361,3 +361,63 @@ def test_class_removed_under_an_instance_install():
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, ref(input_ids=ids, labels=labels).loss)
         assert model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs is not None
+
+
+# ------------------------------------------------------------------------------------------- forwards it cannot copy
+def _tiny_bert_like(name):
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if name == "ModernBertDecoderForCausalLM":
+        config = transformers.ModernBertDecoderConfig(**common, sep_token_id=3, cls_token_id=1)
+    elif name == "BartForConditionalGeneration":
+        config = transformers.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1,
+                                         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                         decoder_ffn_dim=64)
+    else:
+        config = getattr(transformers, name.replace("LMHeadModel", "Config").replace("ForCausalLM", "Config")
+                         .replace("ForMaskedLM", "Config"))(**common, is_decoder="MaskedLM" not in name)
+    torch.manual_seed(0)
+    return getattr(transformers, name)(config).eval()
+
+
+#: model class -> what its forward does that the fused loss would not (each computed a different loss without error
+#: before the check: a transform before the head, no shift, the decoder's inputs, an extra z-loss)
+UNREPRODUCIBLE = {
+    "BertLMHeadModel": "not one of its own attributes",  # cls.predictions: dense + norm, then the decoder
+    "RobertaForCausalLM": "not one of its own attributes",  # lm_head.dense + layer_norm, then lm_head.decoder
+    "ModernBertDecoderForCausalLM": "does not call `self.decoder`",  # decoder(lm_head(h)): a norm first
+    "BertForMaskedLM": "code of its own",  # masked LM: no shift
+    "BartForConditionalGeneration": "encoder-decoder|code of its own",
+}
+
+
+@pytest.mark.parametrize("mode", ["instance", "class"])
+@pytest.mark.parametrize("name", sorted(UNREPRODUCIBLE))
+def test_refuses_a_forward_whose_loss_it_cannot_reproduce(name, mode):
+    model = _tiny_bert_like(name)
+    ids = torch.randint(3, VOCAB, (2, 9))
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids, labels=ids).loss)  # the model's own loss works
+    target = type(model) if mode == "class" else model
+    with pytest.raises(ValueError, match=UNREPRODUCIBLE[name]):
+        apply_fused_head(target)
+    assert "forward" not in model.__dict__ and "_align_losses_class_head" not in type(model).__dict__
+
+
+def test_refuses_a_forward_that_adds_its_own_loss_term():
+    """Bamba adds `z_loss_coefficient * mean(logsumexp**2)` to the loss: not the fused loss's z-loss (per scored token)."""
+    with pytest.raises(ValueError, match="z_loss_coefficient"):
+        apply_fused_head(transformers.BambaForCausalLM)
+    assert "_align_losses_class_head" not in transformers.BambaForCausalLM.__dict__
+
+
+def test_every_tested_family_passes_the_forward_check():
+    """The source check accepts the families tested above and the common multimodal ones (their forward is the
+    pattern), so it refuses only what it must."""
+    from trainers.patch import check_causal_lm_forward
+
+    for family in FAMILIES.values():
+        check_causal_lm_forward(getattr(transformers, family[0]))
+    for name in ("Gemma3ForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "LlavaForConditionalGeneration",
+                 "MiniCPM3ForCausalLM", "GptOssForCausalLM", "FalconH1ForCausalLM", "MambaForCausalLM"):
+        check_causal_lm_forward(getattr(transformers, name))

@@ -29,7 +29,9 @@ building the trainer (ours then sits outside TRL's). In no order do both heads r
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
+import re
 from typing import Optional, TypeVar
 
 import torch
@@ -85,6 +87,79 @@ def _settings(impl: str, label_smoothing: float, z_loss: float, backend_options:
     )
 
 
+#: Lines of a causal LM's ``forward`` that may set ``hidden_states`` between the backbone and the head: the
+#: backbone's last hidden states, their ``logits_to_keep`` slice, and MiniCPM3's division by ``logits_scaling``
+#: (a logit scale, read from the config like Granite's).
+_HIDDEN_LINES = re.compile(
+    r"hidden_states = (\w+\.last_hidden_state|\w+\[0\]"
+    r"|slice_logits_to_keep\((hidden_states|\w+\.last_hidden_state), logits_to_keep\)"
+    r"|hidden_states / self\.config\.logits_scaling)$"
+)
+#: Lines that may set ``loss``: none, transformers' ``loss_function``, and the MoE router loss added with labels.
+_LOSS_LINES = re.compile(
+    r"loss = None$|loss = self\.loss_function\(|loss \+= self\.(config\.(text_config\.)?)?router_aux_loss_coef \* aux_loss\b"
+)
+
+
+def _source(cls: type, name: str) -> str:
+    """The source of method ``name`` of ``cls`` as its file has it (under any patch), without its docstring."""
+    try:
+        source = inspect.getsource(inspect.unwrap(getattr(cls, name)))
+    except (OSError, TypeError) as e:
+        raise ValueError(
+            f"apply_fused_head cannot read the source of {cls.__name__}.{name} ({e}), so it cannot check that the "
+            "fused loss is this model's own; patch a model class defined in a file."
+        ) from e
+    return source.split('"""')[-1] if source.count('"""') >= 2 else source
+
+
+def _head_attribute(cls: type) -> Optional[str]:
+    """The attribute ``cls.get_output_embeddings`` returns (``lm_head`` unless overridden), None if not one of its own."""
+    from transformers import PreTrainedModel
+
+    if cls.get_output_embeddings is PreTrainedModel.get_output_embeddings:
+        return "lm_head"
+    found = re.search(r"return self\.(\w+)\s*$", _source(cls, "get_output_embeddings"), re.M)
+    return found.group(1) if found else None
+
+
+def _forward_problem(cls: type) -> Optional[str]:
+    """Why the patch cannot reproduce the loss of ``cls.forward`` (`check_causal_lm_forward`), or None."""
+    body = _source(cls, "forward")
+    if "self.loss_function(" not in body:
+        return "computes its loss with code of its own, not transformers' `loss_function`"
+    head = _head_attribute(cls)
+    if head is None:
+        return "returns an LM head from `get_output_embeddings` that is not one of its own attributes"
+    if not re.search(rf"self\.{head}\(\s*hidden_states(\[[^\]]*\]|\.to\([\w.]*\))?\s*\)", body):
+        return f"does not call `self.{head}` (its output embeddings) on the backbone's hidden states"
+    for line in (line.strip() for line in body.splitlines()):
+        if re.match(r"hidden_states\s+[-+*/]?=\s", line) and not _HIDDEN_LINES.match(line):
+            return f"changes the hidden states before its head (`{line}`)"
+        if re.match(r"loss\s+[-+*/]?=\s", line) and not _LOSS_LINES.match(line):
+            return f"computes a loss the fused head does not reproduce (`{line}`)"
+    return None
+
+
+def check_causal_lm_forward(cls: type) -> None:
+    """A ValueError unless the patched forward computes the same loss as ``cls.forward``.
+
+    The patched forward computes ``loss_function(head(backbone(...).last_hidden_state), labels)`` plus the
+    MoE router loss. That is the model's loss only when its own forward does the same, which its source
+    shows: the loss from ``self.loss_function`` (not a loss of its own: BART's, Marian's, XLNet's, BERT's
+    masked LM), the head an attribute named by ``get_output_embeddings`` and called on the backbone's
+    hidden states unchanged (not BERT's or RoBERTa's ``cls.predictions.decoder`` after a transform, nor
+    ModernBERT-decoder's ``decoder`` after a norm), and nothing else added to the loss (Bamba's z-loss).
+    """
+    problem = _forward_problem(cls)
+    if problem is not None:
+        raise ValueError(
+            f"{cls.__name__} {problem}: apply_fused_head supports causal LMs whose forward takes the loss of "
+            "`self.loss_function` on their LM head's output for the backbone's last hidden states, so that the fused "
+            "loss is the model's own."
+        )
+
+
 def _is_model_class(target) -> bool:
     from transformers import PreTrainedModel
 
@@ -123,6 +198,7 @@ def apply_fused_head(
         check_impl(impl)
         if not callable(getattr(model, "get_output_embeddings", None)):
             raise ValueError(f"{model.__name__} has no `get_output_embeddings`: apply_fused_head needs a causal LM class")
+        check_causal_lm_forward(model)
         install_fused_head_on_class(model, settings)
         return model
     inner = unwrap_transformers_model(model)
@@ -131,8 +207,12 @@ def apply_fused_head(
             "apply_fused_head expects a transformers PreTrainedModel instance or class, got "
             + (f"the class {model.__name__}" if isinstance(model, type) else f"a {type(model).__name__}")
         )
-    # Before anything is installed: the backend runs here and supports this head (bias, soft-cap, dtype) for the loss
+    # Before anything is installed: a forward whose loss we reproduce, a head we can read, a backend that runs here and
+    # supports this head (bias, soft-cap, dtype) for the loss
     output_head(inner)
+    if getattr(inner.config, "is_encoder_decoder", False):
+        raise ValueError(f"{type(inner).__name__} is an encoder-decoder model: apply_fused_head needs a causal LM")
+    check_causal_lm_forward(type(inner))
     probe = dataclasses.replace(settings, outputs=labels_loss_fields(settings), quirks=read_head_quirks(inner.config))
     check_impl(impl, inner, probe)
     install_fused_head(inner, settings, route_fused_calls=True)
