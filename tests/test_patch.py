@@ -193,6 +193,12 @@ def test_num_items_shift_labels_tuple_and_positional():
     shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].contiguous()
     a = model(input_ids=ids, labels=labels, shift_labels=shifted).loss
     torch.testing.assert_close(a, ref(input_ids=ids, labels=labels, shift_labels=shifted).loss, rtol=RTOL, atol=0)
+    # ... and they win over `labels` (not the shift of `labels`, which would give the same loss as above)
+    other = batch(seed=5)[2]
+    a = model(input_ids=ids, labels=labels, shift_labels=other).loss
+    b = ref(input_ids=ids, labels=labels, shift_labels=other).loss
+    torch.testing.assert_close(a, b, rtol=RTOL, atol=0)
+    assert not torch.allclose(b, ref(input_ids=ids, labels=labels).loss)
     # return_dict=False: a tuple, the loss first
     a = model(input_ids=ids, labels=labels, return_dict=False)
     assert isinstance(a, tuple)
@@ -421,3 +427,20 @@ def test_every_tested_family_passes_the_forward_check():
     for name in ("Gemma3ForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "LlavaForConditionalGeneration",
                  "MiniCPM3ForCausalLM", "GptOssForCausalLM", "FalconH1ForCausalLM", "MambaForCausalLM"):
         check_causal_lm_forward(getattr(transformers, name))
+
+
+def test_no_scored_token_gives_the_models_nan():
+    """A batch whose labels are all -100 (a prompt-only row packed alone): transformers divides 0 by 0."""
+    ref = tiny_family("qwen3")
+    model = apply_fused_head(copy.deepcopy(ref))
+    ids, mask, labels = batch()
+    none = torch.full_like(labels, -100)
+    for extra in ({}, {"num_items_in_batch": 0}, {"num_items_in_batch": torch.tensor(0)}):
+        want = ref(input_ids=ids, attention_mask=mask, labels=none, **extra).loss
+        assert torch.isnan(want)
+        out, grads = loss_and_grads(model, input_ids=ids, attention_mask=mask, labels=none, **extra)
+        assert torch.isnan(out.loss)
+        assert all(bool((g == 0).all()) for g in grads.values())  # no NaN reaches the weights
+    # num_items_in_batch from the other micro-batches of the step: the sum (0) over it, as the model
+    torch.testing.assert_close(model(input_ids=ids, labels=none, num_items_in_batch=9).loss,
+                               ref(input_ids=ids, labels=none, num_items_in_batch=9).loss, rtol=0, atol=0)

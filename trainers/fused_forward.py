@@ -588,20 +588,25 @@ def _loss_call(self, text_config, settings, kwargs, labels, shift_labels, num_it
     """The model's own causal-LM output with ``labels``, its loss from the fused head and ``logits=None``.
 
     The loss is transformers' ``ForCausalLMLoss`` (shifted labels or ``shift_labels``, -100 ignored, the sum
-    over scored tokens divided by their count or ``num_items_in_batch``), with the settings' label
-    smoothing and z-loss, plus the MoE router loss times ``router_aux_loss_coef`` as the model adds it.
+    over scored tokens divided by their count or ``num_items_in_batch``; NaN, as there, when that is 0),
+    with the settings' label smoothing and z-loss, plus the MoE router loss times ``router_aux_loss_coef``
+    as the model adds it.
     """
     return_dict = kwargs.pop("return_dict", None)
     run = _head_pass(self, text_config, settings, kwargs, labels, shift_labels, labels_loss_fields(settings), False)
+    divisor = run.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
     loss = sft_loss(
         run.per_token["log_probs"],
         run.label_mask,
-        num_items_in_batch=num_items_in_batch,
+        num_items_in_batch=divisor,
         label_smoothing=settings.label_smoothing,
         z_loss=settings.z_loss,
         mean_logit=run.per_token["mean_logits"],
         logsumexp=run.per_token["logsumexp"],
     ).loss
+    # No scored token (or num_items_in_batch 0): the model's cross-entropy is 0 / 0, NaN; sft_loss clamps the
+    # divisor to 1 and gives 0. Give the model's NaN (a where on the device: no host sync; the gradient stays 0).
+    loss = torch.where(torch.as_tensor(divisor, device=loss.device) == 0, float("nan"), loss)
     values = dict(run.backbone.items())
     if run.aux_loss is not None:
         loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * run.aux_loss.to(loss.device)
