@@ -444,3 +444,19 @@ def test_no_scored_token_gives_the_models_nan():
     # num_items_in_batch from the other micro-batches of the step: the sum (0) over it, as the model
     torch.testing.assert_close(model(input_ids=ids, labels=none, num_items_in_batch=9).loss,
                                ref(input_ids=ids, labels=none, num_items_in_batch=9).loss, rtol=0, atol=0)
+
+
+def test_logits_to_keep_with_labels():
+    """``logits_to_keep=0`` (every position, the default) is the fused loss; any other value asks for logits, so the
+    model's own forward answers, with its own result (here all T positions: the same loss, with logits)."""
+    ref = tiny_family("qwen3")
+    model = apply_fused_head(copy.deepcopy(ref))
+    calls = HeadCalls(model)
+    ids, mask, labels = batch()
+    want = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, logits_to_keep=0)
+    assert out.logits is None and calls.count == 0
+    torch.testing.assert_close(out.loss, want, rtol=RTOL, atol=0)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, logits_to_keep=ids.shape[1])
+    assert out.logits is not None and calls.count == 1
+    torch.testing.assert_close(out.loss, want, rtol=RTOL, atol=0)

@@ -82,6 +82,9 @@ def test_trainer_gradient_accumulation_matches_unpatched(family, tmp_path):
     ours, before, after = _train(model, tmp_path / "ours")
     theirs, ref_before, ref_after = _train(ref, tmp_path / "ref")
     assert calls.count == 0
+    with torch.no_grad():
+        ours.model(input_ids=batch()[0])  # the hook observes the head of the model the Trainer trained
+    assert calls.count == 1
     assert ours.model_accepts_loss_kwargs  # the patched signature still takes **kwargs: num_items_in_batch reaches it
     assert len(ours.step_losses) == 4
     torch.testing.assert_close(torch.tensor(ours.step_losses), torch.tensor(theirs.step_losses), rtol=RTOL, atol=0)
@@ -237,6 +240,9 @@ def test_peft_lora(targets, when):
     assert_same(*loss_and_grads(model, input_ids=ids, attention_mask=mask, labels=labels),
                 *loss_and_grads(ref, input_ids=ids, attention_mask=mask, labels=labels))
     assert calls.count == 0
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)  # the hook observes: a call without labels runs the head
+    assert calls.count == 1
     remove_fused_head(model)
     assert "forward" not in model.get_base_model().__dict__
 
