@@ -460,3 +460,28 @@ def test_logits_to_keep_with_labels():
     out = model(input_ids=ids, attention_mask=mask, labels=labels, logits_to_keep=ids.shape[1])
     assert out.logits is not None and calls.count == 1
     torch.testing.assert_close(out.loss, want, rtol=RTOL, atol=0)
+
+
+def test_remove_keeps_a_forward_installed_over_ours(monkeypatch):
+    """TRL's `add_fused_lm_head` on a patched instance (what `SFTTrainer` does) wraps our forward; removing ours keeps
+    TRL's head (it answers its fused calls, as if ours had never been there) and the model's own loss returns."""
+    import align_losses
+    from trl.trainer.utils import add_fused_lm_head
+
+    ref = tiny_family("qwen3")
+    model = apply_fused_head(copy.deepcopy(ref))
+    add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+    trl_forward = model.__dict__["forward"]
+    remove_fused_head(model)
+    assert model.__dict__["forward"] is trl_forward and len(model._forward_pre_hooks) == 0
+    core_calls = []
+    monkeypatch.setattr(align_losses, "linear_token_stats", lambda *a, **k: core_calls.append(1))
+    ids, mask, labels = batch()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+        assert out.entropy is not None and not core_calls  # TRL's head, not ours
+        want = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
+        torch.testing.assert_close(out.loss, want, rtol=1e-5, atol=0)
+        plain = model(input_ids=ids, attention_mask=mask, labels=labels)
+        assert plain.logits is not None and not core_calls  # the model's own forward under both
+        torch.testing.assert_close(plain.loss, want, rtol=0, atol=0)

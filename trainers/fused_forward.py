@@ -359,13 +359,15 @@ class _Installed:
 
     ``inner`` answers every call the patch does not: the instance's bound forward it replaced, or the
     class's function. ``previous`` is what the instance's (class's) own ``__dict__`` held under
-    ``forward`` (None: nothing, the forward came from the class), restored on removal.
+    ``forward`` (None: nothing, the forward came from the class), restored on removal unless a forward
+    installed later wraps ``installed`` (the function this patch put there).
     """
 
     inner: Callable
     settings: FusedHeadSettings
     previous: Optional[Callable] = None
     hook: Any = None  # the handle of `_route_fused_calls`, if registered
+    installed: Optional[Callable] = None
 
 
 def install_fused_head(model, settings: FusedHeadSettings, route_fused_calls: bool = False) -> None:
@@ -380,10 +382,17 @@ def install_fused_head(model, settings: FusedHeadSettings, route_fused_calls: bo
     if entry is not None:
         model.__dict__[_MARKER] = dataclasses.replace(entry, settings=settings)  # a new object: callers may restore the old
         return
-    # TRL's patched forward (which itself falls back to the original) or the original
+    inner = model.forward  # TRL's patched forward (which itself falls back to the original) or the original
+
+    def entry_of(self):
+        found = self.__dict__.get(_MARKER)
+        if found is None:  # removed while a forward installed later still wraps this one: pass every call on
+            return _Installed(inner, FusedHeadSettings())
+        return found
+
     hook = _route_fused_calls(model) if route_fused_calls else None
-    model.__dict__[_MARKER] = _Installed(model.forward, settings, previous=model.__dict__.get("forward"), hook=hook)
-    forward = _patched_forward(type(model).forward, _instance_entry, per_call_quirks=False)
+    forward = _patched_forward(type(model).forward, entry_of, per_call_quirks=False)
+    model.__dict__[_MARKER] = _Installed(inner, settings, model.__dict__.get("forward"), hook, installed=forward)
     model.forward = types.MethodType(forward, model)
 
 
@@ -398,7 +407,6 @@ def install_fused_head_on_class(cls: type, settings: FusedHeadSettings) -> None:
         setattr(cls, _CLASS_MARKER, dataclasses.replace(entry, settings=settings))
         return
     original = cls.forward
-    setattr(cls, _CLASS_MARKER, _Installed(original, settings, previous=cls.__dict__.get("forward")))
 
     def entry_of(self):
         found = cls.__dict__.get(_CLASS_MARKER)
@@ -406,14 +414,17 @@ def install_fused_head_on_class(cls: type, settings: FusedHeadSettings) -> None:
             return _Installed(types.MethodType(original, self), FusedHeadSettings())
         return dataclasses.replace(found, inner=types.MethodType(found.inner, self))
 
-    cls.forward = _patched_forward(original, entry_of, per_call_quirks=True)
+    forward = _patched_forward(original, entry_of, per_call_quirks=True)
+    setattr(cls, _CLASS_MARKER, _Installed(original, settings, previous=cls.__dict__.get("forward"), installed=forward))
+    cls.forward = forward
 
 
 def uninstall_fused_head(target) -> bool:
     """Undo `install_fused_head` (an instance) or `install_fused_head_on_class` (a class); False if none was there.
 
     The instance's (class's) ``forward`` is what it was before: its own earlier one (e.g. TRL's fused head)
-    or none, so that the class's forward answers again.
+    or none, so that the class's forward answers again. A forward installed after ours and wrapping it
+    (TRL's ``add_fused_lm_head`` on a patched instance) stays, and ours under it passes every call on.
     """
     is_class = isinstance(target, type)
     store = target.__dict__
@@ -422,18 +433,20 @@ def uninstall_fused_head(target) -> bool:
         return False
     if entry.hook is not None:
         entry.hook.remove()
+    current = store.get("forward")
+    ours_outermost = getattr(current, "__func__", current) is entry.installed
     if is_class:
         delattr(target, _CLASS_MARKER)
-        if entry.previous is None:
-            delattr(target, "forward")
-        else:
-            target.forward = entry.previous
     else:
         del store[_MARKER]
-        if entry.previous is None:
-            store.pop("forward", None)
-        else:
-            store["forward"] = entry.previous
+    if not ours_outermost:
+        return True
+    if entry.previous is not None:
+        setattr(target, "forward", entry.previous)
+    elif is_class:
+        delattr(target, "forward")
+    else:
+        store.pop("forward", None)
     return True
 
 
@@ -452,10 +465,6 @@ def active_settings(model) -> Optional[FusedHeadSettings]:
             if entry is not None:
                 break
     return None if entry is None else entry.settings
-
-
-def _instance_entry(self) -> _Installed:
-    return self.__dict__[_MARKER]
 
 
 def _route_fused_calls(model) -> Any:
