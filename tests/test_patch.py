@@ -485,3 +485,31 @@ def test_remove_keeps_a_forward_installed_over_ours(monkeypatch):
         plain = model(input_ids=ids, attention_mask=mask, labels=labels)
         assert plain.logits is not None and not core_calls  # the model's own forward under both
         torch.testing.assert_close(plain.loss, want, rtol=0, atol=0)
+
+
+def _tiny_gemma3_image_text(softcap):
+    config = transformers.Gemma3Config(
+        text_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         intermediate_size=64, vocab_size=VOCAB + 4, final_logit_softcapping=softcap,
+                         max_position_embeddings=64),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=VOCAB + 3, boi_token_index=VOCAB + 1, eoi_token_index=VOCAB + 2)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config).float()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.3)
+    return model
+
+
+def test_gemma3_image_text_softcap_it_does_not_apply_is_refused():
+    """Gemma-3's image-text model keeps `final_logit_softcapping` in its text config and does not apply it (the text
+    model does): patched, the loss was soft-capped (5.92 against the model's 7.07 here). Without it: the same loss."""
+    ids, mask, labels = batch()
+    with pytest.raises(ValueError, match="final_logit_softcapping=3.0, which its forward does not apply"):
+        apply_fused_head(_tiny_gemma3_image_text(3.0))
+    ref = _tiny_gemma3_image_text(None)
+    model = apply_fused_head(copy.deepcopy(ref))
+    assert_same(*loss_and_grads(model, input_ids=ids, attention_mask=mask, labels=labels),
+                *loss_and_grads(ref, input_ids=ids, attention_mask=mask, labels=labels))

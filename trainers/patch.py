@@ -38,6 +38,7 @@ import torch
 
 from .fused_forward import (
     FusedHeadSettings,
+    HeadQuirks,
     active_settings,
     check_impl,
     install_fused_head,
@@ -160,6 +161,31 @@ def check_causal_lm_forward(cls: type) -> None:
         )
 
 
+#: The config fields `read_head_quirks` reads a logit scale from: the forward must apply one of them.
+_SCALE_FIELDS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+
+def check_config_quirks(cls: type, quirks: HeadQuirks) -> None:
+    """A ValueError when the config gives a soft-cap or logit scale that ``cls.forward`` does not apply.
+
+    The fused head applies what `read_head_quirks` reads from the (text) config; a model whose forward
+    ignores it (Gemma-3's image-text model has ``text_config.final_logit_softcapping`` and applies no
+    soft-cap) has another loss.
+    """
+    body = _source(cls, "forward")
+    if quirks.softcap is not None and "final_logit_softcapping" not in body:
+        raise ValueError(
+            f"the config of {cls.__name__} sets final_logit_softcapping={quirks.softcap}, which its forward does not "
+            "apply: the fused loss would be soft-capped and the model's not. Set it to None if the model is meant "
+            "to run without it."
+        )
+    if quirks.logit_scale != 1.0 and not any(name in body for name in _SCALE_FIELDS):
+        raise ValueError(
+            f"the config of {cls.__name__} gives a logit scale ({quirks.logit_scale}, from one of {list(_SCALE_FIELDS)}) "
+            "that its forward does not apply: the fused loss would be scaled and the model's not."
+        )
+
+
 def _is_model_class(target) -> bool:
     from transformers import PreTrainedModel
 
@@ -213,6 +239,7 @@ def apply_fused_head(
     if getattr(inner.config, "is_encoder_decoder", False):
         raise ValueError(f"{type(inner).__name__} is an encoder-decoder model: apply_fused_head needs a causal LM")
     check_causal_lm_forward(type(inner))
+    check_config_quirks(type(inner), read_head_quirks(inner.config))
     probe = dataclasses.replace(settings, outputs=labels_loss_fields(settings), quirks=read_head_quirks(inner.config))
     check_impl(impl, inner, probe)
     install_fused_head(inner, settings, route_fused_calls=True)
