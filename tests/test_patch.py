@@ -513,3 +513,22 @@ def test_gemma3_image_text_softcap_it_does_not_apply_is_refused():
     model = apply_fused_head(copy.deepcopy(ref))
     assert_same(*loss_and_grads(model, input_ids=ids, attention_mask=mask, labels=labels),
                 *loss_and_grads(ref, input_ids=ids, attention_mask=mask, labels=labels))
+
+
+def test_accepts_a_class_whose_forward_liger_replaced(monkeypatch):
+    """The check reads the forward the model's class defines (its loss is what ours reproduces), not whatever replaced
+    it on the class since: after Liger's `apply_liger_kernel_to_qwen3` (which swaps `Qwen3ForCausalLM.forward` for
+    its own) the patch is accepted and gives the model's own loss."""
+    from liger_kernel.transformers import apply_liger_kernel_to_qwen3
+
+    ref = tiny_family("qwen3")
+    ids, mask, labels = batch()
+    ref_out, ref_grads = loss_and_grads(ref, input_ids=ids, attention_mask=mask, labels=labels)
+    model = copy.deepcopy(ref)
+    cls = transformers.Qwen3ForCausalLM
+    monkeypatch.setattr(cls, "forward", cls.forward)  # restored after the test
+    apply_liger_kernel_to_qwen3(rope=False, cross_entropy=False, fused_linear_cross_entropy=True, rms_norm=False,
+                                swiglu=False)
+    assert cls.forward.__module__.startswith("liger_kernel")
+    apply_fused_head(model)
+    assert_same(*loss_and_grads(model, input_ids=ids, attention_mask=mask, labels=labels), ref_out, ref_grads)

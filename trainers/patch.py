@@ -103,15 +103,24 @@ _LOSS_LINES = re.compile(
 
 
 def _source(cls: type, name: str) -> str:
-    """The source of method ``name`` of ``cls`` as its file has it (under any patch), without its docstring."""
-    try:
-        source = inspect.getsource(inspect.unwrap(getattr(cls, name)))
-    except (OSError, TypeError) as e:
-        raise ValueError(
-            f"apply_fused_head cannot read the source of {cls.__name__}.{name} ({e}), so it cannot check that the "
-            "fused loss is this model's own; patch a model class defined in a file."
-        ) from e
-    return source.split('"""')[-1] if source.count('"""') >= 2 else source
+    """The source of method ``name`` as the file of the first class of ``cls``'s MRO that defines it has it, without its
+    docstring: the model's own method even after something replaced it on the class (Liger's
+    ``apply_liger_kernel_to_*``, a class patch of ours), whose calls with labels our patch answers."""
+    for klass in cls.__mro__:
+        if name not in klass.__dict__:
+            continue
+        try:
+            text = inspect.getsource(klass)
+        except (OSError, TypeError) as e:
+            raise ValueError(
+                f"apply_fused_head cannot read the source of {klass.__name__} ({e}), so it cannot check that the "
+                "fused loss is this model's own; patch a model class defined in a file."
+            ) from e
+        found = re.search(rf"^([ \t]+)def {name}\(.*?(?=^\1(?:def |@|class )|\Z)", text, re.M | re.S)
+        if found is not None:
+            body = found.group(0)
+            return body.split('"""')[-1] if body.count('"""') >= 2 else body
+    raise ValueError(f"apply_fused_head found no `def {name}` in the source of {cls.__name__} or its bases")
 
 
 def _head_attribute(cls: type) -> Optional[str]:
