@@ -266,7 +266,7 @@ class QuietLinear(torch.nn.Linear):
     """A subclass that keeps `nn.Linear.forward`: accepted."""
 
 
-def _with_head(model, head):
+def with_head(model, head):
     old = model.get_output_embeddings()
     with torch.no_grad():
         head[-1].weight.copy_(old.weight) if isinstance(head, torch.nn.Sequential) else head.weight.copy_(old.weight)
@@ -284,7 +284,7 @@ def _bad_heads():
 @pytest.mark.parametrize("head", sorted(_bad_heads()))
 @pytest.mark.parametrize("mode", ["instance", "class"])
 def test_refuses_a_head_it_cannot_reproduce(head, mode):
-    model = _with_head(tiny_family("qwen3"), _bad_heads()[head]())
+    model = with_head(tiny_family("qwen3"), _bad_heads()[head]())
     ids, _, labels = batch()
     if mode == "instance":
         with pytest.raises(ValueError, match=rf"LM head of Qwen3ForCausalLM is a .*{head}.*plain `nn.Linear`"):
@@ -302,7 +302,7 @@ def test_refuses_a_head_it_cannot_reproduce(head, mode):
 
 
 def test_accepts_linear_subclass_without_forward():
-    ref = _with_head(tiny_family("qwen3"), QuietLinear(32, VOCAB, bias=False))
+    ref = with_head(tiny_family("qwen3"), QuietLinear(32, VOCAB, bias=False))
     model = apply_fused_head(copy.deepcopy(ref))
     ids, mask, labels = batch()
     assert_same(*loss_and_grads(model, input_ids=ids, labels=labels), *loss_and_grads(ref, input_ids=ids, labels=labels))

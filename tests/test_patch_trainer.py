@@ -14,7 +14,7 @@ import transformers
 
 import align_losses
 from conftest import base_args, snapshot, update_diff
-from test_patch import VOCAB, HeadCalls, ScaledLinear, _with_head, assert_same, batch, loss_and_grads, tiny_family
+from test_patch import VOCAB, HeadCalls, ScaledLinear, with_head, assert_same, batch, loss_and_grads, tiny_family
 from trainers import apply_fused_head, remove_fused_head
 
 RTOL = 1e-5
@@ -121,7 +121,7 @@ def test_fused_trainer_refuses_a_head_it_cannot_reproduce(tmp_path):
 
     for head in (ScaledLinear(32, VOCAB, bias=False),
                  torch.nn.Sequential(torch.nn.LayerNorm(32), torch.nn.Linear(32, VOCAB, bias=False))):
-        model = _with_head(tiny_family("qwen3"), head)
+        model = with_head(tiny_family("qwen3"), head)
         with pytest.raises(ValueError, match=rf"is a .*{type(head).__name__}.*plain `nn.Linear`"):
             FusedSFTTrainer(model=model, args=FusedSFTConfig(**base_args(tmp_path)),
                             train_dataset=Dataset.from_dict({"text": ["a b c"]}))

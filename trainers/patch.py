@@ -17,7 +17,10 @@ instead of the loss (`trainers.fused_forward.FusedHeadOutput`: ``log_probs``, ``
 The patch is `trainers.fused_forward`'s forward (the one the fused trainers install) with
 ``labels_loss`` on: config quirks (soft-cap, logit scales), LoRA or ``modules_to_save`` on the head,
 FSDP2 and ZeRO-3 head calls and the MoE auxiliary loss come from there, as does the refusal of heads
-the core cannot reproduce (`trainers.fused_forward.output_head`).
+the core cannot reproduce (`trainers.fused_forward.output_head`). Models whose own forward computes
+another loss (a loss of its own, a transform before the head, hidden states changed before it, an
+extra loss term, a soft-cap or scale in the config it does not apply) are refused here, from that
+forward's source (`check_causal_lm_forward`, `check_config_quirks`).
 
 With TRL's ``SFTTrainer`` (which installs its own chunked head on the instance and calls
 ``model(..., fused_lm_head=True)``): on an instance patched here, a forward pre-hook routes those calls
@@ -226,7 +229,8 @@ def apply_fused_head(
 
     Raises:
         ValueError: for options out of range, a backend that cannot run here, a model without a head the
-            fused core can reproduce (naming the head's type), or something that is not a causal LM.
+            fused core can reproduce (naming the head's type), a model whose forward computes a loss the patch
+            does not reproduce (saying what it does), or something that is not a causal LM.
     """
     settings = _settings(impl, label_smoothing, z_loss, backend_options)
     if _is_model_class(model):
