@@ -244,6 +244,10 @@ def test_fused_lm_head_gives_per_token_log_probs():
     torch.testing.assert_close(out.entropy, entropy, rtol=RTOL, atol=1e-6)
     assert out.log_probs.requires_grad and out.is_top1 is None
     torch.testing.assert_close(out.label_mask, keep)
+    # label smoothing / z-loss are options of the loss of calls with labels: a fused call says it has neither
+    apply_fused_head(model, label_smoothing=0.1)
+    with pytest.warns(UserWarning, match="label_smoothing and z_loss are in the loss of calls with `labels` only"):
+        model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
 
 
 def test_no_labels_with_grad_in_training_warns():

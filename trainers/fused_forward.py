@@ -574,6 +574,13 @@ def _fused_call(self, text_config, settings, kwargs, labels, shift_labels, num_i
     unknown = set(fields) - set(FIELDS)
     if unknown:
         raise ValueError(f"unknown fused outputs {sorted(unknown)}; expected a subset of {list(FIELDS)}")
+    if settings.label_smoothing or settings.z_loss:
+        warnings.warn(
+            "apply_fused_head's label_smoothing and z_loss are in the loss of calls with `labels` only: this "
+            "fused_lm_head=True call (TRL's SFTTrainer makes them) returns per-token log-probs, and the loss its caller "
+            "computes from them has neither.",
+            stacklevel=3,
+        )
     kwargs["use_cache"] = False
     kwargs.pop("return_dict", None)
     run = _head_pass(self, text_config, settings, kwargs, labels, shift_labels, fields, want_all)
