@@ -269,8 +269,10 @@ def test_bf16_autocast_is_closer_to_fp32_than_the_model_itself():
         theirs = ref(input_ids=ids, attention_mask=mask, labels=labels).loss.detach()
     assert ours.loss.dtype == torch.float32
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    assert abs(float(ours.loss) - float(exact)) <= 2e-2 * float(exact)
-    assert abs(float(ours.loss) - float(theirs)) <= 2e-2 * float(exact)
+    # measured: 7e-5 from the fp32 loss and 1.2e-4 from the model's own bf16 loss (2e-2 before, which a head
+    # off by a few percent passed)
+    assert abs(float(ours.loss) - float(exact)) <= 2e-3 * float(exact)
+    assert abs(float(ours.loss) - float(theirs)) <= 2e-3 * float(exact)
 
 
 def test_trainer_bf16(tmp_path):
@@ -281,7 +283,8 @@ def test_trainer_bf16(tmp_path):
     ours, *_ = _train(model, tmp_path / "ours", bf16=True, max_steps=1)
     theirs, *_ = _train(ref, tmp_path / "ref", bf16=True, max_steps=1)
     assert calls.count == 0
-    torch.testing.assert_close(torch.tensor(ours.step_losses), torch.tensor(theirs.step_losses), rtol=1e-2, atol=0)
+    # measured 9e-6 and 7.5e-5 relative (1e-2 before)
+    torch.testing.assert_close(torch.tensor(ours.step_losses), torch.tensor(theirs.step_losses), rtol=2e-3, atol=0)
 
 
 def test_save_pretrained_adds_no_keys(tmp_path):
