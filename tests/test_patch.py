@@ -513,6 +513,14 @@ def test_gemma3_image_text_softcap_it_does_not_apply_is_refused():
     ids, mask, labels = batch()
     with pytest.raises(ValueError, match="final_logit_softcapping=3.0, which its forward does not apply"):
         apply_fused_head(_tiny_gemma3_image_text(3.0))
+    cls = transformers.Gemma3ForConditionalGeneration
+    apply_fused_head(cls)  # the class: checked on the call, the instance's config is not known before
+    try:
+        capped = _tiny_gemma3_image_text(3.0)
+        with pytest.raises(ValueError, match="final_logit_softcapping=3.0, which its forward does not apply"):
+            capped(input_ids=ids, labels=labels)
+    finally:
+        remove_fused_head(cls)
     ref = _tiny_gemma3_image_text(None)
     model = apply_fused_head(copy.deepcopy(ref))
     assert_same(*loss_and_grads(model, input_ids=ids, attention_mask=mask, labels=labels),

@@ -368,6 +368,7 @@ class _Installed:
     previous: Optional[Callable] = None
     hook: Any = None  # the handle of `_route_fused_calls`, if registered
     installed: Optional[Callable] = None
+    check: Optional[Callable] = None  # a class patch's check of each instance it answers for (ValueError)
 
 
 def install_fused_head(model, settings: FusedHeadSettings, route_fused_calls: bool = False) -> None:
@@ -396,15 +397,15 @@ def install_fused_head(model, settings: FusedHeadSettings, route_fused_calls: bo
     model.forward = types.MethodType(forward, model)
 
 
-def install_fused_head_on_class(cls: type, settings: FusedHeadSettings) -> None:
+def install_fused_head_on_class(cls: type, settings: FusedHeadSettings, check: Optional[Callable] = None) -> None:
     """Patch ``cls.forward`` so that every instance, also those built later by other code, gets the fused forward.
 
-    The head is checked on each call (there is no instance yet) and the quirks read from each instance's config.
-    Installing again replaces the settings.
+    The head is checked on each call (there is no instance yet), as is ``check(model)`` if given, and the quirks
+    read from each instance's config. Installing again replaces the settings and the check.
     """
     entry = cls.__dict__.get(_CLASS_MARKER)
     if entry is not None:
-        setattr(cls, _CLASS_MARKER, dataclasses.replace(entry, settings=settings))
+        setattr(cls, _CLASS_MARKER, dataclasses.replace(entry, settings=settings, check=check))
         return
     original = cls.forward
 
@@ -415,7 +416,8 @@ def install_fused_head_on_class(cls: type, settings: FusedHeadSettings) -> None:
         return dataclasses.replace(found, inner=types.MethodType(found.inner, self))
 
     forward = _patched_forward(original, entry_of, per_call_quirks=True)
-    setattr(cls, _CLASS_MARKER, _Installed(original, settings, previous=cls.__dict__.get("forward"), installed=forward))
+    setattr(cls, _CLASS_MARKER,
+            _Installed(original, settings, previous=cls.__dict__.get("forward"), installed=forward, check=check))
     cls.forward = forward
 
 
@@ -544,6 +546,8 @@ def _patched_forward(template, entry_of, per_call_quirks: bool):
             return entry.inner(**kwargs)
         if per_call_quirks:
             output_head(self)
+            if entry.check is not None:
+                entry.check(self)
             settings = dataclasses.replace(settings, quirks=read_head_quirks(self.config))
         kwargs.pop("logits_to_keep", None)
         text_config = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config

@@ -32,6 +32,7 @@ building the trainer (ours then sits outside TRL's). In no order do both heads r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import re
@@ -105,6 +106,7 @@ _LOSS_LINES = re.compile(
 )
 
 
+@functools.lru_cache(maxsize=None)
 def _source(cls: type, name: str) -> str:
     """The source of method ``name`` as the file of the first class of ``cls``'s MRO that defines it has it, without its
     docstring: the model's own method even after something replaced it on the class (Liger's
@@ -198,6 +200,11 @@ def check_config_quirks(cls: type, quirks: HeadQuirks) -> None:
         )
 
 
+def check_instance_quirks(model) -> None:
+    """`check_config_quirks` of ``model``'s class and config (a class patch runs it on each call it answers)."""
+    check_config_quirks(type(model), read_head_quirks(model.config))
+
+
 def _is_model_class(target) -> bool:
     from transformers import PreTrainedModel
 
@@ -238,7 +245,7 @@ def apply_fused_head(
         if not callable(getattr(model, "get_output_embeddings", None)):
             raise ValueError(f"{model.__name__} has no `get_output_embeddings`: apply_fused_head needs a causal LM class")
         check_causal_lm_forward(model)
-        install_fused_head_on_class(model, settings)
+        install_fused_head_on_class(model, settings, check=check_instance_quirks)
         return model
     inner = unwrap_transformers_model(model)
     if not isinstance(inner, torch.nn.Module) or not hasattr(inner, "config"):
@@ -252,7 +259,7 @@ def apply_fused_head(
     if getattr(inner.config, "is_encoder_decoder", False):
         raise ValueError(f"{type(inner).__name__} is an encoder-decoder model: apply_fused_head needs a causal LM")
     check_causal_lm_forward(type(inner))
-    check_config_quirks(type(inner), read_head_quirks(inner.config))
+    check_instance_quirks(inner)
     probe = dataclasses.replace(settings, outputs=labels_loss_fields(settings), quirks=read_head_quirks(inner.config))
     check_impl(impl, inner, probe)
     install_fused_head(inner, settings, route_fused_calls=True)
