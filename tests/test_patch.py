@@ -544,3 +544,35 @@ def test_accepts_a_class_whose_forward_liger_replaced(monkeypatch):
     assert cls.forward.__module__.startswith("liger_kernel")
     apply_fused_head(model)
     assert_same(*loss_and_grads(model, input_ids=ids, attention_mask=mask, labels=labels), ref_out, ref_grads)
+
+
+def test_remove_restores_trls_head_and_nested_installs():
+    """Under ours, TRL's head installed first comes back; an instance patch over a class patch outlives the class's
+    removal, and removing it leaves the class's own forward."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    ref = tiny_family("qwen3")
+    ids, mask, labels = batch()
+    model = copy.deepcopy(ref)
+    add_fused_lm_head(model)
+    trl_forward = model.__dict__["forward"]
+    apply_fused_head(model)
+    remove_fused_head(model)
+    assert model.__dict__["forward"] is trl_forward and len(model._forward_pre_hooks) == 0
+
+    cls = type(ref)
+    original = cls.__dict__["forward"]
+    model = copy.deepcopy(ref)
+    apply_fused_head(cls)
+    try:
+        apply_fused_head(model, z_loss=1e-2)
+    finally:
+        remove_fused_head(cls)
+    assert cls.__dict__["forward"] is original
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)  # the instance's patch, z-loss included
+        assert out.logits is None and out.loss > ref(input_ids=ids, labels=labels).loss
+    remove_fused_head(model)
+    assert "forward" not in model.__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, ref(input_ids=ids, labels=labels).loss)
