@@ -532,18 +532,8 @@ def _patched_forward(template, entry_of, per_call_quirks: bool):
         keep = kwargs.get("logits_to_keep", 0)
         keeps_all = isinstance(keep, int) and keep == 0
         if not fused and not (settings.labels_loss and labels is not None and keeps_all):
-            if settings.labels_loss and labels is None and self.training and torch.is_grad_enabled():
-                warnings.warn(
-                    "the fused head was called with gradients but without `labels`, so the model built its logits as "
-                    "before (no memory saved). A `Trainer` with `label_smoothing_factor` or `compute_loss_func` takes "
-                    "the labels out of the call: pass `label_smoothing=` to `apply_fused_head` instead, or compute "
-                    "a custom loss from `model(..., labels=labels, fused_lm_head=True).log_probs`.",
-                    stacklevel=2,
-                )
-            for key, value in (("labels", labels), ("shift_labels", shift_labels), ("num_items_in_batch", num_items_in_batch)):
-                if value is not None:
-                    kwargs[key] = value
-            return entry.inner(**kwargs)
+            return _pass_on(self, entry, kwargs, labels=labels, shift_labels=shift_labels,
+                            num_items_in_batch=num_items_in_batch)
         if per_call_quirks:
             output_head(self)
             if entry.check is not None:
@@ -558,6 +548,20 @@ def _patched_forward(template, entry_of, per_call_quirks: bool):
         return _loss_call(self, text_config, settings, kwargs, labels, shift_labels, num_items_in_batch)
 
     return forward
+
+
+def _pass_on(self, entry: _Installed, kwargs: dict, **loss_kwargs):
+    """A call the patch does not answer, to the forward it replaced (with the loss arguments it was given)."""
+    if entry.settings.labels_loss and loss_kwargs["labels"] is None and self.training and torch.is_grad_enabled():
+        warnings.warn(
+            "the fused head was called with gradients but without `labels`, so the model built its logits as "
+            "before (no memory saved). A `Trainer` with `label_smoothing_factor` or `compute_loss_func` takes "
+            "the labels out of the call: pass `label_smoothing=` to `apply_fused_head` instead, or compute "
+            "a custom loss from `model(..., labels=labels, fused_lm_head=True).log_probs`.",
+            stacklevel=3,
+        )
+    kwargs.update((key, value) for key, value in loss_kwargs.items() if value is not None)
+    return entry.inner(**kwargs)
 
 
 @dataclass
