@@ -393,10 +393,11 @@ def _tiny_bert_like(name):
 #: model class -> what its forward does that the fused loss would not (each computed a different loss without error
 #: before the check: a transform before the head, no shift, the decoder's inputs, an extra z-loss)
 UNREPRODUCIBLE = {
-    "BertLMHeadModel": "not one of its own attributes",  # cls.predictions: dense + norm, then the decoder
-    "RobertaForCausalLM": "not one of its own attributes",  # lm_head.dense + layer_norm, then lm_head.decoder
+    # (an instance's head is refused first by `output_head`: "not one of its own modules")
+    "BertLMHeadModel": "not one of its own (attributes|modules)",  # cls.predictions: dense + norm, then the decoder
+    "RobertaForCausalLM": "not one of its own (attributes|modules)",  # lm_head.dense + layer_norm, then lm_head.decoder
     "ModernBertDecoderForCausalLM": "does not call `self.decoder`",  # decoder(lm_head(h)): a norm first
-    "BertForMaskedLM": "code of its own",  # masked LM: no shift
+    "BertForMaskedLM": "code of its own|not one of its own modules",  # masked LM: no shift
     "BartForConditionalGeneration": "encoder-decoder|code of its own",
 }
 

@@ -359,3 +359,23 @@ def test_benchmark_hf_trainer_quick(tmp_path):
     meta = {"model_desc": "tiny", "date": "d", "commit": "c", "device": "cpu", "versions": {}, "command": "x",
             "grad_accum": 2, "timed_steps": 1, "dtype": "fp32"}
     assert "| 16 | ours | - |" in bench.render([row], meta)
+
+
+def test_fused_head_refuses_a_head_inside_another_module(tmp_path):
+    """BERT's causal LM answers `get_output_embeddings()` with `cls.predictions.decoder`, a plain `nn.Linear` that runs
+    after a dense layer and a norm: the fused trainers read its weight and skipped those (#25's check passed it)."""
+    from trainers.fused_forward import output_head
+
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, is_decoder=True)
+    model = transformers.BertLMHeadModel(config)
+    assert type(model.get_output_embeddings()) is torch.nn.Linear
+    with pytest.raises(ValueError, match=r"LM head of BertLMHeadModel \(Linear\) is not one of its own modules"):
+        output_head(model)
+    from datasets import Dataset
+
+    from trainers import FusedSFTConfig, FusedSFTTrainer
+
+    with pytest.raises(ValueError, match="is not one of its own modules"):
+        FusedSFTTrainer(model=model, args=FusedSFTConfig(**base_args(tmp_path)),
+                        train_dataset=Dataset.from_dict({"text": ["a b c"]}))

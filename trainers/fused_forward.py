@@ -276,9 +276,10 @@ def output_head(model) -> torch.nn.Module:
     The fused head never calls the head: it reads ``weight`` and ``bias`` and computes ``h W^T + b``.
     That is the head's output only for a plain ``nn.Linear`` (its type, or a subclass that keeps
     ``nn.Linear.forward``), a PEFT LoRA layer or ``modules_to_save`` copy of one, or the model's own
-    input ``nn.Embedding`` used as a tied head. Anything else (a subclass whose forward scales its
-    output, a norm before the projection, a quantised layer) would train on wrong log-probs and leave
-    the extra parameters without gradient, so it is refused.
+    input ``nn.Embedding`` used as a tied head, and only as a module of the model itself (not inside
+    another module whose forward runs first, as BERT's ``cls.predictions``). Anything else (a subclass
+    whose forward scales its output, a norm before the projection, a quantised layer) would train on
+    wrong log-probs and leave the extra parameters without gradient, so it is refused.
     """
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
@@ -287,6 +288,14 @@ def output_head(model) -> torch.nn.Module:
             f"{type(model).__name__} has no output embeddings (`get_output_embeddings()` returned None): the fused "
             "head needs a causal LM with a linear LM head, e.g. an `AutoModelForCausalLM` model, not a bare backbone "
             "(`AutoModel`) or a classification model."
+        )
+    owner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper answers for the model it holds
+    if not any(c is head or (is_adapter_layer(c) and c.get_base_layer() is head) for c in owner.children()):
+        raise ValueError(
+            f"the LM head of {type(model).__name__} ({type(head).__name__}) is not one of its own modules but sits "
+            "inside another (as BERT's and RoBERTa's `decoder` after a dense layer and a norm), whose forward runs "
+            "before it: the fused head reads the head's weight and would skip that. Train this model without the "
+            "fused head."
         )
     if is_adapter_layer(head) and getattr(head, "lora_A", None) is None:
         raise ValueError(
