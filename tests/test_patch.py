@@ -193,6 +193,12 @@ def test_num_items_shift_labels_tuple_and_positional():
     shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].contiguous()
     a = model(input_ids=ids, labels=labels, shift_labels=shifted).loss
     torch.testing.assert_close(a, ref(input_ids=ids, labels=labels, shift_labels=shifted).loss, rtol=RTOL, atol=0)
+    # ... and they win over `labels` (not the shift of `labels`, which would give the same loss as above)
+    other = batch(seed=5)[2]
+    a = model(input_ids=ids, labels=labels, shift_labels=other).loss
+    b = ref(input_ids=ids, labels=labels, shift_labels=other).loss
+    torch.testing.assert_close(a, b, rtol=RTOL, atol=0)
+    assert not torch.allclose(b, ref(input_ids=ids, labels=labels).loss)
     # return_dict=False: a tuple, the loss first
     a = model(input_ids=ids, labels=labels, return_dict=False)
     assert isinstance(a, tuple)
@@ -238,6 +244,10 @@ def test_fused_lm_head_gives_per_token_log_probs():
     torch.testing.assert_close(out.entropy, entropy, rtol=RTOL, atol=1e-6)
     assert out.log_probs.requires_grad and out.is_top1 is None
     torch.testing.assert_close(out.label_mask, keep)
+    # label smoothing / z-loss are options of the loss of calls with labels: a fused call says it has neither
+    apply_fused_head(model, label_smoothing=0.1)
+    with pytest.warns(UserWarning, match="label_smoothing and z_loss are in the loss of calls with `labels` only"):
+        model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
 
 
 def test_no_labels_with_grad_in_training_warns():
@@ -260,7 +270,7 @@ class QuietLinear(torch.nn.Linear):
     """A subclass that keeps `nn.Linear.forward`: accepted."""
 
 
-def _with_head(model, head):
+def with_head(model, head):
     old = model.get_output_embeddings()
     with torch.no_grad():
         head[-1].weight.copy_(old.weight) if isinstance(head, torch.nn.Sequential) else head.weight.copy_(old.weight)
@@ -278,7 +288,7 @@ def _bad_heads():
 @pytest.mark.parametrize("head", sorted(_bad_heads()))
 @pytest.mark.parametrize("mode", ["instance", "class"])
 def test_refuses_a_head_it_cannot_reproduce(head, mode):
-    model = _with_head(tiny_family("qwen3"), _bad_heads()[head]())
+    model = with_head(tiny_family("qwen3"), _bad_heads()[head]())
     ids, _, labels = batch()
     if mode == "instance":
         with pytest.raises(ValueError, match=rf"LM head of Qwen3ForCausalLM is a .*{head}.*plain `nn.Linear`"):
@@ -296,7 +306,7 @@ def test_refuses_a_head_it_cannot_reproduce(head, mode):
 
 
 def test_accepts_linear_subclass_without_forward():
-    ref = _with_head(tiny_family("qwen3"), QuietLinear(32, VOCAB, bias=False))
+    ref = with_head(tiny_family("qwen3"), QuietLinear(32, VOCAB, bias=False))
     model = apply_fused_head(copy.deepcopy(ref))
     ids, mask, labels = batch()
     assert_same(*loss_and_grads(model, input_ids=ids, labels=labels), *loss_and_grads(ref, input_ids=ids, labels=labels))
@@ -361,3 +371,209 @@ def test_class_removed_under_an_instance_install():
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, ref(input_ids=ids, labels=labels).loss)
         assert model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs is not None
+
+
+# ------------------------------------------------------------------------------------------- forwards it cannot copy
+def _tiny_bert_like(name):
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if name == "ModernBertDecoderForCausalLM":
+        config = transformers.ModernBertDecoderConfig(**common, sep_token_id=3, cls_token_id=1)
+    elif name == "BartForConditionalGeneration":
+        config = transformers.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1,
+                                         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                         decoder_ffn_dim=64)
+    else:
+        config = getattr(transformers, name.replace("LMHeadModel", "Config").replace("ForCausalLM", "Config")
+                         .replace("ForMaskedLM", "Config"))(**common, is_decoder="MaskedLM" not in name)
+    torch.manual_seed(0)
+    return getattr(transformers, name)(config).eval()
+
+
+#: model class -> what its forward does that the fused loss would not (each computed a different loss without error
+#: before the check: a transform before the head, no shift, the decoder's inputs, an extra z-loss)
+UNREPRODUCIBLE = {
+    # (an instance's head is refused first by `output_head`: "not one of its own modules")
+    "BertLMHeadModel": "not one of its own (attributes|modules)",  # cls.predictions: dense + norm, then the decoder
+    "RobertaForCausalLM": "not one of its own (attributes|modules)",  # lm_head.dense + layer_norm, then lm_head.decoder
+    "ModernBertDecoderForCausalLM": "does not call `self.decoder`",  # decoder(lm_head(h)): a norm first
+    "BertForMaskedLM": "code of its own|not one of its own modules",  # masked LM: no shift
+    "BartForConditionalGeneration": "encoder-decoder|code of its own",
+}
+
+
+@pytest.mark.parametrize("mode", ["instance", "class"])
+@pytest.mark.parametrize("name", sorted(UNREPRODUCIBLE))
+def test_refuses_a_forward_whose_loss_it_cannot_reproduce(name, mode):
+    model = _tiny_bert_like(name)
+    ids = torch.randint(3, VOCAB, (2, 9))
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids, labels=ids).loss)  # the model's own loss works
+    target = type(model) if mode == "class" else model
+    with pytest.raises(ValueError, match=UNREPRODUCIBLE[name]):
+        apply_fused_head(target)
+    assert "forward" not in model.__dict__ and "_align_losses_class_head" not in type(model).__dict__
+
+
+def test_refuses_a_forward_that_adds_its_own_loss_term():
+    """Bamba adds `z_loss_coefficient * mean(logsumexp**2)` to the loss: not the fused loss's z-loss (per scored token)."""
+    with pytest.raises(ValueError, match="z_loss_coefficient"):
+        apply_fused_head(transformers.BambaForCausalLM)
+    assert "_align_losses_class_head" not in transformers.BambaForCausalLM.__dict__
+
+
+def test_every_tested_family_passes_the_forward_check():
+    """The source check accepts the families tested above and the common multimodal ones (their forward is the
+    pattern), so it refuses only what it must."""
+    from trainers.patch import check_causal_lm_forward
+
+    for family in FAMILIES.values():
+        check_causal_lm_forward(getattr(transformers, family[0]))
+    for name in ("Gemma3ForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "LlavaForConditionalGeneration",
+                 "MiniCPM3ForCausalLM", "GptOssForCausalLM", "FalconH1ForCausalLM", "MambaForCausalLM"):
+        check_causal_lm_forward(getattr(transformers, name))
+
+
+def test_no_scored_token_gives_the_models_nan():
+    """A batch whose labels are all -100 (a prompt-only row packed alone): transformers divides 0 by 0."""
+    ref = tiny_family("qwen3")
+    model = apply_fused_head(copy.deepcopy(ref))
+    ids, mask, labels = batch()
+    none = torch.full_like(labels, -100)
+    for extra in ({}, {"num_items_in_batch": 0}, {"num_items_in_batch": torch.tensor(0)}):
+        want = ref(input_ids=ids, attention_mask=mask, labels=none, **extra).loss
+        assert torch.isnan(want)
+        out, grads = loss_and_grads(model, input_ids=ids, attention_mask=mask, labels=none, **extra)
+        assert torch.isnan(out.loss)
+        assert all(bool((g == 0).all()) for g in grads.values())  # no NaN reaches the weights
+    # num_items_in_batch from the other micro-batches of the step: the sum (0) over it, as the model
+    torch.testing.assert_close(model(input_ids=ids, labels=none, num_items_in_batch=9).loss,
+                               ref(input_ids=ids, labels=none, num_items_in_batch=9).loss, rtol=0, atol=0)
+
+
+def test_logits_to_keep_with_labels():
+    """``logits_to_keep=0`` (every position, the default) is the fused loss; any other value asks for logits, so the
+    model's own forward answers, with its own result (here all T positions: the same loss, with logits)."""
+    ref = tiny_family("qwen3")
+    model = apply_fused_head(copy.deepcopy(ref))
+    calls = HeadCalls(model)
+    ids, mask, labels = batch()
+    want = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, logits_to_keep=0)
+    assert out.logits is None and calls.count == 0
+    torch.testing.assert_close(out.loss, want, rtol=RTOL, atol=0)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, logits_to_keep=ids.shape[1])
+    assert out.logits is not None and calls.count == 1
+    torch.testing.assert_close(out.loss, want, rtol=RTOL, atol=0)
+
+
+def test_remove_keeps_a_forward_installed_over_ours(monkeypatch):
+    """TRL's `add_fused_lm_head` on a patched instance (what `SFTTrainer` does) wraps our forward; removing ours keeps
+    TRL's head (it answers its fused calls, as if ours had never been there) and the model's own loss returns."""
+    import align_losses
+    from trl.trainer.utils import add_fused_lm_head
+
+    ref = tiny_family("qwen3")
+    model = apply_fused_head(copy.deepcopy(ref))
+    add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+    trl_forward = model.__dict__["forward"]
+    remove_fused_head(model)
+    assert model.__dict__["forward"] is trl_forward and len(model._forward_pre_hooks) == 0
+    core_calls = []
+    monkeypatch.setattr(align_losses, "linear_token_stats", lambda *a, **k: core_calls.append(1))
+    ids, mask, labels = batch()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+        assert out.entropy is not None and not core_calls  # TRL's head, not ours
+        want = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
+        torch.testing.assert_close(out.loss, want, rtol=1e-5, atol=0)
+        plain = model(input_ids=ids, attention_mask=mask, labels=labels)
+        assert plain.logits is not None and not core_calls  # the model's own forward under both
+        torch.testing.assert_close(plain.loss, want, rtol=0, atol=0)
+
+
+def _tiny_gemma3_image_text(softcap):
+    config = transformers.Gemma3Config(
+        text_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         intermediate_size=64, vocab_size=VOCAB + 4, final_logit_softcapping=softcap,
+                         max_position_embeddings=64),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=VOCAB + 3, boi_token_index=VOCAB + 1, eoi_token_index=VOCAB + 2)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config).float()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.3)
+    return model
+
+
+def test_gemma3_image_text_softcap_it_does_not_apply_is_refused():
+    """Gemma-3's image-text model keeps `final_logit_softcapping` in its text config and does not apply it (the text
+    model does): patched, the loss was soft-capped (5.92 against the model's 7.07 here). Without it: the same loss."""
+    ids, mask, labels = batch()
+    with pytest.raises(ValueError, match="final_logit_softcapping=3.0, which its forward does not apply"):
+        apply_fused_head(_tiny_gemma3_image_text(3.0))
+    cls = transformers.Gemma3ForConditionalGeneration
+    apply_fused_head(cls)  # the class: checked on the call, the instance's config is not known before
+    try:
+        capped = _tiny_gemma3_image_text(3.0)
+        with pytest.raises(ValueError, match="final_logit_softcapping=3.0, which its forward does not apply"):
+            capped(input_ids=ids, labels=labels)
+    finally:
+        remove_fused_head(cls)
+    ref = _tiny_gemma3_image_text(None)
+    model = apply_fused_head(copy.deepcopy(ref))
+    assert_same(*loss_and_grads(model, input_ids=ids, attention_mask=mask, labels=labels),
+                *loss_and_grads(ref, input_ids=ids, attention_mask=mask, labels=labels))
+
+
+def test_accepts_a_class_whose_forward_liger_replaced(monkeypatch):
+    """The check reads the forward the model's class defines (its loss is what ours reproduces), not whatever replaced
+    it on the class since: after Liger's `apply_liger_kernel_to_qwen3` (which swaps `Qwen3ForCausalLM.forward` for
+    its own) the patch is accepted and gives the model's own loss."""
+    from liger_kernel.transformers import apply_liger_kernel_to_qwen3
+
+    ref = tiny_family("qwen3")
+    ids, mask, labels = batch()
+    ref_out, ref_grads = loss_and_grads(ref, input_ids=ids, attention_mask=mask, labels=labels)
+    model = copy.deepcopy(ref)
+    cls = transformers.Qwen3ForCausalLM
+    monkeypatch.setattr(cls, "forward", cls.forward)  # restored after the test
+    apply_liger_kernel_to_qwen3(rope=False, cross_entropy=False, fused_linear_cross_entropy=True, rms_norm=False,
+                                swiglu=False)
+    assert cls.forward.__module__.startswith("liger_kernel")
+    apply_fused_head(model)
+    assert_same(*loss_and_grads(model, input_ids=ids, attention_mask=mask, labels=labels), ref_out, ref_grads)
+
+
+def test_remove_restores_trls_head_and_nested_installs():
+    """Under ours, TRL's head installed first comes back; an instance patch over a class patch outlives the class's
+    removal, and removing it leaves the class's own forward."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    ref = tiny_family("qwen3")
+    ids, mask, labels = batch()
+    model = copy.deepcopy(ref)
+    add_fused_lm_head(model)
+    trl_forward = model.__dict__["forward"]
+    apply_fused_head(model)
+    remove_fused_head(model)
+    assert model.__dict__["forward"] is trl_forward and len(model._forward_pre_hooks) == 0
+
+    cls = type(ref)
+    original = cls.__dict__["forward"]
+    model = copy.deepcopy(ref)
+    apply_fused_head(cls)
+    try:
+        apply_fused_head(model, z_loss=1e-2)
+    finally:
+        remove_fused_head(cls)
+    assert cls.__dict__["forward"] is original
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)  # the instance's patch, z-loss included
+        assert out.logits is None and out.loss > ref(input_ids=ids, labels=labels).loss
+    remove_fused_head(model)
+    assert "forward" not in model.__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, ref(input_ids=ids, labels=labels).loss)

@@ -14,7 +14,7 @@ import transformers
 
 import align_losses
 from conftest import base_args, snapshot, update_diff
-from test_patch import VOCAB, HeadCalls, ScaledLinear, _with_head, assert_same, batch, loss_and_grads, tiny_family
+from test_patch import VOCAB, HeadCalls, ScaledLinear, with_head, assert_same, batch, loss_and_grads, tiny_family
 from trainers import apply_fused_head, remove_fused_head
 
 RTOL = 1e-5
@@ -82,6 +82,9 @@ def test_trainer_gradient_accumulation_matches_unpatched(family, tmp_path):
     ours, before, after = _train(model, tmp_path / "ours")
     theirs, ref_before, ref_after = _train(ref, tmp_path / "ref")
     assert calls.count == 0
+    with torch.no_grad():
+        ours.model(input_ids=batch()[0])  # the hook observes the head of the model the Trainer trained
+    assert calls.count == 1
     assert ours.model_accepts_loss_kwargs  # the patched signature still takes **kwargs: num_items_in_batch reaches it
     assert len(ours.step_losses) == 4
     torch.testing.assert_close(torch.tensor(ours.step_losses), torch.tensor(theirs.step_losses), rtol=RTOL, atol=0)
@@ -118,7 +121,7 @@ def test_fused_trainer_refuses_a_head_it_cannot_reproduce(tmp_path):
 
     for head in (ScaledLinear(32, VOCAB, bias=False),
                  torch.nn.Sequential(torch.nn.LayerNorm(32), torch.nn.Linear(32, VOCAB, bias=False))):
-        model = _with_head(tiny_family("qwen3"), head)
+        model = with_head(tiny_family("qwen3"), head)
         with pytest.raises(ValueError, match=rf"is a .*{type(head).__name__}.*plain `nn.Linear`"):
             FusedSFTTrainer(model=model, args=FusedSFTConfig(**base_args(tmp_path)),
                             train_dataset=Dataset.from_dict({"text": ["a b c"]}))
@@ -182,6 +185,7 @@ def test_trl_sft_trainer_runs_ours_not_its_head(order, head_runs, tokenizer, tmp
     assert head_runs == {"ours": 2, "trl": 0}
     logs = [h for h in trainer.state.log_history if "loss" in h]
     ref_logs = [h for h in ref_trainer.state.log_history if "loss" in h]
+    assert len(logs) == len(ref_logs) == 2  # else the zip below compares nothing
     for a, b in zip(logs, ref_logs):
         for key in ("loss", "entropy", "mean_token_accuracy"):
             assert a[key] == pytest.approx(b[key], rel=1e-4), key
@@ -237,6 +241,9 @@ def test_peft_lora(targets, when):
     assert_same(*loss_and_grads(model, input_ids=ids, attention_mask=mask, labels=labels),
                 *loss_and_grads(ref, input_ids=ids, attention_mask=mask, labels=labels))
     assert calls.count == 0
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)  # the hook observes: a call without labels runs the head
+    assert calls.count == 1
     remove_fused_head(model)
     assert "forward" not in model.get_base_model().__dict__
 
@@ -263,8 +270,10 @@ def test_bf16_autocast_is_closer_to_fp32_than_the_model_itself():
         theirs = ref(input_ids=ids, attention_mask=mask, labels=labels).loss.detach()
     assert ours.loss.dtype == torch.float32
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    assert abs(float(ours.loss) - float(exact)) <= 2e-2 * float(exact)
-    assert abs(float(ours.loss) - float(theirs)) <= 2e-2 * float(exact)
+    # measured: 7e-5 from the fp32 loss and 1.2e-4 from the model's own bf16 loss (2e-2 before, which a head
+    # off by a few percent passed)
+    assert abs(float(ours.loss) - float(exact)) <= 2e-3 * float(exact)
+    assert abs(float(ours.loss) - float(theirs)) <= 2e-3 * float(exact)
 
 
 def test_trainer_bf16(tmp_path):
@@ -275,7 +284,8 @@ def test_trainer_bf16(tmp_path):
     ours, *_ = _train(model, tmp_path / "ours", bf16=True, max_steps=1)
     theirs, *_ = _train(ref, tmp_path / "ref", bf16=True, max_steps=1)
     assert calls.count == 0
-    torch.testing.assert_close(torch.tensor(ours.step_losses), torch.tensor(theirs.step_losses), rtol=1e-2, atol=0)
+    # measured 9e-6 and 7.5e-5 relative (1e-2 before)
+    torch.testing.assert_close(torch.tensor(ours.step_losses), torch.tensor(theirs.step_losses), rtol=2e-3, atol=0)
 
 
 def test_save_pretrained_adds_no_keys(tmp_path):
@@ -349,3 +359,23 @@ def test_benchmark_hf_trainer_quick(tmp_path):
     meta = {"model_desc": "tiny", "date": "d", "commit": "c", "device": "cpu", "versions": {}, "command": "x",
             "grad_accum": 2, "timed_steps": 1, "dtype": "fp32"}
     assert "| 16 | ours | - |" in bench.render([row], meta)
+
+
+def test_fused_head_refuses_a_head_inside_another_module(tmp_path):
+    """BERT's causal LM answers `get_output_embeddings()` with `cls.predictions.decoder`, a plain `nn.Linear` that runs
+    after a dense layer and a norm: the fused trainers read its weight and skipped those (#25's check passed it)."""
+    from trainers.fused_forward import output_head
+
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, is_decoder=True)
+    model = transformers.BertLMHeadModel(config)
+    assert type(model.get_output_embeddings()) is torch.nn.Linear
+    with pytest.raises(ValueError, match=r"LM head of BertLMHeadModel \(Linear\) is not one of its own modules"):
+        output_head(model)
+    from datasets import Dataset
+
+    from trainers import FusedSFTConfig, FusedSFTTrainer
+
+    with pytest.raises(ValueError, match="is not one of its own modules"):
+        FusedSFTTrainer(model=model, args=FusedSFTConfig(**base_args(tmp_path)),
+                        train_dataset=Dataset.from_dict({"text": ["a b c"]}))

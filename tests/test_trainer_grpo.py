@@ -51,12 +51,30 @@ def prompt_dataset():
 def rl_model(tmp_path, *, saved: bool = False, dtype: torch.dtype = torch.float32, kind: str = "qwen3"):
     """A tiny model (conftest's ``kind``); ``saved``: written to ``tmp_path / "init"`` and named there, so that
     TRL can load the same weights as the reference model (``beta > 0``)."""
-    model = tiny_causal_lm(kind).to(dtype)
+    model = (_tiny_moe() if kind == "qwen3_moe" else tiny_causal_lm(kind)).to(dtype)
     if saved:
         path = tmp_path / "init"
         if not path.exists():
             model.save_pretrained(path)
         model.config._name_or_path = str(path)
+    return model
+
+
+def _tiny_moe(vocab_size: int = 384):
+    """A 2-layer Qwen3-MoE (4 experts, 2 per token) whose router loss counts (coefficient 0.5)."""
+    import transformers
+
+    config = transformers.Qwen3MoeConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        intermediate_size=128, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+        output_router_logits=True, router_aux_loss_coef=0.5, vocab_size=vocab_size, max_position_embeddings=256,
+        pad_token_id=0,
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(config).float()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.3)
     return model
 
 
@@ -201,6 +219,8 @@ def test_grpo_parity_loss_types(loss_type, level, prompt_dataset, tokenizer, tmp
                                        per_device_train_batch_size=4)),
         # Gemma-2's final logit soft-cap, read from the config, under a sampling temperature.
         ("gemma2-softcap-temperature", dict(kind="gemma2", temperature=0.7, num_iterations=2)),
+        # MoE: TRL asks the fused call for the router loss (`outputs.aux_loss`) and adds it with its coefficient.
+        ("moe-router-loss", dict(kind="qwen3_moe")),
         # The model as a path: TRL loads the policy and the reference; our head goes on both after.
         ("model-path-beta", dict(as_path=True, beta=0.1, loss_type="cispo")),
         # TR-DPO: TRL mixes the policy into the reference model in place; our head stays on it.
@@ -217,6 +237,8 @@ def test_grpo_parity_settings(name, overrides, prompt_dataset, tokenizer, tmp_pa
     if overrides.get("beta"):
         assert "kl" in ours[0][0] and ours[3].ref_model is not None
         assert any(float(log["kl"]) > 0 for log in ours[0])
+    if overrides.get("kind") == "qwen3_moe":
+        assert all(float(log["aux_loss"]) > 0 for log in ours[0])
     if overrides.get("mask_truncated_completions"):
         # Some completions end with EOS and some are cut: the mask matters.
         assert any(0 < float(log["completions/clipped_ratio"]) < 1 for log in ours[0])

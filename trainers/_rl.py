@@ -23,10 +23,10 @@ core keeps nothing for a backward.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from .fused_forward import FusedHeadSettings, fused_settings, install_fused_head, unwrap_transformers_model
-from ._common import FusedTrainerMixin
+from ._common import FusedTrainerMixin, check_before_init, lm_head_adapter_allowed
 
 #: Column sets a GRPO/RLOO dataset may have (TRL reads ``prompt``; the rest goes to the reward functions).
 PROMPT_COLUMNS = (("prompt",),)
@@ -68,6 +68,16 @@ class FusedRLMixin(FusedTrainerMixin):
     """
 
     _fused_outputs: tuple = ("entropy",)
+
+    def _init_around_trl(self, trl_init: Callable, model, args, train_dataset, eval_dataset, peft_config, **kwargs):
+        """Our checks, TRL's ``__init__`` (``trl_init``, with a LoRA adapter on ``lm_head`` allowed), our heads."""
+        name = type(self).__name__
+        check_before_init(name, args, (model,), PROMPT_COLUMNS, train_dataset, eval_dataset, decoder_only=True)
+        check_rl_args(name, args, model, peft_config)
+        with lm_head_adapter_allowed(model, peft_config):
+            trl_init(model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, peft_config=peft_config,
+                     **kwargs)
+        self._install_fused_heads()
 
     def _head_settings(self, outputs: Sequence[str], trained: bool = True) -> FusedHeadSettings:
         """`FusedTrainerMixin`'s settings with the sampling temperature and TRL's ``cast_lm_head_to_fp32``."""

@@ -276,9 +276,10 @@ def output_head(model) -> torch.nn.Module:
     The fused head never calls the head: it reads ``weight`` and ``bias`` and computes ``h W^T + b``.
     That is the head's output only for a plain ``nn.Linear`` (its type, or a subclass that keeps
     ``nn.Linear.forward``), a PEFT LoRA layer or ``modules_to_save`` copy of one, or the model's own
-    input ``nn.Embedding`` used as a tied head. Anything else (a subclass whose forward scales its
-    output, a norm before the projection, a quantised layer) would train on wrong log-probs and leave
-    the extra parameters without gradient, so it is refused.
+    input ``nn.Embedding`` used as a tied head, and only as a module of the model itself (not inside
+    another module whose forward runs first, as BERT's ``cls.predictions``). Anything else (a subclass
+    whose forward scales its output, a norm before the projection, a quantised layer) would train on
+    wrong log-probs and leave the extra parameters without gradient, so it is refused.
     """
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
@@ -287,6 +288,14 @@ def output_head(model) -> torch.nn.Module:
             f"{type(model).__name__} has no output embeddings (`get_output_embeddings()` returned None): the fused "
             "head needs a causal LM with a linear LM head, e.g. an `AutoModelForCausalLM` model, not a bare backbone "
             "(`AutoModel`) or a classification model."
+        )
+    owner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper answers for the model it holds
+    if not any(c is head or (is_adapter_layer(c) and c.get_base_layer() is head) for c in owner.children()):
+        raise ValueError(
+            f"the LM head of {type(model).__name__} ({type(head).__name__}) is not one of its own modules but sits "
+            "inside another (as BERT's and RoBERTa's `decoder` after a dense layer and a norm), whose forward runs "
+            "before it: the fused head reads the head's weight and would skip that. Train this model without the "
+            "fused head."
         )
     if is_adapter_layer(head) and getattr(head, "lora_A", None) is None:
         raise ValueError(
@@ -359,13 +368,16 @@ class _Installed:
 
     ``inner`` answers every call the patch does not: the instance's bound forward it replaced, or the
     class's function. ``previous`` is what the instance's (class's) own ``__dict__`` held under
-    ``forward`` (None: nothing, the forward came from the class), restored on removal.
+    ``forward`` (None: nothing, the forward came from the class), restored on removal unless a forward
+    installed later wraps ``installed`` (the function this patch put there).
     """
 
     inner: Callable
     settings: FusedHeadSettings
     previous: Optional[Callable] = None
     hook: Any = None  # the handle of `_route_fused_calls`, if registered
+    installed: Optional[Callable] = None
+    check: Optional[Callable] = None  # a class patch's check of each instance it answers for (ValueError)
 
 
 def install_fused_head(model, settings: FusedHeadSettings, route_fused_calls: bool = False) -> None:
@@ -380,25 +392,31 @@ def install_fused_head(model, settings: FusedHeadSettings, route_fused_calls: bo
     if entry is not None:
         model.__dict__[_MARKER] = dataclasses.replace(entry, settings=settings)  # a new object: callers may restore the old
         return
-    # TRL's patched forward (which itself falls back to the original) or the original
+    inner = model.forward  # TRL's patched forward (which itself falls back to the original) or the original
+
+    def entry_of(self):
+        found = self.__dict__.get(_MARKER)
+        if found is None:  # removed while a forward installed later still wraps this one: pass every call on
+            return _Installed(inner, FusedHeadSettings())
+        return found
+
     hook = _route_fused_calls(model) if route_fused_calls else None
-    model.__dict__[_MARKER] = _Installed(model.forward, settings, previous=model.__dict__.get("forward"), hook=hook)
-    forward = _patched_forward(type(model).forward, _instance_entry, per_call_quirks=False)
+    forward = _patched_forward(type(model).forward, entry_of, per_call_quirks=False)
+    model.__dict__[_MARKER] = _Installed(inner, settings, model.__dict__.get("forward"), hook, installed=forward)
     model.forward = types.MethodType(forward, model)
 
 
-def install_fused_head_on_class(cls: type, settings: FusedHeadSettings) -> None:
+def install_fused_head_on_class(cls: type, settings: FusedHeadSettings, check: Optional[Callable] = None) -> None:
     """Patch ``cls.forward`` so that every instance, also those built later by other code, gets the fused forward.
 
-    The head is checked on each call (there is no instance yet) and the quirks read from each instance's config.
-    Installing again replaces the settings.
+    The head is checked on each call (there is no instance yet), as is ``check(model)`` if given, and the quirks
+    read from each instance's config. Installing again replaces the settings and the check.
     """
     entry = cls.__dict__.get(_CLASS_MARKER)
     if entry is not None:
-        setattr(cls, _CLASS_MARKER, dataclasses.replace(entry, settings=settings))
+        setattr(cls, _CLASS_MARKER, dataclasses.replace(entry, settings=settings, check=check))
         return
     original = cls.forward
-    setattr(cls, _CLASS_MARKER, _Installed(original, settings, previous=cls.__dict__.get("forward")))
 
     def entry_of(self):
         found = cls.__dict__.get(_CLASS_MARKER)
@@ -406,14 +424,18 @@ def install_fused_head_on_class(cls: type, settings: FusedHeadSettings) -> None:
             return _Installed(types.MethodType(original, self), FusedHeadSettings())
         return dataclasses.replace(found, inner=types.MethodType(found.inner, self))
 
-    cls.forward = _patched_forward(original, entry_of, per_call_quirks=True)
+    forward = _patched_forward(original, entry_of, per_call_quirks=True)
+    setattr(cls, _CLASS_MARKER,
+            _Installed(original, settings, previous=cls.__dict__.get("forward"), installed=forward, check=check))
+    cls.forward = forward
 
 
 def uninstall_fused_head(target) -> bool:
     """Undo `install_fused_head` (an instance) or `install_fused_head_on_class` (a class); False if none was there.
 
     The instance's (class's) ``forward`` is what it was before: its own earlier one (e.g. TRL's fused head)
-    or none, so that the class's forward answers again.
+    or none, so that the class's forward answers again. A forward installed after ours and wrapping it
+    (TRL's ``add_fused_lm_head`` on a patched instance) stays, and ours under it passes every call on.
     """
     is_class = isinstance(target, type)
     store = target.__dict__
@@ -422,18 +444,20 @@ def uninstall_fused_head(target) -> bool:
         return False
     if entry.hook is not None:
         entry.hook.remove()
+    current = store.get("forward")
+    ours_outermost = getattr(current, "__func__", current) is entry.installed
     if is_class:
         delattr(target, _CLASS_MARKER)
-        if entry.previous is None:
-            delattr(target, "forward")
-        else:
-            target.forward = entry.previous
     else:
         del store[_MARKER]
-        if entry.previous is None:
-            store.pop("forward", None)
-        else:
-            store["forward"] = entry.previous
+    if not ours_outermost:
+        return True
+    if entry.previous is not None:
+        setattr(target, "forward", entry.previous)
+    elif is_class:
+        delattr(target, "forward")
+    else:
+        store.pop("forward", None)
     return True
 
 
@@ -452,10 +476,6 @@ def active_settings(model) -> Optional[FusedHeadSettings]:
             if entry is not None:
                 break
     return None if entry is None else entry.settings
-
-
-def _instance_entry(self) -> _Installed:
-    return self.__dict__[_MARKER]
 
 
 def _route_fused_calls(model) -> Any:
@@ -521,20 +541,12 @@ def _patched_forward(template, entry_of, per_call_quirks: bool):
         keep = kwargs.get("logits_to_keep", 0)
         keeps_all = isinstance(keep, int) and keep == 0
         if not fused and not (settings.labels_loss and labels is not None and keeps_all):
-            if settings.labels_loss and labels is None and self.training and torch.is_grad_enabled():
-                warnings.warn(
-                    "the fused head was called with gradients but without `labels`, so the model built its logits as "
-                    "before (no memory saved). A `Trainer` with `label_smoothing_factor` or `compute_loss_func` takes "
-                    "the labels out of the call: pass `label_smoothing=` to `apply_fused_head` instead, or compute "
-                    "a custom loss from `model(..., labels=labels, fused_lm_head=True).log_probs`.",
-                    stacklevel=2,
-                )
-            for key, value in (("labels", labels), ("shift_labels", shift_labels), ("num_items_in_batch", num_items_in_batch)):
-                if value is not None:
-                    kwargs[key] = value
-            return entry.inner(**kwargs)
+            return _pass_on(self, entry, kwargs, labels=labels, shift_labels=shift_labels,
+                            num_items_in_batch=num_items_in_batch)
         if per_call_quirks:
             output_head(self)
+            if entry.check is not None:
+                entry.check(self)
             settings = dataclasses.replace(settings, quirks=read_head_quirks(self.config))
         kwargs.pop("logits_to_keep", None)
         text_config = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
@@ -545,6 +557,20 @@ def _patched_forward(template, entry_of, per_call_quirks: bool):
         return _loss_call(self, text_config, settings, kwargs, labels, shift_labels, num_items_in_batch)
 
     return forward
+
+
+def _pass_on(self, entry: _Installed, kwargs: dict, **loss_kwargs):
+    """A call the patch does not answer, to the forward it replaced (with the loss arguments it was given)."""
+    if entry.settings.labels_loss and loss_kwargs["labels"] is None and self.training and torch.is_grad_enabled():
+        warnings.warn(
+            "the fused head was called with gradients but without `labels`, so the model built its logits as "
+            "before (no memory saved). A `Trainer` with `label_smoothing_factor` or `compute_loss_func` takes "
+            "the labels out of the call: pass `label_smoothing=` to `apply_fused_head` instead, or compute "
+            "a custom loss from `model(..., labels=labels, fused_lm_head=True).log_probs`.",
+            stacklevel=3,
+        )
+    kwargs.update((key, value) for key, value in loss_kwargs.items() if value is not None)
+    return entry.inner(**kwargs)
 
 
 @dataclass
@@ -565,6 +591,13 @@ def _fused_call(self, text_config, settings, kwargs, labels, shift_labels, num_i
     unknown = set(fields) - set(FIELDS)
     if unknown:
         raise ValueError(f"unknown fused outputs {sorted(unknown)}; expected a subset of {list(FIELDS)}")
+    if settings.label_smoothing or settings.z_loss:
+        warnings.warn(
+            "apply_fused_head's label_smoothing and z_loss are in the loss of calls with `labels` only: this "
+            "fused_lm_head=True call (TRL's SFTTrainer makes them) returns per-token log-probs, and the loss its caller "
+            "computes from them has neither.",
+            stacklevel=3,
+        )
     kwargs["use_cache"] = False
     kwargs.pop("return_dict", None)
     run = _head_pass(self, text_config, settings, kwargs, labels, shift_labels, fields, want_all)
@@ -588,20 +621,25 @@ def _loss_call(self, text_config, settings, kwargs, labels, shift_labels, num_it
     """The model's own causal-LM output with ``labels``, its loss from the fused head and ``logits=None``.
 
     The loss is transformers' ``ForCausalLMLoss`` (shifted labels or ``shift_labels``, -100 ignored, the sum
-    over scored tokens divided by their count or ``num_items_in_batch``), with the settings' label
-    smoothing and z-loss, plus the MoE router loss times ``router_aux_loss_coef`` as the model adds it.
+    over scored tokens divided by their count or ``num_items_in_batch``; NaN, as there, when that is 0),
+    with the settings' label smoothing and z-loss, plus the MoE router loss times ``router_aux_loss_coef``
+    as the model adds it.
     """
     return_dict = kwargs.pop("return_dict", None)
     run = _head_pass(self, text_config, settings, kwargs, labels, shift_labels, labels_loss_fields(settings), False)
+    divisor = run.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
     loss = sft_loss(
         run.per_token["log_probs"],
         run.label_mask,
-        num_items_in_batch=num_items_in_batch,
+        num_items_in_batch=divisor,
         label_smoothing=settings.label_smoothing,
         z_loss=settings.z_loss,
         mean_logit=run.per_token["mean_logits"],
         logsumexp=run.per_token["logsumexp"],
     ).loss
+    # No scored token (or num_items_in_batch 0): the model's cross-entropy is 0 / 0, NaN; sft_loss clamps the
+    # divisor to 1 and gives 0. Give the model's NaN (a where on the device: no host sync; the gradient stays 0).
+    loss = torch.where(torch.as_tensor(divisor, device=loss.device) == 0, float("nan"), loss)
     values = dict(run.backbone.items())
     if run.aux_loss is not None:
         loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * run.aux_loss.to(loss.device)

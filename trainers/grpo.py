@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 import trl
 
-from ._common import check_before_init, lm_head_adapter_allowed
-from ._rl import PROMPT_COLUMNS, FusedRLMixin, check_rl_args
+from ._rl import FusedRLMixin
 from .configs import LCEOptionsMixin
 
 
@@ -46,15 +45,9 @@ class FusedGRPOTrainer(FusedRLMixin, trl.GRPOTrainer):
                  processing_class=None, reward_processing_classes=None, callbacks=None, optimizers=(None, None),
                  quantization_config=None, peft_config=None, tools=None, rollout_func=None,
                  environment_factory=None):
-        name = type(self).__name__
-        check_before_init(name, args, (model,), PROMPT_COLUMNS, train_dataset, eval_dataset, decoder_only=True)
-        check_rl_args(name, args, model, peft_config)
-        with lm_head_adapter_allowed(model, peft_config):
-            super().__init__(
-                model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                processing_class=processing_class, reward_processing_classes=reward_processing_classes,
-                callbacks=callbacks, optimizers=optimizers, quantization_config=quantization_config,
-                peft_config=peft_config, tools=tools, rollout_func=rollout_func,
-                environment_factory=environment_factory,
-            )
-        self._install_fused_heads()
+        self._init_around_trl(
+            super().__init__, model, args, train_dataset, eval_dataset, peft_config, reward_funcs=reward_funcs,
+            processing_class=processing_class, reward_processing_classes=reward_processing_classes, callbacks=callbacks,
+            optimizers=optimizers, quantization_config=quantization_config, tools=tools, rollout_func=rollout_func,
+            environment_factory=environment_factory,
+        )

@@ -17,7 +17,10 @@ instead of the loss (`trainers.fused_forward.FusedHeadOutput`: ``log_probs``, ``
 The patch is `trainers.fused_forward`'s forward (the one the fused trainers install) with
 ``labels_loss`` on: config quirks (soft-cap, logit scales), LoRA or ``modules_to_save`` on the head,
 FSDP2 and ZeRO-3 head calls and the MoE auxiliary loss come from there, as does the refusal of heads
-the core cannot reproduce (`trainers.fused_forward.output_head`).
+the core cannot reproduce (`trainers.fused_forward.output_head`). Models whose own forward computes
+another loss (a loss of its own, a transform before the head, hidden states changed before it, an
+extra loss term, a soft-cap or scale in the config it does not apply) are refused here, from that
+forward's source (`check_causal_lm_forward`, `check_config_quirks`).
 
 With TRL's ``SFTTrainer`` (which installs its own chunked head on the instance and calls
 ``model(..., fused_lm_head=True)``): on an instance patched here, a forward pre-hook routes those calls
@@ -29,13 +32,17 @@ building the trainer (ours then sits outside TRL's). In no order do both heads r
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
+import re
 from typing import Optional, TypeVar
 
 import torch
 
 from .fused_forward import (
     FusedHeadSettings,
+    HeadQuirks,
     active_settings,
     check_impl,
     install_fused_head,
@@ -85,6 +92,119 @@ def _settings(impl: str, label_smoothing: float, z_loss: float, backend_options:
     )
 
 
+#: Lines of a causal LM's ``forward`` that may set ``hidden_states`` between the backbone and the head: the
+#: backbone's last hidden states, their ``logits_to_keep`` slice, and MiniCPM3's division by ``logits_scaling``
+#: (a logit scale, read from the config like Granite's).
+_HIDDEN_LINES = re.compile(
+    r"hidden_states = (\w+\.last_hidden_state|\w+\[0\]"
+    r"|slice_logits_to_keep\((hidden_states|\w+\.last_hidden_state), logits_to_keep\)"
+    r"|hidden_states / self\.config\.logits_scaling)$"
+)
+#: Lines that may set ``loss``: none, transformers' ``loss_function``, and the MoE router loss added with labels.
+_LOSS_LINES = re.compile(
+    r"loss = None$|loss = self\.loss_function\(|loss \+= self\.(config\.(text_config\.)?)?router_aux_loss_coef \* aux_loss\b"
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _source(cls: type, name: str) -> str:
+    """The source of method ``name`` as the file of the first class of ``cls``'s MRO that defines it has it, without its
+    docstring: the model's own method even after something replaced it on the class (Liger's
+    ``apply_liger_kernel_to_*``, a class patch of ours), whose calls with labels our patch answers."""
+    for klass in cls.__mro__:
+        if name not in klass.__dict__:
+            continue
+        try:
+            text = inspect.getsource(klass)
+        except (OSError, TypeError) as e:
+            raise ValueError(
+                f"apply_fused_head cannot read the source of {klass.__name__} ({e}), so it cannot check that the "
+                "fused loss is this model's own; patch a model class defined in a file."
+            ) from e
+        found = re.search(rf"^([ \t]+)def {name}\(.*?(?=^\1(?:def |@|class )|\Z)", text, re.M | re.S)
+        if found is not None:
+            body = found.group(0)
+            return body.split('"""')[-1] if body.count('"""') >= 2 else body
+    raise ValueError(f"apply_fused_head found no `def {name}` in the source of {cls.__name__} or its bases")
+
+
+def _head_attribute(cls: type) -> Optional[str]:
+    """The attribute ``cls.get_output_embeddings`` returns (``lm_head`` unless overridden), None if not one of its own."""
+    from transformers import PreTrainedModel
+
+    if cls.get_output_embeddings is PreTrainedModel.get_output_embeddings:
+        return "lm_head"
+    found = re.search(r"return self\.(\w+)\s*$", _source(cls, "get_output_embeddings"), re.M)
+    return found.group(1) if found else None
+
+
+def _forward_problem(cls: type) -> Optional[str]:
+    """Why the patch cannot reproduce the loss of ``cls.forward`` (`check_causal_lm_forward`), or None."""
+    body = _source(cls, "forward")
+    if "self.loss_function(" not in body:
+        return "computes its loss with code of its own, not transformers' `loss_function`"
+    head = _head_attribute(cls)
+    if head is None:
+        return "returns an LM head from `get_output_embeddings` that is not one of its own attributes"
+    if not re.search(rf"self\.{head}\(\s*hidden_states(\[[^\]]*\]|\.to\([\w.]*\))?\s*\)", body):
+        return f"does not call `self.{head}` (its output embeddings) on the backbone's hidden states"
+    for line in (line.strip() for line in body.splitlines()):
+        if re.match(r"hidden_states\s+[-+*/]?=\s", line) and not _HIDDEN_LINES.match(line):
+            return f"changes the hidden states before its head (`{line}`)"
+        if re.match(r"loss\s+[-+*/]?=\s", line) and not _LOSS_LINES.match(line):
+            return f"computes a loss the fused head does not reproduce (`{line}`)"
+    return None
+
+
+def check_causal_lm_forward(cls: type) -> None:
+    """A ValueError unless the patched forward computes the same loss as ``cls.forward``.
+
+    The patched forward computes ``loss_function(head(backbone(...).last_hidden_state), labels)`` plus the
+    MoE router loss. That is the model's loss only when its own forward does the same, which its source
+    shows: the loss from ``self.loss_function`` (not a loss of its own: BART's, Marian's, XLNet's, BERT's
+    masked LM), the head an attribute named by ``get_output_embeddings`` and called on the backbone's
+    hidden states unchanged (not BERT's or RoBERTa's ``cls.predictions.decoder`` after a transform, nor
+    ModernBERT-decoder's ``decoder`` after a norm), and nothing else added to the loss (Bamba's z-loss).
+    """
+    problem = _forward_problem(cls)
+    if problem is not None:
+        raise ValueError(
+            f"{cls.__name__} {problem}: apply_fused_head supports causal LMs whose forward takes the loss of "
+            "`self.loss_function` on their LM head's output for the backbone's last hidden states, so that the fused "
+            "loss is the model's own."
+        )
+
+
+#: The config fields `read_head_quirks` reads a logit scale from: the forward must apply one of them.
+_SCALE_FIELDS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+
+def check_config_quirks(cls: type, quirks: HeadQuirks) -> None:
+    """A ValueError when the config gives a soft-cap or logit scale that ``cls.forward`` does not apply.
+
+    The fused head applies what `read_head_quirks` reads from the (text) config; a model whose forward
+    ignores it (Gemma-3's image-text model has ``text_config.final_logit_softcapping`` and applies no
+    soft-cap) has another loss.
+    """
+    body = _source(cls, "forward")
+    if quirks.softcap is not None and "final_logit_softcapping" not in body:
+        raise ValueError(
+            f"the config of {cls.__name__} sets final_logit_softcapping={quirks.softcap}, which its forward does not "
+            "apply: the fused loss would be soft-capped and the model's not. Set it to None if the model is meant "
+            "to run without it."
+        )
+    if quirks.logit_scale != 1.0 and not any(name in body for name in _SCALE_FIELDS):
+        raise ValueError(
+            f"the config of {cls.__name__} gives a logit scale ({quirks.logit_scale}, from one of {list(_SCALE_FIELDS)}) "
+            "that its forward does not apply: the fused loss would be scaled and the model's not."
+        )
+
+
+def check_instance_quirks(model) -> None:
+    """`check_config_quirks` of ``model``'s class and config (a class patch runs it on each call it answers)."""
+    check_config_quirks(type(model), read_head_quirks(model.config))
+
+
 def _is_model_class(target) -> bool:
     from transformers import PreTrainedModel
 
@@ -116,14 +236,16 @@ def apply_fused_head(
 
     Raises:
         ValueError: for options out of range, a backend that cannot run here, a model without a head the
-            fused core can reproduce (naming the head's type), or something that is not a causal LM.
+            fused core can reproduce (naming the head's type), a model whose forward computes a loss the patch
+            does not reproduce (saying what it does), or something that is not a causal LM.
     """
     settings = _settings(impl, label_smoothing, z_loss, backend_options)
     if _is_model_class(model):
         check_impl(impl)
         if not callable(getattr(model, "get_output_embeddings", None)):
             raise ValueError(f"{model.__name__} has no `get_output_embeddings`: apply_fused_head needs a causal LM class")
-        install_fused_head_on_class(model, settings)
+        check_causal_lm_forward(model)
+        install_fused_head_on_class(model, settings, check=check_instance_quirks)
         return model
     inner = unwrap_transformers_model(model)
     if not isinstance(inner, torch.nn.Module) or not hasattr(inner, "config"):
@@ -131,8 +253,13 @@ def apply_fused_head(
             "apply_fused_head expects a transformers PreTrainedModel instance or class, got "
             + (f"the class {model.__name__}" if isinstance(model, type) else f"a {type(model).__name__}")
         )
-    # Before anything is installed: the backend runs here and supports this head (bias, soft-cap, dtype) for the loss
+    # Before anything is installed: a forward whose loss we reproduce, a head we can read, a backend that runs here and
+    # supports this head (bias, soft-cap, dtype) for the loss
     output_head(inner)
+    if getattr(inner.config, "is_encoder_decoder", False):
+        raise ValueError(f"{type(inner).__name__} is an encoder-decoder model: apply_fused_head needs a causal LM")
+    check_causal_lm_forward(type(inner))
+    check_instance_quirks(inner)
     probe = dataclasses.replace(settings, outputs=labels_loss_fields(settings), quirks=read_head_quirks(inner.config))
     check_impl(impl, inner, probe)
     install_fused_head(inner, settings, route_fused_calls=True)
