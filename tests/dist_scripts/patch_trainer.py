@@ -79,9 +79,12 @@ def main(argv=None):
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(result, args.out)
     if torch.distributed.is_initialized():
-        # Without it the gloo threads can still be running when the interpreter exits, and the process aborts
-        # ("terminate called without an active exception") after the run has finished.
-        torch.distributed.destroy_process_group()
+        # Every rank is done (the results are saved after the last collective): leave without the interpreter's
+        # teardown, where gloo's threads could abort a rank ("terminate called without an active exception") and
+        # destroy_process_group could wait on a rank that has already gone.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
