@@ -47,7 +47,7 @@ def main(argv=None):
 
     import transformers
     from conftest import MetricsRecorder, base_args, tiny_causal_lm
-    from train_trainer import allow_fsdp_on_cpu, full_params
+    from train_trainer import allow_fsdp_on_cpu, full_params, save_and_exit
 
     from trainers import apply_fused_head
 
@@ -76,15 +76,7 @@ def main(argv=None):
         "head_outputs": sorted(set(head_outputs)),
     }
     trainer.accelerator.wait_for_everyone()
-    if int(os.environ.get("RANK", "0")) == 0:
-        torch.save(result, args.out)
-    if torch.distributed.is_initialized():
-        # Every rank is done (the results are saved after the last collective): leave without the interpreter's
-        # teardown, where gloo's threads could abort a rank ("terminate called without an active exception") and
-        # destroy_process_group could wait on a rank that has already gone.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    save_and_exit(result, args.out)
 
 
 if __name__ == "__main__":

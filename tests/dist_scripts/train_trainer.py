@@ -190,15 +190,23 @@ def main(argv=None):
             "log_prob_dtypes_seen": sorted(dtypes),
         }
         accelerator.wait_for_everyone()
+    save_and_exit(results, args.out)
+
+
+def save_and_exit(results: dict, out: str) -> None:
+    """Rank 0 writes ``results`` to ``out``; then, under torch.distributed, every rank leaves at once.
+
+    Called after the last collective. Leaving with ``os._exit`` skips the interpreter's teardown, where gloo's
+    threads could abort a rank ("terminate called without an active exception") and ``destroy_process_group``
+    could wait on a rank that has already gone.
+    """
     if int(os.environ.get("RANK", "0")) == 0:
-        torch.save(results, args.out)
+        torch.save(results, out)
     if torch.distributed.is_initialized():
-        # Every rank is done (the results are saved after the last collective): leave without the interpreter's
-        # teardown, where gloo's threads could abort a rank ("terminate called without an active exception") and
-        # destroy_process_group could wait on a rank that has already gone.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
 
 if __name__ == "__main__":
     main()
