@@ -17,6 +17,7 @@ from typing import Optional
 import trl
 
 from align_losses.losses.common import check_coefficient
+from align_losses.losses.dpo import check_beta
 
 
 @dataclass
@@ -103,9 +104,7 @@ def check_lce_numbers(args) -> None:
     beta = getattr(args, "beta", None)
     if beta is not None:
         losses = getattr(args, "loss_type", None)
-        losses = [losses] if isinstance(losses, str) else list(losses or ())
-        dividing = sorted({"ipo", "sppo_hard"}.intersection(losses))
-        check_coefficient(beta, "beta", positive=bool(dividing), needed_by=f"loss_type {dividing} divides by it")
+        check_beta(beta, [losses] if isinstance(losses, str) else list(losses or ()))
     for name in ("desirable_weight", "undesirable_weight"):
         if getattr(args, name, None) is not None:
             check_coefficient(getattr(args, name), name)

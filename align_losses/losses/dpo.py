@@ -41,8 +41,15 @@ F_DIVERGENCE_LOSS_TYPES = frozenset(
 )
 # These sort the pairs, which would misalign per-pair WPO weights.
 _SORTING_LOSS_TYPES = frozenset({"aot", "aot_unpaired"})
-# These divide by beta.
+# These divide by beta (CPO's "ipo" too).
 _DIVIDING_LOSS_TYPES = frozenset({"ipo", "sppo_hard"})
+
+
+def check_beta(beta, loss_types) -> None:
+    """Refuse a ``beta`` that is not a finite number ``>= 0``, or not ``> 0`` where a loss type of
+    ``loss_types`` (names) divides by it; the message names the value and those loss types."""
+    dividing = sorted(_DIVIDING_LOSS_TYPES.intersection(loss_types))
+    check_coefficient(beta, "beta", positive=bool(dividing), needed_by=f"loss_type {dividing} divides by it")
 
 
 @dataclass(frozen=True)
@@ -361,8 +368,7 @@ def check_dpo_args(
     if use_weighting and _SORTING_LOSS_TYPES.intersection(loss_types):
         raise ValueError("wpo_weights cannot be used with 'aot' or 'aot_unpaired': they sort the pairs.")
     if beta is not None:
-        dividing = sorted(_DIVIDING_LOSS_TYPES.intersection(loss_types))
-        check_coefficient(beta, "beta", positive=bool(dividing), needed_by=f"loss_type {dividing} divides by it")
+        check_beta(beta, loss_types)
     if discopop_tau is not None and "discopop" in loss_types:
         check_coefficient(discopop_tau, "discopop_tau", positive=True, needed_by="'discopop' divides by it")
     return loss_types, weights
