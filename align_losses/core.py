@@ -366,6 +366,14 @@ SIZE_OPTIONS = {"memory_budget": "a positive int of bytes, e.g. 512 * 2**20", "t
 MAX_LOGIT_FACTOR = 2.0**100
 
 
+def check_size_option(key: str, value, name: Optional[str] = None) -> None:
+    """Refuse ``value`` for the size option ``key`` (a `SIZE_OPTIONS` key) unless it is None or a positive int;
+    the ValueError calls the option ``name`` (default ``backend_options[key]``; a trainer config names its own
+    field) and says what was given. A NumPy integer is an int here; a bool is not."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+        raise ValueError(f"{name or f'backend_options[{key!r}]'} must be None or {SIZE_OPTIONS[key]}; got {value!r}")
+
+
 def check_head_arguments(
     *,
     outputs: Sequence[str] = (),
@@ -416,10 +424,8 @@ def _check_arguments(outputs, impl, temperature, softcap, logit_scale, process_g
             raise TypeError(f"{name} must be {expected} (a bool is not a number); got {value!r}")
     if backend_options is not None and not isinstance(backend_options, Mapping):
         raise TypeError(f"backend_options must be a mapping of option names to values, or None; got {backend_options!r}")
-    for key, what in SIZE_OPTIONS.items():
-        value = (backend_options or {}).get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
-            raise ValueError(f"backend_options[{key!r}] must be None or {what}; got {value!r}")
+    for key in SIZE_OPTIONS:
+        check_size_option(key, (backend_options or {}).get(key))
     if process_group is not None:
         import torch.distributed as dist
 

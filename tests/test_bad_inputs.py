@@ -354,9 +354,9 @@ def test_max_length_shorter_than_every_prompt(name, tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("config, kwargs, error_match", [
-    ("FusedDPOConfig", dict(lce_memory_budget="512MB"), r"`lce_memory_budget` must be a positive int of bytes.*got '512MB'"),
-    ("FusedDPOConfig", dict(lce_memory_budget=-1), r"`lce_memory_budget` must be a positive int.*got -1"),
-    ("FusedDPOConfig", dict(lce_token_chunk=2.5), r"`lce_token_chunk` must be a positive int of tokens, or None; got 2.5"),
+    ("FusedDPOConfig", dict(lce_memory_budget="512MB"), r"`lce_memory_budget` must be None or a positive int of bytes.*got '512MB'"),
+    ("FusedDPOConfig", dict(lce_memory_budget=-1), r"`lce_memory_budget` must be None or a positive int.*got -1"),
+    ("FusedDPOConfig", dict(lce_token_chunk=2.5), r"`lce_token_chunk` must be None or a positive int of tokens; got 2.5"),
     ("FusedDPOConfig", dict(lce_impl=""), r"`lce_impl` must be 'auto' or a backend name.*got ''"),
     ("FusedDPOConfig", dict(beta=-0.1), r"`beta` must be a finite number >= 0; got -0.1"),
     ("FusedDPOConfig", dict(beta=float("nan")), r"`beta` must be a finite number >= 0; got nan"),

@@ -16,6 +16,7 @@ from typing import Optional
 
 import trl
 
+from align_losses.core import check_size_option
 from align_losses.losses.common import check_coefficient
 from align_losses.losses.dpo import check_beta
 
@@ -90,10 +91,8 @@ def check_lce_numbers(args) -> None:
     impl = getattr(args, "lce_impl", "auto")
     if not isinstance(impl, str) or not impl:
         raise ValueError(f"`lce_impl` must be 'auto' or a backend name (align_losses.backends.names()); got {impl!r}.")
-    for name, unit in (("lce_memory_budget", "bytes, e.g. 536870912 for 512 MiB"), ("lce_token_chunk", "tokens")):
-        value = getattr(args, name, None)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0):
-            raise ValueError(f"`{name}` must be a positive int of {unit}, or None; got {value!r}.")
+    for key in ("memory_budget", "token_chunk"):  # the core's rule for these backend options
+        check_size_option(key, getattr(args, f"lce_{key}", None), name=f"`lce_{key}`")
     mass = getattr(args, "lce_filter_mass", None)
     if mass is not None:
         if isinstance(mass, bool) or not isinstance(mass, numbers.Real) or not 0.0 < mass < 1.0:
