@@ -153,7 +153,8 @@ def _checked_backend(impl, hidden, weight, bias, labels, transform, wanted, proc
     if not torch.compiler.is_compiling():
         return backends.check(impl, _probe(hidden, weight, bias, labels, transform, wanted, process_group, options))
     name, refusal = _checked_backend_name(
-        impl, hidden.device, _call_dtype(hidden), bias is not None, transform, tuple(sorted(wanted)),
+        impl, hidden.device, _call_dtype(hidden), bias is not None,
+        _transform_flags(transform), tuple(sorted(wanted)),
         process_group is not None or _row_sharded(weight), tuple(sorted(options.items())))
     if refusal is not None:
         message, kind, reason = refusal
@@ -213,8 +214,18 @@ def _no_double_backward(grad_outputs):
     return None
 
 
+def _transform_flags(transform: LogitTransform) -> tuple:
+    """Which parts of ``transform`` are not the identity, as plain bools ``(logit_scale, softcap, temperature)``:
+    all a backend check reads of it. Branching on a symbolic float's comparison (``torch.compile(dynamic=True)``)
+    guards on it, so the graph is traced again only when a part turns on or off."""
+    # A branch, not bool(): under Dynamo, bool() of a symbolic comparison stays symbolic; an if specialises it.
+    scaled = True if transform.logit_scale != 1.0 else False  # noqa: SIM210
+    tempered = True if transform.temperature != 1.0 else False  # noqa: SIM210
+    return (scaled, transform.softcap is not None, tempered)
+
+
 def _checked_backend_name(impl: str, device: torch.device, dtype: torch.dtype, has_bias: bool,
-                          transform: LogitTransform, outputs: tuple, sharded: bool, options: tuple) -> tuple:
+                          transform: tuple, outputs: tuple, sharded: bool, options: tuple) -> tuple:
     """`backends.check` on a tensor-free description of the call, for `torch.compile`: ``(backend name, None)``,
     or ``(impl, (message, kind, reason))`` of the `backends.BackendError` it raised (kind None for another
     ValueError), raised again by the caller in the traced code: one raised in here would reach the user
@@ -223,12 +234,18 @@ def _checked_backend_name(impl: str, device: torch.device, dtype: torch.dtype, h
     Dynamo runs it once, when it traces the call (the registry imports modules and probes the environment,
     which it cannot trace), and keeps the result as a constant of the graph: the same settings give the same
     backend, and ``$ALIGN_LOSSES_IMPL`` is read when the call is traced, not at every call of the graph.
+    Its arguments and result are plain values (``transform``: `_transform_flags`, for which a stand-in
+    transform is built): the Dynamo of torch 2.11 cannot take a frozen dataclass such as `LogitTransform` as a
+    constant, and symbolic floats are no constants at all.
     """
+    scaled, capped, tempered = transform
     probe = HeadProblem(
         hidden=torch.empty(0, 1, dtype=dtype, device=device), weight=torch.empty(0, 1, dtype=dtype, device=device),
         bias=torch.empty(0, dtype=dtype, device=device) if has_bias else None,
-        labels=torch.empty(0, dtype=torch.int64, device=device), transform=transform, outputs=frozenset(outputs),
-        shard=VocabShard(start=0, size=0, group=None) if sharded else None, options=dict(options),
+        labels=torch.empty(0, dtype=torch.int64, device=device), transform=LogitTransform(logit_scale=2.0 if scaled else 1.0, softcap=1.0 if capped else None,
+                                  temperature=2.0 if tempered else 1.0),
+        outputs=frozenset(outputs), shard=VocabShard(start=0, size=0, group=None) if sharded else None,
+        options=dict(options),
     )
     try:
         return backends.check(impl, probe).name, None
