@@ -1,7 +1,8 @@
 """Two SGD steps of a plain `transformers.Trainer` on a tiny random model patched with `apply_fused_head`.
 
 Run it plainly (one process: the reference) or under ``accelerate launch`` with FSDP2 on CPU processes
-(gloo; `train_trainer.allow_fsdp_on_cpu`). Rank 0 writes ``--out`` (a ``torch.save`` dict): the per-step
+(gloo; `train_trainer.allow_fsdp_on_cpu`), or with ``--cuda --deepspeed CONFIG`` under ``torchrun`` for ZeRO-3
+(`tests/test_zero3_gpu.py`). Rank 0 writes ``--out`` (a ``torch.save`` dict): the per-step
 losses, the initial and final parameters (full tensors), how accelerate wrapped the model, and the types the
 LM head's calls returned (never a tensor: its own forward must not run, the loss comes from the fused core). Rows have different
 lengths, so the token counts of the ranks differ and ``num_items_in_batch`` matters.
@@ -42,6 +43,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, required=True, help="per-device batch size")
     parser.add_argument("--grad-accum", type=int, default=2)
+    parser.add_argument("--kind", default="qwen3", help="a tests/conftest.py tiny_causal_lm kind")
+    parser.add_argument("--cuda", action="store_true", help="train on the GPU (ZeRO-3); default CPU")
+    parser.add_argument("--deepspeed", default=None, help="a DeepSpeed config (JSON path), passed to the trainer args")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
@@ -51,8 +55,9 @@ def main(argv=None):
 
     from trainers import apply_fused_head
 
-    allow_fsdp_on_cpu()
-    model = apply_fused_head(tiny_causal_lm("qwen3"))
+    if not args.cuda:
+        allow_fsdp_on_cpu()
+    model = apply_fused_head(tiny_causal_lm(args.kind))
     # Under FSDP2 the core runs as the head's call (so FSDP's hooks fire) and returns a tuple; the head's own
     # forward would return the logits, a tensor.
     head_outputs = []
@@ -61,7 +66,9 @@ def main(argv=None):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     common = base_args(Path(args.out).parent / "trainer_out", per_device_train_batch_size=args.batch,
                        gradient_accumulation_steps=args.grad_accum, max_steps=2, optim="sgd", learning_rate=0.5,
-                       train_sampling_strategy="sequential", ddp_backend="gloo" if world > 1 else None)
+                       train_sampling_strategy="sequential", use_cpu=not args.cuda,
+                       ddp_backend="gloo" if world > 1 and not args.cuda else None,
+                       **({"deepspeed": args.deepspeed} if args.deepspeed else {}))
     rec = MetricsRecorder()
     trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(**common),
                                    train_dataset=Rows(16, model.config.vocab_size), callbacks=[rec.callback])
@@ -72,6 +79,7 @@ def main(argv=None):
         "after": full_params(trainer.model),
         "world_size": trainer.accelerator.num_processes,
         "is_fsdp2": bool(getattr(trainer.accelerator, "is_fsdp2", False)),
+        "is_deepspeed": trainer.is_deepspeed_enabled,
         "model_class": type(trainer.model_wrapped).__name__,
         "head_outputs": sorted(set(head_outputs)),
     }
