@@ -30,7 +30,7 @@ def common_parser(description: str, default_data: Path) -> argparse.ArgumentPars
                         "built from a config, random weights)")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the model's, else examples/tokenizer)")
     parser.add_argument("--data", default=str(default_data), help="JSON, JSON-lines or Parquet file (default: %(default)s)")
-    parser.add_argument("--output-dir", default=None, help="where checkpoints would go (default: a temporary directory)")
+    parser.add_argument("--output-dir", default=None, help="the trainer's output_dir (default: /tmp/align-losses-NAME); no checkpoint is saved there (save_strategy='no')")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=None, help="per-device batch size")
     parser.add_argument("--lr", type=float, default=None, help="learning rate")
