@@ -380,18 +380,13 @@ def fused_head(model, impl: str = "auto"):
     from . import fused_forward as ff
 
     inner = ff.unwrap_transformers_model(model)
-    keys = ("forward", ff._MARKER)
-    saved = {k: inner.__dict__[k] for k in keys if k in inner.__dict__}
     was_training = model.training
     try:
-        ff.install_fused_head(inner, ff.FusedHeadSettings(impl=impl or "auto"))
-        ff.check_impl(impl or "auto", inner, ff.fused_settings(inner))
-        model.eval()
-        yield model
+        with ff.temporary_fused_head(inner, ff.FusedHeadSettings(impl=impl or "auto")):
+            ff.check_impl(impl or "auto", inner, ff.fused_settings(inner))
+            model.eval()
+            yield model
     finally:
-        for k in keys:
-            inner.__dict__.pop(k, None)
-        inner.__dict__.update(saved)
         model.train(was_training)
 
 

@@ -406,6 +406,21 @@ def install_fused_head(model, settings: FusedHeadSettings, route_fused_calls: bo
     model.forward = types.MethodType(forward, model)
 
 
+@contextmanager
+def temporary_fused_head(model, settings: FusedHeadSettings):
+    """`install_fused_head` on ``model`` (a transformers causal LM) for the block; on exit its instance holds
+    exactly what it held before: TRL's fused head, an earlier install with other settings, or nothing."""
+    keys = ("forward", _MARKER)
+    saved = {k: model.__dict__[k] for k in keys if k in model.__dict__}
+    try:
+        install_fused_head(model, settings)
+        yield model
+    finally:
+        for k in keys:
+            model.__dict__.pop(k, None)
+        model.__dict__.update(saved)
+
+
 def install_fused_head_on_class(cls: type, settings: FusedHeadSettings, check: Optional[Callable] = None) -> None:
     """Patch ``cls.forward`` so that every instance, also those built later by other code, gets the fused forward.
 
