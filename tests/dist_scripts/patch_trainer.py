@@ -40,18 +40,14 @@ class Rows(torch.utils.data.Dataset):
 
 
 def main(argv=None):
+    from train_trainer import add_run_args, allow_fsdp_on_cpu, full_params, placement_args, save_and_exit
+
     parser = argparse.ArgumentParser()
-    parser.add_argument("--batch", type=int, required=True, help="per-device batch size")
-    parser.add_argument("--grad-accum", type=int, default=2)
-    parser.add_argument("--kind", default="qwen3", help="a tests/conftest.py tiny_causal_lm kind")
-    parser.add_argument("--cuda", action="store_true", help="train on the GPU (ZeRO-3); default CPU")
-    parser.add_argument("--deepspeed", default=None, help="a DeepSpeed config (JSON path), passed to the trainer args")
-    parser.add_argument("--out", required=True)
+    add_run_args(parser, grad_accum=2)
     args = parser.parse_args(argv)
 
     import transformers
     from conftest import MetricsRecorder, base_args, tiny_causal_lm
-    from train_trainer import allow_fsdp_on_cpu, full_params, save_and_exit
 
     from trainers import apply_fused_head
 
@@ -63,12 +59,9 @@ def main(argv=None):
     head_outputs = []
     model.get_output_embeddings().register_forward_hook(lambda m, a, out: head_outputs.append(type(out).__name__))
     before = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     common = base_args(Path(args.out).parent / "trainer_out", per_device_train_batch_size=args.batch,
                        gradient_accumulation_steps=args.grad_accum, max_steps=2, optim="sgd", learning_rate=0.5,
-                       train_sampling_strategy="sequential", use_cpu=not args.cuda,
-                       ddp_backend="gloo" if world > 1 and not args.cuda else None,
-                       **({"deepspeed": args.deepspeed} if args.deepspeed else {}))
+                       train_sampling_strategy="sequential", **placement_args(args))
     rec = MetricsRecorder()
     trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(**common),
                                    train_dataset=Rows(16, model.config.vocab_size), callbacks=[rec.callback])

@@ -99,20 +99,32 @@ def allow_fsdp_on_cpu() -> None:
     AcceleratorState.__init__ = __init__
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--trainers", default="dpo", help="comma-separated, run in turn: dpo, sft")
+def add_run_args(parser: argparse.ArgumentParser, grad_accum: int) -> None:
+    """The arguments both dist scripts take: model kind, batch, accumulation, where to run, output file."""
     parser.add_argument("--kind", default="qwen3", help="a tests/conftest.py tiny_causal_lm kind")
     parser.add_argument("--batch", type=int, required=True, help="per-device batch size")
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--optim", default="sgd")
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--precompute-ref", action="store_true")
-    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (TrainingArguments(bf16=True))")
+    parser.add_argument("--grad-accum", type=int, default=grad_accum)
     parser.add_argument("--cuda", action="store_true", help="train on the GPU (ZeRO-3); default CPU")
     parser.add_argument("--deepspeed", default=None, help="a DeepSpeed config (JSON path), passed to the trainer args")
     parser.add_argument("--out", required=True)
+
+
+def placement_args(args) -> dict:
+    """TrainingArguments for where the run goes: CPU (gloo across processes) or the GPU, DeepSpeed if given."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return dict(use_cpu=not args.cuda, ddp_backend="gloo" if not args.cuda and world > 1 else None,
+                **({"deepspeed": args.deepspeed} if args.deepspeed else {}))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--trainers", default="dpo", help="comma-separated, run in turn: dpo, sft")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--optim", default="sgd")
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--precompute-ref", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (TrainingArguments(bf16=True))")
+    add_run_args(parser, grad_accum=1)
     args = parser.parse_args(argv)
 
     from conftest import GOOD, BAD, PROMPTS, TOKENIZER_DIR, MetricsRecorder, base_args, tiny_causal_lm
@@ -146,12 +158,9 @@ def main(argv=None):
             optim=args.optim,
             learning_rate=args.lr,
             train_sampling_strategy="sequential",
-            use_cpu=not args.cuda,
-            ddp_backend="gloo" if not args.cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
             max_length=64,
+            **placement_args(args),
         )
-        if args.deepspeed:
-            overrides["deepspeed"] = args.deepspeed
         if args.bf16:
             overrides["bf16"] = True
         common = base_args(Path(args.out).parent / f"trainer_out_{name}", **overrides)
