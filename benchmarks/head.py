@@ -29,6 +29,7 @@ when matplotlib is there, ``head-latest.png`` (see ``plot_head.py``) under ``--o
     python benchmarks/head.py --shapes qwen3-1.7b --impls ours-torch,trl --reps 5
     python benchmarks/head.py --dry-run                                    # validate arguments, print the plan
     python benchmarks/head.py --captured runs/convergence/captured.pt      # a trained model's head (convergence.py)
+    python benchmarks/head.py --device cpu --shapes cpu-small --name head-cpu-latest   # CPU, torch's own chunked head
 
 See benchmarks/README.md for what to install on a GPU machine (pip install ".[gpu]": Liger and CCE).
 """
@@ -99,10 +100,14 @@ SHAPES = {
 QUICK_SHAPES = {
     "quick": Shape(pairs=1, seq=512, hidden=1024, vocab=16384, reps=3),
 }
-#: A tiny shape for --device cpu (tests the harness itself, no GPU).
+#: Shapes for --device cpu: a tiny one, the default (tests the harness itself, no GPU), and a small one for the
+#: impls that run only on this machine's torch (``torch-lce``: the GPU machine's torch has no chunked
+#: ``F.linear_cross_entropy``), with the peak read from the process's resident memory.
 CPU_SHAPES = {
     "cpu-tiny": Shape(pairs=1, seq=64, hidden=64, vocab=1000, reps=3),
+    "cpu-small": Shape(pairs=1, seq=1024, hidden=1024, vocab=32768, reps=5),
 }
+CPU_DEFAULT_SHAPES = ("cpu-tiny",)
 LOGITS = {"flat": 2.0, "peaky": 8.0}
 #: --captured PATH: a trained model's hidden states, labels and head as one more regime (benchmarks/captured_head.py)
 CAPTURED = "captured"
@@ -111,6 +116,7 @@ CAPTURED = "captured"
 IMPLS = {
     "full-logits": "full logits, fp32 log_softmax",
     "trl-chunked": "TRL 1.16 chunked head (ChunkedLogProbFunction, labelled tokens only)",
+    "torch-lce": "torch's chunked F.linear_cross_entropy (LinearCrossEntropyOptions() defaults), reduction none",
     "cce": "cut-cross-entropy `cce` (default filter_eps='high')",
     "cce-exact": "cut-cross-entropy `cce`, filter_eps=None (exact)",
     "cce-torch-compile": "cut-cross-entropy `torch_compile`",
@@ -197,7 +203,8 @@ def select_shapes(args) -> dict:
         shape = captured_head.shape_of(captured_head.load(args.captured))
         return {CAPTURED: Shape(reps=10, **shape)}
     table = CPU_SHAPES if args.device == "cpu" else (QUICK_SHAPES if args.quick else SHAPES)
-    names = parse_list(args.shapes, table, "shapes") if args.shapes else list(table)
+    default = list(CPU_DEFAULT_SHAPES) if args.device == "cpu" else list(table)
+    names = parse_list(args.shapes, table, "shapes") if args.shapes else default
     return {n: table[n] for n in names}
 
 
@@ -352,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="register align_losses.backends.triton as 'triton' for this run if the registry lacks it "
                         "(to try the backend before it is registered)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
-                   help="cpu: a tiny shape, the impls that run on CPU, no memory numbers (tests the harness)")
+                   help="cpu: the impls that run on CPU, peaks from resident memory; a tiny shape by default (tests the "
+                        "harness), --shapes cpu-small for a measurement")
     p.add_argument("--captured", metavar="PATH",
                    help="a trained model's hidden states, labels and head (benchmarks/convergence.py --capture): "
                         "its shape only, regimes flat, peaky and captured, with their distribution statistics")
@@ -451,6 +459,22 @@ class Impls:
             return logp.new_zeros(mask.shape).masked_scatter(mask, logp)
 
         return fn, {"chunk_size": chunk, "trl": trl.__version__}
+
+    def _torch_lce(self):
+        torch = _torch()
+        fn_lce = getattr(torch.nn.functional, "linear_cross_entropy", None)
+        options_cls = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+        if fn_lce is None or options_cls is None:
+            raise RuntimeError(f"torch {torch.__version__} has no chunked F.linear_cross_entropy (torch 2.13 has)")
+        options = options_cls()  # its defaults: chunking and accumulation chosen per device and dtype
+
+        def fn(h, w, labels):
+            # reduction "none": the chunked path recomputes the logits in its backward, for any upstream gradient
+            nll = fn_lce(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), reduction="none", ignore_index=IGNORE,
+                         options=options)
+            return torch.where(labels != IGNORE, -nll.float().view(labels.shape), 0.0)
+
+        return fn, {"options": repr(options), "torch": torch.__version__}
 
     def _cce_common(self, **kwargs):
         torch = _torch()
@@ -743,9 +767,13 @@ class Clock:
         return (time.perf_counter() - t0) * 1e3, out
 
     def peak(self, fn):
-        """(result, GiB allocated above what was allocated before ``fn``, at the peak)."""
+        """(result, GiB allocated above what was allocated before ``fn``, at the peak). On CPU: the process's
+        resident memory at its peak above what was resident before (Linux; None elsewhere)."""
         if not self.cuda:
-            return fn(), None
+            gc.collect()
+            base = _resident_kib("VmRSS") if _reset_resident_peak() else None
+            out = fn()
+            return out, ((_resident_kib("VmHWM") - base) * 1024 / GiB if base is not None else None)
         t = self.torch.cuda
         gc.collect()
         self.sync()
@@ -754,6 +782,27 @@ class Clock:
         out = fn()
         self.sync()
         return out, (t.max_memory_allocated() - base) / GiB
+
+
+def _reset_resident_peak() -> bool:
+    """Reset the process's resident-memory high-water mark (VmHWM) to its current size; False where Linux's
+    /proc/self/clear_refs is not there to do it. Large tensors are mapped and unmapped by the C allocator, so the
+    mark follows the tensors (a CPU peak of the same meaning as the CUDA allocator's, within a few MiB)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _resident_kib(field: str) -> int:
+    """``VmRSS`` or ``VmHWM`` of /proc/self/status, in KiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def _short_error(exc: BaseException) -> str:
