@@ -270,6 +270,7 @@ def render_markdown(rows: list, meta: dict) -> str:
         "the first quarter of every sequence is prompt (label -100); every impl starts from all N hidden states.",
         "time = median after warm-up (new labels every repetition); floor = the three bf16 GEMMs over the labelled",
         "tokens, measured in the same run, interleaved, median. Peak = max_memory_allocated above the inputs",
+        "(on CPU: the process's resident memory at its peak above what was resident before the call)",
         "(includes the returned gradients). Errors: relative norm against fp32 (no TF32) from the same bf16 inputs:",
         "through the DPO loss (each impl's own log-probs make its upstream gradient, so forward log-prob errors count,",
         "amplified by the sums over the sequence), and for the head alone (fixed upstream: the fp32 reference's).",
@@ -295,7 +296,7 @@ def render_markdown(rows: list, meta: dict) -> str:
             f"D = {any_row['hidden']}, V = {any_row['vocab']}",
             "",
             f"floor {fmt_ms(floors.get('flat'))} flat / {fmt_ms(floors.get('peaky'))} peaky; grads {fmt_gib(grads)}; "
-            f"peak target {fmt_gib(target)}; four-GEMM bound (the floor and the logits GEMM again, cuBLAS) "
+            f"peak target {fmt_gib(target)}; four-GEMM bound (the floor and the logits GEMM again) "
             f"{fmt_ratio(bounds.get('flat'))}x flat / {fmt_ratio(bounds.get('peaky'))}x peaky of the floor",
             "",
             "| impl | peak above inputs | time flat | time / floor flat | time peaky | time / floor peaky "
