@@ -770,13 +770,12 @@ class Clock:
     def peak(self, fn):
         """(result, GiB allocated above what was allocated before ``fn``, at the peak). On CPU: the process's
         resident memory at its peak above what was resident before (Linux; None elsewhere)."""
+        gc.collect()
         if not self.cuda:
-            gc.collect()
             base = _resident_kib("VmRSS") if _reset_resident_peak() else None
             out = fn()
             return out, ((_resident_kib("VmHWM") - base) * 1024 / GiB if base is not None else None)
         t = self.torch.cuda
-        gc.collect()
         self.sync()
         t.reset_peak_memory_stats()
         base = t.memory_allocated()
