@@ -29,7 +29,9 @@ same bf16-cast final hidden states and bf16-cast head weight (what autocast give
 - ``ours``: ``align_losses.linear_logprobs(impl="auto")``, mean of the negated log-probs (seed 0).
 - ``cce``: cut-cross-entropy's ``linear_cross_entropy`` with its defaults (``impl="cce"``, ``filter_eps="high"``)
   (seed 0; on CPU ``impl="torch_compile"``).
-- ``liger``: Liger's ``LigerFusedLinearCrossEntropyLoss`` with its defaults (seed 0; CUDA only).
+- ``liger``: Liger's ``LigerFusedLinearCrossEntropyLoss`` with its defaults (seed 0; CUDA only), given the fp32 head
+  weight under autocast as Liger's patched models give it (its GEMMs then take the same bf16 operands; a bf16 weight
+  would make it accumulate the weight gradient in bf16).
 
 Each training step's loss is the run's own head's; the held-out loss (every ``--eval-every`` steps and at the end,
 on 64 evenly spread held-out windows of 1024 tokens) is computed the same way for every run (the model's own
@@ -48,8 +50,8 @@ tokens drawn from the held-out stream rejected, decoded to text. ``trl-dpo`` (`t
 completion-only loss, ``label_smoothing_factor`` 0.1, the same steps. Each logs every step (loss, reward accuracy
 and margins or entropy and token accuracy) into ``convergence-finetune-NAME.json``.
 
-Capture (``--capture``): the final hidden states (after the last norm, bf16) of 4 held-out windows of 2048 tokens
-(head.py's qwen3-1.7b shape: N = 8192), the next tokens as labels and the bf16 head weight, into
+Capture (``--capture``): the final hidden states (after the last norm, bf16) of 8 held-out windows of 1024 tokens,
+the length the model was trained at (N = 8192, head.py's qwen3-1.7b token count), the next tokens as labels and the bf16 head weight, into
 ``runs/convergence/captured.pt``; ``benchmarks/head.py --captured`` times the heads on them and compares their
 distributions (entropy, top-k mass) with the synthetic flat and peaky ones.
 
@@ -72,6 +74,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py, corpus.py
 import _common  # noqa: E402 - puts the checkout on sys.path too
+import convergence_report  # noqa: E402
 import corpus as corpus_mod  # noqa: E402
 
 WORK_DIR = corpus_mod.WORK_DIR
@@ -96,22 +99,22 @@ RUNS = {
     "liger": ("liger", 0),
 }
 FINETUNES = {
-    "trl-dpo": "trl.DPOTrainer",
+    "trl-dpo": "trl.DPOTrainer (its own chunked LM head: fused_lm_head=True)",
     "fused-dpo": "trainers.FusedDPOTrainer (ours)",
-    "trl-sft": "trl.SFTTrainer, label_smoothing_factor 0.1",
+    "trl-sft": "trl.SFTTrainer, label_smoothing_factor 0.1 (TRL's deprecated path: the loss from an extra full-logits "
+               "forward each step, so its step time is not its head's)",
     "fused-sft": "trainers.FusedSFTTrainer (ours), label_smoothing_factor 0.1",
 }
 #: Pretraining defaults; QUICK overrides them under --quick.
 DEFAULTS = dict(steps=2000, seq_len=1024, batch=64, micro_batch=32, lr=6e-4, min_lr=6e-5, warmup=100,
                 weight_decay=0.1, clip=1.0, eval_every=100, eval_windows=64, ckpt_every=500, data_seed=1234,
                 ft_steps=300, ft_batch=8, ft_prompt=128, ft_completion=128, ft_lr=1e-5, ft_beta=0.1,
-                ft_smoothing=0.1, ft_corrupt=0.25, capture_rows=4, capture_seq=2048)
+                ft_smoothing=0.1, ft_corrupt=0.25, capture_rows=8, capture_seq=1024)
 QUICK = dict(steps=12, seq_len=64, batch=8, micro_batch=4, lr=3e-3, min_lr=3e-4, warmup=2, eval_every=4,
              eval_windows=4, ckpt_every=5, ft_steps=4, ft_batch=2, ft_prompt=16, ft_completion=16, capture_rows=2,
              capture_seq=64)
 #: What a checkpoint must agree on to be resumed.
-RESUME_KEYS = ("impl", "seed", "model", "steps", "seq_len", "batch", "micro_batch", "lr", "min_lr", "warmup",
-               "weight_decay", "clip", "data_seed", "dtype")
+RESUME_KEYS = ("impl", "seed", *convergence_report.SAME_SETTINGS)
 #: For the estimates: H100 SXM dense bf16 peak and the share of it assumed for an eager HF model of this size
 #: (--plan also prints the time at LOW_MFU).
 H100_BF16_TFLOPS = 989.0
@@ -234,11 +237,31 @@ def head_loss_fn(impl: str, device: str):
 
         loss = LigerFusedLinearCrossEntropyLoss()
 
-        def liger(h, w, y):
-            out = loss(w, h.reshape(-1, h.shape[-1]), y.reshape(-1))
+        def liger(model, ids):
+            # Liger's AMP path, as its patched models run: the fp32 head weight under autocast, which casts the
+            # GEMM operands to the same bf16 ones as the others get. Its weight-gradient accumulator takes the
+            # weight's dtype, so this keeps it fp32 (a bf16 weight would accumulate the gradient in bf16).
+            h = model.model(input_ids=ids).last_hidden_state[:, :-1]
+            out = loss(model.lm_head.weight, h.reshape(-1, h.shape[-1]), ids[:, 1:].reshape(-1))
             return (out[0] if isinstance(out, tuple) else out).float()
-        return no_autocast(liger)
+        return liger
     raise ValueError(f"unknown loss head {impl!r}")
+
+
+def backend_choices() -> list:
+    """A list that collects align_losses' log of what ``impl="auto"`` chose (one message per kind of input)."""
+    import logging
+
+    seen: list = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logger = logging.getLogger("align_losses")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(Collect())
+    return seen
 
 
 def head_info(impl: str, device: str) -> str:
@@ -247,7 +270,8 @@ def head_info(impl: str, device: str) -> str:
         "ours": "align_losses.linear_logprobs(impl='auto')",
         "cce": "cut_cross_entropy.linear_cross_entropy, defaults" + ("" if device.startswith("cuda") else
                                                                      " but impl='torch_compile' (CPU)"),
-        "liger": "liger_kernel LigerFusedLinearCrossEntropyLoss, defaults",
+        "liger": "liger_kernel LigerFusedLinearCrossEntropyLoss, defaults, fp32 head weight under autocast (its AMP "
+                 "path: fp32 weight-gradient accumulation)",
     }[impl]
 
 
@@ -319,6 +343,21 @@ def run_paths(name: str, s: dict) -> dict:
     return {"dir": base / name, "ckpt": base / name / "ckpt.pt", "final": base / name / "final.pt"}
 
 
+def weights_sha(state: dict) -> str:
+    """sha256 of a state dict's names and tensor bytes: which trained weights a finetune or a capture started from
+    (GPU training is not bit-reproducible, so two sessions' runs of one name are two models)."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: Path, state: dict) -> float:
     import torch
 
@@ -347,7 +386,7 @@ def setup(device: str):
         datasets.disable_progress_bars()
     except ImportError:
         pass
-    warnings.filterwarnings("ignore", category=UserWarning)
+    # FutureWarnings only (deprecations): a UserWarning, such as SDPA falling back to its math kernel, stays visible
     warnings.filterwarnings("ignore", category=FutureWarning)
     return torch
 
@@ -387,6 +426,7 @@ def train_run(name: str, args) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     loss_fn = head_loss_fn(impl, s["device"])
+    choices = backend_choices()
 
     model = build_model(s, vocab, seed)
     opt = make_optimizer(model, s)
@@ -434,7 +474,8 @@ def train_run(name: str, args) -> int:
             "kind": "pretrain", "run": name, "impl": impl, "head": head_info(impl, s["device"]), "seed": seed,
             "status": status, "steps_done": len(history["step"]), "settings": s, "params": params,
             "corpus": corpus.fingerprint, "corpus_dir": str(corpus.folder), **meta, "segments": segments,
-            "estimate_h100_s": est, "history": history,
+            "estimate_h100_s": est, "backend_choices": choices, "weights_sha256": segment.get("weights_sha256"),
+            "history": history,
         }
         write_json(results, out)
 
@@ -494,7 +535,7 @@ def train_run(name: str, args) -> int:
         if status != "running":
             break
         need = 2 * (ms / 1e3) + max(save_s, 5.0) + 10.0
-        if step % s["ckpt_every"] == 0 or out_of_time(need):
+        if step < s["steps"] and (step % s["ckpt_every"] == 0 or out_of_time(need)):
             state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "history": history,
                      "segments": segments, "settings": s, "corpus": corpus.fingerprint}
             save_s = save_checkpoint(paths["ckpt"], state)
@@ -505,8 +546,11 @@ def train_run(name: str, args) -> int:
                 return 0
     if status == "running":
         status = "done"
-        torch.save({"model": model.state_dict(), "config": model_config(s, vocab), "settings": s,
-                    "corpus": corpus.fingerprint, "step": step}, paths["final"])
+        weights = weights_sha(model.state_dict())
+        save_checkpoint(paths["final"], {"model": model.state_dict(), "config": model_config(s, vocab), "settings": s,
+                                         "corpus": corpus.fingerprint, "step": step, "weights_sha256": weights,
+                                         "date": meta["date"], "commit": meta["commit"], "device": meta["device"]})
+        segment["weights_sha256"] = weights
         if paths["ckpt"].exists():
             paths["ckpt"].unlink()  # the optimizer state is not needed any more (1.6 GB)
     segment["wall_s"] = time.time() - t_start
@@ -536,7 +580,14 @@ def load_base(args, s: dict):
     model = Qwen3ForCausalLM._from_config(Qwen3Config(**ck["config"], use_cache=False), dtype=torch.float32,
                                           attn_implementation="sdpa")
     model.load_state_dict(ck["model"])
+    ck["weights_sha256"] = weights_sha(ck["model"])  # of the weights loaded (checkpoints before it was stored lack it)
     return model, corpus, ck
+
+
+def base_meta(args, ck: dict) -> dict:
+    """Which trained weights a finetune or capture started from: the base run's name, step, weights and session."""
+    return {"base": args.base, "base_step": ck["step"], "base_weights_sha256": ck["weights_sha256"],
+            "base_session": {k: ck.get(k) for k in ("date", "commit", "device")}}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -654,7 +705,7 @@ def finetune(name: str, args) -> int:
     keys = sorted({k for e in logs for k, v in e.items() if isinstance(v, (int, float))})
     curves = {k: [e.get(k) for e in logs] for k in keys}
     out = {"kind": "finetune", "run": name, "trainer": FINETUNES[name], "algo": "dpo" if dpo else "sft",
-           "settings": s, "base": args.base, "base_step": ck["step"], "corpus": corpus.fingerprint,
+           "settings": s, **base_meta(args, ck), "corpus": corpus.fingerprint,
            "pairs": len(pairs), "heldout_windows": n_windows, **meta, "wall_s": time.time() - t0,
            "step_ms": timer.times, "curves": curves}
     path = Path(args.results) / f"convergence-finetune-{name}{'-quick' if s['quick'] else ''}.json"
@@ -678,6 +729,9 @@ def capture(args) -> int:
     model, corpus, ck = load_base(args, s)
     model.to(s["device"]).eval()
     rows, seq = s["capture_rows"], s["capture_seq"]
+    if seq > ck["settings"]["seq_len"]:
+        raise SystemExit(f"--capture-seq {seq} is longer than the {ck['settings']['seq_len']} tokens {args.base} was "
+                         "trained on: positions past it are not the trained model's distributions")
     windows = torch.as_tensor(corpus.heldout_windows(rows, seq + 1), device=s["device"])
     if windows.shape[0] < rows:
         raise SystemExit(f"the held-out stream has only {windows.shape[0]} windows of {seq + 1} tokens")
@@ -687,7 +741,7 @@ def capture(args) -> int:
         "hidden": h.to(torch.bfloat16).cpu(),
         "weight": model.lm_head.weight.detach().to(torch.bfloat16).cpu(),
         "labels": windows[:, 1:].cpu(),
-        "meta": {"base": args.base, "step": ck["step"], "corpus": corpus.fingerprint, "rows": rows, "seq": seq,
+        "meta": {**base_meta(args, ck), "step": ck["step"], "corpus": corpus.fingerprint, "rows": rows, "seq": seq,
                  **meta_for(args, s)},
     }
     path = Path(args.capture_out or (Path(args.work) / ("captured-quick.pt" if s["quick"] else "captured.pt")))
@@ -786,9 +840,7 @@ def main(argv=None) -> int:
     if args.plan:
         return plan(args)
     if args.report:
-        from convergence_report import report
-
-        return report(args)
+        return convergence_report.report(args)
     try:
         if args.run:
             return train_run(args.run, args)

@@ -28,6 +28,10 @@ from pathlib import Path
 import _common
 
 BASE, NOISE = "full-seed0", "full-seed1"
+#: The settings every compared pretraining run must share with the reference run (besides its corpus): all but
+#: its loss head and initial seed. `convergence.RESUME_KEYS` adds those two for a checkpoint.
+SAME_SETTINGS = ("model", "steps", "seq_len", "batch", "micro_batch", "lr", "min_lr", "warmup", "weight_decay", "clip",
+                 "data_seed", "dtype", "eval_every", "eval_windows")
 RUN_ORDER = ("full-seed0", "full-seed1", "ours", "cce", "liger")
 FT_PAIRS = (("dpo", "trl-dpo", "fused-dpo"), ("sft", "trl-sft", "fused-sft"))
 DPO_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
@@ -58,12 +62,13 @@ def rms(xs) -> float:
     return math.sqrt(sum(x * x for x in xs) / len(xs)) if xs else float("nan")
 
 
-def compare_series(run: list, base: list, noise) -> dict:
-    """``|run - base|`` against ``|noise - base|`` point by point (common length)."""
+def compare_series(run: list, base: list, noise, at: list = None) -> dict:
+    """``|run - base|`` against ``|noise - base|`` point by point (common length); ``at``: the points' x values
+    (steps; default 1, 2, ...)."""
     n = min(len(run), len(base), len(noise) if noise is not None else len(base))
     diff = [run[i] - base[i] for i in range(n)]
-    out = {"points": n, "diff": diff, "max_abs_diff": max((abs(d) for d in diff), default=None),
-           "rms_diff": rms(diff)}
+    out = {"points": n, "at": list(at[:n]) if at is not None else list(range(1, n + 1)), "diff": diff,
+           "max_abs_diff": max((abs(d) for d in diff), default=None), "rms_diff": rms(diff)}
     if noise is not None:
         spread = [abs(noise[i] - base[i]) for i in range(n)]
         inside = [abs(diff[i]) <= spread[i] for i in range(n)]
@@ -94,9 +99,20 @@ def pretrain_comparisons(runs: dict, window: int) -> dict:
             continue
         out["train"][name] = compare_series(window_means(h["loss"], window), base_w,
                                             noise_w if name != NOISE else None)
-        out["heldout"][name] = compare_series(h["heldout_loss"], base["heldout_loss"],
-                                              noise["heldout_loss"] if noise and name != NOISE else None)
+        out["heldout"][name] = heldout_series(h, base, noise if name != NOISE else None)
     return out
+
+
+def heldout_series(run: dict, base: dict, noise) -> dict:
+    """`compare_series` of the held-out losses at the evaluation steps all three have, step 0 left out (the runs of
+    one initial seed are equal there, which would count as inside the spread)."""
+    def by_step(h):
+        return dict(zip(h["heldout_step"], h["heldout_loss"]))
+
+    curves = [by_step(run), by_step(base)] + ([by_step(noise)] if noise is not None else [])
+    steps = sorted(set.intersection(*(set(c) for c in curves)) - {0})
+    r, b, *rest = [[c[st] for st in steps] for c in curves]
+    return compare_series(r, b, rest[0] if rest else None, at=steps)
 
 
 def median_ms(r: dict):
@@ -108,10 +124,15 @@ def devices(r: dict) -> list:
     return sorted({seg.get("device") for seg in r.get("segments", [])})
 
 
-def finetune_comparisons(fts: dict) -> dict:
+def finetune_comparisons(fts: dict, warnings: list) -> dict:
     out = {}
     for algo, theirs, ours in FT_PAIRS:
         if theirs not in fts or ours not in fts:
+            continue
+        bases = {fts[n].get("base_weights_sha256") for n in (theirs, ours)}
+        if len(bases) > 1 or None in bases:
+            warnings.append(f"{theirs} and {ours} did not start from the same recorded base weights "
+                            f"({', '.join(str(b)[:12] for b in sorted(bases, key=str))}): their curves are not compared")
             continue
         a, b = fts[theirs]["curves"], fts[ours]["curves"]
         keys = DPO_KEYS if algo == "dpo" else SFT_KEYS
@@ -141,7 +162,7 @@ def render(report: dict) -> str:
     if report["warnings"]:
         out += ["Warnings:", ""] + [f"- {w}" for w in report["warnings"]] + [""]
     if runs:
-        any_run = next(iter(runs.values()))
+        any_run = runs[report["reference"]]
         s = any_run["settings"]
         out += [f"Pretraining: {any_run['params']['total'] / 1e6:.1f}M parameters (Qwen3-shaped, "
                 f"{', '.join(f'{k}={v}' for k, v in s['model'].items())}), {s['steps']} steps of {s['batch']} x "
@@ -149,8 +170,8 @@ def render(report: dict) -> str:
                 f"{s['dtype']}, data seed {s['data_seed']} for every run; the two full-logits runs differ in their "
                 "initial weights only.", "",
                 "| run | loss head | status | steps | final train loss (last window) | final held-out | step time "
-                "(median) | vs full-seed0 | tokens/s | date | commit | device |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "(median) | vs full-seed0 | tokens/s | date | commit | device | corpus |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         w = cmp["pretrain"]["window"]
         for name in sorted(runs, key=lambda n: RUN_ORDER.index(n) if n in RUN_ORDER else 99):
             r = runs[name]
@@ -162,14 +183,16 @@ def render(report: dict) -> str:
                 name, r["head"], r["status"], f"{r['steps_done']}/{s['steps']}", fmt(last), fmt(h["heldout_loss"][-1]),
                 fmt(t.get("median_ms"), ".0f") + " ms", fmt(t.get("vs_base"), ".3f") + ("" if t.get("same_device_as_base", True) else " (other device)"),
                 fmt(t.get("tokens_per_s"), ".0f"), ", ".join(sorted({g["date"] for g in segs})),
-                ", ".join(sorted({g["commit"] for g in segs})), ", ".join(devices(r))]) + " |")
+                ", ".join(sorted({g["commit"] for g in segs})), ", ".join(devices(r)),
+                r["corpus"]["train_sha256"][:12]]) + " |")
         out += ["", f"Differences against full-seed0 (training loss: means over windows of {w} steps; held-out: every "
                 "evaluation), beside the seed spread |full-seed1 - full-seed0| at the same points:", "",
                 "| run | curve | points within the spread | max abs diff | RMS diff | RMS spread | RMS diff / RMS spread "
                 "| same, last quarter |", "|---|---|---|---|---|---|---|---|"]
         for kind in ("train", "heldout"):
             for name, c in cmp["pretrain"][kind].items():
-                within = f"{c['within']}/{c['points']}" if "within" in c else "(the noise itself)"
+                within = (f"{c['within']}/{c['points']}" if "within" in c
+                          else "(the noise itself)" if name == NOISE else "(no full-seed1 to compare with)")
                 out.append("| " + " | ".join([name, "train" if kind == "train" else "held-out", within,
                                               fmt(c["max_abs_diff"]), fmt(c["rms_diff"]), fmt(c.get("rms_spread")),
                                               fmt(c.get("rms_ratio"), ".2f"), fmt(c.get("rms_ratio_last_quarter"), ".2f")])
@@ -177,10 +200,9 @@ def render(report: dict) -> str:
         out.append("")
         out += ["Held-out loss at each evaluation:", "",
                 "| step | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
-        steps = max((r["history"]["heldout_step"] for r in runs.values()), key=len)
-        for i, st in enumerate(steps):
-            out.append(f"| {st} | " + " | ".join(fmt(r["history"]["heldout_loss"][i]) if i < len(r["history"]["heldout_loss"])
-                                                 else "-" for r in runs.values()) + " |")
+        at = {name: dict(zip(r["history"]["heldout_step"], r["history"]["heldout_loss"])) for name, r in runs.items()}
+        for st in sorted(set().union(*(set(a) for a in at.values()))):
+            out.append(f"| {st} | " + " | ".join(fmt(at[name][st]) if st in at[name] else "-" for name in runs) + " |")
         out.append("")
     for algo, c in cmp["finetune"].items():
         a, b = fts[c["trl"]], fts[c["ours"]]
@@ -192,7 +214,8 @@ def render(report: dict) -> str:
                                       "tokens replaced" if algo == "dpo" else f", label smoothing {s['ft_smoothing']}")
                 + f". Median step: TRL {fmt(c['median_step_ms'][c['trl']], '.0f')} ms, ours "
                 f"{fmt(c['median_step_ms'][c['ours']], '.0f')} ms ({a['device']}"
-                + ("" if c["same_device"] else f" / {b['device']}") + f"; {a['date']}, commit {a['commit']}).", "",
+                + ("" if c["same_device"] else f" / {b['device']}") + f"; TRL {a['date']}, commit {a['commit']}; ours "
+                f"{b['date']}, commit {b['commit']}; base weights sha256 {str(a.get('base_weights_sha256'))[:12]}).", "",
                 "| curve | last TRL | last ours | max abs diff | RMS diff |", "|---|---|---|---|---|"]
         for k, v in c["curves"].items():
             out.append(f"| {k} | {fmt(v['last_trl'])} | {fmt(v['last_ours'])} | {fmt(v['max_abs_diff'], '.2e')} | "
@@ -245,8 +268,7 @@ def plot(report: dict, path: str):
     for row, kind in ((0, "train"), (1, "heldout")):
         a = ax[row, 1]
         for name, c in cmp["pretrain"][kind].items():
-            xs = ([w * (i + 1) for i in range(c["points"])] if kind == "train"
-                  else runs[BASE]["history"]["heldout_step"][: c["points"]])
+            xs = [w * x for x in c["at"]] if kind == "train" else c["at"]
             a.plot(xs, c["diff"], styles.get(name, "-"), label=name, color=colors.get(name))
             if name == NOISE:
                 a.fill_between(xs, [-abs(d) for d in c["diff"]], [abs(d) for d in c["diff"]], color="grey", alpha=0.2,
@@ -308,30 +330,53 @@ def head_captured(results: Path, out: Path, quick: bool):
     return None
 
 
+def comparable(runs: dict, fts: dict, warnings: list) -> tuple[str, dict, dict]:
+    """The reference run (full-seed0, else the first in `RUN_ORDER`) and the runs and finetunes made on its corpus
+    (and, for pretraining, with its `SAME_SETTINGS`); the others are left out with a warning."""
+    reference = BASE if BASE in runs else min(runs, key=lambda n: RUN_ORDER.index(n) if n in RUN_ORDER else 99)
+    ref = runs[reference]
+    kept_runs, kept_fts = {}, {}
+    for name, r in runs.items():
+        other = [k for k in SAME_SETTINGS if r["settings"].get(k) != ref["settings"].get(k)]
+        if r["corpus"] != ref["corpus"] or other:
+            why = "another corpus" if r["corpus"] != ref["corpus"] else "other settings (" + ", ".join(other) + ")"
+            warnings.append(f"{name} left out: made on {why} than {reference}")
+            continue
+        kept_runs[name] = r
+    for name, f in fts.items():
+        if f["corpus"] != ref["corpus"]:
+            warnings.append(f"{name} left out: made on another corpus than {reference}")
+            continue
+        kept_fts[name] = f
+    return reference, kept_runs, kept_fts
+
+
 def report(args) -> int:
     results, out = Path(args.results), Path(args.out)
     runs, fts = load_files(results, args.quick)
-    if not runs and not fts:
-        print(f"no convergence run files in {results}")
+    if not runs:
+        print(f"no pretraining run files in {results}: the report compares against one")
         return 1
     warnings = []
-    prints = {json.dumps(r["corpus"], sort_keys=True) for r in [*runs.values(), *fts.values()]}
-    if len(prints) > 1:
-        warnings.append("the runs were made on different corpora (token stream hashes differ): not comparable")
+    reference, runs, fts = comparable(runs, fts, warnings)
     for name, r in runs.items():
         if r["status"] != "done":
             warnings.append(f"{name} is {r['status']} ({r['steps_done']}/{r['settings']['steps']} steps)")
-    steps = next(iter(runs.values()))["settings"]["steps"] if runs else 0
+    base_weights = runs.get(BASE, {}).get("weights_sha256")
+    for name, f in fts.items():
+        if base_weights and f.get("base") == BASE and f.get("base_weights_sha256") != base_weights:
+            warnings.append(f"{name} started from another {BASE} than the curve shown (another session's run)")
+    steps = runs[reference]["settings"]["steps"]
     window = max(1, steps // 40)
-    corpus = json.loads(next(iter(prints)))
+    corpus = runs[reference]["corpus"]
     report_ = {
-        "date": _common.utc_now(), "commit": args.commit or _common.git_commit(),
+        "date": _common.utc_now(), "commit": args.commit or _common.git_commit(), "reference": reference,
         "corpus": corpus,
         "corpus_summary": (f"{corpus['train_tokens']:,} training / {corpus['heldout_tokens']:,} held-out tokens, vocabulary "
                            f"{corpus['vocab_size']}, train sha256 {corpus['train_sha256'][:16]}, packages "
                            + ", ".join(f"{k} {v}" for k, v in corpus["versions"].items())),
         "warnings": warnings, "runs": runs, "finetunes": fts,
-        "comparisons": {"pretrain": pretrain_comparisons(runs, window), "finetune": finetune_comparisons(fts)},
+        "comparisons": {"pretrain": pretrain_comparisons(runs, window), "finetune": finetune_comparisons(fts, warnings)},
         "head_captured": head_captured(results, out, args.quick),
     }
     name = args.name or ("convergence-quick" if args.quick else "convergence-latest")

@@ -177,6 +177,25 @@ def test_stopped_and_resumed_run_equals_uninterrupted(built, tmp_path):
     assert convergence.main(_run_args(work, "--run", "ours")) == 0
     with pytest.raises(SystemExit, match="other settings"):
         convergence.main(_run_args(work, "--run", "ours", "--lr", "0.01"))
+    with pytest.raises(SystemExit, match="eval_every"):  # another held-out metric would share the curve
+        convergence.main(_run_args(work, "--run", "ours", "--eval-every", "3"))
+    # the finished run names its weights, as the checkpoint does, and a capture longer than training is refused
+    final = torch.load(work / "work" / "quick" / "ours" / "final.pt", weights_only=False)
+    assert part["weights_sha256"] == final["weights_sha256"] == convergence.weights_sha(final["model"])
+    with pytest.raises(SystemExit, match="longer than the 16 tokens"):
+        convergence.main(_run_args(work, "--capture", "--base", "ours", "--capture-seq", "17"))
+    assert convergence.main(_run_args(work, "--capture", "--base", "ours", "--capture-seq", "16")) == 0
+    cap = torch.load(work / "work" / "captured-quick.pt", weights_only=False)
+    assert cap["hidden"].shape[1] == 16 and cap["meta"]["base_weights_sha256"] == final["weights_sha256"]
+
+
+def test_weights_sha_follows_every_byte():
+    state = {"a.weight": torch.randn(3, 4), "b": torch.randn(5).bfloat16()}
+    first = convergence.weights_sha(state)
+    assert first == convergence.weights_sha({k: v.clone() for k, v in reversed(state.items())})
+    state["b"][2] = state["b"][2] + 1
+    assert convergence.weights_sha(state) != first
+    assert convergence.weights_sha({"a.weight": state["a.weight"], "c": state["b"]}) != convergence.weights_sha(state)
 
 
 def test_preference_pairs(built):
@@ -244,3 +263,60 @@ def test_head_captured_input(tmp_path, capsys):
                 "labels": torch.randint(0, V, (3, seq))}, bad)
     with pytest.raises(ValueError, match="even"):
         captured_head.load(bad)
+
+
+def _pretrain_file(name: str, heldout: dict, loss: list, corpus: str = "c0", **settings) -> dict:
+    impl, seed = convergence.RUNS[name]
+    s = {k: 1 for k in convergence_report.SAME_SETTINGS}
+    s.update(steps=len(loss), batch=4, seq_len=8, model={"hidden_size": 8}, **settings)
+    seg = {"from_step": 0, "to_step": len(loss), "date": "d", "commit": "c", "device": "cpu", "wall_s": 1.0}
+    return {"kind": "pretrain", "run": name, "impl": impl, "head": impl, "seed": seed, "status": "done",
+            "steps_done": len(loss), "settings": s, "params": {"total": 1e6},
+            "corpus": {"train_sha256": corpus * 8, "train_tokens": 1, "heldout_tokens": 1, "vocab_size": 9,
+                       "versions": {}},
+            "segments": [seg], "date": "d", "commit": "c", "device": "cpu", "weights_sha256": None,
+            "history": {"step": list(range(1, len(loss) + 1)), "loss": loss, "step_ms": [1.0] * len(loss),
+                        "heldout_step": list(heldout), "heldout_loss": list(heldout.values())}}
+
+
+def _finetune_file(name: str, base_sha: str) -> dict:
+    return {"kind": "finetune", "run": name, "trainer": name, "algo": name.split("-")[1],
+            "settings": {"ft_steps": 2, "ft_batch": 1, "ft_prompt": 1, "ft_completion": 1, "ft_lr": 1.0, "ft_beta": 0.1,
+                         "ft_corrupt": 0.25, "ft_smoothing": 0.1},
+            "base": "full-seed0", "base_step": 4, "base_weights_sha256": base_sha, "base_session": {},
+            "corpus": {"train_sha256": "c0" * 8, "train_tokens": 1, "heldout_tokens": 1, "vocab_size": 9,
+                       "versions": {}},
+            "pairs": 2, "heldout_windows": 2, "date": "d", "commit": "c", "device": "cpu", "wall_s": 1.0,
+            "step_ms": [1.0, 1.0], "curves": {"loss": [0.7, 0.6]}}
+
+
+def test_report_leaves_out_what_cannot_be_compared(tmp_path):
+    import argparse
+
+    res = tmp_path / "res"
+    res.mkdir()
+    loss = [3.0 - 0.01 * i for i in range(80)]
+    files = {
+        "full-seed0": _pretrain_file("full-seed0", {0: 5.0, 40: 3.0, 80: 2.0}, loss),
+        # evaluated at other steps: compared at the steps both have, never at step 0
+        "ours": _pretrain_file("ours", {0: 5.0, 20: 3.5, 40: 3.01, 80: 2.02}, [x + 0.001 for x in loss]),
+        "cce": _pretrain_file("cce", {0: 5.0, 80: 2.0}, loss, corpus="c1"),  # another corpus
+        "liger": _pretrain_file("liger", {0: 5.0, 80: 2.0}, loss, lr=2),  # another setting
+    }
+    for name, data in files.items():
+        (res / f"convergence-run-{name}.json").write_text(json.dumps(data))
+    for name, sha in (("trl-dpo", "aa"), ("fused-dpo", "bb"), ("trl-sft", "aa"), ("fused-sft", "aa")):
+        (res / f"convergence-finetune-{name}.json").write_text(json.dumps(_finetune_file(name, sha)))
+    args = argparse.Namespace(results=str(res), out=str(tmp_path / "out"), quick=False, commit="x", name=None)
+    assert convergence_report.report(args) == 0
+    rep = json.loads((tmp_path / "out" / "convergence-latest.json").read_text())
+    assert set(rep["runs"]) == {"full-seed0", "ours"}
+    warnings = " ".join(rep["warnings"])
+    assert "cce left out: made on another corpus" in warnings and "liger left out: made on other settings (lr)" in warnings
+    held = rep["comparisons"]["pretrain"]["heldout"]["ours"]
+    assert held["at"] == [40, 80] and held["diff"] == pytest.approx([0.01, 0.02])
+    assert "within" not in held  # no full-seed1: no spread to be within
+    assert set(rep["comparisons"]["finetune"]) == {"sft"}  # the DPO pair started from other weights
+    assert "trl-dpo and fused-dpo did not start from the same recorded base weights" in warnings
+    md = (tmp_path / "out" / "convergence-latest.md").read_text()
+    assert "(no full-seed1 to compare with)" in md and "(the noise itself)" not in md
