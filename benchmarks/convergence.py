@@ -352,8 +352,9 @@ def weights_sha(state: dict) -> str:
 
     digest = hashlib.sha256()
     for name in sorted(state):
-        t = state[name].detach().to("cpu").contiguous()
+        t = state[name].detach().to("cpu")
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        t = t.contiguous().reshape(-1)  # 1-D: a 0-d tensor has no byte view
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 

@@ -190,7 +190,7 @@ def test_stopped_and_resumed_run_equals_uninterrupted(built, tmp_path):
 
 
 def test_weights_sha_follows_every_byte():
-    state = {"a.weight": torch.randn(3, 4), "b": torch.randn(5).bfloat16()}
+    state = {"a.weight": torch.randn(3, 4), "b": torch.randn(5).bfloat16(), "step": torch.tensor(7)}
     first = convergence.weights_sha(state)
     assert first == convergence.weights_sha({k: v.clone() for k, v in reversed(state.items())})
     state["b"][2] = state["b"][2] + 1
