@@ -51,9 +51,9 @@ completion-only loss, ``label_smoothing_factor`` 0.1, the same steps. Each logs 
 and margins or entropy and token accuracy) into ``convergence-finetune-NAME.json``.
 
 Capture (``--capture``): the final hidden states (after the last norm, bf16) of 8 held-out windows of 1024 tokens,
-the length the model was trained at (N = 8192, head.py's qwen3-1.7b token count), the next tokens as labels and the bf16 head weight, into
-``runs/convergence/captured.pt``; ``benchmarks/head.py --captured`` times the heads on them and compares their
-distributions (entropy, top-k mass) with the synthetic flat and peaky ones.
+the length the model was trained at (N = 8192, head.py's qwen3-1.7b token count), the next tokens as labels and the
+bf16 head weight, into ``runs/convergence/captured.pt``; ``benchmarks/head.py --captured`` times the heads on them
+and compares their distributions (entropy, top-k mass) with the synthetic flat and peaky ones.
 
 Report (``--report``): reads the run files in ``--results``, writes ``convergence-latest.json`` (every curve and
 the comparisons), ``.md`` and ``.png`` (with matplotlib) into ``--out``. Every figure in them comes from the run
