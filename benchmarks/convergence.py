@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import statistics
@@ -248,20 +249,23 @@ def head_loss_fn(impl: str, device: str):
     raise ValueError(f"unknown loss head {impl!r}")
 
 
-def backend_choices() -> list:
-    """A list that collects align_losses' log of what ``impl="auto"`` chose (one message per kind of input)."""
-    import logging
+class _Choices(logging.Handler):
+    """Collects align_losses' messages about what ``impl="auto"`` chose (it logs a choice once per process and kind
+    of input, so one handler serves every run of the process)."""
 
     seen: list = []
 
-    class Collect(logging.Handler):
-        def emit(self, record):
-            seen.append(record.getMessage())
+    def emit(self, record):
+        self.seen.append(record.getMessage())
 
+
+def backend_choices() -> list:
+    """The messages about what ``impl="auto"`` chose in this process so far and from now on (a live list)."""
     logger = logging.getLogger("align_losses")
-    logger.setLevel(logging.INFO)
-    logger.addHandler(Collect())
-    return seen
+    if not any(isinstance(h, _Choices) for h in logger.handlers):
+        logger.setLevel(logging.INFO)
+        logger.addHandler(_Choices())
+    return _Choices.seen
 
 
 def head_info(impl: str, device: str) -> str:
@@ -581,7 +585,8 @@ def load_base(args, s: dict):
     model = Qwen3ForCausalLM._from_config(Qwen3Config(**ck["config"], use_cache=False), dtype=torch.float32,
                                           attn_implementation="sdpa")
     model.load_state_dict(ck["model"])
-    ck["weights_sha256"] = weights_sha(ck["model"])  # of the weights loaded (checkpoints before it was stored lack it)
+    if not ck.get("weights_sha256"):  # a final checkpoint from before the hash was stored
+        ck["weights_sha256"] = weights_sha(ck["model"])
     return model, corpus, ck
 
 
