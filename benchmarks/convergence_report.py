@@ -254,7 +254,9 @@ def plot(report: dict, path: str):
     import matplotlib.pyplot as plt
 
     runs, fts, cmp = report["runs"], report["finetunes"], report["comparisons"]
-    fig, ax = plt.subplots(2, 4, figsize=(22, 9))
+    finetuned = any(cmp["finetune"].get(algo) for algo in ("dpo", "sft"))
+    # The DPO and SFT columns only when a finetune pair is there to show (no blank panels before).
+    fig, ax = plt.subplots(2, 4 if finetuned else 2, figsize=(22 if finetuned else 12, 9))
     w = cmp["pretrain"]["window"]
     colors = {n: f"C{i}" for i, n in enumerate(RUN_ORDER)}
     styles = {"ours": "--", "cce": ":", "liger": "-."}
@@ -284,7 +286,7 @@ def plot(report: dict, path: str):
         a.legend(fontsize=8)
     panels = (("dpo", 0, (("loss", "rewards/accuracies"), ("rewards/margins", "rewards/chosen", "rewards/rejected"))),
               ("sft", 1, (("loss", "mean_token_accuracy"), ("entropy",))))
-    for algo, row, groups in panels:
+    for algo, row, groups in panels if finetuned else ():
         c = cmp["finetune"].get(algo)
         for col, keys in zip((2, 3), groups):
             a = ax[row, col]
