@@ -42,6 +42,15 @@ FAMILIES = {
     "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", {}),
     "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", {}),
     "gpt2": ("GPT2LMHeadModel", "GPT2Config", {}),
+    # Router loss read from the forward (`trainers.model_source`): Llama 4's text model returns router logits and adds
+    # no loss, and its base_model_prefix names no child; DBRX and JetMoE keep their coefficient under other names.
+    "llama4_text": ("Llama4ForCausalLM", "Llama4TextConfig", {
+        "head_dim": 8, "intermediate_size_mlp": 64, "num_local_experts": 4, "num_experts_per_tok": 1,
+        "output_router_logits": True, "router_aux_loss_coef": 0.5}),
+    "dbrx": ("DbrxForCausalLM", "DbrxConfig", {}),
+    "jetmoe": ("JetMoeForCausalLM", "JetMoeConfig", {
+        "kv_channels": 8, "num_local_experts": 4, "num_experts_per_tok": 2, "output_router_logits": True,
+        "aux_loss_coef": 0.5}),
 }
 
 
@@ -53,6 +62,13 @@ def tiny_family(family: str, seed: int = 0):
         config = transformers.GPT2Config(
             n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
             attn_pdrop=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )
+    elif family == "dbrx":
+        config = transformers.DbrxConfig(
+            d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=VOCAB, output_router_logits=True,
+            attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+            ffn_config={"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2, "moe_loss_weight": 0.5},
+            pad_token_id=0, bos_token_id=1, eos_token_id=2,
         )
     else:
         common = {k: v for k, v in _COMMON.items() if family != "gpt_neox" or k != "num_key_value_heads"}
@@ -122,7 +138,10 @@ def test_family_loss_and_grads_match_unpatched(family, mode):
         assert out.logits is None
         assert_same(out, grads, ref_out, ref_grads)
         if getattr(model.config, "output_router_logits", False):
-            torch.testing.assert_close(out.aux_loss, ref_out.aux_loss, rtol=RTOL, atol=0)
+            if ref_out.aux_loss is None:  # a forward that computes no router loss (Llama 4's text model)
+                assert out.aux_loss is None
+            else:
+                torch.testing.assert_close(out.aux_loss, ref_out.aux_loss, rtol=RTOL, atol=0)
             assert out.router_logits is not None
         # Without labels: the model's own forward, head and logits included.
         with torch.no_grad():
@@ -420,6 +439,35 @@ def test_refuses_a_forward_that_adds_its_own_loss_term():
     with pytest.raises(ValueError, match="z_loss_coefficient"):
         apply_fused_head(transformers.BambaForCausalLM)
     assert "_align_losses_class_head" not in transformers.BambaForCausalLM.__dict__
+
+
+def test_router_loss_in_another_form_is_refused_when_router_logits_are_on():
+    """Doge passes its MoE loss function a top-k computed from the expert count: with router logits on, the fused
+    forward cannot reproduce the model's loss, and says so before running the backbone; off, it is the model's loss."""
+    config = transformers.DogeConfig(
+        **{k: v for k, v in _COMMON.items()}, is_moe=True, num_experts=16, num_experts_per_tok=2,
+        router_aux_loss_coef=0.5,
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    ref = transformers.DogeForCausalLM(config).float()
+    model = copy.deepcopy(ref)
+    ids, mask, labels = batch()
+    apply_fused_head(model)
+    calls = HeadCalls(model)
+    backbone_calls = []
+    model.model.register_forward_pre_hook(lambda *_: backbone_calls.append(1))
+    with pytest.raises(ValueError, match="DogeForCausalLM's forward computes its MoE router loss in a form the fused "
+                                         "head does not reproduce: call it with output_router_logits=False"):
+        model(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+    assert not backbone_calls and calls.count == 0
+    out, grads = loss_and_grads(model, input_ids=ids, attention_mask=mask, labels=labels)
+    ref_out, ref_grads = loss_and_grads(ref, input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out.loss, ref_out.loss, rtol=RTOL, atol=0)
+    for name, g in ref_grads.items():
+        # 1e-4, not RTOL: the gradient of Doge's per-head scalar `A` (its dynamic mask) is a long sum with
+        # cancellation, 1.1e-5 apart in fp32 between two summation orders of the same math.
+        assert (grads[name] - g).norm() <= 1e-4 * g.norm(), name
 
 
 def test_every_tested_family_passes_the_forward_check():

@@ -67,6 +67,8 @@ from align_losses import backends
 from align_losses.backends.base import HeadProblem, LogitTransform
 from align_losses.losses import sft_loss
 
+from . import model_source
+
 logger = logging.getLogger(__name__)
 
 #: TRL's fused-head field names, and the core statistic behind each.
@@ -96,10 +98,11 @@ class FusedHeadOutput(ModelOutput):
 
     Attributes:
         loss: NLL summed over labelled tokens, divided by ``num_items_in_batch`` (or their count),
-            plus the MoE load-balancing loss times ``router_aux_loss_coef`` when router logits are on.
+            plus the MoE router loss as the model's forward adds it, when router logits are on.
         log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1, logsumexp: per-token statistics.
         label_mask: bool, where the label is not -100.
-        aux_loss: MoE load-balancing loss, when router logits were requested.
+        aux_loss: MoE router loss as the model's forward computes it, when router logits were requested
+            (None for a model whose forward computes none, as Llama 4's text model).
         mean_logits_all: ``[B, T]`` mean logit at every input position (see the module docstring),
             when called with ``mean_logits_all=True``; detached.
     """
@@ -597,6 +600,7 @@ class _HeadPass:
     backbone: Any
     aux_loss: Optional[torch.Tensor]
     mean_logits_all: Optional[torch.Tensor]
+    aux_weight: float = 0.0  # the router loss's factor in the model's own loss (`model_source.RouterLoss.weight`)
 
 
 def _fused_call(self, text_config, settings, kwargs, labels, shift_labels, num_items_in_batch, fields, want_all):
@@ -619,7 +623,7 @@ def _fused_call(self, text_config, settings, kwargs, labels, shift_labels, num_i
     count = run.label_mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     loss = -run.per_token["log_probs"].sum() / count
     if run.aux_loss is not None:
-        loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * run.aux_loss
+        loss = loss + run.aux_weight * run.aux_loss
     return FusedHeadOutput(
         loss=loss, label_mask=run.label_mask, aux_loss=run.aux_loss, mean_logits_all=run.mean_logits_all, **run.per_token
     )
@@ -637,8 +641,8 @@ def _loss_call(self, text_config, settings, kwargs, labels, shift_labels, num_it
 
     The loss is transformers' ``ForCausalLMLoss`` (shifted labels or ``shift_labels``, -100 ignored, the sum
     over scored tokens divided by their count or ``num_items_in_batch``; NaN, as there, when that is 0),
-    with the settings' label smoothing and z-loss, plus the MoE router loss times ``router_aux_loss_coef``
-    as the model adds it.
+    with the settings' label smoothing and z-loss, plus the MoE router loss as the model's forward adds it
+    (`trainers.model_source.router_loss`).
     """
     return_dict = kwargs.pop("return_dict", None)
     run = _head_pass(self, text_config, settings, kwargs, labels, shift_labels, labels_loss_fields(settings), False)
@@ -657,7 +661,7 @@ def _loss_call(self, text_config, settings, kwargs, labels, shift_labels, num_it
     loss = torch.where(torch.as_tensor(divisor, device=loss.device) == 0, float("nan"), loss)
     values = dict(run.backbone.items())
     if run.aux_loss is not None:
-        loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * run.aux_loss.to(loss.device)
+        loss = loss + run.aux_weight * run.aux_loss.to(loss.device)
         values["aux_loss"] = run.aux_loss
     moe = run.aux_loss is not None or values.get("router_logits") is not None
     out_type = MoeCausalLMOutputWithPast if moe else CausalLMOutputWithPast
@@ -678,7 +682,9 @@ def _head_pass(self, text_config, settings, kwargs, labels, shift_labels, fields
             "the parameters of the module called, not its children's); leave `lm_head` out of `target_modules` / "
             "`modules_to_save`, or use FSDP2."
         )
-    backbone_out = self.base_model(**kwargs)
+    # Before any work: a router loss the fused forward cannot reproduce is an error (None: the forward computes none).
+    router = model_source.router_loss(type(self)) if kwargs.get("output_router_logits") else None
+    backbone_out = model_source.backbone(self)(**kwargs)
     hidden = backbone_out.last_hidden_state
     device = (head.get_base_layer() if is_adapter_layer(head) else head).weight.device
     hidden = hidden.to(device)
@@ -727,10 +733,11 @@ def _head_pass(self, text_config, settings, kwargs, labels, shift_labels, fields
     }
     label_mask = (targets[:, 1:] if shift else targets) != -100
 
-    aux_loss = None
-    if kwargs.get("output_router_logits") and getattr(backbone_out, "router_logits", None) is not None:
-        aux_loss = _load_balancing_loss(backbone_out.router_logits, text_config, kwargs.get("attention_mask"))
-    return _HeadPass(per_token, label_mask, backbone_out, aux_loss, all_means)
+    aux_loss, aux_weight = None, 0.0
+    if router is not None and getattr(backbone_out, "router_logits", None) is not None:
+        aux_loss = router.aux_loss(self, backbone_out.router_logits, kwargs.get("attention_mask"))
+        aux_weight = router.weight(self)
+    return _HeadPass(per_token, label_mask, backbone_out, aux_loss, all_means, aux_weight)
 
 
 def _run_as_head_call(head, fn, hidden):
@@ -849,14 +856,6 @@ def keep_fused_outputs_fp32(accelerator) -> None:
     plugin.mixed_precision_policy = dataclasses.replace(policy, output_dtype=None)
     logger.info("FSDP2: output_dtype %s dropped from the mixed-precision policy: the fused head's per-token "
                 "outputs stay fp32", policy.output_dtype)
-
-
-def _load_balancing_loss(router_logits, text_config, attention_mask):
-    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-
-    return load_balancing_loss_func(
-        router_logits, text_config.num_experts, text_config.num_experts_per_tok, attention_mask
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------

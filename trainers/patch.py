@@ -32,8 +32,6 @@ building the trainer (ours then sits outside TRL's). In no order do both heads r
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import math
 import re
 from typing import Optional, TypeVar
@@ -53,6 +51,7 @@ from .fused_forward import (
     uninstall_fused_head,
     unwrap_transformers_model,
 )
+from .model_source import method_source
 
 #: `FusedHeadSettings` fields that ``backend_options`` may set.
 BACKEND_OPTIONS = ("memory_budget", "token_chunk", "filter_mass")
@@ -100,32 +99,11 @@ _HIDDEN_LINES = re.compile(
     r"|slice_logits_to_keep\((hidden_states|\w+\.last_hidden_state), logits_to_keep\)"
     r"|hidden_states / self\.config\.logits_scaling)$"
 )
-#: Lines that may set ``loss``: none, transformers' ``loss_function``, and the MoE router loss added with labels.
+#: Lines that may set ``loss``: none, transformers' ``loss_function``, and the MoE router loss added with labels
+#: (whose form and coefficient `trainers.model_source.router_loss` reads).
 _LOSS_LINES = re.compile(
-    r"loss = None$|loss = self\.loss_function\(|loss \+= self\.(config\.(text_config\.)?)?router_aux_loss_coef \* aux_loss\b"
+    r"loss = None$|loss = self\.loss_function\(|loss \+= self(\.\w+)+ \* aux_loss\b"
 )
-
-
-@functools.lru_cache(maxsize=None)
-def _source(cls: type, name: str) -> str:
-    """The source of method ``name`` as the file of the first class of ``cls``'s MRO that defines it has it, without its
-    docstring: the model's own method even after something replaced it on the class (Liger's
-    ``apply_liger_kernel_to_*``, a class patch of ours), whose calls with labels our patch answers."""
-    for klass in cls.__mro__:
-        if name not in klass.__dict__:
-            continue
-        try:
-            text = inspect.getsource(klass)
-        except (OSError, TypeError) as e:
-            raise ValueError(
-                f"apply_fused_head cannot read the source of {klass.__name__} ({e}), so it cannot check that the "
-                "fused loss is this model's own; patch a model class defined in a file."
-            ) from e
-        found = re.search(rf"^([ \t]+)def {name}\(.*?(?=^\1(?:def |@|class )|\Z)", text, re.M | re.S)
-        if found is not None:
-            body = found.group(0)
-            return body.split('"""')[-1] if body.count('"""') >= 2 else body
-    raise ValueError(f"apply_fused_head found no `def {name}` in the source of {cls.__name__} or its bases")
 
 
 def _head_attribute(cls: type) -> Optional[str]:
@@ -134,13 +112,13 @@ def _head_attribute(cls: type) -> Optional[str]:
 
     if cls.get_output_embeddings is PreTrainedModel.get_output_embeddings:
         return "lm_head"
-    found = re.search(r"return self\.(\w+)\s*$", _source(cls, "get_output_embeddings"), re.M)
+    found = re.search(r"return self\.(\w+)\s*$", method_source(cls, "get_output_embeddings")[1], re.M)
     return found.group(1) if found else None
 
 
 def _forward_problem(cls: type) -> Optional[str]:
     """Why the patch cannot reproduce the loss of ``cls.forward`` (`check_causal_lm_forward`), or None."""
-    body = _source(cls, "forward")
+    _, body = method_source(cls, "forward")
     if "self.loss_function(" not in body:
         return "computes its loss with code of its own, not transformers' `loss_function`"
     head = _head_attribute(cls)
@@ -186,7 +164,7 @@ def check_config_quirks(cls: type, quirks: HeadQuirks) -> None:
     ignores it (Gemma-3's image-text model has ``text_config.final_logit_softcapping`` and applies no
     soft-cap) has another loss.
     """
-    body = _source(cls, "forward")
+    _, body = method_source(cls, "forward")
     if quirks.softcap is not None and "final_logit_softcapping" not in body:
         raise ValueError(
             f"the config of {cls.__name__} sets final_logit_softcapping={quirks.softcap}, which its forward does not "
