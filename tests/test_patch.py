@@ -47,6 +47,7 @@ FAMILIES = {
     "llama4_text": ("Llama4ForCausalLM", "Llama4TextConfig", {
         "head_dim": 8, "intermediate_size_mlp": 64, "num_local_experts": 4, "num_experts_per_tok": 1,
         "output_router_logits": True, "router_aux_loss_coef": 0.5}),
+    "mllama_text": ("MllamaForCausalLM", "MllamaTextConfig", {"cross_attention_layers": [1]}),  # the same prefix
     "dbrx": ("DbrxForCausalLM", "DbrxConfig", {}),
     "jetmoe": ("JetMoeForCausalLM", "JetMoeConfig", {
         "kv_channels": 8, "num_local_experts": 4, "num_experts_per_tok": 2, "output_router_logits": True,
