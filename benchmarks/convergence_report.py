@@ -254,7 +254,7 @@ def plot(report: dict, path: str):
     import matplotlib.pyplot as plt
 
     runs, fts, cmp = report["runs"], report["finetunes"], report["comparisons"]
-    finetuned = any(cmp["finetune"].get(algo) for algo in ("dpo", "sft"))
+    finetuned = bool(cmp["finetune"])
     # The DPO and SFT columns only when a finetune pair is there to show (no blank panels before).
     fig, ax = plt.subplots(2, 4 if finetuned else 2, figsize=(22 if finetuned else 12, 9))
     w = cmp["pretrain"]["window"]

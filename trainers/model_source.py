@@ -30,7 +30,8 @@ import torch
 #: An attribute path on the model, as a forward writes it: ``self.num_experts``, ``self.config.text_config.x``.
 _PATH = r"self(?:\.\w+)+"
 _AUX_CALL = re.compile(rf"aux_loss = (\w+)\(\s*outputs\.router_logits,\s*({_PATH}),\s*({_PATH}),\s*attention_mask,?\s*\)")
-_AUX_ADD = re.compile(rf"loss \+= ({_PATH}) \* aux_loss\b")
+#: The line adding the router loss: ``loss += self.router_aux_loss_coef * aux_loss`` (any attribute path).
+AUX_ADD = re.compile(rf"loss \+= ({_PATH}) \* aux_loss\b")
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,9 +61,8 @@ def backbone(model: torch.nn.Module) -> torch.nn.Module:
     base = model.base_model
     if base is not model:
         return base
-    _, body = method_source(type(model), "forward")
-    first = re.search(r"=\s*self\.(\w+)\(", body)
-    child = getattr(model, first.group(1), None) if first else None
+    attr = _first_call(type(model))
+    child = getattr(model, attr, None) if attr else None
     if isinstance(child, torch.nn.Module) and child is not model.get_output_embeddings():
         return child
     raise ValueError(
@@ -70,6 +70,13 @@ def backbone(model: torch.nn.Module) -> torch.nn.Module:
         f"{type(model).base_model_prefix!r} names no child module, and its forward calls no child module before its "
         "head"
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _first_call(cls: type) -> Optional[str]:
+    """The attribute whose call ``cls.forward`` assigns first (``outputs = self.model(...)``), read once per class."""
+    first = re.search(r"=\s*self\.(\w+)\(", method_source(cls, "forward")[1])
+    return first.group(1) if first else None
 
 
 def _resolve(model, path: str):
@@ -107,7 +114,7 @@ class RouterLoss:
 def _router_loss(cls: type) -> tuple[Optional[RouterLoss], Optional[str]]:
     klass, body = method_source(cls, "forward")
     call = _AUX_CALL.search(body)
-    add = _AUX_ADD.search(body)
+    add = AUX_ADD.search(body)
     if call is None:
         if add is not None or re.search(r"^\s*aux_loss = (?!None\b)", body, re.M):
             return None, (f"{cls.__name__}'s forward computes its MoE router loss in a form the fused head does not "

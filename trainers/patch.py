@@ -51,7 +51,7 @@ from .fused_forward import (
     uninstall_fused_head,
     unwrap_transformers_model,
 )
-from .model_source import method_source
+from .model_source import AUX_ADD, method_source
 
 #: `FusedHeadSettings` fields that ``backend_options`` may set.
 BACKEND_OPTIONS = ("memory_budget", "token_chunk", "filter_mass")
@@ -101,9 +101,7 @@ _HIDDEN_LINES = re.compile(
 )
 #: Lines that may set ``loss``: none, transformers' ``loss_function``, and the MoE router loss added with labels
 #: (whose form and coefficient `trainers.model_source.router_loss` reads).
-_LOSS_LINES = re.compile(
-    r"loss = None$|loss = self\.loss_function\(|loss \+= self(\.\w+)+ \* aux_loss\b"
-)
+_LOSS_LINES = re.compile(rf"loss = None$|loss = self\.loss_function\(|{AUX_ADD.pattern}")
 
 
 def _head_attribute(cls: type) -> Optional[str]:
