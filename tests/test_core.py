@@ -169,12 +169,13 @@ def test_all_ignored_gives_zeros_and_zero_gradients():
 
 def test_frozen_weight_gets_no_gradient_work(monkeypatch):
     """With the head frozen (or LoRA-adapted) the backward does only the hidden-state GEMMs."""
-    from align_losses.ops import tiled_head
+    from align_losses.ops import gemm
 
     hidden, weight, _, labels = _inputs((40,), 16, 90, bias=False, seed=2, ignore_frac=0.0)
     calls = []
-    real = tiled_head.matmul_fp32
-    monkeypatch.setattr(tiled_head, "matmul_fp32", lambda a, b: calls.append(1) or real(a, b))
+    real, real_into = gemm.matmul_fp32, gemm.mm_into
+    monkeypatch.setattr(gemm, "matmul_fp32", lambda a, b: calls.append(1) or real(a, b))
+    monkeypatch.setattr(gemm, "mm_into", lambda c, a, b, first: calls.append(1) or real_into(c, a, b, first))
 
     def backward_gemms(weight_requires_grad):
         h = hidden.clone().requires_grad_()
@@ -285,6 +286,28 @@ def test_autocast_fixes_the_compute_dtype_for_backward():
     assert out.dtype == torch.float32 and hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
     ref = token_stats(full_logits(hidden.detach().bfloat16(), weight.detach().bfloat16()), labels)["logprobs"]
     assert rel(out, ref) < 1e-5  # the bf16 operands, multiplied with fp32 accumulation
+
+
+@pytest.mark.parametrize("outputs", [(), ("entropy",)])
+def test_backward_inside_autocast_is_the_fp32_backward(outputs):
+    """A backward called inside an autocast region (a loop that keeps ``.backward()`` in it) runs its
+    recomputed logits and GEMMs in fp32, as outside; it once rounded them to bf16 on the CPU. Both the
+    losses' row-scaled backward (log-probs only) and the general one (with the entropy) are covered."""
+    hidden, weight, _, labels = _inputs((3, 29), 24, 157, bias=False, seed=16)
+    up = _upstream((3, 29), 16)
+
+    def grads(inside: bool):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            stats = align_losses.linear_token_stats(h, w, labels, outputs=outputs, impl="torch",
+                                                    backend_options=SMALL_TILES)
+            loss = sum((getattr(stats, n).double() * up[n]).sum() for n in ("logprobs", *outputs))
+            if inside:
+                return torch.autograd.grad(loss, (h, w))
+        return torch.autograd.grad(loss, (h, w))
+
+    for a, b in zip(grads(True), grads(False)):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

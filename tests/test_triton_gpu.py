@@ -304,9 +304,9 @@ def scratch_chunks(device, dtype, monkeypatch, small_tiles, m, d, v, memory_budg
     from align_losses.ops import triton_head as th
 
     scratch_starts, chunks = [], []
-    real_rows, real_mm = th._scratch_rows, th._mm_into
+    real_rows, real_mm = th._scratch_rows, th.mm_into
     monkeypatch.setattr(th, "_scratch_rows", lambda g, row, *a: scratch_starts.append(row) or real_rows(g, row, *a))
-    monkeypatch.setattr(th, "_mm_into", lambda acc, da, *a: chunks.append(da.shape[1]) or real_mm(acc, da, *a))
+    monkeypatch.setattr(th, "mm_into", lambda acc, da, *a: chunks.append(da.shape[1]) or real_mm(acc, da, *a))
     transform = LogitTransform(softcap=5.0)
     check(m, d, v, dtype, device, transform, True, outputs=("entropy",), std=std, small_tiles=small_tiles,
           memory_budget=memory_budget, tol=tol)

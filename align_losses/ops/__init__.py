@@ -10,9 +10,10 @@
 - `library`: both heads as registered PyTorch operators (``align_losses::head_forward`` / ``head_backward``),
   which `torch.compile` traces as one node each and a CUDA graph can capture; they call the heads'
   ``forward_outputs`` / ``backward_grads``, the code their autograd Functions call.
+- `gemm`: the fp32-output GEMMs both heads' tiles use.
 - `labels`: the labelled positions and the label range check, shared by the core and `library`.
 
 Imports run one way: ``triton_head -> triton_filter -> triton_shared -> triton_kernels``, both heads
--> `stats`, and every op -> `align_losses.problem`; no op imports `align_losses.backends`. Importing
+-> `stats` and `gemm`, and every op -> `align_losses.problem`; no op imports `align_losses.backends`. Importing
 this package imports none of them (Triton loads with the ``triton_*`` modules only).
 """

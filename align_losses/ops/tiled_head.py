@@ -23,25 +23,13 @@ from typing import Optional
 import torch
 
 from ..problem import DIFFERENTIABLE_OUTPUTS, OUTPUTS, HeadProblem, LogitTransform
+from . import gemm
 from .stats import Stats, finish_outputs, label_columns
 
 # Bytes of fp32 temporaries per tile element: logits, probabilities, their gradient, a cast copy.
 _BYTES_PER_TILE_ELEMENT = 16
 _MIN_VOCAB_BLOCK = 256
 _ALIGN = 64
-
-
-def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` with an fp32 result and fp32 accumulation, whatever the operands' dtype.
-
-    On CUDA, half-precision operands go to tensor cores with an fp32 output (no rounding of the
-    product to bf16). Elsewhere the operands are upcast, which is exact and the only way CPUs offer.
-    """
-    if a.dtype == torch.float32 and b.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
 
 
 @dataclass(frozen=True)
@@ -104,7 +92,7 @@ def _dz_da_(grad_z: torch.Tensor, z: torch.Tensor, t: LogitTransform) -> torch.T
 
 
 def _raw_tile(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    a = matmul_fp32(hidden, weight.t())
+    a = gemm.matmul_fp32(hidden, weight.t())
     if bias is not None:
         a += bias.float()
     return a
@@ -199,7 +187,17 @@ def backward_grads(hidden, weight, bias, labels, lse, expected_z, up: dict, tran
     gradients ``up`` ({output name: [M]}) and the forward's ``lse`` and ``expected_z`` (`forward_outputs`).
     ``need``: which of the three to compute. ``sync_free``: never wait for the device (for a CUDA-graph
     capture), at the cost of a masked pass over all tokens per vocabulary block for the labelled weight rows.
+
+    Runs with autocast off, as the forward does: a backward called inside an autocast region would otherwise
+    round the recomputed logits and the fp32 GEMMs to the autocast dtype.
     """
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform, shard, vocab, tiling,
+                               need, sync_free)
+
+
+def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform, shard, vocab, tiling, need,
+                    sync_free):
     need_h, need_w, need_b = need
     up = {n: g.float() for n, g in up.items() if n in DIFFERENTIABLE_OUTPUTS}
     offset = shard.start if shard is not None else 0
@@ -216,10 +214,14 @@ def backward_grads(hidden, weight, bias, labels, lse, expected_z, up: dict, tran
     if has_entries and need_w:
         labelled = (_AllRows(labels) if sync_free else
                     _LabelledRows.of(labels, offset, weight.shape[0], tiling.vocab_block))
+    # All tokens in one block: each block's weight-gradient rows are one GEMM's output, not a sum.
+    one_gemm_per_block = 0 < m <= tiling.token_block
     for block_index, v0 in enumerate(range(0, weight.shape[0], tiling.vocab_block)):
         w = weight[v0 : v0 + tiling.vocab_block]
         b = bias[v0 : v0 + tiling.vocab_block] if bias is not None else None
-        gw_block = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        gw_block = None
+        if need_w and not one_gemm_per_block:
+            gw_block = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         gb_block = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if grad_bias is not None else None
         for t0 in range(0, m, tiling.token_block):
             rows = slice(t0, t0 + tiling.token_block)
@@ -239,9 +241,12 @@ def backward_grads(hidden, weight, bias, labels, lse, expected_z, up: dict, tran
             # The tile gradient is rounded to the operand dtype only as a GEMM input; sums stay fp32.
             grad_op = grad.to(hidden.dtype) if rounds else grad
             if need_h:
-                grad_hidden[rows] += matmul_fp32(grad_op, w)
+                gemm.mm_into(grad_hidden[rows], grad_op, w, first=False)
             if need_w:
-                gw_block += matmul_fp32(grad_op.t(), h)
+                if gw_block is None:
+                    gw_block = gemm.matmul_fp32(grad_op.t(), h)
+                else:
+                    gemm.mm_into(gw_block, grad_op.t(), h, first=False)
         if need_w:
             if labelled is not None:
                 labelled.add_to_block(gw_block, block_index, offset + v0, entry, hidden)

@@ -37,6 +37,7 @@ import torch
 import triton
 
 from ..problem import DIFFERENTIABLE_OUTPUTS, OUTPUTS, HeadProblem, LogitTransform, VocabShard
+from .gemm import mm_into
 from . import triton_filter  # the module, so that its functions are looked up at each call (tests spy on them)
 from .stats import Stats, finish_outputs
 from .triton_kernels import bwd_kernel, combine_kernel, fwd_kernel, interpreting, label_entry_kernel
@@ -205,25 +206,6 @@ def _stats(problem_parts, cfg, keep_partials: bool = False):
     return stats, partials
 
 
-def _mm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
-    """``acc (fp32) = acc + a @ b`` (``acc = a @ b`` when ``first``), fp32 accumulation."""
-    if a.dtype == torch.float32:
-        if first:
-            torch.mm(a, b, out=acc)
-        else:
-            acc.addmm_(a, b)
-    elif a.is_cuda:
-        if first:
-            torch.mm(a, b, out_dtype=torch.float32, out=acc)
-        else:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:  # CPU (the Triton interpreter in tests): upcast, exact
-        if first:
-            torch.mm(a.float(), b.float(), out=acc)
-        else:
-            acc.addmm_(a.float(), b.float())
-
-
 #: Tokens per program of `label_entry_kernel` (one thread each).
 _LABEL_ROWS = 1024
 
@@ -382,7 +364,7 @@ def backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, u
             if need_h:
                 if acc is None:
                     acc = torch.empty(m, d, **f32)
-                _mm_into(acc, da, w, first)
+                mm_into(acc, da, w, first)
                 first = False
             if need_w:
                 torch.mm(da.t(), hidden, out=grad_weight[v0 : v0 + cv])
