@@ -55,34 +55,41 @@ class Stats:
         return self.max + self.sum_exp_z / self.sum_exp if self.sum_exp_z is not None else None
 
     def update(self, rows: slice, z: torch.Tensor, vocab_offset: int, labels: torch.Tensor) -> None:
-        """Fold the tile ``z [rows, block]`` (vocabulary ids from ``vocab_offset``) into the stats."""
-        block_max, block_arg = z.max(dim=1)
+        """Fold the tile ``z [rows, block]`` (vocabulary ids from ``vocab_offset``) into the stats.
+
+        ``z`` is consumed: without the entropy and ``log sum p^2`` its memory holds ``exp(z - max)``, so that
+        the tile costs no fp32 copy of itself."""
+        column, inside = label_columns(labels, vocab_offset, z.shape[1])
+        self.label_logit[rows] += torch.where(inside, z.gather(1, column).squeeze(1), 0.0)
+        if self.sum_z is not None:
+            self.sum_z[rows] += z.sum(dim=1)
+        if self.argmax is not None:
+            block_max, block_arg = z.max(dim=1)
+        else:
+            block_max = z.amax(dim=1)
         old_max = self.max[rows]
         new_max = torch.maximum(old_max, block_max)
+        if self.argmax is not None:
+            # Blocks arrive in increasing vocabulary order: only a strictly larger maximum moves
+            # the argmax, so ties keep the first index.
+            moved = block_max > old_max
+            self.argmax[rows] = torch.where(moved, block_arg + vocab_offset, self.argmax[rows])
         # Logits of -inf only so far (a bias that masks part of the vocabulary): shift by 0, not -inf.
         shift_to = torch.where(new_max > -math.inf, new_max, torch.zeros_like(new_max))
         rescale = torch.exp(old_max - shift_to)
-        z_rel = z - shift_to[:, None]
-        p = torch.exp(z_rel)
+        keep_z_rel = self.sum_exp_z is not None  # the entropy's sum needs z - max beside exp(z - max)
+        z_rel = z.sub_(shift_to[:, None])
+        p = torch.exp(z_rel) if keep_z_rel else z_rel.exp_()
         old_sum_exp = self.sum_exp[rows].clone()  # a view, and overwritten next
         self.sum_exp[rows] = old_sum_exp * rescale + p.sum(dim=1)
         # Row-wise dot products: no [rows, block] product tile beyond p and z_rel.
-        if self.sum_exp_z is not None:
+        if keep_z_rel:
             moved = _shift_sums(self.sum_exp_z[rows], old_sum_exp, old_max - shift_to, rescale)
             z_rel.clamp_(min=torch.finfo(z_rel.dtype).min)  # where z = -inf, p = 0: adds 0, not NaN
             self.sum_exp_z[rows] = moved + torch.einsum("ij,ij->i", p, z_rel)
         del z_rel
         if self.sum_exp2 is not None:
             self.sum_exp2[rows] = self.sum_exp2[rows] * rescale * rescale + torch.einsum("ij,ij->i", p, p)
-        if self.sum_z is not None:
-            self.sum_z[rows] += z.sum(dim=1)
-        if self.argmax is not None:
-            # Blocks arrive in increasing vocabulary order: only a strictly larger maximum moves
-            # the argmax, so ties keep the first index.
-            moved = block_max > old_max
-            self.argmax[rows] = torch.where(moved, block_arg + vocab_offset, self.argmax[rows])
-        column, inside = label_columns(labels, vocab_offset, z.shape[1])
-        self.label_logit[rows] += torch.where(inside, z.gather(1, column).squeeze(1), 0.0)
         self.max[rows] = new_max
 
     def all_reduce(self, group) -> None:
