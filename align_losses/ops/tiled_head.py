@@ -188,6 +188,11 @@ def backward_grads(hidden, weight, bias, labels, lse, expected_z, up: dict, tran
     ``need``: which of the three to compute. ``sync_free``: never wait for the device (for a CUDA-graph
     capture), at the cost of a masked pass over all tokens per vocabulary block for the labelled weight rows.
 
+    When only the log-probs and the logsumexp have upstream gradients (the losses' case) and there is no
+    softcap or bias gradient, ``dL/da = s (p c + g_logp [label])`` with a per-token ``c``: the tile is then
+    just the probabilities (`_row_scaled`), and ``c`` is applied outside it, to the hidden states before the
+    weight-gradient GEMM and to the summed hidden-state gradient after the last block.
+
     Runs with autocast off, as the forward does: a backward called inside an autocast region would otherwise
     round the recomputed logits and the fp32 GEMMs to the autocast dtype.
     """
@@ -214,6 +219,9 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
     if has_entries and need_w:
         labelled = (_AllRows(labels) if sync_free else
                     _LabelledRows.of(labels, offset, weight.shape[0], tiling.vocab_block))
+    row_scale = _row_scale(up, transform, m, hidden.device) if grad_bias is None else None
+    operand = hidden.dtype if rounds else torch.float32
+    scaled_hidden = (hidden.float() * row_scale[:, None]).to(operand) if row_scale is not None and need_w else None
     # All tokens in one block: each block's weight-gradient rows are one GEMM's output, not a sum.
     one_gemm_per_block = 0 < m <= tiling.token_block
     for block_index, v0 in enumerate(range(0, weight.shape[0], tiling.vocab_block)):
@@ -227,32 +235,43 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
             rows = slice(t0, t0 + tiling.token_block)
             h = hidden[rows]
             z = _logits(_raw_tile(h, w, b), transform)
-            ez = expected_z[rows] if expected_z is not None else None
-            grad = _logit_grad(z, lse[rows], ez, up, rows, vocab)
+            column = inside = None
             if "logprobs" in up:
                 column, inside = label_columns(labels[rows], offset + v0, w.shape[0])
-                grad.scatter_add_(1, column, torch.where(inside, up["logprobs"][rows], 0.0)[:, None])
-            grad = _dz_da_(grad, z, transform)
-            del z
-            if gb_block is not None:
-                gb_block += grad.sum(dim=0)
-            if entry is not None:
-                entry[rows] += _take_label_entries_(grad, column, inside)
-            # The tile gradient is rounded to the operand dtype only as a GEMM input; sums stay fp32.
-            grad_op = grad.to(hidden.dtype) if rounds else grad
+            if row_scale is not None:
+                grad_op, label_entry = _row_scaled(z, lse[rows], row_scale[rows], up, rows, column, inside, operand,
+                                                   transform)
+                if entry is not None:
+                    entry[rows] += label_entry
+            else:
+                ez = expected_z[rows] if expected_z is not None else None
+                grad = _logit_grad(z, lse[rows], ez, up, rows, vocab)
+                if "logprobs" in up:
+                    grad.scatter_add_(1, column, torch.where(inside, up["logprobs"][rows], 0.0)[:, None])
+                grad = _dz_da_(grad, z, transform)
+                del z
+                if gb_block is not None:
+                    gb_block += grad.sum(dim=0)
+                if entry is not None:
+                    entry[rows] += _take_label_entries_(grad, column, inside)
+                # The tile gradient is rounded to the operand dtype only as a GEMM input; sums stay fp32.
+                grad_op = grad.to(hidden.dtype) if rounds else grad
             if need_h:
                 gemm.mm_into(grad_hidden[rows], grad_op, w, first=False)
             if need_w:
+                h_op = scaled_hidden[rows] if scaled_hidden is not None else h
                 if gw_block is None:
-                    gw_block = gemm.matmul_fp32(grad_op.t(), h)
+                    gw_block = gemm.matmul_fp32(grad_op.t(), h_op)
                 else:
-                    gemm.mm_into(gw_block, grad_op.t(), h, first=False)
+                    gemm.mm_into(gw_block, grad_op.t(), h_op, first=False)
         if need_w:
             if labelled is not None:
                 labelled.add_to_block(gw_block, block_index, offset + v0, entry, hidden)
             grad_weight[v0 : v0 + tiling.vocab_block] = gw_block
         if gb_block is not None:
             grad_bias[v0 : v0 + tiling.vocab_block] = gb_block
+    if need_h and row_scale is not None:
+        grad_hidden.mul_(row_scale[:, None])  # the blocks summed p W; dL/dh = c * that (+ the label entries)
     if need_h and entry is not None:
         _add_label_entries(grad_hidden, entry, weight, labels, offset)
     if need_h and shard is not None:
@@ -262,6 +281,37 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
     if need_h:
         grad_hidden = grad_hidden.to(hidden.dtype)
     return grad_hidden, grad_weight, grad_bias
+
+
+def _row_scale(up: dict, transform: LogitTransform, m: int, device) -> Optional[torch.Tensor]:
+    """``s c`` fp32 ``[M]`` with ``dL/da = s (p c + g_logp [label])``, or None when ``dL/da`` has no such form
+    (an entropy or mean-logit gradient, a softcap). ``c = g_lse - g_logp``, ``s = logit_scale / temperature``."""
+    if transform.softcap is not None or not set(up) <= {"logprobs", "logsumexp"}:
+        return None
+    coef = torch.zeros(m, dtype=torch.float32, device=device)
+    if "logsumexp" in up:
+        coef += up["logsumexp"]
+    if "logprobs" in up:
+        coef -= up["logprobs"]
+    return coef.mul_(transform.logit_scale / transform.temperature)
+
+
+def _row_scaled(z, lse_rows, scale_rows, up: dict, rows: slice, column, inside, operand: torch.dtype,
+                transform: LogitTransform) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One tile of the row-scaled backward: ``(p [T, W] in ``operand`` with the label entries zeroed,
+    label entries fp32 [T] or None)``. ``z`` (fp32, consumed) are the tile's logits; ``p = exp(z - lse)``
+    is written straight in the operand dtype (one pass, no fp32 copy of the tile)."""
+    z.sub_(lse_rows[:, None])
+    label_entry = None
+    if column is not None:
+        # The label entry s (p c + g_logp), from the fp32 log-prob; its place in the tile becomes 0.
+        p_label = torch.exp(z.gather(1, column).squeeze(1))
+        label_entry = torch.where(inside, p_label * scale_rows + up["logprobs"][rows] * (
+            transform.logit_scale / transform.temperature), 0.0)
+    p = torch.exp(z, out=torch.empty(z.shape, dtype=operand, device=z.device)) if operand != z.dtype else z.exp_()
+    if column is not None:
+        _take_label_entries_(p, column, inside)
+    return p, label_entry
 
 
 def _take_label_entries_(grad: torch.Tensor, column: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
