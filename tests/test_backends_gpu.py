@@ -141,6 +141,8 @@ TORCH_CASES = [
     dict(bias=True, softcap=10.0, entropy=True),
     dict(bias=True, temperature=0.7, logit_scale=1.3, entropy=True),
     dict(bias=True, softcap=10.0, temperature=0.7, logit_scale=1.3, entropy=True, options={"memory_budget": 4 * 2**20}),
+    # The losses' row-scaled backward (log-probs only, no bias), scaled, over several token blocks.
+    dict(temperature=0.7, logit_scale=1.3, options={"memory_budget": 4 * 2**20}),
 ]
 
 
