@@ -1,0 +1,160 @@
+"""Where the ``torch`` backend's time goes on a GPU, at `head.py`'s qwen3-1.7b shape (6144 labelled tokens,
+D 2048, V 151936, bf16), beside TRL 1.16's chunked head.
+
+1. One forward + backward of per-token log-probs with a random upstream gradient: CUDA-event medians (3
+   warm-up, 7 timed) and a kernel table (torch.profiler) of ours ``impl="torch"`` (with its tiles compiled too
+   where the checkout has the ``compile_tiles`` option) and of TRL's ``ChunkedLogProbFunction``.
+2. The GEMM forms the backend can use, alone, on one vocabulary block of its default plan (512 MiB / 16 B
+   per element): bf16 or fp32 output, transposed operands, an fp32 accumulation.
+3. The elementwise passes of its tiles, alone, over one fp32 block ``[tokens, block]``.
+
+Usage: ``python benchmarks/torch_profile.py [--commit HASH] > torch-profile.log`` (prints a header with the
+date, commit, device and versions). The kept run: ``benchmarks/results/torch-profile-latest.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import subprocess
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import align_losses  # noqa: E402
+
+N, D, V = 8192, 2048, 151936
+
+
+def median_ms(fn, reps: int = 7) -> tuple[float, list]:
+    """Median CUDA-event time of ``fn`` in ms after 3 warm-up calls, and every repetition's."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), times
+
+
+def _commit(given: str | None) -> str:
+    if given:
+        return given
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--commit", help="the commit to record where the checkout has no .git")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("torch_profile.py profiles CUDA kernels: no CUDA device is visible")
+    print(f"# torch backend profile: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit "
+          f"{_commit(args.commit)}, {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    torch.manual_seed(0)
+    hidden = torch.randn(N, D, device="cuda").bfloat16()
+    weight = (torch.randn(V, D, device="cuda") * 0.02).bfloat16().requires_grad_()
+    labels = torch.randint(0, V, (N,), device="cuda")
+    labels[: N // 4] = -100
+    keep = labels != -100
+    h = hidden[keep].detach().requires_grad_()
+    y = labels[keep]
+    m = h.shape[0]
+    up = torch.randn(m, device="cuda")
+
+    def ours(options: dict):
+        def step():
+            logprobs = align_losses.linear_logprobs(h, weight, y, impl="torch", backend_options=options)
+            (logprobs * up).sum().backward()
+        return step
+
+    def trl():
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
+
+        def step():
+            logprobs = ChunkedLogProbFunction.apply(h, weight, None, y, 1.0, chunk, None, 1.0, ())[0]
+            (logprobs.float() * up).sum().backward()
+        return step
+
+    cases = [("ours impl='torch'", ours({})), ("ours impl='torch', compiled tiles", ours({"compile_tiles": True}))]
+    try:
+        cases.append(("TRL 1.16 chunked head", trl()))
+    except ImportError as e:
+        print(f"TRL's chunked head unavailable: {e}")
+    print(f"\n## 1. forward + backward, {m} labelled tokens, D {D}, V {V}")
+    for name, step in cases:
+        try:
+            ms, times = median_ms(step)
+        except ValueError as e:  # an option this checkout does not have
+            print(f"\n{name}: not run ({e})")
+            continue
+        print(f"\n== {name}: median {ms:.2f} ms ({', '.join(f'{t:.1f}' for t in times)})", flush=True)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=90))
+
+    block = (512 * 2**20 // 16) // m
+    block -= block % 64
+    blocks = -(-V // block)
+    w = weight.detach()[:block]
+    a = torch.randn(m, block, device="cuda").bfloat16()
+    acc_h = torch.zeros(m, D, device="cuda")
+    forms = {
+        "logits, bf16 out: h @ w.T": lambda: h.detach() @ w.t(),
+        "logits, fp32 out: mm(out_dtype)": lambda: torch.mm(h.detach(), w.t(), out_dtype=torch.float32),
+        "grad_h, fp32 out: mm(a, w, out_dtype)": lambda: torch.mm(a, w, out_dtype=torch.float32),
+        "grad_h += mm(a, w, out_dtype) (then add)": lambda: acc_h.add_(torch.mm(a, w, out_dtype=torch.float32)),
+        "grad_h: addmm(acc, a, w, out_dtype, out=acc)": lambda: torch.addmm(acc_h, a, w, out_dtype=torch.float32,
+                                                                            out=acc_h),
+        "grad_w, fp32 out: mm(a.T, h, out_dtype)": lambda: torch.mm(a.t(), h.detach(), out_dtype=torch.float32),
+        "grad_w, bf16 out: a.T @ h": lambda: a.t() @ h.detach(),
+    }
+    print(f"\n## 2. GEMM forms alone: one block of {block} ids over {m} tokens ({blocks} blocks per pass)")
+    for name, form in forms.items():
+        ms, _ = median_ms(form, reps=21)
+        print(f"{name:46s} {ms:.3f} ms  {2 * m * block * D / ms / 1e9:.0f} TFLOP/s  x{blocks} = {ms * blocks:.1f} ms")
+
+    z = torch.randn(m, block, device="cuda") * 4
+    out32 = torch.empty_like(z)
+    out16 = torch.empty(m, block, device="cuda", dtype=torch.bfloat16)
+    row = torch.randn(m, device="cuda")
+    column = torch.randint(0, block, (m, 1), device="cuda")
+    passes = {
+        "z.max(dim=1) (values and indices)": lambda: z.max(dim=1),
+        "z.amax(dim=1)": lambda: z.amax(dim=1),
+        "z - row[:, None] (a new tile)": lambda: z - row[:, None],
+        "sub(z, row[:, None], out=)": lambda: torch.sub(z, row[:, None], out=out32),
+        "exp(z) (a new tile)": lambda: torch.exp(z),
+        "exp(z, out=bf16 tile)": lambda: torch.exp(z, out=out16),
+        "z.sum(dim=1)": lambda: z.sum(dim=1),
+        "logsumexp(z, dim=1)": lambda: torch.logsumexp(z, dim=1),
+        "softmax(z, dim=1)": lambda: torch.softmax(z, dim=1),
+        "mul_(row[:, None])": lambda: out32.mul_(row[:, None]),
+        "z.to(bf16)": lambda: z.to(torch.bfloat16),
+        "z.gather(1, column)": lambda: z.gather(1, column),
+        f"zeros [{block}, {D}] fp32": lambda: torch.zeros(block, D, device="cuda"),
+    }
+    print(f"\n## 3. elementwise passes alone over one fp32 tile [{m}, {block}] ({m * block * 4 / 2**20:.0f} MiB)")
+    for name, op in passes.items():
+        ms, _ = median_ms(op, reps=21)
+        print(f"{name:46s} {ms:.3f} ms  x{blocks} = {ms * blocks:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
