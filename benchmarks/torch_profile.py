@@ -2,7 +2,7 @@
 D 2048, V 151936, bf16), beside TRL 1.16's chunked head.
 
 1. One forward + backward of per-token log-probs with a random upstream gradient: CUDA-event medians (3
-   warm-up, 7 timed) and a kernel table (torch.profiler) of ours ``impl="torch"`` (with its tiles compiled too
+   warm-up, 7 timed), the host's time to return from a step, and kernel and host tables (torch.profiler) of ours ``impl="torch"`` (with its tiles compiled too
    where the checkout has the ``compile_tiles`` option) and of TRL's ``ChunkedLogProbFunction``.
 2. The GEMM forms the backend can use, alone, on one vocabulary block of its default plan (512 MiB / 16 B
    per element): bf16 or fp32 output, transposed operands, an fp32 accumulation.
@@ -20,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -104,10 +105,22 @@ def main() -> None:
             print(f"\n{name}: not run ({e})")
             continue
         print(f"\n== {name}: median {ms:.2f} ms ({', '.join(f'{t:.1f}' for t in times)})", flush=True)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        host = []
+        for _ in range(5):  # the host's time to return from a step, before waiting for the GPU
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            host.append((time.perf_counter() - t0) * 1e3)
+            torch.cuda.synchronize()
+        print(f"host time to return: median {statistics.median(host):.2f} ms (a step that waits for the GPU "
+              f"inside, as the torch backend's backward does once, returns after its GPU work up to there)")
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=90))
+        averages = prof.key_averages()
+        print(averages.table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=90))
+        # The host side: Dynamo's cache lookups and compiled regions, launches, synchronisations.
+        print(averages.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=90))
 
     block = (512 * 2**20 // 16) // m
     block -= block % 64
