@@ -57,8 +57,8 @@ class Stats:
     def update(self, rows: slice, z: torch.Tensor, vocab_offset: int, labels: torch.Tensor) -> None:
         """Fold the tile ``z [rows, block]`` (vocabulary ids from ``vocab_offset``) into the stats.
 
-        ``z`` is consumed: without the entropy and ``log sum p^2`` its memory holds ``exp(z - max)``, so that
-        the tile costs no fp32 copy of itself."""
+        ``z`` is consumed: without the entropy (whose sum needs ``z - max`` beside ``exp(z - max)``) its memory
+        holds ``exp(z - max)``, so that the tile costs no fp32 copy of itself."""
         column, inside = label_columns(labels, vocab_offset, z.shape[1])
         self.label_logit[rows] += torch.where(inside, z.gather(1, column).squeeze(1), 0.0)
         if self.sum_z is not None:

@@ -125,6 +125,9 @@ class TiledHeadFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, problem: HeadProblem, tiling: Tiling, names: tuple):
+        # An output the loss does not differentiate (a metric) gives None, not zeros: the backward then knows
+        # which gradients exist, and the losses' case keeps its row-scaled backward (`backward_grads`).
+        ctx.set_materialize_grads(False)
         problem = HeadProblem(hidden, weight, bias, problem.labels, problem.transform, problem.outputs, problem.shard)
         result, lse, expected_z = forward_outputs(problem, tiling)
         ctx.save_for_backward(hidden, weight, bias, problem.labels, lse, expected_z)
@@ -188,10 +191,11 @@ def backward_grads(hidden, weight, bias, labels, lse, expected_z, up: dict, tran
     ``need``: which of the three to compute. ``sync_free``: never wait for the device (for a CUDA-graph
     capture), at the cost of a masked pass over all tokens per vocabulary block for the labelled weight rows.
 
-    When only the log-probs and the logsumexp have upstream gradients (the losses' case) and there is no
-    softcap or bias gradient, ``dL/da = s (p c + g_logp [label])`` with a per-token ``c``: the tile is then
-    just the probabilities (`_row_scaled`), and ``c`` is applied outside it, to the hidden states before the
-    weight-gradient GEMM and to the summed hidden-state gradient after the last block.
+    When only the log-probs and the logsumexp have upstream gradients (the losses' case, `row_scale`) and there
+    is no softcap or bias gradient, ``dL/da = s (p c + g_logp [label])`` with a per-token ``c``: the tile is then
+    ``p |s c|`` (`row_scaled_tile`: ``|s c|`` folded into the exponent), and ``sign(s c)`` is applied outside it,
+    exactly, to the hidden states before the weight-gradient GEMM and to the summed hidden-state gradient after
+    the last block.
 
     Runs with autocast off, as the forward does: a backward called inside an autocast region would otherwise
     round the recomputed logits and the fp32 GEMMs to the autocast dtype.
@@ -219,9 +223,10 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
     if has_entries and need_w:
         labelled = (_AllRows(labels) if sync_free else
                     _LabelledRows.of(labels, offset, weight.shape[0], tiling.vocab_block))
-    row_scale = _row_scale(up, transform, m, hidden.device) if grad_bias is None else None
+    scale = row_scale(up, transform, m, hidden.device) if grad_bias is None else None
     operand = hidden.dtype if rounds else torch.float32
-    scaled_hidden = (hidden.float() * row_scale[:, None]).to(operand) if row_scale is not None and need_w else None
+    sign = torch.sign(scale) if scale is not None else None
+    signed_hidden = hidden * sign[:, None].to(hidden.dtype) if sign is not None and need_w else None  # exact
     # All tokens in one block: each block's weight-gradient rows are one GEMM's output, not a sum.
     one_gemm_per_block = 0 < m <= tiling.token_block
     for block_index, v0 in enumerate(range(0, weight.shape[0], tiling.vocab_block)):
@@ -238,9 +243,9 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
             column = inside = None
             if "logprobs" in up:
                 column, inside = label_columns(labels[rows], offset + v0, w.shape[0])
-            if row_scale is not None:
-                grad_op, label_entry = _row_scaled(z, lse[rows], row_scale[rows], up, rows, column, inside, operand,
-                                                   transform)
+            if scale is not None:
+                grad_op, label_entry = row_scaled_tile(z, lse[rows], scale[rows], _rows_of(up.get("logprobs"), rows),
+                                                       column, inside, operand, transform)
                 if entry is not None:
                     entry[rows] += label_entry
             else:
@@ -259,7 +264,7 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
             if need_h:
                 gemm.mm_into(grad_hidden[rows], grad_op, w, first=False)
             if need_w:
-                h_op = scaled_hidden[rows] if scaled_hidden is not None else h
+                h_op = signed_hidden[rows] if signed_hidden is not None else h
                 if gw_block is None:
                     gw_block = gemm.matmul_fp32(grad_op.t(), h_op)
                 else:
@@ -270,8 +275,8 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
             grad_weight[v0 : v0 + tiling.vocab_block] = gw_block
         if gb_block is not None:
             grad_bias[v0 : v0 + tiling.vocab_block] = gb_block
-    if need_h and row_scale is not None:
-        grad_hidden.mul_(row_scale[:, None])  # the blocks summed p W; dL/dh = c * that (+ the label entries)
+    if need_h and sign is not None:
+        grad_hidden.mul_(sign[:, None])  # the blocks summed p |s c| W; dL/dh = sign(s c) that (+ the label entries)
     if need_h and entry is not None:
         _add_label_entries(grad_hidden, entry, weight, labels, offset)
     if need_h and shard is not None:
@@ -283,9 +288,10 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
     return grad_hidden, grad_weight, grad_bias
 
 
-def _row_scale(up: dict, transform: LogitTransform, m: int, device) -> Optional[torch.Tensor]:
+def row_scale(up: dict, transform: LogitTransform, m: int, device) -> Optional[torch.Tensor]:
     """``s c`` fp32 ``[M]`` with ``dL/da = s (p c + g_logp [label])``, or None when ``dL/da`` has no such form
-    (an entropy or mean-logit gradient, a softcap). ``c = g_lse - g_logp``, ``s = logit_scale / temperature``."""
+    (an entropy or mean-logit gradient, a softcap). ``c = g_lse - g_logp``, ``s = logit_scale / temperature``;
+    ``up``: {output name: fp32 [M]} of the outputs that have an upstream gradient."""
     if transform.softcap is not None or not set(up) <= {"logprobs", "logsumexp"}:
         return None
     coef = torch.zeros(m, dtype=torch.float32, device=device)
@@ -296,27 +302,38 @@ def _row_scale(up: dict, transform: LogitTransform, m: int, device) -> Optional[
     return coef.mul_(transform.logit_scale / transform.temperature)
 
 
-def _row_scaled(z, lse_rows, scale_rows, up: dict, rows: slice, column, inside, operand: torch.dtype,
-                transform: LogitTransform) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """One tile of the row-scaled backward: ``(p [T, W] in ``operand`` with the label entries zeroed,
-    label entries fp32 [T] or None)``. ``z`` (fp32, consumed) are the tile's logits; ``p = exp(z - lse)``
-    is written straight in the operand dtype (one pass, no fp32 copy of the tile)."""
-    z.sub_(lse_rows[:, None])
+def row_scaled_tile(z: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor, g_logp: Optional[torch.Tensor],
+                    column: Optional[torch.Tensor], inside: Optional[torch.Tensor], operand: torch.dtype,
+                    transform: LogitTransform) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One tile of the row-scaled backward: ``(p |s c| [T, W] in ``operand`` with the label entries zeroed, the
+    label entries ``s (p c + g_logp)`` fp32 [T] (0 outside the tile) or None without ``g_logp``)``.
+
+    ``z`` fp32 ``[T, W]``: the tile's logits (consumed); ``lse``, ``scale`` (`row_scale`'s ``s c``), ``g_logp``
+    fp32 ``[T]``; ``column``, ``inside``: `label_columns` of the tile (None without ``g_logp``). ``|s c|`` goes
+    into the exponent, ``exp(z - lse + log|s c|)``, written straight in the operand dtype: one pass, no fp32 copy
+    of the tile, and the operand is rounded once, as ``p s c`` would be (rounding ``p`` and ``s c h`` apart
+    doubles the weight gradient's rounding error, and ``s c h`` in fp16 overflows sooner than ``p s c <= |s c|``).
+    The caller applies ``sign(s c)``."""
+    z.sub_((lse - torch.log(scale.abs()))[:, None])  # where s c = 0, exp(-inf) = 0
     label_entry = None
     if column is not None:
-        # The label entry s (p c + g_logp), from the fp32 log-prob; its place in the tile becomes 0.
-        p_label = torch.exp(z.gather(1, column).squeeze(1))
-        label_entry = torch.where(inside, p_label * scale_rows + up["logprobs"][rows] * (
-            transform.logit_scale / transform.temperature), 0.0)
+        # The whole label entry s (p c + g_logp) = sign(s c) p |s c| + s g_logp, in fp32.
+        scaled_p = torch.exp(z.gather(1, column).squeeze(1))
+        s = transform.logit_scale / transform.temperature
+        label_entry = torch.where(inside, torch.sign(scale) * scaled_p + g_logp * s, 0.0)
     p = torch.exp(z, out=torch.empty(z.shape, dtype=operand, device=z.device)) if operand != z.dtype else z.exp_()
     if column is not None:
         _take_label_entries_(p, column, inside)
     return p, label_entry
 
 
+def _rows_of(values: Optional[torch.Tensor], rows: slice) -> Optional[torch.Tensor]:
+    return values[rows] if values is not None else None
+
+
 def _take_label_entries_(grad: torch.Tensor, column: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
-    """Zero each token's label entry in the tile ``grad [T, W]`` (fp32) and return it, fp32 ``[T]``
-    (0 for tokens labelled outside the tile, whose entries stay)."""
+    """Zero each token's label entry in the tile ``grad [T, W]`` (fp32, or the operand dtype) and return it,
+    ``[T]`` in the tile's dtype (0 for tokens labelled outside the tile, whose entries stay)."""
     picked = grad.gather(1, column).squeeze(1)
     grad.scatter_(1, column, torch.where(inside, 0.0, picked)[:, None])
     return torch.where(inside, picked, 0.0)
