@@ -248,6 +248,7 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
             if scale is not None:
                 grad_op, label_entry = row_scaled_tile(z, lse[rows], scale[rows], _rows_of(up.get("logprobs"), rows),
                                                        column, inside, operand, transform)
+                del z  # consumed; free before the GEMMs, which then hold only the operand tile
                 if entry is not None:
                     entry[rows] += label_entry
             else:
