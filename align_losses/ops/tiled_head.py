@@ -217,6 +217,7 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
     # dL/da is rounded to the operand dtype where the GEMMs take it: half precision on CUDA, bf16 on the CPU
     # (whose bf16 GEMMs `gemm` runs on oneDNN's bf16 kernels; fp16 is upcast to fp32 there).
     rounds = hidden.dtype == torch.bfloat16 or (hidden.is_cuda and hidden.dtype != torch.float32)
+    operand = hidden.dtype if rounds else torch.float32  # the dtype of dL/da as a GEMM operand
     # See `_add_label_entries`: the label entries stay out of the GEMM operands, kept here in fp32.
     # An empty shard holds no label; with only the bias to differentiate, the entries need not move.
     has_entries = "logprobs" in up and weight.shape[0] > 0 and (need_h or need_w)
@@ -226,7 +227,6 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
         labelled = (_AllRows(labels) if sync_free else
                     _LabelledRows.of(labels, offset, weight.shape[0], tiling.vocab_block))
     scale = row_scale(up, transform, m, hidden.device) if grad_bias is None else None
-    operand = hidden.dtype if rounds else torch.float32
     sign = torch.sign(scale) if scale is not None else None
     signed_hidden = hidden * sign[:, None].to(hidden.dtype) if sign is not None and need_w else None  # exact
     # All tokens in one block: each block's weight-gradient rows are one GEMM's output, not a sum.
@@ -246,8 +246,9 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
             if "logprobs" in up:
                 column, inside = label_columns(labels[rows], offset + v0, w.shape[0])
             if scale is not None:
-                grad_op, label_entry = row_scaled_tile(z, lse[rows], scale[rows], _rows_of(up.get("logprobs"), rows),
-                                                       column, inside, operand, transform)
+                g_logp = up["logprobs"][rows] if "logprobs" in up else None
+                grad_op, label_entry = row_scaled_tile(z, lse[rows], scale[rows], g_logp, column, inside, operand,
+                                                       transform)
                 del z  # consumed; free before the GEMMs, which then hold only the operand tile
                 if entry is not None:
                     entry[rows] += label_entry
@@ -263,7 +264,7 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
                 if entry is not None:
                     entry[rows] += _take_label_entries_(grad, column, inside)
                 # The tile gradient is rounded to the operand dtype only as a GEMM input; sums stay fp32.
-                grad_op = grad.to(hidden.dtype) if rounds else grad
+                grad_op = grad.to(operand)
             if need_h:
                 gemm.mm_into(grad_hidden[rows], grad_op, w, first=False)
             if need_w:
@@ -328,10 +329,6 @@ def row_scaled_tile(z: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor, g_l
     if column is not None:
         _take_label_entries_(p, column, inside)
     return p, label_entry
-
-
-def _rows_of(values: Optional[torch.Tensor], rows: slice) -> Optional[torch.Tensor]:
-    return values[rows] if values is not None else None
 
 
 def _take_label_entries_(grad: torch.Tensor, column: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
