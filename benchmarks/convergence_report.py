@@ -364,10 +364,10 @@ def report(args) -> int:
     for name, r in runs.items():
         if r["status"] != "done":
             warnings.append(f"{name} is {r['status']} ({r['steps_done']}/{r['settings']['steps']} steps)")
-    base_weights = runs.get(BASE, {}).get("weights_sha256")
-    for name, f in fts.items():
-        if base_weights and f.get("base") == BASE and f.get("base_weights_sha256") != base_weights:
-            warnings.append(f"{name} started from another {BASE} than the curve shown (another session's run)")
+    for name, f in fts.items():  # a finetune starts from one run's final weights: that run's, as shown?
+        base_weights = runs.get(f.get("base"), {}).get("weights_sha256")
+        if base_weights and f.get("base_weights_sha256") != base_weights:
+            warnings.append(f"{name} started from another {f['base']} than the curve shown (another session's run)")
     steps = runs[reference]["settings"]["steps"]
     window = max(1, steps // 40)
     corpus = runs[reference]["corpus"]
