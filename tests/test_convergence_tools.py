@@ -221,6 +221,16 @@ def test_report_comparisons():
     assert c["max_abs_diff"] == pytest.approx(0.2)
     assert convergence_report.window_means([1, 2, 3, 4, 5], 2) == [1.5, 3.5]
     assert convergence_report.compare_series([1.0], [1.0], None).get("within") is None
+    # A noise run still going: the differences over every point, the spread over its prefix only.
+    c = convergence_report.compare_series([3.05, 2.5, 2.2, 1.81], base, noise[:2])
+    assert c["points"] == 4 and c["spread_points"] == 2 and c["within"] == 2
+    assert c["max_abs_diff"] == pytest.approx(0.2) and c["rms_ratio"] == pytest.approx(
+        (0.05 ** 2 / 2) ** 0.5 / ((0.1 ** 2 + 0.1 ** 2) / 2) ** 0.5)
+    held = convergence_report.heldout_series({"heldout_step": [0, 10, 20, 30], "heldout_loss": [9, 3.0, 2.2, 2.0]},
+                                             {"heldout_step": [0, 10, 20, 30], "heldout_loss": [9, 3.1, 2.0, 2.0]},
+                                             {"heldout_step": [0, 10], "heldout_loss": [9, 3.3]})
+    assert held["at"] == [10, 20, 30] and held["spread_points"] == 1 and held["within"] == 1
+    assert held["max_abs_diff"] == pytest.approx(0.2)
 
 
 def test_captured_distribution_stats():
