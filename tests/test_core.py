@@ -146,8 +146,8 @@ def test_row_scaled_tile_is_p_times_c_rounded_once():
     g_lse[:3] = g_logp[:3]  # c = 0
     scale = row_scale({"logprobs": g_logp.float(), "logsumexp": g_lse.float()}, transform, t, z.device)
     column, inside = label_columns(labels, first, width)
-    tile, entry = row_scaled_tile(z.float(), lse.float(), scale, g_logp.float(), column, inside, torch.bfloat16,
-                                  transform)
+    tile, entry = row_scaled_tile(z.float(), lse.float() - scale.abs().log(), scale.sign(), g_logp.float(), column,
+                                  inside, torch.bfloat16, transform)
     assert tile.dtype == torch.bfloat16
     p = (z - lse[:, None]).exp()
     c = g_lse - g_logp

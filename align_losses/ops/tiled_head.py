@@ -227,7 +227,10 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
         labelled = (_AllRows(labels) if sync_free else
                     _LabelledRows.of(labels, offset, weight.shape[0], tiling.vocab_block))
     scale = row_scale(up, transform, m, hidden.device) if grad_bias is None else None
-    sign = torch.sign(scale) if scale is not None else None
+    sign = shift = None
+    if scale is not None:  # once per backward, not per tile
+        sign = torch.sign(scale)
+        shift = lse - torch.log(scale.abs())  # p |s c| = exp(z - shift); +inf where s c = 0, so p |s c| = 0
     signed_hidden = hidden * sign[:, None].to(hidden.dtype) if sign is not None and need_w else None  # exact
     # All tokens in one block: each block's weight-gradient rows are one GEMM's output, not a sum.
     one_gemm_per_block = 0 < m <= tiling.token_block
@@ -247,7 +250,7 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
                 column, inside = label_columns(labels[rows], offset + v0, w.shape[0])
             if scale is not None:
                 g_logp = up["logprobs"][rows] if "logprobs" in up else None
-                grad_op, label_entry = row_scaled_tile(z, lse[rows], scale[rows], g_logp, column, inside, operand,
+                grad_op, label_entry = row_scaled_tile(z, shift[rows], sign[rows], g_logp, column, inside, operand,
                                                        transform)
                 del z  # consumed; free before the GEMMs, which then hold only the operand tile
                 if entry is not None:
@@ -306,25 +309,25 @@ def row_scale(up: dict, transform: LogitTransform, m: int, device) -> Optional[t
     return coef.mul_(transform.logit_scale / transform.temperature)
 
 
-def row_scaled_tile(z: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor, g_logp: Optional[torch.Tensor],
+def row_scaled_tile(z: torch.Tensor, shift: torch.Tensor, sign: torch.Tensor, g_logp: Optional[torch.Tensor],
                     column: Optional[torch.Tensor], inside: Optional[torch.Tensor], operand: torch.dtype,
                     transform: LogitTransform) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One tile of the row-scaled backward: ``(p |s c| [T, W] in ``operand`` with the label entries zeroed, the
     label entries ``s (p c + g_logp)`` fp32 [T] (0 outside the tile) or None without ``g_logp``)``.
 
-    ``z`` fp32 ``[T, W]``: the tile's logits (consumed); ``lse``, ``scale`` (`row_scale`'s ``s c``), ``g_logp``
-    fp32 ``[T]``; ``column``, ``inside``: `label_columns` of the tile (None without ``g_logp``). ``|s c|`` goes
-    into the exponent, ``exp(z - lse + log|s c|)``, written straight in the operand dtype: one pass, no fp32 copy
-    of the tile, and the operand is rounded once, as ``p s c`` would be (rounding ``p`` and ``s c h`` apart
-    doubles the weight gradient's rounding error, and ``s c h`` in fp16 overflows sooner than ``p s c <= |s c|``).
-    The caller applies ``sign(s c)``."""
-    z.sub_((lse - torch.log(scale.abs()))[:, None])  # where s c = 0, exp(-inf) = 0
+    ``z`` fp32 ``[T, W]``: the tile's logits (consumed); ``shift = lse - log|s c|`` and ``sign = sign(s c)``
+    (`row_scale`'s ``s c``), ``g_logp`` fp32 ``[T]``; ``column``, ``inside``: `label_columns` of the tile (None
+    without ``g_logp``). ``|s c|`` goes into the exponent, ``exp(z - shift)``, written straight in the operand
+    dtype: one pass, no fp32 copy of the tile, and the operand is rounded once, as ``p s c`` would be (rounding
+    ``p`` and ``s c h`` apart doubles the weight gradient's rounding error, and ``s c h`` in fp16 overflows sooner
+    than ``p s c <= |s c|``). The caller applies ``sign(s c)`` to the tile's products."""
+    z.sub_(shift[:, None])  # where s c = 0, exp(-inf) = 0
     label_entry = None
     if column is not None:
         # The whole label entry s (p c + g_logp) = sign(s c) p |s c| + s g_logp, in fp32.
         scaled_p = torch.exp(z.gather(1, column).squeeze(1))
         s = transform.logit_scale / transform.temperature
-        label_entry = torch.where(inside, torch.sign(scale) * scaled_p + g_logp * s, 0.0)
+        label_entry = torch.where(inside, sign * scaled_p + g_logp * s, 0.0)
     p = torch.exp(z, out=torch.empty(z.shape, dtype=operand, device=z.device)) if operand != z.dtype else z.exp_()
     if column is not None:
         _take_label_entries_(p, column, inside)
