@@ -15,17 +15,16 @@ date, commit, device and versions). The kept run: ``benchmarks/results/torch-pro
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_common.py, however this is run
+import _common  # noqa: E402 - puts the checkout on sys.path too
 import align_losses  # noqa: E402
 
 N, D, V = 8192, 2048, 151936
@@ -48,24 +47,14 @@ def median_ms(fn, reps: int = 7) -> tuple[float, list]:
     return statistics.median(times), times
 
 
-def _commit(given: str | None) -> str:
-    if given:
-        return given
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--commit", help="the commit to record where the checkout has no .git")
+    _common.add_commit_arg(parser)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("torch_profile.py profiles CUDA kernels: no CUDA device is visible")
-    print(f"# torch backend profile: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit "
-          f"{_commit(args.commit)}, {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"# torch backend profile: {_common.utc_now()}, commit {args.commit or _common.git_commit()}, "
+          f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     torch.manual_seed(0)
     hidden = torch.randn(N, D, device="cuda").bfloat16()
     weight = (torch.randn(V, D, device="cuda") * 0.02).bfloat16().requires_grad_()
