@@ -482,3 +482,49 @@ def test_auto_logs_its_choice_once(caplog, monkeypatch):
         align_losses.linear_logprobs(hidden, weight, labels)
     chosen = [r for r in caplog.records if "chose backend" in r.getMessage()]
     assert len(chosen) == 1 and "'torch'" in chosen[0].getMessage()
+
+
+def _ops_per_pass(blocks: int, outputs: tuple) -> tuple[int, int]:
+    """ATen ops that launch work (views left out) in the torch backend's forward and backward of a call over
+    ``blocks`` vocabulary blocks of 256 ids, all 64 tokens in one token block, bf16; the log-probs and
+    ``outputs`` differentiated."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    views = {"slice", "unsqueeze", "squeeze", "t", "view", "expand", "select", "alias", "detach", "as_strided",
+             "_unsafe_view", "transpose", "permute", "unbind", "split"}
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.__name__.split(".")[0] not in views
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(blocks)
+    m, d = 64, 16
+    hidden = torch.randn(m, d, generator=g).to(torch.bfloat16).requires_grad_()
+    weight = torch.randn(blocks * 256, d, generator=g).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, blocks * 256, (m,), generator=g)
+    with Count() as fwd:
+        stats = align_losses.linear_token_stats(hidden, weight, labels, outputs=outputs, impl="torch",
+                                                backend_options={"memory_budget": 16 * m * 256})
+    loss = sum((getattr(stats, name).float() * torch.randn(m, generator=g)).sum() for name in ("logprobs", *outputs))
+    with Count() as bwd:
+        loss.backward()
+    return fwd.n, bwd.n
+
+
+@pytest.mark.parametrize("outputs", [(), ("entropy",)])
+def test_a_vocabulary_block_costs_few_launches(outputs):
+    """On a GPU the torch backend's walk is host-bound when each block issues many small ops (28 blocks at a
+    152k vocabulary: benchmarks/NOTES-torch.md). Per extra block, the forward and backward each launch at most
+    ~20 ops here (on the CPU, 2 and 6 of them bf16 upcasts for its GEMMs), not the 28 and 43 of 5752a65; with
+    the entropy, about 30 each (39 and 44 at 5752a65)."""
+    f2, b2 = _ops_per_pass(2, outputs)
+    f5, b5 = _ops_per_pass(5, outputs)
+    per_block_fwd, per_block_bwd = (f5 - f2) / 3, (b5 - b2) / 3
+    limit_fwd, limit_bwd = (20, 21) if not outputs else (31, 30)  # the entropy: its sums and the general backward
+    assert per_block_fwd <= limit_fwd, per_block_fwd
+    assert per_block_bwd <= limit_bwd, per_block_bwd
