@@ -238,9 +238,9 @@ def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, 
     operand = hidden.dtype if rounds else torch.float32  # the dtype of dL/da as a GEMM operand
     where = LabelBlocks.of(labels, offset, weight.shape[0], tiling.vocab_block)
     # See `_add_label_entries`: the label entries stay out of the GEMM operands, kept here in fp32.
-    # An empty shard holds no label; with only the bias to differentiate, the entries need not move.
+    # No token, or an empty shard: no label; with only the bias to differentiate, the entries need not move.
     entry = None
-    if "logprobs" in up and weight.shape[0] > 0 and (need_h or need_w):
+    if "logprobs" in up and m > 0 and weight.shape[0] > 0 and (need_h or need_w):
         entry = label_entries(label_logit, lse, expected_z, up, transform, vocab, where.inside)
     labelled = None
     if entry is not None and need_w:
