@@ -356,7 +356,8 @@ def test_label_entries_reach_their_weight_rows_as_in_float64():
         untouched = torch.ones(width, dtype=torch.bool)
         untouched[labels[inside] - first] = False
         assert torch.equal(got[untouched], rows[untouched])
-    assert len(labelled.bounds) == 5 and labelled.bounds[-1] - labelled.bounds[0] == len(set(labels[in_shard].tolist()))
+    assert len(labelled.bounds) == 5 and labelled.bounds[0] == 0
+    assert labelled.bounds[-1] == len(set(labels[in_shard].tolist())) == labelled.rows.shape[0]  # a row per label
 
 
 @pytest.mark.parametrize("leaf", ["hidden", "weight", "bias"])
@@ -525,6 +526,6 @@ def test_a_vocabulary_block_costs_few_launches(outputs):
     f2, b2 = _ops_per_pass(2, outputs)
     f5, b5 = _ops_per_pass(5, outputs)
     per_block_fwd, per_block_bwd = (f5 - f2) / 3, (b5 - b2) / 3
-    limit_fwd, limit_bwd = (20, 21) if not outputs else (31, 30)  # the entropy: its sums and the general backward
+    limit_fwd, limit_bwd = (22, 23) if not outputs else (33, 32)  # the entropy: its sums and the general backward
     assert per_block_fwd <= limit_fwd, per_block_fwd
     assert per_block_bwd <= limit_bwd, per_block_bwd

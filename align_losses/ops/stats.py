@@ -2,8 +2,9 @@
 
 `Stats` holds each token's running max, sum of exponentials and what the requested outputs need
 (fp32 ``[M]`` each), folds in one tile of logits at a time (`Stats.update`, the ``"torch"``
-backend's forward, with `LabelBlocks` for the labels' places) or takes the merged partials of a kernel (the ``"triton"`` backend's), and merges
-the shards of a vocabulary-parallel head (`Stats.all_reduce`). `finish_outputs` turns merged
+backend's forward, with `LabelBlocks` for the labels' places) or takes the merged partials of a
+kernel (the ``"triton"`` backend's), and merges the shards of a vocabulary-parallel head
+(`Stats.all_reduce`). `finish_outputs` turns merged
 statistics into the per-token outputs of `align_losses.problem.OUTPUTS`. Pure PyTorch; both
 backends' ops import it, so their outputs come from one formula.
 """
