@@ -128,38 +128,48 @@ def test_losses_upstream_outside_the_row_scaled_form(case):
 
 def test_row_scaled_tile_is_p_times_c_rounded_once():
     """A row-scaled tile in a bf16 operand (as on CUDA) is ``p |s c|`` rounded once per element, its label entries
-    zeroed, with the sign of ``s c`` left to the caller; its label entries are the fp32 ``s (p c + g_logp)``.
-    ``c`` of both signs, zero, and magnitudes from 1e-6 to 1e3; labels inside and outside the tile."""
-    from align_losses.ops.stats import label_columns
-    from align_losses.ops.tiled_head import row_scale, row_scaled_tile
+    zeroed (`_zero_label_entries_`), with the sign of ``s c`` left to the caller; the label entries
+    (`label_entries`, from the label logits) are the fp32 ``s (p c + g_logp)``. ``c`` of both signs, zero, and
+    magnitudes from 1e-6 to 1e3; labels inside and outside the tile (the second block of a walk in blocks of 97
+    ids from 203, which is shorter than 97 when it is the last)."""
+    from align_losses.ops.stats import LabelBlocks
+    from align_losses.ops.tiled_head import _zero_label_entries_, label_entries, row_scale, row_scaled_tile
     from align_losses.problem import LogitTransform
 
     g = torch.Generator().manual_seed(12)
-    t, width, first = 41, 97, 300
+    t, size, first = 41, 97, 300
     transform = LogitTransform(logit_scale=1.3, temperature=0.7)
     s = 1.3 / 0.7
-    z = torch.randn(t, width, generator=g, dtype=torch.float64) * 4
-    lse = torch.logsumexp(torch.cat([z, torch.randn(t, 400, generator=g, dtype=torch.float64) * 4], 1), 1)
-    labels = torch.randint(first - 30, first + width + 30, (t,), generator=g)
-    g_logp = torch.randn(t, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-6, 4, (t,), generator=g)
-    g_lse = torch.randn(t, generator=g, dtype=torch.float64)
-    g_lse[:3] = g_logp[:3]  # c = 0
-    scale = row_scale({"logprobs": g_logp.float(), "logsumexp": g_lse.float()}, transform, t, z.device)
-    column, inside = label_columns(labels, first, width)
-    tile, entry = row_scaled_tile(z.float(), lse.float() - scale.abs().log(), scale.sign(), g_logp.float(), column,
-                                  inside, torch.bfloat16, transform)
-    assert tile.dtype == torch.bfloat16
-    p = (z - lse[:, None]).exp()
-    c = g_lse - g_logp
-    want = p * (s * c).abs()[:, None]
-    rows = inside.nonzero().squeeze(1)
-    want[rows, column.squeeze(1)[rows]] = 0.0
-    got = tile.double()
-    assert torch.equal(got == 0, want.to(torch.bfloat16) == 0)
-    assert float(((got - want).abs() / want.abs().clamp_min(1e-300))[want != 0].max()) <= 2.0**-8 * 1.01
-    p_label = p.gather(1, column).squeeze(1)
-    want_entry = torch.where(inside, s * (p_label * c + g_logp), torch.zeros((), dtype=torch.float64))
-    assert float(((entry.double() - want_entry).abs() / want_entry.abs().clamp_min(1e-12)).max()) < 1e-5
+    for width in (size, 90):
+        z = torch.randn(t, width, generator=g, dtype=torch.float64) * 4
+        lse = torch.logsumexp(torch.cat([z, torch.randn(t, 400, generator=g, dtype=torch.float64) * 4], 1), 1)
+        labels = torch.randint(first - 30, first + width + 30, (t,), generator=g)
+        g_logp = torch.randn(t, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-6, 4, (t,), generator=g)
+        g_lse = torch.randn(t, generator=g, dtype=torch.float64)
+        g_lse[:3] = g_logp[:3]  # c = 0
+        up = {"logprobs": g_logp.float(), "logsumexp": g_lse.float()}
+        scale = row_scale(up, transform, t, z.device)
+        where = LabelBlocks.of(labels, first - size, size + width, size)  # this tile is block 1
+        rows = slice(None)
+        tile = row_scaled_tile(z.float(), (lse.float() - scale.abs().log()), torch.bfloat16)
+        _zero_label_entries_(tile, where.columns(rows, width), where.in_block(rows, 1))
+        assert tile.dtype == torch.bfloat16
+        p = (z - lse[:, None]).exp()
+        c = g_lse - g_logp
+        want = p * (s * c).abs()[:, None]
+        inside = (labels >= first) & (labels < first + width)
+        hit = inside.nonzero().squeeze(1)
+        want[hit, labels[hit] - first] = 0.0
+        got = tile.double()
+        assert torch.equal(got == 0, want.to(torch.bfloat16) == 0)
+        assert float(((got - want).abs() / want.abs().clamp_min(1e-300))[want != 0].max()) <= 2.0**-8 * 1.01
+        # The entries from the label logits (those of tokens labelled in block 0, before the tile, too).
+        label_z = torch.where(inside, z.gather(1, (labels - first).clamp(0, width - 1)[:, None]).squeeze(1),
+                              torch.randn(t, generator=g, dtype=torch.float64))
+        entry = label_entries(label_z.float(), lse.float(), None, up, transform, size + width, where.inside)
+        walked = (labels >= first - size) & (labels < first + width)
+        want_entry = torch.where(walked, s * ((label_z - lse).exp() * c + g_logp), torch.zeros((), dtype=torch.float64))
+        assert float(((entry.double() - want_entry).abs() / want_entry.abs().clamp_min(1e-12)).max()) < 1e-5
 
 
 def test_cpu_bf16_gemms_are_fp32_gemms():
@@ -321,17 +331,18 @@ def test_frozen_weight_gets_no_gradient_work(monkeypatch):
 def test_label_entries_reach_their_weight_rows_as_in_float64():
     """`_LabelledRows` (the torch backend's labelled weight rows) against float64: a shard from id 40 in
     blocks of 17 ids (the last one short), labels before, inside (one of them repeated, one on every
-    block edge) and after the shard; rows without a label left alone."""
+    block edge) and after the shard; rows without a label left alone; the products made 7 tokens at a time."""
     from align_losses.ops.tiled_head import _LabelledRows
 
     g = torch.Generator().manual_seed(5)
     m, d, offset, vocab, block = 61, 13, 40, 60, 17
-    entry = torch.randn(m, generator=g)
     hidden = torch.randn(m, d, generator=g).to(torch.bfloat16)
     labels = torch.randint(0, 140, (m,), generator=g)
     labels[:10] = torch.tensor([offset - 1, offset, offset + 16, offset + 17, offset + 33, offset + 34,
                                 offset + vocab - 1, offset + vocab, offset + 3, offset + 3])
-    labelled = _LabelledRows.of(labels, offset, vocab, block)
+    in_shard = (labels >= offset) & (labels < offset + vocab)
+    entry = torch.where(in_shard, torch.randn(m, generator=g), 0.0)  # as label_entries gives them
+    labelled = _LabelledRows.of(labels, entry, hidden, offset, vocab, block, chunk=7)
     for index, first in enumerate(range(offset, offset + vocab, block)):
         width = min(block, offset + vocab - first)
         rows = torch.randn(width, d, generator=g)
@@ -340,13 +351,13 @@ def test_label_entries_reach_their_weight_rows_as_in_float64():
         for t in torch.nonzero(inside).squeeze(1).tolist():
             want[labels[t] - first] += entry[t].double() * hidden[t].double()
         got = rows.clone()
-        labelled.add_to_block(got, index, first, entry, hidden)
+        labelled.add_to_block(got, index, first)
         assert rel(got, want) < 1e-6
         untouched = torch.ones(width, dtype=torch.bool)
         untouched[labels[inside] - first] = False
         assert torch.equal(got[untouched], rows[untouched])
-    assert len(labelled.bounds) == 5 and labelled.bounds[-1] - labelled.bounds[0] == int(
-        ((labels >= offset) & (labels < offset + vocab)).sum())
+    assert len(labelled.bounds) == 5 and labelled.bounds[0] == 0
+    assert labelled.bounds[-1] == len(set(labels[in_shard].tolist())) == labelled.rows.shape[0]  # a row per label
 
 
 @pytest.mark.parametrize("leaf", ["hidden", "weight", "bias"])
@@ -472,3 +483,49 @@ def test_auto_logs_its_choice_once(caplog, monkeypatch):
         align_losses.linear_logprobs(hidden, weight, labels)
     chosen = [r for r in caplog.records if "chose backend" in r.getMessage()]
     assert len(chosen) == 1 and "'torch'" in chosen[0].getMessage()
+
+
+def _ops_per_pass(blocks: int, outputs: tuple) -> tuple[int, int]:
+    """ATen ops that launch work (views left out) in the torch backend's forward and backward of a call over
+    ``blocks`` vocabulary blocks of 256 ids, all 64 tokens in one token block, bf16; the log-probs and
+    ``outputs`` differentiated."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    views = {"slice", "unsqueeze", "squeeze", "t", "view", "expand", "select", "alias", "detach", "as_strided",
+             "_unsafe_view", "transpose", "permute", "unbind", "split"}
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.__name__.split(".")[0] not in views
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(blocks)
+    m, d = 64, 16
+    hidden = torch.randn(m, d, generator=g).to(torch.bfloat16).requires_grad_()
+    weight = torch.randn(blocks * 256, d, generator=g).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, blocks * 256, (m,), generator=g)
+    with Count() as fwd:
+        stats = align_losses.linear_token_stats(hidden, weight, labels, outputs=outputs, impl="torch",
+                                                backend_options={"memory_budget": 16 * m * 256})
+    loss = sum((getattr(stats, name).float() * torch.randn(m, generator=g)).sum() for name in ("logprobs", *outputs))
+    with Count() as bwd:
+        loss.backward()
+    return fwd.n, bwd.n
+
+
+@pytest.mark.parametrize("outputs", [(), ("entropy",)])
+def test_a_vocabulary_block_costs_few_launches(outputs):
+    """On a GPU the torch backend's walk is host-bound when each block issues many small ops (28 blocks at a
+    152k vocabulary: benchmarks/NOTES-torch.md). Per extra block, the forward and backward each launch at most
+    ~20 ops here (on the CPU, 2 and 6 of them bf16 upcasts for its GEMMs), not the 28 and 43 of 5752a65; with
+    the entropy, about 30 each (39 and 44 at 5752a65)."""
+    f2, b2 = _ops_per_pass(2, outputs)
+    f5, b5 = _ops_per_pass(5, outputs)
+    per_block_fwd, per_block_bwd = (f5 - f2) / 3, (b5 - b2) / 3
+    limit_fwd, limit_bwd = (22, 23) if not outputs else (33, 32)  # the entropy: its sums and the general backward
+    assert per_block_fwd <= limit_fwd, per_block_fwd
+    assert per_block_bwd <= limit_bwd, per_block_bwd

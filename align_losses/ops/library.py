@@ -162,8 +162,7 @@ def _run_forward(backend: str, problem: HeadProblem, memory_budget: int, token_c
         from .tiled_head import Tiling
 
         tiling = Tiling.plan(problem.hidden.shape[0], problem.weight.shape[0], memory_budget, token_chunk or None)
-        result, lse, expected_z = module.forward_outputs(problem, tiling)
-        return result, lse, expected_z, torch.zeros_like(lse)
+        return module.forward_outputs(problem, tiling)
     cfg = module.FWD_CONFIGS[problem.hidden.dtype]
     result, lse, expected_z, label_logit, _ = module.forward_outputs(
         problem.hidden, problem.weight, problem.bias, problem.labels, problem.transform, problem.outputs, None, cfg)
@@ -229,8 +228,9 @@ def head_backward(grad_values: Tensor, hidden: Tensor, weight: Tensor, bias: Opt
     module = importlib.import_module(_MODULES[backend], __package__)
     if backend == "torch":
         tiling = module.Tiling.plan(hidden_rows.shape[0], vocab, memory_budget, token_chunk or None)
-        grads = module.backward_grads(hidden_rows, weight, bias, labels_rows, lse_rows, ez_rows, up, transform, None,
-                                      vocab, tiling, need, sync_free=sync_free(hidden.device))
+        grads = module.backward_grads(hidden_rows, weight, bias, labels_rows, rows.take(label_logit), lse_rows,
+                                      ez_rows, up, transform, None, vocab, tiling, need,
+                                      sync_free=sync_free(hidden.device))
     else:
         cfg = module.BWD_CONFIGS[hidden.dtype]
         grads = module.backward_grads(hidden_rows, weight, bias, labels_rows, rows.take(label_logit),

@@ -24,7 +24,7 @@ import torch
 
 from ..problem import DIFFERENTIABLE_OUTPUTS, OUTPUTS, HeadProblem, LogitTransform
 from . import gemm
-from .stats import Stats, finish_outputs, label_columns
+from .stats import LabelBlocks, Stats, finish_outputs
 
 # Bytes of fp32 temporaries per tile element: logits, probabilities, their gradient, a cast copy.
 _BYTES_PER_TILE_ELEMENT = 16
@@ -102,13 +102,14 @@ def _forward_stats(problem: HeadProblem, tiling: Tiling) -> Stats:
     hidden, weight, bias, labels = problem.hidden, problem.weight, problem.bias, problem.labels
     offset = problem.shard.start if problem.shard is not None else 0
     stats = Stats.empty(hidden.shape[0], hidden.device, problem.outputs)
-    for v0 in range(0, weight.shape[0], tiling.vocab_block):
+    where = LabelBlocks.of(labels, offset, weight.shape[0], tiling.vocab_block)
+    for block, v0 in enumerate(range(0, weight.shape[0], tiling.vocab_block)):
         w = weight[v0 : v0 + tiling.vocab_block]
         b = bias[v0 : v0 + tiling.vocab_block] if bias is not None else None
         for t0 in range(0, hidden.shape[0], tiling.token_block):
             rows = slice(t0, t0 + tiling.token_block)
             z = _logits(_raw_tile(hidden[rows], w, b), problem.transform)
-            stats.update(rows, z, offset + v0, labels[rows])
+            stats.update(rows, z, offset + v0, where, block)
     if problem.shard is not None:
         stats.all_reduce(problem.shard.group)
     return stats
@@ -119,8 +120,8 @@ class TiledHeadFunction(torch.autograd.Function):
 
     ``forward(hidden [M, D], weight [V_local, D], bias [V_local] | None, problem, tiling, names)``
     returns one fp32 ``[M]`` tensor per name in ``names`` (a subset of `OUTPUTS`, in its order);
-    ``argmax_hit`` and ``log_sum_p2`` are marked non-differentiable. Saved for backward: the inputs, the labels, ``logsumexp [M]`` and, when the
-    entropy is requested, ``E_p[z] [M]``.
+    ``argmax_hit`` and ``log_sum_p2`` are marked non-differentiable. Saved for backward: the inputs, the labels,
+    the label logits ``[M]``, ``logsumexp [M]`` and, when the entropy is requested, ``E_p[z] [M]``.
     """
 
     @staticmethod
@@ -129,8 +130,8 @@ class TiledHeadFunction(torch.autograd.Function):
         # which gradients exist, and the losses' case keeps its row-scaled backward (`backward_grads`).
         ctx.set_materialize_grads(False)
         problem = HeadProblem(hidden, weight, bias, problem.labels, problem.transform, problem.outputs, problem.shard)
-        result, lse, expected_z = forward_outputs(problem, tiling)
-        ctx.save_for_backward(hidden, weight, bias, problem.labels, lse, expected_z)
+        result, lse, expected_z, label_logit = forward_outputs(problem, tiling)
+        ctx.save_for_backward(hidden, weight, bias, problem.labels, label_logit, lse, expected_z)
         ctx.problem_meta = (problem.transform, problem.shard, problem.vocab_size)
         ctx.tiling = tiling
         ctx.names = names
@@ -140,28 +141,30 @@ class TiledHeadFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        hidden, weight, bias, labels, lse, expected_z = ctx.saved_tensors
+        hidden, weight, bias, labels, label_logit, lse, expected_z = ctx.saved_tensors
         transform, shard, vocab = ctx.problem_meta
         upstream = {n: g for n, g in zip(ctx.names, grads) if g is not None}
         grad_hidden, grad_weight, grad_bias = backward_grads(
-            hidden, weight, bias, labels, lse, expected_z, upstream, transform, shard, vocab, ctx.tiling,
+            hidden, weight, bias, labels, label_logit, lse, expected_z, upstream, transform, shard, vocab, ctx.tiling,
             need=ctx.needs_input_grad[:3],
         )
         return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
-def forward_outputs(problem: HeadProblem, tiling: Tiling) -> tuple[dict, torch.Tensor, Optional[torch.Tensor]]:
+def forward_outputs(problem: HeadProblem, tiling: Tiling
+                    ) -> tuple[dict, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """The forward of `TiledHeadFunction` and of the registered op (`align_losses.ops.library`):
-    ``({output name: fp32 [M]}, logsumexp fp32 [M], E_p[z] fp32 [M] or None without the entropy)``,
-    the last two being what `backward_grads` needs."""
+    ``({output name: fp32 [M]}, logsumexp fp32 [M], E_p[z] fp32 [M] or None without the entropy, label logit
+    fp32 [M])``, the last three being what `backward_grads` needs (the label logit is the logits tile's own value
+    at the label; merged over a vocabulary-parallel head's shards, as the other statistics)."""
     stats = _forward_stats(problem, tiling)
     result = finish_outputs(stats, problem.outputs, problem.vocab_size, problem.labels)
     lse = stats.max + torch.log(stats.sum_exp)
-    return result, lse, stats.expected_z()
+    return result, lse, stats.expected_z(), stats.label_logit
 
 
 def _logit_grad(z, lse_rows, expected_z_rows, up: dict, rows: slice, vocab: int) -> torch.Tensor:
-    """``dL/dz`` for one tile, before the label term (added by the caller).
+    """``dL/dz`` for one tile, without the label term ``g_logp`` (the label entries are `label_entries`'s).
 
     ``dL/dz_v = p_v (g_lse - g_logp - g_ent (z_v - E[z])) + g_mean / V`` (+ ``g_logp`` at the label).
     """
@@ -183,13 +186,28 @@ def _logit_grad(z, lse_rows, expected_z_rows, up: dict, rows: slice, vocab: int)
     return grad
 
 
-def backward_grads(hidden, weight, bias, labels, lse, expected_z, up: dict, transform: LogitTransform, shard,
-                   vocab: int, tiling: Tiling, need, sync_free: bool = False):
+def label_entries(label_logit: torch.Tensor, lse: torch.Tensor, expected_z: Optional[torch.Tensor], up: dict,
+                  transform: LogitTransform, vocab: int, inside: torch.Tensor) -> torch.Tensor:
+    """Each token's label entry of ``dL/da`` (fp32 ``[M]``; 0 where ``inside`` is False: a label in another
+    vocabulary shard): `_logit_grad`'s formula plus ``g_logp`` at ``z = label_logit``, chained through the
+    transform. Computed once per backward from the forward's label logits, not picked from every tile: a vocabulary
+    block then spends no launches on it."""
+    rows = slice(None)
+    grad = _logit_grad(label_logit[:, None], lse, expected_z, up, rows, vocab).squeeze(1)
+    if "logprobs" in up:
+        grad = grad + up["logprobs"]
+    grad = _dz_da_(grad, label_logit, transform)
+    return torch.where(inside, grad, 0.0)
+
+
+def backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, up: dict, transform: LogitTransform,
+                   shard, vocab: int, tiling: Tiling, need, sync_free: bool = False):
     """The backward of `TiledHeadFunction` and of the registered op: ``(grad_hidden [M, D] | None,
     grad_weight [V_local, D] | None, grad_bias [V_local] | None)`` in the inputs' dtypes, for the upstream
-    gradients ``up`` ({output name: [M]}) and the forward's ``lse`` and ``expected_z`` (`forward_outputs`).
-    ``need``: which of the three to compute. ``sync_free``: never wait for the device (for a CUDA-graph
-    capture), at the cost of a masked pass over all tokens per vocabulary block for the labelled weight rows.
+    gradients ``up`` ({output name: [M]}) and the forward's ``label_logit``, ``lse`` and ``expected_z``
+    (`forward_outputs`). ``need``: which of the three to compute. ``sync_free``: never wait for the device (for a
+    CUDA-graph capture), at the cost of a masked pass over all tokens per vocabulary block for the labelled weight
+    rows.
 
     When only the log-probs and the logsumexp have upstream gradients (the losses' case, `row_scale`) and there
     is no softcap or bias gradient, ``dL/da = s (p c + g_logp [label])`` with a per-token ``c``: the tile is then
@@ -201,12 +219,12 @@ def backward_grads(hidden, weight, bias, labels, lse, expected_z, up: dict, tran
     round the recomputed logits and the fp32 GEMMs to the autocast dtype.
     """
     with torch.autocast(hidden.device.type, enabled=False):
-        return _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform, shard, vocab, tiling,
-                               need, sync_free)
+        return _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, up, transform, shard,
+                               vocab, tiling, need, sync_free)
 
 
-def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform, shard, vocab, tiling, need,
-                    sync_free):
+def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, up, transform, shard, vocab, tiling,
+                    need, sync_free):
     need_h, need_w, need_b = need
     up = {n: g.float() for n, g in up.items() if n in DIFFERENTIABLE_OUTPUTS}
     offset = shard.start if shard is not None else 0
@@ -218,14 +236,17 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
     # (whose bf16 GEMMs `gemm` runs on oneDNN's bf16 kernels; fp16 is upcast to fp32 there).
     rounds = hidden.dtype == torch.bfloat16 or (hidden.is_cuda and hidden.dtype != torch.float32)
     operand = hidden.dtype if rounds else torch.float32  # the dtype of dL/da as a GEMM operand
+    where = LabelBlocks.of(labels, offset, weight.shape[0], tiling.vocab_block)
     # See `_add_label_entries`: the label entries stay out of the GEMM operands, kept here in fp32.
-    # An empty shard holds no label; with only the bias to differentiate, the entries need not move.
-    has_entries = "logprobs" in up and weight.shape[0] > 0 and (need_h or need_w)
-    entry = torch.zeros(m, dtype=torch.float32, device=hidden.device) if has_entries else None
+    # No token, or an empty shard: no label; with only the bias to differentiate, the entries need not move.
+    entry = None
+    if "logprobs" in up and m > 0 and weight.shape[0] > 0 and (need_h or need_w):
+        entry = label_entries(label_logit, lse, expected_z, up, transform, vocab, where.inside)
     labelled = None
-    if has_entries and need_w:
-        labelled = (_AllRows(labels) if sync_free else
-                    _LabelledRows.of(labels, offset, weight.shape[0], tiling.vocab_block))
+    if entry is not None and need_w:
+        labelled = (_AllRows(where, entry, hidden) if sync_free else
+                    _LabelledRows.of(labels, entry, hidden, offset, weight.shape[0], tiling.vocab_block,
+                                     chunk=max(tiling.token_block * tiling.vocab_block // max(hidden.shape[1], 1), 256)))
     scale = row_scale(up, transform, m, hidden.device) if grad_bias is None else None
     sign = shift = None
     if scale is not None:  # once per backward, not per tile
@@ -245,29 +266,24 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
             rows = slice(t0, t0 + tiling.token_block)
             h = hidden[rows]
             z = _logits(_raw_tile(h, w, b), transform)
-            column = inside = None
-            if "logprobs" in up:
-                column, inside = label_columns(labels[rows], offset + v0, w.shape[0])
             if scale is not None:
-                g_logp = up["logprobs"][rows] if "logprobs" in up else None
-                grad_op, label_entry = row_scaled_tile(z, shift[rows], sign[rows], g_logp, column, inside, operand,
-                                                       transform)
+                grad_op = row_scaled_tile(z, shift[rows], operand)
                 del z  # consumed; free before the GEMMs, which then hold only the operand tile
-                if entry is not None:
-                    entry[rows] += label_entry
             else:
                 ez = expected_z[rows] if expected_z is not None else None
                 grad = _logit_grad(z, lse[rows], ez, up, rows, vocab)
-                if "logprobs" in up:
-                    grad.scatter_add_(1, column, torch.where(inside, up["logprobs"][rows], 0.0)[:, None])
+                if gb_block is not None and "logprobs" in up:  # the bias gradient sums the label terms too
+                    hit = where.in_block(rows, block_index)
+                    grad.scatter_add_(1, where.columns(rows, w.shape[0]), torch.where(hit, up["logprobs"][rows], 0.0)[:, None])
                 grad = _dz_da_(grad, z, transform)
                 del z
                 if gb_block is not None:
                     gb_block += grad.sum(dim=0)
-                if entry is not None:
-                    entry[rows] += _take_label_entries_(grad, column, inside)
                 # The tile gradient is rounded to the operand dtype only as a GEMM input; sums stay fp32.
                 grad_op = grad.to(operand)
+                del grad
+            if entry is not None:
+                _zero_label_entries_(grad_op, where.columns(rows, w.shape[0]), where.in_block(rows, block_index))
             if need_h:
                 gemm.mm_into(grad_hidden[rows], grad_op, w, first=False)
             if need_w:
@@ -276,9 +292,10 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
                     gw_block = gemm.matmul_fp32(grad_op.t(), h_op)
                 else:
                     gemm.mm_into(gw_block, grad_op.t(), h_op, first=False)
+            del grad_op
         if need_w:
             if labelled is not None:
-                labelled.add_to_block(gw_block, block_index, offset + v0, entry, hidden)
+                labelled.add_to_block(gw_block, block_index, offset + v0)
             grad_weight[v0 : v0 + tiling.vocab_block] = gw_block
         if gb_block is not None:
             grad_bias[v0 : v0 + tiling.vocab_block] = gb_block
@@ -309,37 +326,22 @@ def row_scale(up: dict, transform: LogitTransform, m: int, device) -> Optional[t
     return coef.mul_(transform.logit_scale / transform.temperature)
 
 
-def row_scaled_tile(z: torch.Tensor, shift: torch.Tensor, sign: torch.Tensor, g_logp: Optional[torch.Tensor],
-                    column: Optional[torch.Tensor], inside: Optional[torch.Tensor], operand: torch.dtype,
-                    transform: LogitTransform) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """One tile of the row-scaled backward: ``(p |s c| [T, W] in ``operand`` with the label entries zeroed, the
-    label entries ``s (p c + g_logp)`` fp32 [T] (0 outside the tile) or None without ``g_logp``)``.
-
-    ``z`` fp32 ``[T, W]``: the tile's logits (consumed); ``shift = lse - log|s c|`` and ``sign = sign(s c)``
-    (`row_scale`'s ``s c``), ``g_logp`` fp32 ``[T]``; ``column``, ``inside``: `label_columns` of the tile (None
-    without ``g_logp``). ``|s c|`` goes into the exponent, ``exp(z - shift)``, written straight in the operand
-    dtype: one pass, no fp32 copy of the tile, and the operand is rounded once, as ``p s c`` would be (rounding
-    ``p`` and ``s c h`` apart doubles the weight gradient's rounding error, and ``s c h`` in fp16 overflows sooner
-    than ``p s c <= |s c|``). The caller applies ``sign(s c)`` to the tile's products."""
-    z.sub_(shift[:, None])  # where s c = 0, exp(-inf) = 0
-    label_entry = None
-    if column is not None:
-        # The whole label entry s (p c + g_logp) = sign(s c) p |s c| + s g_logp, in fp32.
-        scaled_p = torch.exp(z.gather(1, column).squeeze(1))
-        s = transform.logit_scale / transform.temperature
-        label_entry = torch.where(inside, sign * scaled_p + g_logp * s, 0.0)
-    p = torch.exp(z, out=torch.empty(z.shape, dtype=operand, device=z.device)) if operand != z.dtype else z.exp_()
-    if column is not None:
-        _take_label_entries_(p, column, inside)
-    return p, label_entry
+def row_scaled_tile(z: torch.Tensor, shift: torch.Tensor, operand: torch.dtype) -> torch.Tensor:
+    """One tile of the row-scaled backward: ``p |s c| = exp(z - shift)`` ``[T, W]`` in ``operand``, with
+    ``shift = lse - log|s c|`` fp32 ``[T]`` (`row_scale`'s ``s c``) and ``z`` fp32 ``[T, W]`` the tile's logits
+    (consumed). Folding ``|s c|`` into the exponent writes the operand in one pass, with no fp32 copy of the tile,
+    and rounds it once, as ``p s c`` would be (rounding ``p`` and ``s c h`` apart doubles the weight gradient's
+    rounding error, and ``s c h`` in fp16 overflows sooner than ``p s c <= |s c|``). The caller applies
+    ``sign(s c)`` and takes the label entries out (`_zero_label_entries_`)."""
+    z.sub_(shift[:, None])
+    return torch.exp(z, out=torch.empty(z.shape, dtype=operand, device=z.device)) if operand != z.dtype else z.exp_()
 
 
-def _take_label_entries_(grad: torch.Tensor, column: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
-    """Zero each token's label entry in the tile ``grad [T, W]`` (fp32, or the operand dtype) and return it,
-    ``[T]`` in the tile's dtype (0 for tokens labelled outside the tile, whose entries stay)."""
-    picked = grad.gather(1, column).squeeze(1)
-    grad.scatter_(1, column, torch.where(inside, 0.0, picked)[:, None])
-    return torch.where(inside, picked, 0.0)
+def _zero_label_entries_(tile: torch.Tensor, column: torch.Tensor, hit: torch.Tensor) -> None:
+    """Zero the label entry ``tile[t, column[t]]`` of each token ``t`` with ``hit[t]`` (its label in this tile);
+    the others' entries at their (clamped) columns stay. ``tile [T, W]``; ``column`` int64 ``[T, 1]``; ``hit``
+    bool ``[T]``."""
+    tile.scatter_(1, column, torch.where(hit[:, None], 0.0, tile.gather(1, column)))
 
 
 def _add_label_entries(acc: torch.Tensor, entry: torch.Tensor, weight: torch.Tensor,
@@ -351,9 +353,9 @@ def _add_label_entries(acc: torch.Tensor, entry: torch.Tensor, weight: torch.Ten
     operand it would have the same relative error (up to 2^-8) for the whole sequence, which no sum
     averages out (at the head benchmark's long shape it dominated grad_hidden's error:
     benchmarks/NOTES-triton.md). So the backward
-    takes each entry out of its tile (`_take_label_entries_`) and adds its products in fp32 after the
-    GEMMs: with the label's weight row into the hidden-state gradient (here), with the token's hidden
-    state into the weight gradient's row (`_LabelledRows`), as the ``"triton"`` backend does.
+    leaves each entry out of its tile (`_zero_label_entries_`; the entries come from `label_entries`) and adds its
+    products in fp32 after the GEMMs: with the label's weight row into the hidden-state gradient (here), with the
+    token's hidden state into the weight gradient's row (`_LabelledRows`), as the ``"triton"`` backend does.
 
     ``acc`` fp32 ``[M, D]``; ``entry`` fp32 ``[M]``, 0 where the label is in another shard.
     """
@@ -363,34 +365,52 @@ def _add_label_entries(acc: torch.Tensor, entry: torch.Tensor, weight: torch.Ten
 
 @dataclass(frozen=True)
 class _LabelledRows:
-    """The tokens sorted by label, and where each vocabulary block's tokens start in that order."""
+    """The weight gradient's label terms ``entry[t] * hidden[t]``, summed per distinct label once per backward,
+    and where each vocabulary block's labels start: a block then adds its rows with one ``index_add_`` of distinct
+    indices (no two adds meet, so no atomics' order shows), instead of a deterministic ``index_put_`` a block,
+    which on CUDA costs a sort, a dozen launches and a wait for the device each time."""
 
-    order: torch.Tensor  # int64 [M]: token indices by label, ties by position
-    sorted_labels: torch.Tensor  # int64 [M]: labels[order]
-    bounds: list  # host ints: block b's tokens are order[bounds[b] : bounds[b + 1]]
+    labels: torch.Tensor  # int64 [K]: the distinct labels inside the ids walked, increasing
+    rows: torch.Tensor  # fp32 [K, D]: per distinct label, the sum of entry[t] * hidden[t] over its tokens
+    bounds: list  # host ints: block b's labels are labels[bounds[b] : bounds[b + 1]]; K = bounds[-1]
 
     @staticmethod
-    def of(labels: torch.Tensor, offset: int, vocab: int, block: int) -> "_LabelledRows":
-        """One sort and one host synchronisation for all blocks of ``block`` ids from ``offset``
-        (finding each block's tokens with ``nonzero`` would synchronise once per block)."""
-        sorted_labels, order = torch.sort(labels, stable=True)
+    def of(labels: torch.Tensor, entry: torch.Tensor, hidden: torch.Tensor, offset: int, vocab: int, block: int,
+           chunk: int) -> "_LabelledRows":
+        """For blocks of ``block`` ids from ``offset`` up to ``offset + vocab``; ``entry`` fp32 ``[M]`` (0 for a
+        label outside them), ``hidden [M, D]``; the products are made ``chunk`` tokens at a time. One sort and
+        one host synchronisation for all blocks; the sums take an fp32 row per distinct label inside the ids
+        walked (a vocabulary shard's: few of a batch's tokens)."""
+        inside = (labels >= offset) & (labels < offset + vocab)
+        sorted_labels, order = torch.sort(torch.where(inside, labels, offset + vocab), stable=True)  # outside: last
+        new = torch.ones_like(sorted_labels, dtype=torch.bool)
+        new[1:] = sorted_labels[1:] != sorted_labels[:-1]
+        seen = new.cumsum(0)  # distinct labels up to each sorted token
         edges = torch.arange(offset, offset + vocab + block, block, device=labels.device).clamp_(max=offset + vocab)
-        return _LabelledRows(order, sorted_labels, torch.searchsorted(sorted_labels, edges).tolist())
+        ends = torch.searchsorted(sorted_labels, edges)  # sorted tokens before each block edge
+        before = torch.cat([seen.new_zeros(1), seen])[ends]  # distinct labels before each block edge
+        *bounds, tokens_inside = torch.cat([before, ends[-1:]]).tolist()  # the one synchronisation
+        slot = seen[:tokens_inside] - 1  # each sorted token's distinct label
+        rows = torch.zeros(bounds[-1], hidden.shape[1], dtype=torch.float32, device=hidden.device)
+        for c0 in range(0, tokens_inside, chunk):
+            tokens = order[c0 : min(c0 + chunk, tokens_inside)]
+            products = hidden[tokens].float().mul_(entry[tokens, None])
+            # Repeated labels summed in token order: CUDA's index_put_(accumulate=True) sorts and sums in order
+            # (its index_add_ uses atomics); on the CPU it is the other way round (index_put_ adds with atomics
+            # across threads from 32k elements, index_add_ is serial).
+            if rows.is_cuda:
+                rows.index_put_((slot[c0 : c0 + chunk],), products, accumulate=True)
+            else:
+                rows.index_add_(0, slot[c0 : c0 + chunk], products)
+        distinct = torch.zeros_like(sorted_labels[: bounds[-1]]).scatter_(0, slot, sorted_labels[:tokens_inside])
+        return _LabelledRows(distinct, rows, bounds)
 
-    def add_to_block(self, rows: torch.Tensor, index: int, first: int, entry: torch.Tensor,
-                     hidden: torch.Tensor) -> None:
-        """``rows[labels[t] - first] += entry[t] * hidden[t]`` for the tokens labelled in block ``index``,
-        whose fp32 rows ``rows [R, D]`` start at id ``first``. Repeated labels are summed in a fixed
-        order: on CUDA ``index_add_`` uses atomics, but ``index_put_(accumulate=True)`` sorts and sums
-        in order; on the CPU it is the other way round (``index_put_`` adds with atomics across
-        threads from 32k elements, ``index_add_`` is serial)."""
+    def add_to_block(self, rows: torch.Tensor, index: int, first: int) -> None:
+        """``rows[l - first] += `` the label terms of ``l``, for the labels ``l`` of block ``index``, whose fp32 rows
+        ``rows [R, D]`` start at id ``first``."""
         lo, hi = self.bounds[index], self.bounds[index + 1]
-        tokens = self.order[lo:hi]
-        products = hidden[tokens].float() * entry[tokens, None]
-        if rows.is_cuda:
-            rows.index_put_((self.sorted_labels[lo:hi] - first,), products, accumulate=True)
-        else:
-            rows.index_add_(0, self.sorted_labels[lo:hi] - first, products)
+        if hi > lo:
+            rows.index_add_(0, self.labels[lo:hi] - first, self.rows[lo:hi])
 
 
 @dataclass(frozen=True)
@@ -400,13 +420,16 @@ class _AllRows:
     are added with ``index_add_`` on every device: CUDA's ``index_put_(accumulate=True)`` (the deterministic
     order `_LabelledRows` uses there) fails under CUDA-graph capture, so repeated labels sum in atomics' order."""
 
-    labels: torch.Tensor  # int64 [M]
+    where: LabelBlocks
+    entry: torch.Tensor  # fp32 [M]
+    hidden: torch.Tensor  # [M, D]
 
-    def add_to_block(self, rows: torch.Tensor, index: int, first: int, entry: torch.Tensor,
-                     hidden: torch.Tensor) -> None:
-        """As `_LabelledRows.add_to_block`, over all tokens (``index`` unused)."""
-        column, inside = label_columns(self.labels, first, rows.shape[0])
-        rows.index_add_(0, column.squeeze(1), hidden.float() * torch.where(inside, entry, 0.0)[:, None])
+    def add_to_block(self, rows: torch.Tensor, index: int, first: int) -> None:
+        """As `_LabelledRows.add_to_block`, over all tokens (``first`` unused: the block's number places them)."""
+        every = slice(None)
+        column = self.where.columns(every, rows.shape[0]).squeeze(1)
+        terms = torch.where(self.where.in_block(every, index), self.entry, 0.0)
+        rows.index_add_(0, column, self.hidden.float() * terms[:, None])
 
 
 def tiled_head(problem: HeadProblem, memory_budget: int, token_block: Optional[int] = None) -> dict:
