@@ -7,7 +7,7 @@ machine's limit); ``--plan`` prints the commands with their estimated wall time.
     python benchmarks/corpus.py build                                   # the corpus (benchmarks/corpus.py)
     python benchmarks/convergence.py --plan                             # the commands and their estimated times
     python benchmarks/convergence.py --run full-seed0 --results $OUT    # one pretraining run (resumes; see --time-limit)
-    python benchmarks/convergence.py --run full-seed1|ours|cce|liger --results $OUT
+    python benchmarks/convergence.py --run full-seed1|ours|cce|liger|full-fp32|ours-seed1 --results $OUT
     python benchmarks/convergence.py --finetune trl-dpo|fused-dpo|trl-sft|fused-sft --results $OUT
     python benchmarks/convergence.py --capture                          # runs/convergence/captured.pt for head.py
     python benchmarks/head.py --captured runs/convergence/captured.pt --name head-captured --out $OUT
@@ -32,10 +32,15 @@ same bf16-cast final hidden states and bf16-cast head weight (what autocast give
 - ``liger``: Liger's ``LigerFusedLinearCrossEntropyLoss`` with its defaults (seed 0; CUDA only), given the fp32 head
   weight under autocast as Liger's patched models give it (its GEMMs then take the same bf16 operands; a bf16 weight
   would make it accumulate the weight gradient in bf16).
+- ``full-fp32``: full logits like ``full-seed0`` (seed 0) but kept in fp32 (the bf16 operands' products are exact in
+  fp32), then fp32 cross-entropy: what an exact head computes, so it tells a difference of ours from the model's own
+  loss that comes from the bf16 rounding of the reference's logits from one that comes from ours.
+- ``ours-seed1``: ``ours`` from seed 1's initial weights, compared with ``full-seed1``: a second pair.
 
 Each training step's loss is the run's own head's; the held-out loss (every ``--eval-every`` steps and at the end,
 on 64 evenly spread held-out windows of 1024 tokens) is computed the same way for every run (the model's own
-full-logits loss, no grad), so it compares models, not heads. Step times are wall times with the GPU synchronised.
+full-logits loss, no grad), so it compares models, not heads; beside it, the same loss with fp32 logits
+(``heldout_loss_fp32``; run files before it have only the first). Step times are wall times with the GPU synchronised.
 A run checkpoints every ``--ckpt-every`` (500) steps and when ``--time-limit`` (default 540 s from its start) or
 ``--deadline`` (a unix time, default ``$CONVERGENCE_DEADLINE``: the call's own limit) would be passed, into
 ``runs/convergence/NAME/`` (git-ignored; the machine's own disk: it does not travel), and writes
@@ -98,6 +103,8 @@ RUNS = {
     "ours": ("ours", 0),
     "cce": ("cce", 0),
     "liger": ("liger", 0),
+    "full-fp32": ("full-fp32", 0),
+    "ours-seed1": ("ours", 1),
 }
 FINETUNES = {
     "trl-dpo": "trl.DPOTrainer (its own chunked LM head: fused_lm_head=True)",
@@ -183,7 +190,7 @@ def estimate_run_s(s: dict, vocab: int, tflops: float = H100_BF16_TFLOPS * ASSUM
     """Estimated wall seconds of one pretraining run at ``tflops`` achieved (plus the held-out evaluations)."""
     per_step = step_flops(s, vocab) / (tflops * 1e12)
     evals = s["steps"] // s["eval_every"] + 1
-    eval_s = evals * per_step / 3 * s["eval_windows"] / s["batch"]  # a forward is a third of a step
+    eval_s = 2 * evals * per_step / 3 * s["eval_windows"] / s["batch"]  # two forwards (bf16 and fp32 logits), a third of a step each
     return s["steps"] * per_step + eval_s
 
 
@@ -217,6 +224,14 @@ def head_loss_fn(impl: str, device: str):
                 return fn(h, w, y)
         return wrapped
 
+    if impl == "full-fp32":
+        def full_fp32(h, w, y):
+            # The same bf16 operands, the logits kept in fp32: their products are exact in fp32 (and in the TF32 the
+            # runs allow, whose 10 mantissa bits hold bf16's 7), so this is ``full`` without the bf16 rounding of
+            # the [tokens, V] logits, the reference of what an exact head computes.
+            logits = torch.nn.functional.linear(h.float(), w.float())
+            return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        return no_autocast(full_fp32)
     if impl == "ours":
         import align_losses
 
@@ -271,6 +286,8 @@ def backend_choices() -> list:
 def head_info(impl: str, device: str) -> str:
     return {
         "full": "model.lm_head + model.loss_function (logits in the autocast dtype, fp32 cross-entropy)",
+        "full-fp32": "full logits in fp32 from the same bf16 operands (exact products, fp32 accumulation), fp32 "
+                     "cross-entropy",
         "ours": "align_losses.linear_logprobs(impl='auto')",
         "cce": "cut_cross_entropy.linear_cross_entropy, defaults" + ("" if device.startswith("cuda") else
                                                                      " but impl='torch_compile' (CPU)"),
@@ -325,11 +342,12 @@ def autocast(s: dict):
                           dtype=getattr(torch, s["dtype"]))
 
 
-def heldout_loss(model, windows, s: dict) -> float:
-    """Mean next-token loss over the held-out windows, the model's own full-logits loss for every run."""
+def heldout_loss(model, windows, s: dict, head: str = "full") -> float:
+    """Mean next-token loss over the held-out windows, the same evaluator for every run: ``head="full"`` the model's
+    own full-logits loss (bf16 logits under autocast), ``"full-fp32"`` the same with the logits kept in fp32."""
     import torch
 
-    full = head_loss_fn("full", s["device"])
+    full = head_loss_fn(head, s["device"])
     was = model.training
     model.eval()
     total, n = 0.0, 0
@@ -438,7 +456,7 @@ def train_run(name: str, args) -> int:
     params = count_params(model_config(s, vocab))
     assert params["total"] == sum(p.numel() for p in model.parameters()), "count_params disagrees with the model"
     history = {"step": [], "loss": [], "grad_norm": [], "lr": [], "step_ms": [], "heldout_step": [],
-               "heldout_loss": []}
+               "heldout_loss": [], "heldout_loss_fp32": []}
     segments = []
     start = 0
     if args.restart:
@@ -461,6 +479,9 @@ def train_run(name: str, args) -> int:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         history, segments, start = ck["history"], ck["segments"], ck["step"]
+        if len(history.setdefault("heldout_loss_fp32", [])) != len(history["heldout_loss"]):
+            raise SystemExit(f"{paths['ckpt']} has no fp32 held-out curve (an older version's checkpoint); --restart "
+                             "starts over")
         log(f"{name}: resumed at step {start} from {paths['ckpt']}")
     meta = meta_for(args, s)
     segment = {"from_step": start, "to_step": start, "date": meta["date"], "commit": meta["commit"],
@@ -492,9 +513,14 @@ def train_run(name: str, args) -> int:
         return bool((args.time_limit and now - t_start + need > args.time_limit)
                     or (args.deadline and now + need > args.deadline))
 
-    if start == 0 and not history["heldout_step"]:
-        history["heldout_step"].append(0)
+    def evaluate(at: int) -> None:
+        """Both held-out losses at step ``at``: the bf16-logits one (the model's own) and the fp32-logits one."""
+        history["heldout_step"].append(at)
         history["heldout_loss"].append(heldout_loss(model, windows, s))
+        history["heldout_loss_fp32"].append(heldout_loss(model, windows, s, head="full-fp32"))
+
+    if start == 0 and not history["heldout_step"]:
+        evaluate(0)
         log(f"{name}: step 0 held-out loss {history['heldout_loss'][-1]:.4f}")
     save_s = 0.0
     step = start
@@ -530,12 +556,11 @@ def train_run(name: str, args) -> int:
         segment["to_step"] = step
         segment["wall_s"] = time.time() - t_start
         if step % s["eval_every"] == 0 or step == s["steps"]:
-            history["heldout_step"].append(step)
-            history["heldout_loss"].append(heldout_loss(model, windows, s))
+            evaluate(step)
             done = step - start
             per = statistics.median(history["step_ms"][-min(done, 50):]) / 1e3
             log(f"{name}: step {step}/{s['steps']} loss {loss_value:.4f} held-out {history['heldout_loss'][-1]:.4f} "
-                f"grad norm {float(gnorm):.3f} lr {lr:.2e}; {ms:.0f} ms/step, ETA {(s['steps'] - step) * per / 60:.1f} min")
+                f"(fp32 logits {history['heldout_loss_fp32'][-1]:.4f}) grad norm {float(gnorm):.3f} lr {lr:.2e}; {ms:.0f} ms/step, ETA {(s['steps'] - step) * per / 60:.1f} min")
             record(status)
         if status != "running":
             break

@@ -5,13 +5,16 @@ Reads ``convergence-run-NAME.json`` (pretraining) and ``convergence-finetune-NAM
 ``--captured``, for the distribution table). Every figure comes from those files; each run keeps its own date,
 commit and device.
 
-Comparisons (all against ``full-seed0``, the run with the same initial weights and data):
+Comparisons (each run against the full-logits run with its initial weights: ``full-seed0``, or ``full-seed1`` for
+the seed-1 runs; the data are the same for all):
 - training loss: means over windows of ``window`` steps (the runs see the same batches, so a window's difference is
   not a difference of content); the noise is the gap of the two full-logits seeds, ``|full-seed1 - full-seed0|``
-  per window. A run is within the spread at a window when ``|run - full-seed0| <= |full-seed1 - full-seed0|``;
+  per window. A run is within the spread at a window when ``|run - its base| <= |full-seed1 - full-seed0|``;
   reported: that share of the windows, the largest difference, and the root-mean-square of the differences over
   that of the spread (over the whole run and its last quarter);
-- held-out loss: the same at every evaluation (one evaluator, the model's own full-logits loss, for every run);
+- held-out loss: the same at every evaluation (one evaluator, the model's own full-logits loss, for every run), and
+  for the fp32-logits evaluator where both runs have it;
+- with a ``full-fp32`` run (full logits kept in fp32): the seed-0 runs against it as well, the same way;
 - step time: median step wall time (steps 6 onwards) and its ratio to full-seed0's (the same device only);
 - DPO and SFT: ours against TRL's step by step: the largest absolute difference of each logged curve (loss,
   reward accuracy, margins, chosen / rejected rewards; SFT: loss, token accuracy, entropy) and the median step times.
@@ -32,7 +35,10 @@ BASE, NOISE = "full-seed0", "full-seed1"
 #: its loss head and initial seed. `convergence.RESUME_KEYS` adds those two for a checkpoint.
 SAME_SETTINGS = ("model", "steps", "seq_len", "batch", "micro_batch", "lr", "min_lr", "warmup", "weight_decay", "clip",
                  "data_seed", "dtype", "eval_every", "eval_windows")
-RUN_ORDER = ("full-seed0", "full-seed1", "ours", "cce", "liger")
+RUN_ORDER = ("full-seed0", "full-seed1", "ours", "cce", "liger", "full-fp32", "ours-seed1")
+FP32 = "full-fp32"
+#: The held-out curves: the model's own evaluator (bf16 logits) and the fp32-logits one (newer run files).
+HELDOUT_KEYS = {"heldout": "heldout_loss", "heldout_fp32": "heldout_loss_fp32"}
 FT_PAIRS = (("dpo", "trl-dpo", "fused-dpo"), ("sft", "trl-sft", "fused-sft"))
 DPO_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
 SFT_KEYS = ("loss", "mean_token_accuracy", "entropy")
@@ -62,17 +68,18 @@ def rms(xs) -> float:
     return math.sqrt(sum(x * x for x in xs) / len(xs)) if xs else float("nan")
 
 
-def compare_series(run: list, base: list, noise, at: list = None) -> dict:
-    """``|run - base|`` against ``|noise - base|`` point by point; ``at``: the points' x values (steps; default 1,
-    2, ...). The differences cover every point ``run`` and ``base`` share; the spread, the points within it and
-    the ratios only the first ``spread_points`` of them, where ``noise`` exists too (a run still going has fewer)."""
+def compare_series(run: list, base: list, spread, at: list = None) -> dict:
+    """``|run - base|`` against ``spread`` (the seeds' gap, ``>= 0``) point by point; ``at``: the points' x values
+    (steps; default 1, 2, ...). The differences cover every point ``run`` and ``base`` share; the spread, the points
+    within it and the ratios only the first ``spread_points`` of them, where the spread exists too (a run still
+    going has fewer)."""
     n = min(len(run), len(base))
     diff = [run[i] - base[i] for i in range(n)]
     out = {"points": n, "at": list(at[:n]) if at is not None else list(range(1, n + 1)), "diff": diff,
            "max_abs_diff": max((abs(d) for d in diff), default=None), "rms_diff": rms(diff)}
-    if noise is not None:
-        m = min(n, len(noise))
-        spread = [abs(noise[i] - base[i]) for i in range(m)]
+    if spread is not None:
+        m = min(n, len(spread))
+        spread = list(spread[:m])
         inside = [abs(diff[i]) <= spread[i] for i in range(m)]
         q = m - m // 4
         out.update(spread=spread, spread_points=m, within=sum(inside), within_share=sum(inside) / m if m else None,
@@ -82,43 +89,76 @@ def compare_series(run: list, base: list, noise, at: list = None) -> dict:
     return out
 
 
+def base_of(name: str, r: dict) -> str:
+    """The full-logits run ``name`` is compared with: the one from its initial weights (``full-seed1`` is itself
+    compared with ``full-seed0``: that gap is the noise)."""
+    return NOISE if r.get("seed") == 1 and name != NOISE else BASE
+
+
 def pretrain_comparisons(runs: dict, window: int) -> dict:
-    out = {"window": window, "train": {}, "heldout": {}, "step_ms": {}}
+    """Every run against its `base_of` (``train`` / ``heldout`` / ``heldout_fp32``) and, with a `FP32` run, the
+    seed-0 runs against that (``vs_fp32``), beside the seeds' spread; the step times against ``full-seed0``'s."""
+    out = {"window": window, "train": {}, "heldout": {}, "heldout_fp32": {}, "step_ms": {},
+           "vs_fp32": {"train": {}, "heldout": {}, "heldout_fp32": {}}}
     if BASE not in runs:
         return out
-    base = runs[BASE]["history"]
     noise = runs.get(NOISE, {}).get("history")
-    base_w = window_means(base["loss"], window)
-    noise_w = window_means(noise["loss"], window) if noise else None
+    seed_gap = spreads(runs[BASE]["history"], noise, window) if noise else {}
     base_ms = median_ms(runs[BASE])
     for name, r in runs.items():
-        h = r["history"]
         ms = median_ms(r)
         out["step_ms"][name] = {"median_ms": ms, "vs_base": ms / base_ms if ms and base_ms else None,
                                 "same_device_as_base": devices(r) == devices(runs[BASE]),
                                 "tokens_per_s": (r["settings"]["batch"] * r["settings"]["seq_len"] / (ms / 1e3)
                                                  if ms else None)}
-        if name == BASE:
-            continue
-        run_w = window_means(h["loss"], window)
-        out["train"][name] = compare_series(run_w, base_w, noise_w if name != NOISE else None,
-                                            at=[window * (i + 1) for i in range(len(run_w))])  # each window's last step
-        out["heldout"][name] = heldout_series(h, base, noise if name != NOISE else None)
+        pairs = [(out, base_of(name, r))] if name != BASE else []
+        if FP32 in runs and name != FP32 and r.get("seed") == runs[FP32].get("seed"):
+            pairs.append((out["vs_fp32"], FP32))
+        for into, base in pairs:
+            if base not in runs:
+                continue
+            gap = seed_gap if name != NOISE else {}  # the noise run is the spread itself
+            for kind, c in series_comparisons(r["history"], runs[base]["history"], gap, window).items():
+                into[kind][name] = {**c, "base": base}
     return out
 
 
-def heldout_series(run: dict, base: dict, noise) -> dict:
-    """`compare_series` of the held-out losses at the evaluation steps all three have, step 0 left out (the runs of
-    one initial seed are equal there, which would count as inside the spread)."""
-    def by_step(h):
-        return dict(zip(h["heldout_step"], h["heldout_loss"]))
+def spreads(seed0: dict, seed1: dict, window: int) -> dict:
+    """The seeds' gap ``|full-seed1 - full-seed0|``: ``train`` a list per window of `window` steps (up to where
+    both ran), each held-out kind a dict step -> gap."""
+    a, b = window_means(seed0["loss"], window), window_means(seed1["loss"], window)
+    out = {"train": [abs(x - y) for x, y in zip(a, b)]}
+    for kind, key in HELDOUT_KEYS.items():
+        x, y = by_step(seed0, key), by_step(seed1, key)
+        out[kind] = {st: abs(x[st] - y[st]) for st in set(x) & set(y)}
+    return out
 
-    r, b = by_step(run), by_step(base)
+
+def series_comparisons(run: dict, base: dict, gap: dict, window: int) -> dict:
+    """`compare_series` of the training-loss windows and of each held-out curve both histories have."""
+    run_w, base_w = window_means(run["loss"], window), window_means(base["loss"], window)
+    out = {"train": compare_series(run_w, base_w, gap.get("train"),
+                                   at=[window * (i + 1) for i in range(len(run_w))])}  # each window's last step
+    for kind, key in HELDOUT_KEYS.items():
+        if run.get(key) and base.get(key):
+            out[kind] = heldout_series(run, base, gap.get(kind), key)
+    return out
+
+
+def by_step(h: dict, key: str = "heldout_loss") -> dict:
+    """A history's held-out curve ``key`` as step -> loss ({} where the history has none)."""
+    return dict(zip(h["heldout_step"], h.get(key) or []))
+
+
+def heldout_series(run: dict, base: dict, gap, key: str = "heldout_loss") -> dict:
+    """`compare_series` of the held-out curve ``key`` at the evaluation steps both have, step 0 left out (the runs
+    of one initial seed are equal there, which would count as inside the spread); ``gap``: step -> the seeds' gap
+    there (its steps a prefix of these where the noise run stopped early), or None."""
+    r, b = by_step(run, key), by_step(base, key)
     steps = sorted(set(r) & set(b) - {0})
     spread = None
-    if noise is not None:  # the noise run's points, up to where it stops (compare_series compares a prefix)
-        z = by_step(noise)
-        spread = [z[st] for st in steps[:next((i for i, st in enumerate(steps) if st not in z), len(steps))]]
+    if gap is not None:  # up to the first step the noise run lacks (compare_series compares a prefix)
+        spread = [gap[st] for st in steps[:next((i for i, st in enumerate(steps) if st not in gap), len(steps))]]
     return compare_series([r[st] for st in steps], [b[st] for st in steps], spread, at=steps)
 
 
@@ -176,9 +216,10 @@ def render(report: dict) -> str:
                 f"{s['seq_len']} tokens, lr {s['lr']} -> {s['min_lr']} (cosine, {s['warmup']} warm-up), autocast "
                 f"{s['dtype']}, data seed {s['data_seed']} for every run; the two full-logits runs differ in their "
                 "initial weights only.", "",
-                "| run | loss head | status | steps | final train loss (last window) | final held-out | step time "
-                "(median) | vs full-seed0 | tokens/s | date | commit | device | corpus |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| run | loss head | init seed | status | steps | final train loss (last window) | final held-out | "
+                "final held-out, fp32 logits | step time (median) | vs full-seed0 | tokens/s | date | commit | device "
+                "| corpus |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         w = cmp["pretrain"]["window"]
         for name in sorted(runs, key=lambda n: RUN_ORDER.index(n) if n in RUN_ORDER else 99):
             r = runs[name]
@@ -187,33 +228,32 @@ def render(report: dict) -> str:
             t = cmp["pretrain"]["step_ms"].get(name, {})
             segs = r.get("segments", [])
             out.append("| " + " | ".join([
-                name, r["head"], r["status"], f"{r['steps_done']}/{s['steps']}", fmt(last), fmt(h["heldout_loss"][-1]),
+                name, r["head"], str(r.get("seed")), r["status"], f"{r['steps_done']}/{s['steps']}", fmt(last),
+                fmt(h["heldout_loss"][-1]), fmt((h.get("heldout_loss_fp32") or [None])[-1]),
                 fmt(t.get("median_ms"), ".0f") + " ms", fmt(t.get("vs_base"), ".3f") + ("" if t.get("same_device_as_base", True) else " (other device)"),
                 fmt(t.get("tokens_per_s"), ".0f"), ", ".join(sorted({g["date"] for g in segs})),
                 ", ".join(sorted({g["commit"] for g in segs})), ", ".join(devices(r)),
                 r["corpus"]["train_sha256"][:12]]) + " |")
-        out += ["", f"Differences against full-seed0 (training loss: means over windows of {w} steps; held-out: every "
-                "evaluation), beside the seed spread |full-seed1 - full-seed0| at the same points (max and RMS diff over all "
-                "points; the spread and the ratios over those where full-seed1 has run):", "",
-                "| run | curve | points within the spread | max abs diff | RMS diff | RMS spread | RMS diff / RMS spread "
-                "| same, last quarter |", "|---|---|---|---|---|---|---|---|"]
-        for kind in ("train", "heldout"):
-            for name, c in cmp["pretrain"][kind].items():
-                within = ((f"{c['within']}/{c['spread_points']}" + (
-                              f" (of {c['points']}: the spread exists up to step {c['at'][c['spread_points'] - 1]})"
-                              if c["spread_points"] < c["points"] and c["spread_points"] else ""))
-                          if "within" in c else "(the noise itself)" if name == NOISE else "(no full-seed1 to compare with)")
-                out.append("| " + " | ".join([name, "train" if kind == "train" else "held-out", within,
-                                              fmt(c["max_abs_diff"]), fmt(c["rms_diff"]), fmt(c.get("rms_spread")),
-                                              fmt(c.get("rms_ratio"), ".2f"), fmt(c.get("rms_ratio_last_quarter"), ".2f")])
+        out += ["", f"Differences against the full-logits run from the same initial weights (training loss: means over "
+                f"windows of {w} steps; held-out: every evaluation), beside the seed spread |full-seed1 - full-seed0| at "
+                "the same points (max and RMS diff over all points; the spread and the ratios over those where "
+                "full-seed1 has run):", ""]
+        out += diff_table(cmp["pretrain"])
+        if any(cmp["pretrain"]["vs_fp32"].values()):
+            out += [f"The same against {FP32} (full logits kept in fp32, from the same initial weights as full-seed0): "
+                    "what an exact head computes, beside the same seed spread:", ""]
+            out += diff_table(cmp["pretrain"]["vs_fp32"])
+        for kind, key in HELDOUT_KEYS.items():
+            at = {name: by_step(r["history"], key) for name, r in runs.items()}
+            shown = [name for name in runs if at[name]]
+            if not shown:
+                continue
+            out += [f"Held-out loss at each evaluation ({EVALUATORS[kind]}):", "",
+                    "| step | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
+            for st in sorted(set().union(*(set(at[name]) for name in shown))):
+                out.append(f"| {st} | " + " | ".join(fmt(at[name][st]) if st in at[name] else "-" for name in shown)
                            + " |")
-        out.append("")
-        out += ["Held-out loss at each evaluation:", "",
-                "| step | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
-        at = {name: dict(zip(r["history"]["heldout_step"], r["history"]["heldout_loss"])) for name, r in runs.items()}
-        for st in sorted(set().union(*(set(a) for a in at.values()))):
-            out.append(f"| {st} | " + " | ".join(fmt(at[name][st]) if st in at[name] else "-" for name in runs) + " |")
-        out.append("")
+            out.append("")
     for algo, c in cmp["finetune"].items():
         a, b = fts[c["trl"]], fts[c["ours"]]
         s = a["settings"]
@@ -256,6 +296,27 @@ def render(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+KIND_LABELS = {"train": "train", "heldout": "held-out", "heldout_fp32": "held-out, fp32 logits"}
+EVALUATORS = {"heldout": "the model's own evaluator: bf16 logits under autocast",
+              "heldout_fp32": "the same with the logits kept in fp32"}
+
+
+def diff_table(comparisons: dict) -> list:
+    """Markdown rows of `series_comparisons`' results: per curve kind, each run against its base."""
+    out = ["| run | against | curve | points within the spread | max abs diff | RMS diff | RMS spread | "
+           "RMS diff / RMS spread | same, last quarter |", "|---|---|---|---|---|---|---|---|---|"]
+    for kind in KIND_LABELS:
+        for name, c in comparisons.get(kind, {}).items():
+            within = ((f"{c['within']}/{c['spread_points']}" + (
+                          f" (of {c['points']}: the spread exists up to step {c['at'][c['spread_points'] - 1]})"
+                          if c["spread_points"] < c["points"] and c["spread_points"] else ""))
+                      if "within" in c else "(the noise itself)" if name == NOISE else "(no full-seed1 to compare with)")
+            out.append("| " + " | ".join([name, c.get("base", BASE), KIND_LABELS[kind], within, fmt(c["max_abs_diff"]),
+                                          fmt(c["rms_diff"]), fmt(c.get("rms_spread")), fmt(c.get("rms_ratio"), ".2f"),
+                                          fmt(c.get("rms_ratio_last_quarter"), ".2f")]) + " |")
+    return out + [""]
+
+
 def plot(report: dict, path: str):
     """Training loss, its difference to full-seed0 with the seed spread, the same for held-out; DPO and SFT."""
     import matplotlib
@@ -269,7 +330,7 @@ def plot(report: dict, path: str):
     fig, ax = plt.subplots(2, 4 if finetuned else 2, figsize=(22 if finetuned else 12, 9))
     w = cmp["pretrain"]["window"]
     colors = {n: f"C{i}" for i, n in enumerate(RUN_ORDER)}
-    styles = {"ours": "--", "cce": ":", "liger": "-."}
+    styles = {"ours": "--", "cce": ":", "liger": "-.", "ours-seed1": "--"}
     for name, r in runs.items():
         h = r["history"]
         wm = window_means(h["loss"], w)
@@ -286,7 +347,8 @@ def plot(report: dict, path: str):
                 a.fill_between(xs, [-abs(d) for d in c["diff"]], [abs(d) for d in c["diff"]], color="grey", alpha=0.2,
                                label="|seed spread|")
         a.axhline(0, color="k", lw=0.5)
-        a.set_title(f"{'train (window means)' if kind == 'train' else 'held-out'} loss - full-seed0")
+        a.set_title(f"{'train (window means)' if kind == 'train' else 'held-out'} loss - the full-logits run of "
+                    "the same seed")
         a.set_xlabel("step")
         a.legend(fontsize=8)
     ax[0, 0].set_title(f"train loss (means over {w} steps)")

@@ -144,6 +144,27 @@ def test_loss_heads_agree_on_cpu():
         convergence.head_loss_fn("liger", "cpu")
 
 
+def test_full_fp32_head_keeps_the_logits_exact():
+    """``full-fp32``: the loss of the same bf16 operands as ``full`` without rounding the logits to bf16 (float64
+    reference from those operands); ``full``'s bf16 logits are further from it."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(3)
+    model = Qwen3ForCausalLM(Qwen3Config(**{**convergence.QUICK_MODEL, "vocab_size": 311}))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # logit std ~6, where bf16 rounds a logit by up to ~0.03
+    ids = torch.randint(0, 311, (3, 29))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        h = model.model(input_ids=ids).last_hidden_state
+        exact = convergence.head_loss_fn("full-fp32", "cpu")(model, ids)
+        rounded = convergence.head_loss_fn("full", "cpu")(model, ids)
+    hb, wb = h[:, :-1].to(torch.bfloat16).double(), model.lm_head.weight.detach().to(torch.bfloat16).double()
+    want = torch.nn.functional.cross_entropy((hb @ wb.T).flatten(0, 1), ids[:, 1:].flatten())
+    assert exact.dtype == torch.float32
+    assert abs(float(exact) - float(want)) < 2e-6 * float(want)
+    assert abs(float(rounded) - float(want)) > 100 * abs(float(exact) - float(want))
+
+
 def _run_args(root: Path, *extra):
     return ["--quick", "--work", str(root / "work"), "--corpus", str(root / "a"), "--results", str(root / "res"),
             "--steps", "3", "--seq-len", "16", "--batch", "4", "--micro-batch", "2", "--eval-every", "2",
@@ -172,6 +193,8 @@ def test_stopped_and_resumed_run_equals_uninterrupted(built, tmp_path):
     assert calls == 3 and len(part["segments"]) == 3
     assert part["history"]["loss"] == whole["history"]["loss"]
     assert part["history"]["heldout_loss"] == whole["history"]["heldout_loss"]
+    assert part["history"]["heldout_loss_fp32"] == whole["history"]["heldout_loss_fp32"]
+    assert len(whole["history"]["heldout_loss_fp32"]) == len(whole["history"]["heldout_step"])
     assert part["history"]["heldout_step"] == [0, 2, 3]
     # a finished run is not run again; other settings are refused
     assert convergence.main(_run_args(work, "--run", "ours")) == 0
@@ -216,21 +239,62 @@ def test_preference_pairs(built):
 
 def test_report_comparisons():
     base, noise = [3.0, 2.5, 2.0, 1.8], [3.1, 2.4, 2.1, 1.85]
-    c = convergence_report.compare_series([3.05, 2.5, 2.2, 1.81], base, noise)
+    gap = [abs(a - b) for a, b in zip(noise, base)]
+    c = convergence_report.compare_series([3.05, 2.5, 2.2, 1.81], base, gap)
     assert c["within"] == 3 and c["points"] == 4  # 0.2 > 0.1 at the third point
     assert c["max_abs_diff"] == pytest.approx(0.2)
     assert convergence_report.window_means([1, 2, 3, 4, 5], 2) == [1.5, 3.5]
     assert convergence_report.compare_series([1.0], [1.0], None).get("within") is None
     # A noise run still going: the differences over every point, the spread over its prefix only.
-    c = convergence_report.compare_series([3.05, 2.5, 2.2, 1.81], base, noise[:2])
+    c = convergence_report.compare_series([3.05, 2.5, 2.2, 1.81], base, gap[:2])
     assert c["points"] == 4 and c["spread_points"] == 2 and c["within"] == 2
     assert c["max_abs_diff"] == pytest.approx(0.2) and c["rms_ratio"] == pytest.approx(
         (0.05 ** 2 / 2) ** 0.5 / ((0.1 ** 2 + 0.1 ** 2) / 2) ** 0.5)
     held = convergence_report.heldout_series({"heldout_step": [0, 10, 20, 30], "heldout_loss": [9, 3.0, 2.2, 2.0]},
                                              {"heldout_step": [0, 10, 20, 30], "heldout_loss": [9, 3.1, 2.0, 2.0]},
-                                             {"heldout_step": [0, 10], "heldout_loss": [9, 3.3]})
+                                             {0: 0.0, 10: 0.2})
     assert held["at"] == [10, 20, 30] and held["spread_points"] == 1 and held["within"] == 1
     assert held["max_abs_diff"] == pytest.approx(0.2)
+
+
+def _history(losses, heldout, fp32=None):
+    steps = [0] + [10 * (i + 1) for i in range(len(heldout) - 1)]
+    h = {"loss": list(losses), "step_ms": [100.0] * len(losses), "heldout_step": steps, "heldout_loss": list(heldout)}
+    if fp32 is not None:
+        h["heldout_loss_fp32"] = list(fp32)
+    return h
+
+
+def test_report_pairs_each_run_with_its_seed_and_the_fp32_reference():
+    """A seed-1 run is compared with full-seed1, the others with full-seed0, all beside |seed1 - seed0|; with a
+    full-fp32 run, the seed-0 runs against it too; the fp32-logits held-out curve where both runs have it."""
+    settings = {"batch": 2, "seq_len": 4}
+    seed0 = _history([3.0, 2.0, 1.0, 0.5], [9.0, 2.0, 1.5], [9.0, 1.9, 1.4])
+    seed1 = _history([3.2, 2.1, 1.1, 0.4], [9.1, 2.2, 1.45], [9.1, 2.1, 1.35])
+    fp32 = _history([3.0, 2.0, 1.1, 0.6], [9.0, 2.05, 1.55], [9.0, 1.95, 1.45])
+    ours = _history([3.0, 2.0, 1.1, 0.6], [9.0, 2.06, 1.56])  # an older run file: no fp32 curve
+    ours1 = _history([3.2, 2.1, 1.2, 0.5], [9.1, 2.3, 1.5], [9.1, 2.15, 1.4])
+    runs = {name: {"seed": seed, "history": h, "settings": settings, "segments": []} for name, seed, h in (
+        ("full-seed0", 0, seed0), ("full-seed1", 1, seed1), ("full-fp32", 0, fp32), ("ours", 0, ours),
+        ("ours-seed1", 1, ours1))}
+    cmp = convergence_report.pretrain_comparisons(runs, 2)
+    assert cmp["train"]["ours-seed1"]["base"] == "full-seed1" and cmp["train"]["ours"]["base"] == "full-seed0"
+    assert cmp["train"]["full-seed1"]["base"] == "full-seed0" and "within" not in cmp["train"]["full-seed1"]
+    # ours-seed1 against full-seed1 per window: (3.15-3.15, 0.85-0.75); the spread |seed1 - seed0|: 0.15, 0.0
+    assert cmp["train"]["ours-seed1"]["diff"] == pytest.approx([0.0, 0.1])
+    assert cmp["train"]["ours-seed1"]["spread"] == pytest.approx([0.15, 0.0])
+    assert cmp["train"]["ours-seed1"]["within"] == 1
+    assert cmp["heldout"]["ours-seed1"]["diff"] == pytest.approx([0.1, 0.05])
+    assert cmp["heldout_fp32"]["ours-seed1"]["diff"] == pytest.approx([0.05, 0.05])
+    assert cmp["heldout_fp32"]["ours-seed1"]["spread"] == pytest.approx([0.2, 0.05])
+    assert "ours" not in cmp["heldout_fp32"]  # no fp32 curve in its file
+    # against full-fp32: the seed-0 runs only, itself left out
+    assert set(cmp["vs_fp32"]["train"]) == {"full-seed0", "ours"}
+    assert cmp["vs_fp32"]["heldout"]["ours"]["diff"] == pytest.approx([0.01, 0.01])
+    assert cmp["vs_fp32"]["heldout"]["ours"]["base"] == "full-fp32"
+    assert cmp["vs_fp32"]["heldout_fp32"]["full-seed0"]["diff"] == pytest.approx([-0.05, -0.05])
+    md = "\n".join(convergence_report.diff_table(cmp["vs_fp32"]))
+    assert "| ours | full-fp32 | held-out | 2/2 |" in md
 
 
 def test_captured_distribution_stats():
