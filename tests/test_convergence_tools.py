@@ -212,6 +212,28 @@ def test_stopped_and_resumed_run_equals_uninterrupted(built, tmp_path):
     assert cap["hidden"].shape[1] == 16 and cap["meta"]["base_weights_sha256"] == final["weights_sha256"]
 
 
+def test_full_fp32_and_seed1_runs_reach_the_report(built, tmp_path):
+    """The CLI end to end: full-fp32 and ours-seed1 run (both held-out evaluators at every evaluation), and the
+    report compares ours-seed1 with full-seed1 and the seed-0 runs with full-fp32."""
+    import argparse
+
+    (tmp_path / "a").symlink_to(built[0] / "a")
+    for name in ("full-seed0", "full-seed1", "full-fp32", "ours", "ours-seed1"):
+        assert convergence.main(_run_args(tmp_path, "--run", name)) == 0
+    run = json.loads((tmp_path / "res" / "convergence-run-full-fp32-quick.json").read_text())
+    assert run["impl"] == "full-fp32" and run["seed"] == 0 and run["status"] == "done"
+    h = run["history"]
+    assert len(h["heldout_loss_fp32"]) == len(h["heldout_loss"]) == len(h["heldout_step"]) == 3
+    args = argparse.Namespace(results=str(tmp_path / "res"), out=str(tmp_path / "out"), quick=True, commit="x",
+                              name=None)
+    assert convergence_report.report(args) == 0
+    rep = json.loads((tmp_path / "out" / "convergence-quick.json").read_text())["comparisons"]["pretrain"]
+    assert rep["heldout_fp32"]["ours-seed1"]["base"] == "full-seed1"
+    assert set(rep["vs_fp32"]["heldout_fp32"]) == {"full-seed0", "ours"}
+    md = (tmp_path / "out" / "convergence-quick.md").read_text()
+    assert "| ours-seed1 | full-seed1 | held-out, fp32 logits |" in md
+
+
 def test_weights_sha_follows_every_byte():
     state = {"a.weight": torch.randn(3, 4), "b": torch.randn(5).bfloat16(), "step": torch.tensor(7)}
     first = convergence.weights_sha(state)
