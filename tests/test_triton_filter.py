@@ -41,30 +41,54 @@ def block_mass(z: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def check_kept_blocks(tau, offset, device, m=37, v=1001, block=64):
-    """Per token: at most tau of the mass dropped, the label's block kept, and no more droppable."""
-    from align_losses.ops.triton_filter import kept_blocks
+    """Per token: at most its budget tau (1 - p_label) of the mass dropped, the label's block kept, and no more
+    droppable; tokens whose label holds nearly all the mass keep every block."""
+    from align_losses.ops.triton_filter import drop_budget, kept_blocks
 
     g = torch.Generator().manual_seed(1)
     z = (torch.randn(m, v, generator=g) * 4 + torch.randn(m, 1, generator=g)).to(device, torch.float64)
     labels = (torch.randint(0, v, (m,), generator=g) + offset).to(device)  # this rank: [offset, offset + v)
     labels[::5] = offset + v + 3  # some labels live on another rank
-    bmax, bsum = block_partials(z, block)
-    lse = torch.logsumexp(z, -1).float()
-    keep = kept_blocks(bmax, bsum, lse, labels, offset, v, block, tau).t()  # [M, NB]
-    mass = block_mass(z, block)
-    tokens = torch.arange(m, device=device)
     mine = (labels >= offset) & (labels < offset + v)
-    label_block = (labels - offset).clamp(0, v - 1) // block
+    tokens = torch.arange(m, device=device)
+    local = (labels - offset).clamp(0, v - 1)
+    sure = tokens % 7 == 3  # the label takes nearly all the mass: 1 - p_label about 1e-6 to 1e-3
+    z[tokens[sure & mine], local[sure & mine]] += 45 + 10 * torch.rand(int((sure & mine).sum()), generator=g).to(device)
+    bmax, bsum = block_partials(z, block)
+    lse64 = torch.logsumexp(z, -1)
+    # the label logits over the whole vocabulary: those on another rank are drawn below the logsumexp
+    label_z = torch.where(mine, z[tokens, local], lse64 - 3 * torch.rand(m, generator=g, dtype=torch.float64).to(device))
+    budget = drop_budget(tau, label_z.float(), lse64.float())
+    want = tau * -torch.expm1(label_z - lse64)  # tau (1 - p_label), float64
+    assert budget.dtype == torch.float32 and torch.allclose(budget.double(), want, rtol=1e-4, atol=0)
+    keep = kept_blocks(bmax, bsum, lse64.float(), labels, offset, v, block, budget).t()  # [M, NB]
+    mass = block_mass(z, block)
+    label_block = local // block
     assert keep[tokens[mine], label_block[mine]].all()  # the label's block stays
-    assert ((mass * ~keep).sum(1) <= tau * (1 + 1e-4)).all()
+    dropped = (mass * ~keep).sum(1)
+    assert (dropped <= want * (1 + 1e-4)).all()
     assert (~keep).sum() > 0
-    # maximal: dropping the smallest kept block (other than a kept-anyway label block) too would exceed tau
+    assert keep[sure & mine].all()  # 1 - p_label under 1e-3, the budget under the smallest block's mass
+    # maximal: dropping the smallest kept block (other than a kept-anyway label block) too would exceed the budget
     free = keep.clone()
     free[tokens[mine], label_block[mine]] = False
     smallest = torch.where(free, mass, torch.inf).min(1, keepdim=True).values
     with_next = (mass * (mass <= smallest)).sum(1)
     has_free = free.any(1)
-    assert (with_next[has_free] > tau * (1 - 1e-4)).all()
+    assert (with_next[has_free] > want[has_free] * (1 - 1e-4)).all()
+
+
+def test_drop_budget_scales_with_the_mass_off_the_label():
+    """filter_mass (1 - p_label) / ranks, in fp32, 0 where the label has all the mass (expm1, not 1 - exp), and
+    never negative where rounding puts the label logit above the logsumexp."""
+    from align_losses.ops.triton_filter import drop_budget
+
+    lse = torch.tensor([2.0, 2.0, 2.0, 2.0, 2.0])
+    label = torch.tensor([2.0 - math.log(4.0), 2.0 - 1e-7, 2.0, 2.0 + 1e-6, -30.0])
+    got = drop_budget(2.0**-8, label, lse, ranks=2)
+    want = 2.0**-9 * -torch.expm1((label - lse).double().clamp(max=0))
+    assert got.dtype == torch.float32 and torch.allclose(got.double(), want, rtol=1e-5, atol=0)
+    assert got[0] == pytest.approx(2.0**-9 * 0.75) and got[1] > 0 and got[2] == 0 and got[3] == 0
 
 
 @interp
@@ -461,7 +485,9 @@ def _sharded_filter_worker(rank, world, init_file, device, small_tiles, result_f
         p = torch.softmax(hidden.double() @ weight.double().t() + bias.double(), -1)
         torch.save({"grad_hidden": rel(gh.cpu(), rgh), "grad_weight": rel(gw.cpu(), rgw[lo:hi]),
                     "grad_bias": rel(gb.cpu(), rgb[lo:hi]), "dropped": float((~seen["keep"]).float().mean()),
-                    "dropped_mass": float((p * ~keep_cols).sum(1).max())}, f"{result_file}.{rank}")
+                    # each token's dropped mass over its budget 2^-6 (1 - p_label), over both ranks' blocks
+                    "dropped_share": float(((p * ~keep_cols).sum(1) / (2.0**-6 * (1 - p[torch.arange(m), labels])))
+                                           .max())}, f"{result_file}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -474,7 +500,7 @@ def sharded_filter(device, small_tiles, tmp_path, world=2):
     for r in range(world):
         errs = torch.load(f"{result}.{r}")
         assert errs.pop("dropped") > 0.3, r
-        assert errs.pop("dropped_mass") <= 2.0**-6 * (1 + 1e-4), r  # over both ranks' blocks
+        assert errs.pop("dropped_share") <= 1 + 1e-4, r
         for name, e in errs.items():
             assert e < 1e-5, (r, name, e)
 

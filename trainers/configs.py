@@ -62,8 +62,9 @@ class LCEOptionsMixin:
         default=None,
         metadata={
             "help": "Turns on the `'triton'` backend's filtering backward: per token, the vocabulary blocks of smallest "
-            "probability, at most this much of it in total (e.g. `0.00390625` = 2^-8), are not recomputed, so the "
-            "backward costs a fraction of the dense one on peaked distributions. `None`: the exact backward. Needs a "
+            "probability, at most this share of its probability off the label in total (e.g. `0.00390625` = 2^-8), "
+            "are not recomputed, so the backward costs a fraction of the dense one on peaked distributions and each "
+            "token's gradient loses at most this share of itself. `None`: the exact backward. Needs a "
             "CUDA GPU with the `'triton'` backend (`'auto'` picks it there) and losses whose gradients flow through "
             "log-probs and logsumexp (z-loss) only, not entropy or mean logit (SFT label smoothing)."
         },

@@ -27,8 +27,9 @@ def _available() -> Optional[str]:
     return None
 
 
-#: ``filter_mass=True``: each token's backward may skip up to 2^-8 of its probability (the gradient
-#: errors that left on the head benchmark's logits are in benchmarks/NOTES-triton.md).
+#: ``filter_mass=True``: each token's backward may skip up to 2^-8 of its probability off the label
+#: (so at most 2^-8 of its own gradient; align_losses.ops.triton_filter; the gradient errors that
+#: left on the head benchmark's logits are in benchmarks/NOTES-triton.md).
 DEFAULT_FILTER_MASS = 2.0**-8
 
 
@@ -45,7 +46,7 @@ def filter_mass(value) -> Optional[float]:
         return float(value)
     raise ValueError(
         f"backend option filter_mass must be None/False (exact), True ({DEFAULT_FILTER_MASS}) or a probability "
-        f"in (0, 1): the share of each token's probability its backward may skip; got {value!r}"
+        f"in (0, 1): the share of each token's probability off its label that its backward may skip; got {value!r}"
     )
 
 

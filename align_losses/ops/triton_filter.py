@@ -2,8 +2,8 @@
 
 The forward's per-block max and sum of exponentials give each (token, vocabulary block) pair its
 probability mass; `kept_blocks` drops, per token, the blocks of smallest mass while their total
-stays at most ``filter_mass`` (the label's block stays: its ``dL/da`` entry carries the log-prob's
-upstream gradient). The backward then never recomputes a dropped pair. Per vocabulary block the
+stays within the token's budget, ``filter_mass`` times its probability off the label (`drop_budget`;
+the label's block stays: its ``dL/da`` entry carries the log-prob's upstream gradient). The backward then never recomputes a dropped pair. Per vocabulary block the
 kept tokens are gathered into "slots", padded to whole tiles of ``BM``; `_slot_grad_kernel` recomputes each
 tile's logits from the gathered hidden rows, forms ``dL/da`` and adds ``dL/da @ W_block`` to the
 fp32 ``[M, D]`` hidden-state gradient (atomic adds: a token has slots in several blocks), keeping
@@ -14,10 +14,15 @@ the dense backward, each token's label entry stays out of the GEMM operands (kep
 block always recomputed) and is added to both gradients afterwards (`hidden_grad`,
 `add_label_weight_rows`).
 
-What is dropped: for each token at most ``filter_mass`` of its probability (with a vocabulary split
-over P ranks, at most ``filter_mass / P`` on each), so the dropped part of its ``dL/dz`` has an L1
-norm of at most ``filter_mass * |g_logsumexp - g_logprob|``. Only those two upstream gradients are
-supported (entropy's and mean logit's are not small where ``p`` is). When the slots would hold more
+What is dropped: for each token at most ``filter_mass * (1 - p_label)`` of its probability (with a
+vocabulary split over P ranks, at most a P-th of that on each). With ``c = g_logsumexp - g_logprob``
+its ``dL/dz = c p + g_logprob onehot(label)`` has an L1 norm of ``|c| (1 - p_label) + |c p_label +
+g_logprob|``, and the dropped part at most ``filter_mass |c| (1 - p_label)``: at most ``filter_mass``
+of the token's own ``dL/dz`` (``filter_mass / 2`` when only log-probs carry a gradient), however
+confident the model is. A budget of ``filter_mass`` alone would let a confident token (``1 - p_label``
+below it) lose every block but its label's, the whole of its small gradient: on a trained model's
+distributions that took the hidden-state gradient's error past the exact mode's bound. Only those two
+upstream gradients are supported (entropy's and mean logit's are not small where ``p`` is). When the slots would hold more
 than `DENSE_ABOVE` of all pairs (flat distributions) the dense backward runs.
 """
 
@@ -68,7 +73,7 @@ SLOT_CONFIGS = {
 
 
 @triton.jit
-def _keep_kernel(PMax, PSum, Lse, Lbl, Keep, M, NB, label_offset, vocab_local, filter_mass,
+def _keep_kernel(PMax, PSum, Lse, Lbl, Budget, Keep, M, NB, label_offset, vocab_local,
                  BR: tl.constexpr, NBP: tl.constexpr, BN: tl.constexpr):
     """``Keep[b, r]`` for ``BR`` tokens (all ``NB`` blocks, padded to ``NBP``, in registers)."""
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
@@ -77,20 +82,22 @@ def _keep_kernel(PMax, PSum, Lse, Lbl, Keep, M, NB, label_offset, vocab_local, f
     ok = row_ok[:, None] & (blocks < NB)[None, :]
     offs = blocks.to(tl.int64)[None, :] * M + rows[:, None]
     lse = tl.load(Lse + rows, mask=row_ok, other=0.0)
+    budget = tl.load(Budget + rows, mask=row_ok, other=0.0)
     bmax = tl.load(PMax + offs, mask=ok, other=float("-inf"))
     mass = tl.load(PSum + offs, mask=ok, other=0.0) * tl.exp(bmax - lse[:, None])
     mass = tl.where(ok, mass, float("inf"))  # padding: never under a threshold
-    # The largest threshold t with sum(mass < t) <= filter_mass, by bisection on the bits of the
+    # The largest threshold t with sum(mass < t) <= budget, by bisection on the bits of the
     # (non-negative) float t: exactly the first block the ascending greedy keeps; a sort per token
     # in registers took 0.8 ms at the Qwen3 shape.
     lo = tl.zeros((BR,), dtype=tl.int32)  # t = 0: nothing below it, always allowed
-    # t = inf: the whole mass, over filter_mass (on a vocabulary shard holding less, the search ends
-    # at the largest float: every block but the label's dropped, as the rule says)
+    # t = inf: the whole mass, over the budget (on a vocabulary shard holding less, the search ends
+    # at the largest float: every block but the label's dropped, as the rule says; a budget of 0
+    # keeps every block of nonzero mass)
     hi = tl.full((BR,), 0x7F800000, dtype=tl.int32)
     for _ in range(31):
         mid = lo + (hi - lo) // 2
         below = tl.sum(tl.where(mass < mid.to(tl.float32, bitcast=True)[:, None], mass, 0.0), 1)
-        fits = below <= filter_mass
+        fits = below <= budget
         lo = tl.where(fits, mid, lo)
         hi = tl.where(fits, hi, mid)
     keep = mass >= lo.to(tl.float32, bitcast=True)[:, None]  # ties with the first kept block stay
@@ -182,22 +189,32 @@ def _slot_weight_grad_kernel(H, G, SlotRows, TileStart, GW, V, D, stride_h, stri
 # --------------------------------------------------------------------------------------------
 
 
+def drop_budget(filter_mass: float, label_logit: torch.Tensor, lse: torch.Tensor, ranks: int = 1) -> torch.Tensor:
+    """fp32 ``[M]``: the probability each token's backward may skip on this rank,
+    ``filter_mass * (1 - p_label) / ranks``, from the forward's fp32 ``[M]`` label logits and logsumexp
+    (both over the whole vocabulary). ``1 - p_label`` comes from ``expm1``, exact where the label
+    takes nearly all the mass (there the budget goes to 0 and every block is kept)."""
+    off_label = torch.expm1(torch.clamp(label_logit - lse, max=0.0)).neg_()
+    return off_label.mul_(filter_mass / ranks)
+
+
 def kept_blocks(block_max: torch.Tensor, block_sum: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor,
-                offset: int, vocab_local: int, block: int, filter_mass: float) -> torch.Tensor:
+                offset: int, vocab_local: int, block: int, budget: torch.Tensor) -> torch.Tensor:
     """``keep`` bool ``[NB, M]``: the (vocabulary block, token) pairs the backward recomputes.
 
     ``block_max``, ``block_sum``: fp32 ``[NB, M]``, each block's max logit and sum of
     ``exp(z - max)`` (blocks of ``block`` columns); ``lse``: fp32 ``[M]`` over the whole vocabulary;
-    ``labels`` ``[M]`` global ids, this rank's ``vocab_local`` rows starting at ``offset``. Per token,
-    the blocks sorted by mass ``block_sum * exp(block_max - lse)`` are dropped from the smallest
-    while their running total stays at most ``filter_mass``; the label's block is always kept.
+    ``labels`` ``[M]`` global ids, this rank's ``vocab_local`` rows starting at ``offset``;
+    ``budget``: fp32 ``[M]`` (`drop_budget`). Per token, the blocks sorted by mass
+    ``block_sum * exp(block_max - lse)`` are dropped from the smallest while their running total
+    stays at most its budget; the label's block is always kept.
     """
     nb, m = block_max.shape
     keep = torch.empty((nb, m), dtype=torch.int8, device=block_max.device)
     nbp = triton.next_power_of_2(max(nb, 2))
     rows = max(1, min(8, 8192 // nbp))  # ~32 masses a thread, all in registers
     _keep_kernel[(triton.cdiv(m, rows),)](
-        block_max, block_sum, lse, labels, keep, m, nb, offset, vocab_local, float(filter_mass),
+        block_max, block_sum, lse, labels, budget.float().contiguous(), keep, m, nb, offset, vocab_local,
         BR=rows, NBP=nbp, BN=block, num_warps=8,
     )
     return keep.view(torch.bool)

@@ -407,12 +407,14 @@ class TritonHeadFunction(torch.autograd.Function):
         vocab = shard.size if shard is not None else weight.shape[0]
         keep = None
         if partials is not None:
-            if shard is not None:  # each rank drops its share, so the token's total stays within filter_mass
+            ranks = 1
+            if shard is not None:  # each rank drops its share, so the token's total stays within its budget
                 import torch.distributed as dist
 
-                filter_mass = filter_mass / dist.get_world_size(shard.group)
+                ranks = dist.get_world_size(shard.group)
+            budget = triton_filter.drop_budget(filter_mass, label_logit, lse, ranks)
             keep = triton_filter.kept_blocks(*partials, lse, labels, shard.start if shard is not None else 0,
-                                             weight.shape[0], fwd_cfg.BN, filter_mass)
+                                             weight.shape[0], fwd_cfg.BN, budget)
             del partials
         ctx.save_for_backward(hidden, weight, bias, labels, label_logit, lse, expected_z, keep)
         ctx.meta = (transform, shard, vocab, bwd_cfg, memory_budget, fwd_cfg.BN)
