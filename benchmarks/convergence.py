@@ -227,8 +227,9 @@ def head_loss_fn(impl: str, device: str):
     if impl == "full-fp32":
         def full_fp32(h, w, y):
             # The same bf16 operands, the logits kept in fp32: their products are exact in fp32 (and in the TF32 the
-            # runs allow, whose 10 mantissa bits hold bf16's 7), so this is ``full`` without the bf16 rounding of
-            # the [tokens, V] logits, the reference of what an exact head computes.
+            # runs allow, whose 10 mantissa bits hold bf16's 7), so the logits and the loss are ``full``'s without
+            # its bf16 rounding of the [tokens, V] logits: what an exact head computes. (The backward GEMMs take the
+            # fp32 dL/dz in TF32, 10 mantissa bits, finer than the bf16 operand an exact fused head uses.)
             logits = torch.nn.functional.linear(h.float(), w.float())
             return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
         return no_autocast(full_fp32)
@@ -286,8 +287,8 @@ def backend_choices() -> list:
 def head_info(impl: str, device: str) -> str:
     return {
         "full": "model.lm_head + model.loss_function (logits in the autocast dtype, fp32 cross-entropy)",
-        "full-fp32": "full logits in fp32 from the same bf16 operands (exact products, fp32 accumulation), fp32 "
-                     "cross-entropy",
+        "full-fp32": "full logits in fp32 from the same bf16 operands (exact products, fp32 accumulation; TF32 "
+                     "backward GEMMs), fp32 cross-entropy",
         "ours": "align_losses.linear_logprobs(impl='auto')",
         "cce": "cut_cross_entropy.linear_cross_entropy, defaults" + ("" if device.startswith("cuda") else
                                                                      " but impl='torch_compile' (CPU)"),

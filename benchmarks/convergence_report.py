@@ -59,6 +59,11 @@ def load_files(folder: Path, quick: bool) -> tuple[dict, dict]:
     return runs, fts
 
 
+def run_rank(name: str) -> int:
+    """A run's place in the tables: `RUN_ORDER`, then the others."""
+    return RUN_ORDER.index(name) if name in RUN_ORDER else len(RUN_ORDER)
+
+
 def window_means(values: list, window: int) -> list:
     return [statistics.fmean(values[i: i + window]) for i in range(0, len(values) - window + 1, window)]
 
@@ -98,11 +103,11 @@ def base_of(name: str, r: dict) -> str:
 def pretrain_comparisons(runs: dict, window: int) -> dict:
     """Every run against its `base_of` (``train`` / ``heldout`` / ``heldout_fp32``) and, with a `FP32` run, the
     seed-0 runs against that (``vs_fp32``), beside the seeds' spread; the step times against ``full-seed0``'s."""
-    out = {"window": window, "train": {}, "heldout": {}, "heldout_fp32": {}, "step_ms": {},
-           "vs_fp32": {"train": {}, "heldout": {}, "heldout_fp32": {}}}
+    noise = runs.get(NOISE, {}).get("history")
+    out = {"window": window, "train": {}, "heldout": {}, "heldout_fp32": {}, "step_ms": {}, "has_noise": bool(noise),
+           "vs_fp32": {"train": {}, "heldout": {}, "heldout_fp32": {}, "has_noise": bool(noise)}, "missing_base": []}
     if BASE not in runs:
         return out
-    noise = runs.get(NOISE, {}).get("history")
     seed_gap = spreads(runs[BASE]["history"], noise, window) if noise else {}
     base_ms = median_ms(runs[BASE])
     for name, r in runs.items():
@@ -116,6 +121,7 @@ def pretrain_comparisons(runs: dict, window: int) -> dict:
             pairs.append((out["vs_fp32"], FP32))
         for into, base in pairs:
             if base not in runs:
+                out["missing_base"].append(f"{name} has no {base} to compare with")
                 continue
             gap = seed_gap if name != NOISE else {}  # the noise run is the spread itself
             for kind, c in series_comparisons(r["history"], runs[base]["history"], gap, window).items():
@@ -130,7 +136,8 @@ def spreads(seed0: dict, seed1: dict, window: int) -> dict:
     out = {"train": [abs(x - y) for x, y in zip(a, b)]}
     for kind, key in HELDOUT_KEYS.items():
         x, y = by_step(seed0, key), by_step(seed1, key)
-        out[kind] = {st: abs(x[st] - y[st]) for st in set(x) & set(y)}
+        if set(x) & set(y):  # a curve one seed lacks (an older run file) has no spread
+            out[kind] = {st: abs(x[st] - y[st]) for st in set(x) & set(y)}
     return out
 
 
@@ -214,14 +221,14 @@ def render(report: dict) -> str:
         out += [f"Pretraining: {any_run['params']['total'] / 1e6:.1f}M parameters (Qwen3-shaped, "
                 f"{', '.join(f'{k}={v}' for k, v in s['model'].items())}), {s['steps']} steps of {s['batch']} x "
                 f"{s['seq_len']} tokens, lr {s['lr']} -> {s['min_lr']} (cosine, {s['warmup']} warm-up), autocast "
-                f"{s['dtype']}, data seed {s['data_seed']} for every run; the two full-logits runs differ in their "
+                f"{s['dtype']}, data seed {s['data_seed']} for every run; full-seed0 and full-seed1 differ in their "
                 "initial weights only.", "",
                 "| run | loss head | init seed | status | steps | final train loss (last window) | final held-out | "
                 "final held-out, fp32 logits | step time (median) | vs full-seed0 | tokens/s | date | commit | device "
                 "| corpus |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         w = cmp["pretrain"]["window"]
-        for name in sorted(runs, key=lambda n: RUN_ORDER.index(n) if n in RUN_ORDER else 99):
+        for name in sorted(runs, key=run_rank):
             r = runs[name]
             h = r["history"]
             last = statistics.fmean(h["loss"][-w:]) if h["loss"] else None
@@ -239,13 +246,13 @@ def render(report: dict) -> str:
                 "the same points (max and RMS diff over all points; the spread and the ratios over those where "
                 "full-seed1 has run):", ""]
         out += diff_table(cmp["pretrain"])
-        if any(cmp["pretrain"]["vs_fp32"].values()):
+        if any(cmp["pretrain"]["vs_fp32"][kind] for kind in KIND_LABELS):
             out += [f"The same against {FP32} (full logits kept in fp32, from the same initial weights as full-seed0): "
                     "what an exact head computes, beside the same seed spread:", ""]
             out += diff_table(cmp["pretrain"]["vs_fp32"])
         for kind, key in HELDOUT_KEYS.items():
             at = {name: by_step(r["history"], key) for name, r in runs.items()}
-            shown = [name for name in runs if at[name]]
+            shown = sorted((name for name in runs if at[name]), key=run_rank)
             if not shown:
                 continue
             out += [f"Held-out loss at each evaluation ({EVALUATORS[kind]}):", "",
@@ -306,11 +313,13 @@ def diff_table(comparisons: dict) -> list:
     out = ["| run | against | curve | points within the spread | max abs diff | RMS diff | RMS spread | "
            "RMS diff / RMS spread | same, last quarter |", "|---|---|---|---|---|---|---|---|---|"]
     for kind in KIND_LABELS:
-        for name, c in comparisons.get(kind, {}).items():
+        for name, c in sorted(comparisons.get(kind, {}).items(), key=lambda item: run_rank(item[0])):
             within = ((f"{c['within']}/{c['spread_points']}" + (
                           f" (of {c['points']}: the spread exists up to step {c['at'][c['spread_points'] - 1]})"
                           if c["spread_points"] < c["points"] and c["spread_points"] else ""))
-                      if "within" in c else "(the noise itself)" if name == NOISE else "(no full-seed1 to compare with)")
+                      if "within" in c else "(the noise itself)" if name == NOISE else
+                      "(no seed spread for this curve)" if comparisons.get("has_noise") else
+                      "(no full-seed1 to compare with)")
             out.append("| " + " | ".join([name, c.get("base", BASE), KIND_LABELS[kind], within, fmt(c["max_abs_diff"]),
                                           fmt(c["rms_diff"]), fmt(c.get("rms_spread")), fmt(c.get("rms_ratio"), ".2f"),
                                           fmt(c.get("rms_ratio_last_quarter"), ".2f")]) + " |")
@@ -407,7 +416,7 @@ def head_captured(results: Path, out: Path, quick: bool):
 def comparable(runs: dict, fts: dict, warnings: list) -> tuple[str, dict, dict]:
     """The reference run (full-seed0, else the first in `RUN_ORDER`) and the runs and finetunes made on its corpus
     (and, for pretraining, with its `SAME_SETTINGS`); the others are left out with a warning."""
-    reference = BASE if BASE in runs else min(runs, key=lambda n: RUN_ORDER.index(n) if n in RUN_ORDER else 99)
+    reference = BASE if BASE in runs else min(runs, key=run_rank)
     ref = runs[reference]
     kept_runs, kept_fts = {}, {}
     for name, r in runs.items():
@@ -453,6 +462,7 @@ def report(args) -> int:
         "comparisons": {"pretrain": pretrain_comparisons(runs, window), "finetune": finetune_comparisons(fts, warnings)},
         "head_captured": head_captured(results, out, args.quick),
     }
+    warnings.extend(report_["comparisons"]["pretrain"]["missing_base"])
     name = args.name or ("convergence-quick" if args.quick else "convergence-latest")
     out.mkdir(parents=True, exist_ok=True)
     png = out / f"{name}.png"

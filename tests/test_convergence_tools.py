@@ -212,6 +212,27 @@ def test_stopped_and_resumed_run_equals_uninterrupted(built, tmp_path):
     assert cap["hidden"].shape[1] == 16 and cap["meta"]["base_weights_sha256"] == final["weights_sha256"]
 
 
+def test_report_says_which_spread_or_base_is_missing():
+    """A curve one seed lacks has no spread (not "0 of 0 points inside it"); a seed-1 run without full-seed1 is
+    named, not dropped in silence."""
+    settings = {"batch": 2, "seq_len": 4}
+    seed0 = _history([3.0, 2.0, 1.0, 0.5], [9.0, 2.0, 1.5], [9.0, 1.9, 1.4])
+    seed1 = _history([3.2, 2.1, 1.1, 0.4], [9.1, 2.2, 1.45])  # an older file: no fp32 curve
+    ours = _history([3.0, 2.0, 1.1, 0.6], [9.0, 2.06, 1.56], [9.0, 1.95, 1.45])
+    runs = {name: {"seed": seed, "history": h, "settings": settings, "segments": []} for name, seed, h in (
+        ("full-seed0", 0, seed0), ("full-seed1", 1, seed1), ("ours", 0, ours))}
+    cmp = convergence_report.pretrain_comparisons(runs, 2)
+    assert "within" not in cmp["heldout_fp32"]["ours"] and cmp["heldout"]["ours"]["within"] == 1  # 0.06 > 0.05
+    md = "\n".join(convergence_report.diff_table(cmp))
+    assert "| ours | full-seed0 | held-out, fp32 logits | (no seed spread for this curve) |" in md
+    del runs["full-seed1"]
+    runs["ours-seed1"] = {"seed": 1, "history": ours, "settings": settings, "segments": []}
+    cmp = convergence_report.pretrain_comparisons(runs, 2)
+    assert cmp["missing_base"] == ["ours-seed1 has no full-seed1 to compare with"]
+    assert "ours-seed1" not in cmp["train"]
+    assert "(no full-seed1 to compare with)" in "\n".join(convergence_report.diff_table(cmp))
+
+
 def test_full_fp32_and_seed1_runs_reach_the_report(built, tmp_path):
     """The CLI end to end: full-fp32 and ours-seed1 run (both held-out evaluators at every evaluation), and the
     report compares ours-seed1 with full-seed1 and the seed-0 runs with full-fp32."""
@@ -219,11 +240,16 @@ def test_full_fp32_and_seed1_runs_reach_the_report(built, tmp_path):
 
     (tmp_path / "a").symlink_to(built[0] / "a")
     for name in ("full-seed0", "full-seed1", "full-fp32", "ours", "ours-seed1"):
-        assert convergence.main(_run_args(tmp_path, "--run", name)) == 0
-    run = json.loads((tmp_path / "res" / "convergence-run-full-fp32-quick.json").read_text())
+        # under bf16 autocast, where the two evaluators and the two full-logits heads differ
+        assert convergence.main(_run_args(tmp_path, "--run", name, "--dtype", "bfloat16")) == 0
+    runs = {name: json.loads((tmp_path / "res" / f"convergence-run-{name}-quick.json").read_text())
+            for name in ("full-seed0", "full-fp32")}
+    run = runs["full-fp32"]
     assert run["impl"] == "full-fp32" and run["seed"] == 0 and run["status"] == "done"
     h = run["history"]
     assert len(h["heldout_loss_fp32"]) == len(h["heldout_loss"]) == len(h["heldout_step"]) == 3
+    assert h["heldout_loss_fp32"][1:] != h["heldout_loss"][1:]  # bf16 logits against fp32 ones
+    assert h["loss"] != runs["full-seed0"]["history"]["loss"]  # the fp32-logits head is not the model's own
     args = argparse.Namespace(results=str(tmp_path / "res"), out=str(tmp_path / "out"), quick=True, commit="x",
                               name=None)
     assert convergence_report.report(args) == 0
@@ -302,7 +328,7 @@ def test_report_pairs_each_run_with_its_seed_and_the_fp32_reference():
     cmp = convergence_report.pretrain_comparisons(runs, 2)
     assert cmp["train"]["ours-seed1"]["base"] == "full-seed1" and cmp["train"]["ours"]["base"] == "full-seed0"
     assert cmp["train"]["full-seed1"]["base"] == "full-seed0" and "within" not in cmp["train"]["full-seed1"]
-    # ours-seed1 against full-seed1 per window: (3.15-3.15, 0.85-0.75); the spread |seed1 - seed0|: 0.15, 0.0
+    # ours-seed1 against full-seed1 per window: (2.65-2.65, 0.85-0.75); the spread |seed1 - seed0|: 0.15, 0.0
     assert cmp["train"]["ours-seed1"]["diff"] == pytest.approx([0.0, 0.1])
     assert cmp["train"]["ours-seed1"]["spread"] == pytest.approx([0.15, 0.0])
     assert cmp["train"]["ours-seed1"]["within"] == 1
