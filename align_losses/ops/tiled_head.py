@@ -9,6 +9,13 @@ blocks in an fp32 ``[V_block, D]`` buffer and written once, so no fp32 ``[V, D]`
 Each token's label entry of the logit gradient stays out of the GEMM operands and is added in fp32
 afterwards (`_add_label_entries`). On CUDA the backward waits for the GPU once (`_LabelledRows`).
 
+Here are the GEMMs and the accumulators; what happens to a tile between its GEMMs is in
+`align_losses.ops.tiles`: pure functions of the raw fp32 tile (bias and logit transform applied inside),
+`fold_tile` in the forward and `tile_grad` in the backward (``dL/da`` as a GEMM operand, the label entries
+and the bias gradient's column sums). They run eagerly, or compiled into a few fused kernels by
+`torch.compile` (the default on CUDA/XPU with Triton; the backend option ``compile_tiles``), so that a tile
+goes through memory a few times instead of once per elementwise step.
+
 Tiles hold at most ``memory_budget`` bytes of fp32 temporaries. Logits are never rounded to the
 input dtype: GEMMs on CUDA take bf16/fp16 operands with fp32 outputs, elsewhere they run in fp32.
 For a vocabulary-parallel head each rank walks its own shard; the per-token statistics are merged
