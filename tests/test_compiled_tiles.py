@@ -75,6 +75,13 @@ def _run(inputs, compiled: bool, dtype=torch.float32) -> tuple[dict, list]:
     return {name: value.detach() for name, value in out.items()}, [leaf.grad for leaf in leaves]
 
 
+def _graphs(fn) -> int:
+    """How many graphs Dynamo holds for the function ``fn``."""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return len(_debug_get_cache_entry_list(fn.__code__))
+
+
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     got, want = got.double(), want.double()
     return float((got - want).norm() / want.norm().clamp_min(1e-30))
@@ -85,6 +92,7 @@ def test_compiled_tiles_match_float64_and_eager():
     want, want_grads = _run(inputs, compiled=False, dtype=torch.float64)
     got, grads = _run(inputs, compiled=True)
     eager, eager_grads = _run(inputs, compiled=False)
+    assert _graphs(tiles.fold_tile) and _graphs(tiles.tile_grad)  # Dynamo built them: the tiles ran compiled
     for name, value in got.items():
         assert value.dtype == torch.float32
         assert _rel(value, want[name]) < 2e-6, name
@@ -101,6 +109,8 @@ def test_compiled_tiles_do_not_recompile_for_new_sizes():
 
     _run(_inputs(n=83, d=11, v=2 * BLOCK + 101, seed=0), compiled=True)  # built by the test above if it ran
     before = counters["stats"]["unique_graphs"]
+    graphs = _graphs(tiles.fold_tile), _graphs(tiles.tile_grad)
+    assert before > 0 and all(graphs)
     for n, v, seed in ((70, 3 * BLOCK + 37, 1), (131, BLOCK + 55, 2)):
         inputs = _inputs(n=n, d=11, v=v, seed=seed)
         got, grads = _run(inputs, compiled=True)
@@ -108,6 +118,7 @@ def test_compiled_tiles_do_not_recompile_for_new_sizes():
         assert _rel(got["logprobs"], want["logprobs"]) < 2e-6
         assert _rel(grads[1], want_grads[1]) < 1e-5
     assert counters["stats"]["unique_graphs"] == before
+    assert (_graphs(tiles.fold_tile), _graphs(tiles.tile_grad)) == graphs
 
 
 def test_compiled_tiles_inside_a_compiled_caller():
@@ -152,3 +163,95 @@ def test_tiles_are_compiled_by_default_only_where_inductor_emits_triton(monkeypa
     assert tiles.compiled_tiles(True, torch.device("cpu")) and not tiles.compiled_tiles(False, torch.device("cuda"))
     monkeypatch.setattr(tiles.importlib.util, "find_spec", lambda name: object() if name == "triton" else None)
     assert tiles.compiled_tiles(None, torch.device("cuda")) and tiles.compiled_tiles(None, torch.device("xpu"))
+
+
+def test_compiled_tiles_minus_inf_bias_and_argmax_ties():
+    """A bias of -inf on the first tile and a half (nothing but -inf seen yet: the shift of 0) and on a run inside
+    the third; argmax ties within a tile and across tiles (the first maximum wins). Against float64 logits of the
+    unmasked ids, and the eager tiles; the masked rows get exactly zero gradient."""
+    n, d, v = 45, 8, 3 * BLOCK + 20
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(n, d, generator=g)
+    weight = 0.4 * torch.randn(v, d, generator=g)
+    bias = 0.5 * torch.randn(v, generator=g)
+    masked = torch.zeros(v, dtype=torch.bool)
+    masked[: BLOCK + BLOCK // 2] = True
+    masked[2 * BLOCK + 5 : 2 * BLOCK + 50] = True
+    bias[masked] = -float("inf")
+    ties = [BLOCK + BLOCK // 2 + 3, BLOCK + BLOCK // 2 + 9, 2 * BLOCK + 60, 3 * BLOCK + 1]  # tiles 1, 1, 2, 3
+    weight[ties] = 0.0
+    weight[ties, 0] = 3.0
+    bias[ties] = 0.0
+    hidden[:12] = 0.0
+    hidden[:12, 0] = 4.0  # logits of exactly 12 at every tied id, the others far below
+    keep = (~masked).nonzero().squeeze(1)
+    labels = keep[torch.randint(0, len(keep), (n,), generator=g)]
+    labels[:12] = torch.tensor(ties * 3)  # the first tied id is the argmax: a hit for 3 tokens, a miss for 9
+    outputs = ("entropy", "logsumexp", "argmax_hit", "log_sum_p2")
+    graded = ("logprobs", "entropy", "logsumexp")
+    transform = dict(logit_scale=1.3, temperature=0.7)
+    up = {name: torch.randn(n, generator=g) for name in graded}
+
+    def run(compiled):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        stats = linear_token_stats(*leaves[:2], labels, bias=leaves[2], outputs=outputs, impl="torch",
+                                   backend_options=_options(compiled), **transform)
+        out = {name: getattr(stats, name).detach() for name in ("logprobs", *outputs)}
+        sum((getattr(stats, name) * up[name]).sum() for name in graded).backward()
+        return out, [leaf.grad for leaf in leaves]
+
+    got, grads = run(True)
+    eager, eager_grads = run(False)
+    # float64 reference over the unmasked ids only
+    leaves = [t.double().requires_grad_() for t in (hidden, weight[keep], bias[keep])]
+    z = transform["logit_scale"] * (leaves[0] @ leaves[1].t() + leaves[2]) / transform["temperature"]
+    logp = torch.log_softmax(z, dim=-1)
+    local = torch.searchsorted(keep, labels)
+    p = logp.exp()
+    want = {"logprobs": logp.gather(1, local[:, None]).squeeze(1), "entropy": -(p * logp).sum(-1),
+            "logsumexp": torch.logsumexp(z, -1), "argmax_hit": (keep[z.argmax(-1)] == labels).double(),
+            "log_sum_p2": torch.log((p * p).sum(-1))}
+    want_grads = torch.autograd.grad(sum((want[name] * up[name]).sum() for name in graded), leaves)
+    want = {name: value.detach() for name, value in want.items()}
+    assert got["argmax_hit"][:12].tolist() == [1.0, 0.0, 0.0, 0.0] * 3
+    assert torch.equal(got["argmax_hit"], eager["argmax_hit"]) and torch.equal(got["argmax_hit"], want["argmax_hit"].float())
+    for name, value in got.items():
+        assert torch.isfinite(value).all(), name
+        assert _rel(value, want[name]) < 2e-6, name
+        assert _rel(value, eager[name]) < 1e-6, name
+    assert _rel(grads[0], want_grads[0]) < 1e-5 and _rel(grads[0], eager_grads[0]) < 1e-5
+    for grad, eager_grad, want_grad in zip(grads[1:], eager_grads[1:], want_grads[1:]):
+        assert torch.count_nonzero(grad[masked]) == 0
+        assert _rel(grad[keep], want_grad) < 1e-5 and _rel(grad, eager_grad) < 1e-5
+
+
+def _scaled(a, k, owns_a=False):
+    """A stand-in tile function (its own code object, so its own graphs): ``a * k``, or ``2 a`` for no ``k``."""
+    return a * 2 if k is None else a * k
+
+
+def test_compiled_tiles_recompile_past_dynamos_default_limit(monkeypatch):
+    """With ``fullgraph=True`` Dynamo raises at its recompile limit (8 graphs a function by default, met by the
+    flag combinations and 0/1 size specialisations of a long run): the tiles run under a limit of their own."""
+    monkeypatch.setattr(tiles, "_compiled", {})
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    a = torch.randn(4, 3)
+    assert torch.equal(tiles.run_tile(_scaled, True, a, None), a * 2)
+    assert torch.equal(tiles.run_tile(_scaled, True, a, torch.tensor(3.0)), a * 3)  # a second graph
+    assert _graphs(_scaled) == 2
+    monkeypatch.setattr(tiles, "RECOMPILE_LIMIT", 1)
+    with pytest.raises(RuntimeError, match="compile_tiles.*False"):
+        tiles.run_tile(_scaled, True, a, torch.tensor([[3.0]]))  # would be a third
+
+
+def test_compiled_tiles_compile_nothing_while_a_cuda_graph_is_captured(monkeypatch):
+    """Under capture a call with a graph already built runs it; one that needs a new graph is a clear error
+    (compiling there would launch and time kernels inside the capture)."""
+    monkeypatch.setattr(tiles, "_compiled", {})
+    a = torch.randn(5, 3)
+    assert torch.equal(tiles.run_tile(_scaled, True, a, None), a * 2)  # the warm-up (built by the test above)
+    monkeypatch.setattr(tiles, "_capturing", lambda device: True)
+    b = torch.randn(7, 6)
+    assert torch.equal(tiles.run_tile(_scaled, True, b, None), b * 2)  # dynamic shapes: the same graph
+    with pytest.raises(RuntimeError, match="(?s)captured.*no_host_sync.*compile_tiles.*False"):
+        tiles.run_tile(_scaled, True, b, torch.tensor([[[2.0]]]))

@@ -19,6 +19,7 @@ kernels, i.e. CUDA or XPU with Triton installed; `compiled_tiles`).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 from typing import Callable, NamedTuple, Optional
@@ -226,6 +227,18 @@ def _zero_at(tile: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
 
 _compiled: dict = {}  # tile function -> its torch.compile wrapper, built on first use
 
+#: Graphs Dynamo may build for each tile function before giving up (its default, 8, is per function too). One
+#: is built per combination of the flags (bias or not, the outputs and upstream gradients present, dtypes),
+#: transform constants and Dynamo's specialisations of sizes and view offsets 0 and 1 (a tile of one token or
+#: one vocabulary id, a last token block of one): a long run with a few of each meets 8, and with
+#: ``fullgraph=True`` Dynamo then raises instead of running the function eagerly.
+RECOMPILE_LIMIT = 64
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
 
 def run_tile(fn: Callable, compiled: bool, a: torch.Tensor, *args):
     """``fn(a, *args)`` (`fold_tile` or `tile_grad`) on a fresh raw tile ``a`` that the caller gives up.
@@ -235,17 +248,30 @@ def run_tile(fn: Callable, compiled: bool, a: torch.Tensor, *args):
     ``torch.compile(fn, dynamic=True, fullgraph=True)``: dynamic shapes because the token and vocabulary
     counts of tiles change from call to call, and a static graph would compile again for each; no gradient
     tracking, so that a call from a forward (grad mode on) and one from a backward (off) share one graph.
+    Up to `RECOMPILE_LIMIT` graphs per function. While a CUDA graph is being captured nothing is compiled
+    (compiling launches and times kernels): a call that would need a new graph is an error, so warm the
+    step up first, outside the capture, with the same shapes.
     """
     if not compiled:
         return fn(a, *args, owns_a=True)
     if fn not in _compiled:
         _compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+    capturing = _capturing(a.device)
+    limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=limit), \
+                (torch.compiler.set_stance("fail_on_recompile") if capturing else contextlib.nullcontext()):
             return _compiled[fn](a, *args)
     except torch.OutOfMemoryError:
         raise
     except Exception as error:  # compilation runs here, on first use: say how to do without it
+        if capturing:
+            raise RuntimeError(
+                f"align_losses: the 'torch' backend's compiled tile function {fn.__name__} has no graph for these "
+                f"inputs and cannot be compiled while a CUDA graph is being captured ({type(error).__name__}: "
+                f"{error}); run the step once before the capture with the same shapes (in align_losses."
+                f"no_host_sync()), or pass backend_options={{{COMPILE_TILES!r}: False}} to run its tiles eagerly"
+            ) from error
         raise RuntimeError(
             f"align_losses: the 'torch' backend's compiled tile function {fn.__name__} failed ({type(error).__name__}: "
             f"{error}); pass backend_options={{{COMPILE_TILES!r}: False}} to run its tiles eagerly"
