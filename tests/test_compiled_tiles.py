@@ -255,3 +255,69 @@ def test_compiled_tiles_compile_nothing_while_a_cuda_graph_is_captured(monkeypat
     assert torch.equal(tiles.run_tile(_scaled, True, b, None), b * 2)  # dynamic shapes: the same graph
     with pytest.raises(RuntimeError, match="(?s)captured.*no_host_sync.*compile_tiles.*False"):
         tiles.run_tile(_scaled, True, b, torch.tensor([[[2.0]]]))
+
+
+def test_compiled_tiles_reuse_graphs_across_tilings():
+    """A call whose tiles cover whole tensors, then one with several blocks: the row and vocabulary slices reach
+    the compiled functions as copies, not views, so the second call builds no graph (a view is guarded on its
+    base's size and its offset)."""
+    from torch._dynamo.utils import counters
+
+    def call(options, seed):
+        hidden, weight, bias, labels, _ = _inputs(n=96, d=16, v=700, seed=seed)
+        hidden, weight, bias = (t.requires_grad_() for t in (hidden, weight, bias))
+        stats = linear_token_stats(hidden, weight, labels, bias=bias, outputs=("entropy",), impl="torch",
+                                   softcap=10.0, temperature=0.7, backend_options={"compile_tiles": True, **options})
+        (stats.logprobs.sum() + stats.entropy.sum()).backward()
+
+    call({}, seed=11)  # one tile: every slice is its whole tensor
+    before = counters["stats"]["unique_graphs"]
+    call({"memory_budget": 16 * 64 * 128}, seed=12)  # several token and vocabulary blocks
+    assert counters["stats"]["unique_graphs"] == before
+
+
+def test_default_compiled_tiles_fall_back_to_eager_with_one_warning(monkeypatch):
+    """Left at its default (None), a failure to compile warns once and runs the tiles eagerly with the same
+    values; asked for (True), it is an error (`test_compiled_tiles_that_fail_to_build_name_the_option`)."""
+    def broken(*args):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(tiles, "_COMPILED_DEVICES", ("cpu",))  # the default compiles here: triton importable
+    if not tiles.compiled_tiles(None, torch.device("cpu")):
+        pytest.skip("triton is not importable: the default does not compile")
+    monkeypatch.setattr(tiles, "_eager_after_failure", set())
+    monkeypatch.setitem(tiles._compiled, tiles.fold_tile, broken)
+    monkeypatch.setitem(tiles._compiled, tiles.tile_grad, broken)
+    hidden, weight, bias, labels, _ = _inputs(n=40, d=8, v=300, seed=13)
+
+    def run(options):
+        h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+        stats = linear_token_stats(h, w, labels, bias=bias, outputs=("entropy",), impl="torch",
+                                   backend_options=options)
+        (stats.logprobs.sum() + stats.entropy.sum()).backward()
+        return stats.logprobs, stats.entropy, h.grad, w.grad
+
+    with pytest.warns(RuntimeWarning, match="(?s)fold_tile.*no compiler here.*eagerly"):
+        got = run({})
+    assert tiles._eager_after_failure == {tiles.fold_tile, tiles.tile_grad}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning: the functions now run eagerly at once
+        again = run({})
+    want = run({"compile_tiles": False})
+    for g, a, w in zip(got, again, want):
+        assert torch.equal(g, w) and torch.equal(a, w)
+
+
+def test_tile_functions_trace_into_a_callers_fullgraph_compile():
+    """Called while a caller's function is being compiled, a tile function is traced into that graph (Dynamo does
+    not nest compiles, and cannot trace the limit's config patch)."""
+    a = torch.randn(6, 5)
+    outer = torch.compile(lambda x: tiles.run_tile(_scaled, True, x, torch.tensor(3.0)) + 1, fullgraph=True)
+    assert torch.allclose(outer(a), a * 3 + 1)
+
+
+def test_recompile_limit_is_a_dynamo_setting():
+    name = tiles._recompile_limit_name()
+    assert isinstance(getattr(torch._dynamo.config, name), int)

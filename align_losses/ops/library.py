@@ -162,7 +162,8 @@ def _tiling(num_tokens: int, vocab: int, memory_budget: int, token_chunk: int, c
     from .tiled_head import Tiling
     from .tiles import compiled_tiles
 
-    return Tiling.plan(num_tokens, vocab, memory_budget, token_chunk or None, compiled_tiles(compile_tiles, device))
+    return Tiling.plan(num_tokens, vocab, memory_budget, token_chunk or None, compiled_tiles(compile_tiles, device),
+                       fallback=compile_tiles is None)
 
 
 def _run_forward(backend: str, problem: HeadProblem, memory_budget: int, token_chunk: int,

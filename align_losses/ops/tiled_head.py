@@ -57,16 +57,18 @@ def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Tiling:
-    """Block sizes of the tile walk (``tokens x vocab`` elements per tile), and whether the tiles' math runs
-    compiled (`align_losses.ops.tiles.run_tile`)."""
+    """Block sizes of the tile walk (``tokens x vocab`` elements per tile), whether the tiles' math runs
+    compiled, and whether a failure to compile falls back to eager tiles (the option at its default; see
+    `align_losses.ops.tiles.run_tile`)."""
 
     token_block: int
     vocab_block: int
     compiled: bool = False
+    fallback: bool = False
 
     @staticmethod
     def plan(num_tokens: int, vocab: int, memory_budget: int, token_block: Optional[int] = None,
-             compiled: bool = False) -> "Tiling":
+             compiled: bool = False, fallback: bool = False) -> "Tiling":
         """Largest tiles under ``memory_budget`` bytes, preferring all tokens in one block.
 
         With every token in one block, each weight-gradient block comes from one GEMM over all
@@ -79,7 +81,7 @@ class Tiling:
             token_block = _aligned(min(num_tokens, max(elements // min(vocab, _MIN_VOCAB_BLOCK), 1)), num_tokens)
         token_block = max(min(token_block, num_tokens), 1)
         vocab_block = _aligned(max(min(vocab, elements // token_block), 1), vocab)
-        return Tiling(token_block, vocab_block, compiled)
+        return Tiling(token_block, vocab_block, compiled, fallback)
 
 
 def _aligned(block: int, total: int) -> int:
@@ -111,7 +113,7 @@ def _forward_stats(problem: HeadProblem, tiling: Tiling) -> Stats:
             rows = slice(t0, t0 + tiling.token_block)
             raw = matmul_fp32(hidden[rows], w.t())
             stats.put(rows, run_tile(fold_tile, tiling.compiled, raw, stats.take(rows), b, labels[rows], first,
-                                     problem.transform))
+                                     problem.transform, fallback=tiling.fallback))
             del raw  # given to the tile function
     if problem.shard is not None:
         stats.all_reduce(problem.shard.group)
@@ -198,7 +200,7 @@ def backward_grads(hidden, weight, bias, labels, lse, expected_z, up: dict, tran
             up_rows = Upstream(*(_rows(up.get(name), rows) for name in _UPSTREAM))
             tile = run_tile(tile_grad, tiling.compiled, matmul_fp32(h, w.t()), b, labels[rows], first, lse[rows],
                             _rows(expected_z, rows), up_rows, transform, vocab, operand_dtype, entry is not None,
-                            gb_block is not None)
+                            gb_block is not None, fallback=tiling.fallback)
             if gb_block is not None:
                 gb_block += tile.bias_sum
             if entry is not None:
@@ -301,7 +303,7 @@ def tiled_head(problem: HeadProblem, memory_budget: int, token_block: Optional[i
     """Run the op on a normalised problem; returns ``{output name: fp32 [M]}``. ``compile_tiles``: the
     backend option `align_losses.ops.tiles.COMPILE_TILES` (None: `align_losses.ops.tiles.compiled_tiles`'s choice)."""
     tiling = Tiling.plan(problem.hidden.shape[0], problem.weight.shape[0], memory_budget, token_block,
-                         compiled_tiles(compile_tiles, problem.hidden.device))
+                         compiled_tiles(compile_tiles, problem.hidden.device), fallback=compile_tiles is None)
     inputs = (problem.hidden, problem.weight, problem.bias)
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs):
         # Reference passes: statistics only, nothing kept for a backward that will not come.

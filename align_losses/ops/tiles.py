@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
+import warnings
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -45,10 +46,13 @@ def check_compile_tiles(value) -> None:
 
 def compiled_tiles(option: Optional[bool], device: torch.device) -> bool:
     """Whether tiles on ``device`` run compiled: ``option`` when given, else on CUDA/XPU with Triton importable
-    (elsewhere Inductor's C++ kernels are no faster than the eager ones, and compiling takes seconds)."""
+    and, on CUDA, a GPU that Triton compiles for (compute capability 7.0 or newer); elsewhere Inductor's C++
+    kernels are no faster than the eager ones, and compiling takes seconds."""
     if option is not None:
         return option
-    return device.type in _COMPILED_DEVICES and importlib.util.find_spec("triton") is not None
+    if device.type not in _COMPILED_DEVICES or importlib.util.find_spec("triton") is None:
+        return False
+    return device.type != "cuda" or not torch.cuda.is_available() or torch.cuda.get_device_capability(device)[0] >= 7
 
 
 class Upstream(NamedTuple):
@@ -226,6 +230,7 @@ def _zero_at(tile: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
 
 
 _compiled: dict = {}  # tile function -> its torch.compile wrapper, built on first use
+_eager_after_failure: set = set()  # tile functions whose default (not asked-for) compilation failed once
 
 #: Graphs Dynamo may build for each tile function before giving up (its default, 8, is per function too). One
 #: is built per combination of the flags (bias or not, the outputs and upstream gradients present, dtypes),
@@ -240,7 +245,25 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def run_tile(fn: Callable, compiled: bool, a: torch.Tensor, *args):
+def _recompile_limit_name() -> str:
+    """Dynamo's per-function graph limit: ``recompile_limit`` (torch 2.7 on), ``cache_size_limit`` before."""
+    return "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+
+def _own(x):
+    """``x`` with each tensor of at most one dimension that is a view replaced by a copy (recursively through
+    tuples such as `RowStats`): Dynamo guards a view on its base's size and its offset, so the rows and
+    vocabulary slices of one call would otherwise build graphs the next call, with other blocks, cannot use.
+    These are ``[T]`` and ``[W]`` vectors, a negligible copy beside the ``[T, W]`` tile."""
+    if isinstance(x, torch.Tensor):
+        return x.clone() if x._base is not None and x.dim() <= 1 else x
+    if isinstance(x, tuple):
+        items = [_own(item) for item in x]
+        return type(x)(*items) if hasattr(x, "_fields") else tuple(items)
+    return x
+
+
+def run_tile(fn: Callable, compiled: bool, a: torch.Tensor, *args, fallback: bool = False):
     """``fn(a, *args)`` (`fold_tile` or `tile_grad`) on a fresh raw tile ``a`` that the caller gives up.
 
     Eagerly ``fn`` owns ``a`` and applies the bias and transform in it (a copy would cost a tile allocation
@@ -251,20 +274,36 @@ def run_tile(fn: Callable, compiled: bool, a: torch.Tensor, *args):
     Up to `RECOMPILE_LIMIT` graphs per function. While a CUDA graph is being captured nothing is compiled
     (compiling launches and times kernels): a call that would need a new graph is an error, so warm the
     step up first, outside the capture, with the same shapes.
+
+    ``fallback`` (the option left at its default, None): a failure to compile (no working Triton toolchain,
+    the recompile limit met) warns once and runs this function's tiles eagerly from then on, with the same
+    values; without it (``compile_tiles=True``) the failure is an error naming the option.
     """
-    if not compiled:
+    if not compiled or (fallback and fn in _eager_after_failure):
         return fn(a, *args, owns_a=True)
+    if torch.compiler.is_compiling():  # inside a caller's own graph: traced into it (Dynamo cannot nest)
+        return fn(a, *args)
     if fn not in _compiled:
         _compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
     capturing = _capturing(a.device)
-    limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    limit_name = _recompile_limit_name()
+    limit = max(getattr(torch._dynamo.config, limit_name), RECOMPILE_LIMIT)
+    args = _own(args)
     try:
-        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=limit), \
+        with torch.no_grad(), torch._dynamo.config.patch(**{limit_name: limit}), \
                 (torch.compiler.set_stance("fail_on_recompile") if capturing else contextlib.nullcontext()):
             return _compiled[fn](a, *args)
     except torch.OutOfMemoryError:
         raise
     except Exception as error:  # compilation runs here, on first use: say how to do without it
+        if fallback and not capturing:
+            _eager_after_failure.add(fn)
+            warnings.warn(
+                f"align_losses: the 'torch' backend's compiled tile function {fn.__name__} failed "
+                f"({type(error).__name__}: {str(error)[:300]}); its tiles run eagerly from now on, with the same "
+                f"values (pass backend_options={{{COMPILE_TILES!r}: False}} to choose that and silence this, or "
+                f"True to make a failure an error)", RuntimeWarning, stacklevel=2)
+            return fn(a, *args, owns_a=True)
         if capturing:
             raise RuntimeError(
                 f"align_losses: the 'torch' backend's compiled tile function {fn.__name__} has no graph for these "
