@@ -165,10 +165,15 @@ def test_tiles_are_compiled_by_default_only_where_inductor_emits_triton(monkeypa
     assert tiles.compiled_tiles(None, torch.device("cuda")) and tiles.compiled_tiles(None, torch.device("xpu"))
 
 
-def test_compiled_tiles_minus_inf_bias_and_argmax_ties():
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
+])
+def test_compiled_tiles_minus_inf_bias_and_argmax_ties(device):
     """A bias of -inf on the first tile and a half (nothing but -inf seen yet: the shift of 0) and on a run inside
     the third; argmax ties within a tile and across tiles (the first maximum wins). Against float64 logits of the
-    unmasked ids, and the eager tiles; the masked rows get exactly zero gradient."""
+    unmasked ids, and the eager tiles; the masked rows get exactly zero gradient. On CUDA the compiled tiles are
+    Inductor's Triton kernels (on CPU its C++ ones)."""
     n, d, v = 45, 8, 3 * BLOCK + 20
     g = torch.Generator().manual_seed(7)
     hidden = torch.randn(n, d, generator=g)
@@ -193,12 +198,12 @@ def test_compiled_tiles_minus_inf_bias_and_argmax_ties():
     up = {name: torch.randn(n, generator=g) for name in graded}
 
     def run(compiled):
-        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-        stats = linear_token_stats(*leaves[:2], labels, bias=leaves[2], outputs=outputs, impl="torch",
+        leaves = [t.to(device, copy=True).requires_grad_() for t in (hidden, weight, bias)]
+        stats = linear_token_stats(*leaves[:2], labels.to(device), bias=leaves[2], outputs=outputs, impl="torch",
                                    backend_options=_options(compiled), **transform)
-        out = {name: getattr(stats, name).detach() for name in ("logprobs", *outputs)}
-        sum((getattr(stats, name) * up[name]).sum() for name in graded).backward()
-        return out, [leaf.grad for leaf in leaves]
+        out = {name: getattr(stats, name).detach().cpu() for name in ("logprobs", *outputs)}
+        sum((getattr(stats, name) * up[name].to(device)).sum() for name in graded).backward()
+        return out, [leaf.grad.cpu() for leaf in leaves]
 
     got, grads = run(True)
     eager, eager_grads = run(False)
