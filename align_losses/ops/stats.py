@@ -1,20 +1,34 @@
 """Per-token softmax statistics of a head, accumulated over the vocabulary in blocks.
 
 `Stats` holds each token's running max, sum of exponentials and what the requested outputs need
-(fp32 ``[M]`` each), folds in one tile of logits at a time (`Stats.update`, the ``"torch"``
-backend's forward) or takes the merged partials of a kernel (the ``"triton"`` backend's), and merges
-the shards of a vocabulary-parallel head (`Stats.all_reduce`). `finish_outputs` turns merged
-statistics into the per-token outputs of `align_losses.problem.OUTPUTS`. Pure PyTorch; both
-backends' ops import it, so their outputs come from one formula.
+(fp32 ``[M]`` each), takes the tile-by-tile updates of the ``"torch"`` backend's forward
+(`align_losses.ops.tiles.fold_tile`, on the `RowStats` of some tokens) or the merged partials of a
+kernel (the ``"triton"`` backend's), and merges the shards of a vocabulary-parallel head
+(`Stats.all_reduce`). `finish_outputs` turns merged statistics into the per-token outputs of
+`align_losses.problem.OUTPUTS`. Pure PyTorch; both backends' ops import it, so their outputs come
+from one formula.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
+
+
+class RowStats(NamedTuple):
+    """The fields of `Stats` for some tokens (``[T]`` each, None where `Stats` has None): what the
+    ``"torch"`` backend's pure tile function (`align_losses.ops.tiles.fold_tile`) takes and returns."""
+
+    max: torch.Tensor
+    sum_exp: torch.Tensor
+    label_logit: torch.Tensor
+    sum_exp_z: Optional[torch.Tensor]
+    sum_z: Optional[torch.Tensor]
+    sum_exp2: Optional[torch.Tensor]
+    argmax: Optional[torch.Tensor]
 
 
 @dataclass
@@ -54,43 +68,18 @@ class Stats:
         """``E_p[z]`` per token (None without ``sum_exp_z``)."""
         return self.max + self.sum_exp_z / self.sum_exp if self.sum_exp_z is not None else None
 
-    def update(self, rows: slice, z: torch.Tensor, vocab_offset: int, labels: torch.Tensor) -> None:
-        """Fold the tile ``z [rows, block]`` (vocabulary ids from ``vocab_offset``) into the stats.
+    def take(self, rows: slice) -> "RowStats":
+        """The statistics of the tokens ``rows`` (views, ``[T]`` each), for `align_losses.ops.tiles.fold_tile`."""
+        return RowStats(*(None if f is None else f[rows] for f in self._fields()))
 
-        ``z`` is consumed: without the entropy and ``log sum p^2`` its memory holds ``exp(z - max)``, so that
-        the tile costs no fp32 copy of itself."""
-        column, inside = label_columns(labels, vocab_offset, z.shape[1])
-        self.label_logit[rows] += torch.where(inside, z.gather(1, column).squeeze(1), 0.0)
-        if self.sum_z is not None:
-            self.sum_z[rows] += z.sum(dim=1)
-        if self.argmax is not None:
-            block_max, block_arg = z.max(dim=1)
-        else:
-            block_max = z.amax(dim=1)
-        old_max = self.max[rows]
-        new_max = torch.maximum(old_max, block_max)
-        if self.argmax is not None:
-            # Blocks arrive in increasing vocabulary order: only a strictly larger maximum moves
-            # the argmax, so ties keep the first index.
-            moved = block_max > old_max
-            self.argmax[rows] = torch.where(moved, block_arg + vocab_offset, self.argmax[rows])
-        # Logits of -inf only so far (a bias that masks part of the vocabulary): shift by 0, not -inf.
-        shift_to = torch.where(new_max > -math.inf, new_max, torch.zeros_like(new_max))
-        rescale = torch.exp(old_max - shift_to)
-        keep_z_rel = self.sum_exp_z is not None  # the entropy's sum needs z - max beside exp(z - max)
-        z_rel = z.sub_(shift_to[:, None])
-        p = torch.exp(z_rel) if keep_z_rel else z_rel.exp_()
-        old_sum_exp = self.sum_exp[rows].clone()  # a view, and overwritten next
-        self.sum_exp[rows] = old_sum_exp * rescale + p.sum(dim=1)
-        # Row-wise dot products: no [rows, block] product tile beyond p and z_rel.
-        if keep_z_rel:
-            moved = _shift_sums(self.sum_exp_z[rows], old_sum_exp, old_max - shift_to, rescale)
-            z_rel.clamp_(min=torch.finfo(z_rel.dtype).min)  # where z = -inf, p = 0: adds 0, not NaN
-            self.sum_exp_z[rows] = moved + torch.einsum("ij,ij->i", p, z_rel)
-        del z_rel
-        if self.sum_exp2 is not None:
-            self.sum_exp2[rows] = self.sum_exp2[rows] * rescale * rescale + torch.einsum("ij,ij->i", p, p)
-        self.max[rows] = new_max
+    def put(self, rows: slice, values: "RowStats") -> None:
+        """Store new statistics (``[T]`` each) of the tokens ``rows``."""
+        for field, value in zip(self._fields(), values):
+            if field is not None:
+                field[rows] = value
+
+    def _fields(self) -> tuple:
+        return (self.max, self.sum_exp, self.label_logit, self.sum_exp_z, self.sum_z, self.sum_exp2, self.argmax)
 
     def all_reduce(self, group) -> None:
         """Merge the statistics of every rank's vocabulary shard (for a vocabulary-parallel head)."""
@@ -102,7 +91,7 @@ class Stats:
         rescale = torch.nan_to_num(rescale, nan=0.0)  # an empty shard has max -inf
         sums = [self.sum_exp * rescale, self.label_logit]
         if self.sum_exp_z is not None:
-            sums.append(_shift_sums(self.sum_exp_z, self.sum_exp, self.max - global_max, rescale))
+            sums.append(shift_sums(self.sum_exp_z, self.sum_exp, self.max - global_max, rescale))
         if self.sum_z is not None:
             sums.append(self.sum_z)
         if self.sum_exp2 is not None:
@@ -127,7 +116,7 @@ class Stats:
         self.max = global_max
 
 
-def _shift_sums(sum_exp_z: torch.Tensor, sum_exp: torch.Tensor, shift: torch.Tensor,
+def shift_sums(sum_exp_z: torch.Tensor, sum_exp: torch.Tensor, shift: torch.Tensor,
                 rescale: torch.Tensor) -> torch.Tensor:
     """``sum exp(z - m) (z - m)`` re-based from the max ``m`` to ``m - shift`` (``rescale = exp(shift)``);
     0 where nothing was summed yet (``m = -inf``)."""

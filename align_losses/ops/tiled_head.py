@@ -9,6 +9,13 @@ blocks in an fp32 ``[V_block, D]`` buffer and written once, so no fp32 ``[V, D]`
 Each token's label entry of the logit gradient stays out of the GEMM operands and is added in fp32
 afterwards (`_add_label_entries`). On CUDA the backward waits for the GPU once (`_LabelledRows`).
 
+Here are the GEMMs and the accumulators; what happens to a tile between its GEMMs is in
+`align_losses.ops.tiles`: pure functions of the raw fp32 tile (bias and logit transform applied inside),
+`fold_tile` in the forward and `tile_grad` in the backward (``dL/da`` as a GEMM operand, the label entries
+and the bias gradient's column sums). They run eagerly, or compiled into a few fused kernels by
+`torch.compile` (the default on CUDA/XPU with Triton; the backend option ``compile_tiles``), so that a tile
+goes through memory a few times instead of once per elementwise step.
+
 Tiles hold at most ``memory_budget`` bytes of fp32 temporaries. Logits are never rounded to the
 input dtype: GEMMs on CUDA take bf16/fp16 operands with fp32 outputs, elsewhere they run in fp32.
 For a vocabulary-parallel head each rank walks its own shard; the per-token statistics are merged
@@ -25,6 +32,10 @@ import torch
 from ..problem import DIFFERENTIABLE_OUTPUTS, OUTPUTS, HeadProblem, LogitTransform
 from . import gemm
 from .stats import Stats, finish_outputs, label_columns
+from .tiles import Upstream, compiled_tiles, fold_tile, row_scale, run_tile, tile_grad
+
+#: The fields of `Upstream`, in its order: the differentiable outputs.
+_UPSTREAM = Upstream._fields
 
 # Bytes of fp32 temporaries per tile element: logits, probabilities, their gradient, a cast copy.
 _BYTES_PER_TILE_ELEMENT = 16
@@ -34,13 +45,18 @@ _ALIGN = 64
 
 @dataclass(frozen=True)
 class Tiling:
-    """Block sizes of the tile walk: ``tokens x vocab`` elements per tile."""
+    """Block sizes of the tile walk (``tokens x vocab`` elements per tile), whether the tiles' math runs
+    compiled, and whether a failure to compile falls back to eager tiles (the option at its default; see
+    `align_losses.ops.tiles.run_tile`)."""
 
     token_block: int
     vocab_block: int
+    compiled: bool = False
+    fallback: bool = False
 
     @staticmethod
-    def plan(num_tokens: int, vocab: int, memory_budget: int, token_block: Optional[int] = None) -> "Tiling":
+    def plan(num_tokens: int, vocab: int, memory_budget: int, token_block: Optional[int] = None,
+             compiled: bool = False, fallback: bool = False) -> "Tiling":
         """Largest tiles under ``memory_budget`` bytes, preferring all tokens in one block.
 
         With every token in one block, each weight-gradient block comes from one GEMM over all
@@ -53,7 +69,7 @@ class Tiling:
             token_block = _aligned(min(num_tokens, max(elements // min(vocab, _MIN_VOCAB_BLOCK), 1)), num_tokens)
         token_block = max(min(token_block, num_tokens), 1)
         vocab_block = _aligned(max(min(vocab, elements // token_block), 1), vocab)
-        return Tiling(token_block, vocab_block)
+        return Tiling(token_block, vocab_block, compiled, fallback)
 
 
 def _aligned(block: int, total: int) -> int:
@@ -68,34 +84,9 @@ def _aligned(block: int, total: int) -> int:
     return block - block % _ALIGN
 
 
-def _logits(a: torch.Tensor, t: LogitTransform) -> torch.Tensor:
-    """Transformed logits ``z`` from the raw head output ``a`` (fp32, in place where possible)."""
-    if t.logit_scale != 1.0:
-        a = a.mul_(t.logit_scale)
-    if t.softcap is not None:
-        a = a.div_(t.softcap).tanh_().mul_(t.softcap)
-    if t.temperature != 1.0:
-        a = a.div_(t.temperature)
-    return a
-
-
-def _dz_da_(grad_z: torch.Tensor, z: torch.Tensor, t: LogitTransform) -> torch.Tensor:
-    """Chain ``dL/dz`` to ``dL/da`` in place: ``dz/da = s/T * (1 - tanh^2)`` with ``tanh = z T / c``."""
-    factor = t.logit_scale / t.temperature
-    if t.softcap is not None:
-        one_minus_tanh2 = z.mul(t.temperature / t.softcap).square_().neg_().add_(1.0)  # one tile, in place
-        grad_z.mul_(one_minus_tanh2)
-        del one_minus_tanh2
-    if factor != 1.0:
-        grad_z.mul_(factor)
-    return grad_z
-
-
-def _raw_tile(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    a = gemm.matmul_fp32(hidden, weight.t())
-    if bias is not None:
-        a += bias.float()
-    return a
+def _first(vocab_id: int, device: torch.device) -> torch.Tensor:
+    """The first vocabulary id of a tile as an int64 0-dim tensor, the form the tile functions take."""
+    return torch.full((), vocab_id, dtype=torch.int64, device=device)
 
 
 def _forward_stats(problem: HeadProblem, tiling: Tiling) -> Stats:
@@ -105,10 +96,13 @@ def _forward_stats(problem: HeadProblem, tiling: Tiling) -> Stats:
     for v0 in range(0, weight.shape[0], tiling.vocab_block):
         w = weight[v0 : v0 + tiling.vocab_block]
         b = bias[v0 : v0 + tiling.vocab_block] if bias is not None else None
+        first = _first(offset + v0, hidden.device)
         for t0 in range(0, hidden.shape[0], tiling.token_block):
             rows = slice(t0, t0 + tiling.token_block)
-            z = _logits(_raw_tile(hidden[rows], w, b), problem.transform)
-            stats.update(rows, z, offset + v0, labels[rows])
+            raw = gemm.matmul_fp32(hidden[rows], w.t())
+            stats.put(rows, run_tile(fold_tile, tiling.compiled, raw, stats.take(rows), b, labels[rows], first,
+                                     problem.transform, fallback=tiling.fallback))
+            del raw  # given to the tile function
     if problem.shard is not None:
         stats.all_reduce(problem.shard.group)
     return stats
@@ -157,29 +151,6 @@ def forward_outputs(problem: HeadProblem, tiling: Tiling) -> tuple[dict, torch.T
     return result, lse, stats.expected_z()
 
 
-def _logit_grad(z, lse_rows, expected_z_rows, up: dict, rows: slice, vocab: int) -> torch.Tensor:
-    """``dL/dz`` for one tile, before the label term (added by the caller).
-
-    ``dL/dz_v = p_v (g_lse - g_logp - g_ent (z_v - E[z])) + g_mean / V`` (+ ``g_logp`` at the label).
-    """
-    grad = torch.exp(z - lse_rows[:, None])
-    coef = torch.zeros_like(lse_rows)
-    if "logsumexp" in up:
-        coef += up["logsumexp"][rows]
-    if "logprobs" in up:
-        coef -= up["logprobs"][rows]
-    if "entropy" in up:
-        centred = z - expected_z_rows[:, None]
-        factor = centred.mul_(-up["entropy"][rows][:, None]).add_(coef[:, None])
-        grad.mul_(factor.masked_fill_(grad == 0, 0.0))  # z = -inf (p = 0): 0, not 0 x inf
-        del centred, factor
-    else:
-        grad.mul_(coef[:, None])
-    if "mean_logit" in up:
-        grad += (up["mean_logit"][rows] / vocab)[:, None]
-    return grad
-
-
 def backward_grads(hidden, weight, bias, labels, lse, expected_z, up: dict, transform: LogitTransform, shard,
                    vocab: int, tiling: Tiling, need, sync_free: bool = False):
     """The backward of `TiledHeadFunction` and of the registered op: ``(grad_hidden [M, D] | None,
@@ -189,9 +160,10 @@ def backward_grads(hidden, weight, bias, labels, lse, expected_z, up: dict, tran
     capture), at the cost of a masked pass over all tokens per vocabulary block for the labelled weight rows.
 
     When only the log-probs and the logsumexp have upstream gradients (the losses' case) and there is no
-    softcap or bias gradient, ``dL/da = s (p c + g_logp [label])`` with a per-token ``c``: the tile is then
-    just the probabilities (`_row_scaled`), and ``c`` is applied outside it, to the hidden states before the
-    weight-gradient GEMM and to the summed hidden-state gradient after the last block.
+    softcap or bias gradient, ``dL/da = s (p c + g_logp [label])`` with a per-token ``c``
+    (`align_losses.ops.tiles.row_scale`): the tiles are then just the probabilities, and ``s c`` is applied
+    outside them, to the hidden states before the weight-gradient GEMMs and to the summed hidden-state
+    gradient after the last block.
 
     Runs with autocast off, as the forward does: a backward called inside an autocast region would otherwise
     round the recomputed logits and the fp32 GEMMs to the autocast dtype.
@@ -210,7 +182,8 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
     grad_hidden = torch.zeros(m, hidden.shape[1], dtype=torch.float32, device=hidden.device) if need_h else None
     grad_weight = torch.empty_like(weight) if need_w else None
     grad_bias = torch.empty_like(bias) if (need_b and bias is not None) else None
-    rounds = hidden.is_cuda and hidden.dtype != torch.float32  # dL/da rounded as a GEMM operand
+    # dL/da is rounded to the inputs' dtype as a GEMM operand where GEMMs take it (`gemm.matmul_fp32`)
+    operand_dtype = hidden.dtype if hidden.is_cuda else torch.float32
     # See `_add_label_entries`: the label entries stay out of the GEMM operands, kept here in fp32.
     # An empty shard holds no label; with only the bias to differentiate, the entries need not move.
     has_entries = "logprobs" in up and weight.shape[0] > 0 and (need_h or need_w)
@@ -219,9 +192,8 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
     if has_entries and need_w:
         labelled = (_AllRows(labels) if sync_free else
                     _LabelledRows.of(labels, offset, weight.shape[0], tiling.vocab_block))
-    row_scale = _row_scale(up, transform, m, hidden.device) if grad_bias is None else None
-    operand = hidden.dtype if rounds else torch.float32
-    scaled_hidden = (hidden.float() * row_scale[:, None]).to(operand) if row_scale is not None and need_w else None
+    scale = row_scale(Upstream(*(up.get(name) for name in _UPSTREAM)), transform) if grad_bias is None else None
+    scaled_hidden = (hidden.float() * scale[:, None]).to(operand_dtype) if scale is not None and need_w else None
     # All tokens in one block: each block's weight-gradient rows are one GEMM's output, not a sum.
     one_gemm_per_block = 0 < m <= tiling.token_block
     for block_index, v0 in enumerate(range(0, weight.shape[0], tiling.vocab_block)):
@@ -231,47 +203,35 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
         if need_w and not one_gemm_per_block:
             gw_block = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         gb_block = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if grad_bias is not None else None
+        first = _first(offset + v0, hidden.device)
         for t0 in range(0, m, tiling.token_block):
             rows = slice(t0, t0 + tiling.token_block)
             h = hidden[rows]
-            z = _logits(_raw_tile(h, w, b), transform)
-            column = inside = None
-            if "logprobs" in up:
-                column, inside = label_columns(labels[rows], offset + v0, w.shape[0])
-            if row_scale is not None:
-                grad_op, label_entry = _row_scaled(z, lse[rows], row_scale[rows], up, rows, column, inside, operand,
-                                                   transform)
-                if entry is not None:
-                    entry[rows] += label_entry
-            else:
-                ez = expected_z[rows] if expected_z is not None else None
-                grad = _logit_grad(z, lse[rows], ez, up, rows, vocab)
-                if "logprobs" in up:
-                    grad.scatter_add_(1, column, torch.where(inside, up["logprobs"][rows], 0.0)[:, None])
-                grad = _dz_da_(grad, z, transform)
-                del z
-                if gb_block is not None:
-                    gb_block += grad.sum(dim=0)
-                if entry is not None:
-                    entry[rows] += _take_label_entries_(grad, column, inside)
-                # The tile gradient is rounded to the operand dtype only as a GEMM input; sums stay fp32.
-                grad_op = grad.to(hidden.dtype) if rounds else grad
+            up_rows = Upstream(*(_rows(up.get(name), rows) for name in _UPSTREAM))
+            tile = run_tile(tile_grad, tiling.compiled, gemm.matmul_fp32(h, w.t()), b, labels[rows], first, lse[rows],
+                            _rows(expected_z, rows), up_rows, transform, vocab, operand_dtype, entry is not None,
+                            gb_block is not None, _rows(scale, rows), fallback=tiling.fallback)
+            if gb_block is not None:
+                gb_block += tile.bias_sum
+            if entry is not None:
+                entry[rows] += tile.entry
             if need_h:
-                gemm.mm_into(grad_hidden[rows], grad_op, w, first=False)
+                gemm.mm_into(grad_hidden[rows], tile.grad_op, w, first=False)
             if need_w:
                 h_op = scaled_hidden[rows] if scaled_hidden is not None else h
                 if gw_block is None:
-                    gw_block = gemm.matmul_fp32(grad_op.t(), h_op)
+                    gw_block = gemm.matmul_fp32(tile.grad_op.t(), h_op)
                 else:
-                    gemm.mm_into(gw_block, grad_op.t(), h_op, first=False)
+                    gemm.mm_into(gw_block, tile.grad_op.t(), h_op, first=False)
+            del tile
         if need_w:
             if labelled is not None:
                 labelled.add_to_block(gw_block, block_index, offset + v0, entry, hidden)
             grad_weight[v0 : v0 + tiling.vocab_block] = gw_block
         if gb_block is not None:
             grad_bias[v0 : v0 + tiling.vocab_block] = gb_block
-    if need_h and row_scale is not None:
-        grad_hidden.mul_(row_scale[:, None])  # the blocks summed p W; dL/dh = c * that (+ the label entries)
+    if need_h and scale is not None:
+        grad_hidden.mul_(scale[:, None])  # the blocks summed p W; dL/dh = s c * that (+ the label entries)
     if need_h and entry is not None:
         _add_label_entries(grad_hidden, entry, weight, labels, offset)
     if need_h and shard is not None:
@@ -283,43 +243,8 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
     return grad_hidden, grad_weight, grad_bias
 
 
-def _row_scale(up: dict, transform: LogitTransform, m: int, device) -> Optional[torch.Tensor]:
-    """``s c`` fp32 ``[M]`` with ``dL/da = s (p c + g_logp [label])``, or None when ``dL/da`` has no such form
-    (an entropy or mean-logit gradient, a softcap). ``c = g_lse - g_logp``, ``s = logit_scale / temperature``."""
-    if transform.softcap is not None or not set(up) <= {"logprobs", "logsumexp"}:
-        return None
-    coef = torch.zeros(m, dtype=torch.float32, device=device)
-    if "logsumexp" in up:
-        coef += up["logsumexp"]
-    if "logprobs" in up:
-        coef -= up["logprobs"]
-    return coef.mul_(transform.logit_scale / transform.temperature)
-
-
-def _row_scaled(z, lse_rows, scale_rows, up: dict, rows: slice, column, inside, operand: torch.dtype,
-                transform: LogitTransform) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """One tile of the row-scaled backward: ``(p [T, W] in ``operand`` with the label entries zeroed,
-    label entries fp32 [T] or None)``. ``z`` (fp32, consumed) are the tile's logits; ``p = exp(z - lse)``
-    is written straight in the operand dtype (one pass, no fp32 copy of the tile)."""
-    z.sub_(lse_rows[:, None])
-    label_entry = None
-    if column is not None:
-        # The label entry s (p c + g_logp), from the fp32 log-prob; its place in the tile becomes 0.
-        p_label = torch.exp(z.gather(1, column).squeeze(1))
-        label_entry = torch.where(inside, p_label * scale_rows + up["logprobs"][rows] * (
-            transform.logit_scale / transform.temperature), 0.0)
-    p = torch.exp(z, out=torch.empty(z.shape, dtype=operand, device=z.device)) if operand != z.dtype else z.exp_()
-    if column is not None:
-        _take_label_entries_(p, column, inside)
-    return p, label_entry
-
-
-def _take_label_entries_(grad: torch.Tensor, column: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
-    """Zero each token's label entry in the tile ``grad [T, W]`` (fp32) and return it, fp32 ``[T]``
-    (0 for tokens labelled outside the tile, whose entries stay)."""
-    picked = grad.gather(1, column).squeeze(1)
-    grad.scatter_(1, column, torch.where(inside, 0.0, picked)[:, None])
-    return torch.where(inside, picked, 0.0)
+def _rows(values: Optional[torch.Tensor], rows: slice) -> Optional[torch.Tensor]:
+    return values[rows] if values is not None else None
 
 
 def _add_label_entries(acc: torch.Tensor, entry: torch.Tensor, weight: torch.Tensor,
@@ -331,7 +256,7 @@ def _add_label_entries(acc: torch.Tensor, entry: torch.Tensor, weight: torch.Ten
     operand it would have the same relative error (up to 2^-8) for the whole sequence, which no sum
     averages out (at the head benchmark's long shape it dominated grad_hidden's error:
     benchmarks/NOTES-triton.md). So the backward
-    takes each entry out of its tile (`_take_label_entries_`) and adds its products in fp32 after the
+    takes each entry out of its tile (`align_losses.ops.tiles.tile_grad`) and adds its products in fp32 after the
     GEMMs: with the label's weight row into the hidden-state gradient (here), with the token's hidden
     state into the weight gradient's row (`_LabelledRows`), as the ``"triton"`` backend does.
 
@@ -389,9 +314,12 @@ class _AllRows:
         rows.index_add_(0, column.squeeze(1), hidden.float() * torch.where(inside, entry, 0.0)[:, None])
 
 
-def tiled_head(problem: HeadProblem, memory_budget: int, token_block: Optional[int] = None) -> dict:
-    """Run the op on a normalised problem; returns ``{output name: fp32 [M]}``."""
-    tiling = Tiling.plan(problem.hidden.shape[0], problem.weight.shape[0], memory_budget, token_block)
+def tiled_head(problem: HeadProblem, memory_budget: int, token_block: Optional[int] = None,
+               compile_tiles: Optional[bool] = None) -> dict:
+    """Run the op on a normalised problem; returns ``{output name: fp32 [M]}``. ``compile_tiles``: the
+    backend option `align_losses.ops.tiles.COMPILE_TILES` (None: `align_losses.ops.tiles.compiled_tiles`'s choice)."""
+    tiling = Tiling.plan(problem.hidden.shape[0], problem.weight.shape[0], memory_budget, token_block,
+                         compiled_tiles(compile_tiles, problem.hidden.device), fallback=compile_tiles is None)
     inputs = (problem.hidden, problem.weight, problem.bias)
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs):
         # Reference passes: statistics only, nothing kept for a backward that will not come.
