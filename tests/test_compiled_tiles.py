@@ -139,6 +139,43 @@ def test_compiled_row_scaled_tiles_match_float64_and_eager(monkeypatch):
         assert _rel(g, e) < 1e-5, name
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_row_scaled_tile_rounds_p_times_c_once(compiled):
+    """A row-scaled tile in a bf16 operand is ``p |s c|`` rounded once (the sign of ``s c`` left to the caller),
+    with the label entries zeroed, and its label entries are the fp32 ``s (p c + g_logp)``: against float64, per
+    element, with ``c`` of both signs, zero, and magnitudes from 1e-6 to 1e3."""
+    from align_losses.problem import LogitTransform
+
+    g = torch.Generator().manual_seed(11)
+    t_count, width, first_id = 37, 91, 200
+    transform = LogitTransform(logit_scale=1.3, temperature=0.7)
+    a = torch.randn(t_count, width, generator=g, dtype=torch.float64) * 3
+    labels = torch.randint(first_id - 20, first_id + width + 20, (t_count,), generator=g)  # some outside
+    z = a * 1.3 / 0.7
+    lse = torch.logsumexp(torch.cat([z, torch.randn(t_count, 500, generator=g, dtype=torch.float64) * 3], 1), 1)
+    g_logp = torch.randn(t_count, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-6, 4, (t_count,), generator=g)
+    g_lse = torch.randn(t_count, generator=g, dtype=torch.float64)
+    g_lse[:3] = g_logp[:3]  # c = 0
+    up = tiles.Upstream(g_logp.float(), g_lse.float(), None, None)
+    scale = tiles.row_scale(up, transform)
+    out = tiles.run_tile(tiles.tile_grad, compiled, a.float(), None, labels, torch.tensor(first_id), lse.float(), None,
+                         up, transform, 10**6, torch.bfloat16, True, False, scale)
+    assert out.grad_op.dtype == torch.bfloat16 and out.bias_sum is None
+    s = 1.3 / 0.7
+    sc = s * (g_lse - g_logp)
+    want = (z - lse[:, None]).exp() * sc.abs()[:, None]
+    local = labels - first_id
+    inside = (local >= 0) & (local < width)
+    want[inside.nonzero().squeeze(1), local[inside]] = 0.0
+    got = out.grad_op.double()
+    assert torch.equal(got == 0, want.to(torch.bfloat16).double() == 0)
+    rel = ((got - want).abs() / want.abs().clamp_min(1e-300))[want != 0]
+    assert float(rel.max()) <= 2.0**-8 * 1.01  # one rounding to bf16 (8 bits), nothing more
+    entry = torch.where(inside, s * ((z - lse[:, None]).exp().gather(1, local.clamp(0, width - 1)[:, None]).squeeze(1)
+                                     * (g_lse - g_logp) + g_logp), torch.zeros((), dtype=torch.float64))
+    assert float(((out.entry.double() - entry).abs() / entry.abs().clamp_min(1e-12)).max()) < 1e-5
+
+
 def test_compiled_tiles_do_not_recompile_for_new_sizes():
     """Dynamic shapes: new token counts, vocabulary sizes and tile widths reuse the graphs already built."""
     from torch._dynamo.utils import counters

@@ -161,9 +161,9 @@ def backward_grads(hidden, weight, bias, labels, lse, expected_z, up: dict, tran
 
     When only the log-probs and the logsumexp have upstream gradients (the losses' case) and there is no
     softcap or bias gradient, ``dL/da = s (p c + g_logp [label])`` with a per-token ``c``
-    (`align_losses.ops.tiles.row_scale`): the tiles are then just the probabilities, and ``s c`` is applied
-    outside them, to the hidden states before the weight-gradient GEMMs and to the summed hidden-state
-    gradient after the last block.
+    (`align_losses.ops.tiles.row_scale`): the tiles are then ``p |s c|`` (``|s c|`` folded into the exponent), and
+    ``sign(s c)`` is applied outside them, to the hidden states before the weight-gradient GEMMs and to the summed
+    hidden-state gradient after the last block.
 
     Runs with autocast off, as the forward does: a backward called inside an autocast region would otherwise
     round the recomputed logits and the fp32 GEMMs to the autocast dtype.
@@ -193,7 +193,9 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
         labelled = (_AllRows(labels) if sync_free else
                     _LabelledRows.of(labels, offset, weight.shape[0], tiling.vocab_block))
     scale = row_scale(Upstream(*(up.get(name) for name in _UPSTREAM)), transform) if grad_bias is None else None
-    scaled_hidden = (hidden.float() * scale[:, None]).to(operand_dtype) if scale is not None and need_w else None
+    sign = torch.sign(scale) if scale is not None else None
+    # The row-scaled tiles hold p |s c|; the sign goes on the hidden states (exact in any dtype).
+    signed_hidden = (hidden * sign[:, None].to(hidden.dtype)) if sign is not None and need_w else None
     # All tokens in one block: each block's weight-gradient rows are one GEMM's output, not a sum.
     one_gemm_per_block = 0 < m <= tiling.token_block
     for block_index, v0 in enumerate(range(0, weight.shape[0], tiling.vocab_block)):
@@ -218,7 +220,7 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
             if need_h:
                 gemm.mm_into(grad_hidden[rows], tile.grad_op, w, first=False)
             if need_w:
-                h_op = scaled_hidden[rows] if scaled_hidden is not None else h
+                h_op = signed_hidden[rows] if signed_hidden is not None else h
                 if gw_block is None:
                     gw_block = gemm.matmul_fp32(tile.grad_op.t(), h_op)
                 else:
@@ -230,8 +232,8 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
             grad_weight[v0 : v0 + tiling.vocab_block] = gw_block
         if gb_block is not None:
             grad_bias[v0 : v0 + tiling.vocab_block] = gb_block
-    if need_h and scale is not None:
-        grad_hidden.mul_(scale[:, None])  # the blocks summed p W; dL/dh = s c * that (+ the label entries)
+    if need_h and sign is not None:
+        grad_hidden.mul_(sign[:, None])  # the blocks summed p |s c| W; dL/dh = sign(s c) that (+ the label entries)
     if need_h and entry is not None:
         _add_label_entries(grad_hidden, entry, weight, labels, offset)
     if need_h and shard is not None:

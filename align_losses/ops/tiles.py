@@ -152,8 +152,8 @@ def tile_grad(a: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tenso
     None unless ``need_bias_sum``. No input is changed, ``a`` aside when ``owns_a`` (see `run_tile`).
 
     ``row_scale`` (fp32 ``[T]``, `row_scale`'s ``s c``; the losses' case): ``dL/da = s (p c + g_logp [label])``,
-    and ``grad_op`` is just ``p`` with the label entries zeroed (the caller applies ``s c`` outside the tile);
-    ``entry`` holds the whole label entries. It needs upstream gradients on the log-probs and logsumexp only,
+    and ``grad_op`` is ``p |s c|`` with the label entries zeroed (the caller applies ``sign(s c)`` outside the
+    tile); ``entry`` holds the whole label entries. It needs upstream gradients on the log-probs and logsumexp only,
     no softcap, ``split_entries`` where there is a log-prob gradient, and no ``need_bias_sum``.
     """
     z = logits(a, bias, t, owns_a)
@@ -206,14 +206,19 @@ def row_scale(up: Upstream, t: LogitTransform) -> Optional[torch.Tensor]:
 
 def _row_scaled_grad(z: torch.Tensor, local: torch.Tensor, lse: torch.Tensor, up: Upstream, t: LogitTransform,
                      operand_dtype: torch.dtype, scale: torch.Tensor, owns_a: bool) -> TileGrad:
-    """`tile_grad` with a ``row_scale``: ``p = exp(z - lse)`` in the operand dtype, label entries zeroed."""
-    z_rel = z.sub_(lse[:, None]) if owns_a else z - lse[:, None]
+    """`tile_grad` with a ``row_scale`` ``s c``: ``grad_op = p |s c| = exp(z - lse + log|s c|)`` in the operand
+    dtype, label entries zeroed; the caller applies ``sign(s c)`` (exactly, to the hidden states and to the summed
+    hidden-state gradient). Folding ``|s c|`` into the exponent costs no pass, and the operand is rounded once, as
+    ``p c`` was: rounding ``p`` and ``c h`` separately doubled the weight gradient's rounding error."""
+    shift = lse - torch.log(scale.abs())  # +inf where s c = 0: p |s c| = 0
+    z_rel = z.sub_(shift[:, None]) if owns_a else z - shift[:, None]
     entry = None
     if up.logprobs is not None:
-        # The whole label entry s (p c + g_logp) from the fp32 log-prob; 0 for labels outside the tile.
+        # The whole label entry s (p c + g_logp) = sign(s c) p |s c| + s g_logp, in fp32; 0 outside the tile.
         inside = (local >= 0) & (local < z_rel.shape[1])
-        p_label = torch.exp(_pick(z_rel, local))
-        entry = torch.where(inside, p_label * scale + up.logprobs * (t.logit_scale / t.temperature), 0.0)
+        scaled_p_label = torch.exp(_pick(z_rel, local))
+        entry = torch.where(inside, torch.sign(scale) * scaled_p_label
+                            + up.logprobs * (t.logit_scale / t.temperature), 0.0)
     if owns_a and operand_dtype != z_rel.dtype:
         p = torch.exp(z_rel, out=torch.empty(z_rel.shape, dtype=operand_dtype, device=z_rel.device))  # one pass
     elif owns_a:
