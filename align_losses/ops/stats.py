@@ -31,6 +31,17 @@ class RowStats(NamedTuple):
     argmax: Optional[torch.Tensor]
 
 
+def covers(rows: slice, n: int) -> bool:
+    """Whether the slice ``rows`` (step 1) takes all ``n`` rows."""
+    return (rows.start or 0) == 0 and (rows.stop is None or rows.stop >= n)
+
+
+def rows_of(values: torch.Tensor, rows: slice) -> torch.Tensor:
+    """``values[rows]``, or ``values`` itself when ``rows`` are all of them: a view would reach a compiled tile
+    function as a copy (`align_losses.ops.tiles.run_tile` copies small views, which Dynamo guards on their base)."""
+    return values if covers(rows, values.shape[0]) else values[rows]
+
+
 @dataclass
 class Stats:
     """Per-token running statistics over the vocabulary seen so far (fp32 ``[M]`` each).
@@ -69,11 +80,18 @@ class Stats:
         return self.max + self.sum_exp_z / self.sum_exp if self.sum_exp_z is not None else None
 
     def take(self, rows: slice) -> "RowStats":
-        """The statistics of the tokens ``rows`` (views, ``[T]`` each), for `align_losses.ops.tiles.fold_tile`."""
-        return RowStats(*(None if f is None else f[rows] for f in self._fields()))
+        """The statistics of the tokens ``rows`` (``[T]`` each; views, or the fields themselves when ``rows`` are
+        all tokens), for `align_losses.ops.tiles.fold_tile`."""
+        return RowStats(*(None if f is None else rows_of(f, rows) for f in self._fields()))
 
     def put(self, rows: slice, values: "RowStats") -> None:
-        """Store new statistics (``[T]`` each) of the tokens ``rows``."""
+        """Store new statistics (``[T]`` each) of the tokens ``rows``: copied in, or taken as the fields when
+        ``rows`` are all tokens (no copy; the tile functions return new tensors)."""
+        if covers(rows, self.max.shape[0]):
+            for name, value in zip(RowStats._fields, values):
+                if getattr(self, name) is not None:
+                    setattr(self, name, value)
+            return
         for field, value in zip(self._fields(), values):
             if field is not None:
                 field[rows] = value

@@ -31,7 +31,7 @@ import torch
 
 from ..problem import DIFFERENTIABLE_OUTPUTS, OUTPUTS, HeadProblem, LogitTransform
 from . import gemm
-from .stats import Stats, finish_outputs, label_columns
+from .stats import Stats, finish_outputs, label_columns, rows_of
 from .tiles import Upstream, compiled_tiles, fold_tile, row_scale, run_tile, tile_grad
 
 #: The fields of `Upstream`, in its order: the differentiable outputs.
@@ -100,7 +100,7 @@ def _forward_stats(problem: HeadProblem, tiling: Tiling) -> Stats:
         for t0 in range(0, hidden.shape[0], tiling.token_block):
             rows = slice(t0, t0 + tiling.token_block)
             raw = gemm.matmul_fp32(hidden[rows], w.t())
-            stats.put(rows, run_tile(fold_tile, tiling.compiled, raw, stats.take(rows), b, labels[rows], first,
+            stats.put(rows, run_tile(fold_tile, tiling.compiled, raw, stats.take(rows), b, rows_of(labels, rows), first,
                                      problem.transform, fallback=tiling.fallback))
             del raw  # given to the tile function
     if problem.shard is not None:
@@ -210,7 +210,7 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
             rows = slice(t0, t0 + tiling.token_block)
             h = hidden[rows]
             up_rows = Upstream(*(_rows(up.get(name), rows) for name in _UPSTREAM))
-            tile = run_tile(tile_grad, tiling.compiled, gemm.matmul_fp32(h, w.t()), b, labels[rows], first, lse[rows],
+            tile = run_tile(tile_grad, tiling.compiled, gemm.matmul_fp32(h, w.t()), b, rows_of(labels, rows), first, rows_of(lse, rows),
                             _rows(expected_z, rows), up_rows, transform, vocab, operand_dtype, entry is not None,
                             gb_block is not None, _rows(scale, rows), fallback=tiling.fallback)
             if gb_block is not None:
@@ -246,7 +246,7 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
 
 
 def _rows(values: Optional[torch.Tensor], rows: slice) -> Optional[torch.Tensor]:
-    return values[rows] if values is not None else None
+    return rows_of(values, rows) if values is not None else None
 
 
 def _add_label_entries(acc: torch.Tensor, entry: torch.Tensor, weight: torch.Tensor,
