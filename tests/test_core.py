@@ -66,6 +66,66 @@ def test_values_and_gradients_match_float64(case, shift):
         assert rel(got, want) < 1e-4
 
 
+ROW_SCALED_CASES = {
+    "logprobs": ("logprobs",),
+    "logsumexp": ("logsumexp",),
+    "both": ("logprobs", "logsumexp"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(ROW_SCALED_CASES))
+def test_row_scaled_backward_matches_float64(case, dtype, monkeypatch):
+    """The losses' backward (`tiled_head.row_scale`: upstream gradients on the log-probs and logsumexp only, no
+    softcap, no bias gradient) against float64: a logit scale and a temperature, a bias that takes no gradient,
+    tokens with a zero upstream gradient and ones whose two gradients cancel (``c = 0``), several vocabulary and
+    token blocks, ignored labels; an entropy asked for as a metric (no gradient) keeps this path."""
+    from align_losses.ops import tiled_head
+
+    scales = []
+    real = tiled_head.row_scale
+    monkeypatch.setattr(tiled_head, "row_scale", lambda *a: scales.append(real(*a)) or scales[-1])
+    shape, d, v = (3, 23), 19, 149
+    hidden, weight, bias, labels = _inputs(shape, d, v, bias=True, seed=21, dtype=dtype)
+    opts = {"logit_scale": 1.7, "temperature": 0.6}
+    up = _upstream(shape, 21)
+    up["logprobs"][0, :5] = 0.0
+    up["logsumexp"][1, :4] = up["logprobs"][1, :4]  # c = 0 where both have one
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    stats = align_losses.linear_token_stats(h, w, labels, outputs=("logsumexp", "entropy"), bias=bias, impl="torch",
+                                            backend_options=SMALL_TILES, **opts)
+    metric = stats.entropy.detach().mean()  # a metric: no gradient through it
+    names = ROW_SCALED_CASES[case]
+    ours = torch.autograd.grad(sum((getattr(stats, n).double() * up[n]).sum() for n in names) + 0 * metric, (h, w))
+    assert scales and all(s is not None for s in scales)  # the row-scaled path ran
+    hd, wd = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    ref = token_stats(full_logits(hd, wd, bias.double(), **opts), labels)
+    theirs = torch.autograd.grad(sum((ref[n] * up[n]).sum() for n in names), (hd, wd))
+    for got, want in zip(ours, theirs):
+        assert got.dtype == dtype
+        assert rel(got, want) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("case", ["softcap", "bias_gradient"])
+def test_losses_upstream_outside_the_row_scaled_form(case):
+    """Log-prob and logsumexp gradients only, but a softcap (``dz/da`` is no constant) or a bias that takes a
+    gradient: the general backward, against float64."""
+    shape, d, v = (2, 31), 17, 131
+    hidden, weight, bias, labels = _inputs(shape, d, v, bias=True, seed=23)
+    opts = {"softcap": 3.0, "temperature": 0.8} if case == "softcap" else {"logit_scale": 1.4}
+    leaves = [hidden.requires_grad_(), weight.requires_grad_()] + ([bias.requires_grad_()] if case == "bias_gradient"
+                                                                   else [])
+    stats = align_losses.linear_token_stats(hidden, weight, labels, outputs=("logsumexp",), bias=bias, impl="torch",
+                                            backend_options=SMALL_TILES, **opts)
+    up = _upstream(shape, 23)
+    ours = torch.autograd.grad(sum((getattr(stats, n).double() * up[n]).sum() for n in ("logprobs", "logsumexp")),
+                               leaves)
+    ref = token_stats(full_logits(hidden, weight, bias, **opts), labels)
+    theirs = torch.autograd.grad(sum((ref[n] * up[n]).sum() for n in ("logprobs", "logsumexp")), leaves)
+    for got, want in zip(ours, theirs):
+        assert rel(got, want) < 1e-5
+
+
 @pytest.mark.parametrize("output", DIFFERENTIABLE)
 def test_each_output_gradient_alone(output):
     """Each differentiable output's gradient on its own (the others' terms must not leak in)."""

@@ -2,8 +2,9 @@
 
 On CUDA, half-precision operands go to tensor cores with an fp32 output, so a product is never rounded
 to bf16; an accumulation is the GEMM's own ``C += A B`` (no product temporary). Elsewhere the operands
-are upcast, which is exact and the only way CPUs offer. In-place and ``out_dtype`` forms are not
-autocast-eligible, and the callers run with autocast off, so the result is fp32 under any autocast.
+are upcast, which is exact and the only way CPUs offer. `mm_into`'s in-place and ``out=`` forms are not
+autocast-eligible, so its result is fp32 under any autocast; `matmul_fp32` on fp32 or CPU operands is, so a
+caller under autocast must turn it off (the torch head's forward and backward do).
 """
 
 from __future__ import annotations

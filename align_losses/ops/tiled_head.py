@@ -119,6 +119,9 @@ class TiledHeadFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, problem: HeadProblem, tiling: Tiling, names: tuple):
+        # An output the loss does not differentiate (a metric) gives None, not zeros: the backward then knows
+        # which gradients exist, and the losses' case keeps its row-scaled backward (`backward_grads`).
+        ctx.set_materialize_grads(False)
         problem = HeadProblem(hidden, weight, bias, problem.labels, problem.transform, problem.outputs, problem.shard)
         result, lse, expected_z = forward_outputs(problem, tiling)
         ctx.save_for_backward(hidden, weight, bias, problem.labels, lse, expected_z)
