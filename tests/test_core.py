@@ -126,6 +126,36 @@ def test_losses_upstream_outside_the_row_scaled_form(case):
         assert rel(got, want) < 1e-5
 
 
+def test_cpu_bf16_gemms_are_fp32_gemms():
+    """On the CPU, bf16 operands' GEMMs run on oneDNN's bf16 kernels (`gemm.cpu_bf16_kernels`) and give an fp32
+    GEMM's result: against float64, within fp32 accumulation error; the setting is restored after each call, also
+    after an error, and fp16 or fp32 operands leave it alone."""
+    from align_losses.ops import gemm
+
+    settings = torch.backends.mkldnn.matmul
+    before = settings.fp32_precision
+    g = torch.Generator().manual_seed(31)
+    a = torch.randn(67, 129, generator=g).bfloat16()
+    b = torch.randn(129, 53, generator=g).bfloat16()
+    want = a.double() @ b.double()
+    got = gemm.matmul_fp32(a, b)
+    assert got.dtype == torch.float32 and rel(got, want) < 1e-6
+    acc = torch.randn(67, 53, generator=g)
+    start = acc.double()
+    gemm.mm_into(acc, a, b, first=False)
+    assert rel(acc, start + want) < 1e-6
+    assert settings.fp32_precision == before
+    with gemm.cpu_bf16_kernels(a, b):
+        assert settings.fp32_precision == "bf16"
+    for other in (a.half(), a.float()):
+        with gemm.cpu_bf16_kernels(other, b):
+            assert settings.fp32_precision == before
+    with pytest.raises(RuntimeError):
+        with gemm.cpu_bf16_kernels(a, b):
+            raise RuntimeError("inside")
+    assert settings.fp32_precision == before
+
+
 @pytest.mark.parametrize("output", DIFFERENTIABLE)
 def test_each_output_gradient_alone(output):
     """Each differentiable output's gradient on its own (the others' terms must not leak in)."""

@@ -2,12 +2,16 @@
 
 On CUDA, half-precision operands go to tensor cores with an fp32 output, so a product is never rounded
 to bf16; an accumulation is the GEMM's own ``C += A B`` (no product temporary). Elsewhere the operands
-are upcast, which is exact and the only way CPUs offer. `mm_into`'s in-place and ``out=`` forms are not
+are upcast, which is exact and the only way CPUs offer (CPU torch has no bf16 GEMM with an fp32 output). On
+the CPU, two bf16 operands' upcasts go through oneDNN's bf16 kernels (`cpu_bf16_kernels`): their products are
+exact in fp32 and their sums fp32, so the result is an fp32 GEMM's, several times faster on CPUs with bf16 units. `mm_into`'s in-place and ``out=`` forms are not
 autocast-eligible, so its result is fp32 under any autocast; `matmul_fp32` on fp32 or CPU operands is, so a
 caller under autocast must turn it off (the torch head's forward and backward do).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -18,7 +22,8 @@ def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a @ b
     if a.is_cuda:
         return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
+    with cpu_bf16_kernels(a, b):
+        return a.float() @ b.float()
 
 
 def mm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
@@ -33,7 +38,28 @@ def mm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) ->
             torch.mm(a, b, out_dtype=torch.float32, out=acc)
         else:
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    elif first:  # CPU (and the Triton interpreter in tests): upcast, exact
-        torch.mm(a.float(), b.float(), out=acc)
-    else:
-        acc.addmm_(a.float(), b.float())
+    else:  # CPU (and the Triton interpreter in tests): upcast, exact
+        with cpu_bf16_kernels(a, b):
+            if first:
+                torch.mm(a.float(), b.float(), out=acc)
+            else:
+                acc.addmm_(a.float(), b.float())
+
+
+@contextlib.contextmanager
+def cpu_bf16_kernels(a: torch.Tensor, b: torch.Tensor):
+    """On the CPU with bf16 ``a`` and ``b``: the fp32 GEMMs of their upcasts run on oneDNN's bf16 kernels
+    (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``, restored after; torch 2.9 on). The upcasts are
+    bf16 values, which those kernels take unrounded, so this changes speed, not values. Other operands (fp16,
+    whose values bf16 cannot hold), devices or torch versions: unchanged."""
+    settings = getattr(torch.backends.mkldnn, "matmul", None)
+    if (a.device.type != "cpu" or a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16
+            or not hasattr(settings, "fp32_precision")):
+        yield
+        return
+    before = settings.fp32_precision
+    settings.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        settings.fp32_precision = before

@@ -185,8 +185,10 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
     grad_hidden = torch.zeros(m, hidden.shape[1], dtype=torch.float32, device=hidden.device) if need_h else None
     grad_weight = torch.empty_like(weight) if need_w else None
     grad_bias = torch.empty_like(bias) if (need_b and bias is not None) else None
-    # dL/da is rounded to the inputs' dtype as a GEMM operand where GEMMs take it (`gemm.matmul_fp32`)
-    operand_dtype = hidden.dtype if hidden.is_cuda else torch.float32
+    # dL/da is rounded to the operand dtype where the GEMMs take it: half precision on CUDA, bf16 on the CPU
+    # (whose bf16 GEMMs `gemm` runs on oneDNN's bf16 kernels; fp16 is upcast to fp32 there).
+    rounds = hidden.dtype == torch.bfloat16 or (hidden.is_cuda and hidden.dtype != torch.float32)
+    operand_dtype = hidden.dtype if rounds else torch.float32
     # See `_add_label_entries`: the label entries stay out of the GEMM operands, kept here in fp32.
     # An empty shard holds no label; with only the bias to differentiate, the entries need not move.
     has_entries = "logprobs" in up and weight.shape[0] > 0 and (need_h or need_w)
