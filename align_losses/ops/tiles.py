@@ -340,13 +340,19 @@ def run_tile(fn: Callable, compiled: bool, a: torch.Tensor, *args, fallback: boo
     if fn not in _compiled:
         _compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
     capturing = _capturing(a.device)
-    limit_name = _recompile_limit_name()
-    limit = max(getattr(torch._dynamo.config, limit_name), RECOMPILE_LIMIT)
     args = _own(args)
     try:
-        with torch.no_grad(), torch._dynamo.config.patch(**{limit_name: limit}), \
-                (torch.compiler.set_stance("fail_on_recompile") if capturing else contextlib.nullcontext()):
-            return _compiled[fn](a, *args)
+        with torch.no_grad(), (torch.compiler.set_stance("fail_on_recompile") if capturing
+                               else contextlib.nullcontext()):
+            try:
+                return _compiled[fn](a, *args)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:
+                # Dynamo's own limit met: again with ours. Patching the config on every call instead would
+                # cost a third of a cached call's host time, paid at every tile.
+                limit_name = _recompile_limit_name()
+                limit = max(getattr(torch._dynamo.config, limit_name), RECOMPILE_LIMIT)
+                with torch._dynamo.config.patch(**{limit_name: limit}):
+                    return _compiled[fn](a, *args)
     except torch.OutOfMemoryError:
         raise
     except Exception as error:  # compilation runs here, on first use: say how to do without it
