@@ -42,7 +42,7 @@ A run checkpoints every ``--ckpt-every`` (500) steps and when ``--time-limit`` (
 ``convergence-run-NAME.json`` (its curves so far, metadata per segment) into ``--results``; the same command
 resumes it. The checkpoint records the corpus fingerprint and the run's settings and refuses to resume on others.
 
-DPO / SFT (``--finetune NAME``): from the final ``full-seed0`` checkpoint (``--base``), preference pairs from held-out
+DPO / SFT (``--finetune NAME``): from the final checkpoint of ``--base`` (default ``full-seed0``), preference pairs from held-out
 files: a prompt of 128 tokens, the real next 128 tokens chosen, the same 128 tokens with 25 % of them replaced by
 tokens drawn from the held-out stream rejected, decoded to text. ``trl-dpo`` (`trl.DPOTrainer`) and ``fused-dpo``
 (`trainers.FusedDPOTrainer`): 300 steps of 8 pairs, beta 0.1, learning rate 1e-5 constant, bf16; ``trl-sft``

@@ -63,19 +63,22 @@ def rms(xs) -> float:
 
 
 def compare_series(run: list, base: list, noise, at: list = None) -> dict:
-    """``|run - base|`` against ``|noise - base|`` point by point (common length); ``at``: the points' x values
-    (steps; default 1, 2, ...)."""
-    n = min(len(run), len(base), len(noise) if noise is not None else len(base))
+    """``|run - base|`` against ``|noise - base|`` point by point; ``at``: the points' x values (steps; default 1,
+    2, ...). The differences cover every point ``run`` and ``base`` share; the spread, the points within it and
+    the ratios only the first ``spread_points`` of them, where ``noise`` exists too (a run still going has fewer)."""
+    n = min(len(run), len(base))
     diff = [run[i] - base[i] for i in range(n)]
     out = {"points": n, "at": list(at[:n]) if at is not None else list(range(1, n + 1)), "diff": diff,
            "max_abs_diff": max((abs(d) for d in diff), default=None), "rms_diff": rms(diff)}
     if noise is not None:
-        spread = [abs(noise[i] - base[i]) for i in range(n)]
-        inside = [abs(diff[i]) <= spread[i] for i in range(n)]
-        q = n - n // 4
-        out.update(spread=spread, within=sum(inside), within_share=sum(inside) / n if n else None,
-                   rms_spread=rms(spread), rms_ratio=rms(diff) / rms(spread) if rms(spread) > 0 else None,
-                   rms_ratio_last_quarter=(rms(diff[q:]) / rms(spread[q:]) if n and rms(spread[q:]) > 0 else None))
+        m = min(n, len(noise))
+        spread = [abs(noise[i] - base[i]) for i in range(m)]
+        inside = [abs(diff[i]) <= spread[i] for i in range(m)]
+        q = m - m // 4
+        out.update(spread=spread, spread_points=m, within=sum(inside), within_share=sum(inside) / m if m else None,
+                   rms_spread=rms(spread),
+                   rms_ratio=rms(diff[:m]) / rms(spread) if rms(spread) > 0 else None,
+                   rms_ratio_last_quarter=(rms(diff[q:m]) / rms(spread[q:]) if m and rms(spread[q:]) > 0 else None))
     return out
 
 
@@ -97,8 +100,9 @@ def pretrain_comparisons(runs: dict, window: int) -> dict:
                                                  if ms else None)}
         if name == BASE:
             continue
-        out["train"][name] = compare_series(window_means(h["loss"], window), base_w,
-                                            noise_w if name != NOISE else None)
+        run_w = window_means(h["loss"], window)
+        out["train"][name] = compare_series(run_w, base_w, noise_w if name != NOISE else None,
+                                            at=[window * (i + 1) for i in range(len(run_w))])  # each window's last step
         out["heldout"][name] = heldout_series(h, base, noise if name != NOISE else None)
     return out
 
@@ -109,10 +113,13 @@ def heldout_series(run: dict, base: dict, noise) -> dict:
     def by_step(h):
         return dict(zip(h["heldout_step"], h["heldout_loss"]))
 
-    curves = [by_step(run), by_step(base)] + ([by_step(noise)] if noise is not None else [])
-    steps = sorted(set.intersection(*(set(c) for c in curves)) - {0})
-    r, b, *rest = [[c[st] for st in steps] for c in curves]
-    return compare_series(r, b, rest[0] if rest else None, at=steps)
+    r, b = by_step(run), by_step(base)
+    steps = sorted(set(r) & set(b) - {0})
+    spread = None
+    if noise is not None:  # the noise run's points, up to where it stops (compare_series compares a prefix)
+        z = by_step(noise)
+        spread = [z[st] for st in steps[:next((i for i, st in enumerate(steps) if st not in z), len(steps))]]
+    return compare_series([r[st] for st in steps], [b[st] for st in steps], spread, at=steps)
 
 
 def median_ms(r: dict):
@@ -186,13 +193,16 @@ def render(report: dict) -> str:
                 ", ".join(sorted({g["commit"] for g in segs})), ", ".join(devices(r)),
                 r["corpus"]["train_sha256"][:12]]) + " |")
         out += ["", f"Differences against full-seed0 (training loss: means over windows of {w} steps; held-out: every "
-                "evaluation), beside the seed spread |full-seed1 - full-seed0| at the same points:", "",
+                "evaluation), beside the seed spread |full-seed1 - full-seed0| at the same points (max and RMS diff over all "
+                "points; the spread and the ratios over those where full-seed1 has run):", "",
                 "| run | curve | points within the spread | max abs diff | RMS diff | RMS spread | RMS diff / RMS spread "
                 "| same, last quarter |", "|---|---|---|---|---|---|---|---|"]
         for kind in ("train", "heldout"):
             for name, c in cmp["pretrain"][kind].items():
-                within = (f"{c['within']}/{c['points']}" if "within" in c
-                          else "(the noise itself)" if name == NOISE else "(no full-seed1 to compare with)")
+                within = ((f"{c['within']}/{c['spread_points']}" + (
+                              f" (of {c['points']}: the spread exists up to step {c['at'][c['spread_points'] - 1]})"
+                              if c["spread_points"] < c["points"] and c["spread_points"] else ""))
+                          if "within" in c else "(the noise itself)" if name == NOISE else "(no full-seed1 to compare with)")
                 out.append("| " + " | ".join([name, "train" if kind == "train" else "held-out", within,
                                               fmt(c["max_abs_diff"]), fmt(c["rms_diff"]), fmt(c.get("rms_spread")),
                                               fmt(c.get("rms_ratio"), ".2f"), fmt(c.get("rms_ratio_last_quarter"), ".2f")])
@@ -270,7 +280,7 @@ def plot(report: dict, path: str):
     for row, kind in ((0, "train"), (1, "heldout")):
         a = ax[row, 1]
         for name, c in cmp["pretrain"][kind].items():
-            xs = [w * x for x in c["at"]] if kind == "train" else c["at"]
+            xs = c["at"]
             a.plot(xs, c["diff"], styles.get(name, "-"), label=name, color=colors.get(name))
             if name == NOISE:
                 a.fill_between(xs, [-abs(d) for d in c["diff"]], [abs(d) for d in c["diff"]], color="grey", alpha=0.2,
@@ -364,10 +374,10 @@ def report(args) -> int:
     for name, r in runs.items():
         if r["status"] != "done":
             warnings.append(f"{name} is {r['status']} ({r['steps_done']}/{r['settings']['steps']} steps)")
-    base_weights = runs.get(BASE, {}).get("weights_sha256")
-    for name, f in fts.items():
-        if base_weights and f.get("base") == BASE and f.get("base_weights_sha256") != base_weights:
-            warnings.append(f"{name} started from another {BASE} than the curve shown (another session's run)")
+    for name, f in fts.items():  # a finetune starts from one run's final weights: that run's, as shown?
+        base_weights = runs.get(f.get("base"), {}).get("weights_sha256")
+        if base_weights and f.get("base_weights_sha256") != base_weights:
+            warnings.append(f"{name} started from another {f['base']} than the curve shown (another session's run)")
     steps = runs[reference]["settings"]["steps"]
     window = max(1, steps // 40)
     corpus = runs[reference]["corpus"]

@@ -221,6 +221,16 @@ def test_report_comparisons():
     assert c["max_abs_diff"] == pytest.approx(0.2)
     assert convergence_report.window_means([1, 2, 3, 4, 5], 2) == [1.5, 3.5]
     assert convergence_report.compare_series([1.0], [1.0], None).get("within") is None
+    # A noise run still going: the differences over every point, the spread over its prefix only.
+    c = convergence_report.compare_series([3.05, 2.5, 2.2, 1.81], base, noise[:2])
+    assert c["points"] == 4 and c["spread_points"] == 2 and c["within"] == 2
+    assert c["max_abs_diff"] == pytest.approx(0.2) and c["rms_ratio"] == pytest.approx(
+        (0.05 ** 2 / 2) ** 0.5 / ((0.1 ** 2 + 0.1 ** 2) / 2) ** 0.5)
+    held = convergence_report.heldout_series({"heldout_step": [0, 10, 20, 30], "heldout_loss": [9, 3.0, 2.2, 2.0]},
+                                             {"heldout_step": [0, 10, 20, 30], "heldout_loss": [9, 3.1, 2.0, 2.0]},
+                                             {"heldout_step": [0, 10], "heldout_loss": [9, 3.3]})
+    assert held["at"] == [10, 20, 30] and held["spread_points"] == 1 and held["within"] == 1
+    assert held["max_abs_diff"] == pytest.approx(0.2)
 
 
 def test_captured_distribution_stats():
@@ -279,11 +289,11 @@ def _pretrain_file(name: str, heldout: dict, loss: list, corpus: str = "c0", **s
                         "heldout_step": list(heldout), "heldout_loss": list(heldout.values())}}
 
 
-def _finetune_file(name: str, base_sha: str) -> dict:
+def _finetune_file(name: str, base_sha: str, base: str = "full-seed0") -> dict:
     return {"kind": "finetune", "run": name, "trainer": name, "algo": name.split("-")[1],
             "settings": {"ft_steps": 2, "ft_batch": 1, "ft_prompt": 1, "ft_completion": 1, "ft_lr": 1.0, "ft_beta": 0.1,
                          "ft_corrupt": 0.25, "ft_smoothing": 0.1},
-            "base": "full-seed0", "base_step": 4, "base_weights_sha256": base_sha, "base_session": {},
+            "base": base, "base_step": 4, "base_weights_sha256": base_sha, "base_session": {},
             "corpus": {"train_sha256": "c0" * 8, "train_tokens": 1, "heldout_tokens": 1, "vocab_size": 9,
                        "versions": {}},
             "pairs": 2, "heldout_windows": 2, "date": "d", "commit": "c", "device": "cpu", "wall_s": 1.0,
@@ -320,3 +330,25 @@ def test_report_leaves_out_what_cannot_be_compared(tmp_path):
     assert "trl-dpo and fused-dpo did not start from the same recorded base weights" in warnings
     md = (tmp_path / "out" / "convergence-latest.md").read_text()
     assert "(no full-seed1 to compare with)" in md and "(the noise itself)" not in md
+
+
+def test_report_warns_of_finetunes_from_another_sessions_base(tmp_path):
+    """Finetunes start from a run's final weights (full-seed0 or ours): a base hash unlike that run's shown
+    curve means they continued another session's run, and the report says so, whichever run the base was."""
+    import argparse
+
+    res = tmp_path / "res"
+    res.mkdir()
+    loss = [3.0 - 0.01 * i for i in range(40)]
+    for name in ("full-seed0", "ours"):
+        data = _pretrain_file(name, {0: 5.0, 40: 2.0}, loss)
+        data["weights_sha256"] = f"{name}-final"
+        (res / f"convergence-run-{name}.json").write_text(json.dumps(data))
+    for name, base, sha in (("trl-dpo", "ours", "ours-final"), ("fused-dpo", "ours", "ours-final"),
+                            ("trl-sft", "ours", "older"), ("fused-sft", "full-seed0", "full-seed0-final")):
+        (res / f"convergence-finetune-{name}.json").write_text(json.dumps(_finetune_file(name, sha, base)))
+    args = argparse.Namespace(results=str(res), out=str(tmp_path / "out"), quick=False, commit="x", name=None)
+    assert convergence_report.report(args) == 0
+    warnings = json.loads((tmp_path / "out" / "convergence-latest.json").read_text())["warnings"]
+    assert [w for w in warnings if "than the curve shown" in w] == [
+        "trl-sft started from another ours than the curve shown (another session's run)"]

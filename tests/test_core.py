@@ -126,6 +126,43 @@ def test_losses_upstream_outside_the_row_scaled_form(case):
         assert rel(got, want) < 1e-5
 
 
+def test_label_entries_from_the_label_logits_match_float64():
+    """The label entries of ``dL/da`` (`tiles.label_entries`, computed once per backward from the forward's label
+    logits) against float64, for the losses' upstream gradients (``s (p c + g_logp)``, ``c`` of both signs, zero,
+    magnitudes from 1e-6 to 1e3) and with entropy and mean-logit gradients and a softcap; 0 for labels outside
+    the shard."""
+    from align_losses.ops.tiles import Upstream, label_entries
+    from align_losses.problem import LogitTransform
+
+    g = torch.Generator().manual_seed(12)
+    t, vocab = 41, 400
+    z = torch.randn(t, vocab, generator=g, dtype=torch.float64) * 4
+    lse = torch.logsumexp(z, 1)
+    p = (z - lse[:, None]).exp()
+    ez = (p * z).sum(1)
+    labels = torch.randint(0, vocab, (t,), generator=g)
+    inside = torch.rand(t, generator=g) < 0.8
+    z_l = z.gather(1, labels[:, None]).squeeze(1)
+    p_l = p.gather(1, labels[:, None]).squeeze(1)
+    g_logp = torch.randn(t, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-6, 4, (t,), generator=g)
+    g_lse = torch.randn(t, generator=g, dtype=torch.float64)
+    g_lse[:3] = g_logp[:3]  # c = 0
+    g_ent, g_mean = torch.randn(t, generator=g, dtype=torch.float64), torch.randn(t, generator=g, dtype=torch.float64)
+    for transform, general in ((LogitTransform(logit_scale=1.3, temperature=0.7), False),
+                               (LogitTransform(softcap=30.0, temperature=0.7), True)):
+        up = Upstream(g_logp.float(), g_lse.float(), g_ent.float() if general else None,
+                      g_mean.float() if general else None)
+        entry = label_entries(z_l.float(), lse.float(), ez.float() if general else None, up, transform, vocab, inside)
+        dz = p_l * (g_lse - g_logp) + g_logp
+        if general:
+            dz = dz - g_ent * p_l * (z_l - ez) + g_mean / vocab
+            dzda = (1 - (z_l * 0.7 / 30.0) ** 2) / 0.7
+        else:
+            dzda = torch.full_like(z_l, 1.3 / 0.7)
+        want = torch.where(inside, dz * dzda, torch.zeros((), dtype=torch.float64))
+        assert float(((entry.double() - want).abs() / want.abs().clamp_min(1e-12)).max()) < 1e-5
+
+
 def test_cpu_bf16_gemms_are_fp32_gemms():
     """On the CPU, bf16 operands' GEMMs run on oneDNN's bf16 kernels (`gemm.cpu_bf16_kernels`) and give an fp32
     GEMM's result: against float64, within fp32 accumulation error; the setting is restored after each call, also
@@ -285,17 +322,18 @@ def test_frozen_weight_gets_no_gradient_work(monkeypatch):
 def test_label_entries_reach_their_weight_rows_as_in_float64():
     """`_LabelledRows` (the torch backend's labelled weight rows) against float64: a shard from id 40 in
     blocks of 17 ids (the last one short), labels before, inside (one of them repeated, one on every
-    block edge) and after the shard; rows without a label left alone."""
+    block edge) and after the shard; rows without a label left alone; the products made 7 tokens at a time."""
     from align_losses.ops.tiled_head import _LabelledRows
 
     g = torch.Generator().manual_seed(5)
     m, d, offset, vocab, block = 61, 13, 40, 60, 17
-    entry = torch.randn(m, generator=g)
     hidden = torch.randn(m, d, generator=g).to(torch.bfloat16)
     labels = torch.randint(0, 140, (m,), generator=g)
     labels[:10] = torch.tensor([offset - 1, offset, offset + 16, offset + 17, offset + 33, offset + 34,
                                 offset + vocab - 1, offset + vocab, offset + 3, offset + 3])
-    labelled = _LabelledRows.of(labels, offset, vocab, block)
+    in_shard = (labels >= offset) & (labels < offset + vocab)
+    entry = torch.where(in_shard, torch.randn(m, generator=g), 0.0)  # as label_entries gives them
+    labelled = _LabelledRows.of(labels, entry, hidden, offset, vocab, block, chunk=7)
     for index, first in enumerate(range(offset, offset + vocab, block)):
         width = min(block, offset + vocab - first)
         rows = torch.randn(width, d, generator=g)
@@ -304,13 +342,12 @@ def test_label_entries_reach_their_weight_rows_as_in_float64():
         for t in torch.nonzero(inside).squeeze(1).tolist():
             want[labels[t] - first] += entry[t].double() * hidden[t].double()
         got = rows.clone()
-        labelled.add_to_block(got, index, first, entry, hidden)
+        labelled.add_to_block(got, index, first)
         assert rel(got, want) < 1e-6
         untouched = torch.ones(width, dtype=torch.bool)
         untouched[labels[inside] - first] = False
         assert torch.equal(got[untouched], rows[untouched])
-    assert len(labelled.bounds) == 5 and labelled.bounds[-1] - labelled.bounds[0] == int(
-        ((labels >= offset) & (labels < offset + vocab)).sum())
+    assert len(labelled.bounds) == 5 and labelled.bounds[-1] - labelled.bounds[0] == len(set(labels[in_shard].tolist()))
 
 
 @pytest.mark.parametrize("leaf", ["hidden", "weight", "bias"])
@@ -436,3 +473,51 @@ def test_auto_logs_its_choice_once(caplog, monkeypatch):
         align_losses.linear_logprobs(hidden, weight, labels)
     chosen = [r for r in caplog.records if "chose backend" in r.getMessage()]
     assert len(chosen) == 1 and "'torch'" in chosen[0].getMessage()
+
+
+def _ops_per_pass(blocks: int, outputs: tuple) -> tuple[int, int]:
+    """ATen ops that launch work (views left out) in the torch backend's forward and backward of a call over
+    ``blocks`` vocabulary blocks of 256 ids, all 64 tokens in one token block, bf16; the log-probs and
+    ``outputs`` differentiated."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    views = {"slice", "unsqueeze", "squeeze", "t", "view", "expand", "select", "alias", "detach", "as_strided",
+             "_unsafe_view", "transpose", "permute", "unbind", "split"}
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.__name__.split(".")[0] not in views
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(blocks)
+    m, d = 64, 16
+    hidden = torch.randn(m, d, generator=g).to(torch.bfloat16).requires_grad_()
+    weight = torch.randn(blocks * 256, d, generator=g).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, blocks * 256, (m,), generator=g)
+    with Count() as fwd:
+        stats = align_losses.linear_token_stats(hidden, weight, labels, outputs=outputs, impl="torch",
+                                                backend_options={"memory_budget": 16 * m * 256})
+    loss = sum((getattr(stats, name).float() * torch.randn(m, generator=g)).sum() for name in ("logprobs", *outputs))
+    with Count() as bwd:
+        loss.backward()
+    return fwd.n, bwd.n
+
+
+@pytest.mark.parametrize("outputs", [(), ("entropy",)])
+def test_a_vocabulary_block_costs_few_launches(outputs):
+    """On a GPU the torch backend's walk is host-bound when each block issues many small ops (28 blocks at a
+    152k vocabulary: benchmarks/NOTES-torch.md). Per extra block, the forward and backward each launch at most
+    ~25 ops here with eager tiles (on the CPU, 2 and 6 of them bf16 upcasts for its GEMMs), not the 28 and 43 of
+    5752a65; with the entropy, about 35 each (39 and 44 at 5752a65)."""
+    f2, b2 = _ops_per_pass(2, outputs)
+    f5, b5 = _ops_per_pass(5, outputs)
+    per_block_fwd, per_block_bwd = (f5 - f2) / 3, (b5 - b2) / 3
+    # The tile functions are pure (`align_losses.ops.tiles`, so that they compile): eagerly, as here, their
+    # results are new tensors copied into the stats, a few ops more than updating them in place would take.
+    limit_fwd, limit_bwd = (26, 26) if not outputs else (36, 35)  # the entropy: its sums and the general backward
+    assert per_block_fwd <= limit_fwd, per_block_fwd
+    assert per_block_bwd <= limit_bwd, per_block_bwd

@@ -172,8 +172,7 @@ def _run_forward(backend: str, problem: HeadProblem, memory_budget: int, token_c
     if backend == "torch":
         tiling = _tiling(problem.hidden.shape[0], problem.weight.shape[0], memory_budget, token_chunk, compile_tiles,
                          problem.hidden.device)
-        result, lse, expected_z = module.forward_outputs(problem, tiling)
-        return result, lse, expected_z, torch.zeros_like(lse)
+        return module.forward_outputs(problem, tiling)
     cfg = module.FWD_CONFIGS[problem.hidden.dtype]
     result, lse, expected_z, label_logit, _ = module.forward_outputs(
         problem.hidden, problem.weight, problem.bias, problem.labels, problem.transform, problem.outputs, None, cfg)
@@ -243,8 +242,9 @@ def head_backward(grad_values: Tensor, hidden: Tensor, weight: Tensor, bias: Opt
     module = importlib.import_module(_MODULES[backend], __package__)
     if backend == "torch":
         tiling = _tiling(hidden_rows.shape[0], vocab, memory_budget, token_chunk, compile_tiles, hidden.device)
-        grads = module.backward_grads(hidden_rows, weight, bias, labels_rows, lse_rows, ez_rows, up, transform, None,
-                                      vocab, tiling, need, sync_free=sync_free(hidden.device))
+        grads = module.backward_grads(hidden_rows, weight, bias, labels_rows, rows.take(label_logit), lse_rows,
+                                      ez_rows, up, transform, None, vocab, tiling, need,
+                                      sync_free=sync_free(hidden.device))
     else:
         cfg = module.BWD_CONFIGS[hidden.dtype]
         grads = module.backward_grads(hidden_rows, weight, bias, labels_rows, rows.take(label_logit),

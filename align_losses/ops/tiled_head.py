@@ -32,7 +32,7 @@ import torch
 from ..problem import DIFFERENTIABLE_OUTPUTS, OUTPUTS, HeadProblem, LogitTransform
 from . import gemm
 from .stats import Stats, finish_outputs, label_columns, rows_of
-from .tiles import Upstream, compiled_tiles, fold_tile, row_scale, run_tile, tile_grad
+from .tiles import Upstream, compiled_tiles, fold_tile, label_entries, row_scale, run_tile, tile_grad
 
 #: The fields of `Upstream`, in its order: the differentiable outputs.
 _UPSTREAM = Upstream._fields
@@ -123,8 +123,8 @@ class TiledHeadFunction(torch.autograd.Function):
         # which gradients exist, and the losses' case keeps its row-scaled backward (`backward_grads`).
         ctx.set_materialize_grads(False)
         problem = HeadProblem(hidden, weight, bias, problem.labels, problem.transform, problem.outputs, problem.shard)
-        result, lse, expected_z = forward_outputs(problem, tiling)
-        ctx.save_for_backward(hidden, weight, bias, problem.labels, lse, expected_z)
+        result, lse, expected_z, label_logit = forward_outputs(problem, tiling)
+        ctx.save_for_backward(hidden, weight, bias, problem.labels, label_logit, lse, expected_z)
         ctx.problem_meta = (problem.transform, problem.shard, problem.vocab_size)
         ctx.tiling = tiling
         ctx.names = names
@@ -134,33 +134,36 @@ class TiledHeadFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        hidden, weight, bias, labels, lse, expected_z = ctx.saved_tensors
+        hidden, weight, bias, labels, label_logit, lse, expected_z = ctx.saved_tensors
         transform, shard, vocab = ctx.problem_meta
         upstream = {n: g for n, g in zip(ctx.names, grads) if g is not None}
         grad_hidden, grad_weight, grad_bias = backward_grads(
-            hidden, weight, bias, labels, lse, expected_z, upstream, transform, shard, vocab, ctx.tiling,
+            hidden, weight, bias, labels, label_logit, lse, expected_z, upstream, transform, shard, vocab, ctx.tiling,
             need=ctx.needs_input_grad[:3],
         )
         return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
-def forward_outputs(problem: HeadProblem, tiling: Tiling) -> tuple[dict, torch.Tensor, Optional[torch.Tensor]]:
+def forward_outputs(problem: HeadProblem, tiling: Tiling
+                    ) -> tuple[dict, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """The forward of `TiledHeadFunction` and of the registered op (`align_losses.ops.library`):
-    ``({output name: fp32 [M]}, logsumexp fp32 [M], E_p[z] fp32 [M] or None without the entropy)``,
-    the last two being what `backward_grads` needs."""
+    ``({output name: fp32 [M]}, logsumexp fp32 [M], E_p[z] fp32 [M] or None without the entropy, label logit
+    fp32 [M])``, the last three being what `backward_grads` needs (the label logit is the logits tile's own value
+    at the label, 0 for a label outside a vocabulary shard)."""
     stats = _forward_stats(problem, tiling)
     result = finish_outputs(stats, problem.outputs, problem.vocab_size, problem.labels)
     lse = stats.max + torch.log(stats.sum_exp)
-    return result, lse, stats.expected_z()
+    return result, lse, stats.expected_z(), stats.label_logit
 
 
-def backward_grads(hidden, weight, bias, labels, lse, expected_z, up: dict, transform: LogitTransform, shard,
-                   vocab: int, tiling: Tiling, need, sync_free: bool = False):
+def backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, up: dict, transform: LogitTransform,
+                   shard, vocab: int, tiling: Tiling, need, sync_free: bool = False):
     """The backward of `TiledHeadFunction` and of the registered op: ``(grad_hidden [M, D] | None,
     grad_weight [V_local, D] | None, grad_bias [V_local] | None)`` in the inputs' dtypes, for the upstream
-    gradients ``up`` ({output name: [M]}) and the forward's ``lse`` and ``expected_z`` (`forward_outputs`).
-    ``need``: which of the three to compute. ``sync_free``: never wait for the device (for a CUDA-graph
-    capture), at the cost of a masked pass over all tokens per vocabulary block for the labelled weight rows.
+    gradients ``up`` ({output name: [M]}) and the forward's ``label_logit``, ``lse`` and ``expected_z``
+    (`forward_outputs`). ``need``: which of the three to compute. ``sync_free``: never wait for the device (for a
+    CUDA-graph capture), at the cost of a masked pass over all tokens per vocabulary block for the labelled weight
+    rows.
 
     When only the log-probs and the logsumexp have upstream gradients (the losses' case) and there is no
     softcap or bias gradient, ``dL/da = s (p c + g_logp [label])`` with a per-token ``c``
@@ -172,12 +175,12 @@ def backward_grads(hidden, weight, bias, labels, lse, expected_z, up: dict, tran
     round the recomputed logits and the fp32 GEMMs to the autocast dtype.
     """
     with torch.autocast(hidden.device.type, enabled=False):
-        return _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform, shard, vocab, tiling,
-                               need, sync_free)
+        return _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, up, transform, shard,
+                               vocab, tiling, need, sync_free)
 
 
-def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform, shard, vocab, tiling, need,
-                    sync_free):
+def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, up, transform, shard, vocab, tiling,
+                    need, sync_free):
     need_h, need_w, need_b = need
     up = {n: g.float() for n, g in up.items() if n in DIFFERENTIABLE_OUTPUTS}
     offset = shard.start if shard is not None else 0
@@ -189,16 +192,24 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
     # (whose bf16 GEMMs `gemm` runs on oneDNN's bf16 kernels; fp16 is upcast to fp32 there).
     rounds = hidden.dtype == torch.bfloat16 or (hidden.is_cuda and hidden.dtype != torch.float32)
     operand_dtype = hidden.dtype if rounds else torch.float32
-    # See `_add_label_entries`: the label entries stay out of the GEMM operands, kept here in fp32.
-    # An empty shard holds no label; with only the bias to differentiate, the entries need not move.
-    has_entries = "logprobs" in up and weight.shape[0] > 0 and (need_h or need_w)
-    entry = torch.zeros(m, dtype=torch.float32, device=hidden.device) if has_entries else None
+    upstream = Upstream(*(up.get(name) for name in _UPSTREAM))
+    # See `_add_label_entries`: the label entries stay out of the GEMM operands (the tiles zero them), computed
+    # once here in fp32 from the forward's label logits. An empty shard holds no label; with only the bias to
+    # differentiate, the entries need not move.
+    entry = None
+    if "logprobs" in up and weight.shape[0] > 0 and (need_h or need_w):
+        inside = (labels >= offset) & (labels < offset + weight.shape[0])
+        entry = label_entries(label_logit, lse, expected_z, upstream, transform, vocab, inside)
     labelled = None
-    if has_entries and need_w:
-        labelled = (_AllRows(labels) if sync_free else
-                    _LabelledRows.of(labels, offset, weight.shape[0], tiling.vocab_block))
-    scale = row_scale(Upstream(*(up.get(name) for name in _UPSTREAM)), transform) if grad_bias is None else None
-    sign = torch.sign(scale) if scale is not None else None
+    if entry is not None and need_w:
+        labelled = (_AllRows(labels, entry, hidden) if sync_free else
+                    _LabelledRows.of(labels, entry, hidden, offset, weight.shape[0], tiling.vocab_block,
+                                     chunk=max(tiling.token_block * tiling.vocab_block // max(hidden.shape[1], 1), 1)))
+    scale = row_scale(upstream, transform) if grad_bias is None else None
+    sign = shift = None
+    if scale is not None:
+        sign = torch.sign(scale)
+        shift = lse - torch.log(scale.abs())  # p |s c| = exp(z - shift); +inf where s c = 0, so p |s c| = 0
     # The row-scaled tiles hold p |s c|; the sign goes on the hidden states (exact in any dtype).
     signed_hidden = (hidden * sign[:, None].to(hidden.dtype)) if sign is not None and need_w else None
     # All tokens in one block: each block's weight-gradient rows are one GEMM's output, not a sum.
@@ -214,14 +225,12 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
         for t0 in range(0, m, tiling.token_block):
             rows = slice(t0, t0 + tiling.token_block)
             h = hidden[rows]
-            up_rows = Upstream(*(_rows(up.get(name), rows) for name in _UPSTREAM))
-            tile = run_tile(tile_grad, tiling.compiled, gemm.matmul_fp32(h, w.t()), b, rows_of(labels, rows), first, rows_of(lse, rows),
-                            _rows(expected_z, rows), up_rows, transform, vocab, operand_dtype, entry is not None,
-                            gb_block is not None, _rows(scale, rows), fallback=tiling.fallback)
+            up_rows = Upstream(*(_rows(g, rows) for g in upstream))
+            tile = run_tile(tile_grad, tiling.compiled, gemm.matmul_fp32(h, w.t()), b, rows_of(labels, rows), first,
+                            rows_of(lse, rows), _rows(expected_z, rows), up_rows, transform, vocab, operand_dtype,
+                            entry is not None, gb_block is not None, _rows(shift, rows), fallback=tiling.fallback)
             if gb_block is not None:
                 gb_block += tile.bias_sum
-            if entry is not None:
-                entry[rows] += tile.entry
             if need_h:
                 gemm.mm_into(grad_hidden[rows], tile.grad_op, w, first=False)
             if need_w:
@@ -233,7 +242,7 @@ def _backward_grads(hidden, weight, bias, labels, lse, expected_z, up, transform
             del tile
         if need_w:
             if labelled is not None:
-                labelled.add_to_block(gw_block, block_index, offset + v0, entry, hidden)
+                labelled.add_to_block(gw_block, block_index, offset + v0)
             grad_weight[v0 : v0 + tiling.vocab_block] = gw_block
         if gb_block is not None:
             grad_bias[v0 : v0 + tiling.vocab_block] = gb_block
@@ -263,8 +272,8 @@ def _add_label_entries(acc: torch.Tensor, entry: torch.Tensor, weight: torch.Ten
     operand it would have the same relative error (up to 2^-8) for the whole sequence, which no sum
     averages out (at the head benchmark's long shape it dominated grad_hidden's error:
     benchmarks/NOTES-triton.md). So the backward
-    takes each entry out of its tile (`align_losses.ops.tiles.tile_grad`) and adds its products in fp32 after the
-    GEMMs: with the label's weight row into the hidden-state gradient (here), with the token's hidden
+    zeroes each entry in its tile (`align_losses.ops.tiles.tile_grad`; the entries come from
+    `align_losses.ops.tiles.label_entries`) and adds its products in fp32 after the GEMMs: with the label's weight row into the hidden-state gradient (here), with the token's hidden
     state into the weight gradient's row (`_LabelledRows`), as the ``"triton"`` backend does.
 
     ``acc`` fp32 ``[M, D]``; ``entry`` fp32 ``[M]``, 0 where the label is in another shard.
@@ -275,34 +284,49 @@ def _add_label_entries(acc: torch.Tensor, entry: torch.Tensor, weight: torch.Ten
 
 @dataclass(frozen=True)
 class _LabelledRows:
-    """The tokens sorted by label, and where each vocabulary block's tokens start in that order."""
+    """The weight gradient's label terms ``entry[t] * hidden[t]``, summed per distinct label once per backward,
+    and where each vocabulary block's labels start: a block then adds its rows with one ``index_add_`` of distinct
+    indices (no two adds meet, so no atomics' order shows), instead of a deterministic ``index_put_`` a block,
+    which on CUDA costs a sort, a dozen launches and a wait for the device each time."""
 
-    order: torch.Tensor  # int64 [M]: token indices by label, ties by position
-    sorted_labels: torch.Tensor  # int64 [M]: labels[order]
-    bounds: list  # host ints: block b's tokens are order[bounds[b] : bounds[b + 1]]
+    labels: torch.Tensor  # int64 [K]: the distinct labels, increasing (K <= M; the tail beyond bounds[-1] unused)
+    rows: torch.Tensor  # fp32 [K, D]: per distinct label, the sum of entry[t] * hidden[t] over its tokens
+    bounds: list  # host ints: block b's labels are labels[bounds[b] : bounds[b + 1]]
 
     @staticmethod
-    def of(labels: torch.Tensor, offset: int, vocab: int, block: int) -> "_LabelledRows":
-        """One sort and one host synchronisation for all blocks of ``block`` ids from ``offset``
-        (finding each block's tokens with ``nonzero`` would synchronise once per block)."""
-        sorted_labels, order = torch.sort(labels, stable=True)
+    def of(labels: torch.Tensor, entry: torch.Tensor, hidden: torch.Tensor, offset: int, vocab: int, block: int,
+           chunk: int) -> "_LabelledRows":
+        """For blocks of ``block`` ids from ``offset`` up to ``offset + vocab``; ``entry`` fp32 ``[M]`` (0 for a
+        label outside them), ``hidden [M, D]``; the products are made ``chunk`` tokens at a time. One sort and
+        one host synchronisation for all blocks."""
+        inside = (labels >= offset) & (labels < offset + vocab)
+        sorted_labels, order = torch.sort(torch.where(inside, labels, offset + vocab), stable=True)  # outside: last
+        new = torch.ones_like(sorted_labels, dtype=torch.bool)
+        new[1:] = sorted_labels[1:] != sorted_labels[:-1]
+        seen = new.cumsum(0)  # distinct labels up to each sorted token
+        slot = seen - 1  # each sorted token's distinct label
+        rows = torch.zeros(labels.shape[0], hidden.shape[1], dtype=torch.float32, device=hidden.device)
+        for c0 in range(0, labels.shape[0], chunk):
+            tokens = order[c0 : c0 + chunk]
+            products = hidden[tokens].float().mul_(entry[tokens, None])
+            # Repeated labels summed in token order: CUDA's index_put_(accumulate=True) sorts and sums in order
+            # (its index_add_ uses atomics); on the CPU it is the other way round (index_put_ adds with atomics
+            # across threads from 32k elements, index_add_ is serial).
+            if rows.is_cuda:
+                rows.index_put_((slot[c0 : c0 + chunk],), products, accumulate=True)
+            else:
+                rows.index_add_(0, slot[c0 : c0 + chunk], products)
+        distinct = torch.zeros_like(sorted_labels).scatter_(0, slot, sorted_labels)  # equal values: any order
         edges = torch.arange(offset, offset + vocab + block, block, device=labels.device).clamp_(max=offset + vocab)
-        return _LabelledRows(order, sorted_labels, torch.searchsorted(sorted_labels, edges).tolist())
+        before = torch.cat([seen.new_zeros(1), seen])[torch.searchsorted(sorted_labels, edges)]
+        return _LabelledRows(distinct, rows, before.tolist())
 
-    def add_to_block(self, rows: torch.Tensor, index: int, first: int, entry: torch.Tensor,
-                     hidden: torch.Tensor) -> None:
-        """``rows[labels[t] - first] += entry[t] * hidden[t]`` for the tokens labelled in block ``index``,
-        whose fp32 rows ``rows [R, D]`` start at id ``first``. Repeated labels are summed in a fixed
-        order: on CUDA ``index_add_`` uses atomics, but ``index_put_(accumulate=True)`` sorts and sums
-        in order; on the CPU it is the other way round (``index_put_`` adds with atomics across
-        threads from 32k elements, ``index_add_`` is serial)."""
+    def add_to_block(self, rows: torch.Tensor, index: int, first: int) -> None:
+        """``rows[l - first] += `` the label terms of ``l``, for the labels ``l`` of block ``index``, whose fp32 rows
+        ``rows [R, D]`` start at id ``first``."""
         lo, hi = self.bounds[index], self.bounds[index + 1]
-        tokens = self.order[lo:hi]
-        products = hidden[tokens].float() * entry[tokens, None]
-        if rows.is_cuda:
-            rows.index_put_((self.sorted_labels[lo:hi] - first,), products, accumulate=True)
-        else:
-            rows.index_add_(0, self.sorted_labels[lo:hi] - first, products)
+        if hi > lo:
+            rows.index_add_(0, self.labels[lo:hi] - first, self.rows[lo:hi])
 
 
 @dataclass(frozen=True)
@@ -313,12 +337,13 @@ class _AllRows:
     order `_LabelledRows` uses there) fails under CUDA-graph capture, so repeated labels sum in atomics' order."""
 
     labels: torch.Tensor  # int64 [M]
+    entry: torch.Tensor  # fp32 [M]
+    hidden: torch.Tensor  # [M, D]
 
-    def add_to_block(self, rows: torch.Tensor, index: int, first: int, entry: torch.Tensor,
-                     hidden: torch.Tensor) -> None:
+    def add_to_block(self, rows: torch.Tensor, index: int, first: int) -> None:
         """As `_LabelledRows.add_to_block`, over all tokens (``index`` unused)."""
         column, inside = label_columns(self.labels, first, rows.shape[0])
-        rows.index_add_(0, column.squeeze(1), hidden.float() * torch.where(inside, entry, 0.0)[:, None])
+        rows.index_add_(0, column.squeeze(1), self.hidden.float() * torch.where(inside, self.entry, 0.0)[:, None])
 
 
 def tiled_head(problem: HeadProblem, memory_budget: int, token_block: Optional[int] = None,

@@ -67,8 +67,7 @@ class Upstream(NamedTuple):
 class TileGrad(NamedTuple):
     """What the backward needs of one tile (see `tile_grad`)."""
 
-    grad_op: torch.Tensor  # [T, W] operand dtype: dL/da, the label entries zeroed when split off
-    entry: Optional[torch.Tensor]  # fp32 [T]: dL/da at each token's label column inside the tile, else 0
+    grad_op: torch.Tensor  # [T, W] operand dtype: dL/da, the label entries zeroed when asked
     bias_sum: Optional[torch.Tensor]  # fp32 [W]: sum over tokens of dL/da (label entries included)
 
 
@@ -140,26 +139,49 @@ def fold_tile(a: torch.Tensor, state: RowStats, bias: Optional[torch.Tensor], la
 
 def tile_grad(a: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor, first: torch.Tensor,
               lse: torch.Tensor, expected_z: Optional[torch.Tensor], up: Upstream, t: LogitTransform, vocab: int,
-              operand_dtype: torch.dtype, split_entries: bool, need_bias_sum: bool,
-              row_scale: Optional[torch.Tensor] = None, owns_a: bool = False) -> TileGrad:
+              operand_dtype: torch.dtype, zero_entries: bool, need_bias_sum: bool,
+              shift: Optional[torch.Tensor] = None, owns_a: bool = False) -> TileGrad:
     """``dL/da`` of one recomputed tile, for the upstream gradients ``up`` of its tokens.
 
     ``dL/dz_v = p_v (g_lse - g_logp - g_ent (z_v - E[z])) + g_mean / V + g_logp [v = label]``, chained through
     the transform. ``a``, ``bias``, ``labels``, ``first``: as in `fold_tile`; ``lse`` and ``expected_z``
     (``E_p[z]``, None without an entropy gradient) fp32 ``[T]`` from the forward; ``vocab``: the full vocabulary
-    size ``V``. ``split_entries``: zero the label entries in ``grad_op`` and return them in ``entry``, to be
-    added in fp32 after the GEMMs (`align_losses.ops.tiled_head`); else ``entry`` is None. ``bias_sum`` is
-    None unless ``need_bias_sum``. No input is changed, ``a`` aside when ``owns_a`` (see `run_tile`).
+    size ``V``. ``zero_entries``: zero the label entries in ``grad_op``; the caller adds them in fp32 after the
+    GEMMs (`label_entries`, `align_losses.ops.tiled_head`). ``bias_sum`` is None unless ``need_bias_sum``. No
+    input is changed, ``a`` aside when ``owns_a`` (see `run_tile`).
 
-    ``row_scale`` (fp32 ``[T]``, `row_scale`'s ``s c``; the losses' case): ``dL/da = s (p c + g_logp [label])``,
-    and ``grad_op`` is ``p |s c|`` with the label entries zeroed (the caller applies ``sign(s c)`` outside the
-    tile); ``entry`` holds the whole label entries. It needs upstream gradients on the log-probs and logsumexp only,
-    no softcap, ``split_entries`` where there is a log-prob gradient, and no ``need_bias_sum``.
+    ``shift`` (fp32 ``[T]``, ``lse - log|s c|`` with `row_scale`'s ``s c``; the losses' case):
+    ``dL/da = s (p c + g_logp [label])``, and ``grad_op`` is ``p |s c| = exp(z - shift)``, the caller applying
+    ``sign(s c)`` outside the tile. Folding ``|s c|`` into the exponent costs no pass, and the operand is rounded
+    once, as ``p c`` was: rounding ``p`` and ``c h`` separately doubled the weight gradient's rounding error. It
+    needs upstream gradients on the log-probs and logsumexp only, no softcap and no ``need_bias_sum``.
     """
     z = logits(a, bias, t, owns_a)
     local = labels - first
-    if row_scale is not None:
-        return _row_scaled_grad(z, local, lse, up, t, operand_dtype, row_scale, owns_a)
+    if shift is not None:
+        z_rel = z.sub_(shift[:, None]) if owns_a else z - shift[:, None]
+        if owns_a and operand_dtype != z_rel.dtype:
+            p = torch.exp(z_rel, out=torch.empty(z_rel.shape, dtype=operand_dtype, device=z_rel.device))  # one pass
+        elif owns_a:
+            p = z_rel.exp_()
+        else:
+            p = torch.exp(z_rel).to(operand_dtype)
+        return TileGrad(_zero_at(p, local) if zero_entries else p, None)
+    grad = _logit_grad(z, lse, expected_z, up, vocab)
+    if up.logprobs is not None and (need_bias_sum or not zero_entries):
+        grad = _add_at(grad, local, up.logprobs)
+    grad = _dz_da_(grad, z, t)
+    del z
+    bias_sum = grad.sum(dim=0) if need_bias_sum else None
+    if zero_entries:
+        grad = _zero_at(grad, local)
+    # Rounded to the operand dtype only as a GEMM input; every sum above stays fp32.
+    return TileGrad(grad.to(operand_dtype), bias_sum)
+
+
+def _logit_grad(z: torch.Tensor, lse: torch.Tensor, expected_z: Optional[torch.Tensor], up: Upstream,
+                vocab: int) -> torch.Tensor:
+    """``dL/dz`` fp32 ``[T, W]`` of the logits ``z [T, W]`` without the label term ``g_logp [v = label]``."""
     grad = torch.exp(z - lse[:, None])  # p
     coef = torch.zeros_like(lse)
     if up.logsumexp is not None:
@@ -174,17 +196,18 @@ def tile_grad(a: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tenso
         grad = grad.mul_(coef[:, None])
     if up.mean_logit is not None:
         grad = grad.add_((up.mean_logit / vocab)[:, None])
+    return grad
+
+
+def label_entries(label_logit: torch.Tensor, lse: torch.Tensor, expected_z: Optional[torch.Tensor], up: Upstream,
+                  t: LogitTransform, vocab: int, inside: torch.Tensor) -> torch.Tensor:
+    """Each token's label entry of ``dL/da`` (fp32 ``[M]``; 0 where ``inside`` is False: a label in another
+    vocabulary shard): `tile_grad`'s formula at ``z = label_logit`` (the forward's label logits), computed once
+    per backward instead of picked out of every tile."""
+    grad = _logit_grad(label_logit[:, None], lse, expected_z, up, vocab).squeeze(1)
     if up.logprobs is not None:
-        grad = _add_at(grad, local, up.logprobs)
-    grad = _dz_da_(grad, z, t)
-    del z
-    bias_sum = grad.sum(dim=0) if need_bias_sum else None
-    entry = None
-    if split_entries:
-        entry = _pick(grad, local)
-        grad = _zero_at(grad, local)
-    # Rounded to the operand dtype only as a GEMM input; every sum above stays fp32.
-    return TileGrad(grad.to(operand_dtype), entry, bias_sum)
+        grad = grad + up.logprobs
+    return torch.where(inside, _dz_da_(grad, label_logit, t), 0.0)
 
 
 def row_scale(up: Upstream, t: LogitTransform) -> Optional[torch.Tensor]:
@@ -202,32 +225,6 @@ def row_scale(up: Upstream, t: LogitTransform) -> Optional[torch.Tensor]:
     if up.logprobs is not None:
         coef = coef - up.logprobs
     return coef * (t.logit_scale / t.temperature)
-
-
-def _row_scaled_grad(z: torch.Tensor, local: torch.Tensor, lse: torch.Tensor, up: Upstream, t: LogitTransform,
-                     operand_dtype: torch.dtype, scale: torch.Tensor, owns_a: bool) -> TileGrad:
-    """`tile_grad` with a ``row_scale`` ``s c``: ``grad_op = p |s c| = exp(z - lse + log|s c|)`` in the operand
-    dtype, label entries zeroed; the caller applies ``sign(s c)`` (exactly, to the hidden states and to the summed
-    hidden-state gradient). Folding ``|s c|`` into the exponent costs no pass, and the operand is rounded once, as
-    ``p c`` was: rounding ``p`` and ``c h`` separately doubled the weight gradient's rounding error."""
-    shift = lse - torch.log(scale.abs())  # +inf where s c = 0: p |s c| = 0
-    z_rel = z.sub_(shift[:, None]) if owns_a else z - shift[:, None]
-    entry = None
-    if up.logprobs is not None:
-        # The whole label entry s (p c + g_logp) = sign(s c) p |s c| + s g_logp, in fp32; 0 outside the tile.
-        inside = (local >= 0) & (local < z_rel.shape[1])
-        scaled_p_label = torch.exp(_pick(z_rel, local))
-        entry = torch.where(inside, torch.sign(scale) * scaled_p_label
-                            + up.logprobs * (t.logit_scale / t.temperature), 0.0)
-    if owns_a and operand_dtype != z_rel.dtype:
-        p = torch.exp(z_rel, out=torch.empty(z_rel.shape, dtype=operand_dtype, device=z_rel.device))  # one pass
-    elif owns_a:
-        p = z_rel.exp_()
-    else:
-        p = torch.exp(z_rel).to(operand_dtype)
-    if up.logprobs is not None:
-        p = _zero_at(p, local)
-    return TileGrad(p, entry, None)
 
 
 def _dz_da_(grad_z: torch.Tensor, z: torch.Tensor, t: LogitTransform) -> torch.Tensor:
