@@ -47,6 +47,14 @@ def _run(hidden, weight, bias, labels, upstream, options, group=None):
     return stats, grads
 
 
+def _run_losses(hidden, weight, labels, upstream, options, group=None):
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+    stats = align_losses.linear_token_stats(leaves[0], leaves[1], labels, outputs=("logsumexp",), process_group=group,
+                                            backend_options={"memory_budget": 16 * 5 * 7}, **options)
+    loss = (stats.logprobs * upstream["logprobs"]).sum() + (stats.logsumexp * upstream["logsumexp"]).sum()
+    return torch.autograd.grad(loss, leaves)
+
+
 def _worker(rank: int, world: int, init_file: str, results: dict):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -61,6 +69,14 @@ def _worker(rank: int, world: int, init_file: str, results: dict):
             assert rel(grads[0], full_grads[0]) < 1e-5, ("grad hidden", options)
             assert rel(grads[1], full_grads[1][start:stop]) < 1e-5 or stop == start, ("grad weight", options)
             assert rel(grads[2], full_grads[2][start:stop]) < 1e-5 or stop == start, ("grad bias", options)
+        # The losses' backward (row-scaled tiles, label entries from the label logits): log-prob and logsumexp
+        # upstream gradients only, no bias.
+        hidden, weight, _, labels, upstream = _problem(seed=7)
+        options = {"temperature": 0.8, "logit_scale": 1.4}
+        full_grads = _run_losses(hidden, weight, labels, upstream, options)
+        grads = _run_losses(hidden, weight[start:stop], labels, upstream, options, dist.group.WORLD)
+        assert rel(grads[0], full_grads[0]) < 1e-5, "grad hidden, row-scaled"
+        assert rel(grads[1], full_grads[1][start:stop]) < 1e-5 or stop == start, "grad weight, row-scaled"
     finally:
         dist.destroy_process_group()
 
