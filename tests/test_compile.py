@@ -241,6 +241,20 @@ def test_no_labelled_token_under_compile(monkeypatch, sync_free):
     assert all((g == 0).all() for g in grads)
 
 
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_no_token_with_the_entropy(sync_free):
+    """Zero tokens, the entropy asked for and differentiated: empty outputs and zero gradients, eagerly and without
+    host synchronisation (where the op gives the backward no E_p[z] for zero rows)."""
+    hidden = torch.randn(0, 8, requires_grad=True)
+    weight = torch.randn(300, 8, requires_grad=True)
+    labels = torch.zeros(0, dtype=torch.long)
+    with library.no_host_sync() if sync_free else contextlib.nullcontext():
+        stats = linear_token_stats(hidden, weight, labels, outputs=("entropy",), impl="torch")
+        grads = _grads(stats.logprobs.sum() + stats.entropy.sum(), (hidden, weight))
+    assert stats.logprobs.shape == stats.entropy.shape == (0,)
+    assert grads[0].shape == (0, 8) and (grads[1] == 0).all()
+
+
 def test_bad_label_under_compile_gives_the_eager_error():
     hidden, weight, _, labels = _inputs(n_seq=2, t=5, d=8, v=11, seed=6, ignored=1)
     labels[1, 3] = 11

@@ -347,7 +347,8 @@ def test_label_entries_reach_their_weight_rows_as_in_float64():
         untouched = torch.ones(width, dtype=torch.bool)
         untouched[labels[inside] - first] = False
         assert torch.equal(got[untouched], rows[untouched])
-    assert len(labelled.bounds) == 5 and labelled.bounds[-1] - labelled.bounds[0] == len(set(labels[in_shard].tolist()))
+    assert len(labelled.bounds) == 5 and labelled.bounds[0] == 0
+    assert labelled.bounds[-1] == len(set(labels[in_shard].tolist())) == labelled.rows.shape[0]  # a row per label
 
 
 @pytest.mark.parametrize("leaf", ["hidden", "weight", "bias"])
@@ -518,6 +519,6 @@ def test_a_vocabulary_block_costs_few_launches(outputs):
     per_block_fwd, per_block_bwd = (f5 - f2) / 3, (b5 - b2) / 3
     # The tile functions are pure (`align_losses.ops.tiles`, so that they compile): eagerly, as here, their
     # results are new tensors copied into the stats, a few ops more than updating them in place would take.
-    limit_fwd, limit_bwd = (26, 26) if not outputs else (36, 35)  # the entropy: its sums and the general backward
+    limit_fwd, limit_bwd = (28, 28) if not outputs else (38, 37)  # the entropy: its sums and the general backward
     assert per_block_fwd <= limit_fwd, per_block_fwd
     assert per_block_bwd <= limit_bwd, per_block_bwd

@@ -149,7 +149,7 @@ def forward_outputs(problem: HeadProblem, tiling: Tiling
     """The forward of `TiledHeadFunction` and of the registered op (`align_losses.ops.library`):
     ``({output name: fp32 [M]}, logsumexp fp32 [M], E_p[z] fp32 [M] or None without the entropy, label logit
     fp32 [M])``, the last three being what `backward_grads` needs (the label logit is the logits tile's own value
-    at the label, 0 for a label outside a vocabulary shard)."""
+    at the label; merged over a vocabulary-parallel head's shards, as the other statistics)."""
     stats = _forward_stats(problem, tiling)
     result = finish_outputs(stats, problem.outputs, problem.vocab_size, problem.labels)
     lse = stats.max + torch.log(stats.sum_exp)
@@ -194,17 +194,17 @@ def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, 
     operand_dtype = hidden.dtype if rounds else torch.float32
     upstream = Upstream(*(up.get(name) for name in _UPSTREAM))
     # See `_add_label_entries`: the label entries stay out of the GEMM operands (the tiles zero them), computed
-    # once here in fp32 from the forward's label logits. An empty shard holds no label; with only the bias to
-    # differentiate, the entries need not move.
+    # once here in fp32 from the forward's label logits. No token, or an empty shard: no label; with only the bias
+    # to differentiate, the entries need not move.
     entry = None
-    if "logprobs" in up and weight.shape[0] > 0 and (need_h or need_w):
+    if "logprobs" in up and m > 0 and weight.shape[0] > 0 and (need_h or need_w):
         inside = (labels >= offset) & (labels < offset + weight.shape[0])
         entry = label_entries(label_logit, lse, expected_z, upstream, transform, vocab, inside)
     labelled = None
     if entry is not None and need_w:
         labelled = (_AllRows(labels, entry, hidden) if sync_free else
                     _LabelledRows.of(labels, entry, hidden, offset, weight.shape[0], tiling.vocab_block,
-                                     chunk=max(tiling.token_block * tiling.vocab_block // max(hidden.shape[1], 1), 1)))
+                                     chunk=max(tiling.token_block * tiling.vocab_block // max(hidden.shape[1], 1), 256)))
     scale = row_scale(upstream, transform) if grad_bias is None else None
     sign = shift = None
     if scale is not None:
@@ -289,25 +289,30 @@ class _LabelledRows:
     indices (no two adds meet, so no atomics' order shows), instead of a deterministic ``index_put_`` a block,
     which on CUDA costs a sort, a dozen launches and a wait for the device each time."""
 
-    labels: torch.Tensor  # int64 [K]: the distinct labels, increasing (K <= M; the tail beyond bounds[-1] unused)
+    labels: torch.Tensor  # int64 [K]: the distinct labels inside the ids walked, increasing
     rows: torch.Tensor  # fp32 [K, D]: per distinct label, the sum of entry[t] * hidden[t] over its tokens
-    bounds: list  # host ints: block b's labels are labels[bounds[b] : bounds[b + 1]]
+    bounds: list  # host ints: block b's labels are labels[bounds[b] : bounds[b + 1]]; K = bounds[-1]
 
     @staticmethod
     def of(labels: torch.Tensor, entry: torch.Tensor, hidden: torch.Tensor, offset: int, vocab: int, block: int,
            chunk: int) -> "_LabelledRows":
         """For blocks of ``block`` ids from ``offset`` up to ``offset + vocab``; ``entry`` fp32 ``[M]`` (0 for a
         label outside them), ``hidden [M, D]``; the products are made ``chunk`` tokens at a time. One sort and
-        one host synchronisation for all blocks."""
+        one host synchronisation for all blocks; the sums take an fp32 row per distinct label inside the ids
+        walked (a vocabulary shard's: few of a batch's tokens)."""
         inside = (labels >= offset) & (labels < offset + vocab)
         sorted_labels, order = torch.sort(torch.where(inside, labels, offset + vocab), stable=True)  # outside: last
         new = torch.ones_like(sorted_labels, dtype=torch.bool)
         new[1:] = sorted_labels[1:] != sorted_labels[:-1]
         seen = new.cumsum(0)  # distinct labels up to each sorted token
-        slot = seen - 1  # each sorted token's distinct label
-        rows = torch.zeros(labels.shape[0], hidden.shape[1], dtype=torch.float32, device=hidden.device)
-        for c0 in range(0, labels.shape[0], chunk):
-            tokens = order[c0 : c0 + chunk]
+        edges = torch.arange(offset, offset + vocab + block, block, device=labels.device).clamp_(max=offset + vocab)
+        ends = torch.searchsorted(sorted_labels, edges)  # sorted tokens before each block edge
+        before = torch.cat([seen.new_zeros(1), seen])[ends]  # distinct labels before each block edge
+        *bounds, tokens_inside = torch.cat([before, ends[-1:]]).tolist()  # the one synchronisation
+        slot = seen[:tokens_inside] - 1  # each sorted token's distinct label
+        rows = torch.zeros(bounds[-1], hidden.shape[1], dtype=torch.float32, device=hidden.device)
+        for c0 in range(0, tokens_inside, chunk):
+            tokens = order[c0 : min(c0 + chunk, tokens_inside)]
             products = hidden[tokens].float().mul_(entry[tokens, None])
             # Repeated labels summed in token order: CUDA's index_put_(accumulate=True) sorts and sums in order
             # (its index_add_ uses atomics); on the CPU it is the other way round (index_put_ adds with atomics
@@ -316,10 +321,8 @@ class _LabelledRows:
                 rows.index_put_((slot[c0 : c0 + chunk],), products, accumulate=True)
             else:
                 rows.index_add_(0, slot[c0 : c0 + chunk], products)
-        distinct = torch.zeros_like(sorted_labels).scatter_(0, slot, sorted_labels)  # equal values: any order
-        edges = torch.arange(offset, offset + vocab + block, block, device=labels.device).clamp_(max=offset + vocab)
-        before = torch.cat([seen.new_zeros(1), seen])[torch.searchsorted(sorted_labels, edges)]
-        return _LabelledRows(distinct, rows, before.tolist())
+        distinct = torch.zeros_like(sorted_labels[: bounds[-1]]).scatter_(0, slot, sorted_labels[:tokens_inside])
+        return _LabelledRows(distinct, rows, bounds)
 
     def add_to_block(self, rows: torch.Tensor, index: int, first: int) -> None:
         """``rows[l - first] += `` the label terms of ``l``, for the labels ``l`` of block ``index``, whose fp32 rows
