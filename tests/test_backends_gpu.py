@@ -167,6 +167,38 @@ def test_torch_all_ignored_on_cuda():
     _empty_batch("torch", bias=True)
 
 
+# The cases above run the torch backend's default on CUDA: its tiles compiled by torch.compile when Triton is
+# installed (`align_losses.ops.tiles.compiled_tiles`). These name the mode, at the same moderate shape.
+ALL_ON = dict(bias=True, softcap=10.0, temperature=0.7, logit_scale=1.3, entropy=True)
+
+
+@pytest.mark.parametrize("compile_tiles", [True, False], ids=["compiled", "eager"])
+def test_torch_tiles_fp32_vs_fp64(compile_tiles):
+    """Compiled and eager tiles against float64 full logits, several vocabulary blocks (4 MiB budget)."""
+    options = {"compile_tiles": compile_tiles, "memory_budget": 4 * 2**20}
+    errors = _case("torch", torch.float32, ref_dtype=torch.float64, options=options, **ALL_ON)
+    for key, value in errors.items():
+        if key != "max_abs_logprob":
+            assert value < 1e-5, (key, errors)
+
+
+def test_torch_compiled_tiles_bf16_without_recompiling():
+    """bf16 through the compiled tiles, default budget, then other sizes (a smaller budget, fewer tokens) with
+    no new graph: the tile functions are compiled with dynamic shapes."""
+    from torch._dynamo.utils import counters
+
+    from align_losses.ops.tiles import compiled_tiles
+
+    assert compiled_tiles(None, torch.device("cuda")), "Triton is installed: the default compiles the tiles"
+    errors = _case("torch", torch.bfloat16, options={"compile_tiles": True}, **ALL_ON)
+    assert errors["logprobs"] < 1e-5, errors
+    for key in ("grad_hidden", "grad_weight", "grad_bias", "entropy"):
+        assert errors[key] < TORCH_BF16_GRAD_TOL, (key, errors)
+    before = counters["stats"]["unique_graphs"]
+    _case("torch", torch.bfloat16, options={"compile_tiles": True, "memory_budget": 3 * 2**20}, seed=1, **ALL_ON)
+    assert counters["stats"]["unique_graphs"] == before
+
+
 # --- cce -----------------------------------------------------------------------------------------
 
 

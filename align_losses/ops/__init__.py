@@ -1,7 +1,8 @@
 """The head ops behind the backends: per-token log-probs and statistics of a linear head on an
 `align_losses.problem.HeadProblem`, without ever holding the ``[M, V]`` logits.
 
-- `tiled_head`: pure PyTorch, any device (the ``"torch"`` backend).
+- `tiled_head`: pure PyTorch, any device (the ``"torch"`` backend); its per-tile math is in `tiles`, pure
+  functions it runs eagerly or through `torch.compile`.
 - `triton_head`: the ``"triton"`` backend's forward and dense backward (host side); its kernels are
   in `triton_kernels`, and its opt-in filtering backward in `triton_filter` (with `slots`, the layout
   that backward walks).
@@ -13,7 +14,8 @@
 - `gemm`: the fp32-output GEMMs both heads' tiles use.
 - `labels`: the labelled positions and the label range check, shared by the core and `library`.
 
-Imports run one way: ``triton_head -> triton_filter -> triton_shared -> triton_kernels``, both heads
--> `stats` and `gemm`, and every op -> `align_losses.problem`; no op imports `align_losses.backends`. Importing
+Imports run one way: ``triton_head -> triton_filter -> triton_shared -> triton_kernels``,
+``tiled_head -> tiles``, both heads and `tiles` -> `stats`, both heads -> `gemm`, and every op ->
+`align_losses.problem`; no op imports `align_losses.backends`. Importing
 this package imports none of them (Triton loads with the ``triton_*`` modules only).
 """

@@ -156,12 +156,22 @@ def _rowmajor(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _run_forward(backend: str, problem: HeadProblem, memory_budget: int, token_chunk: int):
+def _tiling(num_tokens: int, vocab: int, memory_budget: int, token_chunk: int, compile_tiles: Optional[bool],
+            device: torch.device):
+    """The ``"torch"`` backend's `align_losses.ops.tiled_head.Tiling` for the ops' arguments."""
+    from .tiled_head import Tiling
+    from .tiles import compiled_tiles
+
+    return Tiling.plan(num_tokens, vocab, memory_budget, token_chunk or None, compiled_tiles(compile_tiles, device),
+                       fallback=compile_tiles is None)
+
+
+def _run_forward(backend: str, problem: HeadProblem, memory_budget: int, token_chunk: int,
+                 compile_tiles: Optional[bool]):
     module = importlib.import_module(_MODULES[backend], __package__)
     if backend == "torch":
-        from .tiled_head import Tiling
-
-        tiling = Tiling.plan(problem.hidden.shape[0], problem.weight.shape[0], memory_budget, token_chunk or None)
+        tiling = _tiling(problem.hidden.shape[0], problem.weight.shape[0], memory_budget, token_chunk, compile_tiles,
+                         problem.hidden.device)
         return module.forward_outputs(problem, tiling)
     cfg = module.FWD_CONFIGS[problem.hidden.dtype]
     result, lse, expected_z, label_logit, _ = module.forward_outputs(
@@ -177,10 +187,13 @@ NAMESPACE = __name__.split(".")[0]
 @torch.library.custom_op(f"{NAMESPACE}::head_forward", mutates_args=())
 def head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, backend: str,
                  ignore_index: int, logit_scale: float, softcap: Optional[float], temperature: float, outputs: int,
-                 memory_budget: int, token_chunk: int, max_labelled: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 memory_budget: int, token_chunk: int, max_labelled: int, compile_tiles: Optional[bool] = None
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """See the module docstring. ``memory_budget``: bytes of the backend's temporaries (required for
     ``"torch"``; 0 for ``"triton"``'s default); ``token_chunk``: the ``"torch"`` backend's token block, 0 for
-    its plan; ``max_labelled``: a bound on the labelled rows for the sync-free path, 0 for none (all rows)."""
+    its plan; ``max_labelled``: a bound on the labelled rows for the sync-free path, 0 for none (all rows);
+    ``compile_tiles``: the ``"torch"`` backend's option `align_losses.ops.tiles.COMPILE_TILES` (None: its
+    default; not read by ``"triton"``)."""
     names = _names(outputs)
     rows = _rows(labels, ignore_index, weight.shape[0], check=True, max_labelled=max_labelled)
     bias = bias.contiguous() if bias is not None else None
@@ -189,7 +202,7 @@ def head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels:
     problem = HeadProblem(_rowmajor(rows.zero_rows(rows.take(hidden))), _rowmajor(weight), bias,
                           _rowmajor(rows.mask(rows.take(labels), 0)),
                           LogitTransform(logit_scale, softcap, temperature), frozenset(names))
-    result, lse, expected_z, label_logit = _run_forward(backend, problem, memory_budget, token_chunk)
+    result, lse, expected_z, label_logit = _run_forward(backend, problem, memory_budget, token_chunk, compile_tiles)
     values = rows.mask(torch.stack([result[name] for name in names]), 0.0)
     expected_z = rows.put(expected_z) if expected_z is not None else lse.new_empty(0)  # [0] without the entropy
     return rows.put(values, 1), rows.put(lse), expected_z, rows.put(label_logit)
@@ -197,7 +210,7 @@ def head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels:
 
 @head_forward.register_fake
 def _head_forward_fake(hidden, weight, bias, labels, backend, ignore_index, logit_scale, softcap, temperature,
-                       outputs, memory_budget, token_chunk, max_labelled):
+                       outputs, memory_budget, token_chunk, max_labelled, compile_tiles=None):
     n = labels.shape[0]
     k = len(_names(outputs))
     f32 = dict(dtype=torch.float32)
@@ -210,10 +223,11 @@ def _head_forward_fake(hidden, weight, bias, labels, backend, ignore_index, logi
 def head_backward(grad_values: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                   lse: Tensor, expected_z: Tensor, label_logit: Tensor, backend: str, ignore_index: int,
                   logit_scale: float, softcap: Optional[float], temperature: float, outputs: int, memory_budget: int,
-                  token_chunk: int, max_labelled: int, need_hidden: bool, need_weight: bool, need_bias: bool
-                  ) -> tuple[Tensor, Tensor, Tensor]:
+                  token_chunk: int, max_labelled: int, need_hidden: bool, need_weight: bool, need_bias: bool,
+                  compile_tiles: Optional[bool] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``sum(grad_values * values)`` for `head_forward`'s inputs: ``grad_hidden [N, D]``,
-    ``grad_weight [V, D]``, ``grad_bias [V]`` in the inputs' dtypes; ``[0]`` for one not needed."""
+    ``grad_weight [V, D]``, ``grad_bias [V]`` in the inputs' dtypes; ``[0]`` for one not needed. The other
+    arguments are `head_forward`'s (``compile_tiles`` last in both, with a default, as it came last)."""
     names = _names(outputs)
     n, vocab = labels.shape[0], weight.shape[0]
     rows = _rows(labels, ignore_index, vocab, check=False, max_labelled=max_labelled)
@@ -227,7 +241,7 @@ def head_backward(grad_values: Tensor, hidden: Tensor, weight: Tensor, bias: Opt
     weight = _rowmajor(weight)  # as in the forward: every gradient then is row-major, as the fake says
     module = importlib.import_module(_MODULES[backend], __package__)
     if backend == "torch":
-        tiling = module.Tiling.plan(hidden_rows.shape[0], vocab, memory_budget, token_chunk or None)
+        tiling = _tiling(hidden_rows.shape[0], vocab, memory_budget, token_chunk, compile_tiles, hidden.device)
         grads = module.backward_grads(hidden_rows, weight, bias, labels_rows, rows.take(label_logit), lse_rows,
                                       ez_rows, up, transform, None, vocab, tiling, need,
                                       sync_free=sync_free(hidden.device))
@@ -244,7 +258,7 @@ def head_backward(grad_values: Tensor, hidden: Tensor, weight: Tensor, bias: Opt
 @head_backward.register_fake
 def _head_backward_fake(grad_values, hidden, weight, bias, labels, lse, expected_z, label_logit, backend,
                         ignore_index, logit_scale, softcap, temperature, outputs, memory_budget, token_chunk,
-                        max_labelled, need_hidden, need_weight, need_bias):
+                        max_labelled, need_hidden, need_weight, need_bias, compile_tiles=None):
     # row-major, as the backends return them from row-major inputs (empty_like would follow a transposed weight)
     return (hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0),
             weight.new_empty(weight.shape) if need_weight else hidden.new_empty(0),
@@ -255,19 +269,20 @@ def _setup_context(ctx, inputs, output) -> None:
     hidden, weight, bias, labels, *settings = inputs
     _, lse, expected_z, label_logit = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse, expected_z, label_logit)
+    *settings, ctx.compile_tiles = settings
     ctx.settings = tuple(settings)  # backend ... max_labelled: head_forward's arguments after the tensors
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad_values, grad_lse, grad_expected_z, grad_label_logit):
     # lse, expected_z and label_logit are saved for this backward only; nothing upstream differentiates them.
-    none = (None,) * 9
+    none = (None,) * 10  # head_forward's arguments after the tensors
     if grad_values is None:
         return (None, None, None, None, *none)
     hidden, weight, bias, labels, lse, expected_z, label_logit = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     gh, gw, gb = head_backward(grad_values, hidden, weight, bias, labels, lse, expected_z, label_logit, *ctx.settings,
-                               need_h, need_w, need_b and ctx.has_bias)
+                               need_h, need_w, need_b and ctx.has_bias, ctx.compile_tiles)
     return (gh if need_h else None, gw if need_w else None, gb if (need_b and ctx.has_bias) else None, None, *none)
 
 
@@ -275,15 +290,18 @@ head_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def head(problem: HeadProblem, ignore_index: int, backend: str, memory_budget: Optional[int] = None,
-         token_chunk: Optional[int] = None, max_labelled: Optional[int] = None) -> dict:
+         token_chunk: Optional[int] = None, max_labelled: Optional[int] = None,
+         compile_tiles: Optional[bool] = None) -> dict:
     """Run ``backend`` (``"torch"`` or ``"triton"``) through `head_forward` on every row of ``problem``, whose
     ``labels [N]`` may hold ``ignore_index`` (checked inside the op); returns ``{output name: fp32 [N]}``, 0 and
-    no gradient at the ignored rows. ``problem.shard`` must be None. ``max_labelled``: see `MAX_LABELLED`."""
+    no gradient at the ignored rows. ``problem.shard`` must be None. ``max_labelled``: see `MAX_LABELLED`;
+    ``compile_tiles``: see `align_losses.ops.tiles.COMPILE_TILES`."""
     if problem.shard is not None:
         raise ValueError("the registered head ops take no vocabulary-parallel head (got a vocabulary shard)")
     names = _names(output_mask(problem.outputs))
     t = problem.transform
     values, _, _, _ = getattr(torch.ops, NAMESPACE).head_forward(
         problem.hidden, problem.weight, problem.bias, problem.labels, backend, ignore_index, t.logit_scale, t.softcap,
-        t.temperature, output_mask(names), int(memory_budget or 0), int(token_chunk or 0), int(max_labelled or 0))
+        t.temperature, output_mask(names), int(memory_budget or 0), int(token_chunk or 0), int(max_labelled or 0),
+        compile_tiles)
     return dict(zip(names, values.unbind(0)))

@@ -1,21 +1,45 @@
 """Per-token softmax statistics of a head, accumulated over the vocabulary in blocks.
 
 `Stats` holds each token's running max, sum of exponentials and what the requested outputs need
-(fp32 ``[M]`` each), folds in one tile of logits at a time (`Stats.update`, the ``"torch"``
-backend's forward, with `LabelBlocks` for the labels' places) or takes the merged partials of a
+(fp32 ``[M]`` each), takes the tile-by-tile updates of the ``"torch"`` backend's forward
+(`align_losses.ops.tiles.fold_tile`, on the `RowStats` of some tokens) or the merged partials of a
 kernel (the ``"triton"`` backend's), and merges the shards of a vocabulary-parallel head
-(`Stats.all_reduce`). `finish_outputs` turns merged
-statistics into the per-token outputs of `align_losses.problem.OUTPUTS`. Pure PyTorch; both
-backends' ops import it, so their outputs come from one formula.
+(`Stats.all_reduce`). `finish_outputs` turns merged statistics into the per-token outputs of
+`align_losses.problem.OUTPUTS`. Pure PyTorch; both backends' ops import it, so their outputs come
+from one formula.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
+
+
+class RowStats(NamedTuple):
+    """The fields of `Stats` for some tokens (``[T]`` each, None where `Stats` has None): what the
+    ``"torch"`` backend's pure tile function (`align_losses.ops.tiles.fold_tile`) takes and returns."""
+
+    max: torch.Tensor
+    sum_exp: torch.Tensor
+    label_logit: torch.Tensor
+    sum_exp_z: Optional[torch.Tensor]
+    sum_z: Optional[torch.Tensor]
+    sum_exp2: Optional[torch.Tensor]
+    argmax: Optional[torch.Tensor]
+
+
+def covers(rows: slice, n: int) -> bool:
+    """Whether the slice ``rows`` (step 1) takes all ``n`` rows."""
+    return (rows.start or 0) == 0 and (rows.stop is None or rows.stop >= n)
+
+
+def rows_of(values: torch.Tensor, rows: slice) -> torch.Tensor:
+    """``values[rows]``, or ``values`` itself when ``rows`` are all of them: a view would reach a compiled tile
+    function as a copy (`align_losses.ops.tiles.run_tile` copies small views, which Dynamo guards on their base)."""
+    return values if covers(rows, values.shape[0]) else values[rows]
 
 
 @dataclass
@@ -55,44 +79,25 @@ class Stats:
         """``E_p[z]`` per token (None without ``sum_exp_z``)."""
         return self.max + self.sum_exp_z / self.sum_exp if self.sum_exp_z is not None else None
 
-    def update(self, rows: slice, z: torch.Tensor, vocab_offset: int, labels: "LabelBlocks", block: int) -> None:
-        """Fold the tile ``z [rows, block]`` (vocabulary ids from ``vocab_offset``, block number ``block`` of the
-        walk that ``labels`` describes) into the stats.
+    def take(self, rows: slice) -> "RowStats":
+        """The statistics of the tokens ``rows`` (``[T]`` each; views, or the fields themselves when ``rows`` are
+        all tokens), for `align_losses.ops.tiles.fold_tile`."""
+        return RowStats(*(None if f is None else rows_of(f, rows) for f in self._fields()))
 
-        ``z`` is consumed: without the entropy (whose sum needs ``z - max`` beside ``exp(z - max)``) its memory
-        holds ``exp(z - max)``, so that the tile costs no fp32 copy of itself. Each step is one kernel where it
-        can be, updating the stats in place: a vocabulary block's host time is its launches (see `LabelBlocks`)."""
-        picked = z.gather(1, labels.columns(rows, z.shape[1])).squeeze(1)
-        self.label_logit[rows].add_(torch.where(labels.in_block(rows, block), picked, 0.0))  # a view: in place
-        if self.sum_z is not None:
-            self.sum_z[rows].add_(z.sum(dim=1))
-        if self.argmax is not None:
-            block_max, block_arg = z.max(dim=1)
-        else:
-            block_max = z.amax(dim=1)
-        old_max = self.max[rows]
-        new_max = torch.maximum(old_max, block_max)
-        if self.argmax is not None:
-            # Blocks arrive in increasing vocabulary order: only a strictly larger maximum moves
-            # the argmax, so ties keep the first index.
-            moved = block_max > old_max
-            self.argmax[rows] = torch.where(moved, block_arg + vocab_offset, self.argmax[rows])
-        # Logits of -inf only so far (a bias that masks part of the vocabulary): shift by the lowest finite
-        # value, not -inf, so that z - shift is -inf there (exp 0), not NaN, and the rescale exp(-inf) = 0.
-        shift_to = new_max.clamp_min(torch.finfo(new_max.dtype).min)
-        rescale = torch.sub(old_max, shift_to).exp_()
-        keep_z_rel = self.sum_exp_z is not None  # the entropy's sum needs z - max beside exp(z - max)
-        z_rel = z.sub_(shift_to[:, None])
-        p = torch.exp(z_rel) if keep_z_rel else z_rel.exp_()
-        if keep_z_rel:
-            moved = _shift_sums(self.sum_exp_z[rows], self.sum_exp[rows], old_max - shift_to, rescale)
-            z_rel.clamp_(min=torch.finfo(z_rel.dtype).min)  # where z = -inf, p = 0: adds 0, not NaN
-            self.sum_exp_z[rows] = moved + torch.einsum("ij,ij->i", p, z_rel)  # row-wise dots: no product tile
-        del z_rel
-        self.sum_exp[rows].mul_(rescale).add_(p.sum(dim=1))
-        if self.sum_exp2 is not None:
-            self.sum_exp2[rows].mul_(rescale * rescale).add_(torch.einsum("ij,ij->i", p, p))
-        self.max[rows] = new_max
+    def put(self, rows: slice, values: "RowStats") -> None:
+        """Store new statistics (``[T]`` each) of the tokens ``rows``: copied in, or taken as the fields when
+        ``rows`` are all tokens (no copy; the tile functions return new tensors)."""
+        if covers(rows, self.max.shape[0]):
+            for name, value in zip(RowStats._fields, values):
+                if getattr(self, name) is not None:
+                    setattr(self, name, value)
+            return
+        for field, value in zip(self._fields(), values):
+            if field is not None:
+                field[rows] = value
+
+    def _fields(self) -> tuple:
+        return (self.max, self.sum_exp, self.label_logit, self.sum_exp_z, self.sum_z, self.sum_exp2, self.argmax)
 
     def all_reduce(self, group) -> None:
         """Merge the statistics of every rank's vocabulary shard (for a vocabulary-parallel head)."""
@@ -104,7 +109,7 @@ class Stats:
         rescale = torch.nan_to_num(rescale, nan=0.0)  # an empty shard has max -inf
         sums = [self.sum_exp * rescale, self.label_logit]
         if self.sum_exp_z is not None:
-            sums.append(_shift_sums(self.sum_exp_z, self.sum_exp, self.max - global_max, rescale))
+            sums.append(shift_sums(self.sum_exp_z, self.sum_exp, self.max - global_max, rescale))
         if self.sum_z is not None:
             sums.append(self.sum_z)
         if self.sum_exp2 is not None:
@@ -129,7 +134,7 @@ class Stats:
         self.max = global_max
 
 
-def _shift_sums(sum_exp_z: torch.Tensor, sum_exp: torch.Tensor, shift: torch.Tensor,
+def shift_sums(sum_exp_z: torch.Tensor, sum_exp: torch.Tensor, shift: torch.Tensor,
                 rescale: torch.Tensor) -> torch.Tensor:
     """``sum exp(z - m) (z - m)`` re-based from the max ``m`` to ``m - shift`` (``rescale = exp(shift)``);
     0 where nothing was summed yet (``m = -inf``)."""
@@ -154,38 +159,10 @@ def finish_outputs(stats: Stats, outputs: frozenset, vocab: int, labels: torch.T
     return result
 
 
-@dataclass(frozen=True)
-class LabelBlocks:
-    """Where each token's label lies in a walk over the vocabulary in blocks of ``size`` ids, found once per call:
-    a block then finds its tokens with one compare (`in_block`) and their label columns with at most one clamp
-    (`columns`), instead of a subtract, two compares, an and and a clamp per block. On a GPU the walk's host time
-    is its launches, and a vocabulary of 152k ids in blocks of 5440 is 28 blocks a pass."""
-
-    block: torch.Tensor  # int64 [M]: the number of the block holding the token's label; -1 outside the ids walked
-    column: torch.Tensor  # int64 [M, 1]: the label's column in that block (0 .. size - 1); 0 outside
-    size: int  # ids per block (the last block may be shorter)
-
-    @staticmethod
-    def of(labels: torch.Tensor, first: int, vocab: int, size: int) -> "LabelBlocks":
-        """For ``labels`` int64 ``[M]`` (global ids) and blocks of ``size`` ids from ``first`` up to ``first + vocab``
-        (a vocabulary shard's ids; labels outside them are in no block)."""
-        local = labels - first
-        inside = (local >= 0) & (local < vocab)
-        block = torch.where(inside, local.div(max(size, 1), rounding_mode="floor"), -1)
-        column = torch.where(inside, local - block * size, 0)
-        return LabelBlocks(block, column[:, None], size)
-
-    @property
-    def inside(self) -> torch.Tensor:
-        """bool ``[M]``: whether the token's label is among the ids walked."""
-        return self.block >= 0
-
-    def in_block(self, rows: slice, block: int) -> torch.Tensor:
-        """bool ``[T]``: whether each token of ``rows`` is labelled inside block number ``block``."""
-        return self.block[rows] == block
-
-    def columns(self, rows: slice, width: int) -> torch.Tensor:
-        """int64 ``[T, 1]``: the tokens' label columns, valid indices into a block of ``width`` columns (clamped
-        where the block is shorter than ``size``, so that tokens labelled in other blocks stay in range)."""
-        column = self.column[rows]
-        return column if width >= self.size else column.clamp(max=max(width - 1, 0))
+def label_columns(labels: torch.Tensor, first: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's label as a column of the tile whose columns are ids ``first .. first + width - 1``:
+    ``(column [T, 1] int64, inside [T] bool)``; a label outside the tile points at column 0 or
+    ``width - 1`` with ``inside`` False, so that no step needs the host to know which tokens are inside."""
+    local = labels - first
+    inside = (local >= 0) & (local < width)
+    return local.clamp(0, width - 1)[:, None], inside

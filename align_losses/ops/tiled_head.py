@@ -9,6 +9,13 @@ blocks in an fp32 ``[V_block, D]`` buffer and written once, so no fp32 ``[V, D]`
 Each token's label entry of the logit gradient stays out of the GEMM operands and is added in fp32
 afterwards (`_add_label_entries`). On CUDA the backward waits for the GPU once (`_LabelledRows`).
 
+Here are the GEMMs and the accumulators; what happens to a tile between its GEMMs is in
+`align_losses.ops.tiles`: pure functions of the raw fp32 tile (bias and logit transform applied inside),
+`fold_tile` in the forward and `tile_grad` in the backward (``dL/da`` as a GEMM operand, the label entries
+and the bias gradient's column sums). They run eagerly, or compiled into a few fused kernels by
+`torch.compile` (the default on CUDA/XPU with Triton; the backend option ``compile_tiles``), so that a tile
+goes through memory a few times instead of once per elementwise step.
+
 Tiles hold at most ``memory_budget`` bytes of fp32 temporaries. Logits are never rounded to the
 input dtype: GEMMs on CUDA take bf16/fp16 operands with fp32 outputs, elsewhere they run in fp32.
 For a vocabulary-parallel head each rank walks its own shard; the per-token statistics are merged
@@ -24,7 +31,11 @@ import torch
 
 from ..problem import DIFFERENTIABLE_OUTPUTS, OUTPUTS, HeadProblem, LogitTransform
 from . import gemm
-from .stats import LabelBlocks, Stats, finish_outputs
+from .stats import Stats, finish_outputs, label_columns, rows_of
+from .tiles import Upstream, compiled_tiles, fold_tile, label_entries, row_scale, run_tile, tile_grad
+
+#: The fields of `Upstream`, in its order: the differentiable outputs.
+_UPSTREAM = Upstream._fields
 
 # Bytes of fp32 temporaries per tile element: logits, probabilities, their gradient, a cast copy.
 _BYTES_PER_TILE_ELEMENT = 16
@@ -34,13 +45,18 @@ _ALIGN = 64
 
 @dataclass(frozen=True)
 class Tiling:
-    """Block sizes of the tile walk: ``tokens x vocab`` elements per tile."""
+    """Block sizes of the tile walk (``tokens x vocab`` elements per tile), whether the tiles' math runs
+    compiled, and whether a failure to compile falls back to eager tiles (the option at its default; see
+    `align_losses.ops.tiles.run_tile`)."""
 
     token_block: int
     vocab_block: int
+    compiled: bool = False
+    fallback: bool = False
 
     @staticmethod
-    def plan(num_tokens: int, vocab: int, memory_budget: int, token_block: Optional[int] = None) -> "Tiling":
+    def plan(num_tokens: int, vocab: int, memory_budget: int, token_block: Optional[int] = None,
+             compiled: bool = False, fallback: bool = False) -> "Tiling":
         """Largest tiles under ``memory_budget`` bytes, preferring all tokens in one block.
 
         With every token in one block, each weight-gradient block comes from one GEMM over all
@@ -53,7 +69,7 @@ class Tiling:
             token_block = _aligned(min(num_tokens, max(elements // min(vocab, _MIN_VOCAB_BLOCK), 1)), num_tokens)
         token_block = max(min(token_block, num_tokens), 1)
         vocab_block = _aligned(max(min(vocab, elements // token_block), 1), vocab)
-        return Tiling(token_block, vocab_block)
+        return Tiling(token_block, vocab_block, compiled, fallback)
 
 
 def _aligned(block: int, total: int) -> int:
@@ -68,48 +84,25 @@ def _aligned(block: int, total: int) -> int:
     return block - block % _ALIGN
 
 
-def _logits(a: torch.Tensor, t: LogitTransform) -> torch.Tensor:
-    """Transformed logits ``z`` from the raw head output ``a`` (fp32, in place where possible)."""
-    if t.logit_scale != 1.0:
-        a = a.mul_(t.logit_scale)
-    if t.softcap is not None:
-        a = a.div_(t.softcap).tanh_().mul_(t.softcap)
-    if t.temperature != 1.0:
-        a = a.div_(t.temperature)
-    return a
-
-
-def _dz_da_(grad_z: torch.Tensor, z: torch.Tensor, t: LogitTransform) -> torch.Tensor:
-    """Chain ``dL/dz`` to ``dL/da`` in place: ``dz/da = s/T * (1 - tanh^2)`` with ``tanh = z T / c``."""
-    factor = t.logit_scale / t.temperature
-    if t.softcap is not None:
-        one_minus_tanh2 = z.mul(t.temperature / t.softcap).square_().neg_().add_(1.0)  # one tile, in place
-        grad_z.mul_(one_minus_tanh2)
-        del one_minus_tanh2
-    if factor != 1.0:
-        grad_z.mul_(factor)
-    return grad_z
-
-
-def _raw_tile(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    a = gemm.matmul_fp32(hidden, weight.t())
-    if bias is not None:
-        a += bias.float()
-    return a
+def _first(vocab_id: int, device: torch.device) -> torch.Tensor:
+    """The first vocabulary id of a tile as an int64 0-dim tensor, the form the tile functions take."""
+    return torch.full((), vocab_id, dtype=torch.int64, device=device)
 
 
 def _forward_stats(problem: HeadProblem, tiling: Tiling) -> Stats:
     hidden, weight, bias, labels = problem.hidden, problem.weight, problem.bias, problem.labels
     offset = problem.shard.start if problem.shard is not None else 0
     stats = Stats.empty(hidden.shape[0], hidden.device, problem.outputs)
-    where = LabelBlocks.of(labels, offset, weight.shape[0], tiling.vocab_block)
-    for block, v0 in enumerate(range(0, weight.shape[0], tiling.vocab_block)):
+    for v0 in range(0, weight.shape[0], tiling.vocab_block):
         w = weight[v0 : v0 + tiling.vocab_block]
         b = bias[v0 : v0 + tiling.vocab_block] if bias is not None else None
+        first = _first(offset + v0, hidden.device)
         for t0 in range(0, hidden.shape[0], tiling.token_block):
             rows = slice(t0, t0 + tiling.token_block)
-            z = _logits(_raw_tile(hidden[rows], w, b), problem.transform)
-            stats.update(rows, z, offset + v0, where, block)
+            raw = gemm.matmul_fp32(hidden[rows], w.t())
+            stats.put(rows, run_tile(fold_tile, tiling.compiled, raw, stats.take(rows), b, rows_of(labels, rows), first,
+                                     problem.transform, fallback=tiling.fallback))
+            del raw  # given to the tile function
     if problem.shard is not None:
         stats.all_reduce(problem.shard.group)
     return stats
@@ -120,8 +113,8 @@ class TiledHeadFunction(torch.autograd.Function):
 
     ``forward(hidden [M, D], weight [V_local, D], bias [V_local] | None, problem, tiling, names)``
     returns one fp32 ``[M]`` tensor per name in ``names`` (a subset of `OUTPUTS`, in its order);
-    ``argmax_hit`` and ``log_sum_p2`` are marked non-differentiable. Saved for backward: the inputs, the labels,
-    the label logits ``[M]``, ``logsumexp [M]`` and, when the entropy is requested, ``E_p[z] [M]``.
+    ``argmax_hit`` and ``log_sum_p2`` are marked non-differentiable. Saved for backward: the inputs, the labels, ``logsumexp [M]`` and, when the
+    entropy is requested, ``E_p[z] [M]``.
     """
 
     @staticmethod
@@ -163,43 +156,6 @@ def forward_outputs(problem: HeadProblem, tiling: Tiling
     return result, lse, stats.expected_z(), stats.label_logit
 
 
-def _logit_grad(z, lse_rows, expected_z_rows, up: dict, rows: slice, vocab: int) -> torch.Tensor:
-    """``dL/dz`` for one tile, without the label term ``g_logp`` (the label entries are `label_entries`'s).
-
-    ``dL/dz_v = p_v (g_lse - g_logp - g_ent (z_v - E[z])) + g_mean / V`` (+ ``g_logp`` at the label).
-    """
-    grad = torch.exp(z - lse_rows[:, None])
-    coef = torch.zeros_like(lse_rows)
-    if "logsumexp" in up:
-        coef += up["logsumexp"][rows]
-    if "logprobs" in up:
-        coef -= up["logprobs"][rows]
-    if "entropy" in up:
-        centred = z - expected_z_rows[:, None]
-        factor = centred.mul_(-up["entropy"][rows][:, None]).add_(coef[:, None])
-        grad.mul_(factor.masked_fill_(grad == 0, 0.0))  # z = -inf (p = 0): 0, not 0 x inf
-        del centred, factor
-    else:
-        grad.mul_(coef[:, None])
-    if "mean_logit" in up:
-        grad += (up["mean_logit"][rows] / vocab)[:, None]
-    return grad
-
-
-def label_entries(label_logit: torch.Tensor, lse: torch.Tensor, expected_z: Optional[torch.Tensor], up: dict,
-                  transform: LogitTransform, vocab: int, inside: torch.Tensor) -> torch.Tensor:
-    """Each token's label entry of ``dL/da`` (fp32 ``[M]``; 0 where ``inside`` is False: a label in another
-    vocabulary shard): `_logit_grad`'s formula plus ``g_logp`` at ``z = label_logit``, chained through the
-    transform. Computed once per backward from the forward's label logits, not picked from every tile: a vocabulary
-    block then spends no launches on it."""
-    rows = slice(None)
-    grad = _logit_grad(label_logit[:, None], lse, expected_z, up, rows, vocab).squeeze(1)
-    if "logprobs" in up:
-        grad = grad + up["logprobs"]
-    grad = _dz_da_(grad, label_logit, transform)
-    return torch.where(inside, grad, 0.0)
-
-
 def backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, up: dict, transform: LogitTransform,
                    shard, vocab: int, tiling: Tiling, need, sync_free: bool = False):
     """The backward of `TiledHeadFunction` and of the registered op: ``(grad_hidden [M, D] | None,
@@ -209,11 +165,11 @@ def backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, u
     CUDA-graph capture), at the cost of a masked pass over all tokens per vocabulary block for the labelled weight
     rows.
 
-    When only the log-probs and the logsumexp have upstream gradients (the losses' case, `row_scale`) and there
-    is no softcap or bias gradient, ``dL/da = s (p c + g_logp [label])`` with a per-token ``c``: the tile is then
-    ``p |s c|`` (`row_scaled_tile`: ``|s c|`` folded into the exponent), and ``sign(s c)`` is applied outside it,
-    exactly, to the hidden states before the weight-gradient GEMM and to the summed hidden-state gradient after
-    the last block.
+    When only the log-probs and the logsumexp have upstream gradients (the losses' case) and there is no
+    softcap or bias gradient, ``dL/da = s (p c + g_logp [label])`` with a per-token ``c``
+    (`align_losses.ops.tiles.row_scale`): the tiles are then ``p |s c|`` (``|s c|`` folded into the exponent), and
+    ``sign(s c)`` is applied outside them, to the hidden states before the weight-gradient GEMMs and to the summed
+    hidden-state gradient after the last block.
 
     Runs with autocast off, as the forward does: a backward called inside an autocast region would otherwise
     round the recomputed logits and the fp32 GEMMs to the autocast dtype.
@@ -235,24 +191,27 @@ def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, 
     # dL/da is rounded to the operand dtype where the GEMMs take it: half precision on CUDA, bf16 on the CPU
     # (whose bf16 GEMMs `gemm` runs on oneDNN's bf16 kernels; fp16 is upcast to fp32 there).
     rounds = hidden.dtype == torch.bfloat16 or (hidden.is_cuda and hidden.dtype != torch.float32)
-    operand = hidden.dtype if rounds else torch.float32  # the dtype of dL/da as a GEMM operand
-    where = LabelBlocks.of(labels, offset, weight.shape[0], tiling.vocab_block)
-    # See `_add_label_entries`: the label entries stay out of the GEMM operands, kept here in fp32.
-    # No token, or an empty shard: no label; with only the bias to differentiate, the entries need not move.
+    operand_dtype = hidden.dtype if rounds else torch.float32
+    upstream = Upstream(*(up.get(name) for name in _UPSTREAM))
+    # See `_add_label_entries`: the label entries stay out of the GEMM operands (the tiles zero them), computed
+    # once here in fp32 from the forward's label logits. No token, or an empty shard: no label; with only the bias
+    # to differentiate, the entries need not move.
     entry = None
     if "logprobs" in up and m > 0 and weight.shape[0] > 0 and (need_h or need_w):
-        entry = label_entries(label_logit, lse, expected_z, up, transform, vocab, where.inside)
+        inside = (labels >= offset) & (labels < offset + weight.shape[0])
+        entry = label_entries(label_logit, lse, expected_z, upstream, transform, vocab, inside)
     labelled = None
     if entry is not None and need_w:
-        labelled = (_AllRows(where, entry, hidden) if sync_free else
+        labelled = (_AllRows(labels, entry, hidden) if sync_free else
                     _LabelledRows.of(labels, entry, hidden, offset, weight.shape[0], tiling.vocab_block,
                                      chunk=max(tiling.token_block * tiling.vocab_block // max(hidden.shape[1], 1), 256)))
-    scale = row_scale(up, transform, m, hidden.device) if grad_bias is None else None
+    scale = row_scale(upstream, transform) if grad_bias is None else None
     sign = shift = None
     if scale is not None:  # once per backward, not per tile
         sign = torch.sign(scale)
         shift = lse - torch.log(scale.abs())  # p |s c| = exp(z - shift); +inf where s c = 0, so p |s c| = 0
-    signed_hidden = hidden * sign[:, None].to(hidden.dtype) if sign is not None and need_w else None  # exact
+    # The row-scaled tiles hold p |s c|; the sign goes on the hidden states (exact in any dtype).
+    signed_hidden = (hidden * sign[:, None].to(hidden.dtype)) if sign is not None and need_w else None
     # All tokens in one block: each block's weight-gradient rows are one GEMM's output, not a sum.
     one_gemm_per_block = 0 < m <= tiling.token_block
     for block_index, v0 in enumerate(range(0, weight.shape[0], tiling.vocab_block)):
@@ -262,37 +221,25 @@ def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, 
         if need_w and not one_gemm_per_block:
             gw_block = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         gb_block = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if grad_bias is not None else None
+        first = _first(offset + v0, hidden.device)
         for t0 in range(0, m, tiling.token_block):
             rows = slice(t0, t0 + tiling.token_block)
             h = hidden[rows]
-            z = _logits(_raw_tile(h, w, b), transform)
-            if scale is not None:
-                grad_op = row_scaled_tile(z, shift[rows], operand)
-                del z  # consumed; free before the GEMMs, which then hold only the operand tile
-            else:
-                ez = expected_z[rows] if expected_z is not None else None
-                grad = _logit_grad(z, lse[rows], ez, up, rows, vocab)
-                if gb_block is not None and "logprobs" in up:  # the bias gradient sums the label terms too
-                    hit = where.in_block(rows, block_index)
-                    grad.scatter_add_(1, where.columns(rows, w.shape[0]), torch.where(hit, up["logprobs"][rows], 0.0)[:, None])
-                grad = _dz_da_(grad, z, transform)
-                del z
-                if gb_block is not None:
-                    gb_block += grad.sum(dim=0)
-                # The tile gradient is rounded to the operand dtype only as a GEMM input; sums stay fp32.
-                grad_op = grad.to(operand)
-                del grad
-            if entry is not None:
-                _zero_label_entries_(grad_op, where.columns(rows, w.shape[0]), where.in_block(rows, block_index))
+            up_rows = Upstream(*(_rows(g, rows) for g in upstream))
+            tile = run_tile(tile_grad, tiling.compiled, gemm.matmul_fp32(h, w.t()), b, rows_of(labels, rows), first,
+                            rows_of(lse, rows), _rows(expected_z, rows), up_rows, transform, vocab, operand_dtype,
+                            entry is not None, gb_block is not None, _rows(shift, rows), fallback=tiling.fallback)
+            if gb_block is not None:
+                gb_block += tile.bias_sum
             if need_h:
-                gemm.mm_into(grad_hidden[rows], grad_op, w, first=False)
+                gemm.mm_into(grad_hidden[rows], tile.grad_op, w, first=False)
             if need_w:
                 h_op = signed_hidden[rows] if signed_hidden is not None else h
                 if gw_block is None:
-                    gw_block = gemm.matmul_fp32(grad_op.t(), h_op)
+                    gw_block = gemm.matmul_fp32(tile.grad_op.t(), h_op)
                 else:
-                    gemm.mm_into(gw_block, grad_op.t(), h_op, first=False)
-            del grad_op
+                    gemm.mm_into(gw_block, tile.grad_op.t(), h_op, first=False)
+            del tile
         if need_w:
             if labelled is not None:
                 labelled.add_to_block(gw_block, block_index, offset + v0)
@@ -312,36 +259,8 @@ def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, 
     return grad_hidden, grad_weight, grad_bias
 
 
-def row_scale(up: dict, transform: LogitTransform, m: int, device) -> Optional[torch.Tensor]:
-    """``s c`` fp32 ``[M]`` with ``dL/da = s (p c + g_logp [label])``, or None when ``dL/da`` has no such form
-    (an entropy or mean-logit gradient, a softcap). ``c = g_lse - g_logp``, ``s = logit_scale / temperature``;
-    ``up``: {output name: fp32 [M]} of the outputs that have an upstream gradient."""
-    if transform.softcap is not None or not set(up) <= {"logprobs", "logsumexp"}:
-        return None
-    coef = torch.zeros(m, dtype=torch.float32, device=device)
-    if "logsumexp" in up:
-        coef += up["logsumexp"]
-    if "logprobs" in up:
-        coef -= up["logprobs"]
-    return coef.mul_(transform.logit_scale / transform.temperature)
-
-
-def row_scaled_tile(z: torch.Tensor, shift: torch.Tensor, operand: torch.dtype) -> torch.Tensor:
-    """One tile of the row-scaled backward: ``p |s c| = exp(z - shift)`` ``[T, W]`` in ``operand``, with
-    ``shift = lse - log|s c|`` fp32 ``[T]`` (`row_scale`'s ``s c``) and ``z`` fp32 ``[T, W]`` the tile's logits
-    (consumed). Folding ``|s c|`` into the exponent writes the operand in one pass, with no fp32 copy of the tile,
-    and rounds it once, as ``p s c`` would be (rounding ``p`` and ``s c h`` apart doubles the weight gradient's
-    rounding error, and ``s c h`` in fp16 overflows sooner than ``p s c <= |s c|``). The caller applies
-    ``sign(s c)`` and takes the label entries out (`_zero_label_entries_`)."""
-    z.sub_(shift[:, None])
-    return torch.exp(z, out=torch.empty(z.shape, dtype=operand, device=z.device)) if operand != z.dtype else z.exp_()
-
-
-def _zero_label_entries_(tile: torch.Tensor, column: torch.Tensor, hit: torch.Tensor) -> None:
-    """Zero the label entry ``tile[t, column[t]]`` of each token ``t`` with ``hit[t]`` (its label in this tile);
-    the others' entries at their (clamped) columns stay. ``tile [T, W]``; ``column`` int64 ``[T, 1]``; ``hit``
-    bool ``[T]``."""
-    tile.scatter_(1, column, torch.where(hit[:, None], 0.0, tile.gather(1, column)))
+def _rows(values: Optional[torch.Tensor], rows: slice) -> Optional[torch.Tensor]:
+    return rows_of(values, rows) if values is not None else None
 
 
 def _add_label_entries(acc: torch.Tensor, entry: torch.Tensor, weight: torch.Tensor,
@@ -353,9 +272,9 @@ def _add_label_entries(acc: torch.Tensor, entry: torch.Tensor, weight: torch.Ten
     operand it would have the same relative error (up to 2^-8) for the whole sequence, which no sum
     averages out (at the head benchmark's long shape it dominated grad_hidden's error:
     benchmarks/NOTES-triton.md). So the backward
-    leaves each entry out of its tile (`_zero_label_entries_`; the entries come from `label_entries`) and adds its
-    products in fp32 after the GEMMs: with the label's weight row into the hidden-state gradient (here), with the
-    token's hidden state into the weight gradient's row (`_LabelledRows`), as the ``"triton"`` backend does.
+    zeroes each entry in its tile (`align_losses.ops.tiles.tile_grad`; the entries come from
+    `align_losses.ops.tiles.label_entries`) and adds its products in fp32 after the GEMMs: with the label's weight row into the hidden-state gradient (here), with the token's hidden
+    state into the weight gradient's row (`_LabelledRows`), as the ``"triton"`` backend does.
 
     ``acc`` fp32 ``[M, D]``; ``entry`` fp32 ``[M]``, 0 where the label is in another shard.
     """
@@ -420,21 +339,22 @@ class _AllRows:
     are added with ``index_add_`` on every device: CUDA's ``index_put_(accumulate=True)`` (the deterministic
     order `_LabelledRows` uses there) fails under CUDA-graph capture, so repeated labels sum in atomics' order."""
 
-    where: LabelBlocks
+    labels: torch.Tensor  # int64 [M]
     entry: torch.Tensor  # fp32 [M]
     hidden: torch.Tensor  # [M, D]
 
     def add_to_block(self, rows: torch.Tensor, index: int, first: int) -> None:
-        """As `_LabelledRows.add_to_block`, over all tokens (``first`` unused: the block's number places them)."""
-        every = slice(None)
-        column = self.where.columns(every, rows.shape[0]).squeeze(1)
-        terms = torch.where(self.where.in_block(every, index), self.entry, 0.0)
-        rows.index_add_(0, column, self.hidden.float() * terms[:, None])
+        """As `_LabelledRows.add_to_block`, over all tokens (``index`` unused)."""
+        column, inside = label_columns(self.labels, first, rows.shape[0])
+        rows.index_add_(0, column.squeeze(1), self.hidden.float() * torch.where(inside, self.entry, 0.0)[:, None])
 
 
-def tiled_head(problem: HeadProblem, memory_budget: int, token_block: Optional[int] = None) -> dict:
-    """Run the op on a normalised problem; returns ``{output name: fp32 [M]}``."""
-    tiling = Tiling.plan(problem.hidden.shape[0], problem.weight.shape[0], memory_budget, token_block)
+def tiled_head(problem: HeadProblem, memory_budget: int, token_block: Optional[int] = None,
+               compile_tiles: Optional[bool] = None) -> dict:
+    """Run the op on a normalised problem; returns ``{output name: fp32 [M]}``. ``compile_tiles``: the
+    backend option `align_losses.ops.tiles.COMPILE_TILES` (None: `align_losses.ops.tiles.compiled_tiles`'s choice)."""
+    tiling = Tiling.plan(problem.hidden.shape[0], problem.weight.shape[0], memory_budget, token_block,
+                         compiled_tiles(compile_tiles, problem.hidden.device), fallback=compile_tiles is None)
     inputs = (problem.hidden, problem.weight, problem.bias)
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs):
         # Reference passes: statistics only, nothing kept for a backward that will not come.
