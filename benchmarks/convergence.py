@@ -190,7 +190,7 @@ def estimate_run_s(s: dict, vocab: int, tflops: float = H100_BF16_TFLOPS * ASSUM
     """Estimated wall seconds of one pretraining run at ``tflops`` achieved (plus the held-out evaluations)."""
     per_step = step_flops(s, vocab) / (tflops * 1e12)
     evals = s["steps"] // s["eval_every"] + 1
-    eval_s = 2 * evals * per_step / 3 * s["eval_windows"] / s["batch"]  # two forwards (bf16 and fp32 logits), a third of a step each
+    eval_s = evals * per_step / 3 * s["eval_windows"] / s["batch"]  # a forward is a third of a step
     return s["steps"] * per_step + eval_s
 
 
@@ -200,17 +200,25 @@ def estimate_run_s(s: dict, vocab: int, tflops: float = H100_BF16_TFLOPS * ASSUM
 
 def head_loss_fn(impl: str, device: str):
     """``fn(model, ids [B, S]) -> mean next-token cross-entropy`` (a [] float32 tensor) of one loss head."""
+    head = head_fn(impl, device)
+
+    def loss(model, ids):
+        return head(model, model.model(input_ids=ids).last_hidden_state, ids)
+    return loss
+
+
+def head_fn(impl: str, device: str):
+    """``fn(model, hidden [B, S, D], ids [B, S]) -> mean next-token cross-entropy`` of one loss head, from the body's
+    final hidden states (`heldout_losses` runs two heads on one body forward)."""
     import torch
 
     if impl == "full":
-        def full(model, ids):
-            h = model.model(input_ids=ids).last_hidden_state
+        def full(model, h, ids):
             logits = model.lm_head(h)  # under autocast: bf16 [B, S, V], as the model computes it
             return model.loss_function(logits=logits, labels=ids, vocab_size=model.config.vocab_size)
         return full
 
-    def operands(model, ids):
-        h = model.model(input_ids=ids).last_hidden_state
+    def operands(model, h, ids):
         kind = h.device.type
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
         # the same bf16 operands autocast gives lm_head: the hidden states and the weight cast once
@@ -218,8 +226,8 @@ def head_loss_fn(impl: str, device: str):
 
     def no_autocast(fn):
         """The fused head on its explicit operands, with autocast off (it would recast the head's own fp32 math)."""
-        def wrapped(model, ids):
-            h, w, y = operands(model, ids)
+        def wrapped(model, h, ids):
+            h, w, y = operands(model, h, ids)
             with torch.autocast(device_type=h.device.type, enabled=False):
                 return fn(h, w, y)
         return wrapped
@@ -254,11 +262,11 @@ def head_loss_fn(impl: str, device: str):
 
         loss = LigerFusedLinearCrossEntropyLoss()
 
-        def liger(model, ids):
+        def liger(model, h, ids):
             # Liger's AMP path, as its patched models run: the fp32 head weight under autocast, which casts the
             # GEMM operands to the same bf16 ones as the others get. Its weight-gradient accumulator takes the
             # weight's dtype, so this keeps it fp32 (a bf16 weight would accumulate the gradient in bf16).
-            h = model.model(input_ids=ids).last_hidden_state[:, :-1]
+            h = h[:, :-1]
             out = loss(model.lm_head.weight, h.reshape(-1, h.shape[-1]), ids[:, 1:].reshape(-1))
             return (out[0] if isinstance(out, tuple) else out).float()
         return liger
@@ -343,22 +351,24 @@ def autocast(s: dict):
                           dtype=getattr(torch, s["dtype"]))
 
 
-def heldout_loss(model, windows, s: dict, head: str = "full") -> float:
-    """Mean next-token loss over the held-out windows, the same evaluator for every run: ``head="full"`` the model's
-    own full-logits loss (bf16 logits under autocast), ``"full-fp32"`` the same with the logits kept in fp32."""
+def heldout_losses(model, windows, s: dict) -> tuple[float, float]:
+    """Mean next-token losses over the held-out windows, the same evaluators for every run, from one body forward:
+    the model's own full-logits loss (bf16 logits under autocast) and the same with the logits kept in fp32."""
     import torch
 
-    full = head_loss_fn(head, s["device"])
+    heads = [head_fn(impl, s["device"]) for impl in ("full", "full-fp32")]
     was = model.training
     model.eval()
-    total, n = 0.0, 0
+    totals, n = [0.0, 0.0], 0
     with torch.no_grad(), autocast(s):
         for i in range(0, windows.shape[0], s["micro_batch"]):
             ids = torch.as_tensor(windows[i: i + s["micro_batch"]], device=s["device"])
-            total += float(full(model, ids)) * ids.shape[0]
+            h = model.model(input_ids=ids).last_hidden_state
+            for k, head in enumerate(heads):
+                totals[k] += float(head(model, h, ids)) * ids.shape[0]
             n += ids.shape[0]
     model.train(was)
-    return total / n
+    return totals[0] / n, totals[1] / n
 
 
 def run_paths(name: str, s: dict) -> dict:
@@ -517,8 +527,9 @@ def train_run(name: str, args) -> int:
     def evaluate(at: int) -> None:
         """Both held-out losses at step ``at``: the bf16-logits one (the model's own) and the fp32-logits one."""
         history["heldout_step"].append(at)
-        history["heldout_loss"].append(heldout_loss(model, windows, s))
-        history["heldout_loss_fp32"].append(heldout_loss(model, windows, s, head="full-fp32"))
+        own, fp32 = heldout_losses(model, windows, s)
+        history["heldout_loss"].append(own)
+        history["heldout_loss_fp32"].append(fp32)
 
     if start == 0 and not history["heldout_step"]:
         evaluate(0)
