@@ -19,9 +19,16 @@ DIFF = ("logprobs", "entropy", "mean_logit", "logsumexp")
 ALL = ("logprobs", "entropy", "mean_logit", "logsumexp", "argmax_hit", "log_sum_p2")
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+def rel(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 24) -> float:
+    """``||a - b|| / ||b||`` in float64, over chunks of ``chunk`` elements: a float64 copy of a whole
+    gradient past 2^31 elements would take 16 GiB or more at once."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    diff = ref = 0.0
+    for i in range(0, b.numel(), chunk):
+        x, y = a[i : i + chunk].double(), b[i : i + chunk].double()
+        diff += float((x - y).square().sum())
+        ref += float(y.square().sum())
+    return math.sqrt(diff) / max(math.sqrt(ref), 1e-30)
 
 
 def reference(hidden, weight, bias, labels, transform: LogitTransform):
