@@ -7,6 +7,7 @@ The step is head.py's: hidden [4, T, D] bf16 with the first quarter of each row 
     python benchmarks/triton_step.py modes [shapes]      # step and floor after a pause, from idle, back-to-back
     python benchmarks/triton_step.py widths              # backward chunk widths A/B, interleaved, in those modes
     python benchmarks/triton_step.py clocks              # nvidia-smi clocks / power / throttle reasons meanwhile
+    python benchmarks/triton_step.py paths [shapes]      # eager, compiled and sync-free steps: modes + timelines
 
 Shapes: qwen (2 pairs x 2048, D 2048, V 151936), llama (D 4096, V 128256), long (2 pairs x 8192).
 Writes ``triton-step-<what>.json`` into ``$OUT`` (default: the current directory), with the date, the
@@ -50,11 +51,37 @@ def labels(shape, seed):
     return lab
 
 
-def step(h, w, lab, pairs, options=None):
+def dpo(h, w, lab, pairs, options=None):
     lp = align_losses.linear_logprobs(h, w, lab, impl="triton", backend_options=options)
     seq = lp.float().sum(-1)
-    loss = -torch.nn.functional.logsigmoid(0.1 * (seq[:pairs] - seq[pairs:])).mean()
-    return torch.autograd.grad(loss, (h, w))
+    return -torch.nn.functional.logsigmoid(0.1 * (seq[:pairs] - seq[pairs:])).mean()
+
+
+def step(h, w, lab, pairs, options=None):
+    return torch.autograd.grad(dpo(h, w, lab, pairs, options), (h, w))
+
+
+_compiled_dpo = None
+
+
+def compiled_step(h, w, lab, pairs):
+    """`step` with the forward and loss under ``torch.compile(fullgraph=True)``: the head runs through the
+    registered operators (`align_losses.ops.library`), as head.py's ``ours-triton-compiled`` row."""
+    global _compiled_dpo
+    if _compiled_dpo is None:
+        _compiled_dpo = torch.compile(dpo, fullgraph=True)
+    return torch.autograd.grad(_compiled_dpo(h, w, lab, pairs), (h, w))
+
+
+def sync_free_step(h, w, lab, pairs):
+    """`step` eagerly on the operators' sync-free path, as captured in head.py's CUDA-graph row (the labelled
+    count as ``max_labelled``; no graph, so the host's launches stay visible)."""
+    with align_losses.no_host_sync():
+        return step(h, w, lab, pairs, {"max_labelled": int((lab != -100).sum())})
+
+
+#: The paths through the head that `paths` compares, each a step function ``(h, w, labels, pairs)``.
+PATHS = {"eager": step, "compiled": compiled_step, "sync-free": sync_free_step}
 
 
 def floor_fn(shape, h, w, lab):
@@ -87,17 +114,18 @@ def timed(fn, mode: str) -> float:
     return s.elapsed_time(e) / n
 
 
-def timeline(name):
+def timeline(name, fn=step):
+    """One step of ``fn`` under torch.profiler, after three warm-ups: GPU busy time, idle gaps, top kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     shape = SHAPES[name]
     h, w = make(shape, 2.0, 1)
     for i in range(3):
-        step(h, w, labels(shape, 10 + i), shape[0])
+        fn(h, w, labels(shape, 10 + i), shape[0])
     lab = labels(shape, 99)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step(h, w, lab, shape[0])
+        fn(h, w, lab, shape[0])
         torch.cuda.synchronize()
     kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                      if e.device_type == torch.autograd.DeviceType.CUDA)
@@ -117,20 +145,21 @@ def timeline(name):
 
 
 def modes(name, variants: dict, reps: int):
-    """Median ms and ratio to the floor of each variant (backend options) in each timing mode, interleaved."""
+    """Median ms and ratio to the floor of each variant (a step function ``(h, w, labels, pairs)``) in each
+    timing mode, interleaved."""
     shape = SHAPES[name]
     pairs = shape[0]
     h, w = make(shape, 2.0, 4)
     floor = floor_fn(shape, h, w, labels(shape, 5))
-    for options in variants.values():
-        step(h, w, labels(shape, 6), pairs, options)
+    for fn in variants.values():
+        fn(h, w, labels(shape, 6), pairs)
     floor()
     times = {(k, m): [] for k in ("floor", *variants) for m in ("pause", "idle", "b2b")}
     for r in range(reps):
         lab = labels(shape, 200 + r)
         order = ["floor", *variants]
         for k in (order if r % 2 == 0 else order[::-1]):
-            fn = floor if k == "floor" else (lambda o=variants[k]: step(h, w, lab, pairs, o))
+            fn = floor if k == "floor" else (lambda f=variants[k]: f(h, w, lab, pairs))
             for m in ("pause", "idle", "b2b"):
                 times[(k, m)].append(timed(fn, m))
     out = {}
@@ -175,17 +204,21 @@ def main(argv):
     if what == "timeline":
         res = {n: timeline(n) for n in names}
     elif what == "modes":
-        res = {n: modes(n, {"triton": None}, 11 if n != "long" else 7) for n in names}
+        res = {n: modes(n, {"triton": step}, 11 if n != "long" else 7) for n in names}
     elif what == "widths":
         res = {}
         for n in names:
             pairs, seq, _, _ = SHAPES[n]
             m = 2 * pairs * (seq - seq // 4)
-            res[n] = modes(n, {f"{c} columns": {"memory_budget": m * c * 2} for c in WIDTHS[n]}, 11 if n != "long" else 7)
+            res[n] = modes(n, {f"{c} columns": (lambda h, w, lab, p, o={"memory_budget": m * c * 2}: step(h, w, lab, p, o))
+                               for c in WIDTHS[n]}, 11 if n != "long" else 7)
+    elif what == "paths":
+        res = {n: {"modes": modes(n, PATHS, 11 if n != "long" else 7),
+                   "timelines": {p: timeline(n, fn) for p, fn in PATHS.items()}} for n in names}
     elif what == "clocks":
         res = clocks()
     else:
-        raise SystemExit(f"unknown {what!r}: expected timeline, modes, widths or clocks")
+        raise SystemExit(f"unknown {what!r}: expected timeline, modes, widths, clocks or paths")
     res = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                     "commit": os.environ.get("ALIGN_LOSSES_COMMIT", "unknown"),
                     "device": torch.cuda.get_device_name(), "torch": torch.__version__}, **res}
