@@ -1,4 +1,4 @@
-"""Where the ``torch`` backend's time goes on a GPU, at `head.py`'s qwen3-1.7b shape (6144 labelled tokens,
+"""Where the ``torch`` backend's time goes on a GPU, by default at `head.py`'s qwen3-1.7b shape (6144 labelled tokens,
 D 2048, V 151936, bf16), beside TRL 1.16's chunked head.
 
 1. One forward + backward of per-token log-probs with a random upstream gradient: CUDA-event medians (3
@@ -8,8 +8,8 @@ D 2048, V 151936, bf16), beside TRL 1.16's chunked head.
    per element): bf16 or fp32 output, transposed operands, an fp32 accumulation.
 3. The elementwise passes of its tiles, alone, over one fp32 block ``[tokens, block]``.
 
-Usage: ``python benchmarks/torch_profile.py [--commit HASH] > torch-profile.log`` (prints a header with the
-date, commit, device and versions). The kept run: ``benchmarks/results/torch-profile-latest.log``.
+Usage: ``python benchmarks/torch_profile.py [--commit HASH] [--tokens N] > torch-profile.log`` (prints a header
+with the date, commit, device and versions; ``--tokens 32768`` is head.py's long shape). The kept run: ``benchmarks/results/torch-profile-latest.log``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_co
 import _common  # noqa: E402 - puts the checkout on sys.path too
 import align_losses  # noqa: E402
 
-N, D, V = 8192, 2048, 151936
+N, D, V = 8192, 2048, 151936  # tokens (a quarter of them unlabelled), hidden size, vocabulary
 
 
 def median_ms(fn, reps: int = 7) -> tuple[float, list]:
@@ -50,16 +50,21 @@ def median_ms(fn, reps: int = 7) -> tuple[float, list]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _common.add_commit_arg(parser)
+    parser.add_argument("--tokens", type=int, default=N,
+                        help=f"tokens, a quarter of them unlabelled (default {N}; head.py's long shape: 32768)")
     args = parser.parse_args()
+    if args.tokens < 4:
+        raise SystemExit(f"--tokens must be at least 4 (a quarter of them are unlabelled); got {args.tokens}")
+    n = args.tokens
     if not torch.cuda.is_available():
         raise SystemExit("torch_profile.py profiles CUDA kernels: no CUDA device is visible")
     print(f"# torch backend profile: {_common.utc_now()}, commit {args.commit or _common.git_commit()}, "
           f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     torch.manual_seed(0)
-    hidden = torch.randn(N, D, device="cuda").bfloat16()
+    hidden = torch.randn(n, D, device="cuda").bfloat16()
     weight = (torch.randn(V, D, device="cuda") * 0.02).bfloat16().requires_grad_()
-    labels = torch.randint(0, V, (N,), device="cuda")
-    labels[: N // 4] = -100
+    labels = torch.randint(0, V, (n,), device="cuda")
+    labels[: n // 4] = -100
     keep = labels != -100
     h = hidden[keep].detach().requires_grad_()
     y = labels[keep]
