@@ -156,22 +156,12 @@ def _rowmajor(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _tiling(num_tokens: int, vocab: int, memory_budget: int, token_chunk: int, compile_tiles: Optional[bool],
-            device: torch.device):
-    """The ``"torch"`` backend's `align_losses.ops.tiled_head.Tiling` for the ops' arguments."""
-    from .tiled_head import Tiling
-    from .tiles import compiled_tiles
-
-    return Tiling.plan(num_tokens, vocab, memory_budget, token_chunk or None, compiled_tiles(compile_tiles, device),
-                       fallback=compile_tiles is None)
-
-
 def _run_forward(backend: str, problem: HeadProblem, memory_budget: int, token_chunk: int,
                  compile_tiles: Optional[bool]):
     module = importlib.import_module(_MODULES[backend], __package__)
     if backend == "torch":
-        tiling = _tiling(problem.hidden.shape[0], problem.weight.shape[0], memory_budget, token_chunk, compile_tiles,
-                         problem.hidden.device)
+        tiling = module.Tiling.for_option(problem.hidden.shape[0], problem.weight.shape[0], memory_budget,
+                                          token_chunk or None, compile_tiles, problem.hidden.device)
         return module.forward_outputs(problem, tiling)
     cfg = module.FWD_CONFIGS[problem.hidden.dtype]
     result, lse, expected_z, label_logit, _ = module.forward_outputs(
@@ -241,7 +231,8 @@ def head_backward(grad_values: Tensor, hidden: Tensor, weight: Tensor, bias: Opt
     weight = _rowmajor(weight)  # as in the forward: every gradient then is row-major, as the fake says
     module = importlib.import_module(_MODULES[backend], __package__)
     if backend == "torch":
-        tiling = _tiling(hidden_rows.shape[0], vocab, memory_budget, token_chunk, compile_tiles, hidden.device)
+        tiling = module.Tiling.for_option(hidden_rows.shape[0], vocab, memory_budget, token_chunk or None, compile_tiles,
+                                          hidden.device)
         grads = module.backward_grads(hidden_rows, weight, bias, labels_rows, rows.take(label_logit), lse_rows,
                                       ez_rows, up, transform, None, vocab, tiling, need,
                                       sync_free=sync_free(hidden.device))

@@ -36,10 +36,11 @@ def covers(rows: slice, n: int) -> bool:
     return (rows.start or 0) == 0 and (rows.stop is None or rows.stop >= n)
 
 
-def rows_of(values: torch.Tensor, rows: slice) -> torch.Tensor:
-    """``values[rows]``, or ``values`` itself when ``rows`` are all of them: a view would reach a compiled tile
-    function as a copy (`align_losses.ops.tiles.run_tile` copies small views, which Dynamo guards on their base)."""
-    return values if covers(rows, values.shape[0]) else values[rows]
+def rows_of(values: Optional[torch.Tensor], rows: slice) -> Optional[torch.Tensor]:
+    """``values[rows]``, or ``values`` itself when ``rows`` are all of them (a view would reach a compiled tile
+    function as a copy: `align_losses.ops.tiles.run_tile` copies small views, which Dynamo guards on their base);
+    None for None (an optional per-token vector)."""
+    return values if values is None or covers(rows, values.shape[0]) else values[rows]
 
 
 @dataclass
@@ -82,7 +83,7 @@ class Stats:
     def take(self, rows: slice) -> "RowStats":
         """The statistics of the tokens ``rows`` (``[T]`` each; views, or the fields themselves when ``rows`` are
         all tokens), for `align_losses.ops.tiles.fold_tile`."""
-        return RowStats(*(None if f is None else rows_of(f, rows) for f in self._fields()))
+        return RowStats(*(rows_of(f, rows) for f in self._fields()))
 
     def put(self, rows: slice, values: "RowStats") -> None:
         """Store new statistics (``[T]`` each) of the tokens ``rows``: copied in, or taken as the fields when

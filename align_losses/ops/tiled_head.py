@@ -71,6 +71,15 @@ class Tiling:
         vocab_block = _aligned(max(min(vocab, elements // token_block), 1), vocab)
         return Tiling(token_block, vocab_block, compiled, fallback)
 
+    @staticmethod
+    def for_option(num_tokens: int, vocab: int, memory_budget: int, token_block: Optional[int],
+                   compile_tiles: Optional[bool], device: torch.device) -> "Tiling":
+        """`plan` with the backend option ``compile_tiles`` (`align_losses.ops.tiles.COMPILE_TILES`) resolved for
+        ``device``: None compiles where `align_losses.ops.tiles.compiled_tiles` says so, falling back to eager
+        tiles if compiling fails; True or False is followed as given."""
+        return Tiling.plan(num_tokens, vocab, memory_budget, token_block, compiled_tiles(compile_tiles, device),
+                           fallback=compile_tiles is None)
+
 
 def _aligned(block: int, total: int) -> int:
     """``block`` rounded down to a multiple of ``_ALIGN`` when that splits ``total`` anyway.
@@ -113,8 +122,8 @@ class TiledHeadFunction(torch.autograd.Function):
 
     ``forward(hidden [M, D], weight [V_local, D], bias [V_local] | None, problem, tiling, names)``
     returns one fp32 ``[M]`` tensor per name in ``names`` (a subset of `OUTPUTS`, in its order);
-    ``argmax_hit`` and ``log_sum_p2`` are marked non-differentiable. Saved for backward: the inputs, the labels, ``logsumexp [M]`` and, when the
-    entropy is requested, ``E_p[z] [M]``.
+    ``argmax_hit`` and ``log_sum_p2`` are marked non-differentiable. Saved for backward: the inputs, the labels,
+    the label logits ``[M]``, ``logsumexp [M]`` and, when the entropy is requested, ``E_p[z] [M]``.
     """
 
     @staticmethod
@@ -225,10 +234,10 @@ def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, 
         for t0 in range(0, m, tiling.token_block):
             rows = slice(t0, t0 + tiling.token_block)
             h = hidden[rows]
-            up_rows = Upstream(*(_rows(g, rows) for g in upstream))
+            up_rows = Upstream(*(rows_of(g, rows) for g in upstream))
             tile = run_tile(tile_grad, tiling.compiled, gemm.matmul_fp32(h, w.t()), b, rows_of(labels, rows), first,
-                            rows_of(lse, rows), _rows(expected_z, rows), up_rows, transform, vocab, operand_dtype,
-                            entry is not None, gb_block is not None, _rows(shift, rows), fallback=tiling.fallback)
+                            rows_of(lse, rows), rows_of(expected_z, rows), up_rows, transform, vocab, operand_dtype,
+                            entry is not None, gb_block is not None, rows_of(shift, rows), fallback=tiling.fallback)
             if gb_block is not None:
                 gb_block += tile.bias_sum
             if need_h:
@@ -257,10 +266,6 @@ def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, 
     if need_h:
         grad_hidden = grad_hidden.to(hidden.dtype)
     return grad_hidden, grad_weight, grad_bias
-
-
-def _rows(values: Optional[torch.Tensor], rows: slice) -> Optional[torch.Tensor]:
-    return rows_of(values, rows) if values is not None else None
 
 
 def _add_label_entries(acc: torch.Tensor, entry: torch.Tensor, weight: torch.Tensor,
@@ -353,8 +358,8 @@ def tiled_head(problem: HeadProblem, memory_budget: int, token_block: Optional[i
                compile_tiles: Optional[bool] = None) -> dict:
     """Run the op on a normalised problem; returns ``{output name: fp32 [M]}``. ``compile_tiles``: the
     backend option `align_losses.ops.tiles.COMPILE_TILES` (None: `align_losses.ops.tiles.compiled_tiles`'s choice)."""
-    tiling = Tiling.plan(problem.hidden.shape[0], problem.weight.shape[0], memory_budget, token_block,
-                         compiled_tiles(compile_tiles, problem.hidden.device), fallback=compile_tiles is None)
+    tiling = Tiling.for_option(problem.hidden.shape[0], problem.weight.shape[0], memory_budget, token_block,
+                               compile_tiles, problem.hidden.device)
     inputs = (problem.hidden, problem.weight, problem.bias)
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs):
         # Reference passes: statistics only, nothing kept for a backward that will not come.
