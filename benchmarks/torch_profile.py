@@ -7,8 +7,13 @@ D 2048, V 151936, bf16), beside TRL 1.16's chunked head.
 2. The GEMM forms the backend can use, alone, on one vocabulary block of its default plan (512 MiB / 16 B
    per element): bf16 or fp32 output, transposed operands, an fp32 accumulation.
 3. The elementwise passes of its tiles, alone, over one fp32 block ``[tokens, block]``.
+4. Its compiled tile functions alone (`align_losses.ops.tiles.fold_tile` and `tile_grad`, the losses' case), over
+   one such block and one of head.py's long shape, under Inductor options: the default (``dynamic=True``),
+   coordinate-descent tuning, n-d tiling, and the block width marked static; their bandwidth, whether Inductor's
+   online softmax (one pass for the max and the sum) took the forward, and (``--code-dir``) the generated code.
 
-Usage: ``python benchmarks/torch_profile.py [--commit HASH] [--tokens N] > torch-profile.log`` (prints a header
+Usage: ``python benchmarks/torch_profile.py [--commit HASH] [--tokens N] [--sections 1,2,3,4] [--code-dir DIR]
+> torch-profile.log`` (prints a header
 with the date, commit, device and versions; ``--tokens 32768`` is head.py's long shape). The kept run: ``benchmarks/results/torch-profile-latest.log``.
 """
 
@@ -52,7 +57,12 @@ def main() -> None:
     _common.add_commit_arg(parser)
     parser.add_argument("--tokens", type=int, default=N,
                         help=f"tokens, a quarter of them unlabelled (default {N}; head.py's long shape: 32768)")
+    parser.add_argument("--sections", default="1,2,3,4", help="which sections to run (default all: 1,2,3,4)")
+    parser.add_argument("--code-dir", help="section 4: write Inductor's generated code of each variant here")
     args = parser.parse_args()
+    sections = {int(x) for x in args.sections.split(",")}
+    if not sections <= {1, 2, 3, 4}:
+        raise SystemExit(f"--sections takes numbers from 1 to 4 separated by commas; got {args.sections!r}")
     if args.tokens < 4:
         raise SystemExit(f"--tokens must be at least 4 (a quarter of them are unlabelled); got {args.tokens}")
     n = args.tokens
@@ -96,7 +106,7 @@ def main() -> None:
     except ImportError as e:
         print(f"TRL's chunked head unavailable: {e}")
     print(f"\n## 1. forward + backward, {m} labelled tokens, D {D}, V {V}")
-    for name, step in cases:
+    for name, step in (cases if 1 in sections else []):
         try:
             ms, times = median_ms(step)
         except ValueError as e:  # an option this checkout does not have
@@ -137,7 +147,7 @@ def main() -> None:
         "grad_w, bf16 out: a.T @ h": lambda: a.t() @ h.detach(),
     }
     print(f"\n## 2. GEMM forms alone: one block of {block} ids over {m} tokens ({blocks} blocks per pass)")
-    for name, form in forms.items():
+    for name, form in (forms.items() if 2 in sections else []):
         ms, _ = median_ms(form, reps=21)
         print(f"{name:46s} {ms:.3f} ms  {2 * m * block * D / ms / 1e9:.0f} TFLOP/s  x{blocks} = {ms * blocks:.1f} ms")
 
@@ -162,9 +172,78 @@ def main() -> None:
         f"zeros [{block}, {D}] fp32": lambda: torch.zeros(block, D, device="cuda"),
     }
     print(f"\n## 3. elementwise passes alone over one fp32 tile [{m}, {block}] ({m * block * 4 / 2**20:.0f} MiB)")
-    for name, op in passes.items():
+    for name, op in (passes.items() if 3 in sections else []):
         ms, _ = median_ms(op, reps=21)
         print(f"{name:46s} {ms:.3f} ms  x{blocks} = {ms * blocks:.1f} ms")
+    if 4 in sections:
+        tile_functions(m, block, blocks, args.code_dir)
+
+
+def tile_functions(m: int, block: int, blocks: int, code_dir) -> None:
+    """Section 4: the compiled tile functions alone, under Inductor option variants, at ``[m, block]`` and at
+    head.py's long shape (24576 labelled tokens: blocks of 1344 ids under the default budget)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from align_losses.ops import tiles
+    from align_losses.ops.stats import Stats
+    from align_losses.problem import LogitTransform
+
+    variants = {  # name: (torch.compile options, block width marked static)
+        "dynamic (the default)": ({}, False),
+        "coordinate descent": ({"coordinate_descent_tuning": True}, False),
+        "n-d tiling": ({"triton.prefer_nd_tiling": True}, False),
+        "static width": ({}, True),
+        "static width, coordinate descent": ({"coordinate_descent_tuning": True}, True),
+    }
+    long_m = 24576
+    long_block = (512 * 2**20 // 16) // long_m
+    long_block -= long_block % 64
+    print(f"\n## 4. compiled tile functions alone (losses' case), [{m}, {block}] and [{long_m}, {long_block}]; "
+          f"GB/s of fp32 tile read (+ bf16 written by tile_grad)")
+    for fn in (tiles.fold_tile, tiles.tile_grad):
+        for shape in ((m, block), (long_m, long_block)):
+            t, w = shape
+            z = torch.randn(t, w, device="cuda") * 4
+            y = torch.randint(0, V, (t,), device="cuda") % w  # every label inside this tile
+            first = torch.zeros((), dtype=torch.int64, device="cuda")
+            identity = LogitTransform()
+            if fn is tiles.fold_tile:
+                state = Stats.empty(t, z.device, frozenset({"logprobs"}))
+                state = tiles.RowStats(*(f.clone() if f is not None else None for f in state.take(slice(0, t))))
+                args = (state, None, y, first, identity)
+                moved = t * w * 4
+            else:
+                up = tiles.Upstream(torch.randn(t, device="cuda"), None, None, None)
+                shift = torch.randn(t, device="cuda") + 4
+                args = (None, y, first, shift.clone(), None, up, identity, V, torch.bfloat16, True, False, shift)
+                moved = t * w * 6
+            with torch.no_grad():
+                reference = fn(z, *args)
+            for name, (options, static) in variants.items():
+                torch._dynamo.reset()
+                compiled = torch.compile(fn, dynamic=True, fullgraph=True, options=options)
+                a = z.clone()
+                if static:
+                    torch._dynamo.mark_static(a, 1)
+                try:
+                    with torch.no_grad():
+                        result, code = run_and_get_code(compiled, a, *args)
+                        ms, _ = median_ms(lambda: compiled(a, *args), reps=21)
+                except Exception as e:  # an option this torch lacks
+                    print(f"{fn.__name__} [{t}, {w}] {name}: failed ({type(e).__name__}: {str(e)[:200]})")
+                    continue
+                diff = max(((x.float() - r.float()).abs().max() / r.float().abs().max().clamp(min=1e-30)).item()
+                           for x, r in zip(result, reference) if r is not None and r.is_floating_point())
+                text = "\n".join(code)
+                online = "online_softmax" in text
+                print(f"{fn.__name__:10s} [{t}, {w}] {name:34s} {ms * 1e3:7.1f} us  {moved / ms / 1e6:6.0f} GB/s  "
+                      f"x{blocks if t == m else '?'}  online softmax: {online}  max |compiled - eager| / max |eager| {diff:.1e}",
+                      flush=True)
+                if code_dir:
+                    os.makedirs(code_dir, exist_ok=True)
+                    slug = name.replace(" ", "-").replace(",", "").replace("(", "").replace(")", "")
+                    with open(os.path.join(code_dir, f"{fn.__name__}-{t}x{w}-{slug}.py"), "w") as f:
+                        f.write(text)
 
 
 if __name__ == "__main__":
