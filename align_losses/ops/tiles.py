@@ -28,7 +28,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from ..problem import LogitTransform
-from .stats import RowStats
+from .stats import RowStats, shift_sums
 
 #: The ``"torch"`` backend option choosing compiled (True) or eager (False) tiles; None: `compiled_tiles`'s choice.
 COMPILE_TILES = "compile_tiles"
@@ -102,66 +102,39 @@ def fold_tile(a: torch.Tensor, state: RowStats, bias: Optional[torch.Tensor], la
     label_logit = state.label_logit + _pick(z, labels - first)
     sum_z = state.sum_z + z.sum(dim=1) if state.sum_z is not None else None
     if state.argmax is not None:
-        block_max, block_arg = z.max(dim=1, keepdim=True)  # the first maximum of the tile
+        block_max, block_arg = z.max(dim=1)  # the first maximum of the tile
     else:
-        block_max, block_arg = z.amax(dim=1, keepdim=True), None
-    # The tile's own sums, relative to its own max, in softmax's form (amax, subtract, exp, sum): compiled on a
-    # GPU, Inductor turns that form into one online pass that reads the tile once for the max and the sum
-    # together, where a shift by the merged max needs the max first and reads the tile twice. Eagerly, without
-    # the entropy (whose sum needs z - max beside exp(z - max)), exp(z - max) takes z's own memory: one fp32
-    # tile, not three.
+        block_max, block_arg = z.amax(dim=1), None
+    new_max = torch.maximum(state.max, block_max)
+    # Logits of -inf only so far (a bias that masks part of the vocabulary): shift by 0, not -inf.
+    shift_to = torch.where(new_max > -math.inf, new_max, 0.0)
+    rescale = torch.exp(state.max - shift_to)
+    # Eagerly, without the entropy (whose sum needs z - max beside exp(z - max)), exp(z - max) takes z's own
+    # memory: one fp32 tile, not three. Compiled, the steps fuse and hold no tile at all.
     in_place = owns_a and state.sum_exp_z is None
-    z_rel = z.sub_(block_max) if in_place else z - block_max
+    z_rel = z.sub_(shift_to[:, None]) if in_place else z - shift_to[:, None]
     p = z_rel.exp_() if in_place else torch.exp(z_rel)
-    # A tile of -inf only (a bias masking it) has max -inf and NaN sums (-inf - -inf), which add 0 instead; a NaN
-    # logit still gives NaN statistics, through the max.
-    block = RowStats(max=block_max.squeeze(1), sum_exp=_finite(p.sum(dim=1, keepdim=True).squeeze(1)),
-                     label_logit=label_logit, sum_exp_z=None, sum_z=sum_z, sum_exp2=None, argmax=None)
+    sum_exp_z = sum_exp2 = argmax = None
     if state.sum_exp_z is not None:
         # Relative to the max twice (see `Stats`); where z = -inf, p = 0 adds 0, not 0 x -inf = NaN.
-        block = block._replace(sum_exp_z=_finite(_row_dot(p, z_rel.clamp_(min=torch.finfo(z_rel.dtype).min))))
+        z_rel = z_rel.clamp_(min=torch.finfo(z_rel.dtype).min)
+        moved = shift_sums(state.sum_exp_z, state.sum_exp, state.max - shift_to, rescale)
+        sum_exp_z = moved + _row_dot(p, z_rel)
     del z_rel
     if state.sum_exp2 is not None:
-        block = block._replace(sum_exp2=_finite(_row_dot(p, p)))
+        sum_exp2 = state.sum_exp2 * rescale * rescale + _row_dot(p, p)
     if state.argmax is not None:
         # Tiles arrive in increasing vocabulary order: only a strictly larger maximum moves the argmax, so
         # ties keep the first index.
-        block = block._replace(argmax=torch.where(block.max > state.max, block_arg.squeeze(1) + first, state.argmax))
-    return _merge(state, block)
-
-
-def _finite(sums: torch.Tensor) -> torch.Tensor:
-    """A tile's sums ``[T]`` (a temporary, changed in place) with NaN (a row of -inf only) as 0."""
-    return sums.nan_to_num_(nan=0.0)
-
-
-def _merge(state: RowStats, block: RowStats) -> RowStats:
-    """``state`` with a tile's sums ``block`` (relative to the tile's own max) folded in, both re-based to the
-    larger max ``M``: a side's sums relative to its max ``m`` scale by ``exp(m - M)``, and its ``sum exp(z - m)
-    (z - m)`` gains ``(m - M) sum exp(z - m)`` first. ``block``'s label logit, ``sum_z`` and argmax are taken as
-    they are (the caller has merged them)."""
-    new_max = torch.maximum(state.max, block.max)
-    # Logits of -inf only so far (a bias that masks part of the vocabulary): shift by a finite value, not -inf.
-    finite_min = torch.finfo(new_max.dtype).min
-    shift_to = new_max.clamp(min=finite_min)
-    old_shift, block_shift = state.max - shift_to, block.max - shift_to  # <= 0, or -inf for nothing summed yet
-    old_scale, block_scale = old_shift.exp(), block_shift.exp()
-    sum_exp_z = sum_exp2 = None
-    if state.sum_exp_z is not None:
-        # A side with nothing summed (max -inf) has sums 0 and scale 0: its shift is clamped to a finite value
-        # so that it adds 0, not -inf x 0 = NaN.
-        sum_exp_z = (state.sum_exp_z.addcmul(old_shift.clamp(min=finite_min), state.sum_exp) * old_scale
-                     + block.sum_exp_z.addcmul(block_shift.clamp(min=finite_min), block.sum_exp) * block_scale)
-    if state.sum_exp2 is not None:
-        sum_exp2 = torch.addcmul(state.sum_exp2 * old_scale.square(), block.sum_exp2, block_scale.square())
+        argmax = torch.where(block_max > state.max, block_arg + first, state.argmax)
     return RowStats(
         max=new_max,
-        sum_exp=torch.addcmul(state.sum_exp * old_scale, block.sum_exp, block_scale),
-        label_logit=block.label_logit,
+        sum_exp=state.sum_exp * rescale + p.sum(dim=1),
+        label_logit=label_logit,
         sum_exp_z=sum_exp_z,
-        sum_z=block.sum_z,
+        sum_z=sum_z,
         sum_exp2=sum_exp2,
-        argmax=block.argmax,
+        argmax=argmax,
     )
 
 
