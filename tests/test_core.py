@@ -323,7 +323,7 @@ def test_label_entries_reach_their_weight_rows_as_in_float64():
     """`_LabelledRows` (the torch backend's labelled weight rows) against float64: a shard from id 40 in
     blocks of 17 ids (the last one short), labels before, inside (one of them repeated, one on every
     block edge) and after the shard; rows without a label left alone; the products made 7 tokens at a time."""
-    from align_losses.ops.tiled_head import _LabelledRows, _LabelOrder
+    from align_losses.ops.tiled_head import _LabelledRows
 
     g = torch.Generator().manual_seed(5)
     m, d, offset, vocab, block = 61, 13, 40, 60, 17
@@ -333,7 +333,7 @@ def test_label_entries_reach_their_weight_rows_as_in_float64():
                                 offset + vocab - 1, offset + vocab, offset + 3, offset + 3])
     in_shard = (labels >= offset) & (labels < offset + vocab)
     entry = torch.where(in_shard, torch.randn(m, generator=g), 0.0)  # as label_entries gives them
-    labelled = _LabelledRows.of(_LabelOrder.of(labels, offset, vocab, block), entry, hidden, chunk=7)
+    labelled = _LabelledRows.of(labels, entry, hidden, offset, vocab, block, chunk=7)
     for index, first in enumerate(range(offset, offset + vocab, block)):
         width = min(block, offset + vocab - first)
         rows = torch.randn(width, d, generator=g)
@@ -349,45 +349,6 @@ def test_label_entries_reach_their_weight_rows_as_in_float64():
         assert torch.equal(got[untouched], rows[untouched])
     assert len(labelled.bounds) == 5 and labelled.bounds[0] == 0
     assert labelled.bounds[-1] == len(set(labels[in_shard].tolist())) == labelled.rows.shape[0]  # a row per label
-
-
-def test_the_forward_orders_the_labels_for_the_backward(monkeypatch):
-    """The autograd function sorts the labels for the weight gradient's label rows in its forward
-    (`tiled_head._LabelOrder`: on CUDA the backward then reads the blocks' bounds without waiting for the GPU),
-    and the gradients are those of a backward that sorts them itself, bit for bit: repeated labels, blocks of 17
-    ids splitting them, several token blocks; and for a vocabulary shard's weight gradient, labels outside it."""
-    from align_losses.ops import tiled_head
-    from align_losses.problem import HeadProblem, LogitTransform, VocabShard
-
-    made = []
-    real = tiled_head._LabelOrder.of
-    monkeypatch.setattr(tiled_head._LabelOrder, "of", staticmethod(lambda *a: made.append(a) or real(*a)))
-    g = torch.Generator().manual_seed(14)
-    m, d, v = 53, 12, 60
-    hidden = torch.randn(m, d, generator=g).bfloat16()
-    weight = torch.randn(v, d, generator=g).bfloat16()
-    labels = torch.randint(0, v, (m,), generator=g)
-    labels[:8] = torch.tensor([3, 3, 3, 16, 17, 17, 59, 3])  # repeated, on both sides of a block edge
-    up = torch.randn(m, generator=g)
-    tiling, plain = tiled_head.Tiling(token_block=16, vocab_block=17), LogitTransform()
-    problem = HeadProblem(hidden, weight, None, labels, plain, frozenset({"logprobs"}))
-    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    (logprobs,) = tiled_head.TiledHeadFunction.apply(h, w, None, problem, tiling, ("logprobs",))
-    assert len(made) == 1  # in the forward
-    got = torch.autograd.grad((logprobs * up).sum(), (h, w))
-    assert len(made) == 1  # the backward took the forward's
-    _, lse, expected_z, label_logit = tiled_head.forward_outputs(problem, tiling)
-    want = tiled_head.backward_grads(hidden, weight, None, labels, label_logit, lse, expected_z, {"logprobs": up},
-                                     plain, None, v, tiling, (True, True, False))
-    assert len(made) == 2  # without one, the backward makes its own
-    assert all(torch.equal(a, b) for a, b in zip(got, want[:2]))
-
-    shard_labels = torch.randint(0, 140, (m,), generator=g)
-    shard_labels[:6] = torch.tensor([39, 40, 40, 57, 99, 100])
-    args = (hidden, weight, None, shard_labels, label_logit, lse, expected_z, {"logprobs": up}, plain,
-            VocabShard(40, 140, group=None), 140, tiling, (False, True, False))  # no hidden gradient: no all-reduce
-    ahead = tiled_head.backward_grads(*args, label_order=real(shard_labels, 40, v, 17))[1]
-    assert torch.equal(ahead, tiled_head.backward_grads(*args)[1])
 
 
 @pytest.mark.parametrize("leaf", ["hidden", "weight", "bias"])

@@ -7,10 +7,7 @@ upstream gradients it received, and multiplies it out: the hidden-state gradient
 an fp32 ``[M, D]`` buffer, and each vocabulary block's weight gradient is accumulated over token
 blocks in an fp32 ``[V_block, D]`` buffer and written once, so no fp32 ``[V, D]`` buffer exists.
 Each token's label entry of the logit gradient stays out of the GEMM operands and is added in fp32
-afterwards (`_add_label_entries`); the weight gradient's share needs each vocabulary block's labels counted on
-the host (`_LabelledRows`). The autograd function's forward sorts the labels and starts copying those counts to
-the host before its tile loop (`_LabelOrder`), so on CUDA its backward finds them there without waiting for the
-GPU; the registered operator's backward (`align_losses.ops.library`) counts them itself and waits once.
+afterwards (`_add_label_entries`). On CUDA the backward waits for the GPU once (`_LabelledRows`).
 
 Here are the GEMMs and the accumulators; what happens to a tile between its GEMMs is in
 `align_losses.ops.tiles`: pure functions of the raw fp32 tile (bias and logit transform applied inside),
@@ -126,8 +123,7 @@ class TiledHeadFunction(torch.autograd.Function):
     ``forward(hidden [M, D], weight [V_local, D], bias [V_local] | None, problem, tiling, names)``
     returns one fp32 ``[M]`` tensor per name in ``names`` (a subset of `OUTPUTS`, in its order);
     ``argmax_hit`` and ``log_sum_p2`` are marked non-differentiable. Saved for backward: the inputs, the labels,
-    the label logits ``[M]``, ``logsumexp [M]`` and, when the entropy is requested, ``E_p[z] [M]``; on ``ctx``, when
-    the weight takes a gradient, the labels' order (`_LabelOrder`: int64 ``[M]`` tensors, none requiring grad).
+    the label logits ``[M]``, ``logsumexp [M]`` and, when the entropy is requested, ``E_p[z] [M]``.
     """
 
     @staticmethod
@@ -136,15 +132,6 @@ class TiledHeadFunction(torch.autograd.Function):
         # which gradients exist, and the losses' case keeps its row-scaled backward (`backward_grads`).
         ctx.set_materialize_grads(False)
         problem = HeadProblem(hidden, weight, bias, problem.labels, problem.transform, problem.outputs, problem.shard)
-        # The weight gradient's label rows need the labels' per-block bounds on the host. Found here, before the
-        # tile loop, their few small kernels and copy run early on the GPU while the host goes on launching the
-        # forward, and the backward reads them without draining the GPU's queue. Which upstream gradients come is
-        # known only in the backward: the order is made whenever its label rows may be needed
-        # (`_backward_grads`' conditions: an upstream log-prob gradient, tokens, vocabulary rows).
-        ctx.label_order = None
-        if ctx.needs_input_grad[1] and "logprobs" in names and hidden.shape[0] > 0 and weight.shape[0] > 0:
-            offset = problem.shard.start if problem.shard is not None else 0
-            ctx.label_order = _LabelOrder.of(problem.labels, offset, weight.shape[0], tiling.vocab_block)
         result, lse, expected_z, label_logit = forward_outputs(problem, tiling)
         ctx.save_for_backward(hidden, weight, bias, problem.labels, label_logit, lse, expected_z)
         ctx.problem_meta = (problem.transform, problem.shard, problem.vocab_size)
@@ -161,7 +148,7 @@ class TiledHeadFunction(torch.autograd.Function):
         upstream = {n: g for n, g in zip(ctx.names, grads) if g is not None}
         grad_hidden, grad_weight, grad_bias = backward_grads(
             hidden, weight, bias, labels, label_logit, lse, expected_z, upstream, transform, shard, vocab, ctx.tiling,
-            need=ctx.needs_input_grad[:3], label_order=ctx.label_order,
+            need=ctx.needs_input_grad[:3],
         )
         return grad_hidden, grad_weight, grad_bias, None, None, None
 
@@ -179,16 +166,13 @@ def forward_outputs(problem: HeadProblem, tiling: Tiling
 
 
 def backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, up: dict, transform: LogitTransform,
-                   shard, vocab: int, tiling: Tiling, need, sync_free: bool = False,
-                   label_order: Optional[_LabelOrder] = None):
+                   shard, vocab: int, tiling: Tiling, need, sync_free: bool = False):
     """The backward of `TiledHeadFunction` and of the registered op: ``(grad_hidden [M, D] | None,
     grad_weight [V_local, D] | None, grad_bias [V_local] | None)`` in the inputs' dtypes, for the upstream
     gradients ``up`` ({output name: [M]}) and the forward's ``label_logit``, ``lse`` and ``expected_z``
     (`forward_outputs`). ``need``: which of the three to compute. ``sync_free``: never wait for the device (for a
     CUDA-graph capture), at the cost of a masked pass over all tokens per vocabulary block for the labelled weight
-    rows. ``label_order``: the labels' `_LabelOrder` for ``tiling``'s vocabulary blocks of this shard, made ahead
-    (`TiledHeadFunction.forward`); None makes it here when the labelled weight rows need it, which on CUDA waits
-    for the device. Unused with ``sync_free``.
+    rows.
 
     When only the log-probs and the logsumexp have upstream gradients (the losses' case) and there is no
     softcap or bias gradient, ``dL/da = s (p c + g_logp [label])`` with a per-token ``c``
@@ -201,11 +185,11 @@ def backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, u
     """
     with torch.autocast(hidden.device.type, enabled=False):
         return _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, up, transform, shard,
-                               vocab, tiling, need, sync_free, label_order)
+                               vocab, tiling, need, sync_free)
 
 
 def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, up, transform, shard, vocab, tiling,
-                    need, sync_free, label_order):
+                    need, sync_free):
     need_h, need_w, need_b = need
     up = {n: g.float() for n, g in up.items() if n in DIFFERENTIABLE_OUTPUTS}
     offset = shard.start if shard is not None else 0
@@ -227,14 +211,9 @@ def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, 
         entry = label_entries(label_logit, lse, expected_z, upstream, transform, vocab, inside)
     labelled = None
     if entry is not None and need_w:
-        if sync_free:
-            labelled = _AllRows(labels, entry, hidden)
-        else:
-            if label_order is None:
-                label_order = _LabelOrder.of(labels, offset, weight.shape[0], tiling.vocab_block)
-            labelled = _LabelledRows.of(label_order, entry, hidden,
-                                        chunk=max(tiling.token_block * tiling.vocab_block // max(hidden.shape[1], 1),
-                                                  256))
+        labelled = (_AllRows(labels, entry, hidden) if sync_free else
+                    _LabelledRows.of(labels, entry, hidden, offset, weight.shape[0], tiling.vocab_block,
+                                     chunk=max(tiling.token_block * tiling.vocab_block // max(hidden.shape[1], 1), 256)))
     scale = row_scale(upstream, transform) if grad_bias is None else None
     sign = shift = None
     if scale is not None:  # once per backward, not per tile
@@ -309,55 +288,6 @@ def _add_label_entries(acc: torch.Tensor, entry: torch.Tensor, weight: torch.Ten
 
 
 @dataclass(frozen=True)
-class _LabelOrder:
-    """The labels sorted by id, and how many of them fall before each vocabulary block's first id: the half of
-    `_LabelledRows` that needs the labels only, so that it can be made ahead (`TiledHeadFunction.forward`).
-
-    The bounds are the one device value `_LabelledRows` reads on the host. On CUDA `of` starts their copy into
-    pinned host memory without waiting and records an event after it; `host_bounds` waits for that event, which
-    has long passed when the order was made before the forward's tile loop. Elsewhere `host_bounds` reads them
-    directly (on the CPU, at no cost)."""
-
-    sorted_labels: torch.Tensor  # int64 [M]: labels inside the ids walked, increasing, then offset + vocab for the rest
-    order: torch.Tensor  # int64 [M]: the token of each sorted label (stable: a repeated label's tokens in order)
-    seen: torch.Tensor  # int64 [M]: distinct labels among the sorted ones up to and including each
-    host: torch.Tensor  # int64 [B + 2]: the B + 1 blocks' bounds, then the tokens inside; on the host on CUDA
-    ready: Optional[torch.cuda.Event]  # CUDA: recorded after the copy to ``host``; None elsewhere
-
-    @staticmethod
-    def of(labels: torch.Tensor, offset: int, vocab: int, block: int) -> "_LabelOrder":
-        """For ``labels`` int64 ``[M]`` and blocks of ``block`` ids from ``offset`` up to ``offset + vocab``: one
-        sort and a few small kernels, all queued without waiting for the device."""
-        inside = (labels >= offset) & (labels < offset + vocab)
-        sorted_labels, order = torch.sort(torch.where(inside, labels, offset + vocab), stable=True)  # outside: last
-        new = torch.ones_like(sorted_labels, dtype=torch.bool)
-        new[1:] = sorted_labels[1:] != sorted_labels[:-1]
-        seen = new.cumsum(0)  # distinct labels up to each sorted token
-        edges = torch.arange(offset, offset + vocab + block, block, device=labels.device).clamp_(max=offset + vocab)
-        ends = torch.searchsorted(sorted_labels, edges)  # sorted tokens before each block edge
-        before = torch.cat([seen.new_zeros(1), seen])[ends]  # distinct labels before each block edge
-        host, ready = torch.cat([before, ends[-1:]]), None
-        if host.is_cuda:
-            # A non-blocking copy to the CPU lands in pinned memory and is queued on the current stream, as is the
-            # event after it: nothing here waits. Work queued later on the stream runs after the copy, so the
-            # caching allocator may hand the device tensor's memory on once it is freed here.
-            host = host.to("cpu", non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(labels.device))
-        return _LabelOrder(sorted_labels, order, seen, host, ready)
-
-    def host_bounds(self) -> tuple[list, int]:
-        """``(bounds, tokens inside)`` as host ints: block ``b``'s distinct labels are the ``bounds[b]``-th to the
-        ``bounds[b + 1]``-th (``bounds[-1]`` of them in all), and the first ``tokens inside`` sorted labels are
-        inside the ids walked. On CUDA waits for the copy `of` started (and only for it); elsewhere reads the
-        device's values (a wait for the device, on one that is not the CPU)."""
-        if self.ready is not None:
-            self.ready.synchronize()
-        *bounds, tokens_inside = self.host.tolist()
-        return bounds, tokens_inside
-
-
-@dataclass(frozen=True)
 class _LabelledRows:
     """The weight gradient's label terms ``entry[t] * hidden[t]``, summed per distinct label once per backward,
     and where each vocabulary block's labels start: a block then adds its rows with one ``index_add_`` of distinct
@@ -369,17 +299,25 @@ class _LabelledRows:
     bounds: list  # host ints: block b's labels are labels[bounds[b] : bounds[b + 1]]; K = bounds[-1]
 
     @staticmethod
-    def of(order: _LabelOrder, entry: torch.Tensor, hidden: torch.Tensor, chunk: int) -> "_LabelledRows":
-        """For the blocks ``order`` was made for (`_LabelOrder.of`); ``entry`` fp32 ``[M]`` (0 for a label outside
-        them), ``hidden [M, D]``; the products are made ``chunk`` tokens at a time. One read of the bounds on the
-        host for all blocks (`_LabelOrder.host_bounds`: on CUDA no wait when ``order`` was made ahead); the sums
-        take an fp32 row per distinct label inside the ids walked (a vocabulary shard's: few of a batch's
-        tokens)."""
-        bounds, tokens_inside = order.host_bounds()
-        slot = order.seen[:tokens_inside] - 1  # each sorted token's distinct label
+    def of(labels: torch.Tensor, entry: torch.Tensor, hidden: torch.Tensor, offset: int, vocab: int, block: int,
+           chunk: int) -> "_LabelledRows":
+        """For blocks of ``block`` ids from ``offset`` up to ``offset + vocab``; ``entry`` fp32 ``[M]`` (0 for a
+        label outside them), ``hidden [M, D]``; the products are made ``chunk`` tokens at a time. One sort and
+        one host synchronisation for all blocks; the sums take an fp32 row per distinct label inside the ids
+        walked (a vocabulary shard's: few of a batch's tokens)."""
+        inside = (labels >= offset) & (labels < offset + vocab)
+        sorted_labels, order = torch.sort(torch.where(inside, labels, offset + vocab), stable=True)  # outside: last
+        new = torch.ones_like(sorted_labels, dtype=torch.bool)
+        new[1:] = sorted_labels[1:] != sorted_labels[:-1]
+        seen = new.cumsum(0)  # distinct labels up to each sorted token
+        edges = torch.arange(offset, offset + vocab + block, block, device=labels.device).clamp_(max=offset + vocab)
+        ends = torch.searchsorted(sorted_labels, edges)  # sorted tokens before each block edge
+        before = torch.cat([seen.new_zeros(1), seen])[ends]  # distinct labels before each block edge
+        *bounds, tokens_inside = torch.cat([before, ends[-1:]]).tolist()  # the one synchronisation
+        slot = seen[:tokens_inside] - 1  # each sorted token's distinct label
         rows = torch.zeros(bounds[-1], hidden.shape[1], dtype=torch.float32, device=hidden.device)
         for c0 in range(0, tokens_inside, chunk):
-            tokens = order.order[c0 : min(c0 + chunk, tokens_inside)]
+            tokens = order[c0 : min(c0 + chunk, tokens_inside)]
             products = hidden[tokens].float().mul_(entry[tokens, None])
             # Repeated labels summed in token order: CUDA's index_put_(accumulate=True) sorts and sums in order
             # (its index_add_ uses atomics); on the CPU it is the other way round (index_put_ adds with atomics
@@ -388,7 +326,6 @@ class _LabelledRows:
                 rows.index_put_((slot[c0 : c0 + chunk],), products, accumulate=True)
             else:
                 rows.index_add_(0, slot[c0 : c0 + chunk], products)
-        sorted_labels = order.sorted_labels
         distinct = torch.zeros_like(sorted_labels[: bounds[-1]]).scatter_(0, slot, sorted_labels[:tokens_inside])
         return _LabelledRows(distinct, rows, bounds)
 
