@@ -75,6 +75,12 @@ def test_trainer_with_torch_compile_matches_eager_and_runs_the_op(kind, device, 
     monkeypatch.setattr(head_module, "backward_grads", spy_backward)
     datasets = {"sft": sft_dataset, "dpo": preference_dataset}
     on = {"use_cpu": device == "cpu"}
+    if device == "cuda":
+        # transformers' TrainingArguments turns TF32 on for the whole process when torch_compile is set and tf32 is
+        # not (training_args.py, "TF32" step): the compiled run's fp32 GEMMs would then round to TF32 (its loss at
+        # step 0 was 2.5e-4 away from the eager run's on an H100) and later tests would inherit it. Both runs say
+        # tf32=False, which also sets it off.
+        on["tf32"] = False
     torch._dynamo.reset()
     eager = _run(kind, datasets, tokenizer, tmp_path / "eager", calls, **on)
     compiled = _run(kind, datasets, tokenizer, tmp_path / "compiled", calls, torch_compile_backend=compile_backend,
