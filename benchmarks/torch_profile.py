@@ -9,7 +9,8 @@ D 2048, V 151936, bf16), beside TRL 1.16's chunked head.
 3. The elementwise passes of its tiles, alone, over one fp32 block ``[tokens, block]``.
 4. Its compiled tile functions alone (`align_losses.ops.tiles.fold_tile` and `tile_grad`, the losses' case), over
    one such block and one of head.py's long shape, under Inductor options: the default (``dynamic=True``),
-   coordinate-descent tuning, n-d tiling, and the block width marked static; their bandwidth, whether Inductor's
+   coordinate-descent tuning, n-d tiling, and the block width marked static; their kernel time and bandwidth
+   (from torch.profiler: a compiled call's kernels are shorter than the host's time to make it), whether Inductor's
    online softmax (one pass for the max and the sum) took the forward, and (``--code-dir``) the generated code.
 
 Usage: ``python benchmarks/torch_profile.py [--commit HASH] [--tokens N] [--sections 1,2,3,4] [--code-dir DIR]
@@ -50,6 +51,20 @@ def median_ms(fn, reps: int = 7) -> tuple[float, list]:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times), times
+
+
+def kernel_ms(fn, calls: int = 10) -> float:
+    """The GPU's kernel time per call of ``fn`` (ms), from torch.profiler over ``calls`` calls after one warm-up:
+    a compiled tile call's kernels take less than the host's ~0.1-0.2 ms to make the call, so CUDA events around
+    calls would time the host instead."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    field = "self_device_time_total" if hasattr(prof.key_averages()[0], "self_device_time_total") else "self_cuda_time_total"
+    return sum(getattr(e, field) for e in prof.key_averages()) / 1e3 / calls
 
 
 def main() -> None:
@@ -228,7 +243,7 @@ def tile_functions(m: int, block: int, blocks: int, code_dir) -> None:
                 try:
                     with torch.no_grad():
                         result, code = run_and_get_code(compiled, a, *args)
-                        ms, _ = median_ms(lambda: compiled(a, *args), reps=21)
+                        ms = kernel_ms(lambda: compiled(a, *args))
                 except Exception as e:  # an option this torch lacks
                     print(f"{fn.__name__} [{t}, {w}] {name}: failed ({type(e).__name__}: {str(e)[:200]})")
                     continue
