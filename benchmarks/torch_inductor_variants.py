@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -33,8 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_co
 import _common  # noqa: E402 - puts the checkout on sys.path too
 import align_losses  # noqa: E402
 from align_losses.ops import tiles  # noqa: E402
+from torch_profile import median_ms, problem  # noqa: E402 - the step's inputs and its timing
 
-D, V = 2048, 151936
 
 #: name: (torch.compile options, tile width marked static, memory_budget or None for the default)
 VARIANTS = {
@@ -45,23 +44,6 @@ VARIANTS = {
     "default-1GiB": ({}, False, 2**30),
     "static-1GiB": ({}, True, 2**30),
 }
-
-
-def median_ms(fn, reps: int = 9) -> float:
-    """Median CUDA-event time of ``fn`` in ms after 3 warm-up calls."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def install(options: dict, static: bool) -> None:
@@ -77,18 +59,6 @@ def install(options: dict, static: bool) -> None:
             tiles._compiled[fn] = marked
         else:
             tiles._compiled[fn] = compiled
-
-
-def problem(n: int):
-    """Hidden states of the labelled tokens (requiring grad), the weight, their labels, an upstream gradient."""
-    torch.manual_seed(0)
-    hidden = torch.randn(n, D, device="cuda").bfloat16()
-    weight = (torch.randn(V, D, device="cuda") * 0.02).bfloat16().requires_grad_()
-    labels = torch.randint(0, V, (n,), device="cuda")
-    labels[: n // 4] = -100
-    keep = labels != -100
-    h = hidden[keep].detach().requires_grad_()
-    return h, weight, labels[keep], torch.randn(h.shape[0], device="cuda")
 
 
 def main() -> None:
@@ -130,10 +100,10 @@ def main() -> None:
                 ours()
                 torch.cuda.synchronize()
                 first = time.time() - t0
-                print(f"labelled tokens {h.shape[0]} round {round_index} {name:13s} {median_ms(ours):7.2f} ms "
+                print(f"labelled tokens {h.shape[0]} round {round_index} {name:13s} {median_ms(ours, reps=9)[0]:7.2f} ms "
                       f"(first call {first:.1f} s)", flush=True)
             try:
-                print(f"labelled tokens {h.shape[0]} round {round_index} {'TRL':13s} {median_ms(trl):7.2f} ms",
+                print(f"labelled tokens {h.shape[0]} round {round_index} {'TRL':13s} {median_ms(trl, reps=9)[0]:7.2f} ms",
                       flush=True)
             except ImportError as e:
                 print(f"TRL's chunked head unavailable: {e}")

@@ -36,6 +36,19 @@ import align_losses  # noqa: E402
 N, D, V = 8192, 2048, 151936  # tokens (a quarter of them unlabelled), hidden size, vocabulary
 
 
+def problem(n: int) -> tuple:
+    """``(hidden [M, D] bf16 requiring grad, weight [V, D] bf16 requiring grad, labels [M], upstream fp32 [M])``: the
+    labelled tokens of ``n`` (seed 0, the first quarter unlabelled), as the step of section 1 takes them."""
+    torch.manual_seed(0)
+    hidden = torch.randn(n, D, device="cuda").bfloat16()
+    weight = (torch.randn(V, D, device="cuda") * 0.02).bfloat16().requires_grad_()
+    labels = torch.randint(0, V, (n,), device="cuda")
+    labels[: n // 4] = -100
+    keep = labels != -100
+    h = hidden[keep].detach().requires_grad_()
+    return h, weight, labels[keep], torch.randn(h.shape[0], device="cuda")
+
+
 def median_ms(fn, reps: int = 7) -> tuple[float, list]:
     """Median CUDA-event time of ``fn`` in ms after 3 warm-up calls, and every repetition's."""
     for _ in range(3):
@@ -85,16 +98,8 @@ def main() -> None:
         raise SystemExit("torch_profile.py profiles CUDA kernels: no CUDA device is visible")
     print(f"# torch backend profile: {_common.utc_now()}, commit {args.commit or _common.git_commit()}, "
           f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    torch.manual_seed(0)
-    hidden = torch.randn(n, D, device="cuda").bfloat16()
-    weight = (torch.randn(V, D, device="cuda") * 0.02).bfloat16().requires_grad_()
-    labels = torch.randint(0, V, (n,), device="cuda")
-    labels[: n // 4] = -100
-    keep = labels != -100
-    h = hidden[keep].detach().requires_grad_()
-    y = labels[keep]
+    h, weight, y, up = problem(n)
     m = h.shape[0]
-    up = torch.randn(m, device="cuda")
 
     def ours(options: dict):
         def step():
