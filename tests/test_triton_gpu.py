@@ -293,6 +293,34 @@ def test_gpu_bf16_many_tiles_per_program(std):
           memory_budget=1100 * 8192 * 2)  # chunks of 8192 columns (288 tiles) and 809 (36 tiles)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (the backend's host code imports it)")
+@pytest.mark.parametrize("how,want", [("legacy allow_tf32", "tf32"), ("new API, tf32", "tf32"),
+                                      ("new API, ieee", "ieee"), ("default", "ieee")])
+def test_fp32_dot_precision_follows_either_tf32_api(how, want, monkeypatch):
+    """fp32 operands multiply as PyTorch's CUDA matmuls would, whichever API set TF32. Since torch 2.9, reading the
+    legacy ``allow_tf32`` raises once TF32 was set through the new one, as transformers' TrainingArguments does
+    under ``torch_compile``: this asked for the legacy flag and raised there (CPU check: only host settings)."""
+    from align_losses.ops import triton_shared
+
+    monkeypatch.setattr(triton_shared, "interpreting", lambda: False)
+    if how.startswith("new API") and not hasattr(torch.backends, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    # Each setting is undone through the API that made it: undoing a legacy one through the new API leaves torch
+    # refusing legacy reads (the mix it warns about) for the rest of the process.
+    matmul = torch.backends.cuda.matmul
+    saved = (torch.backends.fp32_precision, matmul.fp32_precision) if how.startswith("new API") else None
+    try:
+        if how == "legacy allow_tf32":
+            monkeypatch.setattr(matmul, "allow_tf32", True)
+        elif saved is not None:  # the global setting, and the matmuls' own, which overrides it once set
+            torch.backends.fp32_precision = matmul.fp32_precision = want
+        assert triton_shared.dot_prec(torch.float32) == want
+        assert triton_shared.dot_prec(torch.bfloat16) == "ieee"
+    finally:
+        if saved is not None:
+            torch.backends.fp32_precision, matmul.fp32_precision = saved
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype,tf32", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])

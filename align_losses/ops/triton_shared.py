@@ -26,12 +26,23 @@ EXTRA_BUFFER_BYTES = 80 * 2**20
 
 
 def dot_prec(dtype: torch.dtype) -> str:
-    """The kernels' ``DOT_PREC``: how ``tl.dot`` multiplies operands of ``dtype`` here."""
+    """The kernels' ``DOT_PREC``: how ``tl.dot`` multiplies operands of ``dtype`` here (fp32 ones as PyTorch's own
+    CUDA matmuls would: `tf32_matmuls`)."""
     if interpreting():
         return "interp"
     if dtype == torch.float32:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        return "tf32" if tf32_matmuls() else "ieee"
     return "ieee"  # ignored for 16-bit operands
+
+
+def tf32_matmuls() -> bool:
+    """Whether PyTorch runs fp32 CUDA matmuls in TF32. Read from the per-backend precision setting where torch has
+    one (2.9 on): there, once TF32 was set through the new API (``torch.backends.fp32_precision = "tf32"``, as
+    transformers' TrainingArguments does under ``torch_compile``), reading the legacy ``allow_tf32`` raises a
+    RuntimeError. The setting also reflects ``allow_tf32 = True`` set the legacy way."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    return precision == "tf32" if precision is not None else bool(matmul.allow_tf32)
 
 
 @dataclass
