@@ -32,33 +32,26 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_co
 import _common  # noqa: E402 - puts the checkout on sys.path too
 import align_losses  # noqa: E402
 from align_losses.ops import tiles  # noqa: E402
-from torch_profile import median_ms, problem  # noqa: E402 - the step's inputs and its timing
+from torch_profile import INDUCTOR_VARIANTS, compile_tile, median_ms, problem  # noqa: E402
 
 
-#: name: (torch.compile options, tile width marked static, memory_budget or None for the default)
+#: name: (an `INDUCTOR_VARIANTS` entry of torch_profile.py, memory_budget or None for the default)
 VARIANTS = {
-    "default": ({}, False, None),
-    "cdt": ({"coordinate_descent_tuning": True}, False, None),
-    "static": ({}, True, None),
-    "nd": ({"triton.prefer_nd_tiling": True}, False, None),
-    "default-1GiB": ({}, False, 2**30),
-    "static-1GiB": ({}, True, 2**30),
+    "default": ("dynamic (the default)", None),
+    "cdt": ("coordinate descent", None),
+    "static": ("static width", None),
+    "nd": ("n-d tiling", None),
+    "default-1GiB": ("dynamic (the default)", 2**30),
+    "static-1GiB": ("static width", 2**30),
 }
 
 
-def install(options: dict, static: bool) -> None:
-    """Put compiled tile functions built with ``options`` (and the width marked static) in the backend's cache."""
+def install(variant: str) -> None:
+    """Put the tile functions compiled as ``variant`` (`INDUCTOR_VARIANTS`) in the backend's cache."""
     torch._dynamo.reset()
     tiles._compiled.clear()
     for fn in (tiles.fold_tile, tiles.tile_grad):
-        compiled = torch.compile(fn, dynamic=True, fullgraph=True, options=options)
-        if static:
-            def marked(a, *args, _compiled=compiled):
-                torch._dynamo.mark_static(a, 1)
-                return _compiled(a, *args)
-            tiles._compiled[fn] = marked
-        else:
-            tiles._compiled[fn] = compiled
+        tiles._compiled[fn] = compile_tile(fn, *INDUCTOR_VARIANTS[variant])
 
 
 def main() -> None:
@@ -94,8 +87,8 @@ def main() -> None:
 
         for round_index in range(2):
             for name in names:
-                options, static, budget[0] = VARIANTS[name]
-                install(options, static)
+                variant, budget[0] = VARIANTS[name]
+                install(variant)
                 t0 = time.time()
                 ours()
                 torch.cuda.synchronize()
@@ -113,7 +106,7 @@ def main() -> None:
         from torch.profiler import ProfilerActivity, profile
 
         h, weight, y, up = problem(int(args.tokens.split(",")[0]))
-        install({}, False)
+        install(VARIANTS["default"][0])
 
         def step():
             logprobs = align_losses.linear_logprobs(h, weight, y, impl="torch", backend_options={"compile_tiles": True})

@@ -34,6 +34,36 @@ import _common  # noqa: E402 - puts the checkout on sys.path too
 import align_losses  # noqa: E402
 
 N, D, V = 8192, 2048, 151936  # tokens (a quarter of them unlabelled), hidden size, vocabulary
+BUDGET = 512 * 2**20  # the torch backend's default memory_budget
+
+#: Inductor variants of the compiled tile functions: name: (torch.compile options, tile width marked static).
+INDUCTOR_VARIANTS = {
+    "dynamic (the default)": ({}, False),
+    "coordinate descent": ({"coordinate_descent_tuning": True}, False),
+    "n-d tiling": ({"triton.prefer_nd_tiling": True}, False),
+    "static width": ({}, True),
+    "static width, coordinate descent": ({"coordinate_descent_tuning": True}, True),
+}
+
+
+def compile_tile(fn, options: dict, static: bool):
+    """``fn`` (a tile function of `align_losses.ops.tiles`) compiled as the backend compiles it (dynamic shapes,
+    one graph) with Inductor ``options``; ``static``: the tile's width (dim 1 of its first argument) marked static."""
+    compiled = torch.compile(fn, dynamic=True, fullgraph=True, options=options)
+    if not static:
+        return compiled
+
+    def marked(a, *args):
+        torch._dynamo.mark_static(a, 1)
+        return compiled(a, *args)
+    return marked
+
+
+def default_plan(tokens: int):
+    """The backend's default tile plan (`align_losses.ops.tiled_head.Tiling`) for ``tokens`` labelled tokens."""
+    from align_losses.ops.tiled_head import Tiling
+
+    return Tiling.plan(tokens, V, BUDGET)
 
 
 def problem(n: int) -> tuple:
@@ -150,8 +180,7 @@ def main() -> None:
         # The host side: Dynamo's cache lookups and compiled regions, launches, synchronisations.
         print(averages.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=90))
 
-    block = (512 * 2**20 // 16) // m
-    block -= block % 64
+    block = default_plan(m).vocab_block
     blocks = -(-V // block)
     w = weight.detach()[:block]
     a = torch.randn(m, block, device="cuda").bfloat16()
@@ -208,16 +237,8 @@ def tile_functions(m: int, block: int, blocks: int, code_dir) -> None:
     from align_losses.ops.stats import Stats
     from align_losses.problem import LogitTransform
 
-    variants = {  # name: (torch.compile options, block width marked static)
-        "dynamic (the default)": ({}, False),
-        "coordinate descent": ({"coordinate_descent_tuning": True}, False),
-        "n-d tiling": ({"triton.prefer_nd_tiling": True}, False),
-        "static width": ({}, True),
-        "static width, coordinate descent": ({"coordinate_descent_tuning": True}, True),
-    }
     long_m = 24576
-    long_block = (512 * 2**20 // 16) // long_m
-    long_block -= long_block % 64
+    long_block = default_plan(long_m).vocab_block
     print(f"\n## 4. compiled tile functions alone (losses' case), [{m}, {block}] and [{long_m}, {long_block}]; "
           f"GB/s of fp32 tile read (+ bf16 written by tile_grad)")
     for fn in (tiles.fold_tile, tiles.tile_grad):
@@ -239,12 +260,10 @@ def tile_functions(m: int, block: int, blocks: int, code_dir) -> None:
                 moved = t * w * 6
             with torch.no_grad():
                 reference = fn(z, *args)
-            for name, (options, static) in variants.items():
+            for name, (options, static) in INDUCTOR_VARIANTS.items():
                 torch._dynamo.reset()
-                compiled = torch.compile(fn, dynamic=True, fullgraph=True, options=options)
+                compiled = compile_tile(fn, options, static)
                 a = z.clone()
-                if static:
-                    torch._dynamo.mark_static(a, 1)
                 try:
                     with torch.no_grad():
                         result, code = run_and_get_code(compiled, a, *args)
