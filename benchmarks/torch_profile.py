@@ -60,10 +60,11 @@ def compile_tile(fn, options: dict, static: bool):
 
 
 def default_plan(tokens: int):
-    """The backend's default tile plan (`align_losses.ops.tiled_head.Tiling`) for ``tokens`` labelled tokens."""
+    """The backend's default tile plan (`align_losses.ops.tiled_head.Tiling`) for ``tokens`` labelled bf16 tokens on
+    CUDA, both gradients needed."""
     from align_losses.ops.tiled_head import Tiling
 
-    return Tiling.plan(tokens, V, BUDGET)
+    return Tiling.for_option(torch.empty(tokens, D, dtype=torch.bfloat16, device="cuda"), V, BUDGET, None, None)
 
 
 def problem(n: int) -> tuple:
@@ -180,7 +181,7 @@ def main() -> None:
         # The host side: Dynamo's cache lookups and compiled regions, launches, synchronisations.
         print(averages.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=90))
 
-    block = default_plan(m).vocab_block
+    block = default_plan(m).backward.vocab  # one token block at this size
     blocks = -(-V // block)
     w = weight.detach()[:block]
     a = torch.randn(m, block, device="cuda").bfloat16()
@@ -225,12 +226,13 @@ def main() -> None:
         ms, _ = median_ms(op, reps=21)
         print(f"{name:46s} {ms:.3f} ms  x{blocks} = {ms * blocks:.1f} ms")
     if 4 in sections:
-        tile_functions(m, block, blocks, args.code_dir)
+        tile_functions(m, args.code_dir)
 
 
-def tile_functions(m: int, block: int, blocks: int, code_dir) -> None:
-    """Section 4: the compiled tile functions alone, under Inductor option variants, at ``[m, block]`` and at
-    head.py's long shape (24576 labelled tokens: blocks of 1344 ids under the default budget)."""
+def tile_functions(m: int, code_dir) -> None:
+    """Section 4: the compiled tile functions alone, under Inductor option variants, on the tiles of the default
+    plan's walks (`default_plan`: the forward's for `fold_tile`, the backward's for `tile_grad`) at ``m`` labelled
+    tokens and at head.py's long shape (24576)."""
     from torch._inductor.utils import run_and_get_code
 
     from align_losses.ops import tiles
@@ -238,12 +240,12 @@ def tile_functions(m: int, block: int, blocks: int, code_dir) -> None:
     from align_losses.problem import LogitTransform
 
     long_m = 24576
-    long_block = default_plan(long_m).vocab_block
-    print(f"\n## 4. compiled tile functions alone (losses' case), [{m}, {block}] and [{long_m}, {long_block}]; "
+    print(f"\n## 4. compiled tile functions alone (losses' case), the default plan's tiles at {m} and {long_m} tokens; "
           f"GB/s of fp32 tile read (+ bf16 written by tile_grad)")
-    for fn in (tiles.fold_tile, tiles.tile_grad):
-        for shape in ((m, block), (long_m, long_block)):
-            t, w = shape
+    for fn, walk in ((tiles.fold_tile, "forward"), (tiles.tile_grad, "backward")):
+        for tokens in (m, long_m):
+            t, w = getattr(default_plan(tokens), walk)
+            tile_count = -(-tokens // t) * -(-V // w)
             z = torch.randn(t, w, device="cuda") * 4
             y = torch.randint(0, V, (t,), device="cuda") % w  # every label inside this tile
             first = torch.zeros((), dtype=torch.int64, device="cuda")
@@ -276,7 +278,7 @@ def tile_functions(m: int, block: int, blocks: int, code_dir) -> None:
                 text = "\n".join(code)
                 online = "online_softmax" in text
                 print(f"{fn.__name__:10s} [{t}, {w}] {name:34s} {ms * 1e3:7.1f} us  {moved / ms / 1e6:6.0f} GB/s  "
-                      f"x{blocks if t == m else '?'}  online softmax: {online}  max |compiled - eager| / max |eager| {diff:.1e}",
+                      f"x{tile_count}  online softmax: {online}  max |compiled - eager| / max |eager| {diff:.1e}",
                       flush=True)
                 if code_dir:
                     os.makedirs(code_dir, exist_ok=True)

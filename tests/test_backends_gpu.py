@@ -335,7 +335,7 @@ def test_torch_backward_syncs_once_and_is_deterministic():
                           outputs=frozenset({"logprobs"}))
 
     def grads():
-        out = tiled_head(problem, memory_budget=256 * 1024 * 16, token_block=256)  # 3 x 3 tiles
+        out = tiled_head(problem, memory_budget=256 * 1024 * 16, token_block=256)  # 3 x 3 tiles in the backward
         return torch.autograd.grad((out["logprobs"] * up).sum(), (hidden, weight))
 
     first = grads()

@@ -16,6 +16,12 @@ import contextlib
 import torch
 
 
+def upcasts(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `matmul_fp32` and `mm_into` copy operands of ``dtype`` on ``device`` to fp32 first (a copy the size
+    of the operand, twice its bytes for half precision): everywhere but CUDA, for all but fp32."""
+    return dtype != torch.float32 and device.type != "cuda"
+
+
 def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` as a new fp32 tensor, fp32 accumulation."""
     if a.dtype == torch.float32 and b.dtype == torch.float32:

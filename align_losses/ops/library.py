@@ -160,8 +160,8 @@ def _run_forward(backend: str, problem: HeadProblem, memory_budget: int, token_c
                  compile_tiles: Optional[bool]):
     module = importlib.import_module(_MODULES[backend], __package__)
     if backend == "torch":
-        tiling = module.Tiling.for_option(problem.hidden.shape[0], problem.weight.shape[0], memory_budget,
-                                          token_chunk or None, compile_tiles, problem.hidden.device)
+        tiling = module.Tiling.for_option(problem.hidden, problem.weight.shape[0], memory_budget, token_chunk or None,
+                                          compile_tiles, softcap=problem.transform.softcap is not None)
         return module.forward_outputs(problem, tiling)
     cfg = module.FWD_CONFIGS[problem.hidden.dtype]
     result, lse, expected_z, label_logit, _ = module.forward_outputs(
@@ -231,8 +231,8 @@ def head_backward(grad_values: Tensor, hidden: Tensor, weight: Tensor, bias: Opt
     weight = _rowmajor(weight)  # as in the forward: every gradient then is row-major, as the fake says
     module = importlib.import_module(_MODULES[backend], __package__)
     if backend == "torch":
-        tiling = module.Tiling.for_option(hidden_rows.shape[0], vocab, memory_budget, token_chunk or None, compile_tiles,
-                                          hidden.device)
+        tiling = module.Tiling.for_option(hidden_rows, vocab, memory_budget, token_chunk or None, compile_tiles,
+                                          softcap=softcap is not None, need=(need_hidden, need_weight))
         grads = module.backward_grads(hidden_rows, weight, bias, labels_rows, rows.take(label_logit), lse_rows,
                                       ez_rows, up, transform, None, vocab, tiling, need,
                                       sync_free=sync_free(hidden.device))

@@ -25,7 +25,7 @@ across ranks with one max and one sum all-reduce, the hidden-state gradient with
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -37,48 +37,126 @@ from .tiles import Upstream, compiled_tiles, fold_tile, label_entries, row_scale
 #: The fields of `Upstream`, in its order: the differentiable outputs.
 _UPSTREAM = Upstream._fields
 
-# Bytes of fp32 temporaries per tile element: logits, probabilities, their gradient, a cast copy.
+# Bytes of fp32 temporaries per tile element: eagerly, logits, probabilities, their gradient, a cast copy. A
+# compiled forward fold holds less (`_forward_bytes`).
 _BYTES_PER_TILE_ELEMENT = 16
-_MIN_VOCAB_BLOCK = 256
 _ALIGN = 64
+# What one more tile costs beside the bytes `_traffic` counts, as bytes of memory traffic: a tile is about six
+# kernel launches (its GEMMs and fused kernels), some 30 us, in which an H100 moves ~100 MB. It keeps the plan
+# from trading many small tiles for a few bytes.
+_TILE_OVERHEAD_BYTES = 1 << 26
+# The plan tries at most this many token-block counts (it stops earlier, once one vocabulary block holds all ids).
+_MAX_TOKEN_SPLITS = 4096
+
+
+class Blocks(NamedTuple):
+    """One walk's block sizes: ``tokens x vocab`` elements per tile."""
+
+    tokens: int
+    vocab: int
 
 
 @dataclass(frozen=True)
 class Tiling:
-    """Block sizes of the tile walk (``tokens x vocab`` elements per tile), whether the tiles' math runs
-    compiled, and whether a failure to compile falls back to eager tiles (the option at its default; see
+    """Block sizes of the forward's and the backward's tile walks, whether the tiles' math runs compiled, and
+    whether a failure to compile falls back to eager tiles (the option at its default; see
     `align_losses.ops.tiles.run_tile`)."""
 
-    token_block: int
-    vocab_block: int
+    forward: Blocks
+    backward: Blocks
     compiled: bool = False
     fallback: bool = False
 
     @staticmethod
-    def plan(num_tokens: int, vocab: int, memory_budget: int, token_block: Optional[int] = None,
-             compiled: bool = False, fallback: bool = False) -> "Tiling":
-        """Largest tiles under ``memory_budget`` bytes, preferring all tokens in one block.
+    def plan(num_tokens: int, vocab: int, width: int, memory_budget: int, token_block: Optional[int] = None,
+             compiled: bool = False, fallback: bool = False, operand_bytes: int = 2,
+             forward_bytes: int = _BYTES_PER_TILE_ELEMENT, need: tuple = (True, True)) -> "Tiling":
+        """The walks that move the fewest bytes (`_traffic`) under ``memory_budget`` bytes of tile temporaries
+        (`_BYTES_PER_TILE_ELEMENT` per element in the backward, ``forward_bytes`` in the forward), for ``num_tokens``
+        tokens of hidden size ``width``, ``vocab`` ids, GEMM operands of ``operand_bytes`` and the gradients
+        ``need = (hidden states', weight's)``. ``token_block`` fixes both walks' token blocks.
 
-        With every token in one block, each weight-gradient block comes from one GEMM over all
-        tokens; tokens are split only when a vocabulary block would otherwise fall under
-        ``_MIN_VOCAB_BLOCK`` (or when ``token_block`` is given).
+        Long inputs are where this matters: with every token in one block, a small budget leaves narrow vocabulary
+        blocks, and each of them reads and writes the whole fp32 hidden-state gradient (at 24576 tokens x 2048,
+        151936 ids and 512 MiB: 114 blocks, 46 GB a backward); four token blocks cut that to 28 blocks, for
+        four passes over the weight gradient's blocks instead of one.
         """
-        elements = max(memory_budget // _BYTES_PER_TILE_ELEMENT, 1)
-        num_tokens, vocab = max(num_tokens, 1), max(vocab, 1)  # an empty shard or batch still plans
-        if token_block is None:
-            token_block = _aligned(min(num_tokens, max(elements // min(vocab, _MIN_VOCAB_BLOCK), 1)), num_tokens)
-        token_block = max(min(token_block, num_tokens), 1)
-        vocab_block = _aligned(max(min(vocab, elements // token_block), 1), vocab)
-        return Tiling(token_block, vocab_block, compiled, fallback)
+        num_tokens, vocab, width = max(num_tokens, 1), max(vocab, 1), max(width, 1)  # an empty shard or batch plans
+        need_h, need_w = need
+        forward = _cheapest(num_tokens, vocab, width, memory_budget // forward_bytes, token_block,
+                            dict(hidden_reads=1, weight_reads=1, operand_bytes=operand_bytes))
+        backward = _cheapest(num_tokens, vocab, width, memory_budget // _BYTES_PER_TILE_ELEMENT, token_block,
+                             dict(hidden_reads=1 + need_w, weight_reads=1 + need_h, operand_bytes=operand_bytes,
+                                  hidden_grad=need_h, weight_grad=need_w))
+        return Tiling(forward, backward, compiled, fallback)
 
     @staticmethod
-    def for_option(num_tokens: int, vocab: int, memory_budget: int, token_block: Optional[int],
-                   compile_tiles: Optional[bool], device: torch.device) -> "Tiling":
-        """`plan` with the backend option ``compile_tiles`` (`align_losses.ops.tiles.COMPILE_TILES`) resolved for
-        ``device``: None compiles where `align_losses.ops.tiles.compiled_tiles` says so, falling back to eager
-        tiles if compiling fails; True or False is followed as given."""
-        return Tiling.plan(num_tokens, vocab, memory_budget, token_block, compiled_tiles(compile_tiles, device),
-                           fallback=compile_tiles is None)
+    def for_option(hidden: torch.Tensor, vocab: int, memory_budget: int, token_block: Optional[int],
+                   compile_tiles: Optional[bool], softcap: bool = False, need: tuple = (True, True)) -> "Tiling":
+        """`plan` for ``hidden [M, D]`` (its size, dtype and device), with the backend option ``compile_tiles``
+        (`align_losses.ops.tiles.COMPILE_TILES`) resolved: None compiles where
+        `align_losses.ops.tiles.compiled_tiles` says so, falling back to eager tiles if compiling fails; True or
+        False is followed as given. ``softcap``: whether the logits are soft-capped."""
+        compiled = compiled_tiles(compile_tiles, hidden.device)
+        upcasts = gemm.upcasts(hidden.dtype, hidden.device)
+        return Tiling.plan(hidden.shape[0], vocab, hidden.shape[1], memory_budget, token_block, compiled,
+                           fallback=compile_tiles is None, operand_bytes=4 if upcasts else hidden.element_size(),
+                           forward_bytes=_forward_bytes(compiled and not upcasts, softcap), need=need)
+
+
+def _forward_bytes(fused: bool, softcap: bool) -> int:
+    """Bytes of temporaries per forward tile element. ``fused``: the fold is compiled into kernels that read the
+    raw fp32 tile and hold no tile of their own but the soft cap's (seen in Inductor's code), and the GEMM makes no
+    fp32 copy of the weight block (which grows with the block; off CUDA it does), so the tile can be four times
+    as wide as the backward's."""
+    if not fused:
+        return _BYTES_PER_TILE_ELEMENT
+    return 8 if softcap else 4
+
+
+def _traffic(num_tokens: int, vocab: int, width: int, blocks: Blocks, hidden_reads: int, weight_reads: int,
+             operand_bytes: int, hidden_grad: bool = False, weight_grad: bool = False) -> int:
+    """The bytes a walk in ``blocks`` moves that depend on the blocks.
+
+    - The GEMMs read the hidden states ``[M, D]`` once per vocabulary block and the weight ``[V, D]`` once per
+      token block, ``hidden_reads`` and ``weight_reads`` times (the forward's one GEMM; the backward's recompute
+      and its gradient GEMMs).
+    - The fp32 hidden-state gradient is written by the first vocabulary block and read and written by each later
+      one (``hidden_grad``); a weight-gradient block ``[W, D]`` likewise over the token blocks (``weight_grad``).
+    - Each tile adds `_TILE_OVERHEAD_BYTES`.
+
+    Left out: the tiles' own bytes (``M x V`` elements, however blocked) and the per-token statistics.
+    """
+    token_blocks, vocab_blocks = -(-num_tokens // blocks.tokens), -(-vocab // blocks.vocab)
+    per_width = (vocab_blocks * num_tokens * hidden_reads + token_blocks * vocab * weight_reads) * operand_bytes
+    if hidden_grad:
+        per_width += (8 * vocab_blocks - 4) * num_tokens
+    if weight_grad:
+        per_width += (8 * token_blocks - 4) * vocab
+    return per_width * width + token_blocks * vocab_blocks * _TILE_OVERHEAD_BYTES
+
+
+def _cheapest(num_tokens: int, vocab: int, width: int, elements: int, token_block: Optional[int],
+              walk: dict) -> Blocks:
+    """The blocks of at most ``elements`` elements (at least one column) with the least `_traffic` for ``walk``
+    (its keyword arguments), trying 1, 2, ... token blocks until one vocabulary block holds all ids; fewer token
+    blocks on a tie. ``token_block``: the token block to use instead."""
+    elements = max(elements, 1)
+    if token_block is not None:
+        tokens = max(min(token_block, num_tokens), 1)
+        return Blocks(tokens, _aligned(max(min(vocab, elements // tokens), 1), vocab))
+    best, best_cost = None, None
+    for splits in range(1, min(num_tokens, _MAX_TOKEN_SPLITS) + 1):
+        tokens = -(-num_tokens // splits)
+        if best is not None and tokens == best.tokens:
+            continue  # the same blocks as a count already tried
+        blocks = Blocks(tokens, _aligned(max(min(vocab, elements // tokens), 1), vocab))
+        cost = _traffic(num_tokens, vocab, width, blocks, **walk)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = blocks, cost
+        if blocks.vocab >= vocab:
+            break  # more token blocks only re-read the weight
+    return best
 
 
 def _aligned(block: int, total: int) -> int:
@@ -101,13 +179,14 @@ def _first(vocab_id: int, device: torch.device) -> torch.Tensor:
 def _forward_stats(problem: HeadProblem, tiling: Tiling) -> Stats:
     hidden, weight, bias, labels = problem.hidden, problem.weight, problem.bias, problem.labels
     offset = problem.shard.start if problem.shard is not None else 0
+    blocks = tiling.forward
     stats = Stats.empty(hidden.shape[0], hidden.device, problem.outputs)
-    for v0 in range(0, weight.shape[0], tiling.vocab_block):
-        w = weight[v0 : v0 + tiling.vocab_block]
-        b = bias[v0 : v0 + tiling.vocab_block] if bias is not None else None
+    for v0 in range(0, weight.shape[0], blocks.vocab):
+        w = weight[v0 : v0 + blocks.vocab]
+        b = bias[v0 : v0 + blocks.vocab] if bias is not None else None
         first = _first(offset + v0, hidden.device)
-        for t0 in range(0, hidden.shape[0], tiling.token_block):
-            rows = slice(t0, t0 + tiling.token_block)
+        for t0 in range(0, hidden.shape[0], blocks.tokens):
+            rows = slice(t0, t0 + blocks.tokens)
             raw = gemm.matmul_fp32(hidden[rows], w.t())
             stats.put(rows, run_tile(fold_tile, tiling.compiled, raw, stats.take(rows), b, rows_of(labels, rows), first,
                                      problem.transform, fallback=tiling.fallback))
@@ -191,10 +270,14 @@ def backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, u
 def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, up, transform, shard, vocab, tiling,
                     need, sync_free):
     need_h, need_w, need_b = need
+    blocks = tiling.backward
     up = {n: g.float() for n, g in up.items() if n in DIFFERENTIABLE_OUTPUTS}
     offset = shard.start if shard is not None else 0
     m = hidden.shape[0]
-    grad_hidden = torch.zeros(m, hidden.shape[1], dtype=torch.float32, device=hidden.device) if need_h else None
+    grad_hidden = None
+    if need_h:  # written by the first vocabulary block's GEMMs, added to by the later ones; zeros if there is none
+        grad_hidden = (torch.empty if weight.shape[0] > 0 else torch.zeros)(m, hidden.shape[1], dtype=torch.float32,
+                                                                           device=hidden.device)
     grad_weight = torch.empty_like(weight) if need_w else None
     grad_bias = torch.empty_like(bias) if (need_b and bias is not None) else None
     # dL/da is rounded to the operand dtype where the GEMMs take it: half precision on CUDA, bf16 on the CPU
@@ -212,8 +295,8 @@ def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, 
     labelled = None
     if entry is not None and need_w:
         labelled = (_AllRows(labels, entry, hidden) if sync_free else
-                    _LabelledRows.of(labels, entry, hidden, offset, weight.shape[0], tiling.vocab_block,
-                                     chunk=max(tiling.token_block * tiling.vocab_block // max(hidden.shape[1], 1), 256)))
+                    _LabelledRows.of(labels, entry, hidden, offset, weight.shape[0], blocks.vocab,
+                                     chunk=max(blocks.tokens * blocks.vocab // max(hidden.shape[1], 1), 256)))
     scale = row_scale(upstream, transform) if grad_bias is None else None
     sign = shift = None
     if scale is not None:  # once per backward, not per tile
@@ -222,17 +305,17 @@ def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, 
     # The row-scaled tiles hold p |s c|; the sign goes on the hidden states (exact in any dtype).
     signed_hidden = (hidden * sign[:, None].to(hidden.dtype)) if sign is not None and need_w else None
     # All tokens in one block: each block's weight-gradient rows are one GEMM's output, not a sum.
-    one_gemm_per_block = 0 < m <= tiling.token_block
-    for block_index, v0 in enumerate(range(0, weight.shape[0], tiling.vocab_block)):
-        w = weight[v0 : v0 + tiling.vocab_block]
-        b = bias[v0 : v0 + tiling.vocab_block] if bias is not None else None
+    one_gemm_per_block = 0 < m <= blocks.tokens
+    for block_index, v0 in enumerate(range(0, weight.shape[0], blocks.vocab)):
+        w = weight[v0 : v0 + blocks.vocab]
+        b = bias[v0 : v0 + blocks.vocab] if bias is not None else None
         gw_block = None
-        if need_w and not one_gemm_per_block:
-            gw_block = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        if need_w and not one_gemm_per_block:  # written by the first token block's GEMM, added to by the later ones
+            gw_block = (torch.empty if m > 0 else torch.zeros)(w.shape, dtype=torch.float32, device=w.device)
         gb_block = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if grad_bias is not None else None
         first = _first(offset + v0, hidden.device)
-        for t0 in range(0, m, tiling.token_block):
-            rows = slice(t0, t0 + tiling.token_block)
+        for t0 in range(0, m, blocks.tokens):
+            rows = slice(t0, t0 + blocks.tokens)
             h = hidden[rows]
             up_rows = Upstream(*(rows_of(g, rows) for g in upstream))
             tile = run_tile(tile_grad, tiling.compiled, gemm.matmul_fp32(h, w.t()), b, rows_of(labels, rows), first,
@@ -241,20 +324,20 @@ def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, 
             if gb_block is not None:
                 gb_block += tile.bias_sum
             if need_h:
-                gemm.mm_into(grad_hidden[rows], tile.grad_op, w, first=False)
+                gemm.mm_into(grad_hidden[rows], tile.grad_op, w, first=block_index == 0)
             if need_w:
                 h_op = signed_hidden[rows] if signed_hidden is not None else h
                 if gw_block is None:
                     gw_block = gemm.matmul_fp32(tile.grad_op.t(), h_op)
                 else:
-                    gemm.mm_into(gw_block, tile.grad_op.t(), h_op, first=False)
+                    gemm.mm_into(gw_block, tile.grad_op.t(), h_op, first=t0 == 0)
             del tile
         if need_w:
             if labelled is not None:
                 labelled.add_to_block(gw_block, block_index, offset + v0)
-            grad_weight[v0 : v0 + tiling.vocab_block] = gw_block
+            grad_weight[v0 : v0 + blocks.vocab] = gw_block
         if gb_block is not None:
-            grad_bias[v0 : v0 + tiling.vocab_block] = gb_block
+            grad_bias[v0 : v0 + blocks.vocab] = gb_block
     if need_h and sign is not None:
         grad_hidden.mul_(sign[:, None])  # the blocks summed p |s c| W; dL/dh = sign(s c) that (+ the label entries)
     if need_h and entry is not None:
@@ -358,9 +441,11 @@ def tiled_head(problem: HeadProblem, memory_budget: int, token_block: Optional[i
                compile_tiles: Optional[bool] = None) -> dict:
     """Run the op on a normalised problem; returns ``{output name: fp32 [M]}``. ``compile_tiles``: the
     backend option `align_losses.ops.tiles.COMPILE_TILES` (None: `align_losses.ops.tiles.compiled_tiles`'s choice)."""
-    tiling = Tiling.for_option(problem.hidden.shape[0], problem.weight.shape[0], memory_budget, token_block,
-                               compile_tiles, problem.hidden.device)
     inputs = (problem.hidden, problem.weight, problem.bias)
+    # The backward is planned for the gradients it will compute (a frozen head moves no weight-gradient bytes).
+    tiling = Tiling.for_option(problem.hidden, problem.weight.shape[0], memory_budget, token_block, compile_tiles,
+                               softcap=problem.transform.softcap is not None,
+                               need=(problem.hidden.requires_grad, problem.weight.requires_grad))
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs):
         # Reference passes: statistics only, nothing kept for a backward that will not come.
         stats = _forward_stats(problem, tiling)
