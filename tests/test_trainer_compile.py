@@ -11,6 +11,7 @@ On a CUDA GPU (``-m gpu``) the same runs use TRL's default Inductor backend and 
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -50,7 +51,7 @@ ON_GPU = (pytest.mark.gpu, pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), rea
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=ON_GPU)])
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
 def test_trainer_with_torch_compile_matches_eager_and_runs_the_op(kind, device, sft_dataset, preference_dataset,
-                                                                  tokenizer, tmp_path, monkeypatch):
+                                                                  tokenizer, tmp_path, monkeypatch, fp32_settings):
     """SFT (label smoothing) and DPO (with a reference model, whose passes run without gradient)."""
     import importlib
 
@@ -76,10 +77,10 @@ def test_trainer_with_torch_compile_matches_eager_and_runs_the_op(kind, device, 
     datasets = {"sft": sft_dataset, "dpo": preference_dataset}
     on = {"use_cpu": device == "cpu"}
     if device == "cuda":
-        # transformers' TrainingArguments turns TF32 on for the whole process when torch_compile is set and tf32 is
-        # not (training_args.py, "TF32" step): the compiled run's fp32 GEMMs would then round to TF32 (its loss at
-        # step 0 was 2.5e-4 away from the eager run's on an H100) and later tests would inherit it. Both runs say
-        # tf32=False, which also sets it off.
+        # With a dynamo backend on an fp32 CUDA run, accelerate turns TF32 on for the whole process (and transformers
+        # too when tf32 is unset): the compiled run's head would round to TF32 (its SFT loss was 2.5e-4 away from the
+        # eager run's at step 0 on an H100) and later tests would inherit it. tf32=False, which the fused trainers
+        # keep (`trainers._common.keep_tf32_off`), runs both in fp32.
         on["tf32"] = False
     torch._dynamo.reset()
     eager = _run(kind, datasets, tokenizer, tmp_path / "eager", calls, **on)
@@ -92,3 +93,53 @@ def test_trainer_with_torch_compile_matches_eager_and_runs_the_op(kind, device, 
     assert compiled[3].count("forward:op") >= 3 and "forward:eager" not in compiled[3], compiled[3]
     compare_logs(compiled[0], eager[0], rtol=RTOL[device])
     assert update_diff(compiled[1], compiled[2], eager[1], eager[2]) <= 1e-3
+
+
+@pytest.fixture
+def fp32_settings():
+    """Restores PyTorch's fp32 matmul precision settings after the test (a trainer's config and accelerate change
+    them for the whole process)."""
+    matmul = torch.backends.cuda.matmul
+    new_api = getattr(matmul, "fp32_precision", None) is not None
+    before = (torch.backends.fp32_precision, matmul.fp32_precision) if new_api else matmul.allow_tf32
+    yield
+    if new_api:
+        torch.backends.fp32_precision, matmul.fp32_precision = before
+    else:
+        matmul.allow_tf32 = before
+
+
+def _tf32_on() -> bool:
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    return precision == "tf32" if precision is not None else bool(matmul.allow_tf32)
+
+
+@pytest.mark.parametrize("tf32", [False, None, True])
+def test_fused_trainer_keeps_tf32_off_when_the_config_says_so(tf32, sft_dataset, tokenizer, tmp_path, monkeypatch,
+                                                               fp32_settings):
+    """accelerate turns TF32 on for fp32 CUDA runs with a dynamo backend whatever ``tf32`` says (simulated here on
+    the CPU, where it would not: the same legacy flag set right after the accelerator is made). A fused trainer
+    with ``tf32=False`` sets fp32 matmuls back to IEEE and warns; ``tf32`` None or True is left as accelerate left
+    it."""
+    import transformers
+
+    create = transformers.Trainer.create_accelerator_and_postprocess
+
+    def like_accelerate_on_cuda(self):
+        create(self)
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    monkeypatch.setattr(transformers.Trainer, "create_accelerator_and_postprocess", like_accelerate_on_cuda)
+    extra = {} if tf32 is None else {"tf32": tf32}
+    if tf32 is True:  # transformers refuses tf32=True without a TF32-capable GPU
+        monkeypatch.setattr(transformers.training_args, "is_torch_tf32_available", lambda: True)
+    args = FusedSFTConfig(**base_args(tmp_path, **extra), max_length=64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        FusedSFTTrainer(model=tiny_causal_lm(), args=args, train_dataset=sft_dataset, processing_class=tokenizer)
+    said = [str(w.message) for w in caught if "set back to IEEE" in str(w.message)]
+    if tf32 is False:
+        assert not _tf32_on() and len(said) == 1, said
+    else:
+        assert _tf32_on() and not said

@@ -204,6 +204,7 @@ class FusedTrainerMixin:
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
         keep_fused_outputs_fp32(self.accelerator)
+        keep_tf32_off(self.args)
 
     def _head_settings(self, outputs: Sequence[str], trained: bool = True) -> FusedHeadSettings:
         """The head's settings; ``trained=False`` (the reference model) leaves out the filtering backward."""
@@ -232,6 +233,34 @@ class FusedTrainerMixin:
         """Name of the backend the fused head runs on for the policy's device and dtype."""
         policy = unwrap_transformers_model(self.accelerator.unwrap_model(self.model))
         return check_impl(lce_options(self.args)["impl"], policy, fused_settings(policy))
+
+
+def keep_tf32_off(args) -> None:
+    """Honour ``tf32=False``: fp32 CUDA matmuls back in IEEE fp32 if something turned TF32 on.
+
+    accelerate's ``AcceleratorState`` sets ``torch.backends.cuda.matmul.allow_tf32 = True`` for the whole process
+    when a dynamo backend is set (``torch_compile=True``) on an fp32 CUDA run (no mixed precision), whatever the
+    config's ``tf32`` says, after transformers has applied it. The head's fp32 GEMMs follow that setting, as
+    PyTorch's do, so an fp32 head would run in TF32 (about 1e-3 relative on its logits) against the user's explicit
+    choice. ``tf32`` True or None (transformers' default: its own choice, and accelerate's) is left alone.
+    """
+    if getattr(args, "tf32", None) is not False:
+        return
+    matmul = torch.backends.cuda.matmul
+    # torch >= 2.9: the per-backend setting (once it is used, reading the legacy flag raises); it also reflects
+    # ``allow_tf32 = True`` set the legacy way, as accelerate does.
+    if getattr(matmul, "fp32_precision", None) is not None:
+        turned_on = matmul.fp32_precision == "tf32"
+        if turned_on:
+            matmul.fp32_precision = "ieee"
+    else:
+        turned_on = bool(matmul.allow_tf32)
+        if turned_on:
+            matmul.allow_tf32 = False
+    if turned_on:
+        warnings.warn("tf32=False: CUDA fp32 matmuls set back to IEEE fp32 after accelerate turned TF32 on for "
+                      "torch_compile (AcceleratorState sets allow_tf32 = True for fp32 runs with a dynamo backend)",
+                      stacklevel=2)
 
 
 def outputs_with_logits(model, inputs: dict, drop: Iterable[str] = ("output_router_logits",)):
