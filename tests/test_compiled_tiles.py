@@ -15,6 +15,7 @@ import torch
 
 from align_losses import linear_token_stats
 from align_losses.ops import tiles
+from align_losses.ops.tiled_head import Tiling
 
 IGNORE = -100
 OUTPUTS = ("entropy", "mean_logit", "logsumexp", "argmax_hit", "log_sum_p2")
@@ -373,9 +374,14 @@ def test_default_compiled_tiles_fall_back_to_eager_with_one_warning(monkeypatch)
         (stats.logprobs.sum() + stats.entropy.sum()).backward()
         return stats.logprobs, stats.entropy, h.grad, w.grad
 
+    wide = Tiling.for_option(hidden, weight.shape[0], 4 * 40 * 256, None, None).forward
     with pytest.warns(RuntimeWarning, match="(?s)fold_tile.*no compiler here.*eagerly"):
         got = run({})
     assert tiles._eager_after_failure == {tiles.fold_tile, tiles.tile_grad}
+    # the forward's tiles are planned for the eager fold from then on, not for the compiled one's 4 B an element
+    narrow = Tiling.for_option(hidden, weight.shape[0], 4 * 40 * 256, None, None).forward
+    assert narrow == Tiling.for_option(hidden, weight.shape[0], 4 * 40 * 256, None, False).forward
+    assert wide.vocab == 4 * narrow.vocab and wide.tokens == narrow.tokens == 40
     import warnings
 
     with warnings.catch_warnings():

@@ -32,7 +32,7 @@ import torch
 from ..problem import DIFFERENTIABLE_OUTPUTS, OUTPUTS, HeadProblem, LogitTransform
 from . import gemm
 from .stats import Stats, finish_outputs, label_columns, rows_of
-from .tiles import Upstream, compiled_tiles, fold_tile, label_entries, row_scale, run_tile, tile_grad
+from .tiles import Upstream, compiled_tiles, compiles, fold_tile, label_entries, row_scale, run_tile, tile_grad
 
 #: The fields of `Upstream`, in its order: the differentiable outputs.
 _UPSTREAM = Upstream._fields
@@ -97,11 +97,13 @@ class Tiling:
         (`align_losses.ops.tiles.COMPILE_TILES`) resolved: None compiles where
         `align_losses.ops.tiles.compiled_tiles` says so, falling back to eager tiles if compiling fails; True or
         False is followed as given. ``softcap``: whether the logits are soft-capped."""
-        compiled = compiled_tiles(compile_tiles, hidden.device)
+        compiled, fallback = compiled_tiles(compile_tiles, hidden.device), compile_tiles is None
         upcasts = gemm.upcasts(hidden.dtype, hidden.device)
-        return Tiling.plan(hidden.shape[0], vocab, hidden.shape[1], memory_budget, token_block, compiled,
-                           fallback=compile_tiles is None, operand_bytes=4 if upcasts else hidden.element_size(),
-                           forward_bytes=_forward_bytes(compiled and not upcasts, softcap), need=need)
+        # The wide forward tile only while the fold will run compiled (not after a failure sent it eager).
+        fused = compiles(fold_tile, compiled, fallback) and not upcasts
+        return Tiling.plan(hidden.shape[0], vocab, hidden.shape[1], memory_budget, token_block, compiled, fallback,
+                           operand_bytes=4 if upcasts else hidden.element_size(),
+                           forward_bytes=_forward_bytes(fused, softcap), need=need)
 
 
 def _forward_bytes(fused: bool, softcap: bool) -> int:

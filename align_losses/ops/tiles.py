@@ -315,6 +315,12 @@ def _own(x):
     return x
 
 
+def compiles(fn: Callable, compiled: bool, fallback: bool = False) -> bool:
+    """Whether `run_tile` runs ``fn`` compiled with these arguments: ``compiled``, unless ``fn`` failed to compile
+    before and ``fallback`` lets it run eagerly instead."""
+    return compiled and not (fallback and fn in _eager_after_failure)
+
+
 def run_tile(fn: Callable, compiled: bool, a: torch.Tensor, *args, fallback: bool = False):
     """``fn(a, *args)`` (`fold_tile` or `tile_grad`) on a fresh raw tile ``a`` that the caller gives up.
 
@@ -331,7 +337,7 @@ def run_tile(fn: Callable, compiled: bool, a: torch.Tensor, *args, fallback: boo
     the recompile limit met) warns once and runs this function's tiles eagerly from then on, with the same
     values; without it (``compile_tiles=True``) the failure is an error naming the option.
     """
-    if not compiled or (fallback and fn in _eager_after_failure):
+    if not compiles(fn, compiled, fallback):
         return fn(a, *args, owns_a=True)
     if torch.compiler.is_compiling():  # inside a caller's own graph: traced into it (Dynamo cannot nest)
         return fn(a, *args)
