@@ -374,6 +374,7 @@ def test_default_compiled_tiles_fall_back_to_eager_with_one_warning(monkeypatch)
         (stats.logprobs.sum() + stats.entropy.sum()).backward()
         return stats.logprobs, stats.entropy, h.grad, w.grad
 
+    monkeypatch.setattr(tiles, "_ran_compiled", {tiles.fold_tile})  # as if an earlier call had compiled it
     wide = Tiling.for_option(hidden, weight.shape[0], 4 * 40 * 256, None, None).forward
     with pytest.warns(RuntimeWarning, match="(?s)fold_tile.*no compiler here.*eagerly"):
         got = run({})
@@ -403,3 +404,22 @@ def test_tile_functions_trace_into_a_callers_fullgraph_compile():
 def test_recompile_limit_is_a_dynamo_setting():
     name = tiles._recompile_limit_name()
     assert isinstance(getattr(torch._dynamo.config, name), int)
+
+
+def test_forward_tiles_widen_only_once_the_fold_has_compiled(monkeypatch):
+    """The compiled fold holds only its raw tile, so the forward's tiles are planned four times as wide as the eager
+    fold's, but only after the fold has compiled once: a first compile that fails would otherwise run the eager
+    fold, with its larger temporaries, on the wide tiles."""
+    monkeypatch.setattr(tiles, "_ran_compiled", set())
+    hidden, weight, bias, labels, _ = _inputs(n=40, d=8, v=300, seed=14)
+    budget = 4 * 40 * 256
+
+    def forward_blocks():
+        return Tiling.for_option(hidden, weight.shape[0], budget, None, True).forward
+
+    before = forward_blocks()
+    assert before == Tiling.for_option(hidden, weight.shape[0], budget, None, False).forward
+    linear_token_stats(hidden, weight, labels, bias=bias, impl="torch", backend_options={"compile_tiles": True})
+    assert tiles.compiled_before(tiles.fold_tile)
+    after = forward_blocks()
+    assert after.vocab == 4 * before.vocab and after.tokens == before.tokens

@@ -5,6 +5,8 @@ the backward's, give the float64 full-logits values and gradients."""
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -26,8 +28,8 @@ def test_plan_stays_in_budget(tokens, vocab, width, budget, forward_bytes, need)
     plan = Tiling.plan(tokens, vocab, width, budget, forward_bytes=forward_bytes, need=need)
     for walk, per_element in ((plan.forward, forward_bytes), (plan.backward, 16)):
         assert 1 <= walk.tokens <= tokens and 1 <= walk.vocab <= vocab
-        # one column at least, however small the budget; otherwise within it
-        assert walk.vocab == 1 or walk.tokens * walk.vocab * per_element <= budget, walk
+        # within the budget wherever one element is (one token by one id is the least a tile can be)
+        assert walk.tokens * walk.vocab * per_element <= max(budget, per_element), walk
 
 
 def test_plan_at_head_benchmark_shapes():
@@ -123,7 +125,7 @@ def test_any_walks_give_float64_values_and_gradients(forward, backward, frozen):
     """Whatever blocks each walk takes (the forward's unlike the backward's, uneven last blocks, one token a tile),
     the outputs and the gradients of random non-uniform upstream gradients match float64 full-logits math; a
     frozen input gets no gradient."""
-    g = torch.Generator().manual_seed(hash((forward, backward, frozen)) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(repr((forward, backward, frozen)).encode()))
     m, d, v = 37, 24, 301
     hidden = torch.randn(m, d, generator=g, dtype=torch.float64).float().requires_grad_(frozen != "hidden")
     weight = (torch.randn(v, d, generator=g) / 2).requires_grad_(frozen != "weight")

@@ -101,12 +101,12 @@ def fp32_settings():
     them for the whole process)."""
     matmul = torch.backends.cuda.matmul
     new_api = getattr(matmul, "fp32_precision", None) is not None
-    before = (torch.backends.fp32_precision, matmul.fp32_precision) if new_api else matmul.allow_tf32
+    before = torch.get_float32_matmul_precision()  # the legacy API's state, restored first
+    after_that = (torch.backends.fp32_precision, matmul.fp32_precision) if new_api else None
     yield
+    torch.set_float32_matmul_precision(before)
     if new_api:
-        torch.backends.fp32_precision, matmul.fp32_precision = before
-    else:
-        matmul.allow_tf32 = before
+        torch.backends.fp32_precision, matmul.fp32_precision = after_that
 
 
 def _tf32_on() -> bool:

@@ -16,7 +16,8 @@ and the bias gradient's column sums). They run eagerly, or compiled into a few f
 `torch.compile` (the default on CUDA/XPU with Triton; the backend option ``compile_tiles``), so that a tile
 goes through memory a few times instead of once per elementwise step.
 
-Tiles hold at most ``memory_budget`` bytes of fp32 temporaries. Logits are never rounded to the
+Tiles hold at most ``memory_budget`` bytes of fp32 temporaries; within that, `Tiling.plan` picks each walk's
+token and vocabulary blocks for the fewest bytes moved (`_traffic`). Logits are never rounded to the
 input dtype: GEMMs on CUDA take bf16/fp16 operands with fp32 outputs, elsewhere they run in fp32.
 For a vocabulary-parallel head each rank walks its own shard; the per-token statistics are merged
 across ranks with one max and one sum all-reduce, the hidden-state gradient with one sum.
@@ -24,6 +25,7 @@ across ranks with one max and one sum all-reduce, the hidden-state gradient with
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -32,7 +34,7 @@ import torch
 from ..problem import DIFFERENTIABLE_OUTPUTS, OUTPUTS, HeadProblem, LogitTransform
 from . import gemm
 from .stats import Stats, finish_outputs, label_columns, rows_of
-from .tiles import Upstream, compiled_tiles, compiles, fold_tile, label_entries, row_scale, run_tile, tile_grad
+from .tiles import Upstream, compiled_before, compiled_tiles, compiles, fold_tile, label_entries, row_scale, run_tile, tile_grad
 
 #: The fields of `Upstream`, in its order: the differentiable outputs.
 _UPSTREAM = Upstream._fields
@@ -99,8 +101,9 @@ class Tiling:
         False is followed as given. ``softcap``: whether the logits are soft-capped."""
         compiled, fallback = compiled_tiles(compile_tiles, hidden.device), compile_tiles is None
         upcasts = gemm.upcasts(hidden.dtype, hidden.device)
-        # The wide forward tile only while the fold will run compiled (not after a failure sent it eager).
-        fused = compiles(fold_tile, compiled, fallback) and not upcasts
+        # The wide forward tile only once the fold has compiled and while it runs compiled: a first compile that
+        # fails (or a failure that sends it eager later) would otherwise run the eager fold on tiles sized for 4 B.
+        fused = compiles(fold_tile, compiled, fallback) and compiled_before(fold_tile) and not upcasts
         return Tiling.plan(hidden.shape[0], vocab, hidden.shape[1], memory_budget, token_block, compiled, fallback,
                            operand_bytes=4 if upcasts else hidden.element_size(),
                            forward_bytes=_forward_bytes(fused, softcap), need=need)
@@ -117,7 +120,8 @@ def _forward_bytes(fused: bool, softcap: bool) -> int:
 
 
 def _traffic(num_tokens: int, vocab: int, width: int, blocks: Blocks, hidden_reads: int, weight_reads: int,
-             operand_bytes: int, hidden_grad: bool = False, weight_grad: bool = False) -> int:
+             operand_bytes: int, hidden_grad: bool = False, weight_grad: bool = False,
+             overhead: int = _TILE_OVERHEAD_BYTES) -> int:
     """The bytes a walk in ``blocks`` moves that depend on the blocks.
 
     - The GEMMs read the hidden states ``[M, D]`` once per vocabulary block and the weight ``[V, D]`` once per
@@ -125,7 +129,7 @@ def _traffic(num_tokens: int, vocab: int, width: int, blocks: Blocks, hidden_rea
       and its gradient GEMMs).
     - The fp32 hidden-state gradient is written by the first vocabulary block and read and written by each later
       one (``hidden_grad``); a weight-gradient block ``[W, D]`` likewise over the token blocks (``weight_grad``).
-    - Each tile adds `_TILE_OVERHEAD_BYTES`.
+    - Each tile adds ``overhead`` (`_TILE_OVERHEAD_BYTES`).
 
     Left out: the tiles' own bytes (``M x V`` elements, however blocked) and the per-token statistics.
     """
@@ -135,25 +139,39 @@ def _traffic(num_tokens: int, vocab: int, width: int, blocks: Blocks, hidden_rea
         per_width += (8 * vocab_blocks - 4) * num_tokens
     if weight_grad:
         per_width += (8 * token_blocks - 4) * vocab
-    return per_width * width + token_blocks * vocab_blocks * _TILE_OVERHEAD_BYTES
+    return per_width * width + token_blocks * vocab_blocks * overhead
 
 
 def _cheapest(num_tokens: int, vocab: int, width: int, elements: int, token_block: Optional[int],
               walk: dict) -> Blocks:
-    """The blocks of at most ``elements`` elements (at least one column) with the least `_traffic` for ``walk``
-    (its keyword arguments), trying 1, 2, ... token blocks until one vocabulary block holds all ids; fewer token
-    blocks on a tie. ``token_block``: the token block to use instead."""
-    elements = max(elements, 1)
+    """The blocks of at most ``elements`` elements with the least `_traffic` for ``walk`` (its keyword arguments);
+    ``token_block``: the token block to use instead. Plans of plain ints are cached (a call plans once per walk,
+    and a search can take thousands of steps); sizes a caller's compile made symbolic are planned each time."""
+    args = (num_tokens, vocab, width, max(elements, 1), token_block, tuple(sorted(walk.items())), _TILE_OVERHEAD_BYTES)
+    if all(type(x) is int or x is None for x in args[:5]):
+        return _cheapest_cached(*args)
+    return _cheapest_cached.__wrapped__(*args)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cheapest_cached(num_tokens: int, vocab: int, width: int, elements: int, token_block: Optional[int],
+                     walk: tuple, overhead: int) -> Blocks:
+    """`_cheapest`: the search. It tries token blocks no larger than ``elements`` (so that a tile of one column
+    fits, where one token does), for 1, 2, ... more token blocks until one vocabulary block holds all ids; fewer
+    token blocks on a tie."""
     if token_block is not None:
         tokens = max(min(token_block, num_tokens), 1)
         return Blocks(tokens, _aligned(max(min(vocab, elements // tokens), 1), vocab))
-    best, best_cost = None, None
-    for splits in range(1, min(num_tokens, _MAX_TOKEN_SPLITS) + 1):
+    walk = dict(walk)
+    best, best_cost, last = None, None, None
+    first = -(-num_tokens // elements)  # the fewest token blocks whose tiles hold at least one column
+    for splits in range(first, min(num_tokens, first + _MAX_TOKEN_SPLITS - 1) + 1):
         tokens = -(-num_tokens // splits)
-        if best is not None and tokens == best.tokens:
-            continue  # the same blocks as a count already tried
+        if tokens == last:
+            continue  # the same blocks as the count before
+        last = tokens
         blocks = Blocks(tokens, _aligned(max(min(vocab, elements // tokens), 1), vocab))
-        cost = _traffic(num_tokens, vocab, width, blocks, **walk)
+        cost = _traffic(num_tokens, vocab, width, blocks, overhead=overhead, **walk)
         if best_cost is None or cost < best_cost:
             best, best_cost = blocks, cost
         if blocks.vocab >= vocab:

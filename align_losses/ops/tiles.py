@@ -283,6 +283,7 @@ def _zero_at(tile: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
 
 _compiled: dict = {}  # tile function -> its torch.compile wrapper, built on first use
 _eager_after_failure: set = set()  # tile functions whose default (not asked-for) compilation failed once
+_ran_compiled: set = set()  # tile functions that have run compiled at least once
 
 #: Graphs Dynamo may build for each tile function before giving up (its default, 8, is per function too). One
 #: is built per combination of the flags (bias or not, the outputs and upstream gradients present, dtypes),
@@ -313,6 +314,12 @@ def _own(x):
         items = [_own(item) for item in x]
         return type(x)(*items) if hasattr(x, "_fields") else tuple(items)
     return x
+
+
+def compiled_before(fn: Callable) -> bool:
+    """Whether ``fn`` has run compiled through `run_tile` in this process, i.e. its compilation, which can fail on
+    first use, has worked."""
+    return fn in _ran_compiled
 
 
 def compiles(fn: Callable, compiled: bool, fallback: bool = False) -> bool:
@@ -349,14 +356,16 @@ def run_tile(fn: Callable, compiled: bool, a: torch.Tensor, *args, fallback: boo
         with torch.no_grad(), (torch.compiler.set_stance("fail_on_recompile") if capturing
                                else contextlib.nullcontext()):
             try:
-                return _compiled[fn](a, *args)
+                result = _compiled[fn](a, *args)
             except torch._dynamo.exc.FailOnRecompileLimitHit:
                 # Dynamo's own limit met: again with ours. Patching the config on every call instead would
                 # cost a third of a cached call's host time, paid at every tile.
                 limit_name = _recompile_limit_name()
                 limit = max(getattr(torch._dynamo.config, limit_name), RECOMPILE_LIMIT)
                 with torch._dynamo.config.patch(**{limit_name: limit}):
-                    return _compiled[fn](a, *args)
+                    result = _compiled[fn](a, *args)
+            _ran_compiled.add(fn)
+            return result
     except torch.OutOfMemoryError:
         raise
     except Exception as error:  # compilation runs here, on first use: say how to do without it
