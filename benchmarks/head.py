@@ -688,9 +688,10 @@ def fp32_reference(h, w, labels, pairs: int, chunk_bytes: int = 2**30):
     is the loss's gradient with respect to each token's log-prob.
     """
     torch = _torch()
-    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    # The precision API that both of PyTorch's TF32 settings agree with (torch >= 2.9 raises on a read of the legacy
+    # allow_tf32 once the two disagree); "highest" is IEEE fp32 matmuls. The reference has no convolutions.
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
     try:
         with torch.no_grad():
             d = h.shape[-1]
@@ -725,7 +726,7 @@ def fp32_reference(h, w, labels, pairs: int, chunk_bytes: int = 2**30):
                 del gz
         return float(loss.detach()), gh.view(h.shape), gw, upstream.detach(), per_token.detach().sum(-1)
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+        torch.set_float32_matmul_precision(prev)
 
 
 def rel_err(g, ref) -> float:
