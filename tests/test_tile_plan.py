@@ -144,3 +144,20 @@ def test_any_walks_give_float64_values_and_gradients(forward, backward, frozen):
     theirs = torch.autograd.grad(total, leaves)
     for got, want in zip(ours, theirs):
         assert rel(got, want) < 1e-4
+
+
+def test_plan_traces_under_a_callers_fullgraph_compile_without_warnings():
+    """A vocabulary-parallel head under a caller's ``torch.compile`` traces the plan (its sizes may then be
+    symbolic): it compiles with no graph break, plans as eagerly, and says nothing about the plan cache."""
+    import warnings
+
+    def vocab_block(x):
+        return x * Tiling.plan(x.shape[0], 5000, x.shape[1], 16 * 4096).backward.vocab
+
+    compiled = torch.compile(vocab_block, fullgraph=True, backend="eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for tokens in (100, 130):  # the second with symbolic sizes (automatic dynamic)
+            x = torch.ones(tokens, 8)
+            assert torch.equal(compiled(x), vocab_block(x))
+    assert not [w for w in caught if "lru_cache" in str(w.message)], [str(w.message) for w in caught]

@@ -146,11 +146,11 @@ def _cheapest(num_tokens: int, vocab: int, width: int, elements: int, token_bloc
               walk: dict) -> Blocks:
     """The blocks of at most ``elements`` elements with the least `_traffic` for ``walk`` (its keyword arguments);
     ``token_block``: the token block to use instead. Plans of plain ints are cached (a call plans once per walk,
-    and a search can take thousands of steps); sizes a caller's compile made symbolic are planned each time."""
+    and a search can take thousands of steps); under a caller's compile, whose sizes may be symbolic, each time."""
     args = (num_tokens, vocab, width, max(elements, 1), token_block, tuple(sorted(walk.items())), _TILE_OVERHEAD_BYTES)
-    if all(type(x) is int or x is None for x in args[:5]):
+    if not torch.compiler.is_compiling() and all(type(x) is int or x is None for x in args[:5]):
         return _cheapest_cached(*args)
-    return _cheapest_cached.__wrapped__(*args)
+    return _cheapest_cached.__wrapped__(*args)  # traced by a caller's compile: no cache (Dynamo would warn)
 
 
 @functools.lru_cache(maxsize=1024)
