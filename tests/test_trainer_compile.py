@@ -16,6 +16,7 @@ import warnings
 import pytest
 import torch
 
+from align_losses.ops.gemm import tf32_matmuls
 from conftest import MetricsRecorder, base_args, compare_logs, snapshot, tiny_causal_lm, update_diff
 from tests.triton_markers import HAS_CUDA, HAS_TRITON
 from trainers import FusedDPOConfig, FusedDPOTrainer, FusedSFTConfig, FusedSFTTrainer
@@ -109,12 +110,6 @@ def fp32_settings():
         torch.backends.fp32_precision, matmul.fp32_precision = after_that
 
 
-def _tf32_on() -> bool:
-    matmul = torch.backends.cuda.matmul
-    precision = getattr(matmul, "fp32_precision", None)
-    return precision == "tf32" if precision is not None else bool(matmul.allow_tf32)
-
-
 @pytest.mark.parametrize("tf32", [False, None, True])
 def test_fused_trainer_keeps_tf32_off_when_the_config_says_so(tf32, sft_dataset, tokenizer, tmp_path, monkeypatch,
                                                                fp32_settings):
@@ -140,6 +135,6 @@ def test_fused_trainer_keeps_tf32_off_when_the_config_says_so(tf32, sft_dataset,
         FusedSFTTrainer(model=tiny_causal_lm(), args=args, train_dataset=sft_dataset, processing_class=tokenizer)
     said = [str(w.message) for w in caught if "set back to IEEE" in str(w.message)]
     if tf32 is False:
-        assert not _tf32_on() and len(said) == 1, said
+        assert not tf32_matmuls() and len(said) == 1, said
     else:
-        assert _tf32_on() and not said
+        assert tf32_matmuls() and not said

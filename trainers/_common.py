@@ -13,6 +13,7 @@ import torch
 from accelerate.utils import is_peft_model
 
 from align_losses import backends
+from align_losses.ops.gemm import tf32_matmuls
 from align_losses.fused import SequenceLayout, TokenBatch
 
 from .configs import check_lce_numbers, lce_options
@@ -246,15 +247,10 @@ def keep_tf32_off(args) -> None:
     """
     if getattr(args, "tf32", None) is not False:
         return
-    matmul = torch.backends.cuda.matmul
-    # Read: torch >= 2.9's per-backend setting where it exists (reading the legacy flag can raise once both APIs
-    # were used); it reflects ``allow_tf32 = True`` set the legacy way, as accelerate does.
-    precision = getattr(matmul, "fp32_precision", None)
-    turned_on = precision == "tf32" if precision is not None else bool(matmul.allow_tf32)
-    if turned_on:
+    if tf32_matmuls():
         # Undone the way accelerate did it: the legacy setter updates both APIs' state, which then agree (setting
         # only the new one would leave the legacy one at "high", and reading ``allow_tf32`` would raise after).
-        matmul.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
         warnings.warn("tf32=False: CUDA fp32 matmuls set back to IEEE fp32 after accelerate turned TF32 on for "
                       "torch_compile (AcceleratorState sets allow_tf32 = True for fp32 runs with a dynamo backend)",
                       stacklevel=2)

@@ -22,6 +22,16 @@ def upcasts(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype != torch.float32 and device.type != "cuda"
 
 
+def tf32_matmuls() -> bool:
+    """Whether PyTorch runs fp32 CUDA matmuls in TF32. Read from the per-backend precision setting where torch has
+    one (2.9 on): there, once TF32 was set through the new API (``torch.backends.fp32_precision = "tf32"``, as
+    transformers' TrainingArguments does under ``torch_compile``), reading the legacy ``allow_tf32`` raises a
+    RuntimeError. The setting also reflects ``allow_tf32 = True`` set the legacy way."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    return precision == "tf32" if precision is not None else bool(matmul.allow_tf32)
+
+
 def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` as a new fp32 tensor, fp32 accumulation."""
     if a.dtype == torch.float32 and b.dtype == torch.float32:

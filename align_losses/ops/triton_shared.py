@@ -13,6 +13,7 @@ import torch
 import triton
 
 from ..problem import DIFFERENTIABLE_OUTPUTS, LogitTransform, VocabShard
+from .gemm import tf32_matmuls
 from .triton_kernels import interpreting, label_rows_kernel, label_weight_rows_kernel
 
 #: Bytes of the backward's ``dL/da`` chunk buffer on top of ``M x D`` operand-dtype elements
@@ -33,16 +34,6 @@ def dot_prec(dtype: torch.dtype) -> str:
     if dtype == torch.float32:
         return "tf32" if tf32_matmuls() else "ieee"
     return "ieee"  # ignored for 16-bit operands
-
-
-def tf32_matmuls() -> bool:
-    """Whether PyTorch runs fp32 CUDA matmuls in TF32. Read from the per-backend precision setting where torch has
-    one (2.9 on): there, once TF32 was set through the new API (``torch.backends.fp32_precision = "tf32"``, as
-    transformers' TrainingArguments does under ``torch_compile``), reading the legacy ``allow_tf32`` raises a
-    RuntimeError. The setting also reflects ``allow_tf32 = True`` set the legacy way."""
-    matmul = torch.backends.cuda.matmul
-    precision = getattr(matmul, "fp32_precision", None)
-    return precision == "tf32" if precision is not None else bool(matmul.allow_tf32)
 
 
 @dataclass
