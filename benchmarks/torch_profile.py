@@ -8,8 +8,8 @@ D 2048, V 151936, bf16), beside TRL 1.16's chunked head.
    per element): bf16 or fp32 output, transposed operands, an fp32 accumulation.
 3. The elementwise passes of its tiles, alone, over one fp32 block ``[tokens, block]``.
 4. Its compiled tile functions alone (`align_losses.ops.tiles.fold_tile` and `tile_grad`, the losses' case), over
-   one such block and one of head.py's long shape, under Inductor options: the default (``dynamic=True``),
-   coordinate-descent tuning, n-d tiling, and the block width marked static; their kernel time and bandwidth
+   one such block and one of head.py's long shape, under the Inductor options of `INDUCTOR_VARIANTS` (the
+   backend's own, none, and additions to the backend's); their kernel time and bandwidth
    (from torch.profiler: a compiled call's kernels are shorter than the host's time to make it), whether Inductor's
    online softmax (one pass for the max and the sum) took the forward, and (``--code-dir``) the generated code.
 
@@ -32,17 +32,22 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_common.py, however this is run
 import _common  # noqa: E402 - puts the checkout on sys.path too
 import align_losses  # noqa: E402
+from align_losses.ops.tiles import inductor_options  # noqa: E402
 
 N, D, V = 8192, 2048, 151936  # tokens (a quarter of them unlabelled), hidden size, vocabulary
 BUDGET = 512 * 2**20  # the torch backend's default memory_budget
 
-#: Inductor variants of the compiled tile functions: name: (torch.compile options, tile width marked static).
+#: Inductor variants of the compiled tile functions: name: (torch.compile options, tile width marked static). The
+#: backend's own options are `align_losses.ops.tiles.inductor_options` (n-d tiling); the others add to them or, for
+#: "plain dynamic", leave them out.
+_OURS = inductor_options()
 INDUCTOR_VARIANTS = {
-    "dynamic (the default)": ({}, False),
-    "coordinate descent": ({"coordinate_descent_tuning": True}, False),
-    "n-d tiling": ({"triton.prefer_nd_tiling": True}, False),
-    "static width": ({}, True),
-    "static width, coordinate descent": ({"coordinate_descent_tuning": True}, True),
+    "the backend's (n-d tiling)": (_OURS, False),
+    "plain dynamic": ({}, False),
+    "coordinate descent": (_OURS | {"coordinate_descent_tuning": True}, False),
+    "no split reductions": (_OURS | {"split_reductions": False}, False),
+    "tiled reductions": (_OURS | {"triton.tile_reductions": True}, False),
+    "static width": (_OURS, True),
 }
 
 
