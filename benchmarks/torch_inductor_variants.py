@@ -5,12 +5,11 @@ One forward + backward of per-token log-probs (``impl="torch"``, tiles compiled,
 head.py's token counts (8192 and 32768 tokens, a quarter unlabelled; D 2048, V 151936, bf16), CUDA-event
 medians (3 warm-up, 9 timed), each variant twice in interleaved rounds so that clock drift hits them alike:
 
-- ``default``: the backend's own ``torch.compile(fn, dynamic=True, fullgraph=True)`` with its options
-  (`align_losses.ops.tiles.inductor_options`: n-d tiling);
-- ``plain``: without options (the backend's compile before n-d tiling);
-- ``cdt``, ``nosplit``, ``tiledred``: the backend's options with ``coordinate_descent_tuning``,
-  ``split_reductions=False`` or ``triton.tile_reductions``;
+- ``default``: the backend's own ``torch.compile(fn, dynamic=True, fullgraph=True)``;
+- ``cdt``: with ``coordinate_descent_tuning``;
 - ``static``: the tile width marked static (`torch._dynamo.mark_static`), the token count still dynamic;
+- ``nd``: with ``triton.prefer_nd_tiling``; ``nd-nosplit`` and ``nd-tiledred`` with it and ``split_reductions=False``
+  (one kernel per row, which Inductor's online softmax needs) or ``triton.tile_reductions``;
 - ``default-1GiB``, ``static-1GiB``: those with a 1 GiB ``memory_budget`` (half the vocabulary blocks).
 
 The variants replace the backend's cached compiled tile functions (``align_losses.ops.tiles._compiled``, a private
@@ -39,13 +38,13 @@ from torch_profile import INDUCTOR_VARIANTS, compile_tile, median_ms, problem  #
 
 #: name: (an `INDUCTOR_VARIANTS` entry of torch_profile.py, memory_budget or None for the default)
 VARIANTS = {
-    "default": ("the backend's (n-d tiling)", None),
-    "plain": ("plain dynamic", None),
+    "default": ("dynamic (the default)", None),
     "cdt": ("coordinate descent", None),
-    "nosplit": ("no split reductions", None),
-    "tiledred": ("tiled reductions", None),
     "static": ("static width", None),
-    "default-1GiB": ("the backend's (n-d tiling)", 2**30),
+    "nd": ("n-d tiling", None),
+    "nd-nosplit": ("n-d tiling, no split reductions", None),
+    "nd-tiledred": ("n-d tiling, tiled reductions", None),
+    "default-1GiB": ("dynamic (the default)", 2**30),
     "static-1GiB": ("static width", 2**30),
 }
 
@@ -61,7 +60,7 @@ def install(variant: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _common.add_commit_arg(parser)
-    parser.add_argument("--variants", default="default,plain,nosplit,static", help=f"comma-separated, of {list(VARIANTS)}")
+    parser.add_argument("--variants", default="default,cdt,static,nd", help=f"comma-separated, of {list(VARIANTS)}")
     parser.add_argument("--tokens", default="8192,32768", help="token counts, comma-separated (a quarter unlabelled)")
     parser.add_argument("--trace", help="write a chrome trace of one default step at the first token count here")
     args = parser.parse_args()

@@ -2,14 +2,16 @@
 D 2048, V 151936, bf16), beside TRL 1.16's chunked head.
 
 1. One forward + backward of per-token log-probs with a random upstream gradient: CUDA-event medians (3
-   warm-up, 7 timed), the host's time to return from a step, and kernel and host tables (torch.profiler) of ours ``impl="torch"`` (with its tiles compiled too
+   warm-up, 7 timed), the host's time to return from a step, the GPU's idle gaps within a profiled step, and kernel
+   and host tables (torch.profiler) of ours ``impl="torch"`` (with its tiles compiled too
    where the checkout has the ``compile_tiles`` option) and of TRL's ``ChunkedLogProbFunction``.
 2. The GEMM forms the backend can use, alone, on one vocabulary block of its default plan (512 MiB / 16 B
    per element): bf16 or fp32 output, transposed operands, an fp32 accumulation.
 3. The elementwise passes of its tiles, alone, over one fp32 block ``[tokens, block]``.
 4. Its compiled tile functions alone (`align_losses.ops.tiles.fold_tile` and `tile_grad`, the losses' case), over
-   one such block and one of head.py's long shape, under the Inductor options of `INDUCTOR_VARIANTS` (the
-   backend's own, none, and additions to the backend's); their kernel time and bandwidth
+   one such block and one of head.py's long shape, under Inductor options (`INDUCTOR_VARIANTS`): the default
+   (``dynamic=True``), coordinate-descent tuning, n-d tiling (alone, without split reductions, with tiled
+   reductions), and the block width marked static; their kernel time and bandwidth
    (from torch.profiler: a compiled call's kernels are shorter than the host's time to make it), whether Inductor's
    online softmax (one pass for the max and the sum) took the forward, and (``--code-dir``) the generated code.
 
@@ -32,22 +34,19 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_common.py, however this is run
 import _common  # noqa: E402 - puts the checkout on sys.path too
 import align_losses  # noqa: E402
-from align_losses.ops.tiles import inductor_options  # noqa: E402
 
 N, D, V = 8192, 2048, 151936  # tokens (a quarter of them unlabelled), hidden size, vocabulary
 BUDGET = 512 * 2**20  # the torch backend's default memory_budget
 
-#: Inductor variants of the compiled tile functions: name: (torch.compile options, tile width marked static). The
-#: backend's own options are `align_losses.ops.tiles.inductor_options` (n-d tiling); the others add to them or, for
-#: "plain dynamic", leave them out.
-_OURS = inductor_options()
+#: Inductor variants of the compiled tile functions: name: (torch.compile options, tile width marked static).
 INDUCTOR_VARIANTS = {
-    "the backend's (n-d tiling)": (_OURS, False),
-    "plain dynamic": ({}, False),
-    "coordinate descent": (_OURS | {"coordinate_descent_tuning": True}, False),
-    "no split reductions": (_OURS | {"split_reductions": False}, False),
-    "tiled reductions": (_OURS | {"triton.tile_reductions": True}, False),
-    "static width": (_OURS, True),
+    "dynamic (the default)": ({}, False),
+    "coordinate descent": ({"coordinate_descent_tuning": True}, False),
+    "n-d tiling": ({"triton.prefer_nd_tiling": True}, False),
+    "n-d tiling, no split reductions": ({"triton.prefer_nd_tiling": True, "split_reductions": False}, False),
+    "n-d tiling, tiled reductions": ({"triton.prefer_nd_tiling": True, "triton.tile_reductions": True}, False),
+    "static width": ({}, True),
+    "static width, coordinate descent": ({"coordinate_descent_tuning": True}, True),
 }
 
 
@@ -116,6 +115,24 @@ def kernel_ms(fn, calls: int = 10) -> float:
     return sum(getattr(e, field) for e in prof.key_averages()) / 1e3 / calls
 
 
+def print_idle_gaps(prof, top: int = 8) -> None:
+    """The GPU's idle time within a profiled step: the span from its first kernel's start to its last's end, the
+    kernels' busy time, and the longest gaps between consecutive kernels with the kernels on either side (where the
+    host, not the GPU, set the pace)."""
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    if not kernels:
+        return
+    gaps = sorted(((b.time_range.start - a.time_range.end, a.name, b.name) for a, b in zip(kernels, kernels[1:])
+                   if b.time_range.start > a.time_range.end), reverse=True)
+    span = kernels[-1].time_range.end - kernels[0].time_range.start
+    busy = sum(k.time_range.end - k.time_range.start for k in kernels)
+    print(f"GPU span {span / 1e3:.2f} ms: kernels {busy / 1e3:.2f} ms ({len(kernels)}), idle "
+          f"{sum(g for g, _, _ in gaps) / 1e3:.2f} ms in {len(gaps)} gaps; the longest:")
+    for gap, before, after in gaps[:top]:
+        print(f"  {gap:8.1f} us between {before[:60]!r} and {after[:60]!r}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _common.add_commit_arg(parser)
@@ -181,6 +198,7 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize()
+        print_idle_gaps(prof)
         averages = prof.key_averages()
         print(averages.table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=90))
         # The host side: Dynamo's cache lookups and compiled regions, launches, synchronisations.
