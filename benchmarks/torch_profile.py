@@ -23,6 +23,7 @@ with the date, commit, device and versions; ``--tokens 32768`` is head.py's long
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -65,10 +66,11 @@ def compile_tile(fn, options: dict, static: bool):
 
 def default_plan(tokens: int):
     """The backend's default tile plan (`align_losses.ops.tiled_head.Tiling`) for ``tokens`` labelled bf16 tokens on
-    CUDA, both gradients needed."""
+    CUDA, both gradients needed, its fold compiled (4 bytes a forward tile element), as once its first call compiled
+    it."""
     from align_losses.ops.tiled_head import Tiling
 
-    return Tiling.for_option(torch.empty(tokens, D, dtype=torch.bfloat16, device="cuda"), V, BUDGET, None, None)
+    return Tiling.plan(tokens, V, D, BUDGET, compiled=True, forward_bytes=4)
 
 
 def problem(n: int) -> tuple:
@@ -252,6 +254,27 @@ def main() -> None:
         tile_functions(m, args.code_dir)
 
 
+def fold_softmax_form(a: torch.Tensor, state, bias, labels: torch.Tensor, first: torch.Tensor, t):
+    """`align_losses.ops.tiles.fold_tile`'s losses' case (no bias or transform; the max, the sum of exponentials and
+    the label logit) in softmax's own form, an experiment of section 4: the tile's max and its sum of
+    ``exp(z - max)`` (amax, sub, exp, sum over dim 1 with keepdim: the pattern Inductor turns into one online-softmax
+    pass when the reduction is not split), merged into the running statistics afterwards, where ``fold_tile``
+    shifts the tile by the running max itself."""
+    from align_losses.ops.tiles import RowStats
+
+    hits = torch.arange(a.shape[1], device=a.device) == (labels - first)[:, None]
+    label_logit = state.label_logit + torch.where(hits, a, 0.0).sum(dim=1)
+    block_max = a.amax(dim=1, keepdim=True)
+    block_sum = (a - block_max).exp().sum(dim=1, keepdim=True).squeeze(1)
+    block_max = block_max.squeeze(1)
+    new_max = torch.maximum(state.max, block_max)
+    shift = torch.where(new_max > -math.inf, new_max, 0.0)
+    # A row of -inf only (a masked tile) has a NaN block sum (-inf - -inf): it adds nothing.
+    added = torch.where(block_max > -math.inf, block_sum * torch.exp(block_max - shift), 0.0)
+    return RowStats(max=new_max, sum_exp=state.sum_exp * torch.exp(state.max - shift) + added,
+                    label_logit=label_logit, sum_exp_z=None, sum_z=None, sum_exp2=None, argmax=None)
+
+
 def tile_functions(m: int, code_dir) -> None:
     """Section 4: the compiled tile functions alone, under Inductor option variants, on the tiles of the default
     plan's walks (`default_plan`: the forward's for `fold_tile`, the backward's for `tile_grad`) at ``m`` labelled
@@ -265,7 +288,7 @@ def tile_functions(m: int, code_dir) -> None:
     long_m = 24576
     print(f"\n## 4. compiled tile functions alone (losses' case), the default plan's tiles at {m} and {long_m} tokens; "
           f"GB/s of fp32 tile read (+ bf16 written by tile_grad)")
-    for fn, walk in ((tiles.fold_tile, "forward"), (tiles.tile_grad, "backward")):
+    for fn, walk in ((tiles.fold_tile, "forward"), (fold_softmax_form, "forward"), (tiles.tile_grad, "backward")):
         for tokens in (m, long_m):
             t, w = getattr(default_plan(tokens), walk)
             tile_count = -(-tokens // t) * -(-V // w)
@@ -273,7 +296,7 @@ def tile_functions(m: int, code_dir) -> None:
             y = torch.randint(0, V, (t,), device="cuda") % w  # every label inside this tile
             first = torch.zeros((), dtype=torch.int64, device="cuda")
             identity = LogitTransform()
-            if fn is tiles.fold_tile:
+            if fn is not tiles.tile_grad:
                 state = Stats.empty(t, z.device, frozenset({"logprobs"}))
                 state = tiles.RowStats(*(f.clone() if f is not None else None for f in state.take(slice(0, t))))
                 args = (state, None, y, first, identity)
@@ -283,8 +306,8 @@ def tile_functions(m: int, code_dir) -> None:
                 shift = torch.randn(t, device="cuda") + 4
                 args = (None, y, first, shift.clone(), None, up, identity, V, torch.bfloat16, True, False, shift)
                 moved = t * w * 6
-            with torch.no_grad():
-                reference = fn(z, *args)
+            with torch.no_grad():  # the softmax form against the backend's fold
+                reference = (tiles.fold_tile if fn is fold_softmax_form else fn)(z, *args)
             for name, (options, static) in INDUCTOR_VARIANTS.items():
                 torch._dynamo.reset()
                 compiled = compile_tile(fn, options, static)
