@@ -9,7 +9,7 @@ medians (3 warm-up, 9 timed), each variant twice in interleaved rounds so that c
 - ``cdt``: with ``coordinate_descent_tuning``;
 - ``static``: the tile width marked static (`torch._dynamo.mark_static`), the token count still dynamic;
 - ``nd``: with ``triton.prefer_nd_tiling``; ``nd-nosplit`` and ``nd-tiledred`` with it and ``split_reductions=False``
-  (one kernel per row, which Inductor's online softmax needs) or ``triton.tile_reductions``;
+  (each reduction in one kernel, not split in two) or ``triton.tile_reductions``;
 - ``default-1GiB``, ``static-1GiB``: those with a 1 GiB ``memory_budget`` (half the vocabulary blocks).
 
 The variants replace the backend's cached compiled tile functions (``align_losses.ops.tiles._compiled``, a private
