@@ -145,7 +145,9 @@ def relative_difference(x: torch.Tensor, reference: torch.Tensor) -> float:
     which entries are NaN or infinite, or in the infinities themselves."""
     x, reference = x.float(), reference.float()
     finite = torch.isfinite(reference)
-    if not torch.equal(finite, torch.isfinite(x)) or not torch.equal(x[~finite].nan_to_num(), reference[~finite].nan_to_num()):
+    if not torch.equal(finite, torch.isfinite(x)):
+        return math.inf
+    if not torch.equal(x[~finite].nan_to_num(), reference[~finite].nan_to_num()):  # +inf against -inf
         return math.inf
     if not finite.any():
         return 0.0
@@ -327,7 +329,8 @@ def tile_functions(m: int, code_dir) -> None:
                 state = Stats.empty(t, z.device, frozenset({"logprobs"}))
                 state = tiles.RowStats(*(f.clone() if f is not None else None for f in state.take(slice(0, t))))
                 # Statistics of earlier tiles, some above this tile's logits and some below, so the merge is checked.
-                state = state._replace(max=torch.randn(t, device="cuda") * 4 + 8, sum_exp=torch.rand(t, device="cuda") + 1,
+                state = state._replace(max=torch.randn(t, device="cuda") * 4 + 8,
+                                       sum_exp=torch.rand(t, device="cuda") + 1,
                                        label_logit=torch.randn(t, device="cuda"))
                 args = (state, None, y, first, identity)
                 moved = t * w * 4
