@@ -34,7 +34,8 @@ import torch
 from ..problem import DIFFERENTIABLE_OUTPUTS, OUTPUTS, HeadProblem, LogitTransform
 from . import gemm
 from .stats import Stats, finish_outputs, label_columns, rows_of
-from .tiles import Upstream, compiled_before, compiled_tiles, compiles, fold_tile, label_entries, row_scale, run_tile, tile_grad
+from .tiles import (Upstream, compiled_before, compiled_tiles, compiles, fold_tile, label_entries, row_scale, run_tile,
+                    tile_grad)
 
 #: The fields of `Upstream`, in its order: the differentiable outputs.
 _UPSTREAM = Upstream._fields
@@ -153,6 +154,12 @@ def _cheapest(num_tokens: int, vocab: int, width: int, elements: int, token_bloc
     return _cheapest_cached.__wrapped__(*args)  # traced by a caller's compile: no cache (Dynamo would warn)
 
 
+def _widest(tokens: int, vocab: int, elements: int) -> Blocks:
+    """``tokens`` per block and the widest aligned vocabulary block with tiles of at most ``elements`` (one id at
+    least)."""
+    return Blocks(tokens, _aligned(max(min(vocab, elements // tokens), 1), vocab))
+
+
 @functools.lru_cache(maxsize=1024)
 def _cheapest_cached(num_tokens: int, vocab: int, width: int, elements: int, token_block: Optional[int],
                      walk: tuple, overhead: int) -> Blocks:
@@ -160,8 +167,7 @@ def _cheapest_cached(num_tokens: int, vocab: int, width: int, elements: int, tok
     fits, where one token does), for 1, 2, ... more token blocks until one vocabulary block holds all ids; fewer
     token blocks on a tie."""
     if token_block is not None:
-        tokens = max(min(token_block, num_tokens), 1)
-        return Blocks(tokens, _aligned(max(min(vocab, elements // tokens), 1), vocab))
+        return _widest(max(min(token_block, num_tokens), 1), vocab, elements)
     walk = dict(walk)
     best, best_cost, last = None, None, None
     first = -(-num_tokens // elements)  # the fewest token blocks whose tiles hold at least one column
@@ -170,7 +176,7 @@ def _cheapest_cached(num_tokens: int, vocab: int, width: int, elements: int, tok
         if tokens == last:
             continue  # the same blocks as the count before
         last = tokens
-        blocks = Blocks(tokens, _aligned(max(min(vocab, elements // tokens), 1), vocab))
+        blocks = _widest(tokens, vocab, elements)
         cost = _traffic(num_tokens, vocab, width, blocks, overhead=overhead, **walk)
         if best_cost is None or cost < best_cost:
             best, best_cost = blocks, cost
