@@ -5,10 +5,11 @@ One forward + backward of per-token log-probs (``impl="torch"``, tiles compiled,
 head.py's token counts (8192 and 32768 tokens, a quarter unlabelled; D 2048, V 151936, bf16), CUDA-event
 medians (3 warm-up, 9 timed), each variant twice in interleaved rounds so that clock drift hits them alike:
 
-- ``default``: the backend's own ``torch.compile(fn, dynamic=True, fullgraph=True)``;
+- ``default``: the backend's own ``torch.compile(fn, dynamic=True, fullgraph=True)`` with its options
+  (`align_losses.ops.tiles.inductor_options`: n-d tiling); ``plain``: without options;
 - ``cdt``: with ``coordinate_descent_tuning``;
 - ``static``: the tile width marked static (`torch._dynamo.mark_static`), the token count still dynamic;
-- ``nd``: with ``triton.prefer_nd_tiling``; ``nd-nosplit`` and ``nd-tiledred`` with it and ``split_reductions=False``
+- ``nd``: with ``triton.prefer_nd_tiling`` only; ``nd-nosplit`` and ``nd-tiledred`` with it and ``split_reductions=False``
   (each reduction in one kernel, not split in two) or ``triton.tile_reductions``;
 - ``default-1GiB``, ``static-1GiB``: those with a 1 GiB ``memory_budget`` (half the vocabulary blocks).
 
@@ -38,13 +39,14 @@ from torch_profile import INDUCTOR_VARIANTS, compile_tile, median_ms, problem  #
 
 #: name: (an `INDUCTOR_VARIANTS` entry of torch_profile.py, memory_budget or None for the default)
 VARIANTS = {
-    "default": ("dynamic (the default)", None),
+    "default": ("the backend's", None),
+    "plain": ("plain dynamic", None),
     "cdt": ("coordinate descent", None),
     "static": ("static width", None),
     "nd": ("n-d tiling", None),
     "nd-nosplit": ("n-d tiling, no split reductions", None),
     "nd-tiledred": ("n-d tiling, tiled reductions", None),
-    "default-1GiB": ("dynamic (the default)", 2**30),
+    "default-1GiB": ("the backend's", 2**30),
     "static-1GiB": ("static width", 2**30),
 }
 

@@ -9,8 +9,8 @@ D 2048, V 151936, bf16), beside TRL 1.16's chunked head.
    per element): bf16 or fp32 output, transposed operands, an fp32 accumulation.
 3. The elementwise passes of its tiles, alone, over one fp32 block ``[tokens, block]``.
 4. Its compiled tile functions alone (`align_losses.ops.tiles.fold_tile` and `tile_grad`, the losses' case), over
-   one such block and one of head.py's long shape, under Inductor options (`INDUCTOR_VARIANTS`): the default
-   (``dynamic=True``), coordinate-descent tuning, n-d tiling (alone, without split reductions, with tiled
+   one such block and one of head.py's long shape, under Inductor options (`INDUCTOR_VARIANTS`): the backend's
+   (``dynamic=True`` and n-d tiling), none, coordinate-descent tuning, n-d tiling (alone, without split reductions, with tiled
    reductions), and the block width marked static; their kernel time and bandwidth
    (from torch.profiler: a compiled call's kernels are shorter than the host's time to make it), whether Inductor's
    online softmax (one pass for the max and the sum) took the forward, and (``--code-dir``) the generated code.
@@ -36,13 +36,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_co
 import _common  # noqa: E402 - puts the checkout on sys.path too
 import align_losses  # noqa: E402
 import torch._inductor.config  # noqa: E402 - fold_softmax_form reads it
+from align_losses.ops.tiles import inductor_options  # noqa: E402
 
 N, D, V = 8192, 2048, 151936  # tokens (a quarter of them unlabelled), hidden size, vocabulary
 BUDGET = 512 * 2**20  # the torch backend's default memory_budget
 
-#: Inductor variants of the compiled tile functions: name: (torch.compile options, tile width marked static).
+#: Inductor variants of the compiled tile functions: name: (torch.compile options, tile width marked static). The
+#: backend's own options are `align_losses.ops.tiles.inductor_options` (n-d tiling where torch has it).
 INDUCTOR_VARIANTS = {
-    "dynamic (the default)": ({}, False),
+    "the backend's": (inductor_options(), False),
+    "plain dynamic": ({}, False),
     "coordinate descent": ({"coordinate_descent_tuning": True}, False),
     "n-d tiling": ({"triton.prefer_nd_tiling": True}, False),
     "n-d tiling, no split reductions": ({"triton.prefer_nd_tiling": True, "split_reductions": False}, False),

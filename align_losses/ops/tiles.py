@@ -293,6 +293,17 @@ _ran_compiled: set = set()  # tile functions that have run compiled at least onc
 RECOMPILE_LIMIT = 64
 
 
+def inductor_options() -> dict:
+    """The Inductor options the tile functions compile with: n-d tiling (``triton.prefer_nd_tiling``) where this
+    torch has it. A tile's kernels then index its rows and columns as two grid dimensions instead of one flat
+    index divided by the dynamic width at every element (the label compare needs the column), which took 3-4% off
+    the step on an H200 and 1-3% on an H100 (benchmarks/NOTES-torch.md). Only Triton kernels read it: the
+    C++ kernels of a CPU are unchanged."""
+    import torch._inductor.config as inductor_config  # imported by compiling anyway; not at import time
+
+    return {"triton.prefer_nd_tiling": True} if hasattr(inductor_config.triton, "prefer_nd_tiling") else {}
+
+
 def _capturing(device: torch.device) -> bool:
     """Whether a CUDA graph is being captured on ``device``'s current stream."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
@@ -333,12 +344,12 @@ def run_tile(fn: Callable, compiled: bool, a: torch.Tensor, *args, fallback: boo
 
     Eagerly ``fn`` owns ``a`` and applies the bias and transform in it (a copy would cost a tile allocation
     and a pass: 10-15% of a CPU step with a bias). When ``compiled``, ``fn`` runs pure, through
-    ``torch.compile(fn, dynamic=True, fullgraph=True)``: dynamic shapes because the token and vocabulary
-    counts of tiles change from call to call, and a static graph would compile again for each; no gradient
-    tracking, so that a call from a forward (grad mode on) and one from a backward (off) share one graph.
-    Up to `RECOMPILE_LIMIT` graphs per function. While a CUDA graph is being captured nothing is compiled
-    (compiling launches and times kernels): a call that would need a new graph is an error, so warm the
-    step up first, outside the capture, with the same shapes.
+    ``torch.compile(fn, dynamic=True, fullgraph=True)`` with `inductor_options`: dynamic shapes because the
+    token and vocabulary counts of tiles change from call to call, and a static graph would compile again for
+    each; no gradient tracking, so that a call from a forward (grad mode on) and one from a backward (off)
+    share one graph. Up to `RECOMPILE_LIMIT` graphs per function. While a CUDA graph is being captured nothing
+    is compiled (compiling launches and times kernels): a call that would need a new graph is an error, so warm
+    the step up first, outside the capture, with the same shapes.
 
     ``fallback`` (the option left at its default, None): a failure to compile (no working Triton toolchain,
     the recompile limit met) warns once and runs this function's tiles eagerly from then on, with the same
@@ -349,7 +360,7 @@ def run_tile(fn: Callable, compiled: bool, a: torch.Tensor, *args, fallback: boo
     if torch.compiler.is_compiling():  # inside a caller's own graph: traced into it (Dynamo cannot nest)
         return fn(a, *args)
     if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+        _compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True, options=inductor_options())
     capturing = _capturing(a.device)
     args = _own(args)
     try:
