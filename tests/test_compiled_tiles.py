@@ -423,3 +423,101 @@ def test_forward_tiles_widen_only_once_the_fold_has_compiled(monkeypatch):
     assert tiles.compiled_before(tiles.fold_tile)
     after = forward_blocks()
     assert after.vocab == 4 * before.vocab and after.tokens == before.tokens
+
+
+def test_fold_takes_softmax_form_only_compiled_for_the_max_and_sum_of_a_wide_enough_tile():
+    """`fold_tile`'s softmax form is chosen while compiled, for the losses' statistics, on a tile at least
+    `SOFTMAX_FORM_MIN_WIDTH` wide; eagerly, with the entropy, the sum of squares or the argmax, the two-pass form."""
+    from align_losses.ops.stats import Stats
+
+    def state(outputs):
+        return tiles.RowStats(*Stats.empty(4, torch.device("cpu"), frozenset(outputs)).take(slice(0, 4)))
+
+    def chosen(width, outputs=("logprobs",)):
+        s = state(outputs)
+        return torch.compile(lambda z: tiles._softmax_form(z, s), dynamic=True, fullgraph=True)(torch.randn(4, width))
+
+    wide = tiles.SOFTMAX_FORM_MIN_WIDTH + 9
+    assert chosen(wide) and chosen(wide, ("logprobs", "mean_logit", "logsumexp"))
+    assert not chosen(tiles.SOFTMAX_FORM_MIN_WIDTH - 3)
+    for extra in ("entropy", "log_sum_p2", "argmax_hit"):
+        assert not chosen(wide, ("logprobs", extra)), extra
+    assert not tiles._softmax_form(torch.randn(4, wide), state(("logprobs",)))  # eager
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
+])
+def test_compiled_fold_in_softmax_form_matches_float64_and_eager(device, masked):
+    """The losses' case (log-probs, logsumexp and, unmasked, the mean logit) takes the compiled fold's softmax form:
+    against float64 logits and the eager tiles, values and gradients for random upstream gradients. The last tile is
+    5 ids wide, narrower than `SOFTMAX_FORM_MIN_WIDTH`: it takes the two-pass form in the same walk. ``masked``: a
+    bias of -inf on the first tile and a half (nothing but -inf seen yet) and on a run inside the third; the
+    masked ids get exactly zero gradient."""
+    n, d, v = 53, 8, 3 * BLOCK + 5
+    g = torch.Generator().manual_seed(21)
+    hidden = torch.randn(n, d, generator=g)
+    weight = 0.6 * torch.randn(v, d, generator=g)
+    bias = 0.5 * torch.randn(v, generator=g)
+    mask = torch.zeros(v, dtype=torch.bool)
+    if masked:
+        mask[: BLOCK + BLOCK // 2] = True
+        mask[2 * BLOCK + 5 : 2 * BLOCK + 50] = True
+        bias[mask] = -float("inf")
+    keep = (~mask).nonzero().squeeze(1)
+    labels = keep[torch.randint(0, len(keep), (n,), generator=g)]
+    labels[:3] = torch.tensor([v - 1, v - 5, keep[0]])  # labels in the narrow last tile and on the first kept id
+    labels[7::6] = IGNORE
+    outputs = ("logsumexp",) if masked else ("logsumexp", "mean_logit")
+    graded = ("logprobs", *outputs)
+    up = {name: torch.randn(n, generator=g) * (0.5 + torch.rand(n, generator=g)) for name in graded}
+    transform = dict(logit_scale=1.3, temperature=0.7)
+
+    def run(compiled):
+        leaves = [t.to(device, copy=True).requires_grad_() for t in (hidden, weight, bias)]
+        stats = linear_token_stats(*leaves[:2], labels.to(device), bias=leaves[2], outputs=outputs, impl="torch",
+                                   backend_options=_options(compiled), **transform)
+        out = {name: getattr(stats, name).detach().cpu() for name in graded}
+        sum((getattr(stats, name) * up[name].to(device)).sum() for name in graded).backward()
+        return out, [leaf.grad.cpu() for leaf in leaves]
+
+    got, grads = run(True)
+    eager, eager_grads = run(False)
+    leaves = [t.double().requires_grad_() for t in (hidden, weight[keep], bias[keep])]
+    z = transform["logit_scale"] * (leaves[0] @ leaves[1].t() + leaves[2]) / transform["temperature"]
+    valid = labels != IGNORE
+    local = torch.searchsorted(keep, labels.clamp(min=0))
+    want = {"logprobs": torch.log_softmax(z, -1).gather(1, local[:, None]).squeeze(1) * valid,
+            "logsumexp": torch.logsumexp(z, -1) * valid, "mean_logit": z.mean(-1) * valid}
+    want_grads = torch.autograd.grad(sum((want[name] * up[name]).sum() for name in graded), leaves)
+    want = {name: value.detach() for name, value in want.items()}
+    for name, value in got.items():
+        assert torch.isfinite(value).all(), name
+        assert _rel(value, want[name]) < 2e-6, name
+        assert _rel(value, eager[name]) < 1e-6, name
+    assert _rel(grads[0], want_grads[0]) < 1e-5 and _rel(grads[0], eager_grads[0]) < 1e-5
+    for grad, eager_grad, want_grad in zip(grads[1:], eager_grads[1:], want_grads[1:]):
+        assert torch.count_nonzero(grad[mask]) == 0
+        assert _rel(grad[keep], want_grad) < 1e-5 and _rel(grad, eager_grad) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_fold_reads_its_tile_in_one_online_softmax_pass():
+    """On CUDA, Inductor lowers the compiled fold's softmax form, at a dynamic width, to its online softmax (the max
+    and the sum in one pass over the tile): the reason the form exists."""
+    from torch._inductor.utils import run_and_get_code
+
+    from align_losses.ops.stats import Stats
+    from align_losses.problem import LogitTransform
+
+    torch._dynamo.reset()
+    state = tiles.RowStats(*Stats.empty(64, torch.device("cuda"), frozenset({"logprobs"})).take(slice(0, 64)))
+    fold = torch.compile(tiles.fold_tile, dynamic=True, fullgraph=True, options=tiles.inductor_options())
+    labels = torch.randint(0, 300, (64,), device="cuda")
+    first = torch.zeros((), dtype=torch.int64, device="cuda")
+    _, code = run_and_get_code(fold, torch.randn(64, 300, device="cuda"), state, None, labels, first,
+                               LogitTransform())
+    assert "online_softmax" in "\n".join(code)

@@ -100,6 +100,8 @@ def fold_tile(a: torch.Tensor, state: RowStats, bias: Optional[torch.Tensor], la
     """
     z = logits(a, bias, t, owns_a)
     label_logit = state.label_logit + _pick(z, labels - first)
+    if _softmax_form(z, state):
+        return _fold_softmax_form(z, state, label_logit)
     sum_z = state.sum_z + z.sum(dim=1) if state.sum_z is not None else None
     if state.argmax is not None:
         block_max, block_arg = z.max(dim=1)  # the first maximum of the tile
@@ -136,6 +138,41 @@ def fold_tile(a: torch.Tensor, state: RowStats, bias: Optional[torch.Tensor], la
         sum_exp2=sum_exp2,
         argmax=argmax,
     )
+
+
+#: The narrowest tile that `fold_tile` folds in softmax's own form when compiled: Inductor's
+#: ``unroll_reductions_threshold`` (8 in torch 2.11-2.13), below which it unrolls a reduction instead of taking
+#: its online softmax. A larger torch value would only leave the widths in between to the two-pass form.
+SOFTMAX_FORM_MIN_WIDTH = 8
+
+
+def _softmax_form(z: torch.Tensor, state: RowStats) -> bool:
+    """Whether `fold_tile` takes softmax's own form (`_fold_softmax_form`): while compiled, for the max and the sum
+    alone (the losses' case: no entropy, no sum of squares, no argmax), on a tile at least `SOFTMAX_FORM_MIN_WIDTH`
+    wide. The width test is evaluated on the dynamic width, so it becomes a guard of the compiled graph: Inductor
+    then knows the width is at least its threshold (which it needs to lower the pattern to its online softmax),
+    and a narrower tile compiles another graph instead of failing a check."""
+    return (torch.compiler.is_compiling() and state.sum_exp_z is None and state.sum_exp2 is None
+            and state.argmax is None and z.shape[1] >= SOFTMAX_FORM_MIN_WIDTH)
+
+
+def _fold_softmax_form(z: torch.Tensor, state: RowStats, label_logit: torch.Tensor) -> RowStats:
+    """`fold_tile`'s max and sum of exponentials in softmax's own form: the tile's max, the sum of ``exp(z - that
+    max)``, both merged into the running statistics afterwards. Inductor lowers ``amax``, ``sub``, ``exp``, ``sum``
+    over one dimension (with ``keepdim``) to one online-softmax pass (its ``prepare_softmax_online``, on CUDA and
+    XPU), which reads the tile once; shifting by the running max first, as `fold_tile` otherwise does, takes two
+    reductions over it (the kernel times of both: benchmarks/NOTES-torch.md). The values agree to fp32 rounding:
+    the same terms, summed relative to another max."""
+    tile_max = z.amax(dim=1, keepdim=True)
+    tile_sum = (z - tile_max).exp().sum(dim=1, keepdim=True).squeeze(1)
+    tile_max = tile_max.squeeze(1)
+    new_max = torch.maximum(state.max, tile_max)
+    shift_to = torch.where(new_max > -math.inf, new_max, 0.0)  # -inf only so far: shift by 0, as fold_tile does
+    # A tile row of -inf only (a bias masking those ids) has a NaN sum (-inf - -inf): it adds nothing.
+    added = torch.where(tile_max > -math.inf, tile_sum * torch.exp(tile_max - shift_to), 0.0)
+    sum_z = state.sum_z + z.sum(dim=1) if state.sum_z is not None else None
+    return RowStats(max=new_max, sum_exp=state.sum_exp * torch.exp(state.max - shift_to) + added,
+                    label_logit=label_logit, sum_exp_z=None, sum_z=sum_z, sum_exp2=None, argmax=None)
 
 
 def tile_grad(a: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor, first: torch.Tensor,
