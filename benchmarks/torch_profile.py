@@ -35,7 +35,6 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/_common.py, however this is run
 import _common  # noqa: E402 - puts the checkout on sys.path too
 import align_losses  # noqa: E402
-import torch._inductor.config  # noqa: E402 - fold_softmax_form reads it
 from align_losses.ops.tiles import inductor_options  # noqa: E402
 
 N, D, V = 8192, 2048, 151936  # tokens (a quarter of them unlabelled), hidden size, vocabulary
@@ -281,32 +280,6 @@ def main() -> None:
         tile_functions(m, args.code_dir)
 
 
-def fold_softmax_form(a: torch.Tensor, state, bias, labels: torch.Tensor, first: torch.Tensor, t):
-    """`align_losses.ops.tiles.fold_tile`'s losses' case (the max, the sum of exponentials and the label logit; only
-    called with no ``bias`` and the identity transform ``t``, which it ignores) in softmax's own form, an
-    experiment of section 4: the tile's max and its sum of ``exp(z - max)`` (amax, sub, exp, sum over dim 1 with
-    keepdim: the pattern Inductor lowers to one online-softmax pass), merged into the running statistics
-    afterwards, where ``fold_tile`` shifts the tile by the running max itself. The twenty-fourth session's form
-    (2d30ce2, reverted) took the online softmax only with the width static; the width check below is what lets a
-    dynamic width take it too (seen in torch 2.13's lowering on a CPU, not yet on a GPU)."""
-    from align_losses.ops.tiles import RowStats
-
-    # Inductor lowers the pattern to its online softmax only where the reduction is known to be at least
-    # unroll_reductions_threshold long; a dynamic width is any size from 2 on unless told otherwise.
-    torch._check(a.shape[1] >= torch._inductor.config.unroll_reductions_threshold)
-    hits = torch.arange(a.shape[1], device=a.device) == (labels - first)[:, None]
-    label_logit = state.label_logit + torch.where(hits, a, 0.0).sum(dim=1)
-    block_max = a.amax(dim=1, keepdim=True)
-    block_sum = (a - block_max).exp().sum(dim=1, keepdim=True).squeeze(1)
-    block_max = block_max.squeeze(1)
-    new_max = torch.maximum(state.max, block_max)
-    shift = torch.where(new_max > -math.inf, new_max, 0.0)
-    # A row of -inf only (a masked tile) has a NaN block sum (-inf - -inf): it adds nothing.
-    added = torch.where(block_max > -math.inf, block_sum * torch.exp(block_max - shift), 0.0)
-    return RowStats(max=new_max, sum_exp=state.sum_exp * torch.exp(state.max - shift) + added,
-                    label_logit=label_logit, sum_exp_z=None, sum_z=None, sum_exp2=None, argmax=None)
-
-
 def tile_functions(m: int, code_dir) -> None:
     """Section 4: the compiled tile functions alone, under Inductor option variants, on the tiles of the default
     plan's walks (`default_plan`: the forward's for `fold_tile`, the backward's for `tile_grad`) at ``m`` labelled
@@ -320,7 +293,7 @@ def tile_functions(m: int, code_dir) -> None:
     long_m = 24576
     print(f"\n## 4. compiled tile functions alone (losses' case), the default plan's tiles at {m} and {long_m} tokens; "
           f"GB/s of fp32 tile read (+ bf16 written by tile_grad)")
-    for fn, walk in ((tiles.fold_tile, "forward"), (fold_softmax_form, "forward"), (tiles.tile_grad, "backward")):
+    for fn, walk in ((tiles.fold_tile, "forward"), (tiles.tile_grad, "backward")):
         for tokens in (m, long_m):
             t, w = getattr(default_plan(tokens), walk)
             tile_count = -(-tokens // t) * -(-V // w)
@@ -342,8 +315,8 @@ def tile_functions(m: int, code_dir) -> None:
                 shift = torch.randn(t, device="cuda") + 4
                 args = (None, y, first, shift.clone(), None, up, identity, V, torch.bfloat16, True, False, shift)
                 moved = t * w * 6
-            with torch.no_grad():  # the softmax form against the backend's fold
-                reference = (tiles.fold_tile if fn is fold_softmax_form else fn)(z, *args)
+            with torch.no_grad():  # eagerly: the compiled fold's softmax form against the two-pass form
+                reference = fn(z, *args)
             for name, (options, static) in INDUCTOR_VARIANTS.items():
                 torch._dynamo.reset()
                 compiled = compile_tile(fn, options, static)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from align_losses import linear_token_stats
-from align_losses.ops import tiles
+from align_losses.ops import tiled_head, tiles
 from align_losses.ops.tiled_head import Tiling
 
 IGNORE = -100
@@ -22,6 +22,9 @@ OUTPUTS = ("entropy", "mean_logit", "logsumexp", "argmax_hit", "log_sum_p2")
 GRADED = ("logprobs", "entropy", "mean_logit", "logsumexp")
 TRANSFORM = dict(softcap=20.0, logit_scale=1.3, temperature=0.7)
 BLOCK = 192  # vocabulary ids per tile: memory_budget 16 * 32 * BLOCK bytes with token_chunk 32
+#: CPU (Inductor's C++ kernels), and CUDA (its Triton kernels) as a GPU test
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu,
+                                              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
 
 
 def _options(compiled: bool) -> dict:
@@ -86,6 +89,51 @@ def _graphs(fn) -> int:
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     got, want = got.double(), want.double()
     return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+def _record_fold_widths(monkeypatch) -> list:
+    """Plan the next calls' forward tiles as before the fold first compiled (``BLOCK`` ids wide: once it has, the
+    plan widens them four times, past these tests' vocabularies, to one tile a token block), and record the width
+    of each tile the compiled fold gets."""
+    monkeypatch.setattr(tiles, "_ran_compiled", set())
+    widths = []
+    run_tile = tiled_head.run_tile
+
+    def spy(fn, compiled, a, *args, **kwargs):
+        if fn is tiles.fold_tile and compiled:
+            widths.append(a.shape[1])
+        return run_tile(fn, compiled, a, *args, **kwargs)
+
+    monkeypatch.setattr(tiled_head, "run_tile", spy)
+    return widths
+
+
+def _masked_head(n: int, d: int, v: int, g: torch.Generator, weight_scale: float, masked: bool):
+    """fp32 hidden ``[n, d]``, weight ``[v, d]`` and bias ``[v]``, and the mask (bool ``[v]``) of the ids whose bias
+    is -inf when ``masked``: the first tile and a half (nothing but -inf seen yet) and a run inside the third."""
+    hidden = torch.randn(n, d, generator=g)
+    weight = weight_scale * torch.randn(v, d, generator=g)
+    bias = 0.5 * torch.randn(v, generator=g)
+    mask = torch.zeros(v, dtype=torch.bool)
+    if masked:
+        mask[: BLOCK + BLOCK // 2] = True
+        mask[2 * BLOCK + 5 : 2 * BLOCK + 50] = True
+        bias[mask] = -float("inf")
+    return hidden, weight, bias, mask
+
+
+def _assert_matches(got, grads, eager, eager_grads, want, want_grads, keep, masked) -> None:
+    """Outputs ``{name: [N]}`` and gradients of hidden, weight and bias: finite, against the float64 reference
+    ``want`` (its weight and bias gradients over the ids ``keep`` only) and the eager tiles; the ``masked`` ids'
+    weight and bias gradients exactly zero."""
+    for name, value in got.items():
+        assert torch.isfinite(value).all(), name
+        assert _rel(value, want[name]) < 2e-6, name
+        assert _rel(value, eager[name]) < 1e-6, name
+    assert _rel(grads[0], want_grads[0]) < 1e-5 and _rel(grads[0], eager_grads[0]) < 1e-5
+    for grad, eager_grad, want_grad in zip(grads[1:], eager_grads[1:], want_grads[1:]):
+        assert torch.count_nonzero(grad[masked]) == 0
+        assert _rel(grad[keep], want_grad) < 1e-5 and _rel(grad, eager_grad) < 1e-5
 
 
 def test_compiled_tiles_match_float64_and_eager():
@@ -237,24 +285,15 @@ def test_tiles_are_compiled_by_default_only_where_inductor_emits_triton(monkeypa
     assert tiles.compiled_tiles(None, torch.device("cuda")) and tiles.compiled_tiles(None, torch.device("xpu"))
 
 
-@pytest.mark.parametrize("device", [
-    "cpu",
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
-])
-def test_compiled_tiles_minus_inf_bias_and_argmax_ties(device):
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_tiles_minus_inf_bias_and_argmax_ties(device, monkeypatch):
     """A bias of -inf on the first tile and a half (nothing but -inf seen yet: the shift of 0) and on a run inside
     the third; argmax ties within a tile and across tiles (the first maximum wins). Against float64 logits of the
     unmasked ids, and the eager tiles; the masked rows get exactly zero gradient. On CUDA the compiled tiles are
     Inductor's Triton kernels (on CPU its C++ ones)."""
     n, d, v = 45, 8, 3 * BLOCK + 20
     g = torch.Generator().manual_seed(7)
-    hidden = torch.randn(n, d, generator=g)
-    weight = 0.4 * torch.randn(v, d, generator=g)
-    bias = 0.5 * torch.randn(v, generator=g)
-    masked = torch.zeros(v, dtype=torch.bool)
-    masked[: BLOCK + BLOCK // 2] = True
-    masked[2 * BLOCK + 5 : 2 * BLOCK + 50] = True
-    bias[masked] = -float("inf")
+    hidden, weight, bias, masked = _masked_head(n, d, v, g, weight_scale=0.4, masked=True)
     ties = [BLOCK + BLOCK // 2 + 3, BLOCK + BLOCK // 2 + 9, 2 * BLOCK + 60, 3 * BLOCK + 1]  # tiles 1, 1, 2, 3
     weight[ties] = 0.0
     weight[ties, 0] = 3.0
@@ -277,7 +316,9 @@ def test_compiled_tiles_minus_inf_bias_and_argmax_ties(device):
         sum((getattr(stats, name) * up[name].to(device)).sum() for name in graded).backward()
         return out, [leaf.grad.cpu() for leaf in leaves]
 
+    widths = _record_fold_widths(monkeypatch)
     got, grads = run(True)
+    assert set(widths) == {BLOCK, 20}  # the tiles the docstring describes
     eager, eager_grads = run(False)
     # float64 reference over the unmasked ids only
     leaves = [t.double().requires_grad_() for t in (hidden, weight[keep], bias[keep])]
@@ -292,14 +333,7 @@ def test_compiled_tiles_minus_inf_bias_and_argmax_ties(device):
     want = {name: value.detach() for name, value in want.items()}
     assert got["argmax_hit"][:12].tolist() == [1.0, 0.0, 0.0, 0.0] * 3
     assert torch.equal(got["argmax_hit"], eager["argmax_hit"]) and torch.equal(got["argmax_hit"], want["argmax_hit"].float())
-    for name, value in got.items():
-        assert torch.isfinite(value).all(), name
-        assert _rel(value, want[name]) < 2e-6, name
-        assert _rel(value, eager[name]) < 1e-6, name
-    assert _rel(grads[0], want_grads[0]) < 1e-5 and _rel(grads[0], eager_grads[0]) < 1e-5
-    for grad, eager_grad, want_grad in zip(grads[1:], eager_grads[1:], want_grads[1:]):
-        assert torch.count_nonzero(grad[masked]) == 0
-        assert _rel(grad[keep], want_grad) < 1e-5 and _rel(grad, eager_grad) < 1e-5
+    _assert_matches(got, grads, eager, eager_grads, want, want_grads, keep, masked)
 
 
 def _scaled(a, k, owns_a=False):
@@ -446,11 +480,8 @@ def test_fold_takes_softmax_form_only_compiled_for_the_max_and_sum_of_a_wide_eno
 
 
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("device", [
-    "cpu",
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
-])
-def test_compiled_fold_in_softmax_form_matches_float64_and_eager(device, masked):
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_fold_in_softmax_form_matches_float64_and_eager(device, masked, monkeypatch):
     """The losses' case (log-probs, logsumexp and, unmasked, the mean logit) takes the compiled fold's softmax form:
     against float64 logits and the eager tiles, values and gradients for random upstream gradients. The last tile is
     5 ids wide, narrower than `SOFTMAX_FORM_MIN_WIDTH`: it takes the two-pass form in the same walk. ``masked``: a
@@ -458,14 +489,7 @@ def test_compiled_fold_in_softmax_form_matches_float64_and_eager(device, masked)
     masked ids get exactly zero gradient."""
     n, d, v = 53, 8, 3 * BLOCK + 5
     g = torch.Generator().manual_seed(21)
-    hidden = torch.randn(n, d, generator=g)
-    weight = 0.6 * torch.randn(v, d, generator=g)
-    bias = 0.5 * torch.randn(v, generator=g)
-    mask = torch.zeros(v, dtype=torch.bool)
-    if masked:
-        mask[: BLOCK + BLOCK // 2] = True
-        mask[2 * BLOCK + 5 : 2 * BLOCK + 50] = True
-        bias[mask] = -float("inf")
+    hidden, weight, bias, mask = _masked_head(n, d, v, g, weight_scale=0.6, masked=masked)
     keep = (~mask).nonzero().squeeze(1)
     labels = keep[torch.randint(0, len(keep), (n,), generator=g)]
     labels[:3] = torch.tensor([v - 1, v - 5, keep[0]])  # labels in the narrow last tile and on the first kept id
@@ -483,7 +507,9 @@ def test_compiled_fold_in_softmax_form_matches_float64_and_eager(device, masked)
         sum((getattr(stats, name) * up[name].to(device)).sum() for name in graded).backward()
         return out, [leaf.grad.cpu() for leaf in leaves]
 
+    widths = _record_fold_widths(monkeypatch)
     got, grads = run(True)
+    assert set(widths) == {BLOCK, 5}  # wide tiles merged into running statistics, and the narrow last one
     eager, eager_grads = run(False)
     leaves = [t.double().requires_grad_() for t in (hidden, weight[keep], bias[keep])]
     z = transform["logit_scale"] * (leaves[0] @ leaves[1].t() + leaves[2]) / transform["temperature"]
@@ -493,14 +519,7 @@ def test_compiled_fold_in_softmax_form_matches_float64_and_eager(device, masked)
             "logsumexp": torch.logsumexp(z, -1) * valid, "mean_logit": z.mean(-1) * valid}
     want_grads = torch.autograd.grad(sum((want[name] * up[name]).sum() for name in graded), leaves)
     want = {name: value.detach() for name, value in want.items()}
-    for name, value in got.items():
-        assert torch.isfinite(value).all(), name
-        assert _rel(value, want[name]) < 2e-6, name
-        assert _rel(value, eager[name]) < 1e-6, name
-    assert _rel(grads[0], want_grads[0]) < 1e-5 and _rel(grads[0], eager_grads[0]) < 1e-5
-    for grad, eager_grad, want_grad in zip(grads[1:], eager_grads[1:], want_grads[1:]):
-        assert torch.count_nonzero(grad[mask]) == 0
-        assert _rel(grad[keep], want_grad) < 1e-5 and _rel(grad, eager_grad) < 1e-5
+    _assert_matches(got, grads, eager, eager_grads, want, want_grads, keep, mask)
 
 
 @pytest.mark.gpu

@@ -11,7 +11,9 @@ Two steps pick their kernels by mode, with the same values either way: a token's
 changed with ``gather`` / ``scatter`` eagerly (a broadcast compare would materialise a ``[T, W]`` mask and a
 select), with a compare of the column index against the label when compiled (a gather or scatter would split
 Inductor's fused kernel); row-wise dot products are ``einsum`` eagerly (no product tile) and a product summed
-when compiled (``einsum`` would lower to a batched GEMM).
+when compiled (``einsum`` would lower to a batched GEMM). A third agrees to fp32 rounding only: compiled and for the
+losses' statistics, `fold_tile` sums a tile's exponentials relative to the tile's own max (softmax's form, which
+Inductor reads in one pass); otherwise relative to the running max (eagerly in the tile's own memory).
 
 Whether the tiles run compiled is the backend option `COMPILE_TILES` (None: on where Inductor emits Triton
 kernels, i.e. CUDA or XPU with Triton installed; `compiled_tiles`).
@@ -142,7 +144,8 @@ def fold_tile(a: torch.Tensor, state: RowStats, bias: Optional[torch.Tensor], la
 
 #: The narrowest tile that `fold_tile` folds in softmax's own form when compiled: Inductor's
 #: ``unroll_reductions_threshold`` (8 in torch 2.11-2.13), below which it unrolls a reduction instead of taking
-#: its online softmax. A larger torch value would only leave the widths in between to the two-pass form.
+#: its online softmax. With a larger torch value the widths in between would still take the softmax form, which
+#: Inductor would then compute in two reductions (the max, then the sum) instead of one: the same values.
 SOFTMAX_FORM_MIN_WIDTH = 8
 
 
@@ -151,7 +154,10 @@ def _softmax_form(z: torch.Tensor, state: RowStats) -> bool:
     alone (the losses' case: no entropy, no sum of squares, no argmax), on a tile at least `SOFTMAX_FORM_MIN_WIDTH`
     wide. The width test is evaluated on the dynamic width, so it becomes a guard of the compiled graph: Inductor
     then knows the width is at least its threshold (which it needs to lower the pattern to its online softmax),
-    and a narrower tile compiles another graph instead of failing a check."""
+    and a narrower tile compiles another graph instead of failing a check. Traced into a caller's own compile (a
+    vocabulary-parallel head, which does not run behind the registered op), the guard is the caller's: a width the
+    caller declared dynamic with a range below the threshold (``mark_dynamic(..., min=...)``, export's ``Dim``) then
+    fails Dynamo's constraint check."""
     return (torch.compiler.is_compiling() and state.sum_exp_z is None and state.sum_exp2 is None
             and state.argmax is None and z.shape[1] >= SOFTMAX_FORM_MIN_WIDTH)
 
@@ -168,7 +174,8 @@ def _fold_softmax_form(z: torch.Tensor, state: RowStats, label_logit: torch.Tens
     tile_max = tile_max.squeeze(1)
     new_max = torch.maximum(state.max, tile_max)
     shift_to = torch.where(new_max > -math.inf, new_max, 0.0)  # -inf only so far: shift by 0, as fold_tile does
-    # A tile row of -inf only (a bias masking those ids) has a NaN sum (-inf - -inf): it adds nothing.
+    # A tile row of -inf only (a bias masking those ids) has no meaningful sum (NaN from -inf - -inf eagerly, a count
+    # from Inductor's online softmax): it adds nothing.
     added = torch.where(tile_max > -math.inf, tile_sum * torch.exp(tile_max - shift_to), 0.0)
     sum_z = state.sum_z + z.sum(dim=1) if state.sum_z is not None else None
     return RowStats(max=new_max, sum_exp=state.sum_exp * torch.exp(state.max - shift_to) + added,
@@ -325,7 +332,8 @@ _ran_compiled: set = set()  # tile functions that have run compiled at least onc
 #: Graphs Dynamo may build for each tile function before giving up (its default, 8, is per function too). One
 #: is built per combination of the flags (bias or not, the outputs and upstream gradients present, dtypes),
 #: transform constants and Dynamo's specialisations of sizes and view offsets 0 and 1 (a tile of one token or
-#: one vocabulary id, a last token block of one): a long run with a few of each meets 8, and with
+#: one vocabulary id, a last token block of one) and, for `fold_tile`'s softmax form, a tile narrower than
+#: `SOFTMAX_FORM_MIN_WIDTH`: a long run with a few of each meets 8, and with
 #: ``fullgraph=True`` Dynamo then raises instead of running the function eagerly.
 RECOMPILE_LIMIT = 64
 
