@@ -341,9 +341,9 @@ RECOMPILE_LIMIT = 64
 def inductor_options() -> dict:
     """The Inductor options the tile functions compile with: n-d tiling (``triton.prefer_nd_tiling``) where this
     torch has it. A tile's kernels then index its rows and columns as two grid dimensions instead of one flat
-    index divided by the dynamic width at every element (the label compare needs the column), which took 3-4% off
-    the step on an H200 and 1-3% on an H100 (benchmarks/NOTES-torch.md). Only Triton kernels read it: the
-    C++ kernels of a CPU are unchanged."""
+    index divided by the dynamic width at every element (the label compare needs the column), which takes a few
+    percent off the step (`tile_grad`'s kernels above all; benchmarks/NOTES-torch.md). Only Triton kernels read
+    it: the C++ kernels of a CPU are unchanged."""
     import torch._inductor.config as inductor_config  # imported by compiling anyway; not at import time
 
     return {"triton.prefer_nd_tiling": True} if hasattr(inductor_config.triton, "prefer_nd_tiling") else {}
