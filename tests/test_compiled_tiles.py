@@ -459,24 +459,26 @@ def test_forward_tiles_widen_only_once_the_fold_has_compiled(monkeypatch):
     assert after.vocab == 4 * before.vocab and after.tokens == before.tokens
 
 
-def test_fold_takes_softmax_form_only_compiled_for_the_max_and_sum_of_a_wide_enough_tile():
+def test_fold_takes_softmax_form_only_compiled_for_the_max_and_sum_of_a_wide_enough_tile(monkeypatch):
     """`fold_tile`'s softmax form is chosen while compiled, for the losses' statistics, on a tile at least
-    `SOFTMAX_FORM_MIN_WIDTH` wide; eagerly, with the entropy, the sum of squares or the argmax, the two-pass form."""
+    `SOFTMAX_FORM_MIN_WIDTH` wide (a guard of the dynamic-width graph: a narrower tile gets a graph of its own);
+    eagerly, or with the entropy, the sum of squares or the argmax, the two-pass form."""
     from align_losses.ops.stats import Stats
 
     def state(outputs):
         return tiles.RowStats(*Stats.empty(4, torch.device("cpu"), frozenset(outputs)).take(slice(0, 4)))
 
-    def chosen(width, outputs=("logprobs",)):
-        s = state(outputs)
-        return torch.compile(lambda z: tiles._softmax_form(z, s), dynamic=True, fullgraph=True)(torch.randn(4, width))
-
+    losses = state(("logprobs",))
     wide = tiles.SOFTMAX_FORM_MIN_WIDTH + 9
-    assert chosen(wide) and chosen(wide, ("logprobs", "mean_logit", "logsumexp"))
-    assert not chosen(tiles.SOFTMAX_FORM_MIN_WIDTH - 3)
+    choose = torch.compile(lambda z: tiles._softmax_form(z, losses), dynamic=True, fullgraph=True)
+    assert choose(torch.randn(4, wide)) and choose(torch.randn(4, wide + 50))
+    assert not choose(torch.randn(4, tiles.SOFTMAX_FORM_MIN_WIDTH - 3))
+    assert not tiles._softmax_form(torch.randn(4, wide), losses)  # eager
+    # The statistics asked for, decided as while compiling (a compile per set would near Dynamo's limit per code).
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert tiles._softmax_form(torch.randn(4, wide), state(("logprobs", "mean_logit", "logsumexp")))
     for extra in ("entropy", "log_sum_p2", "argmax_hit"):
-        assert not chosen(wide, ("logprobs", extra)), extra
-    assert not tiles._softmax_form(torch.randn(4, wide), state(("logprobs",)))  # eager
+        assert not tiles._softmax_form(torch.randn(4, wide), state(("logprobs", extra))), extra
 
 
 @pytest.mark.parametrize("masked", [False, True])
