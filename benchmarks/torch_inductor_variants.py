@@ -9,8 +9,8 @@ medians (3 warm-up, 9 timed), each variant twice in interleaved rounds so that c
   (`align_losses.ops.tiles.inductor_options`: n-d tiling); ``plain``: without options;
 - ``cdt``: with ``coordinate_descent_tuning``;
 - ``static``: the tile width marked static (`torch._dynamo.mark_static`), the token count still dynamic;
-- ``nd``: with ``triton.prefer_nd_tiling`` only; ``nd-nosplit`` and ``nd-tiledred`` with it and ``split_reductions=False``
-  (each reduction in one kernel, not split in two) or ``triton.tile_reductions``;
+- ``nd-nosplit`` and ``nd-tiledred``: the backend's n-d tiling with ``split_reductions=False`` (each reduction in
+  one kernel, not split in two) or ``triton.tile_reductions``;
 - ``default-1GiB``, ``static-1GiB``: those with a 1 GiB ``memory_budget`` (half the vocabulary blocks).
 
 The variants replace the backend's cached compiled tile functions (``align_losses.ops.tiles._compiled``, a private
@@ -43,7 +43,6 @@ VARIANTS = {
     "plain": ("plain dynamic", None),
     "cdt": ("coordinate descent", None),
     "static": ("static width", None),
-    "nd": ("n-d tiling", None),
     "nd-nosplit": ("n-d tiling, no split reductions", None),
     "nd-tiledred": ("n-d tiling, tiled reductions", None),
     "default-1GiB": ("the backend's", 2**30),
@@ -62,7 +61,7 @@ def install(variant: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _common.add_commit_arg(parser)
-    parser.add_argument("--variants", default="default,cdt,static,nd", help=f"comma-separated, of {list(VARIANTS)}")
+    parser.add_argument("--variants", default="default,plain,static", help=f"comma-separated, of {list(VARIANTS)}")
     parser.add_argument("--tokens", default="8192,32768", help="token counts, comma-separated (a quarter unlabelled)")
     parser.add_argument("--trace", help="write a chrome trace of one default step at the first token count here")
     args = parser.parse_args()

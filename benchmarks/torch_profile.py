@@ -10,8 +10,8 @@ D 2048, V 151936, bf16), beside TRL 1.16's chunked head.
 3. The elementwise passes of its tiles, alone, over one fp32 block ``[tokens, block]``.
 4. Its compiled tile functions alone (`align_losses.ops.tiles.fold_tile` and `tile_grad`, the losses' case), over
    one such block and one of head.py's long shape, under Inductor options (`INDUCTOR_VARIANTS`): the backend's
-   (``dynamic=True`` and n-d tiling), none, coordinate-descent tuning, n-d tiling (alone, without split reductions, with tiled
-   reductions), and the block width marked static; their kernel time and bandwidth
+   (``dynamic=True`` and n-d tiling), none, coordinate-descent tuning, n-d tiling without split reductions or with
+   tiled reductions, and the block width marked static; their kernel time and bandwidth
    (from torch.profiler: a compiled call's kernels are shorter than the host's time to make it), whether Inductor's
    online softmax (one pass for the max and the sum) took the forward, and (``--code-dir``) the generated code.
 
@@ -46,7 +46,6 @@ INDUCTOR_VARIANTS = {
     "the backend's": (inductor_options(), False),
     "plain dynamic": ({}, False),
     "coordinate descent": ({"coordinate_descent_tuning": True}, False),
-    "n-d tiling": ({"triton.prefer_nd_tiling": True}, False),
     "n-d tiling, no split reductions": ({"triton.prefer_nd_tiling": True, "split_reductions": False}, False),
     "n-d tiling, tiled reductions": ({"triton.prefer_nd_tiling": True, "triton.tile_reductions": True}, False),
     "static width": ({}, True),

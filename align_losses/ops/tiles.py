@@ -102,9 +102,9 @@ def fold_tile(a: torch.Tensor, state: RowStats, bias: Optional[torch.Tensor], la
     """
     z = logits(a, bias, t, owns_a)
     label_logit = state.label_logit + _pick(z, labels - first)
-    if _softmax_form(z, state):
-        return _fold_softmax_form(z, state, label_logit)
     sum_z = state.sum_z + z.sum(dim=1) if state.sum_z is not None else None
+    if _softmax_form(z, state):
+        return _fold_softmax_form(z, state, label_logit, sum_z)
     if state.argmax is not None:
         block_max, block_arg = z.max(dim=1)  # the first maximum of the tile
     else:
@@ -162,7 +162,8 @@ def _softmax_form(z: torch.Tensor, state: RowStats) -> bool:
             and state.argmax is None and z.shape[1] >= SOFTMAX_FORM_MIN_WIDTH)
 
 
-def _fold_softmax_form(z: torch.Tensor, state: RowStats, label_logit: torch.Tensor) -> RowStats:
+def _fold_softmax_form(z: torch.Tensor, state: RowStats, label_logit: torch.Tensor,
+                       sum_z: Optional[torch.Tensor]) -> RowStats:
     """`fold_tile`'s max and sum of exponentials in softmax's own form: the tile's max, the sum of ``exp(z - that
     max)``, both merged into the running statistics afterwards. Inductor lowers ``amax``, ``sub``, ``exp``, ``sum``
     over one dimension (with ``keepdim``) to one online-softmax pass (its ``prepare_softmax_online``, on CUDA and
@@ -177,7 +178,6 @@ def _fold_softmax_form(z: torch.Tensor, state: RowStats, label_logit: torch.Tens
     # A tile row of -inf only (a bias masking those ids) has no meaningful sum (NaN from -inf - -inf eagerly, a count
     # from Inductor's online softmax): it adds nothing.
     added = torch.where(tile_max > -math.inf, tile_sum * torch.exp(tile_max - shift_to), 0.0)
-    sum_z = state.sum_z + z.sum(dim=1) if state.sum_z is not None else None
     return RowStats(max=new_max, sum_exp=state.sum_exp * torch.exp(state.max - shift_to) + added,
                     label_logit=label_logit, sum_exp_z=None, sum_z=sum_z, sum_exp2=None, argmax=None)
 
