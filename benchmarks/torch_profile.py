@@ -119,10 +119,11 @@ def kernel_ms(fn, calls: int = 10) -> float:
     return sum(getattr(e, field) for e in prof.key_averages()) / 1e3 / calls
 
 
-def print_idle_gaps(prof, top: int = 8) -> None:
+def print_idle_gaps(prof, top: int = 8, kinds_top: int = 30) -> None:
     """The GPU's idle time within a profiled step: the span from its first activity's start to its last's end, the
     time some activity (kernel, copy, fill) ran, and the longest stretches in which none did, with the activities on
-    either side (where the host, not the GPU, set the pace). Overlapping activities (several streams) count once."""
+    either side (where the host, not the GPU, set the pace), and the activities by kind, most frequent first.
+    Overlapping activities (several streams) count once."""
     activities = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
                         key=lambda e: e.time_range.start)
     if not activities:
@@ -139,6 +140,15 @@ def print_idle_gaps(prof, top: int = 8) -> None:
           f"{idle / 1e3:.2f} ms in {len(gaps)} gaps; the longest:")
     for gap, before, after in sorted(gaps, reverse=True)[:top]:
         print(f"  {gap:8.1f} us between {before[:60]!r} and {after[:60]!r}")
+    # Every activity is a launch (or copy) and a gap after it: how many of each kind there are says which
+    # launches a step could do without.
+    kinds: dict = {}
+    for e in activities:
+        count, total = kinds.get(e.name[:70], (0, 0.0))
+        kinds[e.name[:70]] = (count + 1, total + e.time_range.end - e.time_range.start)
+    print("activities by kind (count, GPU time):")
+    for name, (count, total) in sorted(kinds.items(), key=lambda kv: -kv[1][0])[:kinds_top]:
+        print(f"  {count:5d} {total / 1e3:8.3f} ms  {name}")
 
 
 def relative_difference(x: torch.Tensor, reference: torch.Tensor) -> float:
