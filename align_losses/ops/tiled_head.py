@@ -7,7 +7,8 @@ upstream gradients it received, and multiplies it out: the hidden-state gradient
 an fp32 ``[M, D]`` buffer, and each vocabulary block's weight gradient is accumulated over token
 blocks in an fp32 ``[V_block, D]`` buffer and written once, so no fp32 ``[V, D]`` buffer exists.
 Each token's label entry of the logit gradient stays out of the GEMM operands and is added in fp32
-afterwards (`_add_label_entries`). On CUDA the backward waits for the GPU once (`_LabelledRows`).
+afterwards (`_add_label_entries`). On CUDA the backward waits for the GPU once, for the labels' block bounds
+(`_LabelledRows`).
 
 Here are the GEMMs and the accumulators; what happens to a tile between its GEMMs is in
 `align_losses.ops.tiles`: pure functions of the raw fp32 tile (bias and logit transform applied inside),
@@ -396,23 +397,24 @@ def _add_label_entries(acc: torch.Tensor, entry: torch.Tensor, weight: torch.Ten
     acc.addcmul_(weight.index_select(0, rows), entry[:, None])
 
 
-@dataclass(frozen=True)
 class _LabelledRows:
     """The weight gradient's label terms ``entry[t] * hidden[t]``, summed per distinct label once per backward,
     and where each vocabulary block's labels start: a block then adds its rows with one ``index_add_`` of distinct
     indices (no two adds meet, so no atomics' order shows), instead of a deterministic ``index_put_`` a block,
-    which on CUDA costs a sort, a dozen launches and a wait for the device each time."""
+    which on CUDA costs a sort, a dozen launches and a wait for the device each time.
 
-    labels: torch.Tensor  # int64 [K]: the distinct labels inside the ids walked, increasing
-    rows: torch.Tensor  # fp32 [K, D]: per distinct label, the sum of entry[t] * hidden[t] over its tokens
-    bounds: list  # host ints: block b's labels are labels[bounds[b] : bounds[b + 1]]; K = bounds[-1]
+    The block bounds are host ints, read once per backward. `of` sorts the labels and, on CUDA, copies the bounds
+    to pinned host memory without waiting; the first `add_to_block` waits for that copy alone (an event) and makes
+    the sums. By then the caller has queued the first block's GEMMs behind the copy, so the GPU works through them
+    while the host makes the sums' launches, where waiting for the stream in `of` would leave it idle from the wait
+    to the first GEMM (benchmarks/NOTES-torch.md)."""
 
     @staticmethod
     def of(labels: torch.Tensor, entry: torch.Tensor, hidden: torch.Tensor, offset: int, vocab: int, block: int,
            chunk: int) -> "_LabelledRows":
         """For blocks of ``block`` ids from ``offset`` up to ``offset + vocab``; ``entry`` fp32 ``[M]`` (0 for a
         label outside them), ``hidden [M, D]``; the products are made ``chunk`` tokens at a time. One sort and
-        one host synchronisation for all blocks; the sums take an fp32 row per distinct label inside the ids
+        one wait for the device for all blocks; the sums take an fp32 row per distinct label inside the ids
         walked (a vocabulary shard's: few of a batch's tokens)."""
         inside = (labels >= offset) & (labels < offset + vocab)
         sorted_labels, order = torch.sort(torch.where(inside, labels, offset + vocab), stable=True)  # outside: last
@@ -422,7 +424,26 @@ class _LabelledRows:
         edges = torch.arange(offset, offset + vocab + block, block, device=labels.device).clamp_(max=offset + vocab)
         ends = torch.searchsorted(sorted_labels, edges)  # sorted tokens before each block edge
         before = torch.cat([seen.new_zeros(1), seen])[ends]  # distinct labels before each block edge
-        *bounds, tokens_inside = torch.cat([before, ends[-1:]]).tolist()  # the one synchronisation
+        counts = torch.cat([before, ends[-1:]])
+        ready = None
+        if counts.is_cuda:
+            counts = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True).copy_(counts, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        return _LabelledRows(_Pending(counts, ready, sorted_labels, order, seen, entry, hidden, chunk))
+
+    def __init__(self, pending: "_Pending"):
+        self._pending: Optional[_Pending] = pending  # None once the sums are made
+        self.labels: Optional[torch.Tensor] = None  # int64 [K]: the distinct labels inside the ids walked, increasing
+        self.rows: Optional[torch.Tensor] = None  # fp32 [K, D]: per distinct label, the sum of entry[t] * hidden[t]
+        self.bounds: Optional[list] = None  # host ints: block b's labels are labels[bounds[b] : bounds[b + 1]]
+
+    def _finish(self) -> None:
+        """Wait for the bounds (the backward's one wait for the device) and sum the label terms."""
+        counts, ready, sorted_labels, order, seen, entry, hidden, chunk = self._pending
+        if ready is not None:
+            ready.synchronize()
+        *bounds, tokens_inside = counts.tolist()
         slot = seen[:tokens_inside] - 1  # each sorted token's distinct label
         rows = torch.zeros(bounds[-1], hidden.shape[1], dtype=torch.float32, device=hidden.device)
         for c0 in range(0, tokens_inside, chunk):
@@ -435,15 +456,32 @@ class _LabelledRows:
                 rows.index_put_((slot[c0 : c0 + chunk],), products, accumulate=True)
             else:
                 rows.index_add_(0, slot[c0 : c0 + chunk], products)
-        distinct = torch.zeros_like(sorted_labels[: bounds[-1]]).scatter_(0, slot, sorted_labels[:tokens_inside])
-        return _LabelledRows(distinct, rows, bounds)
+        self.labels = torch.zeros_like(sorted_labels[: bounds[-1]]).scatter_(0, slot, sorted_labels[:tokens_inside])
+        self.rows, self.bounds, self._pending = rows, bounds, None
 
     def add_to_block(self, rows: torch.Tensor, index: int, first: int) -> None:
         """``rows[l - first] += `` the label terms of ``l``, for the labels ``l`` of block ``index``, whose fp32 rows
         ``rows [R, D]`` start at id ``first``."""
+        if self._pending is not None:
+            self._finish()
         lo, hi = self.bounds[index], self.bounds[index + 1]
         if hi > lo:
             rows.index_add_(0, self.labels[lo:hi] - first, self.rows[lo:hi])
+
+
+class _Pending(NamedTuple):
+    """What `_LabelledRows` keeps from its sort until its first block: the bounds (int64 ``[blocks + 2]``, on the
+    host; pinned and still being copied until ``ready``, a CUDA event, or None on other devices), the sorted
+    labels, their order and distinct-label counts (int64 ``[M]`` each), and the sums' inputs."""
+
+    counts: torch.Tensor
+    ready: Optional[torch.cuda.Event]
+    sorted_labels: torch.Tensor
+    order: torch.Tensor
+    seen: torch.Tensor
+    entry: torch.Tensor
+    hidden: torch.Tensor
+    chunk: int
 
 
 @dataclass(frozen=True)
