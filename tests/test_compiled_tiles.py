@@ -459,6 +459,41 @@ def test_forward_tiles_widen_only_once_the_fold_has_compiled(monkeypatch):
     assert after.vocab == 4 * before.vocab and after.tokens == before.tokens
 
 
+def test_row_scaled_backward_tiles_widen_only_once_tile_grad_has_compiled(monkeypatch):
+    """A compiled row-scaled `tile_grad` holds its raw fp32 tile and its operand only (8 B an element in fp32), so
+    the losses' backward walks tiles twice as wide as the eager 16 B ones here, once `tile_grad` has compiled (the
+    first backward walks the narrow ones); other upstream gradients (the entropy's) keep the narrow walk. The wide
+    walk's gradients match the eager tiles'."""
+    monkeypatch.setattr(tiles, "_ran_compiled", set())
+    widths = []
+    run_tile = tiled_head.run_tile
+
+    def spy(fn, compiled, a, *args, **kwargs):
+        if fn is tiles.tile_grad:
+            widths.append(a.shape[1])
+        return run_tile(fn, compiled, a, *args, **kwargs)
+
+    monkeypatch.setattr(tiled_head, "run_tile", spy)
+    hidden, weight, bias, labels, up = _inputs(n=61, d=9, v=3 * BLOCK + 5, seed=17)
+
+    def backward(compiled, graded):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+        stats = linear_token_stats(*leaves, labels, bias=bias, outputs=("logsumexp", "entropy"), impl="torch",
+                                   backend_options=_options(compiled))
+        widths.clear()
+        sum((getattr(stats, name) * up[name]).sum() for name in graded).backward()
+        return sorted(set(widths)), [leaf.grad for leaf in leaves]
+
+    losses, entropy = ("logprobs", "logsumexp"), ("logprobs", "entropy")
+    assert backward(True, losses)[0] == [5, BLOCK]  # planned before tile_grad had compiled
+    wide, grads = backward(True, losses)
+    assert wide == [BLOCK + 5, 2 * BLOCK]
+    assert backward(True, entropy)[0] == [5, BLOCK]
+    _, eager_grads = backward(False, losses)
+    for got, want, name in zip(grads, eager_grads, ("hidden", "weight")):
+        assert _rel(got, want) < 1e-5, name
+
+
 def test_fold_takes_softmax_form_only_compiled_for_the_max_and_sum_of_a_wide_enough_tile(monkeypatch):
     """`fold_tile`'s softmax form is chosen while compiled, for the losses' statistics, on a tile at least
     `SOFTMAX_FORM_MIN_WIDTH` wide (a guard of the dynamic-width graph: a narrower tile gets a graph of its own);

@@ -22,11 +22,15 @@ from reference import full_logits, rel, token_stats
     (1, 1, 1, 1), (24576, 151936, 2048, 512 * 2**20), (6144, 128256, 4096, 512 * 2**20), (7, 5000, 16, 16 * 3),
     (50_000, 32, 64, 2**20), (3, 70_000, 8, 2**30), (777, 999, 33, 16 * 4000),
 ])
-@pytest.mark.parametrize("forward_bytes", [16, 4])
+@pytest.mark.parametrize("forward_bytes,scaled_bytes", [(16, 16), (4, 6), (4, 8)])
 @pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)])
-def test_plan_stays_in_budget(tokens, vocab, width, budget, forward_bytes, need):
-    plan = Tiling.plan(tokens, vocab, width, budget, forward_bytes=forward_bytes, need=need)
-    for walk, per_element in ((plan.forward, forward_bytes), (plan.backward, 16)):
+def test_plan_stays_in_budget(tokens, vocab, width, budget, forward_bytes, scaled_bytes, need):
+    plan = Tiling.plan(tokens, vocab, width, budget, forward_bytes=forward_bytes, need=need,
+                       scaled_backward_bytes=scaled_bytes)
+    assert (plan.scaled_backward is None) == (scaled_bytes == 16)
+    assert plan.backward_walk(row_scaled=False) == plan.backward
+    scaled = plan.backward_walk(row_scaled=True)
+    for walk, per_element in ((plan.forward, forward_bytes), (plan.backward, 16), (scaled, scaled_bytes)):
         assert 1 <= walk.tokens <= tokens and 1 <= walk.vocab <= vocab
         # within the budget wherever one element is (one token by one id is the least a tile can be)
         assert walk.tokens * walk.vocab * per_element <= max(budget, per_element), walk
@@ -35,10 +39,12 @@ def test_plan_stays_in_budget(tokens, vocab, width, budget, forward_bytes, need)
 def test_plan_at_head_benchmark_shapes():
     """What the plan does at head.py's shapes (bf16 on CUDA, compiled tiles, the 512 MiB default): Qwen3 and Llama
     keep all tokens in one block; the long shape splits them (see `Tiling.plan`); the compiled forward's tiles
-    are four times wider; a frozen head's backward, with no weight-gradient blocks to revisit, splits further."""
+    are four times wider, the compiled row-scaled backward's 16 / 6 times; a frozen head's backward, with no
+    weight-gradient blocks to revisit, splits further."""
     budget = 512 * 2**20
-    qwen = Tiling.plan(6144, 151936, 2048, budget, forward_bytes=4)
+    qwen = Tiling.plan(6144, 151936, 2048, budget, forward_bytes=4, scaled_backward_bytes=6)
     assert qwen.backward == Blocks(6144, 5440) and qwen.forward == Blocks(6144, 21824)
+    assert qwen.scaled_backward == Blocks(6144, 14528)
     assert Tiling.plan(6144, 128256, 4096, budget, forward_bytes=4).backward == Blocks(6144, 5440)
     long = Tiling.plan(24576, 151936, 2048, budget, forward_bytes=4)
     assert long.backward == Blocks(6144, 5440)

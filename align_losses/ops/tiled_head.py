@@ -64,21 +64,30 @@ class Blocks(NamedTuple):
 class Tiling:
     """Block sizes of the forward's and the backward's tile walks, whether the tiles' math runs compiled, and
     whether a failure to compile falls back to eager tiles (the option at its default; see
-    `align_losses.ops.tiles.run_tile`)."""
+    `align_losses.ops.tiles.run_tile`). ``scaled_backward``: the backward's walk when its tiles are row-scaled (the
+    losses' case, `align_losses.ops.tiles.row_scale`) and compiled, whose kernels hold less (`_backward_bytes`);
+    None: ``backward``'s."""
 
     forward: Blocks
     backward: Blocks
     compiled: bool = False
     fallback: bool = False
+    scaled_backward: Optional[Blocks] = None
+
+    def backward_walk(self, row_scaled: bool) -> Blocks:
+        """The backward's blocks, for tiles that are row-scaled (``row_scaled``) or not."""
+        return self.scaled_backward if row_scaled and self.scaled_backward is not None else self.backward
 
     @staticmethod
     def plan(num_tokens: int, vocab: int, width: int, memory_budget: int, token_block: Optional[int] = None,
              compiled: bool = False, fallback: bool = False, operand_bytes: int = 2,
-             forward_bytes: int = _BYTES_PER_TILE_ELEMENT, need: tuple = (True, True)) -> "Tiling":
+             forward_bytes: int = _BYTES_PER_TILE_ELEMENT, need: tuple = (True, True),
+             scaled_backward_bytes: int = _BYTES_PER_TILE_ELEMENT) -> "Tiling":
         """The walks that move the fewest bytes (`_traffic`) under ``memory_budget`` bytes of tile temporaries
-        (`_BYTES_PER_TILE_ELEMENT` per element in the backward, ``forward_bytes`` in the forward), for ``num_tokens``
-        tokens of hidden size ``width``, ``vocab`` ids, GEMM operands of ``operand_bytes`` and the gradients
-        ``need = (hidden states', weight's)``. ``token_block`` fixes both walks' token blocks.
+        (`_BYTES_PER_TILE_ELEMENT` per element in the backward, ``scaled_backward_bytes`` in a backward of row-scaled
+        tiles, ``forward_bytes`` in the forward), for ``num_tokens`` tokens of hidden size ``width``, ``vocab`` ids,
+        GEMM operands of ``operand_bytes`` and the gradients ``need = (hidden states', weight's)``. ``token_block``
+        fixes every walk's token blocks.
 
         Long inputs are where this matters: with every token in one block, a small budget leaves narrow vocabulary
         blocks, and each of them reads and writes the whole fp32 hidden-state gradient (at 24576 tokens x 2048,
@@ -89,10 +98,13 @@ class Tiling:
         need_h, need_w = need
         forward = _cheapest(num_tokens, vocab, width, memory_budget // forward_bytes, token_block,
                             dict(hidden_reads=1, weight_reads=1, operand_bytes=operand_bytes))
-        backward = _cheapest(num_tokens, vocab, width, memory_budget // _BYTES_PER_TILE_ELEMENT, token_block,
-                             dict(hidden_reads=1 + need_w, weight_reads=1 + need_h, operand_bytes=operand_bytes,
-                                  hidden_grad=need_h, weight_grad=need_w))
-        return Tiling(forward, backward, compiled, fallback)
+        walk = dict(hidden_reads=1 + need_w, weight_reads=1 + need_h, operand_bytes=operand_bytes,
+                    hidden_grad=need_h, weight_grad=need_w)
+        backward = _cheapest(num_tokens, vocab, width, memory_budget // _BYTES_PER_TILE_ELEMENT, token_block, walk)
+        scaled = None
+        if scaled_backward_bytes != _BYTES_PER_TILE_ELEMENT:
+            scaled = _cheapest(num_tokens, vocab, width, memory_budget // scaled_backward_bytes, token_block, walk)
+        return Tiling(forward, backward, compiled, fallback, scaled)
 
     @staticmethod
     def for_option(hidden: torch.Tensor, vocab: int, memory_budget: int, token_block: Optional[int],
@@ -106,9 +118,12 @@ class Tiling:
         # The wide forward tile only once the fold has compiled and while it runs compiled: a first compile that
         # fails (or a failure that sends it eager later) would otherwise run the eager fold on tiles sized for 4 B.
         fused = compiles(fold_tile, compiled, fallback) and compiled_before(fold_tile) and not upcasts
+        # Likewise the backward's wide row-scaled tiles, once `tile_grad` has compiled.
+        fused_grad = compiles(tile_grad, compiled, fallback) and compiled_before(tile_grad) and not upcasts
         return Tiling.plan(hidden.shape[0], vocab, hidden.shape[1], memory_budget, token_block, compiled, fallback,
                            operand_bytes=4 if upcasts else hidden.element_size(),
-                           forward_bytes=_forward_bytes(fused, softcap), need=need)
+                           forward_bytes=_forward_bytes(fused, softcap), need=need,
+                           scaled_backward_bytes=_backward_bytes(fused_grad, _grad_operand_size(hidden)))
 
 
 def _forward_bytes(fused: bool, softcap: bool) -> int:
@@ -119,6 +134,27 @@ def _forward_bytes(fused: bool, softcap: bool) -> int:
     if not fused:
         return _BYTES_PER_TILE_ELEMENT
     return 8 if softcap else 4
+
+
+def _backward_bytes(fused: bool, operand_size: int) -> int:
+    """Bytes of temporaries per element of a row-scaled backward tile. ``fused``: `tile_grad` is compiled into one
+    elementwise kernel (seen in Inductor's code) that reads the raw fp32 tile and writes the GEMM operand
+    ``exp(z - shift)`` of ``operand_size`` bytes, holding nothing else; the raw tile is freed before the gradient
+    GEMMs. Eagerly, or with other upstream gradients, a bias gradient or a soft cap, the tile takes
+    `_BYTES_PER_TILE_ELEMENT`."""
+    return 4 + operand_size if fused else _BYTES_PER_TILE_ELEMENT
+
+
+def _grad_operand_size(hidden: torch.Tensor) -> int:
+    """Bytes of an element of the backward's GEMM operand ``dL/da`` for ``hidden``'s dtype and device (see
+    `_backward_grads`): half precision where the GEMMs take it, else fp32."""
+    return 2 if _rounds(hidden) else 4
+
+
+def _rounds(hidden: torch.Tensor) -> bool:
+    """Whether ``dL/da`` is rounded to ``hidden``'s dtype as a GEMM operand: bf16 anywhere (the CPU's bf16 GEMMs
+    run on oneDNN's bf16 kernels: `gemm.cpu_bf16_kernels`), fp16 on CUDA (elsewhere fp16 is upcast to fp32)."""
+    return hidden.dtype == torch.bfloat16 or (hidden.is_cuda and hidden.dtype != torch.float32)
 
 
 def _traffic(num_tokens: int, vocab: int, width: int, blocks: Blocks, hidden_reads: int, weight_reads: int,
@@ -297,7 +333,6 @@ def backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, u
 def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, up, transform, shard, vocab, tiling,
                     need, sync_free):
     need_h, need_w, need_b = need
-    blocks = tiling.backward
     up = {n: g.float() for n, g in up.items() if n in DIFFERENTIABLE_OUTPUTS}
     offset = shard.start if shard is not None else 0
     m = hidden.shape[0]
@@ -307,11 +342,10 @@ def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, 
                                                                            device=hidden.device)
     grad_weight = torch.empty_like(weight) if need_w else None
     grad_bias = torch.empty_like(bias) if (need_b and bias is not None) else None
-    # dL/da is rounded to the operand dtype where the GEMMs take it: half precision on CUDA, bf16 on the CPU
-    # (whose bf16 GEMMs `gemm` runs on oneDNN's bf16 kernels; fp16 is upcast to fp32 there).
-    rounds = hidden.dtype == torch.bfloat16 or (hidden.is_cuda and hidden.dtype != torch.float32)
-    operand_dtype = hidden.dtype if rounds else torch.float32
+    operand_dtype = hidden.dtype if _rounds(hidden) else torch.float32
     upstream = Upstream(*(up.get(name) for name in _UPSTREAM))
+    scale = row_scale(upstream, transform) if grad_bias is None else None
+    blocks = tiling.backward_walk(row_scaled=scale is not None)
     # See `_add_label_entries`: the label entries stay out of the GEMM operands (the tiles zero them), computed
     # once here in fp32 from the forward's label logits. No token, or an empty shard: no label; with only the bias
     # to differentiate, the entries need not move.
@@ -324,7 +358,6 @@ def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, 
         labelled = (_AllRows(labels, entry, hidden) if sync_free else
                     _LabelledRows.of(labels, entry, hidden, offset, weight.shape[0], blocks.vocab,
                                      chunk=max(blocks.tokens * blocks.vocab // max(hidden.shape[1], 1), 256)))
-    scale = row_scale(upstream, transform) if grad_bias is None else None
     sign = shift = None
     if scale is not None:  # once per backward, not per tile
         sign = torch.sign(scale)
