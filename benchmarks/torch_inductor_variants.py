@@ -45,6 +45,7 @@ VARIANTS = {
     "static": ("static width", None),
     "nd-nosplit": ("n-d tiling, no split reductions", None),
     "nd-tiledred": ("n-d tiling, tiled reductions", None),
+    "autotune": ("n-d tiling, autotuned", None),
     "default-1GiB": ("the backend's", 2**30),
     "static-1GiB": ("static width", 2**30),
 }

@@ -10,8 +10,9 @@ D 2048, V 151936, bf16), beside TRL 1.16's chunked head.
 3. The elementwise passes of its tiles, alone, over one fp32 block ``[tokens, block]``.
 4. Its compiled tile functions alone (`align_losses.ops.tiles.fold_tile` and `tile_grad`, the losses' case), over
    one such block and one of head.py's long shape, under Inductor options (`INDUCTOR_VARIANTS`): the backend's
-   (``dynamic=True`` and n-d tiling), none, coordinate-descent tuning, n-d tiling without split reductions or with
-   tiled reductions, and the block width marked static; their kernel time and bandwidth
+   (``dynamic=True`` and n-d tiling), none, coordinate-descent tuning, n-d tiling without split reductions, with
+   tiled reductions or with every reduction config autotuned, and the block width marked static; their kernel time
+   and bandwidth
    (from torch.profiler: a compiled call's kernels are shorter than the host's time to make it), whether Inductor's
    online softmax (one pass for the max and the sum) took the forward, and (``--code-dir``) the generated code.
 
@@ -48,6 +49,8 @@ INDUCTOR_VARIANTS = {
     "coordinate descent": ({"coordinate_descent_tuning": True}, False),
     "n-d tiling, no split reductions": ({"triton.prefer_nd_tiling": True, "split_reductions": False}, False),
     "n-d tiling, tiled reductions": ({"triton.prefer_nd_tiling": True, "triton.tile_reductions": True}, False),
+    # Every reduction config Inductor has, timed at the first call, instead of its heuristic's one or two.
+    "n-d tiling, autotuned": ({"triton.prefer_nd_tiling": True, "max_autotune_pointwise": True}, False),
     "static width": ({}, True),
     "static width, coordinate descent": ({"coordinate_descent_tuning": True}, True),
 }
@@ -68,11 +71,12 @@ def compile_tile(fn, options: dict, static: bool):
 
 def default_plan(tokens: int):
     """The backend's default tile plan (`align_losses.ops.tiled_head.Tiling`) for ``tokens`` labelled bf16 tokens on
-    CUDA, both gradients needed, its fold compiled (4 bytes a forward tile element), as once its first call compiled
-    it."""
+    CUDA, both gradients needed, its fold and its row-scaled tiles compiled (4 and 6 bytes a tile element), as once
+    its first call compiled them; the step of section 1 walks the forward and the row-scaled backward
+    (``backward_walk(row_scaled=True)``)."""
     from align_losses.ops.tiled_head import Tiling
 
-    return Tiling.plan(tokens, V, D, BUDGET, compiled=True, forward_bytes=4)
+    return Tiling.plan(tokens, V, D, BUDGET, compiled=True, forward_bytes=4, scaled_backward_bytes=6)
 
 
 def problem(n: int) -> tuple:
@@ -241,7 +245,7 @@ def main() -> None:
         # The host side: Dynamo's cache lookups and compiled regions, launches, synchronisations.
         print(averages.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=90))
 
-    block = default_plan(m).backward.vocab  # one token block at this size
+    block = default_plan(m).backward_walk(row_scaled=True).vocab  # one token block at this size
     blocks = -(-V // block)
     w = weight.detach()[:block]
     a = torch.randn(m, block, device="cuda").bfloat16()
@@ -304,7 +308,8 @@ def tile_functions(m: int, code_dir) -> None:
           f"GB/s of fp32 tile read (+ bf16 written by tile_grad)")
     for fn, walk in ((tiles.fold_tile, "forward"), (tiles.tile_grad, "backward")):
         for tokens in (m, long_m):
-            t, w = getattr(default_plan(tokens), walk)
+            plan = default_plan(tokens)
+            t, w = plan.forward if walk == "forward" else plan.backward_walk(row_scaled=True)
             tile_count = -(-tokens // t) * -(-V // w)
             z = torch.randn(t, w, device="cuda") * 4
             y = torch.randint(0, V, (t,), device="cuda") % (2 * w)  # half the labels inside this tile
