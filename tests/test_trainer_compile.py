@@ -92,6 +92,14 @@ def test_trainer_with_torch_compile_matches_eager_and_runs_the_op(kind, device, 
     # every step's policy pass through the op, forward and backward (3 steps of one micro-batch each)
     assert compiled[3].count("backward:op") == 3, compiled[3]
     assert compiled[3].count("forward:op") >= 3 and "forward:eager" not in compiled[3], compiled[3]
+    if kind == "dpo" and device == "cuda":
+        # Before the first update the policy is the reference, so each pair's reward margin is the rounding
+        # difference between the policy's pass (the Inductor-compiled model) and the reference's: ~1e-7, of either
+        # sign (the rewards themselves are compared within atol). Eagerly both passes are the same computation, so
+        # every margin is 0 and no pair counts as right; compiled, the share of pairs right is a coin flip per pair
+        # (0.25 against 0.0 on an H100, at a commit whose DPO head, the triton backend, had passed this test).
+        assert eager[0][0]["rewards/accuracies"] == 0.0
+        compiled[0][0]["rewards/accuracies"] = 0.0
     compare_logs(compiled[0], eager[0], rtol=RTOL[device])
     assert update_diff(compiled[1], compiled[2], eager[1], eager[2]) <= 1e-3
 
