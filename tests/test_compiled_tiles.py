@@ -462,8 +462,8 @@ def test_forward_tiles_widen_only_once_the_fold_has_compiled(monkeypatch):
 def test_row_scaled_backward_tiles_widen_only_once_tile_grad_has_compiled(monkeypatch):
     """A compiled row-scaled `tile_grad` holds its raw fp32 tile and its operand only (8 B an element in fp32), so
     the losses' backward walks tiles twice as wide as the eager 16 B ones here, once `tile_grad` has compiled (the
-    first backward walks the narrow ones); other upstream gradients (the entropy's) keep the narrow walk. The wide
-    walk's gradients match the eager tiles'."""
+    first backward walks the narrow ones); tiles that are not row-scaled (an entropy gradient, a bias gradient, a
+    soft cap) keep the narrow walk. The wide walk's gradients match the eager tiles'."""
     monkeypatch.setattr(tiles, "_ran_compiled", set())
     widths = []
     run_tile = tiled_head.run_tile
@@ -476,10 +476,11 @@ def test_row_scaled_backward_tiles_widen_only_once_tile_grad_has_compiled(monkey
     monkeypatch.setattr(tiled_head, "run_tile", spy)
     hidden, weight, bias, labels, up = _inputs(n=61, d=9, v=3 * BLOCK + 5, seed=17)
 
-    def backward(compiled, graded):
+    def backward(compiled, graded, bias_grad=False, **transform):
         leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
-        stats = linear_token_stats(*leaves, labels, bias=bias, outputs=("logsumexp", "entropy"), impl="torch",
-                                   backend_options=_options(compiled))
+        b = bias.clone().requires_grad_(bias_grad)
+        stats = linear_token_stats(*leaves, labels, bias=b, outputs=("logsumexp", "entropy"), impl="torch",
+                                   backend_options=_options(compiled), **transform)
         widths.clear()
         sum((getattr(stats, name) * up[name]).sum() for name in graded).backward()
         return sorted(set(widths)), [leaf.grad for leaf in leaves]
@@ -489,6 +490,8 @@ def test_row_scaled_backward_tiles_widen_only_once_tile_grad_has_compiled(monkey
     wide, grads = backward(True, losses)
     assert wide == [BLOCK + 5, 2 * BLOCK]
     assert backward(True, entropy)[0] == [5, BLOCK]
+    assert backward(True, losses, bias_grad=True)[0] == [5, BLOCK]
+    assert backward(True, losses, softcap=20.0)[0] == [5, BLOCK]
     _, eager_grads = backward(False, losses)
     for got, want, name in zip(grads, eager_grads, ("hidden", "weight")):
         assert _rel(got, want) < 1e-5, name

@@ -123,7 +123,7 @@ class Tiling:
         return Tiling.plan(hidden.shape[0], vocab, hidden.shape[1], memory_budget, token_block, compiled, fallback,
                            operand_bytes=4 if upcasts else hidden.element_size(),
                            forward_bytes=_forward_bytes(fused, softcap), need=need,
-                           scaled_backward_bytes=_backward_bytes(fused_grad, _grad_operand_size(hidden)))
+                           scaled_backward_bytes=_backward_bytes(fused_grad, _grad_operand_bytes(hidden)))
 
 
 def _forward_bytes(fused: bool, softcap: bool) -> int:
@@ -136,16 +136,18 @@ def _forward_bytes(fused: bool, softcap: bool) -> int:
     return 8 if softcap else 4
 
 
-def _backward_bytes(fused: bool, operand_size: int) -> int:
+def _backward_bytes(fused: bool, grad_operand_bytes: int) -> int:
     """Bytes of temporaries per element of a row-scaled backward tile. ``fused``: `tile_grad` is compiled into one
     elementwise kernel (seen in Inductor's code) that reads the raw fp32 tile and writes the GEMM operand
-    ``exp(z - shift)`` of ``operand_size`` bytes, holding nothing else; the raw tile is freed before the gradient
-    GEMMs. Eagerly, or with other upstream gradients, a bias gradient or a soft cap, the tile takes
-    `_BYTES_PER_TILE_ELEMENT`."""
-    return 4 + operand_size if fused else _BYTES_PER_TILE_ELEMENT
+    ``exp(z - shift)`` of ``grad_operand_bytes``, holding nothing else; the raw tile is freed before the gradient
+    GEMMs. Otherwise the plan takes `_BYTES_PER_TILE_ELEMENT`, as for tiles that are not row-scaled. (The eager
+    row-scaled tile holds about as little on CUDA, where ``exp(out=)`` casts in its kernel; elsewhere it may make a
+    temporary. So the wide walk is kept for compiled tiles, and a compile of `tile_grad` that fails after another of
+    its graphs compiled, which would run the planned wide tiles eagerly, costs no memory on CUDA.)"""
+    return 4 + grad_operand_bytes if fused else _BYTES_PER_TILE_ELEMENT
 
 
-def _grad_operand_size(hidden: torch.Tensor) -> int:
+def _grad_operand_bytes(hidden: torch.Tensor) -> int:
     """Bytes of an element of the backward's GEMM operand ``dL/da`` for ``hidden``'s dtype and device (see
     `_backward_grads`): half precision where the GEMMs take it, else fp32."""
     return 2 if _rounds(hidden) else 4
@@ -357,7 +359,7 @@ def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, 
     if entry is not None and need_w:
         labelled = (_AllRows(labels, entry, hidden) if sync_free else
                     _LabelledRows.of(labels, entry, hidden, offset, weight.shape[0], blocks.vocab,
-                                     chunk=max(blocks.tokens * blocks.vocab // max(hidden.shape[1], 1), 256)))
+                                     chunk=_label_chunk(tiling.backward, hidden.shape[1])))
     sign = shift = None
     if scale is not None:  # once per backward, not per tile
         sign = torch.sign(scale)
@@ -411,6 +413,13 @@ def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, 
     return grad_hidden, grad_weight, grad_bias
 
 
+def _label_chunk(blocks: Blocks, width: int) -> int:
+    """Tokens whose label terms `_LabelledRows` makes at once: ``[chunk, width]`` products of about the eager tile's
+    size (``blocks``: the walk planned at `_BYTES_PER_TILE_ELEMENT`, whatever walk the backward takes), so that they
+    take no more than a fraction of the budget beside the first weight-gradient block."""
+    return max(blocks.tokens * blocks.vocab // max(width, 1), 256)
+
+
 def _add_label_entries(acc: torch.Tensor, entry: torch.Tensor, weight: torch.Tensor,
                        labels: torch.Tensor, offset: int) -> None:
     """``acc[t] += entry[t] * weight[labels[t] - offset]``: the label entries, added unrounded.
@@ -462,14 +471,14 @@ class _LabelledRows:
         if counts.is_cuda:
             counts = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True).copy_(counts, non_blocking=True)
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(labels.device))  # the copy's stream, whatever device is current
         return _LabelledRows(_Pending(counts, ready, sorted_labels, order, seen, entry, hidden, chunk))
 
     def __init__(self, pending: "_Pending"):
         self._pending: Optional[_Pending] = pending  # None once the sums are made
         self.labels: Optional[torch.Tensor] = None  # int64 [K]: the distinct labels inside the ids walked, increasing
         self.rows: Optional[torch.Tensor] = None  # fp32 [K, D]: per distinct label, the sum of entry[t] * hidden[t]
-        self.bounds: Optional[list] = None  # host ints: block b's labels are labels[bounds[b] : bounds[b + 1]]
+        self.bounds: Optional[list[int]] = None  # host ints: block b's labels are labels[bounds[b] : bounds[b + 1]]
 
     def _finish(self) -> None:
         """Wait for the bounds (the backward's one wait for the device) and sum the label terms."""
