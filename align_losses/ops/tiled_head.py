@@ -512,9 +512,9 @@ class _LabelledRows:
 
 
 class _Pending(NamedTuple):
-    """What `_LabelledRows` keeps from its sort until its first block: the bounds (int64 ``[blocks + 2]``, on the
-    host; pinned and still being copied until ``ready``, a CUDA event, or None on other devices), the sorted
-    labels, their order and distinct-label counts (int64 ``[M]`` each), and the sums' inputs."""
+    """What `_LabelledRows` keeps from its sort until its first block: the bounds (int64 ``[blocks + 2]``; on CUDA in
+    pinned host memory, still being copied until ``ready``, a CUDA event; elsewhere on their device, ``ready`` None),
+    the sorted labels, their order and distinct-label counts (int64 ``[M]`` each), and the sums' inputs."""
 
     counts: torch.Tensor
     ready: Optional[torch.cuda.Event]
