@@ -91,16 +91,16 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm().clamp_min(1e-30))
 
 
-def _record_fold_widths(monkeypatch) -> list:
-    """Plan the next calls' forward tiles as before the fold first compiled (``BLOCK`` ids wide: once it has, the
-    plan widens them four times, past these tests' vocabularies, to one tile a token block), and record the width
-    of each tile the compiled fold gets."""
+def _record_tile_widths(monkeypatch, tile_fn=tiles.fold_tile) -> list:
+    """Plan the next calls' tiles as before the tile functions first compiled (``BLOCK`` ids wide: once they have,
+    the plan widens the compiled ones, the forward's four times, past these tests' vocabularies, to one tile a token
+    block), and record the width of each tile the compiled ``tile_fn`` gets."""
     monkeypatch.setattr(tiles, "_ran_compiled", set())
     widths = []
     run_tile = tiled_head.run_tile
 
     def spy(fn, compiled, a, *args, **kwargs):
-        if fn is tiles.fold_tile and compiled:
+        if fn is tile_fn and compiled:
             widths.append(a.shape[1])
         return run_tile(fn, compiled, a, *args, **kwargs)
 
@@ -316,7 +316,7 @@ def test_compiled_tiles_minus_inf_bias_and_argmax_ties(device, monkeypatch):
         sum((getattr(stats, name) * up[name].to(device)).sum() for name in graded).backward()
         return out, [leaf.grad.cpu() for leaf in leaves]
 
-    widths = _record_fold_widths(monkeypatch)
+    widths = _record_tile_widths(monkeypatch)
     got, grads = run(True)
     assert set(widths) == {BLOCK, 20}  # the tiles the docstring describes
     eager, eager_grads = run(False)
@@ -464,16 +464,7 @@ def test_row_scaled_backward_tiles_widen_only_once_tile_grad_has_compiled(monkey
     the losses' backward walks tiles twice as wide as the eager 16 B ones here, once `tile_grad` has compiled (the
     first backward walks the narrow ones); tiles that are not row-scaled (an entropy gradient, a bias gradient, a
     soft cap) keep the narrow walk. The wide walk's gradients match the eager tiles'."""
-    monkeypatch.setattr(tiles, "_ran_compiled", set())
-    widths = []
-    run_tile = tiled_head.run_tile
-
-    def spy(fn, compiled, a, *args, **kwargs):
-        if fn is tiles.tile_grad:
-            widths.append(a.shape[1])
-        return run_tile(fn, compiled, a, *args, **kwargs)
-
-    monkeypatch.setattr(tiled_head, "run_tile", spy)
+    widths = _record_tile_widths(monkeypatch, tiles.tile_grad)
     hidden, weight, bias, labels, up = _inputs(n=61, d=9, v=3 * BLOCK + 5, seed=17)
 
     def backward(compiled, graded, bias_grad=False, **transform):
@@ -547,7 +538,7 @@ def test_compiled_fold_in_softmax_form_matches_float64_and_eager(device, masked,
         sum((getattr(stats, name) * up[name].to(device)).sum() for name in graded).backward()
         return out, [leaf.grad.cpu() for leaf in leaves]
 
-    widths = _record_fold_widths(monkeypatch)
+    widths = _record_tile_widths(monkeypatch)
     got, grads = run(True)
     assert set(widths) == {BLOCK, 5}  # wide tiles merged into running statistics, and the narrow last one
     eager, eager_grads = run(False)
