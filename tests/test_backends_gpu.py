@@ -363,3 +363,70 @@ def test_torch_backward_syncs_once_and_is_deterministic(monkeypatch):
     syncs = [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
     assert syncs == [] and len(waits) == 1, (syncs, len(waits))
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_torch_weight_rows_written_in_place(monkeypatch):
+    """bf16 with all tokens in one block: each vocabulary block's weight-gradient GEMM writes its rows in bf16 itself
+    (no fp32 block, no cast: `align_losses.ops.tiled_head._rows_in_place`) and the labelled rows are made again in
+    fp32 with their label terms. The gradients are within one bf16 step of the fp32 block's path everywhere, rows
+    whose product and label terms cancel included (pairs of tokens with one hidden state and one upstream gradient,
+    one labelled ``l``, the other putting half its probability on ``l``); the backward waits for the device once, on
+    an event, and gives the same gradients bit for bit again; the GEMM precision settings are left as they were."""
+    import warnings
+
+    from align_losses.ops import gemm, tiled_head
+    from align_losses.problem import HeadProblem, LogitTransform
+
+    g = torch.Generator(device="cuda").manual_seed(21)
+    m, d, v, pairs = 509, 128, 5003, 100
+    hidden = torch.randn(m, d, device="cuda", generator=g)
+    up = torch.randn(m, device="cuda", generator=g) * 2 + 0.5
+    labels = torch.randperm(v - 500, device="cuda", generator=g)[:m]  # distinct; the last 500 ids get none
+    hidden[pairs : 2 * pairs], up[pairs : 2 * pairs] = hidden[:pairs], up[:pairs]
+    hidden[: 2 * pairs, d // 2 :] = 0
+    hidden[2 * pairs :, : d // 2] = 0
+    hidden = hidden.bfloat16()
+    weight = 0.1 * torch.randn(v, d, device="cuda", generator=g)
+    weight[labels[: 2 * pairs]] = 0.25 * hidden[: 2 * pairs].float()  # a pair's two labels: p ~ 1/2 each
+    weight = weight.bfloat16()
+    settings = (torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
+                torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction)
+
+    def grads(in_place: bool = True):
+        monkeypatch.setattr(gemm, "writes_half", lambda a: in_place)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        problem = HeadProblem(hidden=h, weight=w, bias=None, labels=labels, transform=LogitTransform(),
+                              outputs=frozenset({"logprobs"}))
+        out = tiled_head.tiled_head(problem, memory_budget=16 * m * 1024, token_block=m)
+        return torch.autograd.grad((out["logprobs"] * up).sum(), (h, w))
+
+    written = []
+    real_write = tiled_head._write_rows
+    monkeypatch.setattr(tiled_head, "_write_rows", lambda out, *a: written.append(out.shape[0]) or real_write(out, *a))
+    grads()  # compiles the tile functions, after which the walks are wider: the runs compared take the same
+    fp32_h, fp32_w = grads(in_place=False)
+    assert not written
+    first = grads()
+    assert len(written) >= 2 and sum(written) == v
+    torch.cuda.synchronize()
+    waits = []
+    event_wait = torch.cuda.Event.synchronize
+    monkeypatch.setattr(torch.cuda.Event, "synchronize", lambda event: waits.append(event) or event_wait(event))
+    mode = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            second = grads()
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+    syncs = [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
+    assert syncs == [] and len(waits) == 1, (syncs, len(waits))
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert torch.equal(first[0], fp32_h)
+    steps = (first[1].view(torch.int16).int() - fp32_w.view(torch.int16).int()).abs()
+    assert steps.max() <= 1, steps.max()
+    assert settings == (torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
+                        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction)
+    p = torch.softmax(hidden.double() @ weight.double().t(), dim=1)
+    assert (p[:pairs, labels[:pairs]].diagonal() - 0.5).abs().max() < 0.1  # the pairs' rows cancel

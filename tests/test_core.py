@@ -300,9 +300,10 @@ def test_frozen_weight_gets_no_gradient_work(monkeypatch):
 
     hidden, weight, _, labels = _inputs((40,), 16, 90, bias=False, seed=2, ignore_frac=0.0)
     calls = []
-    real, real_into = gemm.matmul_fp32, gemm.mm_into
+    real, real_into, real_rounded = gemm.matmul_fp32, gemm.mm_into, gemm.mm_rounded
     monkeypatch.setattr(gemm, "matmul_fp32", lambda a, b: calls.append(1) or real(a, b))
     monkeypatch.setattr(gemm, "mm_into", lambda c, a, b, first: calls.append(1) or real_into(c, a, b, first))
+    monkeypatch.setattr(gemm, "mm_rounded", lambda a, b, out: calls.append(1) or real_rounded(a, b, out))
 
     def backward_gemms(weight_requires_grad):
         h = hidden.clone().requires_grad_()
@@ -349,6 +350,69 @@ def test_label_entries_reach_their_weight_rows_as_in_float64():
         assert torch.equal(got[untouched], rows[untouched])
     assert len(labelled.bounds) == 5 and labelled.bounds[0] == 0
     assert labelled.bounds[-1] == len(set(labels[in_shard].tolist())) == labelled.rows.shape[0]  # a row per label
+
+
+def _bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per element, how many bf16 steps apart ``a`` and ``b`` (bf16, finite, same sign or zero) are."""
+    return (a.view(torch.int16).int() - b.view(torch.int16).int()).abs()
+
+
+@pytest.mark.parametrize("too_many_labels", [False, True])
+def test_weight_rows_written_in_place_in_half_precision(monkeypatch, too_many_labels):
+    """All tokens in one block, bf16: each vocabulary block's weight-gradient GEMM writes its rows rounded (the path
+    `_rows_in_place` takes on CUDA, forced here on the CPU) and its labelled rows are made again in fp32 with their
+    label terms (`_LabelledRows.redo_rows`), so the gradient is the fp32 block's, cast once: within one bf16 step of
+    it everywhere. That includes rows whose product and label terms cancel: pairs of tokens with one hidden state
+    and one upstream gradient, one labelled ``l`` and the other putting half its probability on ``l`` (adding the
+    label term to the rounded product there would be many steps off). With more labels in a block than are worth
+    making again (`_REDO_TOKENS` set to 1 here), the block takes the fp32 path; blocks without a label still write
+    in place."""
+    from align_losses.ops import gemm, tiled_head
+
+    g = torch.Generator().manual_seed(17)
+    m, d, v, pairs = 48, 32, 300, 12
+    hidden = torch.randn(m, d, generator=g)
+    up = torch.randn(m, generator=g) * 2 + 0.5
+    labels = torch.randperm(250, generator=g)[:m]  # distinct; ids 256-299 (the last block) get no label
+    weight = torch.randn(v, d, generator=g) * 0.1
+    hidden[pairs : 2 * pairs], up[pairs : 2 * pairs] = hidden[:pairs], up[:pairs]  # token i + pairs: token i again
+    hidden[: 2 * pairs, d // 2 :] = 0  # the pairs in the first half of the dimensions, the other tokens in the second
+    hidden[2 * pairs :, : d // 2] = 0
+    hidden = hidden.bfloat16()
+    weight[labels[: 2 * pairs]] = 2 * hidden[: 2 * pairs].float()  # a pair's two labels: logits ~32, p ~ 1/2 each
+    weight = weight.bfloat16()
+    options = {"memory_budget": 16 * m * 64, "token_chunk": m, "compile_tiles": False}  # 64-id blocks, 5 of them
+    if too_many_labels:
+        monkeypatch.setattr(tiled_head, "_REDO_TOKENS", 1)
+
+    def grads(in_place: bool):
+        monkeypatch.setattr(gemm, "writes_half", lambda a: in_place)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        logps = align_losses.linear_logprobs(h, w, labels, impl="torch", backend_options=options)
+        (logps * up).sum().backward()
+        return h.grad, w.grad
+
+    redone, written = [], []
+    real_redo, real_write = tiled_head._LabelledRows.redo_rows, tiled_head._write_rows
+    monkeypatch.setattr(tiled_head._LabelledRows, "redo_rows", lambda self, out, *a: redone.append(out.shape[0]) or
+                        real_redo(self, out, *a))
+    monkeypatch.setattr(tiled_head, "_write_rows", lambda out, *a: written.append(out.shape[0]) or real_write(out, *a))
+    fp32_h, fp32_w = grads(False)
+    assert not redone and not written
+    ours_h, ours_w = grads(True)
+    assert written == ([44] if too_many_labels else [64, 64, 64, 64, 44])  # ids 256-299: no label
+    assert redone == written  # (a no-op for the block without a label)
+
+    assert torch.equal(ours_h, fp32_h)  # the hidden-state gradient's path is unchanged
+    assert _bf16_ulps(ours_w, fp32_w).max() <= 1
+    z = hidden.double() @ weight.double().t()
+    p = torch.softmax(z, dim=1)
+    assert p[:pairs, labels[:pairs]].diagonal().sub(0.5).abs().max() < 0.1
+    grad_z = up.double()[:, None] * (torch.nn.functional.one_hot(labels, v).double() - p)
+    want = grad_z.t() @ hidden.double()
+    cancelled = labels[:pairs]
+    assert want[cancelled].norm() < 0.05 * (up[:pairs, None].double() * hidden[:pairs].double()).norm()
+    assert rel(ours_w, want) < 1e-2
 
 
 @pytest.mark.parametrize("leaf", ["hidden", "weight", "bias"])

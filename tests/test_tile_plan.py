@@ -59,7 +59,7 @@ class _Traffic:
     def __init__(self, monkeypatch):
         self.bytes = 0
         self.on = False
-        matmul, mm_into = gemm.matmul_fp32, gemm.mm_into
+        matmul, mm_into, mm_rounded = gemm.matmul_fp32, gemm.mm_into, gemm.mm_rounded
 
         def counted_matmul(a, b):
             out = matmul(a, b)
@@ -70,8 +70,13 @@ class _Traffic:
             mm_into(acc, a, b, first)
             self._count(a, b, acc, 1 if first else 2)
 
+        def counted_mm_rounded(a, b, out):
+            mm_rounded(a, b, out)
+            self._count(a, b, out, 1)
+
         monkeypatch.setattr(gemm, "matmul_fp32", counted_matmul)
         monkeypatch.setattr(gemm, "mm_into", counted_mm_into)
+        monkeypatch.setattr(gemm, "mm_rounded", counted_mm_rounded)
 
     def _count(self, a, b, out, out_passes):
         if self.on:

@@ -62,6 +62,39 @@ def mm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) ->
                 acc.addmm_(a.float(), b.float())
 
 
+def writes_half(a: torch.Tensor) -> bool:
+    """Whether `mm_rounded` has the GEMM itself write a half-precision product of operands like ``a`` (CUDA),
+    rather than making it in fp32 and casting it (elsewhere: no gain over `matmul_fp32` and a cast)."""
+    return a.is_cuda and a.dtype in (torch.bfloat16, torch.float16)
+
+
+def mm_rounded(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = a @ b`` in ``out``'s dtype (the operands'): an fp32 accumulation rounded once, the values of
+    `matmul_fp32` followed by a cast. On CUDA (`writes_half`) cuBLAS writes the rounded product itself, with no fp32
+    temporary and no cast, and with PyTorch's reduced-precision split-K reductions turned off for the call (they
+    would round partial sums to the output's dtype before adding them)."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        torch.mm(a, b, out=out)
+    elif writes_half(a):
+        with _exact_reductions():
+            torch.mm(a, b, out=out)
+    else:
+        out.copy_(matmul_fp32(a, b))
+
+
+@contextlib.contextmanager
+def _exact_reductions():
+    """CUDA half-precision GEMMs without reduced-precision reductions (both settings restored after)."""
+    matmul = torch.backends.cuda.matmul
+    before = (matmul.allow_bf16_reduced_precision_reduction, matmul.allow_fp16_reduced_precision_reduction)
+    matmul.allow_bf16_reduced_precision_reduction = False
+    matmul.allow_fp16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        matmul.allow_bf16_reduced_precision_reduction, matmul.allow_fp16_reduced_precision_reduction = before
+
+
 @contextlib.contextmanager
 def cpu_bf16_kernels(a: torch.Tensor, b: torch.Tensor):
     """On the CPU with bf16 ``a`` and ``b``: the fp32 GEMMs of their upcasts run on oneDNN's bf16 kernels

@@ -5,7 +5,8 @@ keeps per-token running statistics in fp32 (an online logsumexp) and saves only 
 backward recomputes each ``[tokens, vocab]`` tile, turns it into the gradient of the logits for the
 upstream gradients it received, and multiplies it out: the hidden-state gradient is accumulated in
 an fp32 ``[M, D]`` buffer, and each vocabulary block's weight gradient is accumulated over token
-blocks in an fp32 ``[V_block, D]`` buffer and written once, so no fp32 ``[V, D]`` buffer exists.
+blocks in an fp32 ``[V_block, D]`` buffer and written once, so no fp32 ``[V, D]`` buffer exists (with all
+tokens in one block, the block's one GEMM writes its rows in place: `_rows_in_place`).
 Each token's label entry of the logit gradient stays out of the GEMM operands and is added in fp32
 afterwards (`_add_label_entries`). On CUDA the backward waits for the GPU once, for the labels' block bounds
 (`_LabelledRows`).
@@ -389,12 +390,15 @@ def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, 
                 gemm.mm_into(grad_hidden[rows], tile.grad_op, w, first=block_index == 0)
             if need_w:
                 h_op = signed_hidden[rows] if signed_hidden is not None else h
-                if gw_block is None:
+                out = grad_weight[v0 : v0 + blocks.vocab]
+                if one_gemm_per_block and _rows_in_place(out, tile.grad_op, h_op, labelled, block_index, m):
+                    _write_rows(out, tile.grad_op, h_op, labelled, block_index, offset + v0)
+                elif gw_block is None:
                     gw_block = gemm.matmul_fp32(tile.grad_op.t(), h_op)
                 else:
                     gemm.mm_into(gw_block, tile.grad_op.t(), h_op, first=t0 == 0)
             del tile
-        if need_w:
+        if gw_block is not None:
             if labelled is not None:
                 labelled.add_to_block(gw_block, block_index, offset + v0)
             grad_weight[v0 : v0 + blocks.vocab] = gw_block
@@ -411,6 +415,46 @@ def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, 
     if need_h:
         grad_hidden = grad_hidden.to(hidden.dtype)
     return grad_hidden, grad_weight, grad_bias
+
+
+#: A block's labelled rows are made again in fp32 (`_LabelledRows.redo_rows`) after its GEMM wrote them rounded when
+#: ``K x M <= W x _REDO_TOKENS`` (``K`` labelled rows of ``W``, ``M`` tokens): the GEMM of their ``K`` columns
+#: (``2 K M D`` flops) then costs less than what writing the block rounded saves (8 B of traffic per element of the
+#: ``[W, D]`` block: the fp32 block's extra 2 B written, then 4 B read and 2 B written by the cast, against 2 B
+#: written) on an H100, whose ~700 TFLOP/s and ~3 TB/s make the two equal at ``K M = 930 W``. Above the bound the
+#: block takes the fp32 path.
+_REDO_TOKENS = 1024
+
+
+def _rows_in_place(out: torch.Tensor, grad_op: torch.Tensor, h_op: torch.Tensor, labelled, index: int,
+                   m: int) -> bool:
+    """Whether block ``index``'s weight-gradient rows ``out [W, D]`` (a view of the weight gradient), the product
+    ``grad_op.T @ h_op`` of one GEMM over all ``m`` tokens plus the label terms of ``labelled`` (None, or the
+    label rows' sums), are written by that GEMM in place (`_write_rows`), with the values of an fp32 block, its
+    label terms added and cast: in fp32 always (the label terms are added to the rows themselves); in half
+    precision where the GEMM writes it (`align_losses.ops.gemm.writes_half`) and the labelled rows are few enough
+    to make again (`_REDO_TOKENS`), which needs their bounds on the host (not on the sync-free path, `_AllRows`)."""
+    if not grad_op.dtype == h_op.dtype == out.dtype:
+        return False
+    if out.dtype == torch.float32:
+        return True
+    if not gemm.writes_half(grad_op):
+        return False
+    return labelled is None or (isinstance(labelled, _LabelledRows)
+                                and labelled.count(index) * m <= out.shape[0] * _REDO_TOKENS)
+
+
+def _write_rows(out: torch.Tensor, grad_op: torch.Tensor, h_op: torch.Tensor, labelled, index: int,
+                first: int) -> None:
+    """``out = grad_op.T @ h_op`` plus block ``index``'s label terms (rows from id ``first``), in place: see
+    `_rows_in_place`. ``grad_op [M, W]`` and ``h_op [M, D]`` in ``out``'s dtype."""
+    gemm.mm_rounded(grad_op.t(), h_op, out)
+    if labelled is None:
+        return
+    if out.dtype == torch.float32:
+        labelled.add_to_block(out, index, first)
+    else:
+        labelled.redo_rows(out, grad_op, h_op, index, first)
 
 
 def _label_chunk(blocks: Blocks, width: int) -> int:
@@ -446,10 +490,11 @@ class _LabelledRows:
     which on CUDA costs a sort, a dozen launches and a wait for the device each time.
 
     The block bounds are host ints, read once per backward. `of` sorts the labels and, on CUDA, copies the bounds
-    to pinned host memory without waiting; the first `add_to_block` waits for that copy alone (an event) and makes
-    the sums. By then the caller has queued the first block's GEMMs behind the copy, so the GPU works through them
-    while the host makes the sums' launches, where waiting for the stream in `of` would leave it idle from the wait
-    to the first GEMM (benchmarks/NOTES-torch.md)."""
+    to pinned host memory without waiting; the first use of a block's bounds (`add_to_block`, `count`,
+    `redo_rows`) waits for that copy alone (an event) and makes the sums. By then the caller has queued the first
+    block's recompute and hidden-state GEMMs behind the copy, so the GPU works through them while the host makes the
+    sums' launches, where waiting for the stream in `of` would leave it idle from the wait to the first GEMM
+    (benchmarks/NOTES-torch.md)."""
 
     @staticmethod
     def of(labels: torch.Tensor, entry: torch.Tensor, hidden: torch.Tensor, offset: int, vocab: int, block: int,
@@ -504,11 +549,33 @@ class _LabelledRows:
     def add_to_block(self, rows: torch.Tensor, index: int, first: int) -> None:
         """``rows[l - first] += `` the label terms of ``l``, for the labels ``l`` of block ``index``, whose fp32 rows
         ``rows [R, D]`` start at id ``first``."""
-        if self._pending is not None:
-            self._finish()
-        lo, hi = self.bounds[index], self.bounds[index + 1]
+        lo, hi = self._bounds(index)
         if hi > lo:
             rows.index_add_(0, self.labels[lo:hi] - first, self.rows[lo:hi])
+
+    def count(self, index: int) -> int:
+        """The number of distinct labels in block ``index``."""
+        lo, hi = self._bounds(index)
+        return hi - lo
+
+    def redo_rows(self, out: torch.Tensor, grad_op: torch.Tensor, h_op: torch.Tensor, index: int, first: int) -> None:
+        """Block ``index``'s label rows of ``out [R, D]`` (rows from id ``first``, written rounded to its half
+        precision as ``grad_op.T @ h_op``, ``grad_op [M, R]``, ``h_op [M, D]``) made again: their product in fp32
+        plus their label terms, rounded once, as the fp32 block's cast rounds them. Adding the label terms to the
+        rounded product would round twice, and where the two nearly cancel (tokens of like hidden states, one
+        labelled with the id and others putting their probability on it) the first rounding's error would stay in
+        a small result."""
+        lo, hi = self._bounds(index)
+        if hi > lo:
+            columns = self.labels[lo:hi] - first
+            exact = gemm.matmul_fp32(grad_op.index_select(1, columns).t(), h_op).add_(self.rows[lo:hi])
+            out.index_copy_(0, columns, exact.to(out.dtype))
+
+    def _bounds(self, index: int) -> tuple[int, int]:
+        """Where block ``index``'s labels are in ``labels`` and ``rows``, the sums made first if not yet."""
+        if self._pending is not None:
+            self._finish()
+        return self.bounds[index], self.bounds[index + 1]
 
 
 class _Pending(NamedTuple):
