@@ -155,6 +155,47 @@ def print_idle_gaps(prof, top: int = 8, kinds_top: int = 30) -> None:
         print(f"  {count:5d} {total / 1e3:8.3f} ms  {name}")
 
 
+def print_gap_sources(prof, top: int = 8) -> None:
+    """Who left the GPU idle, from a step profiled with the host's ops and their Python stacks (``with_stack=True``):
+    for the longest stretches in which no activity ran, the activity after each, the host op that launched it, when
+    the host made that launch relative to the stretch's start (after it: the host set the pace) and the innermost
+    Python function of ``align_losses`` (or of this script) running when it did. Recording the host slows it, so the
+    stretches are longer than in `print_idle_gaps`' GPU-only profile; their order is what this is for. Kineto's
+    records link a GPU activity to its host op (``linked_correlation_id``) and record Python calls as events of their
+    own (named ``file(line): function``); a profiler without them prints why not."""
+    try:
+        events = prof.profiler.kineto_results.events()
+        cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+        ops = {e.correlation_id(): e for e in events if e.device_type() == cpu and e.correlation_id() > 0}
+        calls = [(e.start_ns(), e.end_ns(), e.start_thread_id(), e.name()) for e in events
+                 if e.device_type() == cpu and ".py(" in e.name()
+                 and ("align_losses" in e.name() or "torch_profile" in e.name())]
+        activities = sorted((e for e in events if e.device_type() == cuda), key=lambda e: e.start_ns())
+    except (AttributeError, RuntimeError) as error:
+        print(f"gap sources: not available from this profiler ({type(error).__name__}: {error})")
+        return
+    if not activities:
+        return
+    gaps, covered = [], activities[0].end_ns()
+    for e in activities[1:]:
+        if e.start_ns() > covered:
+            gaps.append((e.start_ns() - covered, covered, e))
+        covered = max(covered, e.end_ns())
+    print(f"the longest idle stretches of a step profiled with the host's ops ({len(gaps)} stretches, "
+          f"{sum(g for g, _, _ in gaps) / 1e6:.2f} ms), by what came after each:")
+    for gap, idle_from, after in sorted(gaps, key=lambda g: -g[0])[:top]:
+        op = ops.get(after.linked_correlation_id())
+        if op is None:
+            print(f"  {gap / 1e3:8.1f} us before {after.name()[:50]!r} (no host op linked)")
+            continue
+        at, thread = op.start_ns(), op.start_thread_id()
+        inside = [c for c in calls if c[2] == thread and c[0] <= at <= c[1]]
+        where = max(inside)[3] if inside else "(no Python call recorded)"  # the latest to start: the innermost
+        where = where[where.find("align_losses"):] if "align_losses" in where else where
+        print(f"  {gap / 1e3:8.1f} us before {after.name()[:50]!r}: {op.name()} launched "
+              f"{(op.start_ns() - idle_from) / 1e3:+.1f} us after the GPU went idle, from {where}")
+
+
 def relative_difference(x: torch.Tensor, reference: torch.Tensor) -> float:
     """max |x - reference| / max |reference| over the reference's finite entries; inf where the two differ in
     which entries are NaN or infinite, or in the infinities themselves."""
@@ -234,12 +275,16 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as stacked:
+            step()
+            torch.cuda.synchronize()
         # The gaps from a step profiled on the GPU side only: recording the host's ops too slows the host (37 ms of
         # host time against 18 in the kept run), and a first profile's buffer request opens a gap of its own.
         with profile(activities=[ProfilerActivity.CUDA]) as gpu_only:
             step()
             torch.cuda.synchronize()
         print_idle_gaps(gpu_only)
+        print_gap_sources(stacked)
         averages = prof.key_averages()
         print(averages.table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=90))
         # The host side: Dynamo's cache lookups and compiled regions, launches, synchronisations.
