@@ -22,6 +22,16 @@ torch.set_num_threads(1)
 TOKENIZER_DIR = ROOT / "examples" / "tokenizer"
 
 
+@pytest.fixture(autouse=True)
+def _fresh_package_lookups():
+    """`align_losses.packages.installed` answers once per process; a test that patches ``find_spec`` to pretend a
+    package is missing or present must not leave that answer to the tests after it."""
+    from align_losses.packages import installed
+
+    yield
+    installed.cache_clear()
+
+
 def load_script(relative: str):
     """The repository script ``relative`` (e.g. ``"examples/train_dpo.py"``) loaded as a module.
 

@@ -19,6 +19,7 @@ import torch
 
 from align_losses import linear_logprobs, linear_token_stats
 from align_losses.backends import get
+from align_losses.packages import installed
 from align_losses.problem import OUTPUTS, HeadProblem, LogitTransform
 
 CCE = importlib.import_module("align_losses.backends.cce")
@@ -205,9 +206,11 @@ def test_availability_messages(monkeypatch, module, package, pip_name):
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real_find_spec(name, *a))
+    installed.cache_clear()  # the lookups are cached per process
     reason = module.BACKEND.available()
     assert reason is not None and pip_name in reason and "not installed" in reason
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    installed.cache_clear()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     reason = module.BACKEND.available()
     assert reason is not None and "no CUDA GPU is available" in reason
@@ -223,6 +226,7 @@ def test_triton_refused_on_a_rocm_build(monkeypatch):
     import importlib.util
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    installed.cache_clear()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.version, "hip", "6.2")
     reason = triton_backend.BACKEND.available()

@@ -10,12 +10,15 @@ the other tests reuse its graphs (same flags, other sizes: shapes are dynamic).
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
 from align_losses import linear_token_stats
 from align_losses.ops import tiled_head, tiles
 from align_losses.ops.tiled_head import Tiling
+from align_losses.packages import installed
 
 IGNORE = -100
 OUTPUTS = ("entropy", "mean_logit", "logsumexp", "argmax_hit", "log_sum_p2")
@@ -281,7 +284,8 @@ def test_compiled_tiles_that_fail_to_build_name_the_option(monkeypatch):
 def test_tiles_are_compiled_by_default_only_where_inductor_emits_triton(monkeypatch):
     assert not tiles.compiled_tiles(None, torch.device("cpu"))
     assert tiles.compiled_tiles(True, torch.device("cpu")) and not tiles.compiled_tiles(False, torch.device("cuda"))
-    monkeypatch.setattr(tiles.importlib.util, "find_spec", lambda name: object() if name == "triton" else None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "triton" else None)
+    installed.cache_clear()  # the lookup is cached per process
     assert tiles.compiled_tiles(None, torch.device("cuda")) and tiles.compiled_tiles(None, torch.device("xpu"))
 
 

@@ -29,12 +29,12 @@ this adapter sets both to True.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import inspect
 from typing import Optional
 
 import torch
 
+from ..packages import installed
 from ..problem import HeadProblem
 from .base import Backend, Capabilities
 
@@ -44,9 +44,9 @@ _FILTER_EPS_STRINGS = ("auto", "high")
 
 def _available() -> Optional[str]:
     """None when CCE can run here, else why not. Imports nothing heavy (no Triton, no CCE)."""
-    if importlib.util.find_spec(_PACKAGE) is None:
+    if not installed(_PACKAGE):
         return "the package cut-cross-entropy is not installed (pip install cut-cross-entropy)"
-    if importlib.util.find_spec("triton") is None:
+    if not installed("triton"):
         return "cut-cross-entropy needs Triton, which is not installed"
     if not torch.cuda.is_available():
         return "cut-cross-entropy runs Triton CUDA kernels and no CUDA GPU is available"

@@ -36,13 +36,13 @@ refused before any work (use ``impl="torch"``).
 from __future__ import annotations
 
 import functools
-import importlib.util
 import inspect
 import logging
 from typing import Optional
 
 import torch
 
+from ..packages import installed
 from ..problem import HeadProblem
 from .base import Backend, Capabilities
 
@@ -57,9 +57,9 @@ _warned_fallback = False
 
 def _available() -> Optional[str]:
     """None when Liger can run here, else why not. Imports nothing heavy (no Triton, no Liger)."""
-    if importlib.util.find_spec(_PACKAGE) is None:
+    if not installed(_PACKAGE):
         return "the package liger-kernel is not installed (pip install 'liger-kernel>=0.8.5')"
-    if importlib.util.find_spec("triton") is None:
+    if not installed("triton"):
         return "liger-kernel needs Triton, which is not installed"
     if not torch.cuda.is_available():
         return "liger-kernel runs Triton/CuTe CUDA kernels and no CUDA GPU is available"

@@ -7,18 +7,18 @@ for the sync-free path of a CUDA-graph capture: `align_losses.ops.library.MAX_LA
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Optional
 
 import torch
 
 from ..ops import library
+from ..packages import installed
 from ..problem import OUTPUTS, HeadProblem
 from .base import Backend, Capabilities
 
 
 def _available() -> Optional[str]:
-    if importlib.util.find_spec("triton") is None:
+    if not installed("triton"):
         return "it needs the triton package, which is not installed"
     if not torch.cuda.is_available():
         return "it needs a CUDA GPU and torch.cuda.is_available() is False"

@@ -22,13 +22,13 @@ kernels, i.e. CUDA or XPU with Triton installed; `compiled_tiles`).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import math
 import warnings
 from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from ..packages import installed
 from ..problem import LogitTransform
 from .stats import RowStats, shift_sums
 
@@ -53,7 +53,7 @@ def compiled_tiles(option: Optional[bool], device: torch.device) -> bool:
     V 32768 on a 2-core AMX Xeon, benchmarks/NOTES-torch.md), against a first call of ~12 s and a C++ toolchain."""
     if option is not None:
         return option
-    if device.type not in _COMPILED_DEVICES or importlib.util.find_spec("triton") is None:
+    if device.type not in _COMPILED_DEVICES or not installed("triton"):
         return False
     return device.type != "cuda" or not torch.cuda.is_available() or torch.cuda.get_device_capability(device)[0] >= 7
 
