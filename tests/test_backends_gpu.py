@@ -389,8 +389,12 @@ def test_torch_weight_rows_written_in_place(monkeypatch):
     weight = 0.1 * torch.randn(v, d, device="cuda", generator=g)
     weight[labels[: 2 * pairs]] = 0.25 * hidden[: 2 * pairs].float()  # a pair's two labels: p ~ 1/2 each
     weight = weight.bfloat16()
-    settings = (torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
-                torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction)
+    settings = torch._C._get_cublas_allow_bf16_reduced_precision_reduction()  # with its split-K part, where it has one
+    inside = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: inside.append(torch.backends.cuda.matmul
+                                                                   .allow_bf16_reduced_precision_reduction)
+                        or real_mm(*a, **k))
 
     def grads(in_place: bool = True):
         monkeypatch.setattr(gemm, "writes_half", lambda a: in_place)
@@ -400,10 +404,10 @@ def test_torch_weight_rows_written_in_place(monkeypatch):
         out = tiled_head.tiled_head(problem, memory_budget=16 * m * 1024, token_block=m)
         return torch.autograd.grad((out["logprobs"] * up).sum(), (h, w))
 
+    grads()  # compiles the tile functions, after which the walks are wider: the runs compared take the same
     written = []
     real_write = tiled_head._write_rows
     monkeypatch.setattr(tiled_head, "_write_rows", lambda out, *a: written.append(out.shape[0]) or real_write(out, *a))
-    grads()  # compiles the tile functions, after which the walks are wider: the runs compared take the same
     fp32_h, fp32_w = grads(in_place=False)
     assert not written
     first = grads()
@@ -426,7 +430,7 @@ def test_torch_weight_rows_written_in_place(monkeypatch):
     assert torch.equal(first[0], fp32_h)
     steps = (first[1].view(torch.int16).int() - fp32_w.view(torch.int16).int()).abs()
     assert steps.max() <= 1, steps.max()
-    assert settings == (torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
-                        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction)
+    assert settings == torch._C._get_cublas_allow_bf16_reduced_precision_reduction()
+    assert False in inside  # the in-place GEMMs ran without reduced-precision reductions
     p = torch.softmax(hidden.double() @ weight.double().t(), dim=1)
     assert (p[:pairs, labels[:pairs]].diagonal() - 0.5).abs().max() < 0.1  # the pairs' rows cancel

@@ -364,9 +364,9 @@ def test_weight_rows_written_in_place_in_half_precision(monkeypatch, too_many_la
     label terms (`_LabelledRows.redo_rows`), so the gradient is the fp32 block's, cast once: within one bf16 step of
     it everywhere. That includes rows whose product and label terms cancel: pairs of tokens with one hidden state
     and one upstream gradient, one labelled ``l`` and the other putting half its probability on ``l`` (adding the
-    label term to the rounded product there would be many steps off). With more labels in a block than are worth
-    making again (`_REDO_TOKENS` set to 1 here), the block takes the fp32 path; blocks without a label still write
-    in place."""
+    label term to the rounded product there would be many steps off). Where making the labelled rows again would
+    not pay (`_redo_pays`, with GEMMs made to look slow here), a block takes the fp32 path; blocks without a label
+    still write in place."""
     from align_losses.ops import gemm, tiled_head
 
     g = torch.Generator().manual_seed(17)
@@ -383,7 +383,7 @@ def test_weight_rows_written_in_place_in_half_precision(monkeypatch, too_many_la
     weight = weight.bfloat16()
     options = {"memory_budget": 16 * m * 64, "token_chunk": m, "compile_tiles": False}  # 64-id blocks, 5 of them
     if too_many_labels:
-        monkeypatch.setattr(tiled_head, "_REDO_TOKENS", 1)
+        monkeypatch.setattr(tiled_head, "_GEMM_FLOPS_PER_BYTE", 1e-3)
 
     def grads(in_place: bool):
         monkeypatch.setattr(gemm, "writes_half", lambda a: in_place)
@@ -413,6 +413,26 @@ def test_weight_rows_written_in_place_in_half_precision(monkeypatch, too_many_la
     cancelled = labels[:pairs]
     assert want[cancelled].norm() < 0.05 * (up[:pairs, None].double() * hidden[:pairs].double()).norm()
     assert rel(ours_w, want) < 1e-2
+
+
+def test_exact_reductions_restore_the_setting():
+    """`gemm.mm_rounded`'s bf16 GEMMs run with reduced-precision reductions off, and PyTorch's setting comes back as
+    it was, its split-K part included where torch has one (a bool assigned would set that part to True)."""
+    from align_losses.ops import gemm
+
+    matmul = torch.backends.cuda.matmul
+    name = "allow_bf16_reduced_precision_reduction"
+    read = getattr(torch._C, f"_get_cublas_{name}")  # the whole setting, a pair where torch has the split-K part
+    before = read()
+    settings = [(False, False), (False, True), (True, True)] if isinstance(before, tuple) else [False, True]
+    try:
+        for setting in settings:
+            setattr(matmul, name, setting)
+            with gemm._exact_reductions():
+                assert getattr(matmul, name) is False
+            assert read() == setting
+    finally:
+        setattr(matmul, name, before)
 
 
 @pytest.mark.parametrize("leaf", ["hidden", "weight", "bias"])

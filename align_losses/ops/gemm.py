@@ -63,16 +63,17 @@ def mm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) ->
 
 
 def writes_half(a: torch.Tensor) -> bool:
-    """Whether `mm_rounded` has the GEMM itself write a half-precision product of operands like ``a`` (CUDA),
-    rather than making it in fp32 and casting it (elsewhere: no gain over `matmul_fp32` and a cast)."""
-    return a.is_cuda and a.dtype in (torch.bfloat16, torch.float16)
+    """Whether `mm_rounded` has the GEMM itself write a bf16 product of operands like ``a`` (bf16 on CUDA), rather
+    than making it in fp32 and casting it (elsewhere: no gain over `matmul_fp32` and a cast; fp16: cuBLAS may then
+    accumulate in fp16, under PyTorch's ``allow_fp16_accumulation``)."""
+    return a.is_cuda and a.dtype == torch.bfloat16
 
 
 def mm_rounded(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-    """``out = a @ b`` in ``out``'s dtype (the operands'): an fp32 accumulation rounded once, the values of
-    `matmul_fp32` followed by a cast. On CUDA (`writes_half`) cuBLAS writes the rounded product itself, with no fp32
-    temporary and no cast, and with PyTorch's reduced-precision split-K reductions turned off for the call (they
-    would round partial sums to the output's dtype before adding them)."""
+    """``out = a @ b`` in ``out``'s dtype (the operands'): an fp32 accumulation rounded once, as `matmul_fp32`
+    followed by a cast (to the order of the fp32 sums). Where `writes_half`, cuBLAS writes the rounded product itself,
+    with no fp32 temporary and no cast, and with PyTorch's reduced-precision reductions turned off for the call
+    (`_exact_reductions`: a split-K GEMM would otherwise round its partial sums to bf16 before adding them)."""
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         torch.mm(a, b, out=out)
     elif writes_half(a):
@@ -84,15 +85,18 @@ def mm_rounded(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
 
 @contextlib.contextmanager
 def _exact_reductions():
-    """CUDA half-precision GEMMs without reduced-precision reductions (both settings restored after)."""
+    """CUDA bf16 GEMMs without reduced-precision reductions, PyTorch's setting restored after, split-K part
+    included where this torch has one (2.9 on). The setting is the process's: a GEMM another thread launches in
+    between runs with it too (exact reductions, slower at most)."""
     matmul = torch.backends.cuda.matmul
-    before = (matmul.allow_bf16_reduced_precision_reduction, matmul.allow_fp16_reduced_precision_reduction)
-    matmul.allow_bf16_reduced_precision_reduction = False
-    matmul.allow_fp16_reduced_precision_reduction = False
+    name = "allow_bf16_reduced_precision_reduction"
+    split_k = getattr(matmul, f"{name}_split_k", None)  # None: a torch whose setting is one bool
+    before = getattr(matmul, name)
+    setattr(matmul, name, False if split_k is None else (False, split_k))
     try:
         yield
     finally:
-        matmul.allow_bf16_reduced_precision_reduction, matmul.allow_fp16_reduced_precision_reduction = before
+        setattr(matmul, name, before if split_k is None else (before, split_k))
 
 
 @contextlib.contextmanager

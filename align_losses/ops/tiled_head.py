@@ -417,13 +417,18 @@ def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, 
     return grad_hidden, grad_weight, grad_bias
 
 
-#: A block's labelled rows are made again in fp32 (`_LabelledRows.redo_rows`) after its GEMM wrote them rounded when
-#: ``K x M <= W x _REDO_TOKENS`` (``K`` labelled rows of ``W``, ``M`` tokens): the GEMM of their ``K`` columns
-#: (``2 K M D`` flops) then costs less than what writing the block rounded saves (8 B of traffic per element of the
-#: ``[W, D]`` block: the fp32 block's extra 2 B written, then 4 B read and 2 B written by the cast, against 2 B
-#: written) on an H100, whose ~700 TFLOP/s and ~3 TB/s make the two equal at ``K M = 930 W``. Above the bound the
-#: block takes the fp32 path.
-_REDO_TOKENS = 1024
+#: A GPU's GEMM rate over its memory bandwidth, in flops per byte (an H100: ~700 TFLOP/s in bf16 over ~3 TB/s), to
+#: weigh a GEMM's flops against bytes moved (`_redo_pays`).
+_GEMM_FLOPS_PER_BYTE = 230
+
+
+def _redo_pays(count: int, m: int, width: int) -> bool:
+    """Whether writing a ``[width, D]`` block of weight-gradient rows rounded by its GEMM and making its ``count``
+    labelled rows again (`_LabelledRows.redo_rows`) costs less than the fp32 block it replaces, for ``m`` tokens.
+    Saved: 8 B per element (the fp32 block's extra 2 B written, then 4 B read and 2 B written by its cast, against
+    2 B written). Spent, where a row is labelled: the redo GEMM reads all of ``h_op`` (2 B per element of
+    ``[m, D]``) and makes ``2 count m D`` flops."""
+    return count == 0 or m * (2 + 2 * count / _GEMM_FLOPS_PER_BYTE) <= 8 * width
 
 
 def _rows_in_place(out: torch.Tensor, grad_op: torch.Tensor, h_op: torch.Tensor, labelled, index: int,
@@ -432,8 +437,8 @@ def _rows_in_place(out: torch.Tensor, grad_op: torch.Tensor, h_op: torch.Tensor,
     ``grad_op.T @ h_op`` of one GEMM over all ``m`` tokens plus the label terms of ``labelled`` (None, or the
     label rows' sums), are written by that GEMM in place (`_write_rows`), with the values of an fp32 block, its
     label terms added and cast: in fp32 always (the label terms are added to the rows themselves); in half
-    precision where the GEMM writes it (`align_losses.ops.gemm.writes_half`) and the labelled rows are few enough
-    to make again (`_REDO_TOKENS`), which needs their bounds on the host (not on the sync-free path, `_AllRows`)."""
+    precision where the GEMM writes it (`align_losses.ops.gemm.writes_half`) and making the labelled rows again pays
+    (`_redo_pays`), which needs their bounds on the host (not on the sync-free path, `_AllRows`)."""
     if not grad_op.dtype == h_op.dtype == out.dtype:
         return False
     if out.dtype == torch.float32:
@@ -441,7 +446,7 @@ def _rows_in_place(out: torch.Tensor, grad_op: torch.Tensor, h_op: torch.Tensor,
     if not gemm.writes_half(grad_op):
         return False
     return labelled is None or (isinstance(labelled, _LabelledRows)
-                                and labelled.count(index) * m <= out.shape[0] * _REDO_TOKENS)
+                                and _redo_pays(labelled.count(index), m, out.shape[0]))
 
 
 def _write_rows(out: torch.Tensor, grad_op: torch.Tensor, h_op: torch.Tensor, labelled, index: int,
@@ -492,9 +497,9 @@ class _LabelledRows:
     The block bounds are host ints, read once per backward. `of` sorts the labels and, on CUDA, copies the bounds
     to pinned host memory without waiting; the first use of a block's bounds (`add_to_block`, `count`,
     `redo_rows`) waits for that copy alone (an event) and makes the sums. By then the caller has queued the first
-    block's recompute and hidden-state GEMMs behind the copy, so the GPU works through them while the host makes the
-    sums' launches, where waiting for the stream in `of` would leave it idle from the wait to the first GEMM
-    (benchmarks/NOTES-torch.md)."""
+    block's recompute GEMM and tile (and its hidden-state GEMM) behind the copy, so the GPU works through them while
+    the host makes the sums' launches, where waiting for the stream in `of` would leave it idle from the wait to the
+    first GEMM (benchmarks/NOTES-torch.md)."""
 
     @staticmethod
     def of(labels: torch.Tensor, entry: torch.Tensor, hidden: torch.Tensor, offset: int, vocab: int, block: int,
