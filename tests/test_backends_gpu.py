@@ -397,7 +397,7 @@ def test_torch_weight_rows_written_in_place(monkeypatch):
                         or real_mm(*a, **k))
 
     def grads(in_place: bool = True):
-        monkeypatch.setattr(gemm, "writes_half", lambda a: in_place)
+        monkeypatch.setattr(gemm, "writes_bf16", lambda a: in_place)
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         problem = HeadProblem(hidden=h, weight=w, bias=None, labels=labels, transform=LogitTransform(),
                               outputs=frozenset({"logprobs"}))

@@ -386,7 +386,7 @@ def test_weight_rows_written_in_place_in_half_precision(monkeypatch, too_many_la
         monkeypatch.setattr(tiled_head, "_GEMM_FLOPS_PER_BYTE", 1e-3)
 
     def grads(in_place: bool):
-        monkeypatch.setattr(gemm, "writes_half", lambda a: in_place)
+        monkeypatch.setattr(gemm, "writes_bf16", lambda a: in_place)
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         logps = align_losses.linear_logprobs(h, w, labels, impl="torch", backend_options=options)
         (logps * up).sum().backward()

@@ -62,7 +62,7 @@ def mm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) ->
                 acc.addmm_(a.float(), b.float())
 
 
-def writes_half(a: torch.Tensor) -> bool:
+def writes_bf16(a: torch.Tensor) -> bool:
     """Whether `mm_rounded` has the GEMM itself write a bf16 product of operands like ``a`` (bf16 on CUDA), rather
     than making it in fp32 and casting it (elsewhere: no gain over `matmul_fp32` and a cast; fp16: cuBLAS may then
     accumulate in fp16, under PyTorch's ``allow_fp16_accumulation``)."""
@@ -71,12 +71,12 @@ def writes_half(a: torch.Tensor) -> bool:
 
 def mm_rounded(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     """``out = a @ b`` in ``out``'s dtype (the operands'): an fp32 accumulation rounded once, as `matmul_fp32`
-    followed by a cast (to the order of the fp32 sums). Where `writes_half`, cuBLAS writes the rounded product itself,
+    followed by a cast (to the order of the fp32 sums). Where `writes_bf16`, cuBLAS writes the rounded product itself,
     with no fp32 temporary and no cast, and with PyTorch's reduced-precision reductions turned off for the call
     (`_exact_reductions`: a split-K GEMM would otherwise round its partial sums to bf16 before adding them)."""
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         torch.mm(a, b, out=out)
-    elif writes_half(a):
+    elif writes_bf16(a):
         with _exact_reductions():
             torch.mm(a, b, out=out)
     else:

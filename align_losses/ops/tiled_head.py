@@ -437,13 +437,13 @@ def _rows_in_place(out: torch.Tensor, grad_op: torch.Tensor, h_op: torch.Tensor,
     ``grad_op.T @ h_op`` of one GEMM over all ``m`` tokens plus the label terms of ``labelled`` (None, or the
     label rows' sums), are written by that GEMM in place (`_write_rows`), with the values of an fp32 block, its
     label terms added and cast: in fp32 always (the label terms are added to the rows themselves); in half
-    precision where the GEMM writes it (`align_losses.ops.gemm.writes_half`) and making the labelled rows again pays
+    precision where the GEMM writes it (`align_losses.ops.gemm.writes_bf16`) and making the labelled rows again pays
     (`_redo_pays`), which needs their bounds on the host (not on the sync-free path, `_AllRows`)."""
     if not grad_op.dtype == h_op.dtype == out.dtype:
         return False
     if out.dtype == torch.float32:
         return True
-    if not gemm.writes_half(grad_op):
+    if not gemm.writes_bf16(grad_op):
         return False
     return labelled is None or (isinstance(labelled, _LabelledRows)
                                 and _redo_pays(labelled.count(index), m, out.shape[0]))
