@@ -315,13 +315,33 @@ def test_torch_large_vocab_past_int32():
     assert peak < nv_bf16 / 4, f"peak {peak / 2**30:.2f} GiB suggests an N x V buffer"
 
 
+def _with_waits_counted(monkeypatch, fn):
+    """``(fn(), the synchronising calls CUDA's sync debug mode reported, the CUDA event waits)`` of one call of
+    ``fn``, after the GPU's queue has drained."""
+    import warnings
+
+    torch.cuda.synchronize()
+    waits = []
+    event_wait = torch.cuda.Event.synchronize
+    monkeypatch.setattr(torch.cuda.Event, "synchronize", lambda event: waits.append(event) or event_wait(event))
+    mode = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+    monkeypatch.setattr(torch.cuda.Event, "synchronize", event_wait)
+    syncs = [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
+    return result, syncs, len(waits)
+
+
 def test_torch_backward_syncs_once_and_is_deterministic(monkeypatch):
     """The "torch" backend's backward over several vocabulary blocks with one label on a third of the
     tokens: one wait for the device in all (the labelled rows' block bounds, not one per tile or block), and
     that on an event after their copy, not on the stream (no synchronising call that CUDA's sync debug mode
     reports), and the same gradients bit for bit on a second run (repeated labels summed in a fixed order)."""
-    import warnings
-
     from align_losses.problem import HeadProblem, LogitTransform
     from align_losses.ops.tiled_head import tiled_head
 
@@ -343,25 +363,8 @@ def test_torch_backward_syncs_once_and_is_deterministic(monkeypatch):
     # the two runs compared take the same walks, run alone or after other tests.
     grads()
     first = grads()
-    torch.cuda.synchronize()
-    waits = []
-    event_wait = torch.cuda.Event.synchronize
-
-    def counted(event):
-        waits.append(event)
-        return event_wait(event)
-
-    monkeypatch.setattr(torch.cuda.Event, "synchronize", counted)
-    mode = torch.cuda.get_sync_debug_mode()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            second = grads()
-        finally:
-            torch.cuda.set_sync_debug_mode(mode)
-    syncs = [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
-    assert syncs == [] and len(waits) == 1, (syncs, len(waits))
+    second, syncs, waits = _with_waits_counted(monkeypatch, grads)
+    assert syncs == [] and waits == 1, (syncs, waits)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
@@ -372,8 +375,6 @@ def test_torch_weight_rows_written_in_place(monkeypatch):
     whose product and label terms cancel included (pairs of tokens with one hidden state and one upstream gradient,
     one labelled ``l``, the other putting half its probability on ``l``); the backward waits for the device once, on
     an event, and gives the same gradients bit for bit again; the GEMM precision settings are left as they were."""
-    import warnings
-
     from align_losses.ops import gemm, tiled_head
     from align_losses.problem import HeadProblem, LogitTransform
 
@@ -412,20 +413,8 @@ def test_torch_weight_rows_written_in_place(monkeypatch):
     assert not written
     first = grads()
     assert len(written) >= 2 and sum(written) == v
-    torch.cuda.synchronize()
-    waits = []
-    event_wait = torch.cuda.Event.synchronize
-    monkeypatch.setattr(torch.cuda.Event, "synchronize", lambda event: waits.append(event) or event_wait(event))
-    mode = torch.cuda.get_sync_debug_mode()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            second = grads()
-        finally:
-            torch.cuda.set_sync_debug_mode(mode)
-    syncs = [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
-    assert syncs == [] and len(waits) == 1, (syncs, len(waits))
+    second, syncs, waits = _with_waits_counted(monkeypatch, grads)
+    assert syncs == [] and waits == 1, (syncs, waits)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     assert torch.equal(first[0], fp32_h)
     steps = (first[1].view(torch.int16).int() - fp32_w.view(torch.int16).int()).abs()
