@@ -123,6 +123,19 @@ def kernel_ms(fn, calls: int = 10) -> float:
     return sum(getattr(e, field) for e in prof.key_averages()) / 1e3 / calls
 
 
+def idle_stretches(intervals: list) -> tuple[list, float]:
+    """``(stretches, end)`` of time-sorted ``(start, end, item)`` intervals (overlapping ones count once): each
+    stretch in which none ran as ``(length, its start, the item whose end began it, the item after it)``, and the
+    end of the last interval."""
+    stretches, covered, last = [], intervals[0][1], intervals[0][2]
+    for start, end, item in intervals[1:]:
+        if start > covered:
+            stretches.append((start - covered, covered, last, item))
+        if end >= covered:
+            covered, last = end, item
+    return stretches, covered
+
+
 def print_idle_gaps(prof, top: int = 8, kinds_top: int = 30) -> None:
     """The GPU's idle time within a profiled step: the span from its first activity's start to its last's end, the
     time some activity (kernel, copy, fill) ran, and the longest stretches in which none did, with the activities on
@@ -132,17 +145,12 @@ def print_idle_gaps(prof, top: int = 8, kinds_top: int = 30) -> None:
                         key=lambda e: e.time_range.start)
     if not activities:
         return
-    gaps, covered, last = [], activities[0].time_range.end, activities[0].name
-    for e in activities[1:]:
-        if e.time_range.start > covered:
-            gaps.append((e.time_range.start - covered, last, e.name))
-        if e.time_range.end >= covered:
-            covered, last = e.time_range.end, e.name
+    gaps, covered = idle_stretches([(e.time_range.start, e.time_range.end, e.name) for e in activities])
     span = covered - activities[0].time_range.start
-    idle = sum(g for g, _, _ in gaps)
+    idle = sum(g[0] for g in gaps)
     print(f"GPU span {span / 1e3:.2f} ms: busy {(span - idle) / 1e3:.2f} ms ({len(activities)} activities), idle "
           f"{idle / 1e3:.2f} ms in {len(gaps)} gaps; the longest:")
-    for gap, before, after in sorted(gaps, reverse=True)[:top]:
+    for gap, _, before, after in sorted(gaps, key=lambda g: g[0], reverse=True)[:top]:
         print(f"  {gap:8.1f} us between {before[:60]!r} and {after[:60]!r}")
     # Every activity is a launch (or copy) and a gap after it: how many of each kind there are says which
     # launches a step could do without.
@@ -176,14 +184,10 @@ def print_gap_sources(prof, top: int = 8) -> None:
         return
     if not activities:
         return
-    gaps, covered = [], activities[0].end_ns()
-    for e in activities[1:]:
-        if e.start_ns() > covered:
-            gaps.append((e.start_ns() - covered, covered, e))
-        covered = max(covered, e.end_ns())
+    gaps, _ = idle_stretches([(e.start_ns(), e.end_ns(), e) for e in activities])
     print(f"the longest idle stretches of a step profiled with the host's ops ({len(gaps)} stretches, "
-          f"{sum(g for g, _, _ in gaps) / 1e6:.2f} ms), by what came after each:")
-    for gap, idle_from, after in sorted(gaps, key=lambda g: -g[0])[:top]:
+          f"{sum(g[0] for g in gaps) / 1e6:.2f} ms), by what came after each:")
+    for gap, idle_from, _, after in sorted(gaps, key=lambda g: g[0], reverse=True)[:top]:
         op = ops.get(after.linked_correlation_id())
         if op is None:
             print(f"  {gap / 1e3:8.1f} us before {after.name()[:50]!r} (no host op linked)")
