@@ -72,11 +72,12 @@ def compile_tile(fn, options: dict, static: bool):
 def default_plan(tokens: int):
     """The backend's default tile plan (`align_losses.ops.tiled_head.Tiling`) for ``tokens`` labelled bf16 tokens on
     CUDA, both gradients needed, its fold and its row-scaled tiles compiled (4 and 6 bytes a tile element), as once
-    its first call compiled them; the step of section 1 walks the forward and the row-scaled backward
-    (``backward_walk(row_scaled=True)``)."""
+    its first call compiled them, a walk of one token block writing the weight gradient's rows in place; the step of
+    section 1 walks the forward and the row-scaled backward (``backward_walk(row_scaled=True)``)."""
     from align_losses.ops.tiled_head import Tiling
 
-    return Tiling.plan(tokens, V, D, BUDGET, compiled=True, forward_bytes=4, scaled_backward_bytes=6)
+    return Tiling.plan(tokens, V, D, BUDGET, compiled=True, forward_bytes=4, scaled_backward_bytes=6,
+                       rows_in_place="redo")
 
 
 def problem(n: int) -> tuple:

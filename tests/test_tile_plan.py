@@ -9,6 +9,7 @@ import zlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import align_losses
 from align_losses.ops import gemm
@@ -40,23 +41,30 @@ def test_plan_at_head_benchmark_shapes():
     """What the plan does at head.py's shapes (bf16 on CUDA, compiled tiles, the 512 MiB default): Qwen3 and Llama
     keep all tokens in one block; the long shape splits them (see `Tiling.plan`); the compiled forward's tiles
     are four times wider, the compiled row-scaled backward's 16 / 6 times; a frozen head's backward, with no
-    weight-gradient blocks to revisit, splits further."""
+    weight-gradient blocks to revisit, splits further. The long shape splits its tokens even though one token block
+    would write the weight gradient's rows in place (``rows_in_place="redo"``, bf16 on CUDA)."""
     budget = 512 * 2**20
-    qwen = Tiling.plan(6144, 151936, 2048, budget, forward_bytes=4, scaled_backward_bytes=6)
+    qwen = Tiling.plan(6144, 151936, 2048, budget, forward_bytes=4, scaled_backward_bytes=6, rows_in_place="redo")
     assert qwen.backward == Blocks(6144, 5440) and qwen.forward == Blocks(6144, 21824)
     assert qwen.scaled_backward == Blocks(6144, 14528)
     assert Tiling.plan(6144, 128256, 4096, budget, forward_bytes=4).backward == Blocks(6144, 5440)
     long = Tiling.plan(24576, 151936, 2048, budget, forward_bytes=4)
     assert long.backward == Blocks(6144, 5440)
+    for rows_in_place in ("", "redo"):
+        long = Tiling.plan(24576, 151936, 2048, budget, forward_bytes=4, scaled_backward_bytes=6,
+                           rows_in_place=rows_in_place)
+        assert long.scaled_backward == Blocks(8192, 10880)
     frozen = Tiling.plan(24576, 151936, 2048, budget, forward_bytes=4, need=(True, False))
     assert frozen.backward.tokens < long.backward.tokens
 
 
-class _Traffic:
-    """Counts the bytes the GEMMs of `align_losses.ops.gemm` read and write: operands read, results written, and
-    an accumulator read as well when added to."""
+class _Traffic(TorchDispatchMode):
+    """Counts the bytes the GEMMs of `align_losses.ops.gemm` read and write (operands read, results written, and
+    an accumulator read as well when added to) and, while entered as a dispatch mode, the bytes of the 2-d copies
+    (the fp32 weight-gradient blocks copied into the gradient: read and written)."""
 
     def __init__(self, monkeypatch):
+        super().__init__()
         self.bytes = 0
         self.on = False
         matmul, mm_into, mm_rounded = gemm.matmul_fp32, gemm.mm_into, gemm.mm_rounded
@@ -78,6 +86,11 @@ class _Traffic:
         monkeypatch.setattr(gemm, "mm_into", counted_mm_into)
         monkeypatch.setattr(gemm, "mm_rounded", counted_mm_rounded)
 
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.on and func is torch.ops.aten.copy_.default and args[1].dim() == 2:
+            self.bytes += args[0].numel() * args[0].element_size() + args[1].numel() * args[1].element_size()
+        return func(*args, **(kwargs or {}))
+
     def _count(self, a, b, out, out_passes):
         if self.on:
             self.bytes += a.numel() * a.element_size() + b.numel() * b.element_size()
@@ -92,21 +105,25 @@ def _backward_traffic(traffic, hidden, weight, labels, up, budget, token_chunk):
         options["token_chunk"] = token_chunk
     logps = align_losses.linear_logprobs(hidden, weight, labels, impl="torch", backend_options=options)
     traffic.bytes, traffic.on = 0, True
-    (logps * up).sum().backward()
+    with traffic:
+        (logps * up).sum().backward()
     traffic.on = False
     return traffic.bytes
 
 
 @pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)], ids=["both", "frozen-head", "hidden-frozen"])
-def test_plan_picks_the_walk_that_moves_fewest_bytes(monkeypatch, need):
+@pytest.mark.parametrize("m,ids", [(384, 40), (128, 64)], ids=["long", "near-even"])
+def test_plan_picks_the_walk_that_moves_fewest_bytes(monkeypatch, need, m, ids):
     """Long-input proportions (many tokens, a budget that leaves narrow vocabulary blocks with all of them in one
-    block), fp32 so that no operand is copied: every token block from 1 to all is tried through the backend's
-    ``token_chunk`` option, and the plan's own choice must move no more bytes than the best of them. The per-tile
-    launch cost is set to 0 here: the count sees bytes only."""
+    block: ``ids`` a block), fp32 so that no operand is copied: every token block from 1 to all is tried through
+    the backend's ``token_chunk`` option, and the plan's own choice must move no more bytes than the best of them.
+    The per-tile launch cost is set to 0 here: the count sees bytes only. At the second shape one token block,
+    whose weight-gradient rows are written in place, is the best walk by a few percent with both gradients (a plan
+    that charged it an fp32 block and its copy splits the tokens in two)."""
     monkeypatch.setattr(tiled_head, "_TILE_OVERHEAD_BYTES", 0)
     traffic = _Traffic(monkeypatch)
     g = torch.Generator().manual_seed(11)
-    m, d, v, budget = 384, 128, 2000, 16 * 384 * 40  # all tokens in one block: 40 ids a block, 50 blocks
+    d, v, budget = 128, 2000, 16 * m * ids
     hidden = torch.randn(m, d, generator=g).requires_grad_(need[0])
     weight = (torch.randn(v, d, generator=g) / 2).requires_grad_(need[1])
     labels = torch.randint(0, v, (m,), generator=g)
@@ -116,9 +133,10 @@ def test_plan_picks_the_walk_that_moves_fewest_bytes(monkeypatch, need):
     measured = {t: _backward_traffic(traffic, hidden, weight, labels, up, budget, t) for t in candidates}
     best = min(measured, key=measured.get)
     assert chosen <= measured[best], (chosen, best, measured[best])
-    # a real saving over all tokens in one block, the tiles' own bytes included: 1.39x with the hidden-state gradient
-    # (its accumulator is what narrow blocks revisit), 1.18x without
-    assert measured[m] > (1.3 if need[0] else 1.1) * chosen
+    if m == 384:
+        # a real saving over all tokens in one block, the tiles' own bytes included: 1.32x with the hidden-state
+        # gradient (its accumulator is what narrow blocks revisit), 1.08x without
+        assert measured[m] > (1.3 if need[0] else 1.05) * chosen
 
 
 def _reference(hidden, weight, bias, labels, transform, up):

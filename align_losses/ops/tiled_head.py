@@ -83,12 +83,14 @@ class Tiling:
     def plan(num_tokens: int, vocab: int, width: int, memory_budget: int, token_block: Optional[int] = None,
              compiled: bool = False, fallback: bool = False, operand_bytes: int = 2,
              forward_bytes: int = _BYTES_PER_TILE_ELEMENT, need: tuple = (True, True),
-             scaled_backward_bytes: int = _BYTES_PER_TILE_ELEMENT) -> "Tiling":
+             scaled_backward_bytes: int = _BYTES_PER_TILE_ELEMENT, rows_in_place: str = "") -> "Tiling":
         """The walks that move the fewest bytes (`_traffic`) under ``memory_budget`` bytes of tile temporaries
         (`_BYTES_PER_TILE_ELEMENT` per element in the backward, ``scaled_backward_bytes`` in a backward of row-scaled
         tiles, ``forward_bytes`` in the forward), for ``num_tokens`` tokens of hidden size ``width``, ``vocab`` ids,
         GEMM operands of ``operand_bytes`` and the gradients ``need = (hidden states', weight's)``. ``token_block``
-        fixes every walk's token blocks.
+        fixes every walk's token blocks. ``rows_in_place``: how a walk of one token block writes the weight
+        gradient's rows (`_rows_in_place`, `_traffic`): ``""`` through an fp32 block, ``"fp32"`` in place,
+        ``"redo"`` in place with the labelled rows made again.
 
         Long inputs are where this matters: with every token in one block, a small budget leaves narrow vocabulary
         blocks, and each of them reads and writes the whole fp32 hidden-state gradient (at 24576 tokens x 2048,
@@ -100,7 +102,7 @@ class Tiling:
         forward = _cheapest(num_tokens, vocab, width, memory_budget // forward_bytes, token_block,
                             dict(hidden_reads=1, weight_reads=1, operand_bytes=operand_bytes))
         walk = dict(hidden_reads=1 + need_w, weight_reads=1 + need_h, operand_bytes=operand_bytes,
-                    hidden_grad=need_h, weight_grad=need_w)
+                    hidden_grad=need_h, weight_grad=need_w, rows_in_place=rows_in_place if need_w else "")
         backward = _cheapest(num_tokens, vocab, width, memory_budget // _BYTES_PER_TILE_ELEMENT, token_block, walk)
         scaled = None
         if scaled_backward_bytes != _BYTES_PER_TILE_ELEMENT:
@@ -124,7 +126,8 @@ class Tiling:
         return Tiling.plan(hidden.shape[0], vocab, hidden.shape[1], memory_budget, token_block, compiled, fallback,
                            operand_bytes=4 if upcasts else hidden.element_size(),
                            forward_bytes=_forward_bytes(fused, softcap), need=need,
-                           scaled_backward_bytes=_backward_bytes(fused_grad, _grad_operand_bytes(hidden)))
+                           scaled_backward_bytes=_backward_bytes(fused_grad, _grad_operand_bytes(hidden)),
+                           rows_in_place=_rows_in_place_kind(hidden))
 
 
 def _forward_bytes(fused: bool, softcap: bool) -> int:
@@ -160,8 +163,18 @@ def _rounds(hidden: torch.Tensor) -> bool:
     return hidden.dtype == torch.bfloat16 or (hidden.is_cuda and hidden.dtype != torch.float32)
 
 
+def _rows_in_place_kind(hidden: torch.Tensor) -> str:
+    """How the backward of one token block writes the weight gradient's rows for ``hidden``'s dtype and device, as
+    `_rows_in_place` decides it for a block where the redo pays: ``"fp32"`` in place; ``"redo"`` in place, rounded
+    by the GEMM, its labelled rows made again; ``""`` through an fp32 block. (The sync-free backward, which keeps
+    fp32 blocks in half precision, plans as the others do.)"""
+    if hidden.dtype == torch.float32:
+        return "fp32"
+    return "redo" if gemm.writes_bf16(hidden) else ""
+
+
 def _traffic(num_tokens: int, vocab: int, width: int, blocks: Blocks, hidden_reads: int, weight_reads: int,
-             operand_bytes: int, hidden_grad: bool = False, weight_grad: bool = False,
+             operand_bytes: int, hidden_grad: bool = False, weight_grad: bool = False, rows_in_place: str = "",
              overhead: int = _TILE_OVERHEAD_BYTES) -> int:
     """The bytes a walk in ``blocks`` moves that depend on the blocks.
 
@@ -169,17 +182,25 @@ def _traffic(num_tokens: int, vocab: int, width: int, blocks: Blocks, hidden_rea
       token block, ``hidden_reads`` and ``weight_reads`` times (the forward's one GEMM; the backward's recompute
       and its gradient GEMMs).
     - The fp32 hidden-state gradient is written by the first vocabulary block and read and written by each later
-      one (``hidden_grad``); a weight-gradient block ``[W, D]`` likewise over the token blocks (``weight_grad``).
+      one (``hidden_grad``).
+    - A weight-gradient block ``[W, D]`` (``weight_grad``) likewise over the token blocks, in fp32, then read once
+      more to be written into the gradient: ``8 x token blocks`` bytes per element. With one token block the rows
+      may be written in place instead (``rows_in_place``, `_rows_in_place_kind`): nothing more than the
+      gradient's own write, which every walk makes, but where the labelled rows are made again (``"redo"``) their
+      GEMM reads the GEMM operand of the hidden states once per vocabulary block.
     - Each tile adds ``overhead`` (`_TILE_OVERHEAD_BYTES`).
 
-    Left out: the tiles' own bytes (``M x V`` elements, however blocked) and the per-token statistics.
+    Left out: the tiles' own bytes (``M x V`` elements, however blocked), the per-token statistics and the
+    gradients' own writes.
     """
     token_blocks, vocab_blocks = -(-num_tokens // blocks.tokens), -(-vocab // blocks.vocab)
     per_width = (vocab_blocks * num_tokens * hidden_reads + token_blocks * vocab * weight_reads) * operand_bytes
     if hidden_grad:
         per_width += (8 * vocab_blocks - 4) * num_tokens
-    if weight_grad:
-        per_width += (8 * token_blocks - 4) * vocab
+    if weight_grad and token_blocks == 1 and rows_in_place:
+        per_width += vocab_blocks * num_tokens * operand_bytes if rows_in_place == "redo" else 0
+    elif weight_grad:
+        per_width += 8 * token_blocks * vocab
     return per_width * width + token_blocks * vocab_blocks * overhead
 
 
