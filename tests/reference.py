@@ -51,3 +51,15 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     denom = b.norm()
     return float((a - b).norm() / denom) if denom > 0 else float((a - b).norm())
+
+
+def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per element, how many bf16 steps apart ``a`` and ``b`` (bf16, finite) are, counted across zero (both zeros
+    are one value): the bit patterns mapped to integers in the values' order."""
+
+    def ordered(x: torch.Tensor) -> torch.Tensor:
+        bits = x.view(torch.int16).int()
+        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+
+    return (ordered(a) - ordered(b)).abs()
+

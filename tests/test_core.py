@@ -9,7 +9,7 @@ import torch
 
 import align_losses
 from align_losses.core import STATS
-from reference import full_logits, rel, token_stats
+from reference import bf16_ulps, full_logits, rel, token_stats
 
 DIFFERENTIABLE = ("logprobs", "entropy", "mean_logit", "logsumexp")
 
@@ -352,11 +352,6 @@ def test_label_entries_reach_their_weight_rows_as_in_float64():
     assert labelled.bounds[-1] == len(set(labels[in_shard].tolist())) == labelled.rows.shape[0]  # a row per label
 
 
-def _bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per element, how many bf16 steps apart ``a`` and ``b`` (bf16, finite, same sign or zero) are."""
-    return (a.view(torch.int16).int() - b.view(torch.int16).int()).abs()
-
-
 @pytest.mark.parametrize("too_many_labels", [False, True])
 def test_weight_rows_written_in_place_in_half_precision(monkeypatch, too_many_labels):
     """All tokens in one block, bf16: each vocabulary block's weight-gradient GEMM writes its rows rounded (the path
@@ -404,7 +399,7 @@ def test_weight_rows_written_in_place_in_half_precision(monkeypatch, too_many_la
     assert redone == written  # (a no-op for the block without a label)
 
     assert torch.equal(ours_h, fp32_h)  # the hidden-state gradient's path is unchanged
-    assert _bf16_ulps(ours_w, fp32_w).max() <= 1
+    assert bf16_ulps(ours_w, fp32_w).max() <= 1
     z = hidden.double() @ weight.double().t()
     p = torch.softmax(z, dim=1)
     assert p[:pairs, labels[:pairs]].diagonal().sub(0.5).abs().max() < 0.1

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 import align_losses
 from align_losses.core import STATS
-from reference import rel
+from reference import bf16_ulps, rel
 
 DIFFERENTIABLE = ("logprobs", "entropy", "mean_logit", "logsumexp")
 N, D, V = 23, 12, 61
@@ -55,6 +55,34 @@ def _run_losses(hidden, weight, labels, upstream, options, group=None):
     return torch.autograd.grad(loss, leaves)
 
 
+def _grads_bf16(hidden, weight, labels, upstream, in_place: bool, group=None):
+    """The losses' backward in bf16 with all tokens in one block (8-id blocks): each block's weight-gradient rows
+    through an fp32 block, or (``in_place``) written in place by their GEMM with the labelled rows made again, the
+    path `align_losses.ops.tiled_head._rows_in_place` takes on CUDA, forced here for every block (however narrow).
+    Returns the gradients and, for the in-place run, ``(first id, labelled rows)`` of each block."""
+    from align_losses.ops import gemm, tiled_head
+
+    redone = []
+    real = gemm.writes_bf16, tiled_head._redo_pays, tiled_head._LabelledRows.redo_rows
+
+    def redo(self, out, grad_op, h_op, index, first):
+        redone.append((first, self.count(index)))
+        return real[2](self, out, grad_op, h_op, index, first)
+
+    gemm.writes_bf16, tiled_head._redo_pays, tiled_head._LabelledRows.redo_rows = (lambda a: in_place), \
+        (lambda *a: True), redo
+    try:
+        leaves = [t.bfloat16().requires_grad_() for t in (hidden, weight)]
+        m = int((labels != -100).sum())  # the tokens the op walks: the labelled ones
+        logps = align_losses.linear_logprobs(leaves[0], leaves[1], labels, impl="torch", process_group=group,
+                                             backend_options={"memory_budget": 16 * m * 8, "token_chunk": m,
+                                                              "compile_tiles": False})
+        grads = torch.autograd.grad((logps * upstream["logprobs"]).sum(), leaves)
+    finally:
+        gemm.writes_bf16, tiled_head._redo_pays, tiled_head._LabelledRows.redo_rows = real
+    return grads, redone
+
+
 def _worker(rank: int, world: int, init_file: str, results: dict):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -77,6 +105,17 @@ def _worker(rank: int, world: int, init_file: str, results: dict):
         grads = _run_losses(hidden, weight[start:stop], labels, upstream, options, dist.group.WORLD)
         assert rel(grads[0], full_grads[0]) < 1e-5, "grad hidden, row-scaled"
         assert rel(grads[1], full_grads[1][start:stop]) < 1e-5 or stop == start, "grad weight, row-scaled"
+        # bf16, the weight gradient's rows written in place on a shard: the labelled rows made again are found from
+        # the shard's first id (a block's rows start at ``start + v0``), so the gradient is the fp32 blocks' within
+        # one bf16 step.
+        (_, fp32_w), _ = _grads_bf16(hidden, weight[start:stop], labels, upstream, False, dist.group.WORLD)
+        (_, ours_w), redone = _grads_bf16(hidden, weight[start:stop], labels, upstream, True, dist.group.WORLD)
+        assert bf16_ulps(ours_w, fp32_w).max() <= 1 if stop > start else ours_w.numel() == 0, "in-place rows"
+        labelled_here = ((labels >= start) & (labels < stop)).any().item()
+        assert [first for first, _ in redone] == list(range(start, stop, 8)), redone
+        assert (sum(count for _, count in redone) > 0) == labelled_here, redone
+        (_, one_w), _ = _grads_bf16(hidden, weight, labels, upstream, False)
+        assert rel(ours_w, one_w[start:stop]) < 1e-2 or stop == start, "in-place rows against one process"
     finally:
         dist.destroy_process_group()
 
