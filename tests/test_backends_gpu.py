@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from align_losses import linear_token_stats
+from reference import bf16_ulps
 
 pytestmark = [
     pytest.mark.gpu,
@@ -370,12 +371,12 @@ def test_torch_backward_syncs_once_and_is_deterministic(monkeypatch):
 
 def test_torch_weight_rows_written_in_place(monkeypatch):
     """bf16 with all tokens in one block: each vocabulary block's weight-gradient GEMM writes its rows in bf16 itself
-    (no fp32 block, no cast: `align_losses.ops.tiled_head._rows_in_place`) and the labelled rows are made again in
+    (no fp32 block, no cast: `align_losses.ops.weight_rows.rows_in_place`) and the labelled rows are made again in
     fp32 with their label terms. The gradients are within one bf16 step of the fp32 block's path everywhere, rows
     whose product and label terms cancel included (pairs of tokens with one hidden state and one upstream gradient,
     one labelled ``l``, the other putting half its probability on ``l``); the backward waits for the device once, on
     an event, and gives the same gradients bit for bit again; the GEMM precision settings are left as they were."""
-    from align_losses.ops import gemm, tiled_head
+    from align_losses.ops import gemm, tiled_head, weight_rows
     from align_losses.problem import HeadProblem, LogitTransform
 
     g = torch.Generator(device="cuda").manual_seed(21)
@@ -407,8 +408,8 @@ def test_torch_weight_rows_written_in_place(monkeypatch):
 
     grads()  # compiles the tile functions, after which the walks are wider: the runs compared take the same
     written = []
-    real_write = tiled_head._write_rows
-    monkeypatch.setattr(tiled_head, "_write_rows", lambda out, *a: written.append(out.shape[0]) or real_write(out, *a))
+    real_write = weight_rows.write_rows
+    monkeypatch.setattr(weight_rows, "write_rows", lambda out, *a: written.append(out.shape[0]) or real_write(out, *a))
     fp32_h, fp32_w = grads(in_place=False)
     assert not written
     first = grads()
@@ -417,7 +418,7 @@ def test_torch_weight_rows_written_in_place(monkeypatch):
     assert syncs == [] and waits == 1, (syncs, waits)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     assert torch.equal(first[0], fp32_h)
-    steps = (first[1].view(torch.int16).int() - fp32_w.view(torch.int16).int()).abs()
+    steps = bf16_ulps(first[1], fp32_w)
     assert steps.max() <= 1, steps.max()
     assert settings == torch._C._get_cublas_allow_bf16_reduced_precision_reduction()
     assert False in inside  # the in-place GEMMs ran without reduced-precision reductions

@@ -321,10 +321,10 @@ def test_frozen_weight_gets_no_gradient_work(monkeypatch):
 
 
 def test_label_entries_reach_their_weight_rows_as_in_float64():
-    """`_LabelledRows` (the torch backend's labelled weight rows) against float64: a shard from id 40 in
+    """`LabelledRows` (the torch backend's labelled weight rows) against float64: a shard from id 40 in
     blocks of 17 ids (the last one short), labels before, inside (one of them repeated, one on every
     block edge) and after the shard; rows without a label left alone; the products made 7 tokens at a time."""
-    from align_losses.ops.tiled_head import _LabelledRows
+    from align_losses.ops.weight_rows import LabelledRows
 
     g = torch.Generator().manual_seed(5)
     m, d, offset, vocab, block = 61, 13, 40, 60, 17
@@ -334,7 +334,7 @@ def test_label_entries_reach_their_weight_rows_as_in_float64():
                                 offset + vocab - 1, offset + vocab, offset + 3, offset + 3])
     in_shard = (labels >= offset) & (labels < offset + vocab)
     entry = torch.where(in_shard, torch.randn(m, generator=g), 0.0)  # as label_entries gives them
-    labelled = _LabelledRows.of(labels, entry, hidden, offset, vocab, block, chunk=7)
+    labelled = LabelledRows.of(labels, entry, hidden, offset, vocab, block, chunk=7)
     for index, first in enumerate(range(offset, offset + vocab, block)):
         width = min(block, offset + vocab - first)
         rows = torch.randn(width, d, generator=g)
@@ -355,14 +355,14 @@ def test_label_entries_reach_their_weight_rows_as_in_float64():
 @pytest.mark.parametrize("too_many_labels", [False, True])
 def test_weight_rows_written_in_place_in_half_precision(monkeypatch, too_many_labels):
     """All tokens in one block, bf16: each vocabulary block's weight-gradient GEMM writes its rows rounded (the path
-    `_rows_in_place` takes on CUDA, forced here on the CPU) and its labelled rows are made again in fp32 with their
-    label terms (`_LabelledRows.redo_rows`), so the gradient is the fp32 block's, cast once: within one bf16 step of
+    `weight_rows.rows_in_place` takes on CUDA, forced here on the CPU) and its labelled rows are made again in fp32
+    with their label terms (`weight_rows.LabelledRows.redo_rows`), so the gradient is the fp32 block's, cast once: within one bf16 step of
     it everywhere. That includes rows whose product and label terms cancel: pairs of tokens with one hidden state
     and one upstream gradient, one labelled ``l`` and the other putting half its probability on ``l`` (adding the
     label term to the rounded product there would be many steps off). Where making the labelled rows again would
-    not pay (`_redo_pays`, with GEMMs made to look slow here), a block takes the fp32 path; blocks without a label
+    not pay (`weight_rows.redo_pays`, with GEMMs made to look slow here), a block takes the fp32 path; blocks without a label
     still write in place."""
-    from align_losses.ops import gemm, tiled_head
+    from align_losses.ops import gemm, weight_rows
 
     g = torch.Generator().manual_seed(17)
     m, d, v, pairs = 48, 32, 300, 12
@@ -378,7 +378,7 @@ def test_weight_rows_written_in_place_in_half_precision(monkeypatch, too_many_la
     weight = weight.bfloat16()
     options = {"memory_budget": 16 * m * 64, "token_chunk": m, "compile_tiles": False}  # 64-id blocks, 5 of them
     if too_many_labels:
-        monkeypatch.setattr(tiled_head, "_GEMM_FLOPS_PER_BYTE", 1e-3)
+        monkeypatch.setattr(weight_rows, "GEMM_FLOPS_PER_BYTE", 1e-3)
 
     def grads(in_place: bool):
         monkeypatch.setattr(gemm, "writes_bf16", lambda a: in_place)
@@ -388,10 +388,10 @@ def test_weight_rows_written_in_place_in_half_precision(monkeypatch, too_many_la
         return h.grad, w.grad
 
     redone, written = [], []
-    real_redo, real_write = tiled_head._LabelledRows.redo_rows, tiled_head._write_rows
-    monkeypatch.setattr(tiled_head._LabelledRows, "redo_rows", lambda self, out, *a: redone.append(out.shape[0]) or
+    real_redo, real_write = weight_rows.LabelledRows.redo_rows, weight_rows.write_rows
+    monkeypatch.setattr(weight_rows.LabelledRows, "redo_rows", lambda self, out, *a: redone.append(out.shape[0]) or
                         real_redo(self, out, *a))
-    monkeypatch.setattr(tiled_head, "_write_rows", lambda out, *a: written.append(out.shape[0]) or real_write(out, *a))
+    monkeypatch.setattr(weight_rows, "write_rows", lambda out, *a: written.append(out.shape[0]) or real_write(out, *a))
     fp32_h, fp32_w = grads(False)
     assert not redone and not written
     ours_h, ours_w = grads(True)

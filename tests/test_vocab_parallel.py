@@ -58,18 +58,18 @@ def _run_losses(hidden, weight, labels, upstream, options, group=None):
 def _grads_bf16(hidden, weight, labels, upstream, in_place: bool, group=None):
     """The losses' backward in bf16 with all tokens in one block (8-id blocks): each block's weight-gradient rows
     through an fp32 block, or (``in_place``) written in place by their GEMM with the labelled rows made again, the
-    path `align_losses.ops.tiled_head._rows_in_place` takes on CUDA, forced here for every block (however narrow).
+    path `align_losses.ops.weight_rows.rows_in_place` takes on CUDA, forced here for every block (however narrow).
     Returns the gradients and, for the in-place run, ``(first id, labelled rows)`` of each block."""
-    from align_losses.ops import gemm, tiled_head
+    from align_losses.ops import gemm, weight_rows
 
     redone = []
-    real = gemm.writes_bf16, tiled_head._redo_pays, tiled_head._LabelledRows.redo_rows
+    real = gemm.writes_bf16, weight_rows.redo_pays, weight_rows.LabelledRows.redo_rows
 
     def redo(self, out, grad_op, h_op, index, first):
         redone.append((first, self.count(index)))
         return real[2](self, out, grad_op, h_op, index, first)
 
-    gemm.writes_bf16, tiled_head._redo_pays, tiled_head._LabelledRows.redo_rows = (lambda a: in_place), \
+    gemm.writes_bf16, weight_rows.redo_pays, weight_rows.LabelledRows.redo_rows = (lambda a: in_place), \
         (lambda *a: True), redo
     try:
         leaves = [t.bfloat16().requires_grad_() for t in (hidden, weight)]
@@ -79,7 +79,7 @@ def _grads_bf16(hidden, weight, labels, upstream, in_place: bool, group=None):
                                                               "compile_tiles": False})
         grads = torch.autograd.grad((logps * upstream["logprobs"]).sum(), leaves)
     finally:
-        gemm.writes_bf16, tiled_head._redo_pays, tiled_head._LabelledRows.redo_rows = real
+        gemm.writes_bf16, weight_rows.redo_pays, weight_rows.LabelledRows.redo_rows = real
     return grads, redone
 
 

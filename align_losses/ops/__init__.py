@@ -2,7 +2,8 @@
 `align_losses.problem.HeadProblem`, without ever holding the ``[M, V]`` logits.
 
 - `tiled_head`: pure PyTorch, any device (the ``"torch"`` backend); its per-tile math is in `tiles`, pure
-  functions it runs eagerly or through `torch.compile`.
+  functions it runs eagerly or through `torch.compile`, and its weight gradient's label terms and rows written
+  in place in `weight_rows`.
 - `triton_head`: the ``"triton"`` backend's forward and dense backward (host side); its kernels are
   in `triton_kernels`, and its opt-in filtering backward in `triton_filter` (with `slots`, the layout
   that backward walks).
@@ -15,7 +16,8 @@
 - `labels`: the labelled positions and the label range check, shared by the core and `library`.
 
 Imports run one way: ``triton_head -> triton_filter -> triton_shared -> triton_kernels``,
-``tiled_head -> tiles``, both heads and `tiles` -> `stats`, both heads -> `gemm`, and every op ->
+``tiled_head -> tiles``, ``tiled_head -> weight_rows``, both heads, `tiles` and `weight_rows` -> `stats`, both heads
+and `weight_rows` -> `gemm`, and every op ->
 `align_losses.problem`; no op imports `align_losses.backends`. Importing
 this package imports none of them (Triton loads with the ``triton_*`` modules only).
 """

@@ -6,10 +6,10 @@ backward recomputes each ``[tokens, vocab]`` tile, turns it into the gradient of
 upstream gradients it received, and multiplies it out: the hidden-state gradient is accumulated in
 an fp32 ``[M, D]`` buffer, and each vocabulary block's weight gradient is accumulated over token
 blocks in an fp32 ``[V_block, D]`` buffer and written once, so no fp32 ``[V, D]`` buffer exists (with all
-tokens in one block, the block's one GEMM writes its rows in place: `_rows_in_place`).
+tokens in one block, the block's one GEMM writes its rows in place: `align_losses.ops.weight_rows`).
 Each token's label entry of the logit gradient stays out of the GEMM operands and is added in fp32
-afterwards (`_add_label_entries`). On CUDA the backward waits for the GPU once, for the labels' block bounds
-(`_LabelledRows`).
+afterwards (`add_label_entries`). On CUDA the backward waits for the GPU once, for the labels' block bounds
+(`align_losses.ops.weight_rows.LabelledRows`).
 
 Here are the GEMMs and the accumulators; what happens to a tile between its GEMMs is in
 `align_losses.ops.tiles`: pure functions of the raw fp32 tile (bias and logit transform applied inside),
@@ -34,8 +34,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..problem import DIFFERENTIABLE_OUTPUTS, OUTPUTS, HeadProblem, LogitTransform
-from . import gemm
-from .stats import Stats, finish_outputs, label_columns, rows_of
+from . import gemm, weight_rows
+from .stats import Stats, finish_outputs, rows_of
 from .tiles import (Upstream, compiled_before, compiled_tiles, compiles, fold_tile, label_entries, row_scale, run_tile,
                     tile_grad)
 
@@ -89,8 +89,8 @@ class Tiling:
         tiles, ``forward_bytes`` in the forward), for ``num_tokens`` tokens of hidden size ``width``, ``vocab`` ids,
         GEMM operands of ``operand_bytes`` and the gradients ``need = (hidden states', weight's)``. ``token_block``
         fixes every walk's token blocks. ``rows_in_place``: how a walk of one token block writes the weight
-        gradient's rows (`_rows_in_place`, `_traffic`): ``""`` through an fp32 block, ``"fp32"`` in place,
-        ``"redo"`` in place with the labelled rows made again.
+        gradient's rows (`align_losses.ops.weight_rows.rows_in_place`, `_traffic`): ``""`` through an fp32 block,
+        ``"fp32"`` in place, ``"redo"`` in place with the labelled rows made again.
 
         Long inputs are where this matters: with every token in one block, a small budget leaves narrow vocabulary
         blocks, and each of them reads and writes the whole fp32 hidden-state gradient (at 24576 tokens x 2048,
@@ -127,7 +127,7 @@ class Tiling:
                            operand_bytes=4 if upcasts else hidden.element_size(),
                            forward_bytes=_forward_bytes(fused, softcap), need=need,
                            scaled_backward_bytes=_backward_bytes(fused_grad, _grad_operand_bytes(hidden)),
-                           rows_in_place=_rows_in_place_kind(hidden))
+                           rows_in_place=weight_rows.rows_in_place_kind(hidden))
 
 
 def _forward_bytes(fused: bool, softcap: bool) -> int:
@@ -163,16 +163,6 @@ def _rounds(hidden: torch.Tensor) -> bool:
     return hidden.dtype == torch.bfloat16 or (hidden.is_cuda and hidden.dtype != torch.float32)
 
 
-def _rows_in_place_kind(hidden: torch.Tensor) -> str:
-    """How the backward of one token block writes the weight gradient's rows for ``hidden``'s dtype and device, as
-    `_rows_in_place` decides it for a block where the redo pays: ``"fp32"`` in place; ``"redo"`` in place, rounded
-    by the GEMM, its labelled rows made again; ``""`` through an fp32 block. (The sync-free backward, which keeps
-    fp32 blocks in half precision, plans as the others do.)"""
-    if hidden.dtype == torch.float32:
-        return "fp32"
-    return "redo" if gemm.writes_bf16(hidden) else ""
-
-
 def _traffic(num_tokens: int, vocab: int, width: int, blocks: Blocks, hidden_reads: int, weight_reads: int,
              operand_bytes: int, hidden_grad: bool = False, weight_grad: bool = False, rows_in_place: str = "",
              overhead: int = _TILE_OVERHEAD_BYTES) -> int:
@@ -185,9 +175,9 @@ def _traffic(num_tokens: int, vocab: int, width: int, blocks: Blocks, hidden_rea
       one (``hidden_grad``).
     - A weight-gradient block ``[W, D]`` (``weight_grad``) likewise over the token blocks, in fp32, then read once
       more to be written into the gradient: ``8 x token blocks`` bytes per element. With one token block the rows
-      may be written in place instead (``rows_in_place``, `_rows_in_place_kind`): nothing more than the
-      gradient's own write, which every walk makes, but where the labelled rows are made again (``"redo"``) their
-      GEMM reads the GEMM operand of the hidden states once per vocabulary block.
+      may be written in place instead (``rows_in_place``, `align_losses.ops.weight_rows.rows_in_place_kind`):
+      nothing more than the gradient's own write, which every walk makes, but where the labelled rows are made
+      again (``"redo"``) their GEMM reads the GEMM operand of the hidden states once per vocabulary block.
     - Each tile adds ``overhead`` (`_TILE_OVERHEAD_BYTES`).
 
     Left out: the tiles' own bytes (``M x V`` elements, however blocked), the per-token statistics and the
@@ -370,7 +360,7 @@ def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, 
     upstream = Upstream(*(up.get(name) for name in _UPSTREAM))
     scale = row_scale(upstream, transform) if grad_bias is None else None
     blocks = tiling.backward_walk(row_scaled=scale is not None)
-    # See `_add_label_entries`: the label entries stay out of the GEMM operands (the tiles zero them), computed
+    # See `add_label_entries`: the label entries stay out of the GEMM operands (the tiles zero them), computed
     # once here in fp32 from the forward's label logits. No token, or an empty shard: no label; with only the bias
     # to differentiate, the entries need not move.
     entry = None
@@ -379,9 +369,9 @@ def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, 
         entry = label_entries(label_logit, lse, expected_z, upstream, transform, vocab, inside)
     labelled = None
     if entry is not None and need_w:
-        labelled = (_AllRows(labels, entry, hidden) if sync_free else
-                    _LabelledRows.of(labels, entry, hidden, offset, weight.shape[0], blocks.vocab,
-                                     chunk=_label_chunk(tiling.backward, hidden.shape[1])))
+        labelled = (weight_rows.AllRows(labels, entry, hidden) if sync_free else
+                    weight_rows.LabelledRows.of(labels, entry, hidden, offset, weight.shape[0], blocks.vocab,
+                                                chunk=_label_chunk(tiling.backward, hidden.shape[1])))
     sign = shift = None
     if scale is not None:  # once per backward, not per tile
         sign = torch.sign(scale)
@@ -412,8 +402,8 @@ def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, 
             if need_w:
                 h_op = signed_hidden[rows] if signed_hidden is not None else h
                 out = grad_weight[v0 : v0 + blocks.vocab]
-                if one_gemm_per_block and _rows_in_place(out, tile.grad_op, h_op, labelled, block_index, m):
-                    _write_rows(out, tile.grad_op, h_op, labelled, block_index, offset + v0)
+                if one_gemm_per_block and weight_rows.rows_in_place(out, tile.grad_op, h_op, labelled, block_index, m):
+                    weight_rows.write_rows(out, tile.grad_op, h_op, labelled, block_index, offset + v0)
                 elif gw_block is None:
                     gw_block = gemm.matmul_fp32(tile.grad_op.t(), h_op)
                 else:
@@ -428,7 +418,7 @@ def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, 
     if need_h and sign is not None:
         grad_hidden.mul_(sign[:, None])  # the blocks summed p |s c| W; dL/dh = sign(s c) that (+ the label entries)
     if need_h and entry is not None:
-        _add_label_entries(grad_hidden, entry, weight, labels, offset)
+        add_label_entries(grad_hidden, entry, weight, labels, offset)
     if need_h and shard is not None:
         import torch.distributed as dist
 
@@ -438,202 +428,32 @@ def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, 
     return grad_hidden, grad_weight, grad_bias
 
 
-#: A GPU's GEMM rate over its memory bandwidth, in flops per byte (an H100: ~700 TFLOP/s in bf16 over ~3 TB/s), to
-#: weigh a GEMM's flops against bytes moved (`_redo_pays`).
-_GEMM_FLOPS_PER_BYTE = 230
-
-
-def _redo_pays(count: int, m: int, width: int) -> bool:
-    """Whether writing a ``[width, D]`` block of weight-gradient rows rounded by its GEMM and making its ``count``
-    labelled rows again (`_LabelledRows.redo_rows`) costs less than the fp32 block it replaces, for ``m`` tokens.
-    Saved: 8 B per element (the fp32 block's extra 2 B written, then 4 B read and 2 B written by its cast, against
-    2 B written). Spent, where a row is labelled: the redo GEMM reads all of ``h_op`` (2 B per element of
-    ``[m, D]``) and makes ``2 count m D`` flops."""
-    return count == 0 or m * (2 + 2 * count / _GEMM_FLOPS_PER_BYTE) <= 8 * width
-
-
-def _rows_in_place(out: torch.Tensor, grad_op: torch.Tensor, h_op: torch.Tensor, labelled, index: int,
-                   m: int) -> bool:
-    """Whether block ``index``'s weight-gradient rows ``out [W, D]`` (a view of the weight gradient), the product
-    ``grad_op.T @ h_op`` of one GEMM over all ``m`` tokens plus the label terms of ``labelled`` (None, or the
-    label rows' sums), are written by that GEMM in place (`_write_rows`), with the values of an fp32 block, its
-    label terms added and cast: in fp32 always (the label terms are added to the rows themselves); in half
-    precision where the GEMM writes it (`align_losses.ops.gemm.writes_bf16`) and making the labelled rows again pays
-    (`_redo_pays`), which needs their bounds on the host (not on the sync-free path, `_AllRows`)."""
-    if not grad_op.dtype == h_op.dtype == out.dtype:
-        return False
-    if out.dtype == torch.float32:
-        return True
-    if not gemm.writes_bf16(grad_op):
-        return False
-    return labelled is None or (isinstance(labelled, _LabelledRows)
-                                and _redo_pays(labelled.count(index), m, out.shape[0]))
-
-
-def _write_rows(out: torch.Tensor, grad_op: torch.Tensor, h_op: torch.Tensor, labelled, index: int,
-                first: int) -> None:
-    """``out = grad_op.T @ h_op`` plus block ``index``'s label terms (rows from id ``first``), in place: see
-    `_rows_in_place`. ``grad_op [M, W]`` and ``h_op [M, D]`` in ``out``'s dtype."""
-    gemm.mm_rounded(grad_op.t(), h_op, out)
-    if labelled is None:
-        return
-    if out.dtype == torch.float32:
-        labelled.add_to_block(out, index, first)
-    else:
-        labelled.redo_rows(out, grad_op, h_op, index, first)
-
-
 def _label_chunk(blocks: Blocks, width: int) -> int:
-    """Tokens whose label terms `_LabelledRows` makes at once: ``[chunk, width]`` products of about the eager tile's
-    size (``blocks``: the walk planned at `_BYTES_PER_TILE_ELEMENT`, whatever walk the backward takes), so that they
-    take no more than a fraction of the budget beside the first weight-gradient block."""
+    """Tokens whose label terms `align_losses.ops.weight_rows.LabelledRows` makes at once: ``[chunk, width]``
+    products of about the eager tile's size (``blocks``: the walk planned at `_BYTES_PER_TILE_ELEMENT`, whatever walk
+    the backward takes), so that they take no more than a fraction of the budget beside the first weight-gradient
+    block."""
     return max(blocks.tokens * blocks.vocab // max(width, 1), 256)
 
 
-def _add_label_entries(acc: torch.Tensor, entry: torch.Tensor, weight: torch.Tensor,
-                       labels: torch.Tensor, offset: int) -> None:
+def add_label_entries(acc: torch.Tensor, entry: torch.Tensor, weight: torch.Tensor,
+                      labels: torch.Tensor, offset: int) -> None:
     """``acc[t] += entry[t] * weight[labels[t] - offset]``: the label entries, added unrounded.
 
     The label entry of ``dL/da`` holds a token's whole log-prob upstream gradient, and a sequence
     loss (DPO, SFT's mean) gives every token of a sequence the same one. Rounded to bf16 as a GEMM
     operand it would have the same relative error (up to 2^-8) for the whole sequence, which no sum
     averages out (at the head benchmark's long shape it dominated grad_hidden's error:
-    benchmarks/NOTES-triton.md). So the backward
-    zeroes each entry in its tile (`align_losses.ops.tiles.tile_grad`; the entries come from
-    `align_losses.ops.tiles.label_entries`) and adds its products in fp32 after the GEMMs: with the label's weight row into the hidden-state gradient (here), with the token's hidden
-    state into the weight gradient's row (`_LabelledRows`), as the ``"triton"`` backend does.
+    benchmarks/NOTES-triton.md). So the backward zeroes each entry in its tile
+    (`align_losses.ops.tiles.tile_grad`; the entries come from `align_losses.ops.tiles.label_entries`) and adds its
+    products in fp32 after the GEMMs: with the label's weight row into the hidden-state gradient (here), with the
+    token's hidden state into the weight gradient's row (`align_losses.ops.weight_rows.LabelledRows`), as the
+    ``"triton"`` backend does.
 
     ``acc`` fp32 ``[M, D]``; ``entry`` fp32 ``[M]``, 0 where the label is in another shard.
     """
     rows = (labels - offset).clamp(0, weight.shape[0] - 1)
     acc.addcmul_(weight.index_select(0, rows), entry[:, None])
-
-
-class _LabelledRows:
-    """The weight gradient's label terms ``entry[t] * hidden[t]``, summed per distinct label once per backward,
-    and where each vocabulary block's labels start: a block then adds its rows with one ``index_add_`` of distinct
-    indices (no two adds meet, so no atomics' order shows), instead of a deterministic ``index_put_`` a block,
-    which on CUDA costs a sort, a dozen launches and a wait for the device each time.
-
-    The block bounds are host ints, read once per backward. `of` sorts the labels and, on CUDA, copies the bounds
-    to pinned host memory without waiting; the first use of a block's bounds (`add_to_block`, `count`,
-    `redo_rows`) waits for that copy alone (an event) and makes the sums. By then the caller has queued the first
-    block's recompute GEMM and tile (and its hidden-state GEMM) behind the copy, so the GPU works through them while
-    the host makes the sums' launches, where waiting for the stream in `of` would leave it idle from the wait to the
-    first GEMM (benchmarks/NOTES-torch.md)."""
-
-    @staticmethod
-    def of(labels: torch.Tensor, entry: torch.Tensor, hidden: torch.Tensor, offset: int, vocab: int, block: int,
-           chunk: int) -> "_LabelledRows":
-        """For blocks of ``block`` ids from ``offset`` up to ``offset + vocab``; ``entry`` fp32 ``[M]`` (0 for a
-        label outside them), ``hidden [M, D]``; the products are made ``chunk`` tokens at a time. One sort and
-        one wait for the device for all blocks; the sums take an fp32 row per distinct label inside the ids
-        walked (a vocabulary shard's: few of a batch's tokens)."""
-        inside = (labels >= offset) & (labels < offset + vocab)
-        sorted_labels, order = torch.sort(torch.where(inside, labels, offset + vocab), stable=True)  # outside: last
-        new = torch.ones_like(sorted_labels, dtype=torch.bool)
-        new[1:] = sorted_labels[1:] != sorted_labels[:-1]
-        seen = new.cumsum(0)  # distinct labels up to each sorted token
-        edges = torch.arange(offset, offset + vocab + block, block, device=labels.device).clamp_(max=offset + vocab)
-        ends = torch.searchsorted(sorted_labels, edges)  # sorted tokens before each block edge
-        before = torch.cat([seen.new_zeros(1), seen])[ends]  # distinct labels before each block edge
-        counts = torch.cat([before, ends[-1:]])
-        ready = None
-        if counts.is_cuda:
-            counts = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True).copy_(counts, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(labels.device))  # the copy's stream, whatever device is current
-        return _LabelledRows(_Pending(counts, ready, sorted_labels, order, seen, entry, hidden, chunk))
-
-    def __init__(self, pending: "_Pending"):
-        self._pending: Optional[_Pending] = pending  # None once the sums are made
-        self.labels: Optional[torch.Tensor] = None  # int64 [K]: the distinct labels inside the ids walked, increasing
-        self.rows: Optional[torch.Tensor] = None  # fp32 [K, D]: per distinct label, the sum of entry[t] * hidden[t]
-        self.bounds: Optional[list[int]] = None  # host ints: block b's labels are labels[bounds[b] : bounds[b + 1]]
-
-    def _finish(self) -> None:
-        """Wait for the bounds (the backward's one wait for the device) and sum the label terms."""
-        counts, ready, sorted_labels, order, seen, entry, hidden, chunk = self._pending
-        if ready is not None:
-            ready.synchronize()
-        *bounds, tokens_inside = counts.tolist()
-        slot = seen[:tokens_inside] - 1  # each sorted token's distinct label
-        rows = torch.zeros(bounds[-1], hidden.shape[1], dtype=torch.float32, device=hidden.device)
-        for c0 in range(0, tokens_inside, chunk):
-            tokens = order[c0 : min(c0 + chunk, tokens_inside)]
-            products = hidden[tokens].float().mul_(entry[tokens, None])
-            # Repeated labels summed in token order: CUDA's index_put_(accumulate=True) sorts and sums in order
-            # (its index_add_ uses atomics); on the CPU it is the other way round (index_put_ adds with atomics
-            # across threads from 32k elements, index_add_ is serial).
-            if rows.is_cuda:
-                rows.index_put_((slot[c0 : c0 + chunk],), products, accumulate=True)
-            else:
-                rows.index_add_(0, slot[c0 : c0 + chunk], products)
-        self.labels = torch.zeros_like(sorted_labels[: bounds[-1]]).scatter_(0, slot, sorted_labels[:tokens_inside])
-        self.rows, self.bounds, self._pending = rows, bounds, None
-
-    def add_to_block(self, rows: torch.Tensor, index: int, first: int) -> None:
-        """``rows[l - first] += `` the label terms of ``l``, for the labels ``l`` of block ``index``, whose fp32 rows
-        ``rows [R, D]`` start at id ``first``."""
-        lo, hi = self._bounds(index)
-        if hi > lo:
-            rows.index_add_(0, self.labels[lo:hi] - first, self.rows[lo:hi])
-
-    def count(self, index: int) -> int:
-        """The number of distinct labels in block ``index``."""
-        lo, hi = self._bounds(index)
-        return hi - lo
-
-    def redo_rows(self, out: torch.Tensor, grad_op: torch.Tensor, h_op: torch.Tensor, index: int, first: int) -> None:
-        """Block ``index``'s label rows of ``out [R, D]`` (rows from id ``first``, written rounded to its half
-        precision as ``grad_op.T @ h_op``, ``grad_op [M, R]``, ``h_op [M, D]``) made again: their product in fp32
-        plus their label terms, rounded once, as the fp32 block's cast rounds them. Adding the label terms to the
-        rounded product would round twice, and where the two nearly cancel (tokens of like hidden states, one
-        labelled with the id and others putting their probability on it) the first rounding's error would stay in
-        a small result."""
-        lo, hi = self._bounds(index)
-        if hi > lo:
-            columns = self.labels[lo:hi] - first
-            exact = gemm.matmul_fp32(grad_op.index_select(1, columns).t(), h_op).add_(self.rows[lo:hi])
-            out.index_copy_(0, columns, exact.to(out.dtype))
-
-    def _bounds(self, index: int) -> tuple[int, int]:
-        """Where block ``index``'s labels are in ``labels`` and ``rows``, the sums made first if not yet."""
-        if self._pending is not None:
-            self._finish()
-        return self.bounds[index], self.bounds[index + 1]
-
-
-class _Pending(NamedTuple):
-    """What `_LabelledRows` keeps from its sort until its first block: the bounds (int64 ``[blocks + 2]``; on CUDA in
-    pinned host memory, still being copied until ``ready``, a CUDA event; elsewhere on their device, ``ready`` None),
-    the sorted labels, their order and distinct-label counts (int64 ``[M]`` each), and the sums' inputs."""
-
-    counts: torch.Tensor
-    ready: Optional[torch.cuda.Event]
-    sorted_labels: torch.Tensor
-    order: torch.Tensor
-    seen: torch.Tensor
-    entry: torch.Tensor
-    hidden: torch.Tensor
-    chunk: int
-
-
-@dataclass(frozen=True)
-class _AllRows:
-    """`_LabelledRows` without the host synchronisation: every block walks all tokens, those labelled
-    outside it adding zero rows (a CUDA graph cannot wait for the device to learn the blocks' bounds). The rows
-    are added with ``index_add_`` on every device: CUDA's ``index_put_(accumulate=True)`` (the deterministic
-    order `_LabelledRows` uses there) fails under CUDA-graph capture, so repeated labels sum in atomics' order."""
-
-    labels: torch.Tensor  # int64 [M]
-    entry: torch.Tensor  # fp32 [M]
-    hidden: torch.Tensor  # [M, D]
-
-    def add_to_block(self, rows: torch.Tensor, index: int, first: int) -> None:
-        """As `_LabelledRows.add_to_block`, over all tokens (``index`` unused)."""
-        column, inside = label_columns(self.labels, first, rows.shape[0])
-        rows.index_add_(0, column.squeeze(1), self.hidden.float() * torch.where(inside, self.entry, 0.0)[:, None])
 
 
 def tiled_head(problem: HeadProblem, memory_budget: int, token_block: Optional[int] = None,
