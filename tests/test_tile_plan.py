@@ -58,6 +58,31 @@ def test_plan_at_head_benchmark_shapes():
     assert frozen.backward.tokens < long.backward.tokens
 
 
+def test_plan_counts_weight_rows_written_in_place(monkeypatch):
+    """A walk of one token block writes the weight gradient's rows in place (`align_losses.ops.weight_rows`), so the
+    plan keeps one token block where, charged for an fp32 block and its copy, it would split them; in bf16 on CUDA
+    (``"redo"``) only while each block's redo reads less than its fp32 block would move (narrow blocks take the fp32
+    path, and plan as it does). `Tiling.for_option` tells the plan which way the rows go for the hidden states'
+    dtype and device."""
+    budget = 16 * 128 * 64
+    assert Tiling.plan(128, 2000, 128, budget, operand_bytes=2).backward == Blocks(64, 128)
+    for kind in ("fp32", "redo"):
+        assert Tiling.plan(128, 2000, 128, budget, operand_bytes=2, rows_in_place=kind).backward == Blocks(128, 64)
+    narrow = 16 * 384 * 24  # 24-id blocks of 384 tokens: a redo would read 384 x 2 B a column against 24 x 8 B
+    for kind in ("", "redo"):  # (charging every block its redo, the plan would split the tokens in two)
+        assert Tiling.plan(384, 5000, 128, narrow, operand_bytes=2, rows_in_place=kind).backward == Blocks(384, 24)
+
+    kinds = []
+    real_plan = Tiling.plan
+    monkeypatch.setattr(Tiling, "plan", staticmethod(lambda *a, **k: kinds.append(k["rows_in_place"])
+                                                     or real_plan(*a, **k)))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        Tiling.for_option(torch.ones(8, 4, dtype=dtype), 100, 2**20, None, compile_tiles=False)
+    monkeypatch.setattr(gemm, "writes_bf16", lambda a: a.dtype == torch.bfloat16)  # as on CUDA
+    Tiling.for_option(torch.ones(8, 4, dtype=torch.bfloat16), 100, 2**20, None, compile_tiles=False)
+    assert kinds == ["fp32", "", "", "redo"]
+
+
 class _Traffic(TorchDispatchMode):
     """Counts the bytes the GEMMs of `align_losses.ops.gemm` read and write (operands read, results written, and
     an accumulator read as well when added to) and, while entered as a dispatch mode, the bytes of the 2-d copies

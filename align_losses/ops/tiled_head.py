@@ -177,7 +177,9 @@ def _traffic(num_tokens: int, vocab: int, width: int, blocks: Blocks, hidden_rea
       more to be written into the gradient: ``8 x token blocks`` bytes per element. With one token block the rows
       may be written in place instead (``rows_in_place``, `align_losses.ops.weight_rows.rows_in_place_kind`):
       nothing more than the gradient's own write, which every walk makes, but where the labelled rows are made
-      again (``"redo"``) their GEMM reads the GEMM operand of the hidden states once per vocabulary block.
+      again (``"redo"``) their GEMM reads the GEMM operand of the hidden states once per vocabulary block, or the
+      block takes the fp32 path where that read is the larger (as `align_losses.ops.weight_rows.redo_pays` decides,
+      its flops left out).
     - Each tile adds ``overhead`` (`_TILE_OVERHEAD_BYTES`).
 
     Left out: the tiles' own bytes (``M x V`` elements, however blocked), the per-token statistics and the
@@ -188,7 +190,8 @@ def _traffic(num_tokens: int, vocab: int, width: int, blocks: Blocks, hidden_rea
     if hidden_grad:
         per_width += (8 * vocab_blocks - 4) * num_tokens
     if weight_grad and token_blocks == 1 and rows_in_place:
-        per_width += vocab_blocks * num_tokens * operand_bytes if rows_in_place == "redo" else 0
+        if rows_in_place == "redo":  # a block whose redo would read more than its fp32 block moves takes that block
+            per_width += min(vocab_blocks * num_tokens * operand_bytes, 8 * vocab)
     elif weight_grad:
         per_width += 8 * token_blocks * vocab
     return per_width * width + token_blocks * vocab_blocks * overhead
