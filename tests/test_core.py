@@ -352,6 +352,37 @@ def test_label_entries_reach_their_weight_rows_as_in_float64():
     assert labelled.bounds[-1] == len(set(labels[in_shard].tolist())) == labelled.rows.shape[0]  # a row per label
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["rows-in-place", "fp32-blocks"])
+def test_label_sums_wait_until_the_first_block_has_queued_its_gemms(monkeypatch, dtype):
+    """The backward's one wait for the device (for the labels' block bounds: `weight_rows.LabelledRows`) comes at
+    the first use of those bounds, once the first vocabulary block's recompute and hidden-state GEMMs are queued,
+    not when the labels are sorted: on CUDA the GPU then works through those GEMMs while the host waits and makes
+    the label sums. The order of calls is the same on every device; here it is recorded on the CPU, for a block
+    written in place (fp32) and an fp32 block (bf16 here)."""
+    from align_losses.ops import gemm, weight_rows
+
+    calls = []
+    real_finish, real_matmul, real_into = weight_rows.LabelledRows._finish, gemm.matmul_fp32, gemm.mm_into
+    monkeypatch.setattr(weight_rows.LabelledRows, "_finish", lambda self: calls.append("wait") or real_finish(self))
+    monkeypatch.setattr(gemm, "matmul_fp32", lambda a, b: calls.append(("gemm", a.shape, b.shape)) or
+                        real_matmul(a, b))
+    monkeypatch.setattr(gemm, "mm_into", lambda acc, a, b, first: calls.append(("into", acc.shape)) or
+                        real_into(acc, a, b, first))
+    g = torch.Generator().manual_seed(23)
+    m, d, v = 40, 16, 300
+    hidden = torch.randn(m, d, generator=g).to(dtype).requires_grad_()
+    weight = torch.randn(v, d, generator=g).to(dtype).requires_grad_()
+    labels = torch.randint(0, v, (m,), generator=g)
+    options = {"memory_budget": 16 * m * 64, "token_chunk": m, "compile_tiles": False}  # 64-id blocks
+    logps = align_losses.linear_logprobs(hidden, weight, labels, impl="torch", backend_options=options)
+    calls.clear()
+    (logps * torch.randn(m, generator=g)).sum().backward()
+    assert calls.count("wait") == 1
+    before = calls[: calls.index("wait")]
+    assert ("gemm", (m, d), (d, 64)) in before  # the first block's recomputed logits
+    assert ("into", (m, d)) in before  # and its hidden-state gradient
+
+
 @pytest.mark.parametrize("too_many_labels", [False, True])
 def test_weight_rows_written_in_place_in_half_precision(monkeypatch, too_many_labels):
     """All tokens in one block, bf16: each vocabulary block's weight-gradient GEMM writes its rows rounded (the path
