@@ -62,4 +62,3 @@ def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.where(bits < 0, -(bits & 0x7FFF), bits)
 
     return (ordered(a) - ordered(b)).abs()
-

@@ -387,12 +387,12 @@ def test_label_sums_wait_until_the_first_block_has_queued_its_gemms(monkeypatch,
 def test_weight_rows_written_in_place_in_half_precision(monkeypatch, too_many_labels):
     """All tokens in one block, bf16: each vocabulary block's weight-gradient GEMM writes its rows rounded (the path
     `weight_rows.rows_in_place` takes on CUDA, forced here on the CPU) and its labelled rows are made again in fp32
-    with their label terms (`weight_rows.LabelledRows.redo_rows`), so the gradient is the fp32 block's, cast once: within one bf16 step of
-    it everywhere. That includes rows whose product and label terms cancel: pairs of tokens with one hidden state
-    and one upstream gradient, one labelled ``l`` and the other putting half its probability on ``l`` (adding the
-    label term to the rounded product there would be many steps off). Where making the labelled rows again would
-    not pay (`weight_rows.redo_pays`, with GEMMs made to look slow here), a block takes the fp32 path; blocks without a label
-    still write in place."""
+    with their label terms (`weight_rows.LabelledRows.redo_rows`), so the gradient is the fp32 block's, cast once:
+    within one bf16 step of it everywhere. That includes rows whose product and label terms cancel: pairs of tokens
+    with one hidden state and one upstream gradient, one labelled ``l`` and the other putting half its probability
+    on ``l`` (adding the label term to the rounded product there would be many steps off). Where making the
+    labelled rows again would not pay (`weight_rows.redo_pays`, with GEMMs made to look slow here), a block takes
+    the fp32 path; blocks without a label still write in place."""
     from align_losses.ops import gemm, weight_rows
 
     g = torch.Generator().manual_seed(17)

@@ -231,11 +231,12 @@ def head_backward(grad_values: Tensor, hidden: Tensor, weight: Tensor, bias: Opt
     weight = _rowmajor(weight)  # as in the forward: every gradient then is row-major, as the fake says
     module = importlib.import_module(_MODULES[backend], __package__)
     if backend == "torch":
+        no_wait = sync_free(hidden.device)
         tiling = module.Tiling.for_option(hidden_rows, vocab, memory_budget, token_chunk or None, compile_tiles,
-                                          softcap=softcap is not None, need=(need_hidden, need_weight))
+                                          softcap=softcap is not None, need=(need_hidden, need_weight),
+                                          sync_free=no_wait)
         grads = module.backward_grads(hidden_rows, weight, bias, labels_rows, rows.take(label_logit), lse_rows,
-                                      ez_rows, up, transform, None, vocab, tiling, need,
-                                      sync_free=sync_free(hidden.device))
+                                      ez_rows, up, transform, None, vocab, tiling, need, sync_free=no_wait)
     else:
         cfg = module.BWD_CONFIGS[hidden.dtype]
         grads = module.backward_grads(hidden_rows, weight, bias, labels_rows, rows.take(label_logit),

@@ -111,11 +111,13 @@ class Tiling:
 
     @staticmethod
     def for_option(hidden: torch.Tensor, vocab: int, memory_budget: int, token_block: Optional[int],
-                   compile_tiles: Optional[bool], softcap: bool = False, need: tuple = (True, True)) -> "Tiling":
+                   compile_tiles: Optional[bool], softcap: bool = False, need: tuple = (True, True),
+                   sync_free: bool = False) -> "Tiling":
         """`plan` for ``hidden [M, D]`` (its size, dtype and device), with the backend option ``compile_tiles``
         (`align_losses.ops.tiles.COMPILE_TILES`) resolved: None compiles where
         `align_losses.ops.tiles.compiled_tiles` says so, falling back to eager tiles if compiling fails; True or
-        False is followed as given. ``softcap``: whether the logits are soft-capped."""
+        False is followed as given. ``softcap``: whether the logits are soft-capped; ``sync_free``: whether the
+        backward runs without waiting for the device (`backward_grads`)."""
         compiled, fallback = compiled_tiles(compile_tiles, hidden.device), compile_tiles is None
         upcasts = gemm.upcasts(hidden.dtype, hidden.device)
         # The wide forward tile only once the fold has compiled and while it runs compiled: a first compile that
@@ -127,7 +129,7 @@ class Tiling:
                            operand_bytes=4 if upcasts else hidden.element_size(),
                            forward_bytes=_forward_bytes(fused, softcap), need=need,
                            scaled_backward_bytes=_backward_bytes(fused_grad, _grad_operand_bytes(hidden)),
-                           rows_in_place=weight_rows.rows_in_place_kind(hidden))
+                           rows_in_place=weight_rows.rows_in_place_kind(hidden, sync_free))
 
 
 def _forward_bytes(fused: bool, softcap: bool) -> int:

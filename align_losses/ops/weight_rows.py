@@ -195,11 +195,11 @@ def write_rows(out: torch.Tensor, grad_op: torch.Tensor, h_op: torch.Tensor, lab
         labelled.redo_rows(out, grad_op, h_op, index, first)
 
 
-def rows_in_place_kind(hidden: torch.Tensor) -> str:
+def rows_in_place_kind(hidden: torch.Tensor, sync_free: bool = False) -> str:
     """How the backward of one token block writes the weight gradient's rows for ``hidden``'s dtype and device, as
     `rows_in_place` decides it for a block where the redo pays: ``"fp32"`` in place; ``"redo"`` in place, rounded
-    by the GEMM, its labelled rows made again; ``""`` through an fp32 block. (The sync-free backward, which keeps
-    fp32 blocks in half precision, plans as the others do.)"""
+    by the GEMM, its labelled rows made again; ``""`` through an fp32 block, as in half precision on the sync-free
+    path (``sync_free``: `AllRows`, whose rows are not made again)."""
     if hidden.dtype == torch.float32:
         return "fp32"
-    return "redo" if gemm.writes_bf16(hidden) else ""
+    return "redo" if gemm.writes_bf16(hidden) and not sync_free else ""
