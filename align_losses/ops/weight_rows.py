@@ -164,8 +164,8 @@ def redo_pays(count: int, m: int, width: int) -> bool:
     return count == 0 or m * (2 + 2 * count / GEMM_FLOPS_PER_BYTE) <= 8 * width
 
 
-def rows_in_place(out: torch.Tensor, grad_op: torch.Tensor, h_op: torch.Tensor, labelled, index: int,
-                  m: int) -> bool:
+def rows_in_place(out: torch.Tensor, grad_op: torch.Tensor, h_op: torch.Tensor,
+                  labelled: Optional[LabelledRows | AllRows], index: int, m: int) -> bool:
     """Whether block ``index``'s weight-gradient rows ``out [W, D]`` (a view of the weight gradient), the product
     ``grad_op.T @ h_op`` of one GEMM over all ``m`` tokens plus the label terms of ``labelled`` (None, or the
     label rows' sums), are written by that GEMM in place (`write_rows`), with the values of an fp32 block, its
@@ -182,8 +182,8 @@ def rows_in_place(out: torch.Tensor, grad_op: torch.Tensor, h_op: torch.Tensor, 
                                 and redo_pays(labelled.count(index), m, out.shape[0]))
 
 
-def write_rows(out: torch.Tensor, grad_op: torch.Tensor, h_op: torch.Tensor, labelled, index: int,
-               first: int) -> None:
+def write_rows(out: torch.Tensor, grad_op: torch.Tensor, h_op: torch.Tensor,
+               labelled: Optional[LabelledRows | AllRows], index: int, first: int) -> None:
     """``out = grad_op.T @ h_op`` plus block ``index``'s label terms (rows from id ``first``), in place: see
     `rows_in_place`. ``grad_op [M, W]`` and ``h_op [M, D]`` in ``out``'s dtype."""
     gemm.mm_rounded(grad_op.t(), h_op, out)
