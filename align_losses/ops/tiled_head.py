@@ -388,6 +388,7 @@ def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, 
     for block_index, v0 in enumerate(range(0, weight.shape[0], blocks.vocab)):
         w = weight[v0 : v0 + blocks.vocab]
         b = bias[v0 : v0 + blocks.vocab] if bias is not None else None
+        out = grad_weight[v0 : v0 + blocks.vocab] if need_w else None  # the block's rows of the weight gradient
         gw_block = None
         if need_w and not one_gemm_per_block:  # written by the first token block's GEMM, added to by the later ones
             gw_block = (torch.empty if m > 0 else torch.zeros)(w.shape, dtype=torch.float32, device=w.device)
@@ -406,7 +407,6 @@ def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, 
                 gemm.mm_into(grad_hidden[rows], tile.grad_op, w, first=block_index == 0)
             if need_w:
                 h_op = signed_hidden[rows] if signed_hidden is not None else h
-                out = grad_weight[v0 : v0 + blocks.vocab]
                 if one_gemm_per_block and weight_rows.rows_in_place(out, tile.grad_op, h_op, labelled, block_index, m):
                     weight_rows.write_rows(out, tile.grad_op, h_op, labelled, block_index, offset + v0)
                 elif gw_block is None:
@@ -417,7 +417,7 @@ def _backward_grads(hidden, weight, bias, labels, label_logit, lse, expected_z, 
         if gw_block is not None:
             if labelled is not None:
                 labelled.add_to_block(gw_block, block_index, offset + v0)
-            grad_weight[v0 : v0 + blocks.vocab] = gw_block
+            out.copy_(gw_block)
         if gb_block is not None:
             grad_bias[v0 : v0 + blocks.vocab] = gb_block
     if need_h and sign is not None:

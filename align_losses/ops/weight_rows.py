@@ -174,12 +174,10 @@ def rows_in_place(out: torch.Tensor, grad_op: torch.Tensor, h_op: torch.Tensor,
     (`redo_pays`), which needs their bounds on the host (not on the sync-free path, `AllRows`)."""
     if not grad_op.dtype == h_op.dtype == out.dtype:
         return False
-    if out.dtype == torch.float32:
-        return True
-    if not gemm.writes_bf16(grad_op):
-        return False
-    return labelled is None or (isinstance(labelled, LabelledRows)
-                                and redo_pays(labelled.count(index), m, out.shape[0]))
+    kind = rows_in_place_kind(grad_op, sync_free=isinstance(labelled, AllRows))
+    if kind != "redo":
+        return kind == "fp32"
+    return labelled is None or redo_pays(labelled.count(index), m, out.shape[0])
 
 
 def write_rows(out: torch.Tensor, grad_op: torch.Tensor, h_op: torch.Tensor,
@@ -196,10 +194,11 @@ def write_rows(out: torch.Tensor, grad_op: torch.Tensor, h_op: torch.Tensor,
 
 
 def rows_in_place_kind(hidden: torch.Tensor, sync_free: bool = False) -> str:
-    """How the backward of one token block writes the weight gradient's rows for ``hidden``'s dtype and device, as
-    `rows_in_place` decides it for a block where the redo pays: ``"fp32"`` in place; ``"redo"`` in place, rounded
-    by the GEMM, its labelled rows made again; ``""`` through an fp32 block, as in half precision on the sync-free
-    path (``sync_free``: `AllRows`, whose rows are not made again)."""
+    """How the backward of one token block writes the weight gradient's rows for ``hidden``'s dtype and device (or
+    those of a GEMM operand like it), the one decision the tile plan and `rows_in_place` share: ``"fp32"`` in place;
+    ``"redo"`` in place, rounded by the GEMM, its labelled rows made again where that pays (`redo_pays`); ``""``
+    through an fp32 block, as in half precision on the sync-free path (``sync_free``: `AllRows`, whose rows are not
+    made again)."""
     if hidden.dtype == torch.float32:
         return "fp32"
     return "redo" if gemm.writes_bf16(hidden) and not sync_free else ""
